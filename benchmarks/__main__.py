@@ -1,0 +1,19 @@
+"""``python -m benchmarks <scenario> [options]``: run one benchmark scenario."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch to a scenario module's ``main(argv)``."""
+    scenarios = {"ssh": "benchmarks.ssh_throughput"}
+    if not argv or argv[0] not in scenarios:
+        print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
+        return 2
+    module = __import__(scenarios[argv[0]], fromlist=["main"])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

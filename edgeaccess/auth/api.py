@@ -1,0 +1,215 @@
+"""The auth API (port 3025): HTTPS with mutual TLS.
+
+Admins (``edgectl``), users and nodes call it with certificates from the
+cluster CA; the caller's identity comes from that certificate. The join
+endpoint alone takes callers without a certificate: they prove
+themselves with a join token.
+"""
+
+from __future__ import annotations
+
+from klein import Klein
+from twisted.logger import Logger
+
+from edgeaccess import errors, httpapi
+from edgeaccess.httpapi import field, json_response, read_json
+
+_log = Logger()
+
+#: resource name in the role rules for each stored resource kind
+_RULE_RESOURCE = {"role": "role", "ldap_connector": "connector",
+                  "trusted_cluster": "trusted_cluster"}
+
+
+class AuthAPI:
+    """Klein app over an :class:`~edgeaccess.auth.service.AuthServer`."""
+
+    app = Klein()
+
+    def __init__(self, auth) -> None:
+        self.auth = auth
+
+    def resource(self):
+        return self.app.resource()
+
+    # --- authorisation ---------------------------------------------------
+
+    async def _require(self, request, resource: str, verb: str):
+        """The caller, if allowed ``verb`` on ``resource``; AccessDenied otherwise."""
+        from edgeaccess.identity import rbac
+
+        identity = httpapi.caller(request)
+        if identity.cluster != self.auth.cluster_name:
+            raise errors.AccessDenied("certificate of another cluster")
+        if identity.kind == "admin":
+            return identity
+        if identity.kind == "user":
+            checker = rbac.AccessChecker(await self.auth.get_roles(identity.roles),
+                                         identity.traits)
+            try:
+                checker.check_action(resource, verb)
+            except errors.AccessDenied:
+                _log.warn("{user} may not {verb} {resource}", user=identity.name,
+                          verb=verb, resource=resource)
+                raise errors.AccessDenied(f"user {identity.name} may not {verb} {resource}s")
+            return identity
+        raise errors.AccessDenied(f"a {identity.kind} identity may not {verb} {resource}s")
+
+    def _node(self, request):
+        identity = httpapi.caller(request)
+        if identity.kind != "node" or identity.cluster != self.auth.cluster_name:
+            raise errors.AccessDenied("only nodes of this cluster may call this")
+        return identity
+
+    @app.handle_errors(Exception)
+    def _errors(self, request, failure):
+        return httpapi.error_response(request, failure)
+
+    # --- status ----------------------------------------------------------
+
+    @app.route("/v1/status", methods=["GET"])
+    async def status(self, request):
+        httpapi.caller(request)
+        return json_response(request, self.auth.status())
+
+    @app.route("/v1/cluster/ca", methods=["GET"])
+    def cluster_ca(self, request):
+        """The CA certificates (no client certificate needed): joining
+        nodes compare them with their pin."""
+        return json_response(request, {
+            "cluster_name": self.auth.cluster_name,
+            "tls_ca": [self.auth.authority.tls_ca_pem],
+            "ca_pin": self.auth.authority.pin,
+        })
+
+    # --- users -----------------------------------------------------------
+
+    @app.route("/v1/users", methods=["GET"])
+    async def list_users(self, request):
+        await self._require(request, "user", "list")
+        return json_response(request, await self.auth.list_users())
+
+    @app.route("/v1/users", methods=["POST"])
+    async def create_user(self, request):
+        who = await self._require(request, "user", "create")
+        data = read_json(request)
+        name = field(data, "name")
+        roles = field(data, "roles", list)
+        logins = field(data, "logins", list, required=False, default=[])
+        if not all(isinstance(x, str) for x in roles + logins):
+            raise errors.BadRequest("roles and logins must be lists of names")
+        token = await self.auth.create_user(name, roles, logins)
+        _log.info("{admin} created user {user}", admin=who.name, user=name)
+        return json_response(request, {"name": name, "signup_token": token}, 201)
+
+    @app.route("/v1/users/<name>", methods=["DELETE"])
+    async def delete_user(self, request, name):
+        await self._require(request, "user", "delete")
+        await self.auth.delete_user(name)
+        return json_response(request, {"deleted": name})
+
+    @app.route("/v1/users/<name>/password", methods=["PUT"])
+    async def set_password(self, request, name):
+        await self._require(request, "user", "update")
+        password = field(read_json(request), "password")
+        await self.auth.set_password(name, password)
+        return json_response(request, {"updated": name})
+
+    # --- tokens ----------------------------------------------------------
+
+    @app.route("/v1/tokens", methods=["GET"])
+    async def list_tokens(self, request):
+        await self._require(request, "token", "list")
+        return json_response(request, await self.auth.list_tokens())
+
+    @app.route("/v1/tokens", methods=["POST"])
+    async def create_token(self, request):
+        await self._require(request, "token", "create")
+        data = read_json(request)
+        ttl = field(data, "ttl", required=False)
+        record = await self.auth.create_token(
+            field(data, "type"), httpapi.parse_duration(ttl) if ttl else None)
+        return json_response(request, record, 201)
+
+    @app.route("/v1/tokens/<token>", methods=["DELETE"])
+    async def delete_token(self, request, token):
+        await self._require(request, "token", "delete")
+        await self.auth.delete_token(token)
+        return json_response(request, {"deleted": True})
+
+    # --- resources -------------------------------------------------------
+
+    @app.route("/v1/resources", methods=["POST"])
+    async def create_resource(self, request):
+        data = read_json(request)
+        doc = field(data, "resource", dict)
+        force = field(data, "force", bool, required=False, default=False)
+        kind = doc.get("kind")
+        await self._require(request, _RULE_RESOURCE.get(kind, str(kind)),
+                            "update" if force else "create")
+        obj = await self.auth.upsert_resource(doc, force=force)
+        from edgeaccess.identity import resources
+
+        return json_response(request, {"kind": resources.resource_kind(obj),
+                                       "name": resources.resource_name(obj)}, 201)
+
+    @app.route("/v1/resources/<kind>", methods=["GET"])
+    async def list_resources(self, request, kind):
+        await self._require(request, _RULE_RESOURCE.get(kind, kind), "list")
+        return json_response(request, await self.auth.get_resources(kind))
+
+    @app.route("/v1/resources/<kind>/<name>", methods=["GET"])
+    async def get_resource(self, request, kind, name):
+        await self._require(request, _RULE_RESOURCE.get(kind, kind), "read")
+        return json_response(request, await self.auth.get_resources(kind, name))
+
+    @app.route("/v1/resources/<kind>/<name>", methods=["DELETE"])
+    async def delete_resource(self, request, kind, name):
+        await self._require(request, _RULE_RESOURCE.get(kind, kind), "delete")
+        await self.auth.delete_resource(kind, name)
+        return json_response(request, {"deleted": f"{kind}/{name}"})
+
+    # --- nodes -----------------------------------------------------------
+
+    @app.route("/v1/nodes", methods=["GET"])
+    async def list_nodes(self, request):
+        await self._require(request, "node", "list")
+        return json_response(request, await self.auth.list_nodes())
+
+    @app.route("/v1/join", methods=["POST"])
+    async def join(self, request):
+        data = read_json(request)
+        result = await self.auth.join_node(
+            token=field(data, "token"),
+            name=field(data, "name"),
+            uuid=field(data, "uuid", required=False),
+            ssh_public_key=field(data, "ssh_public_key"),
+            tls_public_key=field(data, "tls_public_key"),
+            addresses=field(data, "addresses", list, required=False, default=[]),
+            remote_addr=httpapi.remote_addr(request),
+        )
+        return json_response(request, result)
+
+    @app.route("/v1/nodes/renew", methods=["POST"])
+    async def renew(self, request):
+        identity = self._node(request)
+        data = read_json(request)
+        result = self.auth.renew_node(
+            identity, field(data, "ssh_public_key"), field(data, "tls_public_key"),
+            field(data, "addresses", list, required=False, default=[]))
+        return json_response(request, result)
+
+    @app.route("/v1/nodes/heartbeat", methods=["POST"])
+    async def heartbeat(self, request):
+        identity = self._node(request)
+        stored = await self.auth.heartbeat(identity, read_json(request))
+        return json_response(request, stored)
+
+    @app.route("/v1/nodes/roles", methods=["GET"])
+    async def node_roles(self, request):
+        """Every role definition, for the node's cache (nodes decide access)."""
+        self._node(request)
+        return json_response(request, {
+            "roles": await self.auth.all_roles(),
+            "ssh_user_ca": self.auth.status()["ssh_user_ca"],
+        })

@@ -1,0 +1,115 @@
+"""The cluster's certificate authorities on disk.
+
+Created on the first start under ``DATA_DIR/ca`` (private keys mode 0600)
+and reused afterwards. Only the auth service holds these keys.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from twisted.logger import Logger
+
+from edgeaccess.pki import keys, sshca, x509ca
+
+_log = Logger()
+
+
+@attrs.define
+class CertificateAuthority:
+    """The three CAs of one cluster: SSH user, SSH host and X.509."""
+
+    cluster_name: str
+    ssh_user_ca: object
+    ssh_host_ca: object
+    tls_ca_key: object
+    tls_ca_cert: x509.Certificate
+
+    # --- loading -----------------------------------------------------------
+
+    @classmethod
+    def load_or_create(cls, directory: Path, cluster_name: str, now: datetime):
+        """Load the CAs from ``directory``, creating them on first use.
+
+        Refuses to start when the directory holds another cluster's CAs.
+        """
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name_file = directory / "cluster_name"
+        if name_file.exists():
+            existing = name_file.read_text().strip()
+            if existing != cluster_name:
+                raise ValueError(
+                    f"{directory} holds the CAs of cluster {existing!r}, "
+                    f"not {cluster_name!r}"
+                )
+            ca = cls(
+                cluster_name=cluster_name,
+                ssh_user_ca=keys.load_private_key((directory / "ssh_user_ca").read_bytes()),
+                ssh_host_ca=keys.load_private_key((directory / "ssh_host_ca").read_bytes()),
+                tls_ca_key=keys.load_private_key((directory / "tls_ca.key").read_bytes()),
+                tls_ca_cert=x509ca.load_certificate_pem(
+                    (directory / "tls_ca.crt").read_bytes()
+                ),
+            )
+            _log.info("loaded certificate authorities of cluster {cluster}", cluster=cluster_name)
+            return ca
+        user_ca = keys.generate_private_key()
+        host_ca = keys.generate_private_key()
+        tls_key, tls_cert = x509ca.create_ca(cluster_name, now)
+        keys.write_secret(directory / "ssh_user_ca", keys.private_key_openssh(user_ca))
+        keys.write_public(directory / "ssh_user_ca.pub", keys.public_key_openssh(user_ca) + b"\n")
+        keys.write_secret(directory / "ssh_host_ca", keys.private_key_openssh(host_ca))
+        keys.write_public(directory / "ssh_host_ca.pub", keys.public_key_openssh(host_ca) + b"\n")
+        keys.write_secret(directory / "tls_ca.key", keys.private_key_pem(tls_key))
+        keys.write_public(directory / "tls_ca.crt", x509ca.certificate_pem(tls_cert))
+        # Written last: its presence means the set is complete.
+        keys.write_public(name_file, cluster_name.encode() + b"\n")
+        _log.info("created certificate authorities of cluster {cluster}", cluster=cluster_name)
+        return cls(cluster_name, user_ca, host_ca, tls_key, tls_cert)
+
+    # --- public parts ------------------------------------------------------
+
+    @property
+    def pin(self) -> str:
+        return x509ca.ca_pin(self.tls_ca_cert)
+
+    @property
+    def user_ca_public_line(self) -> str:
+        return keys.public_key_openssh(self.ssh_user_ca).decode()
+
+    @property
+    def host_ca_public_line(self) -> str:
+        return keys.public_key_openssh(self.ssh_host_ca).decode()
+
+    @property
+    def tls_ca_pem(self) -> str:
+        return x509ca.certificate_pem(self.tls_ca_cert).decode()
+
+    def fingerprints(self) -> dict[str, str]:
+        return {
+            "ssh_user_ca": keys.ssh_fingerprint(self.ssh_user_ca.public_key()),
+            "ssh_host_ca": keys.ssh_fingerprint(self.ssh_host_ca.public_key()),
+            "tls_ca": x509ca.fingerprint(self.tls_ca_cert),
+        }
+
+    # --- signing -----------------------------------------------------------
+
+    def sign_tls(self, public_key, identity: x509ca.Identity, *, now, ttl,
+                 dns_names=(), ip_addresses=()) -> x509.Certificate:
+        return x509ca.issue_identity_certificate(
+            self.tls_ca_key, self.tls_ca_cert, public_key, identity,
+            now=now, ttl=ttl, dns_names=dns_names, ip_addresses=ip_addresses,
+        )
+
+    def sign_host(self, public_key, *, host_id: str, principals, now: datetime,
+                  ttl: timedelta):
+        return sshca.issue_host_certificate(
+            self.ssh_host_ca, public_key, host_id=host_id, principals=principals,
+            now=now, ttl=ttl,
+        )
+
+    def sign_user(self, public_key, **kwargs):
+        return sshca.issue_user_certificate(self.ssh_user_ca, public_key, **kwargs)

@@ -1,0 +1,38 @@
+"""Contracts of the proxy: how a node name becomes a route.
+
+A route is an endpoint (DESIGN.md, "A route is an endpoint"): the SSH
+splice, the kube proxy and the app proxy only ``connect()`` what the router
+answers, whether it is a TCP connection to a LAN node, a channel through a
+node's reverse tunnel or a channel through a leaf cluster's tunnel.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IRouter(Interface):
+    """Resolves ``NAME`` in ``CLUSTER`` to a connectable endpoint."""
+
+    local_cluster = Attribute("Name of the cluster this proxy belongs to.")
+
+    def route(cluster: str, name: str, kind: str = "ssh"):  # -> IStreamClientEndpoint
+        """An ``IStreamClientEndpoint`` reaching ``kind`` on node ``name``.
+
+        Looking the node up may need I/O, so errors surface either here or
+        from the endpoint's ``connect()``: ``edgeaccess.errors.NotFound``
+        ("node NAME not found in cluster CLUSTER"), ``NodeOffline``,
+        ``ClusterOffline``, ``AccessDenied``.
+        """
+
+
+class IRoutedEndpoint(Interface):
+    """What the endpoints an ``IRouter`` answers tell about their route."""
+
+    cluster = Attribute("Cluster the node is in.")
+    name = Attribute("Node name as requested.")
+    route_kind = Attribute(
+        'How the node is reached once connected: "direct", "tunnel", "leaf", '
+        "or None before resolution."
+    )
+    node = Attribute("The node record once resolved, else None.")

@@ -1,0 +1,283 @@
+"""``twistd edgeproxy``: options and service composition.
+
+``makeService`` builds the whole proxy from its options: it does the file
+I/O (CAs, identities, backend file) and hands finished objects to the
+services' constructors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from edgeaccess import tls
+from edgeaccess.auth.api import AuthAPI
+from edgeaccess.auth.service import AuthServer
+from edgeaccess.backend import backend_from_url
+from edgeaccess.config import apply_config_file, listen_endpoint
+from edgeaccess.httpclient import split_addr
+from edgeaccess.pki import keys, x509ca
+from edgeaccess.pki.authority import CertificateAuthority
+from edgeaccess.proxy.web import ProxyWeb
+
+_log = Logger()
+
+SERVICE_CERT_TTL = timedelta(days=30)
+
+
+class Options(usage.Options):
+    """Command line of ``twistd edgeproxy``."""
+
+    synopsis = "[options]"
+    longdesc = ("Runs one cluster's auth service and proxy: web/login API, SSH entry, "
+                "reverse-tunnel server and auth API.")
+    optParameters = [
+        ["data-dir", "d", None, "directory for CAs, identities and the SQLite backend"],
+        ["cluster-name", None, None, "name of this cluster (fixed at the first start)"],
+        ["public-addr", None, None, "HOST[:PORT] users and nodes reach the web port at"],
+        ["web-listen", None, "0.0.0.0:3080", "web/login API listen address"],
+        ["ssh-listen", None, "0.0.0.0:3023", "SSH entry listen address"],
+        ["tunnel-listen", None, "0.0.0.0:3024", "reverse tunnel listen address"],
+        ["auth-listen", None, "0.0.0.0:3025", "auth API listen address (mutual TLS)"],
+        ["kube-listen", None, "0.0.0.0:3026", "Kubernetes proxy listen address"],
+        ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
+        ["config", "c", None, "YAML file with any of these options"],
+    ]
+
+    def postOptions(self) -> None:
+        if self["config"]:
+            apply_config_file(self, self["config"],
+                              {p[0] for p in self.optParameters} - {"config"})
+        for required in ("data-dir", "cluster-name"):
+            if not self[required]:
+                raise usage.UsageError(f"--{required} is required")
+        from edgeaccess.identity.resources import validate_resource_name
+        from edgeaccess import errors
+
+        try:
+            validate_resource_name(self["cluster-name"], "cluster")
+        except errors.EdgeError as e:
+            raise usage.UsageError(str(e))
+        if not self["public-addr"]:
+            self["public-addr"] = "localhost"
+
+
+class _Listener(service.Service):
+    """Listen on an endpoint; remember the bound port."""
+
+    def __init__(self, name: str, endpoint, factory, on_listening) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+        self._on_listening = on_listening
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port):
+            self.port = port
+            _log.info("{name} listening on {addr}", name=self.name, addr=port.getHost())
+            self._on_listening()
+
+        def failed(failure):
+            _log.failure("cannot listen for {name}", failure, name=self.name)
+            from twisted.internet import reactor
+
+            reactor.stop()
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+class _ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class _BackendService(service.Service):
+    """Closes the backend at shutdown; runs the auth bootstrap at start."""
+
+    def __init__(self, backend, auth) -> None:
+        self.backend = backend
+        self.auth = auth
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self.auth.bootstrap())
+        d.addErrback(lambda f: _log.failure("bootstrap failed", f))
+
+    def stopService(self):
+        super().stopService()
+        return self.backend.close()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _load_or_create_key(path: Path):
+    if path.exists():
+        return keys.load_private_key(path.read_bytes())
+    key = keys.generate_private_key()
+    keys.write_secret(path, keys.private_key_openssh(key))
+    return key
+
+
+class ProxyComponents:
+    """The proxy's finished parts (kept for tests and tac files)."""
+
+
+def makeService(options, reactor=None) -> service.MultiService:
+    """Compose the proxy: auth, web, SSH entry, tunnel server, auth API."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    data_dir = Path(options["data-dir"]).absolute()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cluster = options["cluster-name"]
+    public_host, public_port = split_addr(options["public-addr"], 3080)
+    now = _now()
+    authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
+
+    top = service.MultiService()
+    pool = ThreadPool(minthreads=1, maxthreads=4, name="edgeproxy-crypto")
+    _ThreadPoolService(pool).setServiceParent(top)
+    backend = backend_from_url(options["backend"], reactor, str(data_dir), reactor)
+    from edgeaccess.identity import kinds  # noqa: F401  (registers resource kinds)
+
+    auth = AuthServer(authority, backend, reactor, reactor=reactor, threadpool=pool,
+                      connector_factory=kinds.login_method_factory(reactor))
+    _BackendService(backend, auth).setServiceParent(top)
+
+    # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
+    listen_hosts = {split_addr(options[k], 0)[0] for k in
+                    ("web-listen", "auth-listen", "ssh-listen")}
+    dns = sorted({public_host, "localhost", cluster} | {
+        h for h in listen_hosts if not _is_ip(h)})
+    ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
+                                         if _is_ip(h) and h not in ("0.0.0.0", "::")})
+    proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
+    proxy_cert = authority.sign_tls(
+        proxy_key.public_key(),
+        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
+        now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
+    host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
+    host_cert = authority.sign_host(
+        host_key.public_key(), host_id=f"proxy.{cluster}",
+        principals=list(dict.fromkeys([public_host, cluster, "localhost", "127.0.0.1"])),
+        now=now, ttl=SERVICE_CERT_TTL)
+
+    # The admin identity edgectl uses on this host.
+    _write_admin_identity(data_dir, authority, now)
+
+    listeners: dict[str, _Listener] = {}
+
+    def addresses() -> dict:
+        found = {}
+        for name, listener in listeners.items():
+            if listener.port is not None:
+                found[name] = f"{public_host}:{listener.port.getHost().port}"
+        found.setdefault("web", f"{public_host}:{public_port}")
+        found.setdefault("ssh", f"{public_host}:3023")
+        return found
+
+    def on_listening() -> None:
+        if all(l.port is not None for l in listeners.values()):
+            _write_runtime(data_dir, cluster, listeners, addresses())
+
+    web = ProxyWeb(auth, addresses, public_host)
+    web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                     client_certificates="optional")
+    listeners["web"] = _Listener(
+        "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
+        Site(web.resource()), on_listening)
+
+    api = AuthAPI(auth)
+    auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                      client_certificates="optional")
+    listeners["auth"] = _Listener(
+        "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
+        Site(api.resource()), on_listening)
+
+    ssh_factory = _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster)
+    if ssh_factory is not None:
+        listeners["ssh"] = _Listener(
+            "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
+            ssh_factory, on_listening)
+
+    for listener in listeners.values():
+        listener.setServiceParent(top)
+    top.auth = auth
+    return top
+
+
+def _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster):
+    from edgeaccess.proxy.router import Router
+    from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
+
+    def node_lookup(name):
+        return defer.Deferred.fromCoroutine(auth.find_node(name))
+
+    router = Router(cluster, node_lookup, reactor=reactor)
+    return make_proxy_ssh_factory(
+        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _write_admin_identity(data_dir: Path, authority, now) -> None:
+    key = keys.generate_private_key()
+    cert = authority.sign_tls(
+        key.public_key(),
+        x509ca.Identity(kind="admin", name="admin", cluster=authority.cluster_name),
+        now=now, ttl=SERVICE_CERT_TTL)
+    keys.write_secret(
+        data_dir / "admin" / "identity.pem",
+        keys.private_key_pem(key) + x509ca.certificate_pem(cert)
+        + x509ca.certificate_pem(authority.tls_ca_cert))
+
+
+def _write_runtime(data_dir: Path, cluster, listeners, addresses) -> None:
+    runtime = {
+        "cluster_name": cluster,
+        "pid": os.getpid(),
+        "listen": {name: f"{l.port.getHost().host}:{l.port.getHost().port}"
+                   for name, l in listeners.items()},
+        "addresses": addresses,
+    }
+    keys.write_public(data_dir / "runtime.json",
+                      json.dumps(runtime, indent=2, sort_keys=True).encode() + b"\n")
+    _log.info("proxy of cluster {cluster} ready: {addresses}", cluster=cluster,
+              addresses=addresses)

@@ -1,0 +1,86 @@
+"""The ``sftp`` subsystem of the node, on the login's files.
+
+Conch's ``SFTPServerForUnixConchUser`` is broken on current Twisted
+(twisted#9845): ``_absPath`` reads ``home.path`` of a ``str``, and
+``realPath`` and directory listings hand ``str`` to a protocol layer that
+packs ``bytes``. This module keeps every path as ``bytes`` end to end and
+runs each file operation as the login (no uid switch when the server
+already runs as that user).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.conch.interfaces import ISFTPServer
+from twisted.conch.ls import lsLine
+from twisted.conch.ssh.filetransfer import FileTransferServer
+from twisted.conch.unix import SFTPServerForUnixConchUser
+from twisted.logger import Logger
+from twisted.python import components
+from zope.interface import implementer
+
+from edgeaccess.ssh.session import NodeUser
+
+_log = Logger()
+
+
+@implementer(ISFTPServer)
+class NodeSFTPServer(SFTPServerForUnixConchUser):
+    """Conch's Unix SFTP server with bytes paths relative to the login's home."""
+
+    def __init__(self, avatar: NodeUser) -> None:
+        super().__init__(avatar)
+        self._home = os.fsencode(avatar.passwd.pw_dir)
+
+    def _absPath(self, path: bytes) -> bytes:
+        if isinstance(path, str):
+            path = os.fsencode(path)
+        return os.path.join(self._home, path)
+
+    def realPath(self, path: bytes) -> bytes:
+        """The canonical absolute path (relative paths start at home)."""
+        return os.path.realpath(self._absPath(path))
+
+    def openDirectory(self, path: bytes) -> "NodeSFTPDirectory":
+        """An iterator of ``(name, longname, attrs)`` with bytes names."""
+        return NodeSFTPDirectory(self, self._absPath(path))
+
+    def readLink(self, path: bytes) -> bytes:
+        """The target of a symbolic link."""
+        return self.avatar.run_as_user(os.readlink, self._absPath(path))
+
+    def removeDirectory(self, path: bytes) -> None:
+        """Remove an empty directory."""
+        self.avatar.run_as_user(os.rmdir, self._absPath(path))
+
+
+class NodeSFTPDirectory:
+    """A directory listing for the SFTP protocol layer, names as bytes."""
+
+    def __init__(self, server: NodeSFTPServer, directory: bytes) -> None:
+        self.server = server
+        self.files = server.avatar.run_as_user(os.listdir, directory)
+        self.dir = directory
+
+    def __iter__(self) -> "NodeSFTPDirectory":
+        return self
+
+    def __next__(self):
+        if not self.files:
+            raise StopIteration
+        name = self.files.pop(0)
+        s = self.server.avatar.run_as_user(os.lstat, os.path.join(self.dir, name))
+        longname = lsLine(os.fsdecode(name), s).encode("utf-8", "surrogateescape")
+        return name, longname, self.server._getAttrs(s)
+
+    def close(self) -> None:
+        """Forget the rest of the listing."""
+        self.files = []
+
+
+class NodeFileTransferServer(FileTransferServer):
+    """The ``sftp`` subsystem protocol for a :class:`NodeUser`."""
+
+
+components.registerAdapter(NodeSFTPServer, NodeUser, ISFTPServer)

@@ -1,0 +1,385 @@
+"""Faster SSH transports for Conch: AES-GCM, encrypt-then-MAC, cheaper MACs.
+
+Conch (Twisted 26.10) offers only AES-CTR/CBC with encrypt-and-MAC HMACs and
+builds a new ``hmac.HMAC`` object for every packet.  :class:`EdgeServerTransport`
+and :class:`EdgeClientTransport` are drop-in replacements for
+``SSHServerTransport`` / ``SSHClientTransport`` (set ``factory.protocol``) that
+add, after key exchange:
+
+* ``aes128-gcm@openssh.com`` and ``aes256-gcm@openssh.com`` as OpenSSH implements
+  RFC 5647: the 4-byte packet length travels in clear but is authenticated as
+  associated data; the 12-byte nonce is the 4-byte fixed field of the derived IV
+  followed by an 8-byte invocation counter incremented once per packet; the
+  16-byte tag replaces the MAC (the negotiated MAC is ignored);
+* ``hmac-sha2-256-etm@openssh.com`` / ``hmac-sha2-512-etm@openssh.com``
+  (encrypt-then-MAC, what OpenSSH's client prefers);
+* MACs computed from a prepared HMAC object that is ``copy()``-ed per packet.
+
+Only the packet layer (``sendPacket``/``getPacket``) is replaced once keys are
+in place; key exchange, rekeying and the service layer stay Conch's.  Before the
+first ``NEWKEYS`` the stock code path handles the unencrypted packets.
+
+The server also fixes Conch's ``server-sig-algs`` extension, which advertises
+the *host-key* algorithms: OpenSSH then refuses RSA user certificates ("no
+mutual signature algorithm").  It sends
+:data:`USER_AUTH_PUBLIC_KEY_ALGORITHMS` instead.
+"""
+
+from __future__ import annotations
+
+import hmac as _stdlib_hmac
+import os
+import struct
+from typing import Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from twisted.conch.ssh.transport import (
+    DISCONNECT_MAC_ERROR,
+    DISCONNECT_PROTOCOL_ERROR,
+    SSHCiphers,
+    SSHClientTransport,
+    SSHServerTransport,
+)
+from twisted.logger import Logger
+
+_log = Logger()
+
+#: Ciphers in order of preference (used when we are the client; a server picks
+#: the client's first choice among these).
+SUPPORTED_CIPHERS: list[bytes] = [
+    b"aes128-gcm@openssh.com",
+    b"aes256-gcm@openssh.com",
+    b"aes128-ctr",
+    b"aes192-ctr",
+    b"aes256-ctr",
+]
+
+#: MACs in order of preference.  Ignored when an AEAD cipher is negotiated.
+SUPPORTED_MACS: list[bytes] = [
+    b"hmac-sha2-256-etm@openssh.com",
+    b"hmac-sha2-512-etm@openssh.com",
+    b"hmac-sha2-256",
+    b"hmac-sha2-512",
+]
+
+#: Signature algorithms accepted for user authentication, sent to clients as
+#: ``server-sig-algs`` (RFC 8308).  Plain keys and their certificate forms.
+USER_AUTH_PUBLIC_KEY_ALGORITHMS: list[bytes] = [
+    b"ssh-ed25519",
+    b"ssh-ed25519-cert-v01@openssh.com",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"ecdsa-sha2-nistp256-cert-v01@openssh.com",
+    b"ecdsa-sha2-nistp384-cert-v01@openssh.com",
+    b"ecdsa-sha2-nistp521-cert-v01@openssh.com",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+    b"rsa-sha2-512-cert-v01@openssh.com",
+    b"rsa-sha2-256-cert-v01@openssh.com",
+]
+
+_GCM_KEY_SIZES = {b"aes128-gcm@openssh.com": 16, b"aes256-gcm@openssh.com": 32}
+_CTR_KEY_SIZES = {b"aes128-ctr": 16, b"aes192-ctr": 24, b"aes256-ctr": 32}
+# name -> (hash algorithm, encrypt-then-MAC?)
+_MACS = {
+    b"hmac-sha2-256": (hashes.SHA256, False),
+    b"hmac-sha2-512": (hashes.SHA512, False),
+    b"hmac-sha2-256-etm@openssh.com": (hashes.SHA256, True),
+    b"hmac-sha2-512-etm@openssh.com": (hashes.SHA512, True),
+}
+_BLOCK = 16  # AES block size; every cipher here pads to it
+_GCM_TAG = 16
+# OpenSSH's PACKET_MAX_SIZE (packet.c): larger lengths are a protocol error.
+MAX_PACKET_LENGTH = 256 * 1024
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_pack_length = struct.Struct(">L").pack
+_unpack_length = struct.Struct(">L").unpack_from
+_pack_header = struct.Struct(">LBB").pack
+
+
+class _BadPacket(Exception):
+    """An incoming packet is malformed (bad length or padding)."""
+
+
+class _BadMAC(Exception):
+    """An incoming packet failed authentication."""
+
+
+def _padding_length(covered: int) -> int:
+    """Padding so that ``covered + padding`` is a multiple of the block, >= 4."""
+    padding = _BLOCK - covered % _BLOCK
+    return padding + _BLOCK if padding < 4 else padding
+
+
+def _check_length(length: int, covered_extra: int) -> None:
+    if length > MAX_PACKET_LENGTH or length < 8:
+        raise _BadPacket(f"bad packet length {length}")
+    if (length + covered_extra) % _BLOCK:
+        raise _BadPacket(f"bad packet length {length} (not a block multiple)")
+
+
+class _GcmSealer:
+    """Outgoing AES-GCM packets (RFC 5647 as in OpenSSH)."""
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:12], "big")
+
+    def seal(self, seqnum: int, message_type: int, payload: bytes) -> Sequence[bytes]:
+        padding = _padding_length(2 + len(payload))
+        length = _pack_length(2 + len(payload) + padding)
+        nonce = self._fixed + self._counter.to_bytes(8, "big")
+        self._counter = (self._counter + 1) & _MASK64
+        body = b"".join(
+            (bytes((padding, message_type)), payload, os.urandom(padding))
+        )
+        return (length, self._aead.encrypt(nonce, body, length))
+
+
+class _GcmOpener:
+    """Incoming AES-GCM packets."""
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:12], "big")
+
+    def packet_size(self, buf: bytes) -> int | None:
+        if len(buf) < 4:
+            return None
+        (length,) = _unpack_length(buf)
+        _check_length(length, 0)
+        return 4 + length + _GCM_TAG
+
+    def open(self, seqnum: int, wire: memoryview) -> bytes:
+        nonce = self._fixed + self._counter.to_bytes(8, "big")
+        try:
+            body = self._aead.decrypt(nonce, wire[4:], wire[:4])
+        except InvalidTag:
+            raise _BadMAC() from None
+        self._counter = (self._counter + 1) & _MASK64
+        return _strip_padding(body, 0)
+
+
+def _strip_padding(body: bytes, start: int) -> bytes:
+    """``body[start]`` is the padding length; return the payload after it."""
+    padding = body[start]
+    end = len(body) - padding
+    if end <= start + 1:
+        raise _BadPacket("bad padding length")
+    return body[start + 1 : end]
+
+
+class _HmacMixin:
+    """A prepared HMAC (keyed once per key exchange), copied per packet."""
+
+    def _init_mac(self, mac_name: bytes, mac_key: bytes) -> None:
+        hash_class, self.etm = _MACS[mac_name]
+        algorithm = hash_class()
+        self.mac_size = algorithm.digest_size
+        # RFC 4253 7.2: the MAC key is the first digest-size bytes.
+        self._mac = crypto_hmac.HMAC(mac_key[: self.mac_size], algorithm)
+
+    def _mac_of(self, seqnum: int, *parts: bytes | memoryview) -> bytes:
+        mac = self._mac.copy()
+        mac.update(_pack_length(seqnum))
+        for part in parts:
+            mac.update(part)
+        return mac.finalize()
+
+
+class _CtrSealer(_HmacMixin):
+    """Outgoing AES-CTR packets with HMAC (encrypt-and-MAC or encrypt-then-MAC)."""
+
+    def __init__(self, key: bytes, iv: bytes, mac_name: bytes, mac_key: bytes) -> None:
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(iv[:16])).encryptor()
+        self._init_mac(mac_name, mac_key)
+
+    def seal(self, seqnum: int, message_type: int, payload: bytes) -> Sequence[bytes]:
+        if self.etm:
+            padding = _padding_length(2 + len(payload))
+            length = _pack_length(2 + len(payload) + padding)
+            body = b"".join(
+                (bytes((padding, message_type)), payload, os.urandom(padding))
+            )
+            encrypted = self._encryptor.update(body)
+            return (length, encrypted, self._mac_of(seqnum, length, encrypted))
+        padding = _padding_length(6 + len(payload))
+        packet = b"".join(
+            (
+                _pack_header(2 + len(payload) + padding, padding, message_type),
+                payload,
+                os.urandom(padding),
+            )
+        )
+        return (self._encryptor.update(packet), self._mac_of(seqnum, packet))
+
+
+class _CtrOpener(_HmacMixin):
+    """Incoming AES-CTR packets with HMAC."""
+
+    def __init__(self, key: bytes, iv: bytes, mac_name: bytes, mac_key: bytes) -> None:
+        self._decryptor = Cipher(algorithms.AES(key), modes.CTR(iv[:16])).decryptor()
+        self._init_mac(mac_name, mac_key)
+        # Encrypt-and-MAC: the first block, decrypted to learn the length.
+        self._first: bytes | None = None
+
+    def packet_size(self, buf: bytes) -> int | None:
+        if self.etm:
+            if len(buf) < 4:
+                return None
+            (length,) = _unpack_length(buf)
+            _check_length(length, 0)
+            return 4 + length + self.mac_size
+        if self._first is None:
+            if len(buf) < _BLOCK:
+                return None
+            self._first = self._decryptor.update(buf[:_BLOCK])
+        (length,) = _unpack_length(self._first)
+        _check_length(length, 4)
+        return 4 + length + self.mac_size
+
+    def open(self, seqnum: int, wire: memoryview) -> bytes:
+        end = len(wire) - self.mac_size
+        received_mac = wire[end:]
+        if self.etm:
+            expected = self._mac_of(seqnum, wire[:end])
+            if not _stdlib_hmac.compare_digest(expected, received_mac):
+                raise _BadMAC()
+            return _strip_padding(self._decryptor.update(wire[4:end]), 0)
+        assert self._first is not None
+        packet = self._first + self._decryptor.update(wire[_BLOCK:end])
+        self._first = None
+        expected = self._mac_of(seqnum, packet)
+        if not _stdlib_hmac.compare_digest(expected, received_mac):
+            raise _BadMAC()
+        return _strip_padding(packet, 4)
+
+
+class EdgeCiphers(SSHCiphers):
+    """
+    Negotiated algorithms and keys for both directions.
+
+    Keeps :class:`SSHCiphers`' attributes (``outCipType``, ``encBlockSize``, ...)
+    so Conch code that inspects them still works, and adds ``sealer`` (outgoing)
+    and ``opener`` (incoming) packet codecs used by :class:`_FastPacketMixin`.
+    """
+
+    def setKeys(  # noqa: N802 (Conch's name)
+        self,
+        outIV: bytes,  # noqa: N803
+        outKey: bytes,  # noqa: N803
+        inIV: bytes,  # noqa: N803
+        inKey: bytes,  # noqa: N803
+        outInteg: bytes,  # noqa: N803
+        inInteg: bytes,  # noqa: N803
+    ) -> None:
+        """Build the packet codecs from the keys derived by key exchange."""
+        self.sealer = _make_codec(
+            _GcmSealer, _CtrSealer, self.outCipType, self.outMACType, outIV, outKey, outInteg
+        )
+        self.opener = _make_codec(
+            _GcmOpener, _CtrOpener, self.inCipType, self.inMACType, inIV, inKey, inInteg
+        )
+        self.encBlockSize = _BLOCK
+        self.decBlockSize = _BLOCK
+        self.verifyDigestSize = getattr(self.opener, "mac_size", _GCM_TAG)
+
+    @classmethod
+    def from_negotiated(cls, negotiated: SSHCiphers) -> EdgeCiphers:
+        """The same negotiated algorithm names, with our codecs."""
+        return cls(
+            negotiated.outCipType,
+            negotiated.inCipType,
+            negotiated.outMACType,
+            negotiated.inMACType,
+        )
+
+
+def _make_codec(gcm, ctr, cipher: bytes, mac: bytes, iv: bytes, key: bytes, integ: bytes):
+    if cipher in _GCM_KEY_SIZES:
+        return gcm(key[: _GCM_KEY_SIZES[cipher]], iv)
+    return ctr(key[: _CTR_KEY_SIZES[cipher]], iv, mac, integ)
+
+
+class _FastPacketMixin:
+    """Packet layer replacing Conch's once :class:`EdgeCiphers` are current."""
+
+    supportedCiphers = SUPPORTED_CIPHERS
+    supportedMACs = SUPPORTED_MACS
+    # zlib over an encrypted link leaks content lengths (CRIME-style) and
+    # costs CPU; like OpenSSH's default, offer no compression.
+    supportedCompressions = [b"none"]
+
+    def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:  # noqa: N802,N803
+        self.nextEncryptions = EdgeCiphers.from_negotiated(self.nextEncryptions)
+        super()._keySetup(sharedSecret, exchangeHash)  # type: ignore[misc]
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:  # noqa: N802,N803
+        """Send one packet, queueing it while a key exchange forbids it."""
+        ciphers = self.currentEncryptions
+        if not isinstance(ciphers, EdgeCiphers):
+            return super().sendPacket(messageType, payload)  # type: ignore[misc]
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            if not self._allowedKeyExchangeMessageType(messageType):
+                self._blockedByKeyExchange.append((messageType, payload))
+                return
+        self.transport.writeSequence(
+            ciphers.sealer.seal(self.outgoingPacketSequence, messageType, payload)
+        )
+        self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _MASK32
+
+    def getPacket(self) -> bytes | None:  # noqa: N802
+        """Return the next authenticated payload from ``self.buf``, or None."""
+        ciphers = self.currentEncryptions
+        if not isinstance(ciphers, EdgeCiphers):
+            return super().getPacket()  # type: ignore[misc]
+        buf = self.buf
+        opener = ciphers.opener
+        try:
+            size = opener.packet_size(buf)
+            if size is None or len(buf) < size:
+                return None
+            payload = opener.open(self.incomingPacketSequence, memoryview(buf)[:size])
+        except _BadMAC:
+            _log.warn("bad MAC from {peer}", peer=self.transport.getPeer())
+            self.sendDisconnect(DISCONNECT_MAC_ERROR, b"bad MAC")
+            return None
+        except _BadPacket as error:
+            _log.warn("bad packet from {peer}: {error}", peer=self.transport.getPeer(), error=error)
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, str(error).encode("ascii"))
+            return None
+        self.buf = buf[size:]
+        self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _MASK32
+        return payload
+
+
+class EdgeServerTransport(_FastPacketMixin, SSHServerTransport):
+    """
+    Conch's server transport with AES-GCM, ETM MACs, cheaper HMAC and a
+    correct ``server-sig-algs``.  Use as ``factory.protocol``.
+    """
+
+    #: Sent as ``server-sig-algs``; a subclass may narrow it.
+    userAuthPublicKeyAlgorithms: list[bytes] = USER_AUTH_PUBLIC_KEY_ALGORITHMS
+
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:  # noqa: N802
+        """Send EXT_INFO, with user-auth algorithms as ``server-sig-algs``."""
+        fixed = [
+            (name, b",".join(self.userAuthPublicKeyAlgorithms))
+            if name == b"server-sig-algs"
+            else (name, value)
+            for name, value in extensions
+        ]
+        super().sendExtInfo(fixed)
+
+
+class EdgeClientTransport(_FastPacketMixin, SSHClientTransport):
+    """Conch's client transport with the same packet layer (tests, tools)."""

@@ -1,0 +1,665 @@
+"""Channels multiplexed over one tunnel, with per-channel credit flow control.
+
+A :class:`Channel` is a complete Twisted transport (``ITransport``,
+``IPushProducer``, ``IConsumer``, plus half-close), like magic-wormhole's
+dilation subchannel: a protocol connected to it cannot tell it from TCP.
+
+Flow control works like SSH: the receiver announces a window (bytes it will
+hold); the sender may have at most that many unacknowledged bytes in flight;
+the receiver grants credit back (``WindowAdjust``) only for bytes its protocol
+actually took while not paused. So a stalled consumer stalls only its own
+channel, and memory per channel is bounded by the window whatever the peer
+does: a peer that sends beyond its credit breaks the protocol and the whole
+tunnel is closed.
+
+The :class:`ChannelMux` knows nothing of AMP: it talks to the tunnel through
+the small :class:`ChannelWire` interface, so it can be driven by tests alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Protocol as TypingProtocol
+
+import attrs
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    ITransport,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeaccess.errors import AccessDenied, BadRequest, EdgeError, NodeOffline, NotFound
+from edgeaccess.tunnel.protocol import (
+    DEFAULT_WINDOW,
+    MAX_CHANNEL_ID,
+    MAX_FRAME,
+    ProtocolViolation,
+    check_kind,
+    check_reason,
+    check_target,
+    check_window,
+)
+
+_log = Logger()
+
+#: A writer whose channel holds more than this many unsent bytes is paused.
+HIGH_WATER = 64 * 1024
+
+#: Decides an incoming OpenChannel: returns a protocol factory (or a Deferred
+#: of one), or raises AccessDenied / NotFound.
+ChannelAcceptor = Callable[[str, str], "IProtocolFactory | Deferred[IProtocolFactory]"]
+
+
+class ChannelWire(TypingProtocol):
+    """What the multiplexer needs from the tunnel connection under it."""
+
+    def send_data(self, channel: int, data: bytes) -> None: ...
+    def send_window_adjust(self, channel: int, credit: int) -> None: ...
+    def send_eof(self, channel: int) -> None: ...
+    def send_close(self, channel: int, reason: str) -> Deferred[None]: ...
+    def send_open(self, channel: int, kind: str, target: str, window: int) -> Deferred[int]: ...
+    def violation(self, reason: str) -> None: ...
+
+
+@implementer(IAddress)
+@attrs.frozen
+class TunnelAddress:
+    """The address of one end of a channel: which tunnel peer, kind, target, id."""
+
+    peer: str
+    kind: str
+    target: str
+    channel: int
+
+
+@implementer(ITransport, IPushProducer, IConsumer)
+class Channel:
+    """One channel: a transport for the protocol on this end.
+
+    States (flags rather than a machine, as each direction closes on its
+    own): opening (no protocol yet) -> open -> write side shut and/or EOF
+    received -> closed. Created only by :class:`ChannelMux`.
+    """
+
+    def __init__(
+        self,
+        mux: ChannelMux,
+        channel_id: int,
+        kind: str,
+        target: str,
+        *,
+        recv_window: int,
+        peer_window: int,
+    ) -> None:
+        self._mux = mux
+        self.id = channel_id
+        self.kind = kind
+        self.target = target
+        self.protocol: IProtocol | None = None
+        self.connected = False
+        self.disconnecting = False
+        # sending
+        self._peer_window = peer_window
+        self._send_credit = peer_window
+        self._outgoing: deque[bytes | memoryview] = deque()
+        self._outgoing_size = 0
+        self._sent_total = 0
+        self._write_shut = False
+        self._eof_sent = False
+        self._close_after_flush = False
+        self._producer: Any = None
+        self._streaming = False
+        self._producer_paused = False
+        self._pulling = False
+        # receiving
+        self._recv_window = recv_window
+        self._recv_allowed = recv_window
+        self._grant_threshold = max(1, recv_window // 4)
+        self._unacked = 0
+        self._incoming: deque[bytes] = deque()
+        self._incoming_size = 0
+        self._paused = False
+        self._delivering = False
+        self._eof_received = False
+        self._eof_delivered = False
+        self._remote_close: Failure | None = None
+        self._closed = False
+        # set while an OpenChannel we sent is unanswered
+        self._open_result: Deferred[IProtocol] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.id} {self.kind}:{self.target!r}>"
+
+    # -- ITransport ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; it is sent as the peer grants credit."""
+        if not isinstance(data, bytes):
+            raise TypeError("data must be bytes")
+        if self._write_shut or self._closed or not data:
+            return
+        self._outgoing.append(data)
+        self._outgoing_size += len(data)
+        self._flush()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        """Queue several byte strings."""
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Send what is queued, then close the channel in both directions."""
+        if self._closed or self._close_after_flush:
+            return
+        self.disconnecting = True
+        self._write_shut = True
+        self._close_after_flush = True
+        self._flush()
+
+    def abortConnection(self) -> None:
+        """Close the channel now, dropping whatever is queued."""
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        self._finish_local_close("aborted", Failure(ConnectionAborted()))
+
+    def loseWriteConnection(self) -> None:
+        """Half-close: send EndOfFile once the queue is drained; reading goes on."""
+        if self._closed or self._write_shut:
+            return
+        self._write_shut = True
+        self._flush()
+
+    def getPeer(self) -> TunnelAddress:
+        """The far end of this channel."""
+        return TunnelAddress(self._mux.peer_name, self.kind, self.target, self.id)
+
+    def getHost(self) -> TunnelAddress:
+        """This end of the channel."""
+        return TunnelAddress(self._mux.local_name, self.kind, self.target, self.id)
+
+    def logPrefix(self) -> str:
+        return f"channel-{self.id}"
+
+    # -- IPushProducer (the protocol on this end pauses our deliveries) ----
+
+    def pauseProducing(self) -> None:
+        """Stop delivering data; no credit is granted while paused."""
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        """Deliver what is buffered and grant credit for it."""
+        self._paused = False
+        self._deliver()
+
+    def stopProducing(self) -> None:
+        """Abort the channel (like a TCP transport)."""
+        self.abortConnection()
+
+    # -- IConsumer (a producer feeding our write side) --------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Register a producer, paused while the peer's credit is exhausted."""
+        if self._producer is not None:
+            raise RuntimeError(f"producer {self._producer!r} already registered")
+        if self._closed:
+            producer.stopProducing()
+            return
+        self._producer = producer
+        self._streaming = bool(streaming)
+        self._producer_paused = False
+        self._update_producer()
+
+    def unregisterProducer(self) -> None:
+        """Forget the producer."""
+        self._producer = None
+
+    # -- sending ---------------------------------------------------------
+
+    def _can_send(self) -> bool:
+        return self._send_credit > 0 and not self._mux.sending_paused
+
+    def _flush(self) -> None:
+        if self._closed or self._remote_close is not None:
+            return
+        while self._outgoing and self._can_send():
+            chunk = self._outgoing[0]
+            size = min(len(chunk), self._send_credit, MAX_FRAME)
+            if size == len(chunk):
+                self._outgoing.popleft()
+                piece = bytes(chunk)
+            else:
+                # A memoryview keeps large writes from being copied per frame.
+                view = memoryview(chunk)
+                self._outgoing[0] = view[size:]
+                piece = bytes(view[:size])
+            self._outgoing_size -= size
+            self._send_credit -= size
+            self._sent_total += size
+            self._mux.wire.send_data(self.id, piece)
+        if not self._outgoing:
+            if self._close_after_flush:
+                self._finish_local_close("done", Failure(ConnectionDone()))
+                return
+            if self._write_shut and not self._eof_sent:
+                self._eof_sent = True
+                self._mux.wire.send_eof(self.id)
+                if IHalfCloseableProtocol.providedBy(self.protocol):
+                    self._call_protocol(self.protocol.writeConnectionLost)
+                self._maybe_both_shut()
+                return
+        self._update_producer()
+
+    def _update_producer(self) -> None:
+        producer = self._producer
+        if producer is None or self._closed:
+            return
+        if self._streaming:
+            want_pause = self._mux.sending_paused or self._outgoing_size >= HIGH_WATER
+            if want_pause and not self._producer_paused:
+                self._producer_paused = True
+                producer.pauseProducing()
+            elif not want_pause and self._producer_paused:
+                self._producer_paused = False
+                producer.resumeProducing()
+            return
+        # A pull producer is asked for more whenever the queue is empty and
+        # credit remains; the loop stops as soon as it makes no progress.
+        if self._pulling:
+            return
+        self._pulling = True
+        try:
+            while (
+                self._producer is producer
+                and not self._outgoing
+                and self._can_send()
+                and not self._write_shut
+            ):
+                before = self._sent_total
+                producer.resumeProducing()
+                if self._sent_total == before:
+                    break
+        finally:
+            self._pulling = False
+
+    def _window_adjust(self, credit: int) -> None:
+        if credit <= 0 or self._send_credit + credit > self._peer_window:
+            raise ProtocolViolation(f"invalid window adjust {credit} on channel {self.id}")
+        self._send_credit += credit
+        self._flush()
+
+    # -- receiving -------------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        if self._eof_received:
+            raise ProtocolViolation(f"data after end of file on channel {self.id}")
+        if len(data) > self._recv_allowed:
+            raise ProtocolViolation(f"peer exceeded the window of channel {self.id}")
+        self._recv_allowed -= len(data)
+        if self._closed:
+            return
+        self._incoming.append(data)
+        self._incoming_size += len(data)
+        self._deliver()
+
+    def _eof_from_peer(self) -> None:
+        if self._eof_received:
+            raise ProtocolViolation(f"second end of file on channel {self.id}")
+        self._eof_received = True
+        self._deliver()
+
+    def _deliver(self) -> None:
+        if self._delivering or self.protocol is None or self._closed:
+            return
+        self._delivering = True
+        try:
+            while self._incoming and not self._paused and not self._closed:
+                data = self._incoming.popleft()
+                self._incoming_size -= len(data)
+                self._unacked += len(data)
+                self._call_protocol(self.protocol.dataReceived, data)
+            if self._incoming or self._paused or self._closed:
+                return
+            if self._eof_received and not self._eof_delivered:
+                self._eof_delivered = True
+                if IHalfCloseableProtocol.providedBy(self.protocol):
+                    self._call_protocol(self.protocol.readConnectionLost)
+                    self._maybe_both_shut()
+                else:
+                    self.loseConnection()
+            if self._remote_close is not None:
+                self._connection_lost(self._remote_close)
+        finally:
+            self._delivering = False
+        self._maybe_grant()
+
+    def _maybe_grant(self) -> None:
+        if self._paused or self._closed or self._eof_received or self._remote_close:
+            return
+        if self._unacked >= self._grant_threshold:
+            credit, self._unacked = self._unacked, 0
+            self._recv_allowed += credit
+            self._mux.wire.send_window_adjust(self.id, credit)
+
+    # -- closing ---------------------------------------------------------
+
+    def _maybe_both_shut(self) -> None:
+        if self._eof_sent and self._eof_delivered and not self._closed:
+            self._finish_local_close("done", Failure(ConnectionDone()))
+
+    def _finish_local_close(self, reason: str, failure: Failure) -> None:
+        if self._closed:
+            return
+        if self._remote_close is None:
+            self._mux._local_close(self, reason)
+        self._connection_lost(failure)
+
+    def _remote_closed(self, reason: str) -> None:
+        """The peer closed the channel: deliver what is buffered, then connectionLost."""
+        if reason in ("", "done"):
+            self._remote_close = Failure(ConnectionDone())
+        else:
+            self._remote_close = Failure(ConnectionLost(f"closed by peer: {reason}"))
+        self._write_shut = True
+        self.disconnecting = True
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        if self.protocol is None:
+            self._connection_lost(self._remote_close)
+        else:
+            self._deliver()
+
+    def _tunnel_lost(self, failure: Failure) -> None:
+        self._incoming.clear()
+        self._remote_close = failure
+        if self._open_result is not None and not self._open_result.called:
+            self._open_result.errback(NodeOffline("the tunnel closed before the channel opened"))
+        self._connection_lost(failure)
+
+    def _connection_lost(self, failure: Failure) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.connected = False
+        self.disconnecting = True
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        self._incoming.clear()
+        self._incoming_size = 0
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                _log.failure("producer of {channel} failed to stop", channel=self)
+        if self.protocol is not None:
+            try:
+                self.protocol.connectionLost(failure)
+            except Exception:
+                _log.failure("connectionLost of {channel} failed", channel=self)
+
+    def _attach(self, protocol: IProtocol) -> None:
+        self.protocol = protocol
+        self.connected = True
+        self._call_protocol(protocol.makeConnection, self)
+
+    def _call_protocol(self, method: Callable[..., object], *args: object) -> None:
+        # An exception in the application protocol closes its channel (as
+        # on TCP), never the tunnel that carries everybody else's channels.
+        try:
+            method(*args)
+        except Exception:
+            _log.failure("protocol of {channel} failed; closing the channel", channel=self)
+            self.abortConnection()
+
+    # -- accounting for tests and statistics ------------------------------
+
+    @property
+    def buffered_incoming(self) -> int:
+        """Bytes received and not yet delivered to the protocol."""
+        return self._incoming_size
+
+    @property
+    def buffered_outgoing(self) -> int:
+        """Bytes written by the protocol and not yet sent."""
+        return self._outgoing_size
+
+    @property
+    def send_credit(self) -> int:
+        """Bytes this end may still send before the peer grants more."""
+        return self._send_credit
+
+
+class ChannelMux:
+    """All channels of one tunnel.
+
+    :param wire: the tunnel connection (sends boxes, closes on violations).
+    :param initiator: True on the agent (its channel ids are odd), False on
+        the proxy (even ids), so both ends may open channels without clashing.
+    :param accept: decides every OpenChannel from the peer (kind and target).
+    :param peer_openable_kinds: channel kinds the peer may open at all.
+    :param window: our receive window per channel.
+    :param max_channels: channels open at once (memory <= channels * window).
+    """
+
+    def __init__(
+        self,
+        wire: ChannelWire,
+        *,
+        initiator: bool,
+        accept: ChannelAcceptor | None,
+        peer_openable_kinds: frozenset[str],
+        window: int = DEFAULT_WINDOW,
+        max_channels: int = 1024,
+        local_name: str = "local",
+        peer_name: str = "peer",
+    ) -> None:
+        self.wire = wire
+        self.window = check_window(window)
+        self.max_channels = max_channels
+        self.local_name = local_name
+        self.peer_name = peer_name
+        self.sending_paused = False
+        self._accept = accept
+        self._peer_openable_kinds = peer_openable_kinds
+        self._next_id = 1 if initiator else 2
+        self._peer_parity = 0 if initiator else 1
+        self._channels: dict[int, Channel] = {}
+        self._closing: set[int] = set()
+        self._accepting: set[int] = set()
+        self._lost = False
+
+    @property
+    def channels(self) -> dict[int, Channel]:
+        """Open channels by id (read-only use)."""
+        return self._channels
+
+    # -- opening from this side -------------------------------------------
+
+    def connect_channel(
+        self, kind: str, target: str, factory: IProtocolFactory
+    ) -> Deferred[IProtocol]:
+        """Open a channel and connect a protocol from ``factory`` to it."""
+        try:
+            check_kind(kind)
+            check_target(target)
+        except BadRequest as error:
+            return fail(error)
+        if self._lost:
+            return fail(NodeOffline("the tunnel is closed"))
+        if len(self._channels) + len(self._accepting) >= self.max_channels:
+            return fail(BadRequest("too many channels on this tunnel"))
+        if self._next_id > MAX_CHANNEL_ID:
+            return fail(NodeOffline("channel ids exhausted; the tunnel must reconnect"))
+        channel_id, self._next_id = self._next_id, self._next_id + 2
+        channel = Channel(self, channel_id, kind, target, recv_window=self.window, peer_window=0)
+        self._channels[channel_id] = channel
+        result: Deferred[IProtocol] = Deferred(lambda d: None)
+        channel._open_result = result
+
+        def opened(peer_window: int) -> None:
+            channel._open_result = None
+            if channel._closed:
+                return
+            if not 1 <= peer_window <= 2**31:
+                self.wire.violation(f"invalid window {peer_window} in OpenChannel answer")
+                return
+            channel._peer_window = channel._send_credit = peer_window
+            if result.called:  # cancelled by the caller meanwhile
+                channel.abortConnection()
+                return
+            protocol = factory.buildProtocol(channel.getPeer())
+            if protocol is None:
+                channel.abortConnection()
+                result.errback(ConnectError(string="the factory refused the channel"))
+                return
+            channel._attach(protocol)
+            result.callback(protocol)
+            channel._deliver()
+
+        def refused(failure: Failure) -> None:
+            channel._open_result = None
+            if self._channels.get(channel_id) is channel:
+                del self._channels[channel_id]
+            channel._closed = True
+            if not result.called:
+                result.errback(failure)
+
+        self.wire.send_open(channel_id, kind, target, self.window).addCallbacks(opened, refused)
+        return result
+
+    # -- events from the peer ----------------------------------------------
+
+    def open_received(
+        self, channel_id: int, kind: str, target: str, window: int
+    ) -> Deferred[int]:
+        """The peer asks to open a channel; fires with our window or fails (refused)."""
+        if (
+            channel_id % 2 != self._peer_parity
+            or channel_id in self._channels
+            or channel_id in self._closing
+            or channel_id in self._accepting
+        ):
+            raise ProtocolViolation(f"OpenChannel with invalid or reused id {channel_id}")
+        check_kind(kind)
+        if kind not in self._peer_openable_kinds or self._accept is None:
+            raise AccessDenied(f"{kind} channels may not be opened from this side")
+        check_target(target)
+        check_window(window)
+        if self._lost:
+            raise NodeOffline("the tunnel is closed")
+        if len(self._channels) + len(self._accepting) >= self.max_channels:
+            raise BadRequest("too many channels on this tunnel")
+        self._accepting.add(channel_id)
+
+        def accepted(factory: IProtocolFactory) -> int:
+            self._accepting.discard(channel_id)
+            if self._lost:
+                raise NodeOffline("the tunnel is closed")
+            channel = Channel(
+                self, channel_id, kind, target, recv_window=self.window, peer_window=window
+            )
+            protocol = factory.buildProtocol(channel.getPeer())
+            if protocol is None:
+                raise AccessDenied("channel refused")
+            self._channels[channel_id] = channel
+            channel._attach(protocol)
+            return self.window
+
+        def refused(failure: Failure) -> Failure:
+            self._accepting.discard(channel_id)
+            if failure.check(AccessDenied, NotFound, BadRequest, NodeOffline):
+                _log.info(
+                    "refused {kind} channel to {target!r} from {peer}: {reason}",
+                    kind=kind, target=target, peer=self.peer_name, reason=failure.value,
+                )
+                return failure
+            _log.failure("deciding a {kind} channel failed", failure, kind=kind)
+            return Failure(AccessDenied("channel refused"))
+
+        assert self._accept is not None
+        return maybeDeferred(self._accept, kind, target).addCallbacks(accepted, refused)
+
+    def _known(self, channel_id: int) -> Channel | None:
+        channel = self._channels.get(channel_id)
+        if channel is None and channel_id not in self._closing:
+            raise ProtocolViolation(f"no channel {channel_id}")
+        return channel
+
+    def data_received(self, channel_id: int, data: bytes) -> None:
+        """A Data box arrived."""
+        if len(data) > MAX_FRAME:
+            raise ProtocolViolation(f"data frame of {len(data)} bytes")
+        channel = self._known(channel_id)
+        if channel is not None:
+            channel._data_received(data)
+
+    def window_adjust_received(self, channel_id: int, credit: int) -> None:
+        """A WindowAdjust box arrived."""
+        channel = self._known(channel_id)
+        if channel is not None:
+            channel._window_adjust(credit)
+
+    def eof_received(self, channel_id: int) -> None:
+        """An EndOfFile box arrived."""
+        channel = self._known(channel_id)
+        if channel is not None:
+            channel._eof_from_peer()
+
+    def close_received(self, channel_id: int, reason: str) -> None:
+        """A CloseChannel box arrived (unknown ids are ignored: closes may cross)."""
+        channel = self._channels.pop(channel_id, None)
+        if channel is not None:
+            channel._remote_closed(check_reason(reason))
+
+    def _local_close(self, channel: Channel, reason: str) -> None:
+        if self._channels.get(channel.id) is channel:
+            del self._channels[channel.id]
+        if self._lost or channel._open_result is not None:
+            return
+        channel_id = channel.id
+        self._closing.add(channel_id)
+
+        def acknowledged(_: object) -> None:
+            self._closing.discard(channel_id)
+
+        self.wire.send_close(channel_id, reason).addBoth(acknowledged)
+
+    # -- the tunnel ------------------------------------------------------
+
+    def pause_sending(self) -> None:
+        """The tunnel's transport is full: pause every channel's producer."""
+        self.sending_paused = True
+        for channel in list(self._channels.values()):
+            channel._update_producer()
+
+    def resume_sending(self) -> None:
+        """The tunnel's transport drained: send queued data, resume producers."""
+        self.sending_paused = False
+        for channel in list(self._channels.values()):
+            channel._flush()
+
+    def tunnel_lost(self, failure: Failure) -> None:
+        """The tunnel is gone: every channel is lost."""
+        self._lost = True
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._closing.clear()
+        for channel in channels:
+            channel._tunnel_lost(failure)
+
+
+def decode_remote_error(failure: Failure) -> Failure:
+    """Turn an AMP-rebuilt EdgeError (bytes message) into one with a text message."""
+    error = failure.value
+    if isinstance(error, EdgeError) and isinstance(error.message, bytes):
+        text = check_reason(error.message.decode("utf-8", "replace"))[:256]
+        return Failure(type(error)(text))
+    return failure

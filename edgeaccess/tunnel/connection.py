@@ -1,0 +1,344 @@
+"""The AMP connection under a tunnel, shared by the agent and the proxy sides.
+
+It carries the channel multiplexer, checks every incoming box (size, which
+commands this peer may send, arguments), keeps the liveness timer, and
+relays whole-connection backpressure from the TLS transport to the channels.
+A peer that breaks the protocol gets one log line and a closed tunnel; no
+exception ever leaves ``dataReceived``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeaccess.errors import NodeOffline
+from edgeaccess.tunnel.channels import ChannelAcceptor, ChannelMux, decode_remote_error
+from edgeaccess.tunnel.protocol import (
+    DEFAULT_WINDOW,
+    MAX_BOX_BYTES,
+    MAX_BOX_KEYS,
+    CloseChannel,
+    Data,
+    EndOfFile,
+    OpenChannel,
+    ProtocolViolation,
+    WindowAdjust,
+    check_channel_id,
+)
+
+_log = Logger()
+
+#: Either side drops the tunnel after this many heartbeat intervals of silence.
+MISSED_INTERVALS = 3
+
+
+@implementer(IPushProducer)
+class _SendBackpressure:
+    """Registered on the TLS transport: its pause/resume reach every channel."""
+
+    def __init__(self, mux: ChannelMux) -> None:
+        self._mux = mux
+
+    def pauseProducing(self) -> None:
+        self._mux.pause_sending()
+
+    def resumeProducing(self) -> None:
+        self._mux.resume_sending()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class TunnelConnection(amp.AMP):
+    """Base of :class:`AgentTunnelProtocol` and :class:`ServerTunnelProtocol`.
+
+    Subclasses set :attr:`peer_commands` (what the peer may send),
+    :attr:`peer_openable_kinds` and :attr:`initiator`.
+    """
+
+    peer_commands: frozenset[bytes] = frozenset()
+    peer_openable_kinds: frozenset[str] = frozenset()
+    initiator = False
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        accept_channel: ChannelAcceptor | None = None,
+        heartbeat_interval: float = 30.0,
+        window: int = DEFAULT_WINDOW,
+        max_channels: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.mux = ChannelMux(
+            self,
+            initiator=self.initiator,
+            accept=accept_channel,
+            peer_openable_kinds=self.peer_openable_kinds,
+            window=window,
+            max_channels=max_channels,
+        )
+        self.hello_done = False
+        self.closed_reason: str | None = None
+        self._dropping = False
+        self._heard = False
+        self._silent_intervals = 0
+        self._liveness_call: IDelayedCall | None = None
+        self._lost_waiters: list[Deferred[None]] = []
+        self._is_lost = False
+        self._box_keys = 0
+        self._box_bytes = 0
+
+    # -- the public face ----------------------------------------------------
+
+    def connect_channel(
+        self, kind: str, target: str, factory: IProtocolFactory
+    ) -> Deferred[IProtocol]:
+        """Open a channel of ``kind`` to ``target`` and connect ``factory`` to it."""
+        return self.mux.connect_channel(kind, target, factory)
+
+    def disconnect(self, reason: str = "closing") -> None:
+        """Close the tunnel (flushing what is queued)."""
+        if self.transport is not None and not self._is_lost:
+            _log.info("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
+            self.closed_reason = reason
+            self.transport.loseConnection()
+
+    def when_lost(self) -> Deferred[None]:
+        """Fire when the tunnel's connection is lost."""
+        if self._is_lost:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._lost_waiters.append(waiter)
+        return waiter
+
+    # -- connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            register(_SendBackpressure(self.mux), True)
+        self._schedule_liveness()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._is_lost = True
+        if self._liveness_call is not None and self._liveness_call.active():
+            self._liveness_call.cancel()
+        self._liveness_call = None
+        self.mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
+        try:
+            super().connectionLost(reason)
+        finally:
+            waiters, self._lost_waiters = self._lost_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # -- liveness --------------------------------------------------------------
+
+    def _schedule_liveness(self) -> None:
+        if self._is_lost:
+            return
+        self._liveness_call = self.clock.callLater(self.heartbeat_interval, self._liveness_tick)
+
+    def _liveness_tick(self) -> None:
+        self._liveness_call = None
+        if self._heard:
+            self._heard, self._silent_intervals = False, 0
+        else:
+            self._silent_intervals += 1
+            if self._silent_intervals >= MISSED_INTERVALS:
+                _log.warn(
+                    "dropping tunnel with {peer}: nothing heard for {seconds} s",
+                    peer=self.mux.peer_name,
+                    seconds=self._silent_intervals * self.heartbeat_interval,
+                )
+                self._drop("heartbeat timeout")
+                return
+        self.interval_elapsed()
+        self._schedule_liveness()
+
+    def interval_elapsed(self) -> None:
+        """Called every heartbeat interval while the tunnel is alive (agents ping)."""
+
+    # -- receiving: every guard is here ----------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dropping:
+            return
+        self._heard = True
+        try:
+            super().dataReceived(data)
+        except ProtocolViolation as violation:
+            self.violation(str(violation))
+        except Exception:
+            _log.failure("unexpected error in tunnel with {peer}", peer=self.mux.peer_name)
+            self.violation("internal error")
+
+    def proto_init(self, string: bytes) -> str:
+        self._box_keys = 0
+        self._box_bytes = 0
+        return super().proto_init(string)
+
+    def proto_key(self, string: bytes) -> str:
+        if string:
+            self._box_keys += 1
+            if self._box_keys > MAX_BOX_KEYS:
+                raise ProtocolViolation("box with too many keys")
+        return super().proto_key(string)
+
+    def proto_value(self, string: bytes) -> str:
+        self._box_bytes += len(string)
+        if self._box_bytes > MAX_BOX_BYTES:
+            raise ProtocolViolation("oversized box")
+        return super().proto_value(string)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.violation(f"key of {length} bytes")
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        if self._dropping:
+            return
+        try:
+            super().ampBoxReceived(box)
+        except ProtocolViolation:
+            raise
+        except Exception as error:
+            raise ProtocolViolation(f"malformed box ({type(error).__name__})") from None
+
+    def dispatchCommand(self, box: amp.AmpBox) -> Deferred[Any]:
+        name = box[amp.COMMAND]
+        if name not in self.peer_commands:
+            return _as_deferred(
+                self._refuse(box, f"command {name[:64]!r} is not allowed from this peer")
+            )
+        if not self.hello_done and name != b"Hello":
+            return _as_deferred(self._refuse(box, f"command {name[:64]!r} before Hello"))
+        return super().dispatchCommand(box).addErrback(self._dispatch_failed, box)
+
+    def _dispatch_failed(self, failure: Failure, box: amp.AmpBox) -> Failure | None:
+        if failure.check(amp.RemoteAmpError):
+            return failure
+        if failure.check(ProtocolViolation):
+            reason = str(failure.value)
+        else:
+            reason = f"malformed {box[amp.COMMAND][:64]!r} box ({failure.type.__name__})"
+        return self._refuse(box, reason)
+
+    def _refuse(self, box: amp.AmpBox, reason: str) -> Failure | None:
+        _log.warn("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
+        self.closed_reason = reason
+        if amp.ASK in box:
+            # A fatal error goes out as a QuitBox: answer, then close.
+            self._stop_reading()
+            return Failure(amp.RemoteAmpError(b"PROTOCOL_ERROR", reason, fatal=True))
+        self._drop(reason)
+        return None
+
+    def violation(self, reason: str) -> None:
+        """The peer broke the protocol: log one line and close the tunnel now."""
+        if self._dropping:
+            return
+        _log.warn("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
+        self.closed_reason = reason
+        self._drop(reason)
+
+    def _stop_reading(self) -> None:
+        self._dropping = True
+        # Stops IntNStringReceiver's parsing loop after the current box.
+        self.paused = True
+
+    def _drop(self, reason: str) -> None:
+        self._stop_reading()
+        self.closed_reason = self.closed_reason or reason
+        transport = self.transport
+        if transport is None:
+            return
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
+
+    # -- the data commands ----------------------------------------------------
+
+    @OpenChannel.responder
+    def _open_channel(self, channel: int, kind: str, target: str, window: int) -> Deferred[dict]:
+        check_channel_id(channel)
+        return self.mux.open_received(channel, kind, target, window).addCallback(
+            lambda our_window: {"window": our_window}
+        )
+
+    @CloseChannel.responder
+    def _close_channel(self, channel: int, reason: str) -> dict:
+        check_channel_id(channel)
+        self.mux.close_received(channel, reason)
+        return {}
+
+    @Data.responder
+    def _data(self, channel: int, data: bytes) -> dict:
+        self.mux.data_received(check_channel_id(channel), data)
+        return {}
+
+    @WindowAdjust.responder
+    def _window_adjust(self, channel: int, credit: int) -> dict:
+        self.mux.window_adjust_received(check_channel_id(channel), credit)
+        return {}
+
+    @EndOfFile.responder
+    def _end_of_file(self, channel: int) -> dict:
+        self.mux.eof_received(check_channel_id(channel))
+        return {}
+
+    # -- ChannelWire: sending -------------------------------------------------
+
+    def _send(self, box: amp.AmpBox) -> None:
+        if self.transport is None or self._is_lost:
+            return
+        self.boxSender.sendBox(box)
+
+    def send_data(self, channel: int, data: bytes) -> None:
+        # Built by hand: the hot path skips Command argument machinery.
+        self._send(amp.AmpBox(_command=b"Data", channel=b"%d" % channel, data=data))
+
+    def send_window_adjust(self, channel: int, credit: int) -> None:
+        self._send(
+            amp.AmpBox(_command=b"WindowAdjust", channel=b"%d" % channel, credit=b"%d" % credit)
+        )
+
+    def send_eof(self, channel: int) -> None:
+        self._send(amp.AmpBox(_command=b"EndOfFile", channel=b"%d" % channel))
+
+    def send_close(self, channel: int, reason: str) -> Deferred[None]:
+        return self.call(CloseChannel, channel=channel, reason=reason).addErrback(lambda _: None)
+
+    def send_open(self, channel: int, kind: str, target: str, window: int) -> Deferred[int]:
+        return self.call(
+            OpenChannel, channel=channel, kind=kind, target=target, window=window
+        ).addCallback(lambda answer: answer["window"])
+
+    def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[Any]:
+        """``callRemote`` whose EdgeError failures carry text messages."""
+        if self.transport is None or self._is_lost:
+            return fail(NodeOffline("the tunnel is closed"))
+        return self.callRemote(command, **arguments).addErrback(decode_remote_error)
+
+
+def _as_deferred(result: Failure | None) -> Deferred[Any]:
+    return fail(result) if result is not None else succeed(None)

@@ -1,0 +1,327 @@
+"""AMP commands of the reverse tunnel, with their arguments, answers and errors.
+
+The tunnel is one AMP connection over mutual TLS (ALPN ``edge-tunnel/1``).
+Control commands are answered; the data commands (``Data``,
+``WindowAdjust``, ``EndOfFile``) are not, so a bulk transfer is a stream of
+boxes with no round trip (measured ~270-290 MB/s against ~93 MB/s for
+answered calls awaited one by one, see DESIGN.md).
+
+Every argument received is checked here (:func:`check_channel_id`,
+:func:`check_kind`, :meth:`Inventory.from_json`...) before anything acts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import attrs
+from twisted.protocols import amp
+
+from edgeaccess.errors import (
+    AccessDenied,
+    BadRequest,
+    NodeOffline,
+    NotFound,
+)
+
+#: The one protocol version this code speaks.
+PROTOCOL_VERSION = 1
+#: ALPN protocol name negotiated on the TLS connection.
+ALPN_PROTOCOL = b"edge-tunnel/1"
+#: Capabilities this implementation announces in ``Hello``.
+CAPABILITIES = ("channels", "half-close", "window-adjust")
+
+#: Every channel kind, and who may open which.
+CHANNEL_KINDS = frozenset({"ssh", "kube", "app", "auth", "cluster"})
+#: Kinds an agent may open towards its proxy (node -> auth service).
+AGENT_OPENABLE_KINDS = frozenset({"auth"})
+#: Kinds a proxy may open towards an agent.
+PROXY_OPENABLE_KINDS = frozenset({"ssh", "kube", "app", "cluster"})
+
+#: AMP values are limited to 65,535 bytes; Data frames stay well below.
+MAX_FRAME = 60 * 1024
+#: Default per-channel receive window (unacknowledged bytes), like SSH.
+DEFAULT_WINDOW = 1024 * 1024
+#: The largest window a peer may announce (bounds the memory it can make us hold).
+MAX_WINDOW = 16 * 1024 * 1024
+#: Channel ids are positive 31-bit integers; the agent uses odd, the proxy even.
+MAX_CHANNEL_ID = 2**31 - 1
+#: Limits on one incoming box (key count and total bytes), checked while parsing.
+MAX_BOX_KEYS = 16
+MAX_BOX_BYTES = 72 * 1024
+#: Limits on text arguments.
+MAX_TARGET_LENGTH = 1024
+MAX_REASON_LENGTH = 1024
+MAX_PROXIES = 64
+MAX_RECONNECT_DELAY = 3600.0
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the tunnel protocol: the tunnel is closed.
+
+    Internal to the tunnel (never crosses the wire as such); the message is a
+    short reason for the log line.
+    """
+
+
+def check_channel_id(channel: int) -> int:
+    """Return ``channel`` if it is a valid channel id, else raise ProtocolViolation."""
+    if not isinstance(channel, int) or not 1 <= channel <= MAX_CHANNEL_ID:
+        raise ProtocolViolation(f"invalid channel id {channel!r}")
+    return channel
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it names a channel kind, else raise BadRequest."""
+    if kind not in CHANNEL_KINDS:
+        raise BadRequest(f"unknown channel kind {kind[:32]!r}")
+    return kind
+
+
+def check_target(target: str) -> str:
+    """Return ``target`` if it is an acceptable channel target, else raise BadRequest."""
+    if len(target) > MAX_TARGET_LENGTH or any(ord(c) < 32 for c in target):
+        raise BadRequest("invalid channel target")
+    return target
+
+
+def check_window(window: int) -> int:
+    """Return ``window`` if it is an acceptable receive window, else raise BadRequest."""
+    if not 1 <= window <= MAX_WINDOW:
+        raise BadRequest(f"invalid window {window}")
+    return window
+
+
+def check_reason(reason: str) -> str:
+    """Truncate a peer-given reason and strip control characters (it is logged)."""
+    return "".join(c if ord(c) >= 32 else "?" for c in reason[:MAX_REASON_LENGTH])
+
+
+def check_delay(delay: float) -> float:
+    """Return ``delay`` if it is a sane Reconnect delay, else raise BadRequest."""
+    if not math.isfinite(delay) or not 0.0 <= delay <= MAX_RECONNECT_DELAY:
+        raise BadRequest(f"invalid reconnect delay {delay!r}")
+    return delay
+
+
+def check_proxies(proxies: list[str]) -> list[str]:
+    """Return the list of proxy addresses if each is ``host:port``, else raise BadRequest."""
+    if len(proxies) > MAX_PROXIES:
+        raise BadRequest("too many proxy addresses")
+    for address in proxies:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or len(address) > 255 or not port.isdigit():
+            raise BadRequest("invalid proxy address")
+        if not 0 < int(port) < 65536 or any(ord(c) <= 32 for c in address):
+            raise BadRequest("invalid proxy address")
+    return proxies
+
+
+@attrs.frozen
+class App:
+    """An application a node serves: name, URI and labels."""
+
+    name: str
+    uri: str = ""
+    labels: dict[str, str] = attrs.field(factory=dict, hash=False)
+
+
+@attrs.frozen
+class Inventory:
+    """What an agent announces in ``Hello``: its name, labels, kube clusters, apps."""
+
+    name: str
+    labels: dict[str, str] = attrs.field(factory=dict, hash=False)
+    kube_clusters: tuple[str, ...] = ()
+    apps: tuple[App, ...] = ()
+
+    def to_json(self) -> str:
+        """Serialize for the ``Hello`` command."""
+        return json.dumps(
+            {
+                "name": self.name,
+                "labels": self.labels,
+                "kube_clusters": list(self.kube_clusters),
+                "apps": [
+                    {"name": a.name, "uri": a.uri, "labels": a.labels} for a in self.apps
+                ],
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Inventory:
+        """Parse and validate an inventory received from a peer.
+
+        :raises BadRequest: on anything malformed.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise BadRequest("inventory is not JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("inventory is not an object")
+        name = _check_name(data.get("name"), "node name")
+        labels = _check_labels(data.get("labels", {}))
+        kube = data.get("kube_clusters", [])
+        if not isinstance(kube, list) or len(kube) > 256:
+            raise BadRequest("invalid kube_clusters")
+        apps_in = data.get("apps", [])
+        if not isinstance(apps_in, list) or len(apps_in) > 256:
+            raise BadRequest("invalid apps")
+        apps = []
+        for item in apps_in:
+            if not isinstance(item, dict):
+                raise BadRequest("invalid app")
+            uri = item.get("uri", "")
+            if not isinstance(uri, str) or len(uri) > 2048:
+                raise BadRequest("invalid app uri")
+            apps.append(
+                App(
+                    name=_check_name(item.get("name"), "app name"),
+                    uri=uri,
+                    labels=_check_labels(item.get("labels", {})),
+                )
+            )
+        return cls(
+            name=name,
+            labels=labels,
+            kube_clusters=tuple(_check_name(k, "kube cluster name") for k in kube),
+            apps=tuple(apps),
+        )
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise BadRequest(f"invalid {what}")
+    return value
+
+
+def _check_labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > 64:
+        raise BadRequest("invalid labels")
+    for key, item in value.items():
+        if not _LABEL_KEY.match(key) or not isinstance(item, str) or len(item) > 253:
+            raise BadRequest("invalid label")
+        if any(ord(c) < 32 for c in item):
+            raise BadRequest("invalid label")
+    return dict(value)
+
+
+# -- control commands (answered) -------------------------------------------
+
+
+class Hello(amp.Command):
+    """First command of a tunnel, agent -> proxy: versions, capabilities, inventory.
+
+    The proxy answers with the version it will speak and the heartbeat
+    interval the agent must use. A version it does not speak is refused with
+    ``BAD_REQUEST`` and a message naming both versions; the tunnel then closes.
+    """
+
+    arguments = [
+        (b"protocol_version", amp.Integer()),
+        (b"capabilities", amp.ListOf(amp.Unicode())),
+        (b"inventory", amp.Unicode()),
+    ]
+    response = [
+        (b"protocol_version", amp.Integer()),
+        (b"capabilities", amp.ListOf(amp.Unicode())),
+        (b"heartbeat_interval", amp.Float()),
+    ]
+    errors = {AccessDenied: b"ACCESS_DENIED"}
+    fatalErrors = {BadRequest: b"BAD_REQUEST"}
+
+
+class Heartbeat(amp.Command):
+    """Agent -> proxy, every heartbeat interval; the answer proves the proxy alive."""
+
+    arguments: list = []
+    response: list = []
+
+
+class OpenChannel(amp.Command):
+    """Open a channel of ``kind`` to ``target``; ``window`` is the opener's receive window.
+
+    The answer carries the acceptor's receive window. The acceptor decides
+    (kind and target) and may refuse with ``ACCESS_DENIED`` or ``NOT_FOUND``.
+    """
+
+    arguments = [
+        (b"channel", amp.Integer()),
+        (b"kind", amp.Unicode()),
+        (b"target", amp.Unicode()),
+        (b"window", amp.Integer()),
+    ]
+    response = [(b"window", amp.Integer())]
+    errors = {
+        AccessDenied: b"ACCESS_DENIED",
+        NotFound: b"NOT_FOUND",
+        BadRequest: b"BAD_REQUEST",
+        NodeOffline: b"NODE_OFFLINE",
+    }
+
+
+class CloseChannel(amp.Command):
+    """Close a channel in both directions; unknown or already closed ids are ignored."""
+
+    arguments = [(b"channel", amp.Integer()), (b"reason", amp.Unicode())]
+    response: list = []
+
+
+class Discover(amp.Command):
+    """Proxy -> agent: every proxy address of the cluster (``host:port``)."""
+
+    arguments = [(b"proxies", amp.ListOf(amp.Unicode()))]
+    response: list = []
+    errors = {BadRequest: b"BAD_REQUEST"}
+
+
+class Reconnect(amp.Command):
+    """Proxy -> agent: close this tunnel and dial again after ``delay`` seconds."""
+
+    arguments = [(b"delay", amp.Float()), (b"reason", amp.Unicode())]
+    response: list = []
+    errors = {BadRequest: b"BAD_REQUEST"}
+
+
+# -- data commands (not answered; ordered with each other on the one connection)
+
+
+class Data(amp.Command):
+    """Bytes for a channel, at most :data:`MAX_FRAME` per box, within the window."""
+
+    arguments = [(b"channel", amp.Integer()), (b"data", amp.Bytes())]
+    requiresAnswer = False
+
+
+class WindowAdjust(amp.Command):
+    """The receiver's consumer took ``credit`` more bytes: the sender may send them."""
+
+    arguments = [(b"channel", amp.Integer()), (b"credit", amp.Integer())]
+    requiresAnswer = False
+
+
+class EndOfFile(amp.Command):
+    """Half-close: the sender will send no more Data on this channel."""
+
+    arguments = [(b"channel", amp.Integer())]
+    requiresAnswer = False
+
+
+#: Commands an agent may send to a proxy.
+AGENT_COMMANDS = frozenset(
+    c.commandName
+    for c in (Hello, Heartbeat, OpenChannel, CloseChannel, Data, WindowAdjust, EndOfFile)
+)
+#: Commands a proxy may send to an agent.
+PROXY_COMMANDS = frozenset(
+    c.commandName
+    for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile)
+)

@@ -1,0 +1,63 @@
+"""Run the node SSH server for the OpenSSH end-to-end tests.
+
+``python node_ssh_server_main.py CONFIG.json`` listens on 127.0.0.1:0,
+prints ``PORT <n>`` on stdout once listening, and logs to ``<config>.log``.
+The config names the host key and certificate files, the trusted user CA
+lines and the authorizer's grants ``[username, login, port_forwarding]``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from edgeaccess.pki.keys import load_private_key
+from edgeaccess.pki.sshca import load_certificate
+from edgeaccess.ssh.interfaces import SessionPermissions, StaticAuthorizer
+from edgeaccess.ssh.server import make_node_ssh_factory
+
+
+def main(config_path: str) -> None:
+    with open(config_path) as f:
+        config = json.load(f)
+    log_file = open(config_path + ".log", "a", buffering=1)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+    with open(config["host_key"], "rb") as f:
+        host_key = load_private_key(f.read())
+    with open(config["host_cert"], "rb") as f:
+        host_cert = load_certificate(f.read())
+    grants = {
+        (user, login): SessionPermissions(
+            port_forwarding=forwarding,
+            roles=("access",),
+            session_ttl=timedelta(seconds=ttl) if ttl else None,
+        )
+        for user, login, forwarding, ttl in config["grants"]
+    }
+    factory = make_node_ssh_factory(
+        host_key,
+        host_cert,
+        lambda: [line.encode() for line in config["user_cas"]],
+        StaticAuthorizer(grants),
+        config["node_name"],
+        reactor,
+        env_allow=config.get("env_allow", ()),
+    )
+
+    def listening(port) -> None:
+        sys.stdout.write(f"PORT {port.getHost().port}\n")
+        sys.stdout.flush()
+
+    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallbacks(
+        listening, lambda f: (print(f, file=sys.stderr), reactor.stop())
+    )
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
