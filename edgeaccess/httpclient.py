@@ -113,6 +113,8 @@ class Client:
         try:
             decoded = json.loads(data) if data else None
         except ValueError:
+            if response.status == 404:
+                raise errors.NotFound(f"{self.host}:{self.port} has no {path}")
             raise errors.EdgeError(
                 f"{self.host}:{self.port} answered {response.status} with a non-JSON body")
         if response.status >= 400:

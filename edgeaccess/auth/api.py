@@ -77,6 +77,7 @@ class AuthAPI:
         """The CA certificates (no client certificate needed): joining
         nodes compare them with their pin."""
         return json_response(request, {
+            "service": "auth",
             "cluster_name": self.auth.cluster_name,
             "tls_ca": [self.auth.authority.tls_ca_pem],
             "ca_pin": self.auth.authority.pin,
@@ -202,7 +203,8 @@ class AuthAPI:
     @app.route("/v1/nodes/heartbeat", methods=["POST"])
     async def heartbeat(self, request):
         identity = self._node(request)
-        stored = await self.auth.heartbeat(identity, read_json(request))
+        stored = await self.auth.heartbeat(identity, read_json(request),
+                                           remote_addr=httpapi.remote_addr(request))
         return json_response(request, stored)
 
     @app.route("/v1/nodes/roles", methods=["GET"])

@@ -378,21 +378,20 @@ class AuthServer:
         ssh_key = _load_public_key(ssh_public_key, "ssh_public_key")
         tls_key = (_load_pem_public_key(tls_public_key, "tls_public_key")
                    if tls_public_key else ssh_key)
+        # Traits by plain name: {{internal.X}} and {{external.X}} both read
+        # traits["X"] (see edgeaccess.identity.rbac).
         if auth in ("", "local"):
             user = await self.authenticate_local(username, password, remote_addr)
             role_names = user["roles"]
-            traits = {"logins": user.get("logins", []), **{
-                k: v for k, v in (user.get("traits") or {}).items()}}
-            internal = {f"internal.{k}": v for k, v in traits.items()}
+            traits = {**(user.get("traits") or {}), "logins": list(user.get("logins", []))}
             method = "local"
         else:
             external = await self._authenticate_connector(auth, username, password, remote_addr)
             role_names = list(external.roles)
-            internal = {f"external.{k}": list(v) for k, v in external.traits.items()}
             traits = {k: list(v) for k, v in external.traits.items()}
             method = "ldap"
         role_objects = await self.get_roles(role_names)
-        checker = rbac.AccessChecker(role_objects, internal)
+        checker = rbac.AccessChecker(role_objects, traits)
         logins = checker.allowed_logins()
         max_ttl = checker.max_session_ttl()
         ttl = min(ttl or DEFAULT_USER_TTL, max_ttl)
@@ -405,7 +404,7 @@ class AuthServer:
             principals=logins or [NO_LOGIN_PRINCIPAL],
             roles=role_names,
             cluster=self.cluster_name,
-            traits=internal,
+            traits=traits,
             now=now,
             ttl=ttl,
             permit_port_forwarding=checker.port_forwarding(),
@@ -413,7 +412,7 @@ class AuthServer:
         )
         identity = x509ca.Identity(
             kind="user", name=username, cluster=self.cluster_name,
-            roles=tuple(role_names), logins=tuple(logins), traits=internal,
+            roles=tuple(role_names), logins=tuple(logins), traits=traits,
         )
         tls_cert = self.authority.sign_tls(tls_key, identity, now=now, ttl=ttl)
         _log.info("login of {user} ({method}{connector}) from {addr}: roles {roles}, "
@@ -582,7 +581,8 @@ class AuthServer:
             "valid_before": _iso(now + NODE_CERT_TTL),
         }
 
-    async def heartbeat(self, identity: x509ca.Identity, record: dict) -> dict:
+    async def heartbeat(self, identity: x509ca.Identity, record: dict,
+                        remote_addr: str = "") -> dict:
         """Register or refresh a node; a node can only register as itself."""
         if identity.kind != "node" or not identity.uuid:
             raise errors.AccessDenied("only nodes send heartbeats")
@@ -598,6 +598,14 @@ class AuthServer:
         address = record.get("address") or "tunnel"
         if not isinstance(address, str) or len(address) > 256:
             raise errors.BadRequest("address must be host:port or 'tunnel'")
+        if address != "tunnel":
+            host, _, port = address.rpartition(":")
+            if not port.isdigit():
+                raise errors.BadRequest("address must be host:port or 'tunnel'")
+            if host in ("", "0.0.0.0", "[::]", "::") and remote_addr:
+                # A node listening on every interface: dial it where it came from.
+                host = f"[{remote_addr}]" if ":" in remote_addr else remote_addr
+                address = f"{host}:{port}"
         now = self.now()
         stored = {
             "name": identity.name,

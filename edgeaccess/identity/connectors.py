@@ -280,13 +280,13 @@ def parse_ldap_connector(doc: dict[str, Any]) -> LDAPConnector:
 
     :raises BadResource: naming the first invalid field.
     """
-    doc = _mapping(doc, "document")
-    _no_unknown_keys(doc, _TOP_KEYS, "")
-    if doc.get("kind") != KIND:
+    top = _mapping(doc, "document")
+    _no_unknown_keys(top, _TOP_KEYS, "")
+    if top.get("kind") != KIND:
         raise _fail("kind", f"must be {KIND!r}")
-    if doc.get("version") != VERSION:
+    if top.get("version") != VERSION:
         raise _fail("version", f"must be {VERSION!r}")
-    metadata = _mapping(doc.get("metadata"), "metadata")
+    metadata = _mapping(top.get("metadata"), "metadata")
     name = _string(metadata.get("name"), "metadata.name")
     if not _NAME.match(name):
         raise _fail(
@@ -295,7 +295,7 @@ def parse_ldap_connector(doc: dict[str, Any]) -> LDAPConnector:
     if name in _RESERVED_NAMES:
         raise _fail("metadata.name", f"{name!r} is reserved")
 
-    spec = _mapping(doc.get("spec"), "spec")
+    spec = _mapping(top.get("spec"), "spec")
     _no_unknown_keys(spec, _SPEC_KEYS, "spec")
     url = _url(spec.get("url"))
 

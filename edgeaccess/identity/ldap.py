@@ -24,11 +24,11 @@ import math
 import re
 import ssl
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from ldap3 import NONE, SAFE_SYNC, SUBTREE, Connection, Server, Tls
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import LDAPException, LDAPSSLConfigurationError
 from ldap3.core.results import (
     RESULT_INVALID_CREDENTIALS,
     RESULT_NO_SUCH_OBJECT,
@@ -131,6 +131,8 @@ def _entries(response: Iterable[Mapping[str, Any]] | None) -> list[Mapping[str, 
 def _classify(error: BaseException) -> str:
     """A short, user-safe reason for a communication failure."""
     text = str(error).lower()
+    if isinstance(error, LDAPSSLConfigurationError):
+        return "TLS configuration error"
     if isinstance(error, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
         return "TLS certificate not trusted"
     if "doesn't match" in text or "hostname mismatch" in text:
@@ -176,12 +178,13 @@ class LDAPLoginMethod:
         threadpool: ThreadPool | None = None,
         max_threads: int = DEFAULT_MAX_THREADS,
     ) -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
         self.connector = connector
         self._reactor = reactor
+        self._max_threads = max_threads
         self._owns_pool = threadpool is None
-        self._threadpool = threadpool or ThreadPool(
-            minthreads=0, maxthreads=max_threads, name=f"ldap-login-{connector.name}"
-        )
+        self._threadpool = threadpool or self._new_pool()
         self._shutdown_trigger: Any = None
         if not connector.use_ssl and not connector.start_tls:
             _log.warn(
@@ -190,26 +193,37 @@ class LDAPLoginMethod:
                 url=connector.url,
             )
 
+    def _new_pool(self) -> ThreadPool:
+        return ThreadPool(
+            minthreads=0, maxthreads=self._max_threads, name=f"ldap-login-{self.connector.name}"
+        )
+
     def start(self) -> None:
         """Start the owned thread pool (a no-op for a pool passed in)."""
         if not self._owns_pool or self._threadpool.started:
             return
         self._threadpool.start()
         if IReactorCore.providedBy(self._reactor):
-            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            self._shutdown_trigger = cast(IReactorCore, self._reactor).addSystemEventTrigger(
                 "during", "shutdown", self.stop
             )
 
     def stop(self) -> None:
-        """Stop the owned thread pool, waiting for logins in progress."""
+        """Stop the owned thread pool, waiting for logins in progress.
+
+        A later :meth:`authenticate` starts a new pool.
+        """
         if self._shutdown_trigger is not None:
             trigger, self._shutdown_trigger = self._shutdown_trigger, None
             try:
-                self._reactor.removeSystemEventTrigger(trigger)  # type: ignore[attr-defined]
+                cast(IReactorCore, self._reactor).removeSystemEventTrigger(trigger)
             except (ValueError, KeyError):
                 pass  # already fired: we are running as that trigger
         if self._owns_pool and self._threadpool.started:
             self._threadpool.stop()
+            # A stopped ThreadPool cannot run work again: a later login
+            # starts a fresh one.
+            self._threadpool = self._new_pool()
 
     def authenticate(self, username: str, password: str) -> Deferred[ExternalIdentity]:
         """Check ``username``/``password`` against the directory.
@@ -250,11 +264,12 @@ class LDAPLoginMethod:
         )
         return identity
 
-    def _failed(self, failure: Failure, username: str) -> Failure:
+    def _failed(self, failure: Failure, username: str) -> ExternalIdentity:
+        """Turn a worker's failure into the caller's error (raised here)."""
         error = failure.value
         if isinstance(error, _Refused):
             self._log_refusal(username, error.reason)
-            return Failure(AuthenticationFailed(error.user_message))
+            raise AuthenticationFailed(error.user_message)
         if isinstance(error, _Unreachable):
             _log.warn(
                 "LDAP connector {connector} ({url}) unreachable during login of "
@@ -264,15 +279,13 @@ class LDAPLoginMethod:
                 username=username,
                 detail=error.detail,
             )
-            return Failure(
-                IdentityProviderUnreachable(f"identity provider unreachable: {error.short}")
-            )
+            raise IdentityProviderUnreachable(f"identity provider unreachable: {error.short}")
         _log.failure(
             "LDAP login via {connector} failed unexpectedly",
             failure,
             connector=self.connector.name,
         )
-        return Failure(IdentityProviderUnreachable("identity provider unreachable: internal error"))
+        raise IdentityProviderUnreachable("identity provider unreachable: internal error")
 
     # -- worker thread: no logging, no reactor calls ----------------------
 

@@ -95,7 +95,8 @@ def validate_resource_name(name: object, kind: str = "resource") -> str:
         raise BadResource(f"{kind}: metadata.name is required and must be a string")
     if RESOURCE_NAME_PATTERN.fullmatch(name) is None:
         raise BadResource(
-            f"{kind}: invalid name {short_repr(name)}: use 1 to 63 letters, digits, '.', '_' or '-', "
+            f"{kind}: invalid name {short_repr(name)}: use 1 to 63 letters, digits, "
+            "'.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
@@ -139,7 +140,8 @@ def check_header(
     name = validate_resource_name(metadata.get("name"), label)
     if versions is not None and version not in versions:
         raise BadResource(
-            f"{label} {name}: unsupported version {short_repr(version)} (supported: {', '.join(versions)})"
+            f"{label} {name}: unsupported version {short_repr(version)} "
+            f"(supported: {', '.join(versions)})"
         )
     return name
 

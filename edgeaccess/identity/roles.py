@@ -85,7 +85,7 @@ def parse_duration(text: object) -> timedelta:
 
 
 def format_duration(value: timedelta) -> str:
-    """Write a duration the way :func:`parse_duration` reads it (``timedelta(hours=8)`` -> ``8h``)."""
+    """Write a duration as :func:`parse_duration` reads it (``timedelta(hours=8)``: ``8h``)."""
     total = value.total_seconds()
     hours, rest = divmod(int(total), 3600)
     minutes, seconds = divmod(rest, 60)
@@ -241,7 +241,7 @@ class _Fields:
         for key in value:
             if key not in allowed:
                 raise self.fail(
-                    f"{path}.{key}", f"is not a known field (expected one of: {', '.join(allowed)})"
+                    f"{path}.{str(key)[:60]}", f"is not a known field (expected one of: {', '.join(allowed)})"
                 )
         return value
 
@@ -254,7 +254,9 @@ class _Fields:
         except ValueError as error:
             raise self.fail(path, f"has an invalid template {short_repr(value)}: {error}") from None
         if template is None and not is_safe_value(value):
-            raise self.fail(path, f"must not contain spaces or control characters: {short_repr(value)}")
+            raise self.fail(
+                path, f"must not contain spaces or control characters: {short_repr(value)}"
+            )
         return value
 
     def string_list(self, value: object, path: str) -> tuple[str, ...]:
@@ -309,7 +311,9 @@ class _Fields:
             raise self.fail(path, "must be a non-empty list of strings")
         for item in value:
             if item != WILDCARD and item not in known:
-                raise self.fail(path, f"has unknown value {short_repr(item)} (known: {', '.join(known)}, *)")
+                raise self.fail(
+                    path, f"has unknown value {short_repr(item)} (known: {', '.join(known)}, *)"
+                )
         return tuple(value)
 
     def boolean(self, value: object, path: str) -> bool | None:
@@ -352,7 +356,9 @@ def parse_role(doc: Mapping[str, Any]) -> Role:
     fields = _Fields(name)
     for key in doc:
         if key not in ("kind", "version", "metadata", "spec"):
-            raise fields.fail(str(key), "is not a known field (expected kind, version, metadata, spec)")
+            raise fields.fail(
+                str(key)[:60], "is not a known field (expected kind, version, metadata, spec)"
+            )
     metadata = fields.mapping(doc["metadata"], "metadata", ("name", "description"))
     description = metadata.get("description", "")
     if not isinstance(description, str):
@@ -366,7 +372,9 @@ def parse_role(doc: Mapping[str, Any]) -> Role:
         port_forwarding=fields.boolean(
             options_doc.get("port_forwarding"), "spec.options.port_forwarding"
         ),
-        forward_agent=fields.boolean(options_doc.get("forward_agent"), "spec.options.forward_agent"),
+        forward_agent=fields.boolean(
+            options_doc.get("forward_agent"), "spec.options.forward_agent"
+        ),
         record_session=fields.boolean(
             options_doc.get("record_session"), "spec.options.record_session"
         ),

@@ -77,6 +77,7 @@ class ProxyWeb:
         """The CA certificates: clients compare them with their pin."""
         status = self.auth.status()
         return json_response(request, {
+            "service": "proxy",
             "cluster_name": self.auth.cluster_name,
             "tls_ca": [self.auth.authority.tls_ca_pem],
             "ssh_host_ca": status["ssh_host_ca"],

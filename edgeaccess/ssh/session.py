@@ -265,6 +265,14 @@ class NodeSessionChannel(conch_session.SSHSession):
             self.avatar.observer.session_started(self._session.info, name)
         return accepted
 
+    def eofReceived(self) -> None:
+        # A subsystem has no process whose stdin could be closed: the client
+        # is done with it (Conch does the same when it has no ISession).
+        if self.session is not None and self.session.pty is not None:
+            self.session.eofReceived()
+        elif self.client is not None and self.conn is not None:
+            self.conn.sendClose(self)
+
     def request_signal(self, data: bytes) -> int:
         """RFC 4254 6.9: deliver a signal to the session's process."""
         name = common.getNS(data)[0].decode("ascii", "replace")

@@ -235,8 +235,8 @@ class Hello(amp.Command):
         (b"capabilities", amp.ListOf(amp.Unicode())),
         (b"heartbeat_interval", amp.Float()),
     ]
-    errors = {AccessDenied: b"ACCESS_DENIED"}
-    fatalErrors = {BadRequest: b"BAD_REQUEST"}
+    # A refused Hello closes the tunnel once the answer is out.
+    fatalErrors = {AccessDenied: b"ACCESS_DENIED", BadRequest: b"BAD_REQUEST"}
 
 
 class Heartbeat(amp.Command):
@@ -297,7 +297,7 @@ class Reconnect(amp.Command):
 class Data(amp.Command):
     """Bytes for a channel, at most :data:`MAX_FRAME` per box, within the window."""
 
-    arguments = [(b"channel", amp.Integer()), (b"data", amp.Bytes())]
+    arguments = [(b"channel", amp.Integer()), (b"data", amp.String())]
     requiresAnswer = False
 
 

@@ -366,6 +366,31 @@ async def test_missing_user_search_base_reports_unreachable(
 
 
 @pytest_twisted.ensureDeferred
+async def test_start_tls_refused_by_a_directory_without_tls_is_reported(
+    tmp_path: Path, login_method: Any
+) -> None:
+    with SlapdServer(tmp_path / "slapd") as server:  # no TLS configured
+        method = login_method(server.ldap_url, start_tls=True)
+
+        error = await refusal(method.authenticate("bob", PASSWORDS["bob"]))
+
+    assert isinstance(error, IdentityProviderUnreachable)
+    assert str(error) == "identity provider unreachable: StartTLS failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_ca_file_is_reported_as_tls_configuration_error(
+    slapd: SlapdServer, login_method: Any, tmp_path: Path
+) -> None:
+    method = login_method(slapd.ldaps_url, ca_file=str(tmp_path / "missing-ca.pem"))
+
+    error = await refusal(method.authenticate("bob", PASSWORDS["bob"]))
+
+    assert isinstance(error, IdentityProviderUnreachable)
+    assert str(error) == "identity provider unreachable: TLS configuration error"
+
+
+@pytest_twisted.ensureDeferred
 async def test_start_tls_with_the_right_ca_logs_in(
     slapd: SlapdServer, pki: ServerPKI, login_method: Any
 ) -> None:
@@ -504,3 +529,8 @@ async def test_owned_thread_pool_starts_on_first_login_and_stops(slapd: SlapdSer
     method.stop()
     assert not pool.started
     assert not any(thread.is_alive() for thread in pool.threads)
+
+    # Usable again after stop (with a new pool), and stop is idempotent.
+    assert (await method.authenticate("bob", PASSWORDS["bob"])).username == "bob"
+    method.stop()
+    method.stop()

@@ -1,0 +1,126 @@
+"""The user's profile in ``$EDGE_HOME`` (default ``~/.edge``).
+
+Files::
+
+    key, key.pub, key-cert.pub   SSH key and certificate (OpenSSH reads these)
+    tls.key, tls.crt, ca.pem     TLS client identity and the cluster CA
+    known_hosts                  @cert-authority lines for the cluster's host CA
+    ssh_config                   ProxyJump through the proxy for *.CLUSTER
+    profile.json                 who, where, until when
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import attrs
+
+from edgeaccess.httpclient import split_addr
+from edgeaccess.pki import keys
+
+FILES = ("key", "key.pub", "key-cert.pub", "tls.key", "tls.crt", "ca.pem", "known_hosts",
+         "ssh_config", "profile.json")
+
+
+def edge_home() -> Path:
+    return Path(os.environ.get("EDGE_HOME") or Path.home() / ".edge").absolute()
+
+
+@attrs.define
+class Profile:
+    proxy: str
+    cluster: str
+    username: str
+    logins: list
+    roles: list
+    valid_before: str
+    ssh_addr: str
+    ca_pin: str = ""
+    leaf_clusters: list = attrs.Factory(list)
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self)
+
+
+def load(home: Path | None = None) -> Profile | None:
+    home = home or edge_home()
+    try:
+        data = json.loads((home / "profile.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    fields = {a.name for a in attrs.fields(Profile)}
+    return Profile(**{k: v for k, v in data.items() if k in fields})
+
+
+def render_known_hosts(cluster: str, host_ca_lines: list[str], proxy_host: str,
+                       proxy_port: int, leaf_clusters=()) -> str:
+    patterns = [f"*.{cluster}", cluster, proxy_host, f"[{proxy_host}]:{proxy_port}"]
+    lines = [f"# edgeaccess: host CA of cluster {cluster}"]
+    for ca in host_ca_lines:
+        lines.append(f"@cert-authority {','.join(dict.fromkeys(patterns))} {ca.strip()}")
+    for leaf in leaf_clusters:
+        for ca in leaf.get("ssh_host_ca", []):
+            lines.append(f"@cert-authority *.{leaf['name']} {ca.strip()}")
+    return "\n".join(lines) + "\n"
+
+
+def render_ssh_config(home: Path, cluster: str, username: str, ssh_addr: str,
+                      leaf_names=()) -> str:
+    host, port = split_addr(ssh_addr, 3023)
+    alias = f"edge-proxy-{cluster}"
+    common = (
+        f"    UserKnownHostsFile \"{home / 'known_hosts'}\"\n"
+        f"    IdentityFile \"{home / 'key'}\"\n"
+        f"    CertificateFile \"{home / 'key-cert.pub'}\"\n"
+        "    IdentitiesOnly yes\n"
+        "    StrictHostKeyChecking yes\n"
+        "    HostKeyAlgorithms ssh-ed25519-cert-v01@openssh.com,ssh-ed25519\n"
+        "    PreferredAuthentications publickey\n"
+    )
+    patterns = " ".join([f"*.{cluster}"] + [f"*.{leaf}" for leaf in leaf_names])
+    return (
+        f"# edgeaccess: cluster {cluster} through the proxy at {ssh_addr}\n"
+        f"# Include this file from ~/.ssh/config, or use ssh -F with it.\n"
+        f"Host {alias}\n"
+        f"    HostName {host}\n"
+        f"    Port {port}\n"
+        f"    User {username}\n"
+        f"{common}\n"
+        f"Host {patterns}\n"
+        f"    ProxyJump {alias}\n"
+        f"{common}"
+    )
+
+
+def save(home: Path, profile: Profile, *, private_key, ssh_certificate: str,
+         tls_certificate: str, ca_pem: str, host_ca_lines: list[str],
+         leaf_clusters=()) -> None:
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    keys.write_secret(home / "key", keys.private_key_openssh(private_key))
+    keys.write_public(home / "key.pub", keys.public_key_openssh(private_key) + b"\n")
+    keys.write_public(home / "key-cert.pub", ssh_certificate.strip().encode() + b"\n")
+    keys.write_secret(home / "tls.key", keys.private_key_pem(private_key))
+    keys.write_public(home / "tls.crt", tls_certificate.encode())
+    keys.write_public(home / "ca.pem", ca_pem.encode())
+    host, port = split_addr(profile.ssh_addr, 3023)
+    keys.write_public(home / "known_hosts", render_known_hosts(
+        profile.cluster, host_ca_lines, host, port, leaf_clusters).encode())
+    keys.write_public(home / "ssh_config", render_ssh_config(
+        home, profile.cluster, profile.username, profile.ssh_addr,
+        [l["name"] for l in leaf_clusters]).encode())
+    keys.write_public(home / "profile.json",
+                      json.dumps(profile.to_dict(), indent=2, sort_keys=True).encode() + b"\n")
+
+
+def remove(home: Path) -> bool:
+    found = False
+    for name in FILES:
+        try:
+            (home / name).unlink()
+            found = True
+        except FileNotFoundError:
+            pass
+    return found

@@ -1,0 +1,73 @@
+"""The node's own access decision: roles cached from the cluster, applied
+to the node's labels on every SSH connection. The proxy is never trusted
+to have checked."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import fail, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from edgeaccess import errors
+from edgeaccess.identity import rbac, roles
+from edgeaccess.ssh.interfaces import IAuthorizer, SessionPermissions
+
+_log = Logger()
+
+
+@implementer(IAuthorizer)
+class RoleAuthorizer:
+    """Decides with the roles the node last fetched from the auth service.
+
+    :param cluster_name: certificates must name this cluster.
+    :param role_documents: callable returning the cached role documents
+        (``{name: document}``); a role change applies at the next fetch,
+        without new certificates.
+    :param labels: callable returning this node's labels.
+    :param clock: ``IReactorTime``.
+    :param lock_check: hook for locks: called with the identity; raises
+        ``AccessDenied`` when the user is locked.
+    """
+
+    def __init__(self, cluster_name: str, role_documents, labels, clock,
+                 lock_check=None) -> None:
+        self.cluster_name = cluster_name
+        self._role_documents = role_documents
+        self._labels = labels
+        self._clock = clock
+        self._lock_check = lock_check
+
+    def authorize(self, identity, login: str, peer_address: str):
+        try:
+            return succeed(self._decide(identity, login))
+        except errors.AccessDenied as e:
+            _log.warn("access denied to {user} as {login} from {peer}: {reason}",
+                      user=identity.username, login=login, peer=peer_address, reason=e)
+            return fail(e)
+
+    def _decide(self, identity, login: str) -> SessionPermissions:
+        if identity.cluster != self.cluster_name:
+            raise errors.AccessDenied(
+                f"certificate of cluster {identity.cluster!r} is not accepted here")
+        if self._lock_check is not None:
+            self._lock_check(identity)
+        documents = self._role_documents()
+        found = []
+        for name in identity.roles:
+            doc = documents.get(name)
+            if doc is None:
+                continue
+            try:
+                found.append(roles.parse_role(doc))
+            except errors.EdgeError:
+                _log.warn("cached role {role} is invalid; ignored", role=name)
+        if not found:
+            raise errors.AccessDenied(f"none of the roles {list(identity.roles)} exist here")
+        checker = rbac.AccessChecker(found, identity.traits)
+        checker.check_login_to_node(login, self._labels())
+        return SessionPermissions(
+            port_forwarding=checker.port_forwarding() and identity.permit_port_forwarding,
+            forward_agent=checker.forward_agent() and identity.permit_agent_forwarding,
+            record_session=checker.record_session(),
+            roles=tuple(identity.roles),
+        )

@@ -1,0 +1,287 @@
+"""``edgenode``: join the cluster once, then serve SSH and keep in touch.
+
+In direct mode the node listens on ``--ssh-listen`` and talks to the auth
+API; the proxy dials the node. Everything is retried with capped
+exponential backoff and jitter, forever: losing the auth service or the
+network never stops a node.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid as uuidlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from edgeaccess import __version__, errors
+from edgeaccess.httpclient import Client, fetch_pinned_ca, pin_of_pem
+from edgeaccess.node.authorizer import RoleAuthorizer
+from edgeaccess.node.identity import NodeIdentity
+from edgeaccess.pki import keys
+
+_log = Logger()
+
+#: Renew certificates when less than this fraction of their life is left.
+RENEW_FRACTION = 1 / 3
+NODE_CERT_TTL = timedelta(hours=24)
+
+
+def backoff_delay(attempt: int, rng: random.Random, base: float = 1.0,
+                  cap: float = 60.0) -> float:
+    """Capped exponential backoff with full jitter."""
+    return rng.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+class NodeService(service.MultiService):
+    """The node agent.
+
+    :param listen: callable ``(factory) -> Deferred[port]`` starting the
+        SSH listener (so tests and the tap choose the endpoint).
+    """
+
+    def __init__(self, *, data_dir: Path, auth_server: str, token: str | None,
+                 ca_pin: str | None, nodename: str, labels: dict, listen,
+                 advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
+                 env_allow=(), rng: random.Random | None = None) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.auth_server = auth_server
+        self.token = token
+        self.ca_pin = ca_pin
+        self.nodename = nodename
+        self.labels = labels
+        self._listen = listen
+        self.advertise_addr = advertise_addr
+        self.reactor = reactor
+        self.heartbeat_interval = heartbeat_interval
+        self.env_allow = tuple(env_allow)
+        self.rng = rng or random.SystemRandom()
+        self.identity: NodeIdentity | None = None
+        self.roles: dict[str, dict] = {}
+        self.factory = None
+        self.port = None
+        self._running = False
+        self._failures = 0
+        self._sleeping = None
+
+    # --- lifecycle -------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._running = True
+        d = defer.Deferred.fromCoroutine(self._run())
+        d.addErrback(self._fatal)
+
+    def stopService(self):
+        self._running = False
+        if self._sleeping is not None and not self._sleeping.called:
+            self._sleeping.cancel()
+        d = super().stopService()
+        if self.port is not None:
+            return defer.gatherResults([defer.maybeDeferred(self.port.stopListening), d])
+        return d
+
+    def _fatal(self, failure) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        if failure.check(errors.EdgeError):
+            _log.critical("node cannot start: {reason}", reason=failure.value)
+        else:
+            _log.failure("node cannot start", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._sleeping = deferLater(self.reactor, seconds, lambda: None)
+        await self._sleeping
+
+    async def _run(self) -> None:
+        self.identity = NodeIdentity.load(self.data_dir)
+        if self.identity is None:
+            self.identity = await self._join_with_retries()
+        else:
+            _log.info("node {name} ({uuid}) of cluster {cluster}: identity loaded from "
+                      "{dir}", name=self.identity.name, uuid=self.identity.uuid,
+                      cluster=self.identity.cluster, dir=self.data_dir)
+            if self.identity.name != self.nodename:
+                _log.warn("--nodename {given} differs from the joined name {name}; "
+                          "keeping {name}", given=self.nodename, name=self.identity.name)
+        self._load_role_cache()
+        await self._start_ssh()
+        while self._running:
+            try:
+                await self._heartbeat()
+                if self._failures:
+                    _log.info("auth service reachable again after {n} failed attempts",
+                              n=self._failures)
+                self._failures = 0
+                delay = self.heartbeat_interval
+            except errors.EdgeError as e:
+                self._failures += 1
+                delay = min(self.heartbeat_interval,
+                            backoff_delay(self._failures, self.rng, cap=self.heartbeat_interval))
+                _log.warn("heartbeat failed ({reason}); retrying in {delay:.1f}s",
+                          reason=e, delay=delay)
+            if self._running:
+                await self._sleep(delay)
+
+    # --- joining ---------------------------------------------------------
+
+    async def _join_with_retries(self) -> NodeIdentity:
+        if not self.token:
+            raise errors.BadRequest(
+                f"no identity in {self.data_dir} and no --token to join with")
+        attempt = 0
+        while True:
+            try:
+                return await threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), self._join)
+            except (errors.TokenInvalid, errors.CertificateInvalid, errors.BadRequest):
+                raise
+            except errors.EdgeError as e:
+                attempt += 1
+                delay = backoff_delay(attempt, self.rng)
+                _log.warn("join failed ({reason}); retrying in {delay:.1f}s",
+                          reason=e, delay=delay)
+                await self._sleep(delay)
+
+    def _join(self) -> NodeIdentity:
+        """Blocking: runs in a thread."""
+        if self.ca_pin:
+            ca_pem = fetch_pinned_ca(self.auth_server, self.ca_pin, default_port=3025)
+        else:
+            insecure = Client(self.auth_server, default_port=3025, insecure=True)
+            ca_pem = insecure.get("/v1/cluster/ca")["tls_ca"][0]
+            _log.warn("joining without --ca-pin: trusting the CA the auth server sent "
+                      "({pin}); pass --ca-pin to be safe from impersonation",
+                      pin=pin_of_pem(ca_pem))
+        client = Client(self.auth_server, default_port=3025, ca_pem=ca_pem)
+        info = client.get("/v1/cluster/ca")
+        mode = "tunnel" if info.get("service") == "proxy" else "direct"
+        if mode == "tunnel":
+            raise errors.BadRequest(
+                f"{self.auth_server} is a proxy web address: reverse-tunnel mode is not "
+                f"available in this version; give the auth address (port 3025)")
+        ssh_key = keys.generate_private_key()
+        tls_key = keys.generate_private_key()
+        node_uuid = str(uuidlib.uuid4())
+        answer = client.post("/v1/join", {
+            "token": self.token,
+            "name": self.nodename,
+            "uuid": node_uuid,
+            "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
+            "tls_public_key": _pem_public(tls_key),
+            "addresses": _advertised_hosts(self.advertise_addr),
+        })
+        identity = NodeIdentity(
+            uuid=answer["uuid"], name=answer["name"], cluster=answer["cluster_name"],
+            auth_server=self.auth_server, mode=mode, ssh_key=ssh_key,
+            ssh_certificate=answer["ssh_host_certificate"], tls_key=tls_key,
+            tls_certificate=answer["tls_certificate"], ca_pem=answer["tls_ca"],
+            user_ca_lines=answer["ssh_user_ca"], valid_before=answer["valid_before"])
+        identity.save(self.data_dir)
+        _log.info("joined cluster {cluster} as node {name} ({uuid}) in {mode} mode",
+                  cluster=identity.cluster, name=identity.name, uuid=identity.uuid,
+                  mode=mode)
+        return identity
+
+    # --- SSH -------------------------------------------------------------
+
+    async def _start_ssh(self) -> None:
+        from edgeaccess.ssh.server import make_node_ssh_factory
+
+        authorizer = RoleAuthorizer(self.identity.cluster, lambda: self.roles,
+                                    lambda: self.labels, self.reactor)
+        self.factory = make_node_ssh_factory(
+            self.identity.ssh_key, self.identity.host_certificate,
+            lambda: list(self.identity.user_ca_lines), authorizer,
+            self.identity.name, self.reactor, env_allow=self.env_allow,
+            reactor=self.reactor)
+        self.port = await self._listen(self.factory)
+        _log.info("node {name} SSH service listening on {addr}", name=self.identity.name,
+                  addr=self.port.getHost())
+
+    # --- keeping in touch ------------------------------------------------
+
+    def _client(self) -> Client:
+        return Client(self.identity.auth_server, default_port=3025,
+                      ca_pem=self.identity.ca_pem,
+                      cert_file=str(self.data_dir / "tls.crt"),
+                      key_file=str(self.data_dir / "tls.key"))
+
+    def _address(self) -> str:
+        if self.port is None:
+            return "tunnel"
+        host, _, port = self.advertise_addr.rpartition(":")
+        if port == "0":
+            port = str(self.port.getHost().port)
+        return f"{host}:{port}"
+
+    async def _heartbeat(self) -> None:
+        client = self._client()
+        record = {"name": self.identity.name, "uuid": self.identity.uuid,
+                  "address": self._address(), "labels": self.labels,
+                  "version": __version__}
+        await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                        client.post, "/v1/nodes/heartbeat", record)
+        answer = await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), client.get, "/v1/nodes/roles")
+        roles = {d["metadata"]["name"]: d for d in answer.get("roles", [])
+                 if isinstance(d, dict) and isinstance(d.get("metadata"), dict)}
+        if roles != self.roles:
+            self.roles = roles
+            keys.write_public(self.data_dir / "roles.json",
+                              json.dumps(roles, sort_keys=True).encode())
+            _log.info("role cache updated: {roles}", roles=sorted(roles))
+        user_cas = answer.get("ssh_user_ca") or []
+        if user_cas and user_cas != self.identity.user_ca_lines:
+            self.identity.user_ca_lines = list(user_cas)
+            self.identity.save(self.data_dir)
+        await self._renew_if_needed(client)
+
+    async def _renew_if_needed(self, client) -> None:
+        now = datetime.fromtimestamp(self.reactor.seconds(), timezone.utc)
+        left = self.identity.valid_before_datetime() - now
+        if left > NODE_CERT_TTL * RENEW_FRACTION:
+            return
+        ssh_key = keys.generate_private_key()
+        tls_key = keys.generate_private_key()
+        answer = await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), client.post, "/v1/nodes/renew", {
+                "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
+                "tls_public_key": _pem_public(tls_key),
+                "addresses": _advertised_hosts(self.advertise_addr)})
+        self.identity.ssh_key = ssh_key
+        self.identity.ssh_certificate = answer["ssh_host_certificate"]
+        self.identity.tls_key = tls_key
+        self.identity.tls_certificate = answer["tls_certificate"]
+        self.identity.valid_before = answer["valid_before"]
+        self.identity.save(self.data_dir)
+        from edgeaccess.ssh.hostkeys import host_keys
+
+        self.factory.publicKeys, self.factory.privateKeys = host_keys(
+            ssh_key, self.identity.host_certificate)
+        _log.info("certificates renewed, valid until {until}", until=answer["valid_before"])
+
+    def _load_role_cache(self) -> None:
+        try:
+            self.roles = json.loads((self.data_dir / "roles.json").read_text())
+        except (FileNotFoundError, ValueError):
+            self.roles = {}
+
+
+def _pem_public(key) -> str:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def _advertised_hosts(addr: str) -> list[str]:
+    host = addr.rpartition(":")[0].strip("[]")
+    return [host] if host and host not in ("0.0.0.0", "::") else []

@@ -1,0 +1,97 @@
+"""``twistd edgenode``: options and service composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.python import usage
+
+from edgeaccess.config import apply_config_file, listen_endpoint
+from edgeaccess.httpclient import split_addr
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``"env=dev,team=web"`` -> ``{"env": "dev", "team": "web"}``."""
+    import re
+
+    labels: dict[str, str] = {}
+    if not text:
+        return labels
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_./-]{1,63}", key) or \
+                not re.fullmatch(r"[A-Za-z0-9_.:/@+-]{0,255}", value):
+            raise usage.UsageError(f"invalid label {part!r} (use key=value,key=value)")
+        labels[key] = value
+    return labels
+
+
+class Options(usage.Options):
+    """Command line of ``twistd edgenode``."""
+
+    synopsis = "[options]"
+    longdesc = ("Runs the edgeaccess node agent: joins a cluster with a token once, then "
+                "serves SSH to the cluster's users with certificates only.")
+    optParameters = [
+        ["data-dir", "d", None, "directory for the node's identity"],
+        ["auth-server", None, None, "auth service HOST:3025 (or the proxy's HOST:3080)"],
+        ["token", None, None, "join token (needed for the first start only)"],
+        ["ca-pin", None, None, "sha256:HEX pin of the cluster CA (edgectl status)"],
+        ["nodename", None, None, "this node's name in the cluster"],
+        ["labels", None, "", "labels, key=value,key=value"],
+        ["ssh-listen", None, "0.0.0.0:3022", "SSH listen address"],
+        ["advertise-addr", None, None,
+         "HOST:PORT the proxy dials (default: the SSH listen address, or the address "
+         "the auth service sees when listening on every interface)"],
+        ["heartbeat-interval", None, "30", "seconds between heartbeats"],
+        ["env-allow", None, "", "extra client environment variables to accept (comma list)"],
+        ["config", "c", None, "YAML file with any of these options"],
+    ]
+
+    def postOptions(self) -> None:
+        if self["config"]:
+            apply_config_file(self, self["config"],
+                              {p[0] for p in self.optParameters} - {"config"})
+        for required in ("data-dir", "auth-server", "nodename"):
+            if not self[required]:
+                raise usage.UsageError(f"--{required} is required")
+        from edgeaccess import errors
+        from edgeaccess.identity.resources import validate_resource_name
+
+        try:
+            validate_resource_name(self["nodename"], "node")
+            split_addr(self["auth-server"], 3025)
+        except errors.EdgeError as e:
+            raise usage.UsageError(str(e))
+        self["labels"] = parse_labels(self["labels"]) if isinstance(self["labels"], str) \
+            else {str(k): str(v) for k, v in (self["labels"] or {}).items()}
+        try:
+            self["heartbeat-interval"] = float(self["heartbeat-interval"])
+        except ValueError:
+            raise usage.UsageError("--heartbeat-interval must be a number of seconds")
+        if not 0.05 <= self["heartbeat-interval"] <= 3600:
+            raise usage.UsageError("--heartbeat-interval must be between 0.05 and 3600")
+
+
+def makeService(options, reactor=None):
+    from edgeaccess.node.service import NodeService
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    listen_addr = options["ssh-listen"]
+    host, port = split_addr(listen_addr if not listen_addr.isdigit()
+                            else f"0.0.0.0:{listen_addr}", 3022)
+    advertise = options["advertise-addr"] or f"{host}:{port}"
+    endpoint = listen_endpoint(reactor, listen_addr, 3022)
+    env_allow = [e.strip() for e in (options["env-allow"] or "").split(",") if e.strip()]
+    return NodeService(
+        data_dir=Path(options["data-dir"]).absolute(),
+        auth_server=options["auth-server"], token=options["token"],
+        ca_pin=options["ca-pin"], nodename=options["nodename"], labels=options["labels"],
+        listen=endpoint.listen, advertise_addr=advertise, reactor=reactor,
+        heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow)

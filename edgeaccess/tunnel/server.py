@@ -1,0 +1,298 @@
+"""The proxy side of the reverse tunnel: accepts agents and keeps a registry of them.
+
+The peer's identity comes from the TLS client certificate (through the
+``identity_for`` callable), never from a message: an agent may only register
+under the name its certificate carries, and only send the commands meant
+for agents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime, ITransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeaccess.errors import AccessDenied, BadRequest
+from edgeaccess.pki.x509ca import Identity
+from edgeaccess.tunnel.connection import TunnelConnection
+from edgeaccess.tunnel.interfaces import ITunnel, ITunnelRegistry
+from edgeaccess.tunnel.protocol import (
+    AGENT_COMMANDS,
+    AGENT_OPENABLE_KINDS,
+    CAPABILITIES,
+    DEFAULT_WINDOW,
+    PROTOCOL_VERSION,
+    Discover,
+    Heartbeat,
+    Hello,
+    Inventory,
+    Reconnect,
+)
+
+_log = Logger()
+
+#: Identity kinds allowed to hold a tunnel: nodes and leaf clusters.
+TUNNEL_IDENTITY_KINDS = frozenset({"node", "cluster"})
+
+ServerChannelAcceptor = Callable[[Identity, str, str], "IProtocolFactory | Deferred[Any]"]
+
+
+@implementer(ITunnel)
+class ServerTunnelProtocol(TunnelConnection):
+    """One agent's tunnel, on the proxy."""
+
+    peer_commands = AGENT_COMMANDS
+    peer_openable_kinds = AGENT_OPENABLE_KINDS
+    initiator = False
+
+    def __init__(self, factory: TunnelServerFactory) -> None:
+        self.server = factory
+        self.identity: Identity | None = None
+        self.inventory: Inventory | None = None
+        self.capabilities: tuple[str, ...] = ()
+        super().__init__(
+            clock=factory.clock,
+            accept_channel=self._accept_from_agent,
+            heartbeat_interval=factory.heartbeat_interval,
+            window=factory.window,
+            max_channels=factory.max_channels,
+        )
+        self.mux.local_name = "proxy"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        try:
+            identity = self.server.identity_for(self.transport)
+        except Exception:
+            _log.failure("could not read the identity of a tunnel peer")
+            identity = None
+        if identity is None or identity.kind not in TUNNEL_IDENTITY_KINDS:
+            self.violation(f"peer identity {getattr(identity, 'kind', None)!r} may not open a tunnel")
+            return
+        self.identity = identity
+        self.mux.peer_name = f"{identity.kind}:{identity.name}.{identity.cluster}"
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        try:
+            if self.inventory is not None:
+                self.server.registry.unregister(self)
+        finally:
+            super().connectionLost(reason)
+
+    def _accept_from_agent(self, kind: str, target: str) -> Any:
+        if self.server.accept_channel is None or self.identity is None:
+            raise AccessDenied(f"{kind} channels are not served here")
+        return self.server.accept_channel(self.identity, kind, target)
+
+    @Hello.responder
+    def _hello(
+        self, protocol_version: int, capabilities: list[str], inventory: str
+    ) -> dict[str, Any]:
+        if self.hello_done:
+            raise BadRequest("Hello was already received")
+        identity = self.identity
+        if identity is None:
+            raise AccessDenied("no identity")
+        if protocol_version != PROTOCOL_VERSION:
+            message = (
+                f"tunnel protocol version {protocol_version} is not supported; "
+                f"this proxy speaks version {PROTOCOL_VERSION}"
+            )
+            _log.warn("refused tunnel from {peer}: {message}", peer=self.mux.peer_name, message=message)
+            raise BadRequest(message)
+        parsed = Inventory.from_json(inventory)
+        if parsed.name != identity.name:
+            _log.warn(
+                "refused tunnel from {peer}: Hello names {claimed!r}",
+                peer=self.mux.peer_name,
+                claimed=parsed.name,
+            )
+            raise AccessDenied(
+                f"this certificate is for {identity.name!r}, not {parsed.name!r}"
+            )
+        self.hello_done = True
+        self.inventory = parsed
+        self.capabilities = tuple(c for c in capabilities[:64] if c in CAPABILITIES)
+        _log.info("tunnel up from {peer}", peer=self.mux.peer_name)
+        # Registered after this answer is on its way (the answer is written
+        # when this method returns): on_connect callbacks may open channels.
+        self.clock.callLater(0, self._register)
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "capabilities": list(self.capabilities),
+            "heartbeat_interval": float(self.heartbeat_interval),
+        }
+
+    def _register(self) -> None:
+        if self._is_lost:
+            return
+        self.server.registry.register(self)
+        proxies = self.server.proxies()
+        if proxies:
+            self.send_discover(proxies)
+
+    @Heartbeat.responder
+    def _heartbeat(self) -> dict[str, Any]:
+        # Receiving it already counted as liveness (see TunnelConnection).
+        return {}
+
+    @staticmethod
+    def _ignore(failure: Failure) -> None:
+        return None
+
+    def send_discover(self, proxies: list[str]) -> Deferred[Any]:
+        """Tell the agent every proxy address of the cluster."""
+        return self.call(Discover, proxies=list(proxies)).addErrback(self._ignore)
+
+    def request_reconnect(self, delay: float = 0.0, reason: str = "proxy moving") -> Deferred[Any]:
+        """Ask the agent to close this tunnel and dial again after ``delay`` seconds."""
+        return self.call(Reconnect, delay=float(delay), reason=reason).addErrback(self._ignore)
+
+
+@implementer(ITunnelRegistry)
+class TunnelRegistry:
+    """Connected agents by (cluster, name) and (cluster, uuid); newest wins."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], ServerTunnelProtocol] = {}
+        self._tunnels: dict[int, ServerTunnelProtocol] = {}
+        self._subscribers: list[tuple[Callable[[Any], None], Callable[[Any], None]]] = []
+
+    @staticmethod
+    def _keys(tunnel: ServerTunnelProtocol) -> list[tuple[str, str]]:
+        identity = tunnel.identity
+        assert identity is not None
+        keys = [(identity.cluster, identity.name)]
+        if identity.uuid:
+            keys.append((identity.cluster, identity.uuid))
+        return keys
+
+    def register(self, tunnel: ServerTunnelProtocol) -> None:
+        """Record a tunnel whose Hello was accepted."""
+        for key in self._keys(tunnel):
+            previous = self._by_key.get(key)
+            if previous is not None and previous is not tunnel:
+                _log.info("newer tunnel replaces the old one for {key}", key="/".join(key))
+            self._by_key[key] = tunnel
+        self._tunnels[id(tunnel)] = tunnel
+        for on_connect, _ in list(self._subscribers):
+            _call_safely(on_connect, tunnel)
+
+    def unregister(self, tunnel: ServerTunnelProtocol) -> None:
+        """Forget a tunnel that closed (keys now held by a newer tunnel stay)."""
+        if self._tunnels.pop(id(tunnel), None) is None:
+            return
+        for key in self._keys(tunnel):
+            if self._by_key.get(key) is tunnel:
+                del self._by_key[key]
+        for _, on_disconnect in list(self._subscribers):
+            _call_safely(on_disconnect, tunnel)
+
+    def lookup(self, cluster: str, name_or_uuid: str) -> ServerTunnelProtocol | None:
+        """The live tunnel of node ``name_or_uuid`` in ``cluster``, or None."""
+        return self._by_key.get((cluster, name_or_uuid))
+
+    def connected(self) -> list[ServerTunnelProtocol]:
+        """Every live tunnel."""
+        return list(self._tunnels.values())
+
+    def subscribe(
+        self, on_connect: Callable[[Any], None], on_disconnect: Callable[[Any], None]
+    ) -> Callable[[], None]:
+        """Be told of every tunnel that comes up or goes; returns an unsubscribe callable."""
+        entry = (on_connect, on_disconnect)
+        self._subscribers.append(entry)
+        return lambda: self._subscribers.remove(entry)
+
+
+def _call_safely(callback: Callable[[Any], None], tunnel: ServerTunnelProtocol) -> None:
+    try:
+        callback(tunnel)
+    except Exception:
+        _log.failure("tunnel registry subscriber {callback!r} failed", callback=callback)
+
+
+class TunnelServerFactory(Factory):
+    """Builds :class:`ServerTunnelProtocol` for each agent that connects.
+
+    :param clock: timers for heartbeats.
+    :param identity_for: reads the peer Identity from the transport (the lead
+        passes one that reads the X.509 client certificate).
+    :param registry: where connected agents are listed.
+    :param accept_channel: decides channels the agent opens (kind ``auth``).
+    :param proxies: returns every proxy address, sent to agents with Discover.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        identity_for: Callable[[ITransport], Identity | None],
+        registry: TunnelRegistry | None = None,
+        accept_channel: ServerChannelAcceptor | None = None,
+        heartbeat_interval: float = 30.0,
+        window: int = DEFAULT_WINDOW,
+        max_channels: int = 1024,
+        proxies: Callable[[], list[str]] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.identity_for = identity_for
+        self.registry = registry if registry is not None else TunnelRegistry()
+        self.accept_channel = accept_channel
+        self.heartbeat_interval = heartbeat_interval
+        self.window = window
+        self.max_channels = max_channels
+        self.proxies = proxies or (lambda: [])
+        self.accepting = True
+        self._live: dict[int, ServerTunnelProtocol] = {}
+
+    def buildProtocol(self, addr: IAddress) -> ServerTunnelProtocol | None:
+        if not self.accepting:
+            return None
+        tunnel = ServerTunnelProtocol(self)
+        self._live[id(tunnel)] = tunnel
+        tunnel.when_lost().addCallback(lambda _: self._live.pop(id(tunnel), None))
+        return tunnel
+
+    def announce_proxies(self) -> None:
+        """Send the current proxy list to every connected agent."""
+        proxies = self.proxies()
+        for tunnel in self.registry.connected():
+            tunnel.send_discover(proxies)
+
+    def shutdown(
+        self, delay: float = 0.0, reason: str = "proxy shutting down", timeout: float = 10.0
+    ) -> Deferred[None]:
+        """Stop accepting, ask every agent to reconnect elsewhere, close what remains.
+
+        Fires once every tunnel is closed (agents close on Reconnect; the
+        rest are closed after ``timeout`` seconds).
+        """
+        self.accepting = False
+        tunnels = list(self._live.values())
+        if not tunnels:
+            return succeed(None)
+        _log.info("asking {count} agents to reconnect: {reason}", count=len(tunnels), reason=reason)
+        for tunnel in tunnels:
+            if tunnel.hello_done:
+                tunnel.request_reconnect(delay, reason)
+            else:
+                tunnel.disconnect(reason)
+
+        def force() -> None:
+            for tunnel in list(self._live.values()):
+                tunnel.disconnect("shutdown timeout")
+
+        forcing = self.clock.callLater(timeout, force)
+        done: Deferred[Any] = DeferredList([t.when_lost() for t in tunnels])
+
+        def finished(_: object) -> None:
+            if forcing.active():
+                forcing.cancel()
+
+        return done.addCallback(finished)
