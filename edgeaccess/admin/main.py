@@ -333,3 +333,7 @@ def _get(args, client, as_json) -> int:
     else:
         sys.stdout.write(resources.dump_documents(docs))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -218,3 +218,7 @@ def _login(args, home) -> int:
         f"Valid until {profile.valid_before}\n"
         f"Try: ssh -F {home / 'ssh_config'} LOGIN@NODE.{profile.cluster}\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,6 @@ from edgeaccess.ssh.interfaces import (
 )
 from edgeaccess.ssh.session import NodeUser, lookup_login
 from edgeaccess.ssh.transport import EdgeServerTransport
-import edgeaccess.ssh.sftp  # noqa: F401  (registers the SFTP adapter)
 
 _log = Logger()
 

@@ -22,6 +22,7 @@ import fcntl
 import os
 import pty
 import pwd
+import signal
 import struct
 import termios
 import uuid
@@ -68,14 +69,20 @@ _ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 
 def lookup_login(login: str, node_name: str) -> pwd.struct_passwd:
-    """The password entry of ``login``.
+    """The password entry of ``login``, if this server can run sessions as it.
 
-    :raises AccessDenied: no such Unix user on this machine.
+    :raises AccessDenied: no such Unix user on this machine, or the server
+        is not root and ``login`` is another user than its own.
     """
     try:
-        return pwd.getpwnam(login)
+        passwd = pwd.getpwnam(login)
     except (KeyError, ValueError):
         raise AccessDenied(f"login {login} does not exist on node {node_name}")
+    if os.getuid() != 0 and passwd.pw_uid != os.getuid():
+        raise AccessDenied(
+            f"node {node_name} does not run as root and cannot log in as {login}"
+        )
+    return passwd
 
 
 class NodeUser(ConchUser):
@@ -432,10 +439,16 @@ class NodeSession(SSHSessionForUnixConchUser):
                 if os.WIFEXITED(status):
                     exit_status = os.WEXITSTATUS(status)
                 elif os.WIFSIGNALED(status):
-                    exit_signal = conch_session.SSHSessionProcessProtocol(
-                        None
-                    )._getSignalName(os.WTERMSIG(status))[3:]
+                    exit_signal = _signal_name(os.WTERMSIG(status))
             self.avatar.observer.session_ended(self.info, exit_status, exit_signal)
+
+
+def _signal_name(number: int) -> str:
+    """``TERM`` for 15 (RFC 4254 signal names have no ``SIG`` prefix)."""
+    try:
+        return signal.Signals(number).name[3:]
+    except ValueError:
+        return str(number)
 
 
 components.registerAdapter(NodeSession, NodeUser, ISession)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime, ITransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -64,20 +65,23 @@ class ServerTunnelProtocol(TunnelConnection):
         )
         self.mux.local_name = "proxy"
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
+    def _resolve_identity(self) -> Identity:
+        # Read at Hello, not in connectionMade: over TLS the peer certificate
+        # exists only once the handshake is done, and Hello is the first box.
         try:
             identity = self.server.identity_for(self.transport)
         except Exception:
             _log.failure("could not read the identity of a tunnel peer")
             identity = None
         if identity is None or identity.kind not in TUNNEL_IDENTITY_KINDS:
-            self.violation(f"peer identity {getattr(identity, 'kind', None)!r} may not open a tunnel")
-            return
+            kind = getattr(identity, "kind", None)
+            _log.warn("refused tunnel from a peer whose identity is {kind!r}", kind=kind)
+            raise AccessDenied("only node and cluster identities may open a tunnel")
         self.identity = identity
         self.mux.peer_name = f"{identity.kind}:{identity.name}.{identity.cluster}"
+        return identity
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         try:
             if self.inventory is not None:
                 self.server.registry.unregister(self)
@@ -95,9 +99,7 @@ class ServerTunnelProtocol(TunnelConnection):
     ) -> dict[str, Any]:
         if self.hello_done:
             raise BadRequest("Hello was already received")
-        identity = self.identity
-        if identity is None:
-            raise AccessDenied("no identity")
+        identity = self._resolve_identity()
         if protocol_version != PROTOCOL_VERSION:
             message = (
                 f"tunnel protocol version {protocol_version} is not supported; "

@@ -6,7 +6,6 @@ import attrs
 import pytest
 from twisted.internet import error as ierror
 from twisted.internet.defer import succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject

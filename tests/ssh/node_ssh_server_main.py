@@ -14,12 +14,42 @@ from datetime import timedelta
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from zope.interface import implementer
 
 from edgeaccess.pki.keys import load_private_key
 from edgeaccess.pki.sshca import load_certificate
-from edgeaccess.ssh.interfaces import SessionPermissions, StaticAuthorizer
+from edgeaccess.ssh.interfaces import (
+    ISessionObserver,
+    SessionPermissions,
+    StaticAuthorizer,
+)
 from edgeaccess.ssh.server import make_node_ssh_factory
+
+
+@implementer(ISessionObserver)
+class LoggingObserver:
+    """Writes each event as one ``EVENT`` log line the tests look for."""
+
+    _log = Logger()
+
+    def auth_refused(self, username, login, peer_address, reason):
+        self._log.info("EVENT auth_refused user={u} login={l}", u=username, l=login)
+
+    def session_started(self, session, kind):
+        self._log.info("EVENT session_started {s.session_id} {s.username} {k}", s=session, k=kind)
+
+    def exec_started(self, session, command):
+        self._log.info("EVENT exec {s.session_id} {c!r}", s=session, c=command)
+
+    def session_ended(self, session, exit_status, exit_signal):
+        self._log.info(
+            "EVENT session_ended {s.session_id} status={st} signal={sg}",
+            s=session, st=exit_status, sg=exit_signal,
+        )
+
+    def port_forward(self, session, host, port, allowed):
+        self._log.info("EVENT port {h}:{p} allowed={a}", h=host, p=port, a=allowed)
 
 
 def main(config_path: str) -> None:
@@ -47,6 +77,7 @@ def main(config_path: str) -> None:
         config["node_name"],
         reactor,
         env_allow=config.get("env_allow", ()),
+        observer=LoggingObserver(),
     )
 
     def listening(port) -> None:

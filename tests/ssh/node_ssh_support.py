@@ -34,6 +34,7 @@ GRANTS = [
     ["bob", "root", False, 0],
     ["*", "nosuchuser-edge", False, 0],
     ["shorty", "root", False, 1],
+    ["*", "nobody", False, 0],
 ]
 
 

@@ -11,11 +11,11 @@ from twisted.conch.avatar import ConchUser
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.forwarding import packOpen_direct_tcpip
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from edgeaccess.errors import AccessDenied, NodeOffline, NotFound
+from edgeaccess.errors import AccessDenied, BadRequest, NodeOffline, NotFound
 from edgeaccess.ssh.forwarding import (
     MAX_PACKET,
     WINDOW_SIZE,
@@ -24,7 +24,6 @@ from edgeaccess.ssh.forwarding import (
     open_direct_tcpip,
     parse_direct_tcpip,
 )
-from edgeaccess.errors import BadRequest
 
 CLIENT_CHANNEL = 7
 

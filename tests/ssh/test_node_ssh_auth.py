@@ -141,3 +141,65 @@ def test_connection_is_closed_when_the_session_ttl_ends(node_env):
     key = node_env.user_key("shorty")
     result = node_env.ssh(key, "sleep 20", timeout=15)
     assert result.returncode == 255  # dropped after 1 s, not after 20
+
+
+def test_exec_is_reported_to_the_observer_with_its_exit_status(node_env):
+    key = node_env.user_key("alice")
+    result = node_env.ssh(key, "exit 42 # observer-marker")
+    assert result.returncode == 42
+
+    def events():
+        lines = [l for l in node_env.log_text().splitlines() if "EVENT" in l]
+        exec_line = [l for l in lines if "observer-marker" in l]
+        if not exec_line:
+            return None
+        session_id = exec_line[0].split("EVENT exec ")[1].split()[0]
+        return [l.split("EVENT ")[1] for l in lines if session_id in l]
+
+    assert wait_for(lambda: events() and len(events()) == 3)
+    started, executed, ended = events()
+    assert started.endswith(" alice exec")
+    assert ended.endswith("status=42 signal=None")
+
+
+def test_login_of_another_unix_user_runs_with_its_uid_and_shell(node_env):
+    # "nobody" exists everywhere; its shell is nologin, which proves the
+    # session used the login's password entry rather than the server's.
+    key = node_env.user_key("alice", principals=["nobody"])
+    result = node_env.ssh(key, "id -u", login="nobody")
+    assert result.returncode == 1
+    assert b"This account is currently not available" in result.stdout
+
+
+def test_sftp_as_another_unix_user_is_confined_to_its_permissions(node_env, tmp_path):
+    import subprocess
+
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    (private / "secret").write_text("root's")
+    key = node_env.user_key("alice", principals=["nobody"])
+    result = subprocess.run(
+        ["sftp", "-b", "-", *node_env.ssh_options(key), "-P", str(node_env.port),
+         "nobody@127.0.0.1"],
+        input=f"ls /\nget {private}/secret {tmp_path}/stolen\n".encode(),
+        capture_output=True, timeout=30,
+    )
+    assert b"etc" in result.stdout  # listing / works as nobody
+    assert result.returncode != 0
+    # The file exists, but nobody may not look into root's 0700 directory.
+    assert b"not found" in result.stderr or b"Permission denied" in result.stderr
+    assert not (tmp_path / "stolen").exists()
+    # The server switched back to root afterwards.
+    root_key = node_env.user_key("alice")
+    assert node_env.ssh(root_key, "id -u").stdout == b"0\n"
+
+
+def test_command_killed_by_a_signal_is_reported_as_exit_signal(node_env):
+    key = node_env.user_key("alice")
+    result = node_env.ssh(key, "kill -TERM $$ # signal-marker")
+    assert result.returncode == 255  # OpenSSH's answer to exit-signal
+    assert wait_for(
+        lambda: any(
+            "status=None signal=TERM" in line for line in node_env.log_text().splitlines()
+        )
+    )

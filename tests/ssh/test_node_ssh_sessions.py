@@ -15,7 +15,7 @@ import threading
 import pexpect
 import pytest
 
-from node_ssh_support import node_env, wait_for  # noqa: F401  (fixture)
+from node_ssh_support import node_env  # noqa: F401  (fixture)
 
 PROMPT = "EDGE-READY> "
 
@@ -146,9 +146,14 @@ def echo_server():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield listener.getsockname()[1]
-    listener.close()
+    port = listener.getsockname()[1]
+    yield port
+    try:  # wake up accept() if nobody connected
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        pass
     thread.join(timeout=5)
+    listener.close()
 
 
 def test_direct_tcpip_is_spliced_when_port_forwarding_is_permitted(node_env, echo_server):
@@ -172,3 +177,10 @@ def test_agent_forwarding_request_is_refused_without_breaking_the_session(node_e
     result = node_env.ssh(key, 'echo "${SSH_AUTH_SOCK-none}"', extra=["-A"])
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"none\n"
+
+
+def test_shell_without_terminal_reads_commands_from_stdin(node_env):
+    key = node_env.user_key("alice")
+    result = node_env.ssh(key, extra=["-T"], input=b"echo no-tty:$(tty -s || echo none)\nexit 4\n")
+    assert result.returncode == 4
+    assert b"no-tty:none\n" in result.stdout

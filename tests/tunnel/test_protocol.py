@@ -109,8 +109,10 @@ def test_hello_with_another_nodes_name_is_refused() -> None:
 def test_user_identity_may_not_open_a_tunnel() -> None:
     user = Identity(kind="user", name="alice", cluster="root")
     server, transport, factory, clock = raw_server(user)
-    assert transport.disconnecting
     server.dataReceived(hello_box("alice"))
+    clock.advance(0)
+    assert transport.disconnecting
+    assert b"ACCESS_DENIED" in transport.value()
     assert factory.registry.connected() == []
 
 

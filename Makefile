@@ -1,0 +1,38 @@
+# Quick start: `make run` starts a local cluster; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := openssh-client openssh-server slapd ldap-utils stunnel4
+
+.PHONY: install system-deps run test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian packages the tests drive for real (OpenSSH client and sshd, slapd).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: install
+	$(PY) -m edgeaccess.devcluster --dir run
+
+test: install system-deps
+	$(PY) -m pytest -q -p no:randomly
+
+bench: install system-deps
+	$(PY) -m benchmarks all
+
+clean:
+	rm -rf $(VENV) run build *.egg-info

@@ -1,0 +1,260 @@
+"""Run a local cluster of real processes: ``make run``, and the end-to-end tests.
+
+``python -m edgeaccess.devcluster --dir run`` starts a proxy and a LAN
+node on 127.0.0.1 with the embedded SQLite backend, creates a user, and
+prints the commands to try. :class:`ProxyProcess` and
+:class:`NodeProcess` are what the integration tests use too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class ProcessFailed(Exception):
+    pass
+
+
+def wait_for(predicate, timeout: float, what: str, process=None, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a true value, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise ProcessFailed(f"{what}: process exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@attrs.define
+class _Process:
+    directory: Path
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _spawn(self, argv: list[str], env=None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.directory, env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(10)
+
+
+@attrs.define
+class ProxyProcess(_Process):
+    """``twistd -n edgeproxy`` with every port chosen by the kernel (or given)."""
+
+    cluster: str = "example"
+    ports: dict = attrs.Factory(dict)
+    extra_args: list = attrs.Factory(list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "data"
+
+    def start(self, timeout: float = 30.0) -> "ProxyProcess":
+        runtime = self.data_dir / "runtime.json"
+        if runtime.exists():
+            runtime.unlink()
+        listen = {name: f"127.0.0.1:{self.ports.get(name, 0)}"
+                  for name in ("web", "ssh", "auth", "tunnel")}
+        self._spawn(TWISTD + [
+            "-n", "--pidfile=", "edgeproxy", "--data-dir", str(self.data_dir),
+            "--cluster-name", self.cluster, "--public-addr", "127.0.0.1",
+            "--web-listen", listen["web"], "--ssh-listen", listen["ssh"],
+            "--auth-listen", listen["auth"], "--tunnel-listen", listen["tunnel"],
+            *self.extra_args])
+        wait_for(runtime.exists, timeout, "proxy runtime.json", self.process)
+        info = self.runtime()
+        wait_for(lambda: self._presets_ready(), timeout, "preset roles", self.process)
+        for name, addr in info["listen"].items():
+            self.ports.setdefault(name, int(addr.rpartition(":")[2]))
+        return self
+
+    def _presets_ready(self) -> bool:
+        return "created preset role" in self.log() or "loaded certificate" in self.log()
+
+    def runtime(self) -> dict:
+        return json.loads((self.data_dir / "runtime.json").read_text())
+
+    def addr(self, name: str) -> str:
+        return self.runtime()["addresses"][name]
+
+    def edgectl(self, *args, input: str | None = None, check: bool = True):
+        result = subprocess.run(
+            [sys.executable, "-m", "edgeaccess.admin.main", "--data-dir", str(self.data_dir),
+             *args], input=input, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise ProcessFailed(f"edgectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def edgectl_json(self, *args):
+        return json.loads(self.edgectl(*args, "--format", "json").stdout)
+
+    def pin(self) -> str:
+        return self.edgectl_json("status")["ca_pin"]
+
+    def add_user(self, name: str, password: str, roles=("access",), logins=()):
+        args = ["users", "add", name, "--roles", ",".join(roles)]
+        if logins:
+            args += ["--logins", ",".join(logins)]
+        self.edgectl(*args)
+        self.edgectl("users", "set-password", name, "--password-stdin", input=password + "\n")
+
+    def node_token(self, ttl: str = "30m") -> str:
+        return self.edgectl_json("tokens", "add", "--type", "node", "--ttl", ttl)["token"]
+
+
+@attrs.define
+class NodeProcess(_Process):
+    """``twistd -n edgenode`` joined to a proxy's auth service."""
+
+    name: str = "node"
+    auth_server: str = ""
+    token: str | None = None
+    ca_pin: str | None = None
+    labels: str = ""
+    ssh_port: int = 0
+    extra_args: list = attrs.Factory(list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "data"
+
+    def start(self) -> "NodeProcess":
+        argv = TWISTD + ["-n", "--pidfile=", "edgenode", "--data-dir", str(self.data_dir),
+                         "--auth-server", self.auth_server, "--nodename", self.name,
+                         "--ssh-listen", f"127.0.0.1:{self.ssh_port}",
+                         "--heartbeat-interval", "1"]
+        if self.token:
+            argv += ["--token", self.token]
+        if self.ca_pin:
+            argv += ["--ca-pin", self.ca_pin]
+        if self.labels:
+            argv += ["--labels", self.labels]
+        self._spawn(argv + self.extra_args)
+        return self
+
+    def wait_listed(self, proxy: ProxyProcess, timeout: float = 30.0) -> dict:
+        def listed():
+            for node in proxy.edgectl_json("nodes", "ls"):
+                if node["name"] == self.name:
+                    return node
+            return None
+
+        return wait_for(listed, timeout, f"node {self.name} in nodes ls", self.process,
+                        interval=0.2)
+
+
+def run_edge(home: Path, *args, input: str | None = None, timeout: float = 60.0):
+    """Run the ``edge`` client with ``EDGE_HOME=home``."""
+    return subprocess.run([sys.executable, "-m", "edgeaccess.client.main", *args],
+                          input=input, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "EDGE_HOME": str(home)})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run a local edgeaccess cluster.")
+    parser.add_argument("--dir", default="run", help="state directory (default ./run)")
+    parser.add_argument("--cluster", default="local")
+    parser.add_argument("--web-port", type=int, default=3080)
+    parser.add_argument("--ssh-port", type=int, default=3023)
+    parser.add_argument("--auth-port", type=int, default=3025)
+    parser.add_argument("--node-port", type=int, default=3022)
+    args = parser.parse_args(argv)
+    base = Path(args.dir).absolute()
+    proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
+                         ports={"web": args.web_port, "ssh": args.ssh_port,
+                                "auth": args.auth_port, "tunnel": 3024})
+    node = None
+    try:
+        proxy.start()
+        login = os.environ.get("USER") or "root"
+        password_file = base / "demo-password"
+        if not password_file.exists():
+            password = secrets.token_urlsafe(12)
+            proxy.add_user("demo", password, roles=("access",), logins=(login,))
+            password_file.write_text(password + "\n")
+            os.chmod(password_file, 0o600)
+        password = password_file.read_text().strip()
+        node = NodeProcess(base / "lan-node", base / "lan-node.log", name="lan-node",
+                           auth_server=proxy.addr("auth"), token=proxy.node_token(),
+                           ca_pin=proxy.pin(), labels="env=dev,kind=lan",
+                           ssh_port=args.node_port)
+        node.start()
+        node.wait_listed(proxy)
+        home = base / "edge-home"
+        web = proxy.addr("web")
+        print(f"""
+edgeaccess cluster {args.cluster!r} is running (logs in {base}/*.log).
+
+  proxy web/login   https://{web}
+  proxy SSH         {proxy.addr('ssh')}
+  auth API          {proxy.addr('auth')}
+  LAN node          lan-node.{args.cluster} (127.0.0.1:{args.node_port})
+
+Try it (user demo, password in {password_file}: {password}):
+
+  export EDGE_HOME={home} PATH={Path(sys.executable).parent}:$PATH
+  edge login --proxy {web} --user demo --ca-pin {proxy.pin()}
+  edge ls
+  ssh -F $EDGE_HOME/ssh_config {login}@lan-node.{args.cluster}
+  edgectl --data-dir {proxy.data_dir} nodes ls
+
+Press Ctrl-C to stop the cluster.""", flush=True)
+        while proxy.process.poll() is None and node.process.poll() is None:
+            time.sleep(0.5)
+        print("a process exited; see the logs", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except (ProcessFailed, TimeoutError) as e:
+        print(f"error: {e}\n--- proxy log ---\n{proxy.log()[-3000:]}", file=sys.stderr)
+        return 1
+    finally:
+        if node is not None:
+            node.stop()
+        proxy.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
