@@ -64,16 +64,6 @@ CERT_SIGNATURE_ALGORITHMS: dict[bytes, frozenset[bytes]] = {
     b"rsa-sha2-512-cert-v01@openssh.com": frozenset({b"rsa-sha2-512"}),
 }
 
-#: The algorithms user authentication accepts, for ``server-sig-algs``.
-USER_AUTH_ALGORITHMS: tuple[bytes, ...] = (
-    b"ssh-ed25519",
-    b"ecdsa-sha2-nistp256",
-    b"ecdsa-sha2-nistp384",
-    b"ecdsa-sha2-nistp521",
-    b"rsa-sha2-512",
-    b"rsa-sha2-256",
-)
-
 #: The critical options this server understands; any other one is refused
 #: (PROTOCOL.certkeys: an unrecognised critical option must fail auth).
 KNOWN_CRITICAL_OPTIONS = frozenset({"force-command", "source-address"})
@@ -341,6 +331,9 @@ class CertificateUserAuthServer(userauth.SSHUserAuthServer):
     """
 
     interfaceToMethod = {ISSHCertificateCredentials: b"publickey"}
+    #: OpenSSH's LoginGraceTime and MaxAuthTries (Conch: 10 hours and 20).
+    loginTimeout = 120
+    attemptsBeforeDisconnect = 6
 
     def serviceStarted(self) -> None:
         factory = self.transport.factory

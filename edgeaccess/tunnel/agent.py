@@ -352,8 +352,8 @@ def _make_machine() -> Callable[[_AgentCore], _Agent]:
         return succeed(tunnel)
 
     @pep614(Idle.upon(_Agent.when_connected).loop())
-    @pep614(Connecting.upon(_Agent.when_connected).loop())
-    @pep614(Waiting.upon(_Agent.when_connected).loop())
+    @pep614(Connecting.upon(_Agent.when_connected, nodata=True).loop())
+    @pep614(Waiting.upon(_Agent.when_connected, nodata=True).loop())
     def await_connection(c: _Agent, s: _AgentCore) -> Deferred[AgentTunnelProtocol]:
         waiter: Deferred[AgentTunnelProtocol] = Deferred()
         s.connect_waiters.append(waiter)

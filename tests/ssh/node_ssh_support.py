@@ -124,9 +124,10 @@ class NodeEnv:
         ttl: timedelta = timedelta(hours=1),
         critical_options: dict | None = None,
         with_certificate: bool = True,
+        private_key=None,
     ) -> Path:
         """Write ``name`` (private key) and ``name-cert.pub`` for ``ssh -i``."""
-        key = generate_private_key()
+        key = private_key or generate_private_key()
         path = self.root / name
         path.write_bytes(private_key_openssh(key))
         path.chmod(0o600)

@@ -203,3 +203,16 @@ def test_command_killed_by_a_signal_is_reported_as_exit_signal(node_env):
             "status=None signal=TERM" in line for line in node_env.log_text().splitlines()
         )
     )
+
+
+def test_rsa_user_certificate_is_accepted(node_env):
+    # OpenSSH signs with rsa-sha2-* only if server-sig-algs lists them
+    # (Conch lists its host key algorithms there: DESIGN.md).
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = node_env.user_key(
+        "alice", private_key=rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    result = node_env.ssh(key, "echo rsa")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"rsa\n"

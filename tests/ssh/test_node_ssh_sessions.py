@@ -15,7 +15,7 @@ import threading
 import pexpect
 import pytest
 
-from node_ssh_support import node_env  # noqa: F401  (fixture)
+from node_ssh_support import node_env, wait_for  # noqa: F401  (fixture)
 
 PROMPT = "EDGE-READY> "
 
@@ -53,10 +53,12 @@ def test_window_change_resizes_the_remote_terminal(shell):
 
 
 def test_ctrl_c_interrupts_the_foreground_command(shell):
-    shell.sendline("sleep 60")
-    shell.expect_exact("sleep 60")
+    shell.sendline("sleep 6123")
+    # Interrupt only once sleep runs, not while bash is still reading the line.
+    assert wait_for(lambda: subprocess.run(
+        ["pgrep", "-f", "^sleep 6123$"], capture_output=True).returncode == 0)
     shell.sendcontrol("c")
-    shell.expect_exact(PROMPT, timeout=5)  # long before the 60 s are over
+    shell.expect_exact(PROMPT, timeout=5)  # long before the sleep is over
     shell.sendline("echo status=$?")
     shell.expect(r"status=130")  # 128 + SIGINT
     shell.expect_exact(PROMPT)

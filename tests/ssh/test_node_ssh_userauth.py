@@ -59,6 +59,9 @@ class NextService:
     def serviceStarted(self):
         pass
 
+    def serviceStopped(self):
+        pass
+
 
 class FakeFactory:
     def __init__(self, portal, clock, observer):
@@ -92,6 +95,9 @@ class FakeTransport:
         self.packets.append((message, payload))
 
     def setService(self, service):
+        # As SSHTransportBase does: the previous service is stopped.
+        if self.service is not None:
+            self.service.serviceStopped()
         self.service = service
 
     def loseConnection(self):
@@ -115,9 +121,11 @@ def setup():
     transport = FakeTransport(FakeFactory(portal, clock, observer))
     server = CertificateUserAuthServer()
     server.transport = transport
+    transport.service = server
     server.serviceStarted()
     yield ca, clock, observer, transport, server
-    server.serviceStopped()
+    if transport.service is server:
+        server.serviceStopped()
 
 
 def _user(ca, username="alice"):
@@ -180,6 +188,14 @@ def test_logout_cancels_the_session_ttl(setup):
     assert transport.avatar.logged_out
     clock.advance(600)
     assert not transport.lost
+
+
+def test_client_that_never_authenticates_is_disconnected_after_two_minutes(setup):
+    _, clock, _, transport, _ = setup
+    clock.advance(119)
+    assert not transport.lost
+    clock.advance(1)
+    assert transport.lost
 
 
 def test_bare_key_is_refused_and_reported(setup):

@@ -91,11 +91,13 @@ def test_agent_backs_off_exponentially_forever_while_the_proxy_is_unreachable() 
         clock.advance(agent.last_delay)
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     assert endpoint.connects == 10
+    connected: list[Any] = []
+    agent.when_connected().addCallback(connected.append)
     # The proxy comes back: the next attempt connects and the backoff resets.
     endpoint.refuse = False
     clock.advance(agent.last_delay)
     settle(clock, pumps)
-    assert agent.state == "connected"
+    assert agent.state == "connected" and connected == [agent.tunnel]
     agent.tunnel.disconnect("test")
     settle(clock, pumps)
     assert agent.state == "waiting" and agent.last_delay == 1
