@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     parser.add_argument("--auth-port", type=int, default=3025)
     parser.add_argument("--node-port", type=int, default=3022)
     args = parser.parse_args(argv)
+    # Stop the children on SIGTERM too, not only on Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     base = Path(args.dir).absolute()
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
                          ports={"web": args.web_port, "ssh": args.ssh_port,

@@ -139,7 +139,9 @@ def fetch_pinned_ca(addr: str, pin: str, *, default_port: int = 3080,
     what makes it safe is that only a CA with the pinned key is accepted,
     and every later connection must chain to that CA.
     """
-    if not isinstance(pin, str) or not pin.startswith("sha256:") or len(pin) != 71:
+    import re
+
+    if not isinstance(pin, str) or not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", pin):
         raise errors.BadRequest("a CA pin looks like sha256:<64 hex digits>")
     answer = Client(addr, default_port=default_port, insecure=True, timeout=timeout).get(path)
     pems = answer.get("tls_ca") if isinstance(answer, dict) else None

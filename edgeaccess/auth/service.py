@@ -386,10 +386,15 @@ class AuthServer:
             traits = {**(user.get("traits") or {}), "logins": list(user.get("logins", []))}
             method = "local"
         else:
+            from edgeaccess.identity.kinds import canonical_login_name
+
             external = await self._authenticate_connector(auth, username, password, remote_addr)
             role_names = list(external.roles)
             traits = {k: list(v) for k, v in external.traits.items()}
             method = "ldap"
+            # The directory matched "ALICE" or " alice" to alice: certificates,
+            # locks and audit must all name her "alice".
+            username = canonical_login_name(username, traits)
         role_objects = await self.get_roles(role_names)
         checker = rbac.AccessChecker(role_objects, traits)
         logins = checker.allowed_logins()
@@ -432,48 +437,75 @@ class AuthServer:
         )
 
     async def _authenticate_connector(self, name, username, password, remote_addr):
+        """Authenticate ``username`` through the stored connector ``name``.
+
+        The connector document is read on every login, so a connector replaced
+        or removed (here or by another proxy on the same backend) takes effect
+        at once. The lock-out count is kept per connector and folded user name
+        (directories match ``ALICE`` or `` alice`` as ``alice``), and the
+        logins of one user run one at a time, so neither another spelling nor
+        a burst of parallel guesses gets more than the allowed failures.
+        """
+        from contextlib import nullcontext
+
+        from edgeaccess.identity.kinds import login_name_key
+
+        if not isinstance(name, str) or not resources.RESOURCE_NAME_PATTERN.fullmatch(name):
+            raise errors.BadRequest("unknown login connector")
+        try:
+            item = await self.backend.get(f"/resources/ldap_connector/{name}")
+        except errors.NotFound:
+            self._login_methods.pop(name, None)
+            raise errors.BadRequest(f"unknown login connector {name!r}")
+        doc = _loads(item)
         method = self._login_methods.get(name)
-        if method is None:
-            try:
-                item = await self.backend.get(f"/resources/ldap_connector/{name}")
-            except errors.NotFound:
-                raise errors.BadRequest(f"unknown login connector {name!r}")
+        if method is None or getattr(method, "doc", doc) != doc:
             if self._connector_factory is None:
                 raise errors.BadRequest(f"login connector {name!r} is not available")
-            method = self._connector_factory(_loads(item))
+            method = self._connector_factory(doc)
             self._login_methods[name] = method
-        lock_key = f"/ldap_lockout/{name}/{username}"
-        now = self.now()
-        state = passwords.LoginState()
-        if isinstance(username, str) and resources.RESOURCE_NAME_PATTERN.fullmatch(username):
+        if not isinstance(username, str) or not username or len(username) > 256:
+            raise errors.AuthenticationFailed("invalid username or password")
+        user_key = login_name_key(username)
+        lock_key = f"/ldap_lockout/{name}/{user_key}"
+        one_at_a_time = getattr(method, "one_at_a_time", None)
+        async with (one_at_a_time(user_key) if one_at_a_time else nullcontext()):
+            now = self.now()
             try:
                 state = passwords.LoginState.from_dict(_loads(await self.backend.get(lock_key)))
             except errors.NotFound:
-                pass
-        if self.lockout.is_locked(state, now):
-            _log.warn("login refused for {user} via {connector} from {addr}: account locked",
-                      user=username, connector=name, addr=remote_addr)
-            self._emit("user.login", user=username, success=False, method="ldap",
-                       connector=name, remote_addr=remote_addr, error="account locked")
-            raise errors.AccountLocked(
-                f"account {username} is locked after too many failed logins; "
-                f"try again after {_iso(state.locked_until)}"
-            )
-        try:
-            identity = await method.authenticate(username, password)
-        except errors.AuthenticationFailed as e:
-            if isinstance(username, str) and resources.RESOURCE_NAME_PATTERN.fullmatch(username):
-                state = self.lockout.record_failure(state, now)
-                await self.backend.put(lock_key, _dumps(state.to_dict()),
-                                       expires=now + timedelta(days=1))
-            self._emit("user.login", user=username, success=False, method="ldap",
-                       connector=name, remote_addr=remote_addr, error=str(e))
-            raise
-        if state.failures:
+                state = passwords.LoginState()
+            if self.lockout.is_locked(state, now):
+                _log.warn("login refused for {user} via {connector} from {addr}: account locked",
+                          user=username, connector=name, addr=remote_addr)
+                self._emit("user.login", user=username, success=False, method="ldap",
+                           connector=name, remote_addr=remote_addr, error="account locked")
+                raise errors.AccountLocked(
+                    f"account {username} is locked after too many failed logins; "
+                    f"try again after {_iso(state.locked_until)}"
+                )
             try:
-                await self.backend.delete(lock_key)
-            except errors.NotFound:
-                pass
+                identity = await method.authenticate(username, password)
+            except errors.AuthenticationFailed as e:
+                state = self.lockout.record_failure(state, self.now())
+                await self.backend.put(lock_key, _dumps(state.to_dict()),
+                                       expires=self.now() + self.lockout.window
+                                       + self.lockout.lock_duration)
+                _log.info("login refused for {user} via {connector} from {addr}: {reason}",
+                          user=username, connector=name, addr=remote_addr, reason=e)
+                self._emit("user.login", user=username, success=False, method="ldap",
+                           connector=name, remote_addr=remote_addr, error=str(e))
+                raise
+            except errors.EdgeError as e:
+                # The directory is down or slow: not the user's fault, not counted.
+                self._emit("user.login", user=username, success=False, method="ldap",
+                           connector=name, remote_addr=remote_addr, error=str(e))
+                raise
+            if state.failures:
+                try:
+                    await self.backend.delete(lock_key)
+                except errors.NotFound:
+                    pass
         return identity
 
     # --- join tokens -------------------------------------------------------
@@ -482,7 +514,8 @@ class AuthServer:
         if token_type not in TOKEN_TYPES:
             raise errors.BadRequest(
                 f"unknown token type {token_type!r} (known: {', '.join(TOKEN_TYPES)})")
-        ttl = ttl or DEFAULT_TOKEN_TTL
+        if ttl is None:
+            ttl = DEFAULT_TOKEN_TTL
         if ttl <= timedelta(0) or ttl > MAX_TOKEN_TTL:
             raise errors.BadRequest("token ttl must be between 1s and 7 days")
         token = secrets.token_hex(16)
@@ -622,6 +655,8 @@ class AuthServer:
 
     async def list_nodes(self) -> list[dict]:
         nodes = [_loads(i) for i in await self.backend.get_range("/nodes/")]
+        # SPEC: listings name the node's uuid "id" (edgectl nodes ls --format json).
+        nodes = [{**n, "id": n["uuid"]} for n in nodes]
         return sorted(nodes, key=lambda n: (n["name"], n["uuid"]))
 
     async def find_node(self, name: str) -> dict | None:

@@ -96,6 +96,9 @@ class NodeService(service.MultiService):
         else:
             _log.failure("node cannot start", failure)
         if self.reactor.running:
+            # twistd exits 0 after reactor.stop(): make the failure visible to
+            # service managers with a non-zero status once shutdown is done.
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
             self.reactor.stop()
 
     async def _sleep(self, seconds: float) -> None:
@@ -275,6 +278,15 @@ class NodeService(service.MultiService):
             self.roles = json.loads((self.data_dir / "roles.json").read_text())
         except (FileNotFoundError, ValueError):
             self.roles = {}
+
+
+def _exit_failed() -> None:
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _pem_public(key) -> str:

@@ -25,6 +25,14 @@ class IRouter(Interface):
         ``ClusterOffline``, ``AccessDenied``.
         """
 
+    def route_host(host: str, kind: str = "ssh"):  # -> IStreamClientEndpoint
+        """Route a host name as a client typed it (``ssh -J``'s target).
+
+        ``NAME.CLUSTER``, ``NAME`` alone for the local cluster, and a dotted
+        ``NAME`` whose suffix is no known cluster tried whole as a local
+        node name. Errors as for :meth:`route`.
+        """
+
 
 class IRoutedEndpoint(Interface):
     """What the endpoints an ``IRouter`` answers tell about their route."""

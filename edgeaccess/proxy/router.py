@@ -150,8 +150,9 @@ class Router:
         IStreamClientEndpoint`` for nodes behind a reverse tunnel (raises
         or fails with ``NodeOffline`` when the node has no tunnel). For a
         kind other than ``"ssh"`` it is called with ``kind=`` as well.
-    :param leaf_lookup: ``leaf_lookup(cluster) -> IRouter | None`` for
-        trusted leaf clusters.
+    :param leaf_lookup: ``leaf_lookup(cluster) -> router | None`` for
+        trusted leaf clusters; only the leaf router's ``route(cluster, name,
+        kind)`` is used (it chains through the leaf's tunnel).
     :param reactor: used for TCP connections to nodes that listen.
     """
 

@@ -112,7 +112,7 @@ class ProxyAvatar(ConchUser):
             raise ConchError(NO_SESSION_MESSAGE, OPEN_ADMINISTRATIVELY_PROHIBITED)
         if channelType != b"direct-tcpip":
             raise ConchError("unknown channel type", OPEN_UNKNOWN_CHANNEL_TYPE)
-        (host, port), (orig_host, orig_port) = parse_direct_tcpip(data)
+        (host, port), _origin = parse_direct_tcpip(data)
         peer = self.verified.peer_address
 
         def log(outcome: str, route_kind: str | None) -> None:
@@ -127,11 +127,12 @@ class ProxyAvatar(ConchUser):
                 outcome=outcome,
             )
 
-        endpoint_holder: list[Any] = []
+        routed: list[Any] = []  # the endpoint, once the router answered
 
         def connect():
+            # The client's port is ignored: the router knows the node's.
             endpoint = self._router.route_host(host, "ssh")
-            endpoint_holder.append(endpoint)
+            routed.append(endpoint)
             return open_direct_tcpip(
                 endpoint,
                 remote_window=windowSize,
@@ -141,7 +142,7 @@ class ProxyAvatar(ConchUser):
             )
 
         def route_kind() -> str | None:
-            return getattr(endpoint_holder[0], "route_kind", None) if endpoint_holder else None
+            return getattr(routed[0], "route_kind", None) if routed else None
 
         def opened(channel):
             log("ok", route_kind())
@@ -199,8 +200,8 @@ def make_proxy_ssh_factory(
         address's host and the cluster name), or ``None`` for a bare key.
     :param trusted_user_ca_keys: the cluster's user CA public keys, or a
         callable returning the current ones (CA rotation).
-    :param router: resolves ``NAME[.CLUSTER]`` to an endpoint; must also
-        offer ``route_host(host, kind)`` (see :class:`~edgeaccess.proxy.router.Router`).
+    :param router: resolves ``NAME[.CLUSTER]`` to an endpoint
+        (``IRouter.route_host``).
     :param clock: validity checks, login timeout.
     :param authorizer: may refuse users at the proxy (e.g. locks); default
         lets every verified certificate holder jump.

@@ -56,7 +56,15 @@ class ProxyWeb:
                 ).encode("utf-8")
 
     @app.route("/v1/ping", methods=["GET"])
-    def ping(self, request):
+    async def ping(self, request):
+        """Where everything is, and which login methods exist (connector names only)."""
+        try:
+            connectors = sorted(doc["metadata"]["name"] for doc in
+                                await self.auth.get_resources("ldap_connector"))
+        except Exception:
+            # Nodes need the addresses below even when the backend is unwell.
+            _log.failure("cannot list login connectors for /v1/ping")
+            connectors = []
         addresses = self.addresses()
         return json_response(request, {
             "cluster_name": self.auth.cluster_name,
@@ -69,7 +77,7 @@ class ProxyWeb:
                 "tunnel_addr": addresses.get("tunnel"),
                 "kube_addr": addresses.get("kube"),
             },
-            "auth": {"local": True, "connectors": []},
+            "auth": {"local": True, "connectors": connectors},
         })
 
     @app.route("/v1/cluster/ca", methods=["GET"])

@@ -309,6 +309,12 @@ class DirectTCPIPChannel(SSHChannel):
     def closed(self) -> None:
         self._remote_full = True
         self._close_target()
+        _log.info(
+            "splice to {target} closed: {sent} bytes sent, {received} received",
+            target=self.target_description,
+            sent=self.bytes_to_target,
+            received=self.bytes_from_target,
+        )
 
     def stopWriting(self) -> None:
         self._remote_full = True

@@ -80,14 +80,19 @@ class _StdinWindowGate:
     makes that test false, so the window drains and the client stops.
     """
 
-    def __init__(self, session: SSHChannel, window_size: int) -> None:
+    def __init__(self, session: SSHChannel, stdin, window_size: int) -> None:
         self._session = session
+        self._stdin = stdin
         self._window_size = window_size
 
     def pauseProducing(self) -> None:  # noqa: N802
         self._session.localWindowSize = 0
 
     def resumeProducing(self) -> None:  # noqa: N802
+        if self._stdin.disconnecting:
+            # stdin is being closed (client EOF): FileDescriptor only closes
+            # once its producer unregisters, so step aside.
+            self._stdin.unregisterProducer()
         session = self._session
         session.localWindowSize = self._window_size
         left = session.localWindowLeft
@@ -133,9 +138,9 @@ class SessionProcessProtocol(SSHSessionProcessProtocol):
         session = self.session
         self._widen_window()
         self._install_large_reads()
-        register = getattr(self.transport, "registerProducer", None)
-        if register is not None:
-            register(_StdinWindowGate(session, self._window_size), True)
+        stdin = self._stdin_writer()
+        if stdin is not None:
+            stdin.registerProducer(_StdinWindowGate(session, stdin, self._window_size), True)
         if type(session).startWriting is SSHChannel.startWriting:
             # SSHChannel.addWindowBytes calls startWriting() (a no-op hook)
             # when the client's window reopens: route it to us.
@@ -206,6 +211,14 @@ class SessionProcessProtocol(SSHSessionProcessProtocol):
         if extra > 0:
             session.localWindowSize = self._window_size
             session.conn.adjustWindow(session, extra)
+
+    def _stdin_writer(self):
+        """The file descriptor object that writes the child's input, if any."""
+        transport = self.transport
+        if isinstance(transport, process.PTYProcess):
+            return transport
+        writer = getattr(transport, "pipes", {}).get(0)
+        return writer if isinstance(writer, process.ProcessWriter) else None
 
     def _install_large_reads(self) -> None:
         transport = self.transport

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, LoopingCall
 
 from edgeaccess.backend.sqlite import (
@@ -32,9 +31,9 @@ from edgeaccess.errors import EdgeError, NotFound
 from .contract import BackendContract, expiring_in
 
 
-def open_backend(path: Path, clock: Clock, **options) -> SQLiteBackend:
-    """A started backend on ``path`` (blocks the test, not the reactor)."""
-    return pytest_twisted.blockon(SQLiteBackend(path, clock, reactor, **options).start())
+async def open_backend(path: Path, clock: Clock, **options) -> SQLiteBackend:
+    """A started backend on ``path``."""
+    return await SQLiteBackend(path, clock, reactor, **options).start()
 
 
 @pytest.fixture
@@ -42,11 +41,11 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "backend.sqlite3"
 
 
-@pytest.fixture
-def sqlite_backend(db_path: Path, clock: Clock):
-    backend = open_backend(db_path, clock)
+@pytest_twisted.async_yield_fixture
+async def sqlite_backend(db_path: Path, clock: Clock):
+    backend = await open_backend(db_path, clock)
     yield backend
-    pytest_twisted.blockon(backend.close())
+    await backend.close()
 
 
 def raw_query(path: Path, sql: str, parameters: tuple = ()) -> list[tuple]:
@@ -88,47 +87,49 @@ async def test_data_survives_closing_and_reopening(db_path: Path, clock: Clock) 
         await second.close()
 
 
-def test_database_file_is_private(db_path: Path, sqlite_backend: SQLiteBackend) -> None:
-    pytest_twisted.blockon(sqlite_backend.put("/a", b"1"))
+@pytest_twisted.ensureDeferred
+async def test_database_file_is_private(db_path: Path, sqlite_backend: SQLiteBackend) -> None:
+    await sqlite_backend.put("/a", b"1")
     for path in (db_path, Path(f"{db_path}-wal")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
 
-def test_existing_world_readable_file_is_tightened(db_path: Path, clock: Clock) -> None:
+@pytest_twisted.ensureDeferred
+async def test_existing_world_readable_file_is_tightened(db_path: Path, clock: Clock) -> None:
     db_path.parent.mkdir()
     db_path.touch()
     db_path.chmod(0o644)
-    backend = open_backend(db_path, clock)
-    pytest_twisted.blockon(backend.close())
+    backend = await open_backend(db_path, clock)
+    await backend.close()
     assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
 
 
-def test_wal_journal_and_full_sync_are_on(sqlite_backend: SQLiteBackend) -> None:
-    pragmas = pytest_twisted.blockon(
-        sqlite_backend._interact(
-            lambda connection: (
-                connection.execute("PRAGMA journal_mode").fetchone()[0],
-                connection.execute("PRAGMA synchronous").fetchone()[0],
-                connection.execute("PRAGMA busy_timeout").fetchone()[0],
-            )
+@pytest_twisted.ensureDeferred
+async def test_wal_journal_and_full_sync_are_on(sqlite_backend: SQLiteBackend) -> None:
+    pragmas = await sqlite_backend._interact(
+        lambda connection: (
+            connection.execute("PRAGMA journal_mode").fetchone()[0],
+            connection.execute("PRAGMA synchronous").fetchone()[0],
+            connection.execute("PRAGMA busy_timeout").fetchone()[0],
         )
     )
     assert pragmas == ("wal", 2, 5000)  # synchronous 2 is FULL
 
 
-def test_expired_rows_are_purged_by_a_later_write(db_path: Path, clock: Clock) -> None:
-    backend = open_backend(db_path, clock, purge_interval=60)
+@pytest_twisted.ensureDeferred
+async def test_expired_rows_are_purged_by_a_later_write(db_path: Path, clock: Clock) -> None:
+    backend = await open_backend(db_path, clock, purge_interval=60)
     try:
-        pytest_twisted.blockon(backend.put("/tokens/t1", b"x", expiring_in(clock, 10)))
+        await backend.put("/tokens/t1", b"x", expiring_in(clock, 10))
         clock.advance(30)
-        pytest_twisted.blockon(backend.put("/other", b"x"))
+        await backend.put("/other", b"x")
         # Expired, hidden, but the last purge was under 60 s ago: still on disk.
         assert raw_query(db_path, "SELECT key FROM items ORDER BY key") == [("/other",), ("/tokens/t1",)]
         clock.advance(30)
-        pytest_twisted.blockon(backend.put("/other", b"y"))
+        await backend.put("/other", b"y")
         assert raw_query(db_path, "SELECT key FROM items") == [("/other",)]
     finally:
-        pytest_twisted.blockon(backend.close())
+        await backend.close()
 
 
 # -- schema versions --------------------------------------------------------
@@ -147,21 +148,23 @@ def test_new_database_records_every_schema_version(db_path: Path, sqlite_backend
     assert versions == [(version,) for version in range(1, latest + 1)]
 
 
-def test_reopening_an_existing_database_changes_nothing(db_path: Path, clock: Clock) -> None:
-    backend = open_backend(db_path, clock)
-    pytest_twisted.blockon(backend.put("/a", b"1"))
-    pytest_twisted.blockon(backend.close())
+@pytest_twisted.ensureDeferred
+async def test_reopening_an_existing_database_changes_nothing(db_path: Path, clock: Clock) -> None:
+    backend = await open_backend(db_path, clock)
+    await backend.put("/a", b"1")
+    await backend.close()
     before = raw_query(db_path, "SELECT * FROM schema_version")
     clock.advance(100)
     for _ in range(2):
-        backend = open_backend(db_path, clock)
-        assert pytest_twisted.blockon(backend.get("/a")).value == b"1"
-        pytest_twisted.blockon(backend.close())
+        backend = await open_backend(db_path, clock)
+        assert (await backend.get("/a")).value == b"1"
+        await backend.close()
     assert raw_query(db_path, "SELECT * FROM schema_version") == before
 
 
-def test_newer_schema_version_is_refused(db_path: Path, clock: Clock) -> None:
-    pytest_twisted.blockon(open_backend(db_path, clock).close())
+@pytest_twisted.ensureDeferred
+async def test_newer_schema_version_is_refused(db_path: Path, clock: Clock) -> None:
+    await (await open_backend(db_path, clock)).close()
     connection = sqlite3.connect(db_path)
     with connection:
         connection.execute("INSERT INTO schema_version VALUES (999, 0)")
@@ -170,16 +173,17 @@ def test_newer_schema_version_is_refused(db_path: Path, clock: Clock) -> None:
     backend = SQLiteBackend(db_path, clock, reactor)
     try:
         with pytest.raises(UnsupportedSchemaVersion, match="version 999.*upgrade edgeaccess"):
-            pytest_twisted.blockon(backend.start())
+            await backend.start()
         # Every later call reports the same reason, and nothing was written.
         with pytest.raises(UnsupportedSchemaVersion):
-            pytest_twisted.blockon(backend.put("/a", b"1"))
+            await backend.put("/a", b"1")
     finally:
-        pytest_twisted.blockon(backend.close())
+        await backend.close()
     assert raw_query(db_path, "SELECT count(*) FROM items") == [(0,)]
 
 
-def test_database_of_another_application_is_refused(db_path: Path, clock: Clock) -> None:
+@pytest_twisted.ensureDeferred
+async def test_database_of_another_application_is_refused(db_path: Path, clock: Clock) -> None:
     db_path.parent.mkdir()
     connection = sqlite3.connect(db_path)
     connection.execute("CREATE TABLE photos (id INTEGER)")
@@ -187,21 +191,22 @@ def test_database_of_another_application_is_refused(db_path: Path, clock: Clock)
     backend = SQLiteBackend(db_path, clock, reactor)
     try:
         with pytest.raises(UnsupportedSchemaVersion, match="not an edgeaccess database"):
-            pytest_twisted.blockon(backend.start())
+            await backend.start()
     finally:
-        pytest_twisted.blockon(backend.close())
+        await backend.close()
     assert raw_query(db_path, "SELECT name FROM sqlite_master") == [("photos",)]
 
 
-def test_file_that_is_not_a_database_fails_clearly(db_path: Path, clock: Clock) -> None:
+@pytest_twisted.ensureDeferred
+async def test_file_that_is_not_a_database_fails_clearly(db_path: Path, clock: Clock) -> None:
     db_path.parent.mkdir()
     db_path.write_bytes(b"this is not SQLite" * 100)
     backend = SQLiteBackend(db_path, clock, reactor)
     try:
         with pytest.raises(EdgeError, match="cannot open database .*backend.sqlite3"):
-            pytest_twisted.blockon(backend.start())
+            await backend.start()
     finally:
-        pytest_twisted.blockon(backend.close())
+        await backend.close()
 
 
 def test_failed_migration_leaves_the_previous_schema(tmp_path: Path) -> None:
@@ -243,34 +248,30 @@ def test_split_statements_refuses_an_unfinished_statement() -> None:
 # -- threads ----------------------------------------------------------------
 
 
-def test_all_sql_runs_on_one_thread_other_than_the_reactor(sqlite_backend: SQLiteBackend) -> None:
+@pytest_twisted.ensureDeferred
+async def test_all_sql_runs_on_one_thread_other_than_the_reactor(sqlite_backend: SQLiteBackend) -> None:
     def thread_of(connection: sqlite3.Connection) -> int:
         return threading.get_ident()
 
-    first = pytest_twisted.blockon(sqlite_backend._interact(thread_of))
-    second = pytest_twisted.blockon(sqlite_backend._interact(thread_of))
-    reactor_thread = pytest_twisted.blockon(
-        Deferred.fromCoroutine(_reactor_thread_ident())
-    )
-    assert first == second != reactor_thread
+    first = await sqlite_backend._interact(thread_of)
+    second = await sqlite_backend._interact(thread_of)
+    assert first == second != threading.get_ident()
 
 
-async def _reactor_thread_ident() -> int:
-    return threading.get_ident()
-
-
-def test_close_stops_the_database_thread(db_path: Path, clock: Clock) -> None:
-    backend = open_backend(db_path, clock)
-    worker = pytest_twisted.blockon(backend._interact(lambda connection: threading.current_thread()))
+@pytest_twisted.ensureDeferred
+async def test_close_stops_the_database_thread(db_path: Path, clock: Clock) -> None:
+    backend = await open_backend(db_path, clock)
+    worker = await backend._interact(lambda connection: threading.current_thread())
     assert worker.is_alive()
-    pytest_twisted.blockon(backend.close())
+    await backend.close()
     assert not worker.is_alive()
 
 
-def test_constructor_does_no_io(db_path: Path, clock: Clock) -> None:
+@pytest_twisted.ensureDeferred
+async def test_constructor_does_no_io(db_path: Path, clock: Clock) -> None:
     backend = SQLiteBackend(db_path, clock, reactor)
     assert not db_path.parent.exists()
-    pytest_twisted.blockon(backend.close())
+    await backend.close()
     assert not db_path.parent.exists()
 
 
@@ -279,7 +280,7 @@ async def test_reactor_keeps_ticking_during_a_slow_query(db_path: Path, clock: C
     # 200,000 rows written directly (fast), then read back through the
     # backend: building the items takes a few hundred milliseconds on the
     # database thread, while a LoopingCall must keep running on the reactor.
-    await (await SQLiteBackend(db_path, clock, reactor).start()).close()
+    await (await open_backend(db_path, clock)).close()
     rows = 200_000
     connection = sqlite3.connect(db_path)
     with connection:

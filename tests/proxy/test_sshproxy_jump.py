@@ -81,7 +81,7 @@ def jump(tmp_path_factory):
 
 def ssh(config: Path, *args: str, data: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["ssh", "-F", str(config), *args], input=data, capture_output=True, timeout=60,
+        ["ssh", "-F", str(config), *args], input=data, capture_output=True, timeout=30,
         stdin=None if data is not None else subprocess.DEVNULL,
     )
 
