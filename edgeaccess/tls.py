@@ -63,6 +63,7 @@ def client_options(hostname: str, ca_certs, *, key=None, cert=None,
     return ssl.optionsForClientTLS(
         hostname, trustRoot=trust, clientCertificate=client_cert,
         acceptableProtocols=alpn,
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_3},
     )
 
 

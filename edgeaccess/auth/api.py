@@ -21,6 +21,43 @@ _RULE_RESOURCE = {"role": "role", "ldap_connector": "connector",
                   "trusted_cluster": "trusted_cluster"}
 
 
+# --- node endpoints: served by the auth API (3025) and, for nodes that can
+# only reach the proxy, by the proxy's web port (3080) too. -----------------
+
+
+def calling_node(auth, request):
+    """The caller's node identity; AccessDenied for anything else."""
+    identity = httpapi.caller(request)
+    if identity.kind != "node" or identity.cluster != auth.cluster_name:
+        raise errors.AccessDenied("only nodes of this cluster may call this")
+    return identity
+
+
+async def node_renew(auth, request):
+    identity = calling_node(auth, request)
+    data = read_json(request)
+    result = auth.renew_node(
+        identity, field(data, "ssh_public_key"), field(data, "tls_public_key"),
+        field(data, "addresses", list, required=False, default=[]))
+    return json_response(request, result)
+
+
+async def node_heartbeat(auth, request):
+    identity = calling_node(auth, request)
+    stored = await auth.heartbeat(identity, read_json(request),
+                                  remote_addr=httpapi.remote_addr(request))
+    return json_response(request, stored)
+
+
+async def node_roles(auth, request):
+    """Every role definition, for the node's cache (nodes decide access)."""
+    calling_node(auth, request)
+    return json_response(request, {
+        "roles": await auth.all_roles(),
+        "ssh_user_ca": auth.status()["ssh_user_ca"],
+    })
+
+
 class AuthAPI:
     """Klein app over an :class:`~edgeaccess.auth.service.AuthServer`."""
 
@@ -54,12 +91,6 @@ class AuthAPI:
                 raise errors.AccessDenied(f"user {identity.name} may not {verb} {resource}s")
             return identity
         raise errors.AccessDenied(f"a {identity.kind} identity may not {verb} {resource}s")
-
-    def _node(self, request):
-        identity = httpapi.caller(request)
-        if identity.kind != "node" or identity.cluster != self.auth.cluster_name:
-            raise errors.AccessDenied("only nodes of this cluster may call this")
-        return identity
 
     @app.handle_errors(Exception)
     def _errors(self, request, failure):
@@ -193,25 +224,12 @@ class AuthAPI:
 
     @app.route("/v1/nodes/renew", methods=["POST"])
     async def renew(self, request):
-        identity = self._node(request)
-        data = read_json(request)
-        result = self.auth.renew_node(
-            identity, field(data, "ssh_public_key"), field(data, "tls_public_key"),
-            field(data, "addresses", list, required=False, default=[]))
-        return json_response(request, result)
+        return await node_renew(self.auth, request)
 
     @app.route("/v1/nodes/heartbeat", methods=["POST"])
     async def heartbeat(self, request):
-        identity = self._node(request)
-        stored = await self.auth.heartbeat(identity, read_json(request),
-                                           remote_addr=httpapi.remote_addr(request))
-        return json_response(request, stored)
+        return await node_heartbeat(self.auth, request)
 
     @app.route("/v1/nodes/roles", methods=["GET"])
     async def node_roles(self, request):
-        """Every role definition, for the node's cache (nodes decide access)."""
-        self._node(request)
-        return json_response(request, {
-            "roles": await self.auth.all_roles(),
-            "ssh_user_ca": self.auth.status()["ssh_user_ca"],
-        })
+        return await node_roles(self.auth, request)

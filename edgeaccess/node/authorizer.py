@@ -4,6 +4,8 @@ to have checked."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -24,7 +26,8 @@ class RoleAuthorizer:
         (``{name: document}``); a role change applies at the next fetch,
         without new certificates.
     :param labels: callable returning this node's labels.
-    :param clock: ``IReactorTime``.
+    :param clock: ``IReactorTime``; a connection is closed when the
+        certificate it was opened with expires (``session_ttl``).
     :param lock_check: hook for locks: called with the identity; raises
         ``AccessDenied`` when the user is locked.
     """
@@ -65,9 +68,13 @@ class RoleAuthorizer:
             raise errors.AccessDenied(f"none of the roles {list(identity.roles)} exist here")
         checker = rbac.AccessChecker(found, identity.traits)
         checker.check_login_to_node(login, self._labels())
+        remaining = identity.valid_before.timestamp() - self._clock.seconds()
+        if remaining <= 0:
+            raise errors.AccessDenied("certificate has expired")
         return SessionPermissions(
             port_forwarding=checker.port_forwarding() and identity.permit_port_forwarding,
             forward_agent=checker.forward_agent() and identity.permit_agent_forwarding,
             record_session=checker.record_session(),
             roles=tuple(identity.roles),
+            session_ttl=timedelta(seconds=remaining),
         )

@@ -70,6 +70,9 @@ class NodeService(service.MultiService):
         self._running = False
         self._failures = 0
         self._sleeping = None
+        self.agent = None
+        self.tunnel_addrs: list[str] = []
+        self._tunnel_attempts = 0
 
     # --- lifecycle -------------------------------------------------------
 
@@ -84,6 +87,8 @@ class NodeService(service.MultiService):
         if self._sleeping is not None and not self._sleeping.called:
             self._sleeping.cancel()
         d = super().stopService()
+        if self.agent is not None and self.factory is not None:
+            d.addCallback(lambda _: self.factory.doStop())
         if self.port is not None:
             return defer.gatherResults([defer.maybeDeferred(self.port.stopListening), d])
         return d
@@ -167,11 +172,8 @@ class NodeService(service.MultiService):
                       pin=pin_of_pem(ca_pem))
         client = Client(self.auth_server, default_port=3025, ca_pem=ca_pem)
         info = client.get("/v1/cluster/ca")
+        # The proxy's web address means: no inbound port, a reverse tunnel.
         mode = "tunnel" if info.get("service") == "proxy" else "direct"
-        if mode == "tunnel":
-            raise errors.BadRequest(
-                f"{self.auth_server} is a proxy web address: reverse-tunnel mode is not "
-                f"available in this version; give the auth address (port 3025)")
         ssh_key = keys.generate_private_key()
         tls_key = keys.generate_private_key()
         node_uuid = str(uuidlib.uuid4())
@@ -181,7 +183,7 @@ class NodeService(service.MultiService):
             "uuid": node_uuid,
             "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
             "tls_public_key": _pem_public(tls_key),
-            "addresses": _advertised_hosts(self.advertise_addr),
+            "addresses": [] if mode == "tunnel" else _advertised_hosts(self.advertise_addr),
         })
         identity = NodeIdentity(
             uuid=answer["uuid"], name=answer["name"], cluster=answer["cluster_name"],
@@ -207,9 +209,77 @@ class NodeService(service.MultiService):
             lambda: list(self.identity.user_ca_lines), authorizer,
             self.identity.name, self.reactor, env_allow=self.env_allow,
             reactor=self.reactor)
+        if self.identity.mode == "tunnel":
+            await self._start_tunnel()
+            return
         self.port = await self._listen(self.factory)
         _log.info("node {name} SSH service listening on {addr}", name=self.identity.name,
                   addr=self.port.getHost())
+
+    # --- reverse tunnel ----------------------------------------------------
+
+    async def _start_tunnel(self) -> None:
+        """Dial the proxy's tunnel server and keep the tunnel up, forever."""
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+        from edgeaccess import tls
+        from edgeaccess.httpclient import split_addr
+        from edgeaccess.pki import x509ca
+        from edgeaccess.tunnel.agent import TunnelAgent
+        from edgeaccess.tunnel.protocol import ALPN_PROTOCOL, Inventory
+
+        attempt = 0
+        while self._running:
+            try:
+                ping = await threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), self._client().get, "/v1/ping")
+                self.tunnel_addrs = [ping["proxy"]["tunnel_addr"]]
+                break
+            except (errors.EdgeError, KeyError, TypeError) as e:
+                attempt += 1
+                delay = backoff_delay(attempt, self.rng)
+                _log.warn("cannot ask the proxy for its tunnel address ({reason}); "
+                          "retrying in {delay:.1f}s", reason=e, delay=delay)
+                await self._sleep(delay)
+        if not self._running:
+            return
+        ca_certs = x509ca.load_certificates_pem(self.identity.ca_pem.encode())
+
+        def endpoint_factory():
+            addr = self.tunnel_addrs[self._tunnel_attempts % len(self.tunnel_addrs)]
+            self._tunnel_attempts += 1
+            host, port = split_addr(addr, 3024)
+            options = tls.client_options(
+                host, ca_certs, key=self.identity.tls_key,
+                cert=x509ca.load_certificate_pem(self.identity.tls_certificate.encode()),
+                alpn=[ALPN_PROTOCOL])
+            return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
+                                                           timeout=10))
+
+        def on_discover(addresses) -> None:
+            if addresses:
+                self.tunnel_addrs = list(addresses)
+
+        # No listening port in tunnel mode: start the SSH factory by hand
+        # (Conch loads its key-exchange groups in startFactory).
+        self.factory.doStart()
+        self.agent = TunnelAgent(
+            endpoint_factory=endpoint_factory,
+            inventory=Inventory(name=self.identity.name, labels=dict(self.labels)),
+            clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
+            heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
+            max_channels=256)
+        self.agent.setServiceParent(self)
+        _log.info("node {name} reachable through a reverse tunnel to {addr}",
+                  name=self.identity.name, addr=self.tunnel_addrs[0])
+
+    def _accept_channel(self, kind: str, target: str):
+        """The node checks every channel the proxy opens: only its own SSH."""
+        if kind != "ssh":
+            raise errors.AccessDenied(f"node {self.identity.name} serves no {kind} channels")
+        if target not in (self.identity.uuid, self.identity.name):
+            raise errors.NotFound(f"this is node {self.identity.name}, not {target}")
+        return self.factory
 
     # --- keeping in touch ------------------------------------------------
 
@@ -220,7 +290,7 @@ class NodeService(service.MultiService):
                       key_file=str(self.data_dir / "tls.key"))
 
     def _address(self) -> str:
-        if self.port is None:
+        if self.identity.mode == "tunnel" or self.port is None:
             return "tunnel"
         host, _, port = self.advertise_addr.rpartition(":")
         if port == "0":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -28,6 +29,9 @@ from edgeaccess.httpclient import split_addr
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
 from edgeaccess.proxy.web import ProxyWeb
+from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
+from edgeaccess.tunnel.protocol import ALPN_PROTOCOL
+from edgeaccess.tunnel.server import TunnelServerFactory
 
 _log = Logger()
 
@@ -49,6 +53,9 @@ class Options(usage.Options):
         ["tunnel-listen", None, "0.0.0.0:3024", "reverse tunnel listen address"],
         ["auth-listen", None, "0.0.0.0:3025", "auth API listen address (mutual TLS)"],
         ["kube-listen", None, "0.0.0.0:3026", "Kubernetes proxy listen address"],
+        ["tunnel-public-addr", None, None,
+         "HOST:PORT nodes should dial for the tunnel (default: public host and the "
+         "tunnel port), e.g. a load balancer in front of several proxies"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -176,8 +183,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
     listen_hosts = {split_addr(options[k], 0)[0] for k in
                     ("web-listen", "auth-listen", "ssh-listen")}
-    dns = sorted({public_host, "localhost", cluster} | {
-        h for h in listen_hosts if not _is_ip(h)})
+    dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
+                  if not _is_ip(h)})
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if _is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
@@ -201,6 +208,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         for name, listener in listeners.items():
             if listener.port is not None:
                 found[name] = f"{public_host}:{listener.port.getHost().port}"
+        if options["tunnel-public-addr"]:
+            found["tunnel"] = options["tunnel-public-addr"]
         found.setdefault("web", f"{public_host}:{public_port}")
         found.setdefault("ssh", f"{public_host}:3023")
         return found
@@ -223,11 +232,20 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         Site(api.resource()), on_listening)
 
-    ssh_factory = _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster)
-    if ssh_factory is not None:
-        listeners["ssh"] = _Listener(
-            "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
-            ssh_factory, on_listening)
+    tunnels = _tunnel_server(reactor, auth, addresses)
+    tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                        client_certificates="required",
+                                        alpn=[ALPN_PROTOCOL])
+    listeners["tunnel"] = _Listener(
+        "tunnel", listen_endpoint(reactor, options["tunnel-listen"], 3024, tunnel_options),
+        tunnels, on_listening)
+    _TunnelShutdown(tunnels).setServiceParent(top)
+
+    ssh_factory = _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster,
+                                     tunnels.registry)
+    listeners["ssh"] = _Listener(
+        "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
+        ssh_factory, on_listening)
 
     for listener in listeners.values():
         listener.setServiceParent(top)
@@ -235,14 +253,83 @@ def makeService(options, reactor=None) -> service.MultiService:
     return top
 
 
-def _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster):
+def _tunnel_server(reactor, auth, addresses) -> TunnelServerFactory:
+    """The reverse-tunnel server: nodes behind NAT dial in and are listed
+    (address ``tunnel``) while their tunnel is up."""
+
+    def identity_for(transport):
+        return tls.peer_identity(transport)
+
+    tunnels = TunnelServerFactory(
+        clock=reactor, identity_for=identity_for,
+        proxies=lambda: [addresses()["tunnel"]] if "tunnel" in addresses() else [],
+        max_channels=256)
+
+    def register(tunnel) -> None:
+        identity = tunnel.identity
+        if identity is None or identity.kind != "node":
+            return
+        inventory = tunnel.inventory
+        record = {"name": identity.name, "uuid": identity.uuid, "address": "tunnel",
+                  "labels": dict(getattr(inventory, "labels", {}) or {})}
+        d = defer.Deferred.fromCoroutine(auth.heartbeat(identity, record))
+        d.addErrback(lambda f: _log.warn("cannot register tunnel node {name}: {why}",
+                                         name=identity.name, why=f.getErrorMessage()))
+
+    def connected(tunnel) -> None:
+        identity = tunnel.identity
+        _log.info("tunnel up: {kind} {name} ({uuid})", kind=identity.kind,
+                  name=identity.name, uuid=identity.uuid)
+        register(tunnel)
+
+    def disconnected(tunnel) -> None:
+        identity = tunnel.identity
+        _log.info("tunnel down: {kind} {name} ({uuid})", kind=identity.kind,
+                  name=identity.name, uuid=identity.uuid)
+
+    tunnels.registry.subscribe(connected, disconnected)
+
+    def refresh() -> None:
+        for tunnel in tunnels.registry.connected():
+            register(tunnel)
+
+    # Keep tunnelled nodes listed while their tunnel is up (records expire
+    # after NODE_TTL without a refresh).
+    tunnels.refresher = LoopingCall(refresh)
+    tunnels.refresher.clock = reactor
+    return tunnels
+
+
+class _TunnelShutdown(service.Service):
+    """Graceful stop: ask every agent to reconnect elsewhere at once."""
+
+    def __init__(self, tunnels) -> None:
+        self.tunnels = tunnels
+
+    def startService(self) -> None:
+        super().startService()
+        self.tunnels.refresher.start(60, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self.tunnels.refresher.running:
+            self.tunnels.refresher.stop()
+        return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
+
+
+def _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster, registry):
     from edgeaccess.proxy.router import Router
     from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
 
     def node_lookup(name):
         return defer.Deferred.fromCoroutine(auth.find_node(name))
 
-    router = Router(cluster, node_lookup, reactor=reactor)
+    def tunnel_endpoint(cluster_name, node, kind="ssh"):
+        uuid = node["uuid"] if isinstance(node, dict) else getattr(node, "uuid", None)
+        tunnel = registry.lookup(cluster_name, uuid)
+        return TunnelChannelEndpoint(tunnel, kind, uuid)
+
+    router = Router(cluster, node_lookup, tunnel_lookup=tunnel_endpoint, reactor=reactor)
     return make_proxy_ssh_factory(
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
 

@@ -15,6 +15,7 @@ from klein import Klein
 from twisted.logger import Logger
 
 from edgeaccess import __version__, errors, httpapi
+from edgeaccess.auth import api as auth_api
 from edgeaccess.httpapi import field, json_response, read_json
 
 _log = Logger()
@@ -130,6 +131,20 @@ class ProxyWeb:
             remote_addr=httpapi.remote_addr(request),
         )
         return json_response(request, result)
+
+    # Nodes behind NAT reach the cluster only through the proxy: the node
+    # endpoints of the auth API are served here too (client certificate).
+    @app.route("/v1/nodes/renew", methods=["POST"])
+    async def node_renew(self, request):
+        return await auth_api.node_renew(self.auth, request)
+
+    @app.route("/v1/nodes/heartbeat", methods=["POST"])
+    async def node_heartbeat(self, request):
+        return await auth_api.node_heartbeat(self.auth, request)
+
+    @app.route("/v1/nodes/roles", methods=["GET"])
+    async def node_roles(self, request):
+        return await auth_api.node_roles(self.auth, request)
 
     @app.route("/v1/nodes", methods=["GET"])
     async def nodes(self, request):

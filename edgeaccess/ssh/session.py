@@ -379,6 +379,25 @@ class NodeSession(SSHSessionForUnixConchUser):
         self.avatar.observer.session_started(self.info, "shell")
         shell = self._shell()
         self._spawn(proto, ["-" + os.path.basename(shell)], self._environment())
+        self._start_recording(proto)
+
+    def _start_recording(self, proto) -> None:
+        # Audit (edgeaccess.audit.observer): tee PTY output to a recorder
+        # when the roles ask for recording and the observer records.
+        open_recording = getattr(self.avatar.observer, "open_recording", None)
+        if not (self.ptyTuple and self.avatar.permissions.record_session and open_recording):
+            return
+        rows, cols = self.winSize[0], self.winSize[1]
+        self.recorder = open_recording(self.info, cols, rows,
+                                       self.client_env.get("TERM", "xterm"))
+        if self.recorder is not None:
+            deliver, recorder = proto.outReceived, self.recorder
+
+            def tee(data: bytes) -> None:
+                recorder.output(data)
+                deliver(data)
+
+            proto.outReceived = tee
 
     def execCommand(self, proto, cmd: bytes) -> None:
         """``$SHELL -c cmd`` (or the certificate's force-command)."""
@@ -402,6 +421,8 @@ class NodeSession(SSHSessionForUnixConchUser):
     def windowChanged(self, winSize) -> None:
         """Resize the PTY (the child gets SIGWINCH)."""
         self.winSize = winSize
+        if getattr(self, "recorder", None) is not None:
+            self.recorder.resize(winSize[1], winSize[0])
         if self.pty is not None and self.ptyTuple:
             fcntl.ioctl(
                 self.pty.fileno(), termios.TIOCSWINSZ, struct.pack("4H", *winSize)

@@ -132,14 +132,13 @@ class _GcmSealer:
         self._fixed = iv[:4]
         self._counter = int.from_bytes(iv[4:12], "big")
 
-    def seal(self, seqnum: int, message_type: int, payload: bytes) -> Sequence[bytes]:
-        padding = _padding_length(2 + len(payload))
-        length = _pack_length(2 + len(payload) + padding)
+    def seal(self, seqnum: int, message_type: int, parts: Sequence[bytes]) -> Sequence[bytes]:
+        size = sum(map(len, parts))
+        padding = _padding_length(2 + size)
+        length = _pack_length(2 + size + padding)
         nonce = self._fixed + self._counter.to_bytes(8, "big")
         self._counter = (self._counter + 1) & _MASK64
-        body = b"".join(
-            (bytes((padding, message_type)), payload, os.urandom(padding))
-        )
+        body = b"".join((bytes((padding, message_type)), *parts, os.urandom(padding)))
         return (length, self._aead.encrypt(nonce, body, length))
 
 
@@ -202,22 +201,17 @@ class _CtrSealer(_HmacMixin):
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(iv[:16])).encryptor()
         self._init_mac(mac_name, mac_key)
 
-    def seal(self, seqnum: int, message_type: int, payload: bytes) -> Sequence[bytes]:
+    def seal(self, seqnum: int, message_type: int, parts: Sequence[bytes]) -> Sequence[bytes]:
+        size = sum(map(len, parts))
         if self.etm:
-            padding = _padding_length(2 + len(payload))
-            length = _pack_length(2 + len(payload) + padding)
-            body = b"".join(
-                (bytes((padding, message_type)), payload, os.urandom(padding))
-            )
+            padding = _padding_length(2 + size)
+            length = _pack_length(2 + size + padding)
+            body = b"".join((bytes((padding, message_type)), *parts, os.urandom(padding)))
             encrypted = self._encryptor.update(body)
             return (length, encrypted, self._mac_of(seqnum, length, encrypted))
-        padding = _padding_length(6 + len(payload))
+        padding = _padding_length(6 + size)
         packet = b"".join(
-            (
-                _pack_header(2 + len(payload) + padding, padding, message_type),
-                payload,
-                os.urandom(padding),
-            )
+            (_pack_header(2 + size + padding, padding, message_type), *parts, os.urandom(padding))
         )
         return (self._encryptor.update(packet), self._mac_of(seqnum, packet))
 
@@ -324,15 +318,23 @@ class _FastPacketMixin:
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:  # noqa: N802,N803
         """Send one packet, queueing it while a key exchange forbids it."""
+        self.send_packet_parts(messageType, (payload,))
+
+    def send_packet_parts(self, message_type: int, parts: Sequence[bytes]) -> None:
+        """
+        Send one packet whose payload is the concatenation of ``parts``
+        (bytes or memoryviews), without first joining them: the bulk data path
+        (:mod:`edgeaccess.ssh.process`) saves two copies per packet this way.
+        """
         ciphers = self.currentEncryptions
-        if not isinstance(ciphers, EdgeCiphers):
-            return super().sendPacket(messageType, payload)  # type: ignore[misc]
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
-            if not self._allowedKeyExchangeMessageType(messageType):
-                self._blockedByKeyExchange.append((messageType, payload))
-                return
+        if not isinstance(ciphers, EdgeCiphers) or (
+            self._keyExchangeState != self._KEY_EXCHANGE_NONE
+            and not self._allowedKeyExchangeMessageType(message_type)
+        ):
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            return super().sendPacket(message_type, bytes(payload))  # type: ignore[misc]
         self.transport.writeSequence(
-            ciphers.sealer.seal(self.outgoingPacketSequence, messageType, payload)
+            ciphers.sealer.seal(self.outgoingPacketSequence, message_type, parts)
         )
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _MASK32
 

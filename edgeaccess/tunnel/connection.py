@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
-from edgeaccess.tunnel.channels import ChannelAcceptor, ChannelMux, decode_remote_error
+from edgeaccess.tunnel.channels import ChannelAcceptor
+from edgeaccess.tunnel.mux import ChannelMux, decode_remote_error
 from edgeaccess.tunnel.protocol import (
     DEFAULT_WINDOW,
     MAX_BOX_BYTES,
@@ -104,6 +105,7 @@ class TunnelConnection(amp.AMP):
         self._is_lost = False
         self._box_keys = 0
         self._box_bytes = 0
+        self._producer_registered = False
 
     # -- the public face ----------------------------------------------------
 
@@ -118,6 +120,7 @@ class TunnelConnection(amp.AMP):
         if self.transport is not None and not self._is_lost:
             _log.info("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
             self.closed_reason = reason
+            self._release_transport()
             self.transport.loseConnection()
 
     def when_lost(self) -> Deferred[None]:
@@ -135,6 +138,7 @@ class TunnelConnection(amp.AMP):
         register = getattr(self.transport, "registerProducer", None)
         if register is not None:
             register(_SendBackpressure(self.mux), True)
+            self._producer_registered = True
         self._schedule_liveness()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -234,10 +238,14 @@ class TunnelConnection(amp.AMP):
 
     def _dispatch_failed(self, failure: Failure, box: amp.AmpBox) -> Failure | None:
         if failure.check(amp.RemoteAmpError):
+            if failure.value.fatal:
+                self._release_transport()  # AMP's QuitBox will loseConnection
             return failure
         if failure.check(ProtocolViolation):
             reason = str(failure.value)
         else:
+            _log.failure("error handling {command!r} from {peer}", failure,
+                         command=box[amp.COMMAND][:64], peer=self.mux.peer_name)
             reason = f"malformed {box[amp.COMMAND][:64]!r} box ({failure.type.__name__})"
         return self._refuse(box, reason)
 
@@ -247,6 +255,7 @@ class TunnelConnection(amp.AMP):
         if amp.ASK in box:
             # A fatal error goes out as a QuitBox: answer, then close.
             self._stop_reading()
+            self._release_transport()
             return Failure(amp.RemoteAmpError(b"PROTOCOL_ERROR", reason, fatal=True))
         self._drop(reason)
         return None
@@ -264,12 +273,21 @@ class TunnelConnection(amp.AMP):
         # Stops IntNStringReceiver's parsing loop after the current box.
         self.paused = True
 
+    def _release_transport(self) -> None:
+        # TLSMemoryBIOProtocol.loseConnection waits for the registered
+        # producer to unregister before it shuts TLS down: without this a
+        # closing tunnel would hang until the peer goes away.
+        if self._producer_registered and self.transport is not None:
+            self._producer_registered = False
+            self.transport.unregisterProducer()
+
     def _drop(self, reason: str) -> None:
         self._stop_reading()
         self.closed_reason = self.closed_reason or reason
         transport = self.transport
         if transport is None:
             return
+        self._release_transport()
         abort = getattr(transport, "abortConnection", None)
         if abort is not None:
             abort()

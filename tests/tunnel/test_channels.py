@@ -361,3 +361,13 @@ def test_memory_is_bounded_by_the_window_per_channel() -> None:
     pump.flush()
     total = sum(p.transport.buffered_incoming for p in acceptor.protocols)
     assert total == 4 * WINDOW
+
+
+def test_closing_the_tunnel_releases_the_transport_producer() -> None:
+    # TLSMemoryBIOProtocol only shuts TLS down once the producer is gone.
+    agent, server, pump, acceptor = pair()
+    assert server.transport.producer is not None
+    server.disconnect("test")
+    assert server.transport.producer is None
+    pump.flush()
+    assert agent.when_lost().called and server.when_lost().called

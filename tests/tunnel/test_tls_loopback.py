@@ -78,10 +78,8 @@ def test_tunnel_over_mutual_tls_carries_a_channel() -> Any:
     trust = trustRootFromCertificates([Certificate.loadPEM(certificate_pem(material["ca"]))])
     proxy_key, proxy_cert = material["proxy"]
     server_options = CertificateOptions(
-        privateKey=PrivateCertificate.loadPEM(
-            certificate_pem(proxy_cert) + private_key_pem(proxy_key)
-        ).privateKey.original,
-        certificate=Certificate.loadPEM(certificate_pem(proxy_cert)).original,
+        privateKey=proxy_key,
+        certificate=proxy_cert,
         trustRoot=trust,
         raiseMinimumTo=TLSVersion.TLSv1_3,
         acceptableProtocols=[ALPN_PROTOCOL],
@@ -114,7 +112,7 @@ def test_tunnel_over_mutual_tls_carries_a_channel() -> Any:
         assert tunnel.transport.negotiatedProtocol == ALPN_PROTOCOL
         proxy_side = tunnels.registry.lookup("root", "node-1")
         assert proxy_side is not None and proxy_side.identity.uuid == "u-1"
-        payload = random.Random(5).randbytes(int(__import__("os").environ.get("TSIZE", 3 * 1024 * 1024)))
+        payload = random.Random(5).randbytes(3 * 1024 * 1024)
         collector = Collect(len(payload))
         factory = Factory.forProtocol(lambda: collector)
         yield TunnelChannelEndpoint(proxy_side, "ssh", "node-1:22").connect(factory)

@@ -1,0 +1,205 @@
+"""The node's audit hook: SSH events become audit events in the spool.
+
+:class:`AuditingObserver` is the node's :class:`ISessionObserver`. Each SSH
+event is turned into a typed audit event and written to the spool (on disk,
+fsync'd) before the call returns; the shipper is then kicked. Interactive
+sessions with a PTY get a recording (:meth:`AuditingObserver.open_recording`,
+called by the session when the roles ask for recording).
+
+After a crash, :meth:`AuditingObserver.recover` ends the sessions the spool
+still lists as running with ``session.end`` (reason ``node restarted``) and
+closes their recordings, so they are delivered whole.
+
+:class:`SpoolGuardAuthorizer` refuses new SSH connections while the spool
+is over its bound (see :mod:`edgeaccess.audit.spool`, policy when full).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Callable
+
+from twisted.internet.defer import fail
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from edgeaccess import errors
+from edgeaccess.audit import events as ev
+from edgeaccess.audit.recording import AsciicastWriter
+from edgeaccess.ssh.interfaces import IAuthorizer, ISessionObserver, SessionInfo
+
+_log = Logger()
+
+
+class SessionRecorder:
+    """What a session tees its PTY output and resizes into."""
+
+    def __init__(self, writer: AsciicastWriter, spooled) -> None:
+        self._writer = writer
+        self._spooled = spooled
+
+    def output(self, data: bytes) -> None:
+        self._writer.output(data)
+
+    def resize(self, width: int, height: int) -> None:
+        self._writer.resize(width, height)
+
+    def close(self) -> None:
+        if not self._spooled.closed:
+            self._writer.close()
+            self._spooled.close()
+
+
+@implementer(ISessionObserver)
+class AuditingObserver:
+    """Writes the node's audit events (and recordings) into a spool.
+
+    :param spool: a :class:`~edgeaccess.audit.spool.Spool`.
+    :param cluster: the node's cluster name.
+    :param node_name, node_id: this node.
+    :param clock: ``IReactorTime`` for event times and recording timings.
+    :param on_spooled: called after anything was spooled (kicks the shipper).
+    :param new_id: makes event ids.
+    """
+
+    def __init__(self, spool, *, cluster: str, node_name: str, node_id: str, clock,
+                 on_spooled: Callable[[], None] = lambda: None,
+                 new_id: Callable[[], str] | None = None) -> None:
+        self.spool = spool
+        self.cluster = cluster
+        self.node_name = node_name
+        self.node_id = node_id
+        self.clock = clock
+        self.on_spooled = on_spooled
+        self._new_id = new_id or (lambda: str(uuid.uuid4()))
+        self._recorders: dict[str, SessionRecorder] = {}
+
+    def _emit(self, event_type: str, **fields) -> None:
+        try:
+            event = ev.make_event(
+                event_type, cluster=self.cluster,
+                when=datetime.fromtimestamp(self.clock.seconds(), timezone.utc),
+                new_id=self._new_id, node=self.node_name, node_id=self.node_id, **fields)
+            self.spool.append_event(event)
+        except Exception:
+            # The observer must never raise into the SSH server; a spool that
+            # cannot write is a disk failure, said loudly.
+            _log.failure("audit event {type} could not be spooled", type=event_type)
+            return
+        self.on_spooled()
+
+    @staticmethod
+    def _session_fields(session: SessionInfo) -> dict:
+        return {"session_id": session.session_id, "user": session.username,
+                "login": session.login, "remote_addr": session.peer_address}
+
+    # --- ISessionObserver ----------------------------------------------------
+
+    def auth_refused(self, username, login, peer_address, reason) -> None:
+        self._emit(ev.AUTH, user=username, login=login, remote_addr=peer_address,
+                   success=False, error=str(reason)[:512])
+
+    def session_started(self, session: SessionInfo, kind: str) -> None:
+        fields = self._session_fields(session)
+        try:
+            self.spool.session_opened(session.session_id, {
+                **fields, "started": ev.rfc3339(
+                    datetime.fromtimestamp(self.clock.seconds(), timezone.utc))})
+        except Exception:
+            _log.failure("cannot remember session {session} in the spool",
+                         session=session.session_id)
+        self._emit(ev.SESSION_START, kind=kind, roles=list(session.roles), **fields)
+        if kind == "sftp":
+            self._emit(ev.SFTP, success=True, **fields)
+
+    def exec_started(self, session: SessionInfo, command: str) -> None:
+        fields = self._session_fields(session)
+        self._emit(ev.EXEC, command=command[:4096], **fields)
+        words = command.split()
+        if words and words[0] in ("scp", "/usr/bin/scp"):
+            direction = "upload" if "-t" in words else "download" if "-f" in words else None
+            self._emit(ev.SCP, command=command[:4096], action=direction,
+                       path=words[-1][:1024] if len(words) > 1 else None, **fields)
+
+    def session_ended(self, session: SessionInfo, exit_status, exit_signal) -> None:
+        recorder = self._recorders.pop(session.session_id, None)
+        if recorder is not None:
+            try:
+                recorder.close()
+            except Exception:
+                _log.failure("cannot close the recording of {session}",
+                             session=session.session_id)
+        self._emit(ev.SESSION_END, exit_status=exit_status, exit_signal=exit_signal,
+                   reason="exited" if exit_status is not None or exit_signal else "closed",
+                   recorded=recorder is not None, **self._session_fields(session))
+        self.spool.session_closed(session.session_id)
+
+    def port_forward(self, session: SessionInfo, host: str, port: int, allowed: bool) -> None:
+        self._emit(ev.PORT, addr=f"{host}:{port}", success=bool(allowed),
+                   **self._session_fields(session))
+
+    # --- recordings -----------------------------------------------------------
+
+    def open_recording(self, session: SessionInfo, width: int, height: int,
+                       term: str = "xterm") -> SessionRecorder | None:
+        """A recorder for an interactive session, or ``None`` if one cannot
+        be made (logged; the session goes on, its events still recorded)."""
+        try:
+            spooled = self.spool.start_recording(session.session_id, {
+                "user": session.username, "login": session.login,
+                "node": self.node_name, "node_id": self.node_id,
+                "cluster": self.cluster})
+            writer = AsciicastWriter(
+                spooled.write, self.clock,
+                width or 80, height or 24, env={"TERM": term or "xterm"},
+                title=f"{session.username} as {session.login} on {self.node_name}")
+        except Exception:
+            _log.failure("cannot record session {session}", session=session.session_id)
+            return None
+        recorder = SessionRecorder(writer, spooled)
+        self._recorders[session.session_id] = recorder
+        return recorder
+
+    # --- after a crash ----------------------------------------------------------
+
+    def recover(self) -> int:
+        """End the sessions a crash left open; returns how many."""
+        orphans = self.spool.open_sessions()
+        for info in orphans:
+            session_id = info.get("session_id")
+            if not isinstance(session_id, str):
+                continue
+            try:
+                self.spool.finish_recording(session_id)
+            except errors.EdgeError:
+                pass
+            self._emit(ev.SESSION_END, session_id=session_id, user=info.get("user"),
+                       login=info.get("login"), remote_addr=info.get("remote_addr"),
+                       reason="node restarted", exit_status=None)
+            self.spool.session_closed(session_id)
+            _log.warn("session {session} of {user} was cut by a node restart; ended it "
+                      "in the audit log", session=session_id, user=info.get("user"))
+        # Recordings whose session was never remembered (crash in between).
+        for pending in self.spool.pending_recordings():
+            if not pending["complete"] and self.spool.recording(pending["session_id"]) is None:
+                self.spool.finish_recording(pending["session_id"])
+        return len(orphans)
+
+
+@implementer(IAuthorizer)
+class SpoolGuardAuthorizer:
+    """Refuses new connections while the audit spool is full, else asks ``inner``."""
+
+    def __init__(self, inner, spool) -> None:
+        self._inner = inner
+        self._spool = spool
+
+    def authorize(self, identity, login: str, peer_address: str):
+        if not self._spool.accepting_sessions():
+            _log.error("refused {user} as {login}: the audit spool is full ({size} bytes)",
+                       user=identity.username, login=login, size=self._spool.size())
+            return fail(errors.AccessDenied(
+                "this node's audit spool is full: new sessions are refused until the "
+                "auth service is reachable again"))
+        return self._inner.authorize(identity, login, peer_address)
