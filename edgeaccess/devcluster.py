@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
                          ports={"web": args.web_port, "ssh": args.ssh_port,
                                 "auth": args.auth_port, "tunnel": 3024})
-    node = None
+    node = tunnel_node = None
     try:
         proxy.start()
         login = os.environ.get("USER") or "root"
@@ -223,7 +223,13 @@ def main(argv=None) -> int:
                            ca_pin=proxy.pin(), labels="env=dev,kind=lan",
                            ssh_port=args.node_port)
         node.start()
+        tunnel_node = NodeProcess(base / "tunnel-node", base / "tunnel-node.log",
+                                  name="tunnel-node", auth_server=proxy.addr("web"),
+                                  token=proxy.node_token(), ca_pin=proxy.pin(),
+                                  labels="env=edge,kind=tunnel")
+        tunnel_node.start()
         node.wait_listed(proxy)
+        tunnel_node.wait_listed(proxy)
         home = base / "edge-home"
         web = proxy.addr("web")
         print(f"""
@@ -232,7 +238,8 @@ edgeaccess cluster {args.cluster!r} is running (logs in {base}/*.log).
   proxy web/login   https://{web}
   proxy SSH         {proxy.addr('ssh')}
   auth API          {proxy.addr('auth')}
-  LAN node          lan-node.{args.cluster} (127.0.0.1:{args.node_port})
+  LAN node          lan-node.{args.cluster} (listens on 127.0.0.1:{args.node_port})
+  tunnelled node    tunnel-node.{args.cluster} (no open port: reverse tunnel to the proxy)
 
 Try it (user demo, password in {password_file}: {password}):
 
@@ -240,10 +247,11 @@ Try it (user demo, password in {password_file}: {password}):
   edge login --proxy {web} --user demo --ca-pin {proxy.pin()}
   edge ls
   ssh -F $EDGE_HOME/ssh_config {login}@lan-node.{args.cluster}
+  ssh -F $EDGE_HOME/ssh_config {login}@tunnel-node.{args.cluster}
   edgectl --data-dir {proxy.data_dir} nodes ls
 
 Press Ctrl-C to stop the cluster.""", flush=True)
-        while proxy.process.poll() is None and node.process.poll() is None:
+        while all(p.process.poll() is None for p in (proxy, node, tunnel_node)):
             time.sleep(0.5)
         print("a process exited; see the logs", file=sys.stderr)
         return 1
@@ -253,8 +261,9 @@ Press Ctrl-C to stop the cluster.""", flush=True)
         print(f"error: {e}\n--- proxy log ---\n{proxy.log()[-3000:]}", file=sys.stderr)
         return 1
     finally:
-        if node is not None:
-            node.stop()
+        for child in (tunnel_node, node):
+            if child is not None:
+                child.stop()
         proxy.stop()
 
 

@@ -233,3 +233,41 @@ class AuthAPI:
     @app.route("/v1/nodes/roles", methods=["GET"])
     async def node_roles(self, request):
         return await node_roles(self.auth, request)
+
+    # --- audit log and session recordings (edgeaccess.audit.http) ----------
+
+    @app.route("/v1/audit/events", methods=["POST"])
+    async def audit_ingest(self, request):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.node_events(self.auth, request)
+
+    @app.route("/v1/audit/events", methods=["GET"])
+    async def audit_search(self, request):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.search(self.auth, request)
+
+    @app.route("/v1/audit/verify", methods=["GET"])
+    async def audit_verify(self, request):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.verify(self.auth, request)
+
+    @app.route("/v1/recordings/<session_id>/chunks", methods=["POST"])
+    async def recording_chunk(self, request, session_id):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.node_recording_chunk(self.auth, request, session_id)
+
+    @app.route("/v1/recordings/<session_id>/complete", methods=["POST"])
+    async def recording_complete(self, request, session_id):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.node_recording_complete(self.auth, request, session_id)
+
+    @app.route("/v1/recordings/<session_id>", methods=["GET"])
+    async def recording(self, request, session_id):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.recording(self.auth, request, session_id)

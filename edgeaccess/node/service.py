@@ -202,13 +202,20 @@ class NodeService(service.MultiService):
     async def _start_ssh(self) -> None:
         from edgeaccess.ssh.server import make_node_ssh_factory
 
-        authorizer = RoleAuthorizer(self.identity.cluster, lambda: self.roles,
-                                    lambda: self.labels, self.reactor)
+        from edgeaccess.audit.node import NodeAudit
+
+        # Audit: events and recordings go to an on-disk spool, shipped to
+        # the auth service by a child service (edgeaccess.audit).
+        self.audit = NodeAudit.open(self.data_dir / "audit-spool", self.identity,
+                                    self._client, self.reactor, rng=self.rng)
+        self.audit.shipper.setServiceParent(self)
+        authorizer = self.audit.guard(RoleAuthorizer(
+            self.identity.cluster, lambda: self.roles, lambda: self.labels, self.reactor))
         self.factory = make_node_ssh_factory(
             self.identity.ssh_key, self.identity.host_certificate,
             lambda: list(self.identity.user_ca_lines), authorizer,
             self.identity.name, self.reactor, env_allow=self.env_allow,
-            reactor=self.reactor)
+            observer=self.audit.observer, reactor=self.reactor)
         if self.identity.mode == "tunnel":
             await self._start_tunnel()
             return

@@ -176,8 +176,13 @@ def makeService(options, reactor=None) -> service.MultiService:
     backend = backend_from_url(options["backend"], reactor, str(data_dir), reactor)
     from edgeaccess.identity import kinds  # noqa: F401  (registers resource kinds)
 
+    from edgeaccess.audit.log import AuditLog
+    from edgeaccess.audit.recording import FileRecordingStore
+
+    audit = AuditLog(backend, cluster, reactor,
+                     recordings=FileRecordingStore(data_dir / "recordings", reactor))
     auth = AuthServer(authority, backend, reactor, reactor=reactor, threadpool=pool,
-                      connector_factory=kinds.login_method_factory(reactor))
+                      connector_factory=kinds.login_method_factory(reactor), audit=audit)
     _BackendService(backend, auth).setServiceParent(top)
 
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.

@@ -197,3 +197,30 @@ class ProxyWeb:
         return (f"<!doctype html><p>Password set for {html.escape(user)}. Now run "
                 f"<code>edge login --proxy {addr} --user {html.escape(user)}</code>.</p>"
                 ).encode("utf-8")
+
+    # --- audit: recordings for `edge play`, delivery from tunnelled nodes ------
+
+    @app.route("/v1/recordings/<session_id>", methods=["GET"])
+    async def recording(self, request, session_id):
+        """A session's recording, for its own user or the auditor role."""
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.recording(self.auth, request, session_id)
+
+    @app.route("/v1/audit/events", methods=["POST"])
+    async def audit_ingest(self, request):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.node_events(self.auth, request)
+
+    @app.route("/v1/recordings/<session_id>/chunks", methods=["POST"])
+    async def recording_chunk(self, request, session_id):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.node_recording_chunk(self.auth, request, session_id)
+
+    @app.route("/v1/recordings/<session_id>/complete", methods=["POST"])
+    async def recording_complete(self, request, session_id):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.node_recording_complete(self.auth, request, session_id)

@@ -11,6 +11,7 @@ open failure.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -167,11 +168,15 @@ def test_edge_ls_shows_both_nodes_with_labels(proxy, users):
         [line] = [l for l in lines if l.split()[0] == name]
         assert f"env={name}" in line and "suite=e2e" in line
     listed = run_edge(users["alice"], "ls", "--format", "json")
-    import json
-
     names = {n["name"]: n for n in json.loads(listed.stdout)}
     assert names["dev"]["labels"] == {"env": "dev", "suite": "e2e"}
     assert names["prod"]["labels"] == {"env": "prod", "suite": "e2e"}
+
+
+def test_edge_ls_shows_only_the_nodes_the_roles_allow(proxy, users):
+    result = run_edge(users["dora"], "ls", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert [n["name"] for n in json.loads(result.stdout)] == ["dev"]
 
 
 def test_edge_scp_copies_20_mb_both_ways_byte_identical(proxy, users, tmp_path):
