@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     """Dispatch to a scenario module's ``main(argv)``."""
-    scenarios = {"ssh": "benchmarks.ssh_throughput"}
+    scenarios = {"ssh": "benchmarks.ssh_throughput", "audit": "benchmarks.audit_ingest"}
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2

@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list nodes").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     nodes.add_parser("ls", help="list nodes")
+
+    from edgeaccess.audit.cli import add_edgectl_audit
+
+    add_edgectl_audit(sub)
     return p
 
 
@@ -186,6 +190,10 @@ def _main(argv) -> int:
             client.request("DELETE", f"/v1/resources/{_quote(kind)}/{_quote(name)}")
         out.write(f"{kind} {name} has been deleted\n")
         return 0
+    if args.command == "audit":
+        from edgeaccess.audit.cli import run_edgectl_audit
+
+        return run_edgectl_audit(args, client, as_json)
     if args.command == "nodes":
         nodes = client.get("/v1/nodes")
         if as_json:

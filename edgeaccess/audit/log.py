@@ -84,6 +84,7 @@ class VerifyResult:
     events: int
     head_seq: int
     problems: tuple[Problem, ...] = ()
+    head_hash: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -91,6 +92,7 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "events": self.events, "head_seq": self.head_seq,
+                "head_hash": self.head_hash,
                 "first_problem": self.problems[0].to_dict() if self.problems else None,
                 "problems": [p.to_dict() for p in self.problems]}
 
@@ -393,7 +395,8 @@ def verify_records(items: list[tuple[str, bytes]], head: dict | None) -> VerifyR
         problems.append(Problem(prev_seq, "altered", f"event {prev_seq} was replaced: it "
                                 f"does not match the head's hash"))
     problems.sort(key=lambda p: p.seq)
-    return VerifyResult(events=len(parsed), head_seq=head_seq, problems=tuple(problems))
+    return VerifyResult(events=len(parsed), head_seq=head_seq, problems=tuple(problems),
+                        head_hash=head.get("hash") if isinstance(head, dict) else None)
 
 
 def _broken_link(seq, event_id, record, index, prev_seq, by_hash, parsed) -> Problem:

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     scp.add_argument("--cluster", help="cluster of the node")
     scp.add_argument("-r", action="store_true", help="copy directories")
     scp.add_argument("paths", nargs="+")
+    from edgeaccess.audit.cli import add_edge_play
+
+    add_edge_play(sub)
     return p
 
 
@@ -112,6 +115,10 @@ def _main(argv) -> int:
                             [[c["name"], c["kind"], c["status"]] for c in clusters])
         return 0
     _check_valid(profile)
+    if args.command == "play":
+        from edgeaccess.audit.cli import run_edge_play
+
+        return run_edge_play(args, _client(home, profile))
     if args.command == "ssh":
         login, at, node = args.target.rpartition("@")
         if not at or not login or not node:

@@ -66,14 +66,20 @@ def render_known_hosts(cluster: str, host_ca_lines: list[str], proxy_host: str,
     return "\n".join(lines) + "\n"
 
 
+def _config_path(path: Path) -> str:
+    """``path`` for an ssh_config file line: OpenSSH expands ``%`` tokens
+    (``%d``, ``%h``...) in these directives, so a literal ``%`` is ``%%``."""
+    return str(path).replace("%", "%%")
+
+
 def render_ssh_config(home: Path, cluster: str, username: str, ssh_addr: str,
                       leaf_names=()) -> str:
     host, port = split_addr(ssh_addr, 3023)
     alias = f"edge-proxy-{cluster}"
     common = (
-        f"    UserKnownHostsFile \"{home / 'known_hosts'}\"\n"
-        f"    IdentityFile \"{home / 'key'}\"\n"
-        f"    CertificateFile \"{home / 'key-cert.pub'}\"\n"
+        f"    UserKnownHostsFile \"{_config_path(home / 'known_hosts')}\"\n"
+        f"    IdentityFile \"{_config_path(home / 'key')}\"\n"
+        f"    CertificateFile \"{_config_path(home / 'key-cert.pub')}\"\n"
         "    IdentitiesOnly yes\n"
         "    StrictHostKeyChecking yes\n"
         "    HostKeyAlgorithms ssh-ed25519-cert-v01@openssh.com,ssh-ed25519\n"

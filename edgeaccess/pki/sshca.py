@@ -137,6 +137,9 @@ class UserIdentity:
     permit_port_forwarding: bool
     permit_agent_forwarding: bool
     critical_options: dict
+    #: The OpenSSH public line of the CA key that signed the certificate, so
+    #: that a verifier can check that CA belongs to the claimed ``cluster``.
+    signing_ca: str = ""
 
 
 def _json_ext(exts: dict[bytes, bytes], name: str, default):
@@ -177,4 +180,12 @@ def user_identity_from_certificate(cert: ssh.SSHCertificate) -> UserIdentity:
             k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
             for k, v in cert.critical_options.items()
         },
+        signing_ca=_public_line(cert.signature_key()),
     )
+
+
+def _public_line(key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode("ascii")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -282,12 +283,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _local_forward(home: Path, target: str, echo_port: int):
+def _local_forward(home: Path, target: str, echo_port: int, log: Path):
+    """``ssh -N -L`` in its own process group (with its ProxyJump child); its
+    stderr goes to ``log``, not a pipe the jump process could hold open."""
     port = _free_port()
-    process = subprocess.Popen(
-        ssh_argv(home, target, options=["-N", "-o", "ExitOnForwardFailure=yes",
-                                        "-L", f"127.0.0.1:{port}:127.0.0.1:{echo_port}"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            ssh_argv(home, target, options=["-N", "-o", "ExitOnForwardFailure=yes",
+                                            "-L", f"127.0.0.1:{port}:127.0.0.1:{echo_port}"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True)
 
     def listening():
         try:
@@ -299,9 +304,22 @@ def _local_forward(home: Path, target: str, echo_port: int):
     try:
         wait_for(listening, 15, "ssh -L to listen", process)
     except Exception:
-        process.kill()
+        _stop_group(process)
         raise
     return process, port
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop an ssh started by this module and its ProxyJump child."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def _exchange(port: int, payload: bytes) -> bytes:
@@ -321,23 +339,23 @@ def _exchange(port: int, payload: bytes) -> bytes:
     return received
 
 
-def test_local_forwarding_is_allowed_and_refused_by_role(proxy, users, echo_server):
-    target = f"root@prod.{proxy.cluster}"
-    process, port = _local_forward(users["fred"], target, echo_server)
+def test_local_forwarding_is_allowed_and_refused_by_role(proxy, users, echo_server, tmp_path):
+    process, port = _local_forward(users["fred"], f"root@prod.{proxy.cluster}", echo_server,
+                                   tmp_path / "allowed.log")
     try:
         payload = os.urandom(200_000)
         assert _exchange(port, payload) == payload  # half-close passed through
     finally:
-        process.terminate()
-        process.wait(10)
+        _stop_group(process)
 
-    process, port = _local_forward(users["dora"], f"root@dev.{proxy.cluster}", echo_server)
+    log = tmp_path / "refused.log"
+    process, port = _local_forward(users["dora"], f"root@dev.{proxy.cluster}", echo_server, log)
     try:
         assert _exchange(port, b"denied?") == b""
+        wait_for(lambda: b"open failed" in log.read_bytes(), 10, "ssh to report the refusal")
     finally:
-        process.terminate()
-        _, stderr = process.communicate(timeout=10)
-    assert b"open failed" in stderr and b"prohibited" in stderr, stderr
+        _stop_group(process)
+    assert b"prohibited" in log.read_bytes(), log.read_bytes()
 
 
 # --- interactive ----------------------------------------------------------------------
@@ -487,3 +505,15 @@ def test_the_client_refuses_a_node_whose_host_ca_it_does_not_trust(proxy, users,
     assert result.returncode == 255
     assert b"should-not-run" not in result.stdout
     assert "Host key verification failed" in text(result)
+
+
+def test_a_profile_in_a_directory_with_spaces_and_percent_signs_works(proxy, users, tmp_path):
+    home = login(proxy, tmp_path / "my edge %d %h", "alice")
+    # OpenSSH itself cannot run ProxyJump with a -F path holding "%" (it expands the
+    # path in the jump command): reach the profile's ssh_config through a link.
+    link = tmp_path / "ssh_config"
+    link.symlink_to(home / "ssh_config")
+    result = run(["ssh", "-F", str(link), "-o", "BatchMode=yes", f"root@dev.{proxy.cluster}",
+                  "echo", "odd-home"])
+    assert result.returncode == 0, text(result)
+    assert result.stdout == b"odd-home\n"

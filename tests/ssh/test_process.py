@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 import pytest_twisted
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.session import SSHSession

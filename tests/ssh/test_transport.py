@@ -11,7 +11,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh import factory, keys, service
-from twisted.conch.ssh.transport import MSG_EXT_INFO
 from twisted.internet import defer
 from twisted.test import iosim
 
