@@ -8,6 +8,12 @@ import sys
 def main(argv: list[str]) -> int:
     """Dispatch to a scenario module's ``main(argv)``."""
     scenarios = {"ssh": "benchmarks.ssh_throughput", "audit": "benchmarks.audit_ingest"}
+    scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")
+        "tunnel-throughput": "benchmarks.tunnel_throughput",
+        "tunnel-latency": "benchmarks.tunnel_latency",
+        "tunnel-idle": "benchmarks.tunnel_idle",
+        "tunnel-storm": "benchmarks.tunnel_storm",
+    })
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 :class:`BenchCluster` starts ``twistd edgeproxy`` (through
 ``_tunnel_proxy.py``: raised fd limit, optional tunnel heartbeat), a user
-``bench`` logged in with ``edge login`` (``EDGE_HOME/ssh_config``), a
+``bench`` (a role without session recording unless ``record``) logged in with ``edge login`` (``EDGE_HOME/ssh_config``), a
 tunnelled node ``tnode`` and a direct-mode node ``dnode`` listening on
 127.0.0.1. :class:`CPath` is the same route built from C tools: an OpenSSH
 ``sshd`` as jump host and a ``stunnel4`` client/server pair (TLS 1.3,
@@ -28,6 +28,16 @@ GIB = 1024 * MIB
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WRAPPER = str(Path(__file__).resolve().parent / "_tunnel_proxy.py")
 PASSWORD = "bench-password-1"
+NO_RECORDING_ROLE = """\
+kind: role
+version: v1
+metadata: {name: %(name)s}
+spec:
+  options: {record_session: false}
+  allow:
+    logins: ["{{internal.logins}}"]
+    node_labels: {"*": "*"}
+"""
 
 
 def parse_size(text: str) -> int:
@@ -123,13 +133,20 @@ def start_proxy(base: Path, cluster: str = "bench", nofile: int = 0,
 class BenchCluster:
     """Proxy + logged-in user + tunnelled node ``tnode`` + direct node ``dnode``."""
 
-    def __init__(self, base: Path, *, direct_node: bool = True) -> None:
+    def __init__(self, base: Path, *, direct_node: bool = True, record: bool = False) -> None:
         self.base = base
         self.proxy = start_proxy(base)
         self.nodes: list[NodeProcess] = []
         try:
             self.login = os.environ.get("USER") or "root"
-            self.proxy.add_user("bench", PASSWORD, roles=("access",), logins=(self.login,))
+            # Session recording would write every byte to the node's audit
+            # spool: measure the data path alone unless ``record`` is asked.
+            role = "access"
+            if not record:
+                role = "bench-norec"
+                (base / "role.yaml").write_text(NO_RECORDING_ROLE % {"name": role})
+                self.proxy.edgectl("create", "-f", str(base / "role.yaml"))
+            self.proxy.add_user("bench", PASSWORD, roles=(role,), logins=(self.login,))
             self.home = base / "edge-home"
             result = run_edge(self.home, "login", "--proxy", self.proxy.addr("web"),
                               "--user", "bench", "--password-stdin", "--ca-pin",

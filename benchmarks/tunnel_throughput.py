@@ -15,6 +15,8 @@ OpenSSH ``sshd`` jump host plus a ``stunnel4`` client/server pair in front of
   ``sshd`` -> stunnel client -> stunnel server (TLS 1.3, mutual) -> ``dnode``;
 * ``direct``: ``ssh`` straight to ``dnode``'s port.
 
+The user's role sets ``record_session: false`` (``--record``: the preset
+``access`` role, the node then records every session to its audit spool).
 Download is ``head -c SIZE /dev/zero`` on the node, upload ``cat > /dev/null``.
 Each result: MiB/s (median), CPU-seconds per GiB of the proxy side and the
 node side (utime+stime from /proc; the C path's sshd counts its reaped
@@ -79,11 +81,12 @@ def _transfer(argv: list[str], direction: str, size: int, pids) -> dict:
     return {"seconds": seconds, "cpu": cpu}
 
 
-def run(size: int, repeat: int, paths: list[str], emit_result=emit) -> list[dict]:
+def run(size: int, repeat: int, paths: list[str], emit_result=emit,
+        record: bool = False) -> list[dict]:
     """Measure every path and direction; returns (and emits) the results."""
     results = []
     with tempfile.TemporaryDirectory(prefix="edgeaccess-tunnel-bench-") as tmp:
-        cluster = BenchCluster(Path(tmp))
+        cluster = BenchCluster(Path(tmp), record=record)
         cpath = None
         try:
             cpath = CPath(cluster)
@@ -119,7 +122,7 @@ def run(size: int, repeat: int, paths: list[str], emit_result=emit) -> list[dict
                         "node_cpu_s_per_gib": per_gib(node_names),
                         "client_cpu_s_per_gib": per_gib(("client",)),
                         "cpu_s_per_gib": {n: per_gib((n,)) for n in proxy_names + node_names},
-                        "ciphers": ciphers[path],
+                        "ciphers": ciphers[path], "recorded": record,
                     }
                     if path == "c-path":
                         baseline = result["mib_s"]
@@ -142,10 +145,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per path (median)")
     parser.add_argument("--paths", default=",".join(SIDES),
                         help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--record", action="store_true",
+                        help="use the preset access role: nodes record every session")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
     unknown = set(paths) - set(SIDES)
     if unknown:
         parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
-    run(parse_size(args.size), args.repeat, paths)
+    run(parse_size(args.size), args.repeat, paths, record=args.record)
     return 0

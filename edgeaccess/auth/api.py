@@ -52,9 +52,13 @@ async def node_heartbeat(auth, request):
 async def node_roles(auth, request):
     """Every role definition, for the node's cache (nodes decide access)."""
     calling_node(auth, request)
+    trust = getattr(auth, "leaf_trust", None)
     return json_response(request, {
         "roles": await auth.all_roles(),
         "ssh_user_ca": auth.status()["ssh_user_ca"],
+        # Root clusters this (leaf) cluster trusts: their users' CA and the
+        # mapping of their roles to ours.
+        "trusted_clusters": await trust.node_trust() if trust is not None else [],
     })
 
 

@@ -135,6 +135,9 @@ class AuthServer:
         self._connector_factory = connector_factory
         self._login_methods: dict[str, object] = {}
         self.lockout = lockout or passwords.LockoutPolicy()
+        #: kind -> object with before_upsert(obj), after_delete(name) and
+        #: after_change(name) coroutines (trusted clusters use it).
+        self.resource_hooks: dict[str, object] = {}
         self.audit = audit
 
     # --- helpers -----------------------------------------------------------
@@ -170,6 +173,18 @@ class AuthServer:
         # Stored unredacted (connector bind passwords included): the backend
         # is as secret as the CA keys beside it; _display_dict redacts.
         value = _dumps(resources.resource_to_dict(obj))
+        hook = self.resource_hooks.get(kind)
+        if not force:
+            try:
+                await self.backend.get(key)
+                raise errors.AlreadyExists(
+                    f"{kind} {name} already exists (use --force to replace it)")
+            except errors.NotFound:
+                pass
+        if hook is not None:
+            # e.g. a trusted cluster: the exchange with the root must succeed
+            # before the resource is stored.
+            await hook.before_upsert(obj)
         if force:
             await self.backend.put(key, value)
         else:
@@ -182,6 +197,8 @@ class AuthServer:
         self._login_methods.pop(name, None)
         _log.info("stored {kind} {name}", kind=kind, name=name)
         self._emit(f"{kind}.created", name=name)
+        if hook is not None:
+            await hook.after_change(name)
         return obj
 
     async def get_resources(self, kind: str, name: str | None = None) -> list[dict]:
@@ -213,6 +230,10 @@ class AuthServer:
         self._login_methods.pop(name, None)
         _log.info("deleted {kind} {name}", kind=kind, name=name)
         self._emit(f"{kind}.deleted", name=name)
+        hook = self.resource_hooks.get(kind)
+        if hook is not None:
+            await hook.after_delete(name)
+            await hook.after_change(name)
 
     async def get_roles(self, names) -> list:
         """The ``Role`` objects for ``names``; unknown names are skipped (logged)."""
@@ -705,4 +726,6 @@ def _display_dict(doc: dict) -> dict:
     spec = doc.get("spec")
     if doc.get("kind") == "ldap_connector" and isinstance(spec, dict) and spec.get("bind_password"):
         doc = {**doc, "spec": {**spec, "bind_password": "********"}}
+    if doc.get("kind") == "trusted_cluster" and isinstance(spec, dict) and spec.get("token"):
+        doc = {**doc, "spec": {**spec, "token": "********"}}
     return doc

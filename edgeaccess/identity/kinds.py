@@ -105,6 +105,17 @@ class ConnectorLogin:
                 self._locks.pop(key, None)
 
 
+from edgeaccess.cluster.trusted import (  # noqa: E402
+    TrustedCluster,
+    parse_trusted_cluster,
+    trusted_cluster_to_dict,
+)
+
+resources.register_kind(
+    "trusted_cluster", parse_trusted_cluster, trusted_cluster_to_dict, cls=TrustedCluster
+)
+
+
 def login_method_factory(reactor) -> Callable[[dict], ConnectorLogin]:
     """A function building a login method from a stored connector document."""
 

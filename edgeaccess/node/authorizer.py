@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeaccess import errors
+from edgeaccess.cluster.trusted import map_roles
 from edgeaccess.identity import rbac, roles
 from edgeaccess.ssh.interfaces import IAuthorizer, SessionPermissions
 
@@ -33,12 +34,20 @@ class RoleAuthorizer:
     """
 
     def __init__(self, cluster_name: str, role_documents, labels, clock,
-                 lock_check=None) -> None:
+                 lock_check=None, user_cas=None, trusted_clusters=None) -> None:
+        """
+        :param user_cas: callable returning this cluster's user CA lines; when
+            given, a certificate claiming this cluster must be signed by one.
+        :param trusted_clusters: callable returning ``[{name, ssh_user_ca,
+            role_map}]`` for root clusters this (leaf) cluster trusts.
+        """
         self.cluster_name = cluster_name
         self._role_documents = role_documents
         self._labels = labels
         self._clock = clock
         self._lock_check = lock_check
+        self._user_cas = user_cas
+        self._trusted = trusted_clusters or (lambda: [])
 
     def authorize(self, identity, login: str, peer_address: str):
         try:
@@ -48,15 +57,46 @@ class RoleAuthorizer:
                       user=identity.username, login=login, peer=peer_address, reason=e)
             return fail(e)
 
+    def _local_roles(self, identity) -> list[str]:
+        """The role names of this cluster that apply to ``identity``.
+
+        The certificate's CA must belong to the cluster it claims (a root's
+        CA cannot vouch for a local user, nor the other way round); users of
+        a trusted root get the roles its role map gives them here.
+        """
+        signing_ca = " ".join(identity.signing_ca.split()[:2])
+        if identity.cluster == self.cluster_name:
+            if self._user_cas is not None:
+                own = {" ".join(l.split()[:2]) for l in self._user_cas()}
+                if signing_ca not in own:
+                    raise errors.AccessDenied(
+                        f"certificate claims cluster {identity.cluster!r} but is not "
+                        f"signed by its user CA")
+            return list(identity.roles)
+        for trusted in self._trusted():
+            if trusted.get("name") != identity.cluster:
+                continue
+            cas = {" ".join(l.split()[:2]) for l in trusted.get("ssh_user_ca", [])}
+            if signing_ca not in cas:
+                raise errors.AccessDenied(
+                    f"certificate claims cluster {identity.cluster!r} but is not "
+                    f"signed by its user CA")
+            mapped = map_roles(trusted.get("role_map", []), identity.roles)
+            if not mapped:
+                raise errors.AccessDenied(
+                    f"roles {list(identity.roles)} of cluster {identity.cluster} map to "
+                    f"no role in cluster {self.cluster_name}")
+            return mapped
+        raise errors.AccessDenied(
+            f"certificate of cluster {identity.cluster!r} is not accepted here")
+
     def _decide(self, identity, login: str) -> SessionPermissions:
-        if identity.cluster != self.cluster_name:
-            raise errors.AccessDenied(
-                f"certificate of cluster {identity.cluster!r} is not accepted here")
+        role_names = self._local_roles(identity)
         if self._lock_check is not None:
             self._lock_check(identity)
         documents = self._role_documents()
         found = []
-        for name in identity.roles:
+        for name in role_names:
             doc = documents.get(name)
             if doc is None:
                 continue
@@ -65,7 +105,7 @@ class RoleAuthorizer:
             except errors.EdgeError:
                 _log.warn("cached role {role} is invalid; ignored", role=name)
         if not found:
-            raise errors.AccessDenied(f"none of the roles {list(identity.roles)} exist here")
+            raise errors.AccessDenied(f"none of the roles {role_names} exist here")
         checker = rbac.AccessChecker(found, identity.traits)
         checker.check_login_to_node(login, self._labels())
         remaining = identity.valid_before.timestamp() - self._clock.seconds()

@@ -65,6 +65,7 @@ class NodeService(service.MultiService):
         self.rng = rng or random.SystemRandom()
         self.identity: NodeIdentity | None = None
         self.roles: dict[str, dict] = {}
+        self.trusted: list[dict] = []
         self.factory = None
         self.port = None
         self._running = False
@@ -210,10 +211,12 @@ class NodeService(service.MultiService):
                                     self._client, self.reactor, rng=self.rng)
         self.audit.shipper.setServiceParent(self)
         authorizer = self.audit.guard(RoleAuthorizer(
-            self.identity.cluster, lambda: self.roles, lambda: self.labels, self.reactor))
+            self.identity.cluster, lambda: self.roles, lambda: self.labels, self.reactor,
+            user_cas=lambda: self.identity.user_ca_lines,
+            trusted_clusters=lambda: self.trusted))
         self.factory = make_node_ssh_factory(
             self.identity.ssh_key, self.identity.host_certificate,
-            lambda: list(self.identity.user_ca_lines), authorizer,
+            self._trusted_user_cas, authorizer,
             self.identity.name, self.reactor, env_allow=self.env_allow,
             observer=self.audit.observer, reactor=self.reactor)
         if self.identity.mode == "tunnel":
@@ -238,9 +241,7 @@ class NodeService(service.MultiService):
         attempt = 0
         while self._running:
             try:
-                ping = await threads.deferToThreadPool(
-                    self.reactor, self.reactor.getThreadPool(), self._client().get, "/v1/ping")
-                self.tunnel_addrs = [ping["proxy"]["tunnel_addr"]]
+                self.tunnel_addrs = [await self._ask_tunnel_addr()]
                 break
             except (errors.EdgeError, KeyError, TypeError) as e:
                 attempt += 1
@@ -252,7 +253,7 @@ class NodeService(service.MultiService):
             return
         ca_certs = x509ca.load_certificates_pem(self.identity.ca_pem.encode())
 
-        def endpoint_factory():
+        def dial():
             addr = self.tunnel_addrs[self._tunnel_attempts % len(self.tunnel_addrs)]
             self._tunnel_attempts += 1
             host, port = split_addr(addr, 3024)
@@ -262,6 +263,29 @@ class NodeService(service.MultiService):
                 alpn=[ALPN_PROTOCOL])
             return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
                                                            timeout=10))
+
+        node = self
+
+        class AskFirst:
+            """Ask the proxy where its tunnel server is now, then dial it."""
+
+            def connect(self, factory):
+                asking = defer.Deferred.fromCoroutine(node._refresh_tunnel_addr())
+                return asking.addCallback(lambda _: dial().connect(factory))
+
+        def endpoint_factory():
+            # The first dial after a tunnel is lost goes where it was; later
+            # ones ask the web address first: the tunnel address may have
+            # moved (another port, relay or load balancer).
+            self._dials_since_up += 1
+            return dial() if self._dials_since_up == 1 else AskFirst()
+
+        def tunnel_up(tunnel) -> None:
+            self._dials_since_up = 0
+            tunnel.when_lost().addCallback(lambda _: watch())
+
+        def watch() -> None:
+            self.agent.when_connected().addCallbacks(tunnel_up, lambda _: None)
 
         def on_discover(addresses) -> None:
             if addresses:
@@ -276,9 +300,31 @@ class NodeService(service.MultiService):
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
             max_channels=256)
+        self._dials_since_up = 0
+        watch()
         self.agent.setServiceParent(self)
         _log.info("node {name} reachable through a reverse tunnel to {addr}",
                   name=self.identity.name, addr=self.tunnel_addrs[0])
+
+    async def _ask_tunnel_addr(self) -> str:
+        ping = await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._client().get, "/v1/ping")
+        addr = ping["proxy"]["tunnel_addr"]
+        if not isinstance(addr, str) or not addr:
+            raise errors.NotFound("the proxy announces no tunnel address")
+        return addr
+
+    async def _refresh_tunnel_addr(self) -> None:
+        """Follow the tunnel address /v1/ping gives; keep the known ones if it fails."""
+        try:
+            addr = await self._ask_tunnel_addr()
+        except (errors.EdgeError, KeyError, TypeError) as e:
+            _log.info("cannot ask the proxy for its tunnel address ({reason}); dialing "
+                      "{addrs}", reason=e, addrs=", ".join(self.tunnel_addrs))
+            return
+        if addr not in self.tunnel_addrs:
+            _log.info("the proxy's tunnel address is now {addr}", addr=addr)
+            self.tunnel_addrs = [addr]
 
     def _accept_channel(self, kind: str, target: str):
         """The node checks every channel the proxy opens: only its own SSH."""
@@ -320,6 +366,13 @@ class NodeService(service.MultiService):
             keys.write_public(self.data_dir / "roles.json",
                               json.dumps(roles, sort_keys=True).encode())
             _log.info("role cache updated: {roles}", roles=sorted(roles))
+        trusted = [t for t in answer.get("trusted_clusters") or [] if isinstance(t, dict)]
+        if trusted != self.trusted:
+            self.trusted = trusted
+            keys.write_public(self.data_dir / "trusted_clusters.json",
+                              json.dumps(trusted, sort_keys=True).encode())
+            _log.info("trusted root clusters: {names}",
+                      names=sorted(t.get("name") for t in trusted) or "none")
         user_cas = answer.get("ssh_user_ca") or []
         if user_cas and user_cas != self.identity.user_ca_lines:
             self.identity.user_ca_lines = list(user_cas)
@@ -355,6 +408,18 @@ class NodeService(service.MultiService):
             self.roles = json.loads((self.data_dir / "roles.json").read_text())
         except (FileNotFoundError, ValueError):
             self.roles = {}
+        try:
+            self.trusted = json.loads((self.data_dir / "trusted_clusters.json").read_text())
+        except (FileNotFoundError, ValueError):
+            self.trusted = []
+
+    def _trusted_user_cas(self) -> list[str]:
+        """This cluster's user CAs and those of root clusters it trusts (the
+        authorizer then checks each certificate's CA against its cluster)."""
+        found = list(self.identity.user_ca_lines)
+        for trusted in self.trusted:
+            found += [l for l in trusted.get("ssh_user_ca", []) if isinstance(l, str)]
+        return found
 
 
 def _exit_failed() -> None:

@@ -28,6 +28,10 @@ from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import split_addr
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
+from edgeaccess.cluster.leaf import LeafLinks, LeafTrust
+from edgeaccess.cluster.root import RootClusters
+from edgeaccess.proxy.router import Router
+from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
 from edgeaccess.proxy.web import ProxyWeb
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import ALPN_PROTOCOL
@@ -127,13 +131,18 @@ class _ThreadPoolService(service.Service):
 class _BackendService(service.Service):
     """Closes the backend at shutdown; runs the auth bootstrap at start."""
 
-    def __init__(self, backend, auth) -> None:
+    def __init__(self, backend, auth, clusters) -> None:
         self.backend = backend
         self.auth = auth
+        self.clusters = clusters
+
+    async def _start(self) -> None:
+        await self.auth.bootstrap()
+        await self.clusters.load()
 
     def startService(self) -> None:
         super().startService()
-        d = defer.Deferred.fromCoroutine(self.auth.bootstrap())
+        d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(lambda f: _log.failure("bootstrap failed", f))
 
     def stopService(self):
@@ -183,7 +192,11 @@ def makeService(options, reactor=None) -> service.MultiService:
                      recordings=FileRecordingStore(data_dir / "recordings", reactor))
     auth = AuthServer(authority, backend, reactor, reactor=reactor, threadpool=pool,
                       connector_factory=kinds.login_method_factory(reactor), audit=audit)
-    _BackendService(backend, auth).setServiceParent(top)
+    clusters = RootClusters(auth)
+    leaf_trust = LeafTrust(auth, reactor)
+    auth.resource_hooks["trusted_cluster"] = leaf_trust
+    auth.leaf_trust = leaf_trust
+    _BackendService(backend, auth, clusters).setServiceParent(top)
 
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
     listen_hosts = {split_addr(options[k], 0)[0] for k in
@@ -223,7 +236,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    web = ProxyWeb(auth, addresses, public_host)
+    web = ProxyWeb(auth, addresses, public_host, clusters)
     web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
     listeners["web"] = _Listener(
@@ -237,7 +250,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         Site(api.resource()), on_listening)
 
-    tunnels = _tunnel_server(reactor, auth, addresses)
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
                                         client_certificates="required",
                                         alpn=[ALPN_PROTOCOL])
@@ -246,8 +259,10 @@ def makeService(options, reactor=None) -> service.MultiService:
         tunnels, on_listening)
     _TunnelShutdown(tunnels).setServiceParent(top)
 
-    ssh_factory = _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster,
-                                     tunnels.registry)
+    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    ssh_factory = make_proxy_ssh_factory(
+        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
+    LeafLinks(leaf_trust, router, reactor).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
@@ -258,12 +273,20 @@ def makeService(options, reactor=None) -> service.MultiService:
     return top
 
 
-def _tunnel_server(reactor, auth, addresses) -> TunnelServerFactory:
+def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
     """The reverse-tunnel server: nodes behind NAT dial in and are listed
-    (address ``tunnel``) while their tunnel is up."""
+    (address ``tunnel``) while their tunnel is up; leaf clusters that trust
+    this cluster dial in with a ``cluster`` identity."""
 
     def identity_for(transport):
-        return tls.peer_identity(transport)
+        identity = tls.peer_identity(transport)
+        if identity is None or identity.cluster != auth.cluster_name:
+            return None
+        if identity.kind == "cluster" and not clusters.accepts_tunnel(identity):
+            _log.warn("refused a tunnel from cluster {name}: it is not a trusted leaf",
+                      name=identity.name)
+            return None
+        return identity
 
     tunnels = TunnelServerFactory(
         clock=reactor, identity_for=identity_for,
@@ -285,12 +308,16 @@ def _tunnel_server(reactor, auth, addresses) -> TunnelServerFactory:
         identity = tunnel.identity
         _log.info("tunnel up: {kind} {name} ({uuid})", kind=identity.kind,
                   name=identity.name, uuid=identity.uuid)
+        if identity.kind == "cluster":
+            clusters.tunnel_up(tunnel)
         register(tunnel)
 
     def disconnected(tunnel) -> None:
         identity = tunnel.identity
         _log.info("tunnel down: {kind} {name} ({uuid})", kind=identity.kind,
                   name=identity.name, uuid=identity.uuid)
+        if identity.kind == "cluster":
+            clusters.tunnel_down(tunnel)
 
     tunnels.registry.subscribe(connected, disconnected)
 
@@ -322,9 +349,9 @@ class _TunnelShutdown(service.Service):
         return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
 
 
-def _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster, registry):
-    from edgeaccess.proxy.router import Router
-    from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
+def _router(reactor, auth, cluster, registry, clusters):
+    """Names to endpoints: LAN nodes by TCP, tunnelled nodes through their
+    tunnel, leaf clusters' nodes through the leaf's tunnel."""
 
     def node_lookup(name):
         return defer.Deferred.fromCoroutine(auth.find_node(name))
@@ -334,9 +361,8 @@ def _proxy_ssh_factory(reactor, authority, auth, host_key, host_cert, cluster, r
         tunnel = registry.lookup(cluster_name, uuid)
         return TunnelChannelEndpoint(tunnel, kind, uuid)
 
-    router = Router(cluster, node_lookup, tunnel_lookup=tunnel_endpoint, reactor=reactor)
-    return make_proxy_ssh_factory(
-        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
+    return Router(cluster, node_lookup, tunnel_lookup=tunnel_endpoint,
+                  leaf_lookup=clusters.leaf_router, reactor=reactor)
 
 
 def _is_ip(host: str) -> bool:

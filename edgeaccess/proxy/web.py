@@ -34,10 +34,12 @@ class ProxyWeb:
 
     app = Klein()
 
-    def __init__(self, auth, addresses, public_host: str) -> None:
+    def __init__(self, auth, addresses, public_host: str, clusters=None) -> None:
         self.auth = auth
         self.addresses = addresses
         self.public_host = public_host
+        #: :class:`~edgeaccess.cluster.root.RootClusters` (leaves trusting us)
+        self.clusters = clusters
 
     def resource(self):
         return self.app.resource()
@@ -113,7 +115,9 @@ class ProxyWeb:
             "ssh_host_ca": status["ssh_host_ca"],
             "tls_ca": [self.auth.authority.tls_ca_pem],
             "ssh_addr": self.addresses()["ssh"],
-            "trusted_clusters": [],
+            "trusted_clusters": [
+                {"name": c["name"], "ssh_host_ca": c["ssh_host_ca"]}
+                for c in (await self.clusters.remote_clusters() if self.clusters else [])],
         })
         return json_response(request, result)
 
@@ -131,6 +135,49 @@ class ProxyWeb:
             remote_addr=httpapi.remote_addr(request),
         )
         return json_response(request, result)
+
+    # --- trusted clusters -------------------------------------------------
+
+    @app.route("/v1/trusted_clusters/join", methods=["POST"])
+    async def trusted_cluster_join(self, request):
+        """A leaf cluster's CA exchange (authorised by its token)."""
+        if self.clusters is None:
+            raise errors.NotFound("this proxy does not accept trusted clusters")
+        data = read_json(request)
+        result = await self.clusters.accept_leaf(
+            token=field(data, "token"), leaf_name=field(data, "leaf_name"),
+            host_ca=field(data, "host_ca", list), tls_ca=field(data, "tls_ca"),
+            tunnel_public_key=field(data, "tunnel_public_key"),
+            remote_addr=httpapi.remote_addr(request))
+        return json_response(request, result)
+
+    def _user(self, request):
+        identity = httpapi.caller(request)
+        if identity.kind not in ("user", "admin") or identity.cluster != self.auth.cluster_name:
+            raise errors.AccessDenied("a user certificate of this cluster is required")
+        return identity
+
+    @app.route("/v1/clusters", methods=["GET"])
+    async def clusters_list(self, request):
+        self._user(request)
+        leaves = await self.clusters.remote_clusters() if self.clusters else []
+        return json_response(request, [
+            {"name": c["name"], "kind": "leaf", "status": c["status"]} for c in leaves])
+
+    @app.route("/v1/clusters/<name>/nodes", methods=["GET"])
+    async def leaf_nodes(self, request, name):
+        from edgeaccess.cluster.root import leaf_request
+
+        identity = self._user(request)
+        if name == self.auth.cluster_name:
+            return await self.nodes(request)
+        if self.clusters is None or name not in self.clusters.known:
+            raise errors.NotFound(f"cluster {name} not found")
+        tunnel = self.clusters.tunnels.get(name)
+        if tunnel is None:
+            raise errors.ClusterOffline(f"cluster {name} is offline")
+        nodes = await leaf_request(self.auth._reactor, tunnel, "/v1/nodes", identity)
+        return json_response(request, nodes)
 
     # Nodes behind NAT reach the cluster only through the proxy: the node
     # endpoints of the auth API are served here too (client certificate).

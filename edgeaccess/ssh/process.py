@@ -60,7 +60,7 @@ WINDOW_SIZE = 2 * 1024 * 1024
 #: Packet size to accept on a session channel (OpenSSH's CHAN_SES_PACKET_DEFAULT).
 MAX_PACKET = 32 * 1024
 
-_pack_data_header = struct.Struct(">LL").pack
+_pack_recipient = struct.Struct(">L").pack
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux only
 
 
@@ -300,24 +300,23 @@ class SessionProcessProtocol(_ConchProcessProtocol):
     def _write_data(self, data: bytes) -> None:
         """``session.write(data)`` for data within the window, with fewer copies.
 
-        With :class:`edgeaccess.ssh.transport.EdgeServerTransport` each packet
-        is sealed straight from a memoryview of ``data`` (no slice, no
-        ``NS()`` concatenation); otherwise this is ``SSHChannel.write``.
+        With :class:`edgeaccess.ssh.transport.EdgeServerTransport` all the
+        packets of ``data`` are sealed into one buffer and written at once
+        (``send_data_packets``); otherwise this is ``SSHChannel.write``.
         """
         session = self.session
         conn = session.conn
-        send = getattr(conn.transport, "send_packet_parts", None)
+        send = getattr(conn.transport, "send_data_packets", None)
         if send is None or session.buf or session.localClosed:
             session.write(data)
             return
-        remote = conn.channelsToRemoteChannel[session]
-        step = session.remoteMaxPacket
-        size = len(data)
-        with memoryview(data) as view:
-            for offset in range(0, size, step):
-                piece = view[offset : offset + step]
-                send(connection.MSG_CHANNEL_DATA, (_pack_data_header(remote, len(piece)), piece))
-        session.remoteWindowLeft -= size
+        send(
+            connection.MSG_CHANNEL_DATA,
+            _pack_recipient(conn.channelsToRemoteChannel[session]),
+            data,
+            session.remoteMaxPacket,
+        )
+        session.remoteWindowLeft -= len(data)
 
     def _when_drained(self, action: Callable[[], object]) -> None:
         if self._pending:

@@ -32,6 +32,8 @@ from edgeaccess.pki import keys, sshca
 PASSWORD = "e2e-password-1"
 #: Node name -> its SSH address as listed by the cluster (filled by ``nodes``).
 ADDRESSES: dict[str, str] = {}
+#: Cluster name -> CA pin (asking edgectl costs a process start).
+PINS: dict[str, str] = {}
 
 ROLE = """\
 kind: role
@@ -66,7 +68,7 @@ def text(result) -> str:
 def nodes(proxy, tmp_path_factory):
     """Two nodes joined to the proxy: ``dev`` (env=dev) and ``prod`` (env=prod)."""
     base = tmp_path_factory.mktemp("nodes")
-    pin = proxy.pin()
+    pin = PINS[proxy.cluster] = proxy.pin()
     started = {}
     for name in ("dev", "prod"):
         started[name] = NodeProcess(base / name, base / f"{name}.log", name=name,
@@ -108,8 +110,11 @@ def users(proxy, nodes, tmp_path_factory):
 
 
 def login(proxy, home: Path, user: str) -> Path:
+    if proxy.cluster not in PINS:
+        PINS[proxy.cluster] = proxy.pin()
     result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user", user,
-                      "--password-stdin", "--ca-pin", proxy.pin(), input=PASSWORD + "\n")
+                      "--password-stdin", "--ca-pin", PINS[proxy.cluster],
+                      input=PASSWORD + "\n")
     assert result.returncode == 0, result.stderr
     return home
 
@@ -195,6 +200,21 @@ def test_edge_scp_copies_20_mb_both_ways_byte_identical(proxy, users, tmp_path):
     assert down.returncode == 0, down.stderr
     assert hashlib.sha256(back.read_bytes()).digest() == \
         hashlib.sha256(original.read_bytes()).digest()
+
+
+def test_sftp_put_ls_get_through_the_proxy(proxy, users, tmp_path):
+    source = tmp_path / "put.bin"
+    source.write_bytes(os.urandom(1_500_000))
+    remote = tmp_path / "sftp-remote"
+    remote.mkdir()
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {source} {remote}/put.bin\nls -l {remote}\n"
+                     f"get {remote}/put.bin {tmp_path}/got.bin\n")
+    result = run(["sftp", "-F", str(users["alice"] / "ssh_config"), "-b", str(batch),
+                  f"root@prod.{proxy.cluster}"])
+    assert result.returncode == 0, text(result)
+    assert "put.bin" in result.stdout.decode() and "1500000" in result.stdout.decode()
+    assert (tmp_path / "got.bin").read_bytes() == source.read_bytes()
 
 
 # --- roles and labels ----------------------------------------------------------------

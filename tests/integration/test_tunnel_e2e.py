@@ -494,3 +494,25 @@ def test_a_node_whose_proxy_is_down_keeps_retrying_and_joins_once_it_is_up(tmp_p
         if node is not None:
             node.stop()
         late_proxy.stop()
+
+
+def test_a_node_follows_the_tunnel_address_when_the_proxy_moves_it(tmp_path):
+    moving = ProxyProcess(tmp_path / "proxy", tmp_path / "proxy.log", cluster="moving")
+    node = None
+    try:
+        moving.start()
+        node = start_tunnel_node(moving, tmp_path, "mover")
+        old_addr = moving.addr("tunnel")
+        ups = tunnels_up(moving, "mover")
+        moving.stop()
+        moving.ports["tunnel"] = 0  # the same web address, another tunnel port
+        moving.start()
+        assert moving.addr("tunnel") != old_addr
+        started = time.monotonic()
+        wait_tunnel_up(moving, "mover", ups, timeout=30, process=node.process)
+        report("tunnel address moved: proxy ready -> tunnel up", time.monotonic() - started)
+        assert f"the proxy's tunnel address is now {moving.addr('tunnel')}" in node.log()
+    finally:
+        if node is not None:
+            node.stop()
+        moving.stop()

@@ -1,0 +1,255 @@
+"""The leaf side of cluster trust.
+
+Creating a ``trusted_cluster`` resource runs the exchange with the root
+(:meth:`LeafTrust.before_upsert`): the root is verified by its CA pin,
+the token authorises the exchange, and the leaf keeps the root's user CA,
+the role map and a root-signed ``cluster`` identity. :class:`LeafLinks`
+then keeps one reverse tunnel to each enabled root (same protocol and
+reconnect rules as nodes) and relays the root's channels to leaf nodes.
+Disabling or deleting the trust stops the tunnel at once, which also cuts
+every session relayed through it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from cryptography.hazmat.primitives import serialization
+from klein import Klein
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from edgeaccess import errors
+from edgeaccess.cluster.trusted import map_roles
+from edgeaccess.httpclient import Client, fetch_pinned_ca, split_addr
+from edgeaccess.pki import keys, x509ca
+from edgeaccess.proxy.splice import SpliceFactory
+
+_log = Logger()
+
+STATE_PREFIX = "/trusted_state/"
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, sort_keys=True).encode("utf-8")
+
+
+def exchange_with_root(tc, *, leaf_name: str, host_ca_lines: list[str], tls_ca_pem: str,
+                       tunnel_key) -> dict:
+    """Blocking (run in a thread): the CA exchange with the root."""
+    root_ca = fetch_pinned_ca(tc.web_proxy_addr, tc.ca_pin)
+    client = Client(tc.web_proxy_addr, ca_pem=root_ca)
+    answer = client.post("/v1/trusted_clusters/join", {
+        "token": tc.token,
+        "leaf_name": leaf_name,
+        "host_ca": host_ca_lines,
+        "tls_ca": tls_ca_pem,
+        "tunnel_public_key": tunnel_key.public_key().public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii"),
+    })
+    if answer.get("cluster_name") != tc.name:
+        raise errors.BadResource(
+            f"the cluster at {tc.web_proxy_addr} is {answer.get('cluster_name')!r}, "
+            f"not {tc.name!r} (metadata.name must be the root cluster's name)")
+    return {"root_tls_ca": root_ca, "ssh_user_ca": answer["ssh_user_ca"],
+            "cluster_certificate": answer["tls_certificate"]}
+
+
+class LeafTrust:
+    """The resource hook (AuthServer.resource_hooks["trusted_cluster"]) and
+    the trust data the leaf's nodes need."""
+
+    def __init__(self, auth, reactor) -> None:
+        self.auth = auth
+        self.reactor = reactor
+        self.links: LeafLinks | None = None
+
+    async def before_upsert(self, tc) -> None:
+        previous = await self.state(tc.name)
+        reuse = (previous is not None and previous["web_proxy_addr"] == tc.web_proxy_addr
+                 and previous["ca_pin"] == tc.ca_pin)
+        if reuse:
+            state = dict(previous)
+        else:
+            tunnel_key = keys.generate_private_key()
+            authority = self.auth.authority
+            result = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), exchange_with_root, tc,
+                leaf_name=self.auth.cluster_name,
+                host_ca_lines=[authority.host_ca_public_line],
+                tls_ca_pem=authority.tls_ca_pem, tunnel_key=tunnel_key)
+            state = {**result, "tunnel_key": keys.private_key_pem(tunnel_key).decode()}
+            _log.info("trust established with root cluster {root} at {addr}",
+                      root=tc.name, addr=tc.web_proxy_addr)
+        state.update({
+            "name": tc.name, "enabled": tc.enabled, "ca_pin": tc.ca_pin,
+            "web_proxy_addr": tc.web_proxy_addr, "tunnel_addr": tc.tunnel_addr,
+            "role_map": [{"remote": m.remote, "local": list(m.local)} for m in tc.role_map],
+        })
+        await self.auth.backend.put(STATE_PREFIX + tc.name, _dumps(state))
+        if not tc.enabled:
+            _log.info("trust with root cluster {root} disabled", root=tc.name)
+
+    async def after_delete(self, name: str) -> None:
+        try:
+            await self.auth.backend.delete(STATE_PREFIX + name)
+        except errors.NotFound:
+            pass
+        _log.info("trust with root cluster {root} removed", root=name)
+
+    async def after_change(self, name: str) -> None:
+        if self.links is not None:
+            await self.links.reconcile()
+
+    async def state(self, name: str) -> dict | None:
+        try:
+            return json.loads((await self.auth.backend.get(STATE_PREFIX + name)).value)
+        except errors.NotFound:
+            return None
+
+    async def states(self) -> list[dict]:
+        return [json.loads(i.value) for i in await self.auth.backend.get_range(STATE_PREFIX)]
+
+    async def node_trust(self) -> list[dict]:
+        """What leaf nodes need: each enabled root's user CA and role map."""
+        return [{"name": s["name"], "ssh_user_ca": s["ssh_user_ca"], "role_map": s["role_map"]}
+                for s in await self.states() if s.get("enabled")]
+
+
+class LeafLinks(service.MultiService):
+    """One reverse tunnel to each enabled root cluster."""
+
+    def __init__(self, trust: LeafTrust, local_router, reactor, rng=None,
+                 heartbeat_interval: float = 30.0) -> None:
+        super().__init__()
+        self.trust = trust
+        trust.links = self
+        self.router = local_router
+        self.reactor = reactor
+        self.rng = rng or random.SystemRandom()
+        self.heartbeat_interval = heartbeat_interval
+        self.agents: dict[str, tuple[str, object]] = {}
+        self.current: dict[str, dict] = {}
+        self._poll = LoopingCall(lambda: defer.Deferred.fromCoroutine(self.reconcile())
+                                 .addErrback(lambda f: _log.failure("reconcile", f)))
+        self._poll.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # Several proxies may share one backend: pick up changes made elsewhere.
+        self._poll.start(5, now=True)
+
+    def stopService(self):
+        if self._poll.running:
+            self._poll.stop()
+        return super().stopService()
+
+    async def reconcile(self) -> None:
+        states = {s["name"]: s for s in await self.trust.states() if s.get("enabled")}
+        self.current = states
+        for name, (fingerprint, agent) in list(self.agents.items()):
+            if name not in states or _fingerprint(states[name]) != fingerprint:
+                del self.agents[name]
+                _log.info("closing the tunnel to root cluster {root}", root=name)
+                await defer.maybeDeferred(agent.disownServiceParent)
+        for name, state in states.items():
+            if name not in self.agents and self.running:
+                self.agents[name] = (_fingerprint(state), self._start_agent(state))
+
+    def _start_agent(self, state: dict):
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+        from edgeaccess import tls
+        from edgeaccess.tunnel.agent import TunnelAgent
+        from edgeaccess.tunnel.protocol import ALPN_PROTOCOL, Inventory
+
+        root = state["name"]
+        ca_certs = x509ca.load_certificates_pem(state["root_tls_ca"].encode())
+        cert = x509ca.load_certificate_pem(state["cluster_certificate"].encode())
+        key = keys.load_private_key(state["tunnel_key"].encode())
+        host, port = split_addr(state["tunnel_addr"], 3024)
+
+        def endpoint_factory():
+            options = tls.client_options(host, ca_certs, key=key, cert=cert,
+                                         alpn=[ALPN_PROTOCOL])
+            return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
+                                                           timeout=10))
+
+        agent = TunnelAgent(
+            endpoint_factory=endpoint_factory,
+            inventory=Inventory(name=self.trust.auth.cluster_name),
+            clock=self.reactor, rng=self.rng,
+            accept_channel=lambda kind, target: self._accept(root, kind, target),
+            heartbeat_interval=self.heartbeat_interval, max_channels=1024)
+        agent.setServiceParent(self)
+        _log.info("dialing root cluster {root} at {addr}", root=root,
+                  addr=state["tunnel_addr"])
+        return agent
+
+    def _accept(self, root: str, kind: str, target: str):
+        """Channels the root opens: ``ssh:NODE`` to a leaf node, ``web`` for
+        the root's questions (node listings)."""
+        state = self.current.get(root)
+        if state is None:
+            raise errors.AccessDenied(f"cluster {root} is not trusted")
+        if kind != "cluster":
+            raise errors.AccessDenied(f"{kind} channels are not served by a leaf proxy")
+        if target == "web":
+            return Site(LeafInternalAPI(self.trust, root).app.resource())
+        what, _, name = target.partition(":")
+        if what != "ssh" or not name:
+            raise errors.NotFound(f"no such target {target!r}")
+        cluster = self.trust.auth.cluster_name
+        _log.info("relaying a connection from root cluster {root} to node {node}",
+                  root=root, node=name)
+        return SpliceFactory(lambda: self.router.route(cluster, name, "ssh"),
+                             description=f"{name}.{cluster}")
+
+
+def _fingerprint(state: dict) -> str:
+    return json.dumps({k: state.get(k) for k in (
+        "tunnel_addr", "cluster_certificate", "root_tls_ca", "tunnel_key")}, sort_keys=True)
+
+
+class LeafInternalAPI:
+    """Served only inside the root's tunnel (never on a port): the root asks
+    on behalf of one of its users, whose identity it forwards; the leaf
+    applies its own roles through the role map."""
+
+    app = Klein()
+
+    def __init__(self, trust: LeafTrust, root: str) -> None:
+        self.trust = trust
+        self.root = root
+
+    @app.handle_errors(Exception)
+    def _errors(self, request, failure):
+        from edgeaccess import httpapi
+
+        return httpapi.error_response(request, failure)
+
+    @app.route("/v1/nodes", methods=["GET"])
+    async def nodes(self, request):
+        from edgeaccess.httpapi import json_response
+        from edgeaccess.identity import rbac
+
+        raw = request.getHeader(b"x-edge-identity") or b"{}"
+        try:
+            identity = json.loads(raw)
+            remote_roles = [r for r in identity.get("roles", []) if isinstance(r, str)]
+            traits = identity.get("traits") or {}
+        except (ValueError, AttributeError):
+            raise errors.BadRequest("malformed forwarded identity")
+        state = await self.trust.state(self.root)
+        if state is None or not state.get("enabled"):
+            raise errors.AccessDenied(f"cluster {self.root} is not trusted")
+        local = map_roles(state["role_map"], remote_roles)
+        auth = self.trust.auth
+        checker = rbac.AccessChecker(await auth.get_roles(local), traits)
+        nodes = [n for n in await auth.list_nodes() if checker.can_access_node(n["labels"])]
+        return json_response(request, nodes)
