@@ -9,7 +9,8 @@
    the node serves SSH); the baseline is a direct TCP connection to the same
    echo protocol. Each round trip writes ``--size`` bytes and waits for all of
    them back; p50/p99/mean over ``--rounds`` after 200 warm-up rounds, the two
-   paths interleaved in blocks.
+   paths interleaved in blocks. ``--nodelay`` sets TCP_NODELAY on the
+   tunnel's connection first (the product does not).
 2. Setup (``case: ssh-setup``): ``ssh ... true`` against a real cluster,
    median of ``--setup-runs``: through proxy + tunnel (``tnode``), through
    the proxy to a direct-mode node (``dnode``), direct to ``dnode``, and the C
@@ -35,7 +36,8 @@ def _percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def _echo_rounds(rounds: int, size: int, block: int = 500) -> dict[str, list[float]]:
+def _echo_rounds(rounds: int, size: int, block: int = 500,
+                 nodelay: bool = False) -> dict[str, list[float]]:
     """Run the in-process measurement; returns round-trip times (ms) per path."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred, inlineCallbacks
@@ -123,6 +125,9 @@ def _echo_rounds(rounds: int, size: int, block: int = 500) -> dict[str, list[flo
         try:
             yield agent.when_connected().addTimeout(15, reactor)
             proxy_side = tunnels.registry.lookup("bench", "n1")
+            if nodelay:  # the TLS wrapper passes this through to the TCP transport
+                for tunnel in (proxy_side, agent.tunnel):
+                    tunnel.transport.setTcpNoDelay(True)
             clients = {}
             for name, endpoint in (
                 ("tunnel", TunnelChannelEndpoint(proxy_side, "ssh", "n1")),
@@ -156,14 +161,14 @@ def _echo_rounds(rounds: int, size: int, block: int = 500) -> dict[str, list[flo
     return result
 
 
-def echo_results(rounds: int, size: int) -> list[dict]:
+def echo_results(rounds: int, size: int, nodelay: bool = False) -> list[dict]:
     """The ``echo`` results: per path and the tunnel's added latency."""
-    samples = _echo_rounds(rounds, size)
+    samples = _echo_rounds(rounds, size, nodelay=nodelay)
     out = []
     for path in ("tcp", "tunnel"):
         s = samples[path]
         out.append({"benchmark": "tunnel-latency", "case": "echo", "path": path,
-                    "bytes": size, "rounds": len(s),
+                    "bytes": size, "rounds": len(s), "tunnel_nodelay": nodelay,
                     "p50_ms": round(_percentile(s, 0.5), 4),
                     "p99_ms": round(_percentile(s, 0.99), 4),
                     "mean_ms": round(statistics.fmean(s), 4)})
@@ -216,6 +221,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=5000, help="echo round trips per path")
     parser.add_argument("--size", type=int, default=1024, help="bytes per round trip")
     parser.add_argument("--setup-runs", type=int, default=20, help="ssh true runs per path")
+    parser.add_argument("--nodelay", action="store_true",
+                        help="set TCP_NODELAY on the tunnel's TCP connection (both ends)")
     parser.add_argument("--skip-echo", action="store_true")
     parser.add_argument("--skip-setup", action="store_true")
     args = parser.parse_args(argv)
@@ -223,6 +230,6 @@ def main(argv: list[str]) -> int:
         for result in setup_results(args.setup_runs):
             emit(result)
     if not args.skip_echo:
-        for result in echo_results(args.rounds, args.size):
+        for result in echo_results(args.rounds, args.size, args.nodelay):
             emit(result)
     return 0

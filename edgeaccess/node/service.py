@@ -231,6 +231,8 @@ class NodeService(service.MultiService):
     async def _start_tunnel(self) -> None:
         """Dial the proxy's tunnel server and keep the tunnel up, forever."""
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        from twisted.internet.interfaces import IStreamClientEndpoint
+        from zope.interface import implementer
 
         from edgeaccess import tls
         from edgeaccess.httpclient import split_addr
@@ -266,6 +268,7 @@ class NodeService(service.MultiService):
 
         node = self
 
+        @implementer(IStreamClientEndpoint)
         class AskFirst:
             """Ask the proxy where its tunnel server is now, then dial it."""
 
@@ -319,7 +322,7 @@ class NodeService(service.MultiService):
         try:
             addr = await self._ask_tunnel_addr()
         except (errors.EdgeError, KeyError, TypeError) as e:
-            _log.info("cannot ask the proxy for its tunnel address ({reason}); dialing "
+            _log.debug("cannot ask the proxy for its tunnel address ({reason}); dialing "
                       "{addrs}", reason=e, addrs=", ".join(self.tunnel_addrs))
             return
         if addr not in self.tunnel_addrs:
