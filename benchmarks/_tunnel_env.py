@@ -96,20 +96,37 @@ def wait_port(port: int, timeout: float, what: str, process=None) -> None:
     wait_for(accepting, timeout, what, process)
 
 
+def _wrapped(argv: list[str], nofile: int = 0, heartbeat: float = 0.0,
+             nodelay: bool = False) -> list[str]:
+    twistd_args = argv[3:]  # after [python, -c, "from twisted... run()"]
+    wrapper = [sys.executable, WRAPPER]
+    if nofile:
+        wrapper += ["--nofile", str(nofile)]
+    if heartbeat:
+        wrapper += ["--tunnel-heartbeat", str(heartbeat)]
+    if nodelay:
+        wrapper.append("--tunnel-nodelay")
+    return wrapper + ["--"] + twistd_args
+
+
 class BenchProxy(ProxyProcess):
     """``ProxyProcess`` started through ``_tunnel_proxy.py`` (fd limit, heartbeat)."""
 
     nofile: int = 0
     tunnel_heartbeat: float = 0.0
+    nodelay: bool = False
 
     def _spawn(self, argv: list[str], env=None) -> None:
-        twistd_args = argv[3:]  # after [python, -c, "from twisted... run()"]
-        wrapper = [sys.executable, WRAPPER]
-        if self.nofile:
-            wrapper += ["--nofile", str(self.nofile)]
-        if self.tunnel_heartbeat:
-            wrapper += ["--tunnel-heartbeat", str(self.tunnel_heartbeat)]
-        super()._spawn(wrapper + ["--"] + twistd_args, env)
+        super()._spawn(_wrapped(argv, self.nofile, self.tunnel_heartbeat, self.nodelay), env)
+
+
+class BenchNode(NodeProcess):
+    """``NodeProcess``, optionally with TCP_NODELAY on its tunnel (experiment)."""
+
+    nodelay: bool = False
+
+    def _spawn(self, argv: list[str], env=None) -> None:
+        super()._spawn(_wrapped(argv, nodelay=self.nodelay) if self.nodelay else argv, env)
 
     @property
     def pid(self) -> int:
@@ -117,11 +134,12 @@ class BenchProxy(ProxyProcess):
 
 
 def start_proxy(base: Path, cluster: str = "bench", nofile: int = 0,
-                tunnel_heartbeat: float = 0.0) -> BenchProxy:
+                tunnel_heartbeat: float = 0.0, nodelay: bool = False) -> BenchProxy:
     """A running proxy in ``base/proxy`` (log ``base/proxy.log``)."""
     proxy = BenchProxy(base / "proxy", base / "proxy.log", cluster=cluster)
     proxy.nofile = nofile
     proxy.tunnel_heartbeat = tunnel_heartbeat
+    proxy.nodelay = nodelay
     try:
         proxy.start()
     except Exception:
@@ -133,9 +151,10 @@ def start_proxy(base: Path, cluster: str = "bench", nofile: int = 0,
 class BenchCluster:
     """Proxy + logged-in user + tunnelled node ``tnode`` + direct node ``dnode``."""
 
-    def __init__(self, base: Path, *, direct_node: bool = True, record: bool = False) -> None:
+    def __init__(self, base: Path, *, direct_node: bool = True, record: bool = False,
+                 nodelay: bool = False) -> None:
         self.base = base
-        self.proxy = start_proxy(base)
+        self.proxy = start_proxy(base, nodelay=nodelay)
         self.nodes: list[NodeProcess] = []
         try:
             self.login = os.environ.get("USER") or "root"
@@ -156,10 +175,11 @@ class BenchCluster:
             # Node heartbeats to auth every 30 s (devcluster's default is 1 s,
             # which would add HTTP requests to the proxy's CPU figures).
             slow = ["--heartbeat-interval", "30"]
-            self.tnode = NodeProcess(base / "tnode", base / "tnode.log", name="tnode",
-                                     auth_server=self.proxy.addr("web"),
-                                     token=self.proxy.node_token(), ca_pin=self.proxy.pin(),
-                                     extra_args=slow)
+            self.tnode = BenchNode(base / "tnode", base / "tnode.log", name="tnode",
+                                   auth_server=self.proxy.addr("web"),
+                                   token=self.proxy.node_token(), ca_pin=self.proxy.pin(),
+                                   extra_args=slow)
+            self.tnode.nodelay = nodelay
             self.nodes.append(self.tnode.start())
             self.dnode = None
             if direct_node:

@@ -82,11 +82,11 @@ def _transfer(argv: list[str], direction: str, size: int, pids) -> dict:
 
 
 def run(size: int, repeat: int, paths: list[str], emit_result=emit,
-        record: bool = False) -> list[dict]:
+        record: bool = False, nodelay: bool = False) -> list[dict]:
     """Measure every path and direction; returns (and emits) the results."""
     results = []
     with tempfile.TemporaryDirectory(prefix="edgeaccess-tunnel-bench-") as tmp:
-        cluster = BenchCluster(Path(tmp), record=record)
+        cluster = BenchCluster(Path(tmp), record=record, nodelay=nodelay)
         cpath = None
         try:
             cpath = CPath(cluster)
@@ -123,6 +123,7 @@ def run(size: int, repeat: int, paths: list[str], emit_result=emit,
                         "client_cpu_s_per_gib": per_gib(("client",)),
                         "cpu_s_per_gib": {n: per_gib((n,)) for n in proxy_names + node_names},
                         "ciphers": ciphers[path], "recorded": record,
+                        "tunnel_nodelay": nodelay,
                     }
                     if path == "c-path":
                         baseline = result["mib_s"]
@@ -147,10 +148,12 @@ def main(argv: list[str]) -> int:
                         help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--record", action="store_true",
                         help="use the preset access role: nodes record every session")
+    parser.add_argument("--nodelay", action="store_true",
+                        help="experiment: TCP_NODELAY on the tunnel (proxy and tnode)")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
     unknown = set(paths) - set(SIDES)
     if unknown:
         parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
-    run(parse_size(args.size), args.repeat, paths, record=args.record)
+    run(parse_size(args.size), args.repeat, paths, record=args.record, nodelay=args.nodelay)
     return 0

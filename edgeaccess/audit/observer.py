@@ -16,6 +16,8 @@ is over its bound (see :mod:`edgeaccess.audit.spool`, policy when full).
 
 from __future__ import annotations
 
+import posixpath
+import shlex
 import uuid
 from datetime import datetime, timezone
 from typing import Callable
@@ -116,11 +118,11 @@ class AuditingObserver:
     def exec_started(self, session: SessionInfo, command: str) -> None:
         fields = self._session_fields(session)
         self._emit(ev.EXEC, command=command[:4096], **fields)
-        words = command.split()
-        if words and words[0] in ("scp", "/usr/bin/scp"):
-            direction = "upload" if "-t" in words else "download" if "-f" in words else None
+        scp = _scp_request(command)
+        if scp is not None:
+            direction, path = scp
             self._emit(ev.SCP, command=command[:4096], action=direction,
-                       path=words[-1][:1024] if len(words) > 1 else None, **fields)
+                       path=path[:1024] if path is not None else None, **fields)
 
     def session_ended(self, session: SessionInfo, exit_status, exit_signal) -> None:
         recorder = self._recorders.pop(session.session_id, None)
@@ -185,6 +187,29 @@ class AuditingObserver:
             if not pending["complete"] and self.spool.recording(pending["session_id"]) is None:
                 self.spool.finish_recording(pending["session_id"])
         return len(orphans)
+
+
+def _scp_request(command: str) -> tuple[str | None, str | None] | None:
+    """``(direction, path)`` if ``command`` is the remote end of classic scp
+    (``scp -t PATH`` receives an upload, ``scp -f PATH`` sends a download),
+    else ``None``. The path is the last word, shell quoting removed."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: the shell will refuse it anyway
+        words = command.split()
+    if not words or posixpath.basename(words[0]) != "scp":
+        return None
+    letters, operands = "", []
+    for i, word in enumerate(words[1:], 1):
+        if word == "--":
+            operands += words[i + 1:]
+            break
+        if word.startswith("-") and len(word) > 1:
+            letters += word[1:]
+        else:
+            operands.append(word)
+    direction = "upload" if "t" in letters else "download" if "f" in letters else None
+    return direction, operands[-1] if operands else None
 
 
 @implementer(IAuthorizer)

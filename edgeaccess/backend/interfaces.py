@@ -24,7 +24,9 @@ class Item:
 
     :ivar key: the full key, e.g. ``"/users/alice"``.
     :ivar value: opaque bytes (JSON by convention).
-    :ivar expires: UTC expiry time, or ``None`` for never.
+    :ivar expires: UTC expiry time, or ``None`` for never. Backends return
+        it timezone-aware (UTC); a naive datetime passed in is taken as UTC.
+        The item is invisible from that instant on (``expires <= now``).
     :ivar revision: increases on every write to this key. Drivers draw it
         from one backend-wide counter, so it also orders writes to different
         keys, and a key deleted and created again never reuses a revision.

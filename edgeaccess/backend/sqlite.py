@@ -239,8 +239,9 @@ class SQLiteBackend:
             pool.start()
             self._pool = pool
             if IReactorCore.providedBy(self._reactor):
+                # "before": only those triggers can delay shutdown with a Deferred.
                 self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-                    "during", "shutdown", self.close
+                    "before", "shutdown", self.close
                 )
             # First in the queue, so every call finds the database open.
             opened = deferToThreadPool(self._reactor, pool, self._open, self.clock.seconds())

@@ -43,6 +43,9 @@ def exchange_with_root(tc, *, leaf_name: str, host_ca_lines: list[str], tls_ca_p
     """Blocking (run in a thread): the CA exchange with the root."""
     root_ca = fetch_pinned_ca(tc.web_proxy_addr, tc.ca_pin)
     client = Client(tc.web_proxy_addr, ca_pem=root_ca)
+    # Check the name before the join: the root stores the leaf when it accepts.
+    ping = client.get("/v1/ping")
+    _check_root_name(tc, ping.get("cluster_name") if isinstance(ping, dict) else None)
     answer = client.post("/v1/trusted_clusters/join", {
         "token": tc.token,
         "leaf_name": leaf_name,
@@ -52,12 +55,23 @@ def exchange_with_root(tc, *, leaf_name: str, host_ca_lines: list[str], tls_ca_p
             serialization.Encoding.PEM,
             serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii"),
     })
-    if answer.get("cluster_name") != tc.name:
-        raise errors.BadResource(
-            f"the cluster at {tc.web_proxy_addr} is {answer.get('cluster_name')!r}, "
-            f"not {tc.name!r} (metadata.name must be the root cluster's name)")
+    if not isinstance(answer, dict):
+        raise errors.EdgeError(f"the cluster at {tc.web_proxy_addr} sent a malformed answer")
+    _check_root_name(tc, answer.get("cluster_name"))
+    user_cas = answer.get("ssh_user_ca")
+    if (not isinstance(user_cas, list) or not user_cas
+            or not all(isinstance(l, str) for l in user_cas)
+            or not isinstance(answer.get("tls_certificate"), str)):
+        raise errors.EdgeError(f"the cluster at {tc.web_proxy_addr} sent an incomplete answer")
     return {"root_tls_ca": root_ca, "ssh_user_ca": answer["ssh_user_ca"],
             "cluster_certificate": answer["tls_certificate"]}
+
+
+def _check_root_name(tc, name) -> None:
+    if name != tc.name:
+        raise errors.BadResource(
+            f"the cluster at {tc.web_proxy_addr} is {name!r}, not {tc.name!r} "
+            f"(metadata.name must be the root cluster's name)")
 
 
 class LeafTrust:

@@ -143,7 +143,8 @@ def map_roles(role_map: Iterable, remote_roles: Iterable[str]) -> list[str]:
             remote, targets = mapping.get("remote"), mapping.get("local") or []
         else:
             remote, targets = mapping.remote, mapping.local
-        if remote == "*" or remote in remote_roles:
+        # '*' matches every root role the user holds: none matches nothing.
+        if remote in remote_roles or (remote == "*" and remote_roles):
             for role in targets:
                 if role not in local:
                     local.append(role)

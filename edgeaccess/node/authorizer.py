@@ -115,6 +115,7 @@ class RoleAuthorizer:
             port_forwarding=checker.port_forwarding() and identity.permit_port_forwarding,
             forward_agent=checker.forward_agent() and identity.permit_agent_forwarding,
             record_session=checker.record_session(),
-            roles=tuple(identity.roles),
+            # The local roles: for a user of a trusted root, the mapped ones.
+            roles=tuple(role_names),
             session_ttl=timedelta(seconds=remaining),
         )

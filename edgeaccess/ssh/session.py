@@ -278,6 +278,9 @@ class NodeSessionChannel(conch_session.SSHSession):
         if self.session is not None and self.session.pty is not None:
             self.session.eofReceived()
         elif self.client is not None and self.conn is not None:
+            # Like sftp-server exiting: OpenSSH's scp (SFTP mode) and sftp
+            # exit 1 when the channel closes without an exit status.
+            self.conn.sendRequest(self, b"exit-status", struct.pack(">L", 0))
             self.conn.sendClose(self)
 
     def request_signal(self, data: bytes) -> int:

@@ -15,7 +15,7 @@ import os
 from twisted.conch.interfaces import ISFTPServer
 from twisted.conch.ls import lsLine
 from twisted.conch.ssh.filetransfer import FileTransferServer
-from twisted.conch.unix import SFTPServerForUnixConchUser
+from twisted.conch.unix import SFTPServerForUnixConchUser, UnixSFTPFile
 from twisted.logger import Logger
 from twisted.python import components
 from zope.interface import implementer
@@ -54,6 +54,31 @@ class NodeSFTPServer(SFTPServerForUnixConchUser):
         """Remove an empty directory."""
         self.avatar.run_as_user(os.rmdir, self._absPath(path))
 
+    def openFile(self, filename: bytes, flags: int, attrs: dict) -> "NodeSFTPFile":
+        """An open file whose attributes can be set (``fsetstat``)."""
+        return NodeSFTPFile(self, self._absPath(filename), flags, attrs)
+
+
+class NodeSFTPFile(UnixSFTPFile):
+    """Conch's Unix SFTP file plus ``setAttrs`` on the open descriptor.
+
+    OpenSSH 9's ``scp`` speaks SFTP and sets the mode and times of every
+    uploaded file through ``fsetstat``; Conch's file raises
+    ``NotImplementedError`` there, which made each upload exit 1.
+    """
+
+    def setAttrs(self, attrs: dict) -> None:
+        self.server.avatar.run_as_user(_set_fd_attrs, self.fd, attrs)
+
+
+def _set_fd_attrs(fd: int, attrs: dict) -> None:
+    if "uid" in attrs and "gid" in attrs:
+        os.fchown(fd, attrs["uid"], attrs["gid"])
+    if "permissions" in attrs:
+        os.fchmod(fd, attrs["permissions"] & 0o7777)
+    if "atime" in attrs and "mtime" in attrs:
+        os.utime(fd, (attrs["atime"], attrs["mtime"]))
+
 
 class NodeSFTPDirectory:
     """A directory listing for the SFTP protocol layer, names as bytes."""
@@ -79,8 +104,18 @@ class NodeSFTPDirectory:
         self.files = []
 
 
+class _PerPacketLogger(Logger):
+    """Conch logs every SFTP packet at info level ("dispatching: WRITE"):
+    thousands of lines per file. Those go to debug; failures stay."""
+
+    def info(self, format=None, **kwargs) -> None:
+        self.debug(format, **kwargs)
+
+
 class NodeFileTransferServer(FileTransferServer):
     """The ``sftp`` subsystem protocol for a :class:`NodeUser`."""
+
+    _log = _PerPacketLogger(namespace="edgeaccess.ssh.sftp")
 
 
 components.registerAdapter(NodeSFTPServer, NodeUser, ISFTPServer)

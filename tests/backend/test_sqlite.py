@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -310,3 +312,35 @@ async def test_reactor_keeps_ticking_during_a_slow_query(db_path: Path, clock: C
     assert len(items) == rows
     assert items[0].key == "/bulk/0000000" and items[-1].key == f"/bulk/{rows - 1:07d}"
     assert ticks_during_query >= 5
+
+
+_FORGETFUL_PROGRAM = """
+import sys
+from twisted.internet import reactor
+from edgeaccess.backend.sqlite import SQLiteBackend
+
+backend = SQLiteBackend(sys.argv[1], reactor)
+
+def stored(item):
+    print("stored", item.revision, flush=True)
+    reactor.stop()  # without backend.close()
+
+reactor.callWhenRunning(lambda: backend.put("/a", b"1").addCallback(stored))
+reactor.run()
+print("closed" if backend._connection is None else "left open", flush=True)
+"""
+
+
+def test_reactor_shutdown_closes_a_forgotten_backend(db_path: Path) -> None:
+    # Otherwise the database thread would keep the process alive at exit.
+    result = subprocess.run(
+        [sys.executable, "-c", _FORGETFUL_PROGRAM, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["stored", "1", "closed"]
+    assert raw_query(db_path, "SELECT key, value FROM items") == [("/a", b"1")]
+    assert not Path(f"{db_path}-wal").exists()  # a clean close checkpoints the WAL

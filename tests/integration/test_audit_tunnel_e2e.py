@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -167,6 +168,8 @@ def test_an_exec_through_the_tunnel_produces_start_exec_and_end(proxy, node, ali
     assert events[0]["kind"] == "exec" and events[0]["roles"] == ["access"]
     assert events[2]["exit_status"] == 0 and events[2]["recorded"] is False
     assert events[2]["reason"] == "exited"
+    # The edge ssh_config offers only the certificate: no refused-auth noise.
+    assert search(proxy, "--type", "auth") == []
 
 
 def test_an_interactive_tunnel_session_is_recorded_and_replays_in_asciinema(
@@ -207,31 +210,34 @@ def test_an_interactive_tunnel_session_is_recorded_and_replays_in_asciinema(
 @pytest.mark.parametrize("direction,flag", [("upload", "-t"), ("download", "-f")])
 def test_scp_through_the_tunnel_produces_an_scp_event(proxy, node, alice_home, tmp_path,
                                                       direction, flag):
-    remote = f"/tmp/edge-audit-scp-{direction}-{tmp_path.name}"
+    # A space in the name: the event's path is the file, shell quoting removed.
+    remote = f"/tmp/edge audit scp {direction} {tmp_path.name}"
+    quoted = shlex.quote(remote)
     local = tmp_path / "local.txt"
     if direction == "upload":
         local.write_text("scp payload up\n")
-        argv = [str(local), f"{target('tn1', proxy)}:{remote}"]
+        argv = [str(local), f"{target('tn1', proxy)}:{quoted}"]
     else:
-        assert ssh(alice_home, "tn1", proxy, f"echo scp payload down > {remote}").returncode == 0
-        argv = [f"{target('tn1', proxy)}:{remote}", str(local)]
+        assert ssh(alice_home, "tn1", proxy, f"echo scp payload down > {quoted}").returncode == 0
+        argv = [f"{target('tn1', proxy)}:{quoted}", str(local)]
     before = ids(proxy, "scp")
-    # -O: the classic scp protocol (an exec of ``scp -t``/``scp -f`` on the node).
-    result = subprocess.run(["scp", "-O", *ssh_options(alice_home), *argv],
+    # -O: the classic scp protocol (an exec of ``scp -t``/``scp -f`` on the node);
+    # -T: the client cannot match a quoted remote name with the one it gets back.
+    result = subprocess.run(["scp", "-O", "-T", *ssh_options(alice_home), *argv],
                             capture_output=True, text=True, timeout=30,
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr + node.log()[-2000:]
     if direction == "download":
         assert local.read_text() == "scp payload down\n"
     else:
-        assert ssh(alice_home, "tn1", proxy, "cat", remote).stdout == "scp payload up\n"
-    ssh(alice_home, "tn1", proxy, "rm", "-f", remote)
+        assert ssh(alice_home, "tn1", proxy, "cat", quoted).stdout == "scp payload up\n"
+    ssh(alice_home, "tn1", proxy, "rm", "-f", quoted)
 
     [scp] = new_events(proxy, "scp", before)
     session_id = scp["session_id"]
     check_common(scp, proxy, "tn1", session_id)
     assert (scp["action"], scp["path"]) == (direction, remote)
-    assert re.fullmatch(rf"scp( -\w+)* {flag}( -\w+)* {re.escape(remote)}", scp["command"])
+    assert re.fullmatch(rf"scp( -\w+)* {flag}( -\w+)* {re.escape(quoted)}", scp["command"])
     events = session_events(proxy, session_id)
     assert [e["event"] for e in events] == ["session.start", "exec", "scp", "session.end"]
     assert events[1]["command"] == scp["command"]
@@ -306,7 +312,7 @@ def test_a_proxy_killed_mid_session_gets_its_end_and_recording_tail_exactly_once
     wait_for(lambda: "audit delivery failed" in node.log(), 15, "a failed delivery round")
     spool = node.data_dir / "audit-spool"
     spooled = [json.loads(line) for line in (spool / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in spooled if e["session_id"] == session_id] == ["session.end"]
+    assert [e["event"] for e in spooled if e.get("session_id") == session_id] == ["session.end"]
     state = json.loads((spool / "recordings" / f"{session_id}.json").read_text())
     cast_size = (spool / "recordings" / f"{session_id}.cast").stat().st_size
     assert state["complete"] is True and state["uploaded"] <= cast_size

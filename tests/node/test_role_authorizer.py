@@ -33,14 +33,15 @@ def role(name: str, allow: dict, deny: dict | None = None, options: dict | None 
 
 
 def identity(*roles: str, cluster: str = CLUSTER, logins=("root",), traits=None,
-             port_forwarding: bool = False, agent_forwarding: bool = False) -> UserIdentity:
+             port_forwarding: bool = False, agent_forwarding: bool = False,
+             signing_ca: str = "") -> UserIdentity:
     """What a verified user certificate says about its holder."""
     return UserIdentity(
         username="alice", principals=tuple(logins), roles=tuple(roles), cluster=cluster,
         traits=dict(traits or {}), valid_after=NOW - timedelta(minutes=1),
         valid_before=NOW + timedelta(hours=8), serial=1, permit_pty=True,
         permit_port_forwarding=port_forwarding, permit_agent_forwarding=agent_forwarding,
-        critical_options={})
+        critical_options={}, signing_ca=signing_ca)
 
 
 DEV_ROOT = role("dev", {"logins": ["root"], "node_labels": {"env": ["dev"]}})
@@ -248,3 +249,45 @@ def test_the_lock_hook_is_asked_after_the_cluster_check():
     authorizer.authorize(identity("dev", cluster="other"), "root", "x").addBoth(results.append)
     assert "cluster 'other'" in str(results[1].value)
     assert asked == ["alice"]
+
+
+# --- users of this cluster and of a trusted root cluster --------------------------------
+
+OWN_CA = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOwnCA own-ca"
+ROOT_CA = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJvb3Q root-ca"
+TRUSTED = [{"name": "root", "ssh_user_ca": [ROOT_CA],
+            "role_map": [{"remote": "admin", "local": ["dev", "fwd-on"]}]}]
+
+FEDERATED = [
+    pytest.param(identity("dev", signing_ca=OWN_CA), ("dev",), None, id="own-user-own-ca"),
+    pytest.param(identity("dev", signing_ca=ROOT_CA), None,
+                 "certificate claims cluster 'home' but is not signed by its user CA",
+                 id="own-cluster-claimed-with-the-roots-ca"),
+    pytest.param(identity("admin", cluster="root", signing_ca=ROOT_CA), ("dev", "fwd-on"),
+                 None, id="root-user-gets-mapped-local-roles"),
+    pytest.param(identity("admin", cluster="root", signing_ca=OWN_CA), None,
+                 "certificate claims cluster 'root' but is not signed by its user CA",
+                 id="root-cluster-claimed-with-our-ca"),
+    pytest.param(identity("viewer", cluster="root", signing_ca=ROOT_CA), None,
+                 "roles ['viewer'] of cluster root map to no role in cluster home",
+                 id="root-role-without-mapping"),
+    pytest.param(identity("admin", cluster="elsewhere", signing_ca=ROOT_CA), None,
+                 "certificate of cluster 'elsewhere' is not accepted here",
+                 id="untrusted-cluster"),
+]
+
+
+@pytest.mark.parametrize("who, roles, reason", FEDERATED)
+def test_the_ca_must_belong_to_the_claimed_cluster_and_root_roles_are_mapped(who, roles,
+                                                                           reason):
+    authorizer = RoleAuthorizer(CLUSTER, lambda: ALL_ROLES, lambda: {"env": "dev"},
+                                clock_at(NOW), user_cas=lambda: [OWN_CA + " comment"],
+                                trusted_clusters=lambda: TRUSTED)
+    results: list = []
+    authorizer.authorize(who, "root", "192.0.2.7").addBoth(results.append)
+    if reason is None:
+        assert isinstance(results[0], SessionPermissions), results[0]
+        assert results[0].roles == roles  # what the decision was made with (audit)
+    else:
+        assert results[0].check(errors.AccessDenied)
+        assert reason in str(results[0].value)
