@@ -137,6 +137,18 @@ def _main(argv) -> int:
     raise errors.BadRequest(f"unknown command {args.command}")
 
 
+def _check_node(home, profile, cluster: str, node: str) -> None:
+    """One clear line for an unknown node, instead of OpenSSH's several."""
+    path = "/v1/nodes" if cluster == profile.cluster else f"/v1/clusters/{cluster}/nodes"
+    try:
+        nodes = _client(home, profile).get(path)
+    except errors.EdgeError:
+        return  # let OpenSSH try and report; the proxy decides in the end
+    if not any(node in (n.get("name"), n.get("uuid")) for n in nodes):
+        raise errors.NotFound(f"node {node} not found in cluster {cluster} "
+                              f"(or your roles do not allow it); see edge ls")
+
+
 def _scp_path(path: str, cluster: str) -> str:
     """``LOGIN@NODE:PATH`` -> ``LOGIN@NODE.CLUSTER:PATH``; local paths unchanged."""
     head, colon, rest = path.partition(":")

@@ -132,10 +132,16 @@ class NodeService(service.MultiService):
                               n=self._failures)
                 self._failures = 0
                 delay = self.heartbeat_interval
-            except errors.EdgeError as e:
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                # Whatever went wrong (the network, or an answer we could not
+                # read), the node keeps serving and tries again.
                 self._failures += 1
                 delay = min(self.heartbeat_interval,
                             backoff_delay(self._failures, self.rng, cap=self.heartbeat_interval))
+                if not isinstance(e, errors.EdgeError):
+                    _log.failure("heartbeat failed unexpectedly")
                 _log.warn("heartbeat failed ({reason}); retrying in {delay:.1f}s",
                           reason=e, delay=delay)
             if self._running:
@@ -154,7 +160,7 @@ class NodeService(service.MultiService):
                     self.reactor, self.reactor.getThreadPool(), self._join)
             except (errors.TokenInvalid, errors.CertificateInvalid, errors.BadRequest):
                 raise
-            except errors.EdgeError as e:
+            except (errors.EdgeError, KeyError, TypeError, ValueError) as e:
                 attempt += 1
                 delay = backoff_delay(attempt, self.rng)
                 _log.warn("join failed ({reason}); retrying in {delay:.1f}s",

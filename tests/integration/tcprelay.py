@@ -58,6 +58,8 @@ class _Pair:
             while True:
                 data = source.recv(256 * 1024)
                 if not data:
+                    if self._closed:  # woken by cut(): no FIN, the RST follows
+                        return
                     break
                 sink.sendall(data)
         except OSError:
@@ -91,11 +93,14 @@ class _Pair:
             if self._closed:
                 return False
             self._closed = True
+        # SHUT_RD wakes the pump threads blocked in recv() without sending
+        # anything (close() alone would not wake them); then close with RST.
         for sock in (self.downstream, self.upstream):
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
+        for sock in (self.downstream, self.upstream):
             _reset(sock)
         return True
 

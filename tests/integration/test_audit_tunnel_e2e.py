@@ -319,7 +319,8 @@ def test_a_proxy_killed_mid_session_gets_its_end_and_recording_tail_exactly_once
     print(f"recording bytes left in the spool at the outage: {cast_size - state['uploaded']}")
 
     proxy.start()
-    events = session_events(proxy, session_id)
+    # The node retries with capped jittered backoff (up to 30 s between rounds).
+    events = session_events(proxy, session_id, timeout=60)
     assert Counter(e["event"] for e in events) == {"session.start": 1, "session.end": 1}
     end = events[-1]
     check_common(end, proxy, "tn1", session_id)
@@ -327,6 +328,7 @@ def test_a_proxy_killed_mid_session_gets_its_end_and_recording_tail_exactly_once
     text = cast_of(alice_home, session_id, "the-tail-25")
     played = asciinema_cat(text, tmp_path)
     assert "before-the-proxy-crash-42" in played and "the-tail-25" in played
+    assert text.count("the-tail-25") == 1  # no chunk stored twice
     # Once the node's spool is empty nothing more is coming: still exactly once.
     wait_for(lambda: spool_empty(node), 30, "an empty spool", interval=0.3)
     events = search(proxy, "--session", session_id)
