@@ -119,6 +119,10 @@ class BenchProxy(ProxyProcess):
     def _spawn(self, argv: list[str], env=None) -> None:
         super()._spawn(_wrapped(argv, self.nofile, self.tunnel_heartbeat, self.nodelay), env)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
 
 class BenchNode(NodeProcess):
     """``NodeProcess``, optionally with TCP_NODELAY on its tunnel (experiment)."""
@@ -127,10 +131,6 @@ class BenchNode(NodeProcess):
 
     def _spawn(self, argv: list[str], env=None) -> None:
         super()._spawn(_wrapped(argv, nodelay=self.nodelay) if self.nodelay else argv, env)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
 
 def start_proxy(base: Path, cluster: str = "bench", nofile: int = 0,

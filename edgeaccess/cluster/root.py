@@ -69,6 +69,19 @@ class RootClusters:
             key = serialization.load_pem_public_key(tunnel_public_key.encode("ascii"))
         except (ValueError, TypeError, UnicodeError, AttributeError):
             raise errors.BadRequest("tls_ca or tunnel_public_key is not valid PEM")
+        try:
+            existing = json.loads((await auth.backend.get(f"/remote_clusters/{leaf_name}")).value)
+        except errors.NotFound:
+            existing = None
+        if existing is not None and (existing.get("ssh_host_ca") != host_ca
+                                     or existing.get("tls_ca") != tls_ca):
+            # A token must not let anyone take over a known leaf's name.
+            _log.warn("trusted cluster join refused for {leaf} from {addr}: a cluster of "
+                      "that name with other CAs is already trusted", leaf=leaf_name,
+                      addr=remote_addr)
+            raise errors.AlreadyExists(
+                f"a leaf cluster named {leaf_name} with other certificate authorities "
+                f"already trusts this cluster")
         record = {"name": leaf_name, "ssh_host_ca": host_ca, "tls_ca": tls_ca,
                   "joined": auth.now().isoformat()}
         await auth.backend.put(f"/remote_clusters/{leaf_name}", _dumps(record))
