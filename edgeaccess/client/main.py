@@ -142,6 +142,8 @@ def _check_node(home, profile, cluster: str, node: str) -> None:
     path = "/v1/nodes" if cluster == profile.cluster else f"/v1/clusters/{cluster}/nodes"
     try:
         nodes = _client(home, profile).get(path)
+    except (errors.ClusterOffline, errors.NotFound):
+        raise
     except errors.EdgeError:
         return  # let OpenSSH try and report; the proxy decides in the end
     if not any(node in (n.get("name"), n.get("uuid")) for n in nodes):
