@@ -9,8 +9,14 @@ from twisted.python import usage
 from edgeaccess.httpclient import split_addr
 
 
-def listen_endpoint(reactor, addr: str, default_port: int, tls_options=None):
-    """A server endpoint for ``HOST:PORT`` (``:PORT``, ``PORT`` or ``HOST``)."""
+def listen_endpoint(reactor, addr: str, default_port: int, tls_options=None,
+                    backlog: int = 50):
+    """A server endpoint for ``HOST:PORT`` (``:PORT``, ``PORT`` or ``HOST``).
+
+    :param backlog: the kernel's queue of connections not yet accepted; the
+        tunnel port wants a large one, or a reconnect storm of thousands of
+        agents loses SYNs and sends agents into long backoffs.
+    """
     addr = addr.strip()
     if addr.isdigit():
         addr = f"0.0.0.0:{addr}"
@@ -18,10 +24,10 @@ def listen_endpoint(reactor, addr: str, default_port: int, tls_options=None):
         addr = "0.0.0.0" + addr
     host, port = split_addr(addr, default_port)
     if tls_options is not None:
-        return SSL4ServerEndpoint(reactor, port, tls_options, interface=host)
+        return SSL4ServerEndpoint(reactor, port, tls_options, backlog=backlog, interface=host)
     if ":" in host:
-        return TCP6ServerEndpoint(reactor, port, interface=host)
-    return TCP4ServerEndpoint(reactor, port, interface=host)
+        return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
 def apply_config_file(options: usage.Options, path: str, keys) -> None:

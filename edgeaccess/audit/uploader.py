@@ -9,7 +9,10 @@ another implementation of the same three calls.
 (oldest first, in batches), then recording chunks by offset, then the end
 of each finished recording. A failed round is retried with capped
 exponential backoff and full jitter; :meth:`SpoolShipper.kick` starts a
-round soon after something was spooled.
+round soon after something was spooled, and :meth:`SpoolShipper.link_restored`
+at once when the node knows its link is back (its tunnel reconnected, a
+heartbeat went through), so a spool drains within seconds of an outage
+rather than after the backoff.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class SpoolShipper(service.Service):
         self._call = None
         self._busy = False
         self._again = False
+        self._retry_now = False
 
     def startService(self) -> None:
         super().startService()
@@ -113,6 +117,22 @@ class SpoolShipper(service.Service):
             self._again = True
         elif self.failures == 0:
             self._schedule(0)
+
+    def link_restored(self) -> None:
+        """The link to the auth service is back: retry a failed delivery now.
+
+        Skips the rest of the backoff. A round already in flight is let
+        finish; if it fails, the next one starts at once (only once per call,
+        so a link that flaps cannot make the shipper spin).
+        """
+        if not self.running:
+            return
+        if self._busy:
+            self._retry_now = True
+        elif self.failures:
+            _log.info("link to the auth service restored: retrying audit delivery now "
+                      "({events} events spooled)", events=len(self.spool._events))
+            self._schedule(0)  # replaces the backoff's later round
 
     def _schedule(self, delay: float) -> None:
         if self._call is not None and self._call.active():
@@ -144,9 +164,10 @@ class SpoolShipper(service.Service):
 
         def next_round(delay):
             self._busy = False
+            now = (self._again and not self.failures) or (self._retry_now and self.failures)
             if self.running:
-                self._schedule(0 if (self._again and not self.failures) else delay)
-            self._again = False
+                self._schedule(0 if now else delay)
+            self._again = self._retry_now = False
 
         d.addCallbacks(done, failed)
         d.addCallback(next_round)

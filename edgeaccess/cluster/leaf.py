@@ -221,8 +221,15 @@ class LeafLinks(service.MultiService):
         cluster = self.trust.auth.cluster_name
         _log.info("relaying a connection from root cluster {root} to node {node}",
                   root=root, node=name)
-        return SpliceFactory(lambda: self.router.route(cluster, name, "ssh"),
-                             description=f"{name}.{cluster}")
+        def route(peer=None):
+            # The root proxy asserted the user's address on the channel (the
+            # tunnel is mutually authenticated): the leaf node sees it too.
+            source = getattr(peer, "source", None)
+            if source is None:
+                return self.router.route(cluster, name, "ssh")
+            return self.router.route(cluster, name, "ssh", source=source)
+
+        return SpliceFactory(route, description=f"{name}.{cluster}", with_peer=True)
 
 
 def _fingerprint(state: dict) -> str:

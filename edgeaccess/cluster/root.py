@@ -134,13 +134,15 @@ class _LeafRoute:
         self._clusters = clusters
         self.name = name
 
-    def route(self, cluster: str, name: str, kind: str = "ssh") -> IStreamClientEndpoint:
+    def route(self, cluster: str, name: str, kind: str = "ssh",
+              source: str | None = None) -> IStreamClientEndpoint:
         from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 
         tunnel = self._clusters.tunnels.get(self.name)
         if tunnel is None:
             return _Offline(self.name)
-        return TunnelChannelEndpoint(tunnel, "cluster", f"{kind}:{name}")
+        # The user's address goes along: the leaf passes it on to its node.
+        return TunnelChannelEndpoint(tunnel, "cluster", f"{kind}:{name}", source=source)
 
 
 @implementer(IStreamClientEndpoint)

@@ -130,6 +130,7 @@ class NodeService(service.MultiService):
                 if self._failures:
                     _log.info("auth service reachable again after {n} failed attempts",
                               n=self._failures)
+                    self.audit.shipper.link_restored()
                 self._failures = 0
                 delay = self.heartbeat_interval
             except defer.CancelledError:
@@ -291,6 +292,9 @@ class NodeService(service.MultiService):
 
         def tunnel_up(tunnel) -> None:
             self._dials_since_up = 0
+            # The proxy is back: deliver the audit spool now, not after the
+            # shipper's backoff (it reaches the same proxy's web address).
+            self.audit.shipper.link_restored()
             tunnel.when_lost().addCallback(lambda _: watch())
 
         def watch() -> None:

@@ -16,8 +16,12 @@ class IRouter(Interface):
 
     local_cluster = Attribute("Name of the cluster this proxy belongs to.")
 
-    def route(cluster: str, name: str, kind: str = "ssh"):  # -> IStreamClientEndpoint
+    def route(cluster: str, name: str, kind: str = "ssh", source=None):  # -> IStreamClientEndpoint
         """An ``IStreamClientEndpoint`` reaching ``kind`` on node ``name``.
+
+        ``source`` is the user's address (``"ip:port"``) when known: a
+        tunnelled node (directly or in a leaf cluster) sees it as the
+        connection's peer address.
 
         Looking the node up may need I/O, so errors surface either here or
         from the endpoint's ``connect()``: ``edgeaccess.errors.NotFound``
@@ -25,7 +29,7 @@ class IRouter(Interface):
         ``ClusterOffline``, ``AccessDenied``.
         """
 
-    def route_host(host: str, kind: str = "ssh"):  # -> IStreamClientEndpoint
+    def route_host(host: str, kind: str = "ssh", source=None):  # -> IStreamClientEndpoint
         """Route a host name as a client typed it (``ssh -J``'s target).
 
         ``NAME.CLUSTER``, ``NAME`` alone for the local cluster, and a dotted

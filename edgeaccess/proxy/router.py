@@ -149,10 +149,12 @@ class Router:
     :param tunnel_lookup: ``tunnel_lookup(cluster, node) ->
         IStreamClientEndpoint`` for nodes behind a reverse tunnel (raises
         or fails with ``NodeOffline`` when the node has no tunnel). For a
-        kind other than ``"ssh"`` it is called with ``kind=`` as well.
+        kind other than ``"ssh"`` it is called with ``kind=`` as well, and
+        with ``source=`` when the user's address is known.
     :param leaf_lookup: ``leaf_lookup(cluster) -> router | None`` for
         trusted leaf clusters; only the leaf router's ``route(cluster, name,
-        kind)`` is used (it chains through the leaf's tunnel).
+        kind)`` is used (it chains through the leaf's tunnel; ``source=``
+        is passed when known).
     :param reactor: used for TCP connections to nodes that listen.
     """
 
@@ -176,24 +178,33 @@ class Router:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
 
-    def route(self, cluster: str, name: str, kind: str = "ssh") -> RoutedEndpoint:
-        """See :meth:`IRouter.route`."""
+    def route(
+        self, cluster: str, name: str, kind: str = "ssh", source: str | None = None
+    ) -> RoutedEndpoint:
+        """See :meth:`IRouter.route`.
+
+        :param source: the user's address (``"ip:port"``), passed on to a
+            tunnelled node (its channel's peer address) or to a leaf cluster.
+        """
         if not name:
             raise BadRequest("no node name given")
         if cluster.lower() == self.local_cluster.lower():
             return RoutedEndpoint(
-                lambda: self._resolve_local([name], kind), self.local_cluster, name
+                lambda: self._resolve_local([name], kind, source), self.local_cluster, name
             )
         leaf = self._leaf(cluster)
         if leaf is None:
             raise NotFound(f"cluster {cluster} not found")
 
         def through_leaf() -> Route:
-            return Route(ROUTE_LEAF, cluster, name, None, leaf.route(cluster, name, kind))
+            extra = {} if source is None else {"source": source}
+            return Route(ROUTE_LEAF, cluster, name, None, leaf.route(cluster, name, kind, **extra))
 
         return RoutedEndpoint(through_leaf, cluster, name)
 
-    def route_host(self, host: str, kind: str = "ssh") -> RoutedEndpoint:
+    def route_host(
+        self, host: str, kind: str = "ssh", source: str | None = None
+    ) -> RoutedEndpoint:
         """Route a host name as a client typed it.
 
         ``NAME.CLUSTER`` names a node of this or a leaf cluster; ``NAME``
@@ -208,22 +219,22 @@ class Router:
             # "web.prod" in cluster "prod" could also be a node named "web.prod".
             names = [host[: -len(suffix)], host]
             return RoutedEndpoint(
-                lambda: self._resolve_local(names, kind), self.local_cluster, names[0]
+                lambda: self._resolve_local(names, kind, source), self.local_cluster, names[0]
             )
         position = host.find(".")
         while position != -1:
             name, cluster = host[:position], host[position + 1 :]
             if self._leaf(cluster) is not None:
-                return self.route(cluster, name, kind)
+                return self.route(cluster, name, kind, source)
             position = host.find(".", position + 1)
-        return self.route(self.local_cluster, host, kind)
+        return self.route(self.local_cluster, host, kind, source)
 
     def _leaf(self, cluster: str):
         if self._leaf_lookup is None or not cluster:
             return None
         return self._leaf_lookup(cluster)
 
-    def _resolve_local(self, names: list[str], kind: str) -> Deferred:
+    def _resolve_local(self, names: list[str], kind: str, source: str | None = None) -> Deferred:
         """Try each candidate name in turn; the first one's NotFound wins."""
 
         def attempt(index: int) -> Deferred:
@@ -237,20 +248,20 @@ class Router:
                 raise NotFound(
                     f"node {names[0]} not found in cluster {self.local_cluster}"
                 )
-            return self._route_to(node, kind)
+            return self._route_to(node, kind, source)
 
         return attempt(0)
 
-    def _route_to(self, node, kind: str) -> Route:
+    def _route_to(self, node, kind: str, source: str | None = None) -> Route:
         name = field(node, "name")
         address = field(node, "address") or ""
         if address == TUNNEL_ADDRESS:
             if self._tunnel_lookup is None:
                 raise NodeOffline(f"node {name}.{self.local_cluster} is offline")
-            if kind == "ssh":
-                endpoint = self._tunnel_lookup(self.local_cluster, node)
-            else:
-                endpoint = self._tunnel_lookup(self.local_cluster, node, kind=kind)
+            extra: dict[str, Any] = {} if kind == "ssh" else {"kind": kind}
+            if source is not None:
+                extra["source"] = source
+            endpoint = self._tunnel_lookup(self.local_cluster, node, **extra)
             return Route(ROUTE_TUNNEL, self.local_cluster, name, node, endpoint)
         if kind != "ssh":
             raise NodeOffline(

@@ -65,11 +65,14 @@ def _link(a: _Half, b: _Half) -> None:
 
 class SpliceFactory(Factory):
     """Each inbound connection is spliced onto a new connection to
-    ``endpoint_for()`` (called once per inbound connection)."""
+    ``endpoint_for()`` (called once per inbound connection; with
+    ``with_peer``, called with the inbound connection's peer address, e.g.
+    a tunnel channel's, which carries the user's source address)."""
 
-    def __init__(self, endpoint_for, description: str = "") -> None:
+    def __init__(self, endpoint_for, description: str = "", *, with_peer: bool = False) -> None:
         self.endpoint_for = endpoint_for
         self.description = description
+        self.with_peer = with_peer
 
     def buildProtocol(self, addr):
         inbound = _Inbound(self)
@@ -91,7 +94,10 @@ class _Inbound(_Half):
         # Hold the inbound side until the outbound one exists.
         self.transport.pauseProducing()
         try:
-            endpoint = self.factory.endpoint_for()
+            if self.factory.with_peer:
+                endpoint = self.factory.endpoint_for(self.transport.getPeer())
+            else:
+                endpoint = self.factory.endpoint_for()
             d = endpoint.connect(Factory.forProtocol(_Half))
         except Exception as e:  # routing refused at once
             self._failed(e)

@@ -47,6 +47,7 @@ from edgeaccess.ssh.forwarding import (
 from edgeaccess.ssh.hostkeys import host_keys
 from edgeaccess.ssh.interfaces import IAuthorizer, SessionPermissions
 from edgeaccess.ssh.transport import EdgeServerTransport
+from edgeaccess.tunnel.protocol import format_source
 
 _log = Logger()
 
@@ -131,7 +132,13 @@ class ProxyAvatar(ConchUser):
 
         def connect():
             # The client's port is ignored: the router knows the node's.
-            endpoint = self._router.route_host(host, "ssh")
+            # The user's address goes along to a tunnelled node (its audit
+            # events, its certificate source-address checks).
+            source = self._client_source()
+            if source is None:
+                endpoint = self._router.route_host(host, "ssh")
+            else:
+                endpoint = self._router.route_host(host, "ssh", source=source)
             routed.append(endpoint)
             return open_direct_tcpip(
                 endpoint,
@@ -154,6 +161,17 @@ class ProxyAvatar(ConchUser):
             return Failure(error)
 
         return maybeDeferred(connect).addCallbacks(opened, failed)
+
+    def _client_source(self) -> str | None:
+        """The SSH client's address as ``"ip:port"`` (None if it is no IP)."""
+        transport = getattr(getattr(self, "conn", None), "transport", None)
+        peer = getattr(getattr(transport, "transport", None), "getPeer", None)
+        if peer is not None:
+            address = peer()
+            host, port = getattr(address, "host", None), getattr(address, "port", None)
+            if isinstance(host, str) and isinstance(port, int):
+                return format_source(host, port)
+        return format_source(self.verified.peer_address, 0)
 
     def gotGlobalRequest(self, requestType, data):
         """No remote port forwarding through the proxy."""

@@ -255,7 +255,8 @@ def makeService(options, reactor=None) -> service.MultiService:
                                         client_certificates="required",
                                         alpn=[ALPN_PROTOCOL])
     listeners["tunnel"] = _Listener(
-        "tunnel", listen_endpoint(reactor, options["tunnel-listen"], 3024, tunnel_options),
+        "tunnel", listen_endpoint(reactor, options["tunnel-listen"], 3024, tunnel_options,
+                                  backlog=4096),
         tunnels, on_listening)
     _TunnelShutdown(tunnels).setServiceParent(top)
 
@@ -303,6 +304,7 @@ def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
         d = defer.Deferred.fromCoroutine(auth.heartbeat(identity, record))
         d.addErrback(lambda f: _log.warn("cannot register tunnel node {name}: {why}",
                                          name=identity.name, why=f.getErrorMessage()))
+        return d
 
     def connected(tunnel) -> None:
         identity = tunnel.identity
@@ -321,9 +323,16 @@ def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
 
     tunnels.registry.subscribe(connected, disconnected)
 
-    def refresh() -> None:
-        for tunnel in tunnels.registry.connected():
-            register(tunnel)
+    def refresh():
+        # Cooperatively, so that 10,000 records never stall the reactor.
+        from twisted.internet.task import cooperate
+
+        def each():
+            for tunnel in list(tunnels.registry.connected()):
+                if tunnel.identity is not None and tunnel.identity.kind == "node":
+                    yield register(tunnel)
+
+        return cooperate(each()).whenDone()
 
     # Keep tunnelled nodes listed while their tunnel is up (records expire
     # after NODE_TTL without a refresh).
@@ -340,7 +349,9 @@ class _TunnelShutdown(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.tunnels.refresher.start(60, now=False)
+        # Node records live NODE_TTL (5 min): refreshing every 2 min keeps
+        # them with margin at a fraction of the cost of every minute.
+        self.tunnels.refresher.start(120, now=False)
 
     def stopService(self):
         super().stopService()
@@ -356,10 +367,10 @@ def _router(reactor, auth, cluster, registry, clusters):
     def node_lookup(name):
         return defer.Deferred.fromCoroutine(auth.find_node(name))
 
-    def tunnel_endpoint(cluster_name, node, kind="ssh"):
+    def tunnel_endpoint(cluster_name, node, kind="ssh", source=None):
         uuid = node["uuid"] if isinstance(node, dict) else getattr(node, "uuid", None)
         tunnel = registry.lookup(cluster_name, uuid)
-        return TunnelChannelEndpoint(tunnel, kind, uuid)
+        return TunnelChannelEndpoint(tunnel, kind, uuid, source=source)
 
     return Router(cluster, node_lookup, tunnel_lookup=tunnel_endpoint,
                   leaf_lookup=clusters.leaf_router, reactor=reactor)

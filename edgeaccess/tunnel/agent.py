@@ -68,6 +68,8 @@ class AgentTunnelProtocol(TunnelConnection):
     peer_commands = PROXY_COMMANDS
     peer_openable_kinds = PROXY_OPENABLE_KINDS
     initiator = True
+    # The peer is a proxy (mutual TLS): it may tell whose connection a channel carries.
+    peer_asserts_source = True
 
     def __init__(
         self,

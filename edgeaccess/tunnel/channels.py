@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
-from edgeaccess.tunnel.protocol import MAX_FRAME, ProtocolViolation
+from edgeaccess.tunnel.protocol import MAX_FRAME, ProtocolViolation, parse_source
 
 if TYPE_CHECKING:
     from edgeaccess.tunnel.mux import ChannelMux
@@ -60,30 +60,42 @@ class ChannelWire(TypingProtocol):
     def send_window_adjust(self, channel: int, credit: int) -> None: ...
     def send_eof(self, channel: int) -> None: ...
     def send_close(self, channel: int, reason: str) -> Deferred[None]: ...
-    def send_open(self, channel: int, kind: str, target: str, window: int) -> Deferred[int]: ...
+    def send_open(
+        self, channel: int, kind: str, target: str, window: int, source: str | None = None
+    ) -> Deferred[int]: ...
     def violation(self, reason: str) -> None: ...
 
 
 @implementer(IAddress)
 @attrs.frozen
 class TunnelAddress:
-    """The address of one end of a channel: which tunnel peer, kind, target, id."""
+    """The address of one end of a channel: which tunnel peer, kind, target, id.
+
+    ``source`` is the user's address (``"ip:port"``) the proxy asserted when
+    it opened the channel, or None when unknown.
+    """
 
     peer: str
     kind: str
     target: str
     channel: int
+    source: str | None = None
 
-    # Code written for TCP reads ``.host`` and ``.port`` (logs, SSH_CLIENT):
-    # a channel has neither; "tunnel" is never a valid IP, so address-based
-    # checks (an SSH certificate's source-address) refuse rather than pass.
+    # Code written for TCP reads ``.host`` and ``.port`` (logs, SSH_CLIENT,
+    # an SSH certificate's source-address): they are the source's when the
+    # proxy gave one. Without it, "tunnel" is never a valid IP, so
+    # address-based checks refuse rather than pass.
     @property
     def host(self) -> str:
-        return "tunnel"
+        if self.source is None:
+            return "tunnel"
+        return parse_source(self.source)[0]
 
     @property
     def port(self) -> int:
-        return self.channel
+        if self.source is None:
+            return self.channel
+        return parse_source(self.source)[1]
 
 
 @implementer(ITransport, IPushProducer, IConsumer)
@@ -104,11 +116,14 @@ class Channel:
         *,
         recv_window: int,
         peer_window: int,
+        source: str | None = None,
     ) -> None:
         self._mux = mux
         self.id = channel_id
         self.kind = kind
         self.target = target
+        #: The user's address the opening proxy asserted (accepting side), or None.
+        self.source = source
         self.protocol: IProtocol | None = None
         self.connected = False
         self.disconnecting = False
@@ -183,8 +198,8 @@ class Channel:
         self._flush()
 
     def getPeer(self) -> TunnelAddress:
-        """The far end of this channel."""
-        return TunnelAddress(self._mux.peer_name, self.kind, self.target, self.id)
+        """The far end of this channel (the user's address when the proxy gave one)."""
+        return TunnelAddress(self._mux.peer_name, self.kind, self.target, self.id, self.source)
 
     def getHost(self) -> TunnelAddress:
         """This end of the channel."""

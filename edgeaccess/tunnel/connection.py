@@ -74,6 +74,8 @@ class TunnelConnection(amp.AMP):
     peer_commands: frozenset[bytes] = frozenset()
     peer_openable_kinds: frozenset[str] = frozenset()
     initiator = False
+    #: Whether the peer may assert a channel's ``source`` (only a proxy may).
+    peer_asserts_source = False
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class TunnelConnection(amp.AMP):
             initiator=self.initiator,
             accept=accept_channel,
             peer_openable_kinds=self.peer_openable_kinds,
+            peer_may_assert_source=self.peer_asserts_source,
             window=window,
             max_channels=max_channels,
         )
@@ -110,10 +113,14 @@ class TunnelConnection(amp.AMP):
     # -- the public face ----------------------------------------------------
 
     def connect_channel(
-        self, kind: str, target: str, factory: IProtocolFactory
+        self, kind: str, target: str, factory: IProtocolFactory, source: str | None = None
     ) -> Deferred[IProtocol]:
-        """Open a channel of ``kind`` to ``target`` and connect ``factory`` to it."""
-        return self.mux.connect_channel(kind, target, factory)
+        """Open a channel of ``kind`` to ``target`` and connect ``factory`` to it.
+
+        :param source: the user's address (``"ip:port"``) the channel is for;
+            the far end reports it as the channel's peer (None: unknown).
+        """
+        return self.mux.connect_channel(kind, target, factory, source=source)
 
     def disconnect(self, reason: str = "closing") -> None:
         """Close the tunnel (flushing what is queued)."""
@@ -297,9 +304,11 @@ class TunnelConnection(amp.AMP):
     # -- the data commands ----------------------------------------------------
 
     @OpenChannel.responder
-    def _open_channel(self, channel: int, kind: str, target: str, window: int) -> Deferred[dict]:
+    def _open_channel(
+        self, channel: int, kind: str, target: str, window: int, source: str | None = None
+    ) -> Deferred[dict]:
         check_channel_id(channel)
-        return self.mux.open_received(channel, kind, target, window).addCallback(
+        return self.mux.open_received(channel, kind, target, window, source).addCallback(
             lambda our_window: {"window": our_window}
         )
 
@@ -346,9 +355,12 @@ class TunnelConnection(amp.AMP):
     def send_close(self, channel: int, reason: str) -> Deferred[None]:
         return self.call(CloseChannel, channel=channel, reason=reason).addErrback(lambda _: None)
 
-    def send_open(self, channel: int, kind: str, target: str, window: int) -> Deferred[int]:
+    def send_open(
+        self, channel: int, kind: str, target: str, window: int, source: str | None = None
+    ) -> Deferred[int]:
+        # A None source is left out of the box (peers without it interoperate).
         return self.call(
-            OpenChannel, channel=channel, kind=kind, target=target, window=window
+            OpenChannel, channel=channel, kind=kind, target=target, window=window, source=source
         ).addCallback(lambda answer: answer["window"])
 
     def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[Any]:

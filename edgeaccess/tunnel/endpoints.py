@@ -23,12 +23,18 @@ class TunnelChannelEndpoint:
     :param tunnel: an :class:`~edgeaccess.tunnel.interfaces.ITunnel` (or
         None, for a node whose tunnel is down: connecting then fails with
         :class:`~edgeaccess.errors.NodeOffline`).
+    :param source: the address (``"ip:port"``) of the user this connection
+        is for; the far end's channel reports it as its peer (a node's audit
+        events and certificate ``source-address`` checks). None: unknown.
     """
 
-    def __init__(self, tunnel: ITunnel | None, kind: str, target: str) -> None:
+    def __init__(
+        self, tunnel: ITunnel | None, kind: str, target: str, source: str | None = None
+    ) -> None:
         self.tunnel = tunnel
         self.kind = kind
         self.target = target
+        self.source = source
 
     def __repr__(self) -> str:
         return f"<TunnelChannelEndpoint {self.kind}:{self.target!r} via {self.tunnel!r}>"
@@ -41,4 +47,8 @@ class TunnelChannelEndpoint:
         """
         if self.tunnel is None:
             return fail(NodeOffline("the node's tunnel is not connected"))
-        return self.tunnel.connect_channel(self.kind, self.target, protocolFactory)
+        if self.source is None:
+            return self.tunnel.connect_channel(self.kind, self.target, protocolFactory)
+        return self.tunnel.connect_channel(
+            self.kind, self.target, protocolFactory, source=self.source
+        )

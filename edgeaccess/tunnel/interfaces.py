@@ -11,8 +11,11 @@ class ITunnel(Interface):
     identity = Attribute("The peer's identity (edgeaccess.pki.x509ca.Identity), proxy side.")
     inventory = Attribute("The agent's Inventory from Hello, proxy side (None before).")
 
-    def connect_channel(kind, target, factory):  # type: ignore[no-untyped-def]
+    def connect_channel(kind, target, factory, source=None):  # type: ignore[no-untyped-def]
         """Open a channel and connect a protocol from ``factory``.
+
+        ``source`` (a proxy's only) is the user's ``"ip:port"``: the far end's
+        channel reports it as its peer address.
 
         :returns: Deferred firing with the protocol; failing with AccessDenied,
             NotFound, BadRequest or NodeOffline.

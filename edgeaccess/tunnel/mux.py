@@ -22,6 +22,7 @@ from edgeaccess.tunnel.protocol import (
     ProtocolViolation,
     check_kind,
     check_reason,
+    check_source,
     check_target,
     check_window,
 )
@@ -37,6 +38,9 @@ class ChannelMux:
         the proxy (even ids), so both ends may open channels without clashing.
     :param accept: decides every OpenChannel from the peer (kind and target).
     :param peer_openable_kinds: channel kinds the peer may open at all.
+    :param peer_may_assert_source: whether the peer may name the user a
+        channel is opened for (``source``): true only when the peer is a
+        proxy; a source from anyone else refuses the channel.
     :param window: our receive window per channel.
     :param max_channels: channels open at once (memory <= channels * window).
     """
@@ -52,6 +56,7 @@ class ChannelMux:
         max_channels: int = 1024,
         local_name: str = "local",
         peer_name: str = "peer",
+        peer_may_assert_source: bool = False,
     ) -> None:
         self.wire = wire
         self.window = check_window(window)
@@ -61,6 +66,7 @@ class ChannelMux:
         self.sending_paused = False
         self._accept = accept
         self._peer_openable_kinds = peer_openable_kinds
+        self._peer_may_assert_source = peer_may_assert_source
         self._next_id = 1 if initiator else 2
         self._peer_parity = 0 if initiator else 1
         self._channels: dict[int, Channel] = {}
@@ -76,12 +82,17 @@ class ChannelMux:
     # -- opening from this side -------------------------------------------
 
     def connect_channel(
-        self, kind: str, target: str, factory: IProtocolFactory
+        self, kind: str, target: str, factory: IProtocolFactory, source: str | None = None
     ) -> Deferred[IProtocol]:
-        """Open a channel and connect a protocol from ``factory`` to it."""
+        """Open a channel and connect a protocol from ``factory`` to it.
+
+        :param source: the address (``"ip:port"``) of the user the channel is
+            for, told to the far end (proxies only; None: unknown).
+        """
         try:
             check_kind(kind)
             check_target(target)
+            check_source(source)
         except BadRequest as error:
             return fail(error)
         if self._lost:
@@ -124,15 +135,23 @@ class ChannelMux:
             if not result.called:
                 result.errback(failure)
 
-        self.wire.send_open(channel_id, kind, target, self.window).addCallbacks(opened, refused)
+        if source is None:
+            opening = self.wire.send_open(channel_id, kind, target, self.window)
+        else:
+            opening = self.wire.send_open(channel_id, kind, target, self.window, source)
+        opening.addCallbacks(opened, refused)
         return result
 
     # -- events from the peer ----------------------------------------------
 
     def open_received(
-        self, channel_id: int, kind: str, target: str, window: int
+        self, channel_id: int, kind: str, target: str, window: int, source: str | None = None
     ) -> Deferred[int]:
-        """The peer asks to open a channel; fires with our window or fails (refused)."""
+        """The peer asks to open a channel; fires with our window or fails (refused).
+
+        ``source`` (the user's ``"ip:port"``) is accepted only from a peer
+        that may assert it (a proxy); the channel's ``getPeer()`` reports it.
+        """
         if (
             channel_id % 2 != self._peer_parity
             or channel_id in self._channels
@@ -145,6 +164,12 @@ class ChannelMux:
             raise AccessDenied(f"{kind} channels may not be opened from this side")
         check_target(target)
         check_window(window)
+        if source is not None:
+            if not self._peer_may_assert_source:
+                _log.warn("refused a {kind} channel from {peer}: only a proxy may assert "
+                          "a source address", kind=kind, peer=self.peer_name)
+                raise AccessDenied("only a proxy may assert a channel's source address")
+            check_source(source)
         if self._lost:
             raise NodeOffline("the tunnel is closed")
         if len(self._channels) + len(self._accepting) >= self.max_channels:
@@ -156,7 +181,8 @@ class ChannelMux:
             if self._lost:
                 raise NodeOffline("the tunnel is closed")
             channel = Channel(
-                self, channel_id, kind, target, recv_window=self.window, peer_window=window
+                self, channel_id, kind, target, recv_window=self.window, peer_window=window,
+                source=source,
             )
             protocol = factory.buildProtocol(channel.getPeer())
             if protocol is None:

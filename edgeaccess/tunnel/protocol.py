@@ -12,6 +12,7 @@ Every argument received is checked here (:func:`check_channel_id`,
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -54,6 +55,8 @@ MAX_BOX_KEYS = 16
 MAX_BOX_BYTES = 72 * 1024
 #: Limits on text arguments.
 MAX_TARGET_LENGTH = 1024
+#: Longest channel source (``"[v6 address%zone]:port"`` fits).
+MAX_SOURCE_LENGTH = 64
 MAX_REASON_LENGTH = 1024
 MAX_PROXIES = 64
 MAX_RECONNECT_DELAY = 3600.0
@@ -89,6 +92,47 @@ def check_target(target: str) -> str:
     if len(target) > MAX_TARGET_LENGTH or any(ord(c) < 32 for c in target):
         raise BadRequest("invalid channel target")
     return target
+
+
+def parse_source(source: str) -> tuple[str, int]:
+    """Split a channel source ``"ip:port"`` (``"[v6]:port"`` for IPv6) into host and port.
+
+    :raises BadRequest: unless it is an IP address and a port (0-65535), at
+        most :data:`MAX_SOURCE_LENGTH` characters.
+    """
+    if not isinstance(source, str) or not source or len(source) > MAX_SOURCE_LENGTH:
+        raise BadRequest("invalid channel source")
+    host, sep, port = source.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise BadRequest("invalid channel source")  # an IPv6 address needs brackets
+    if not sep or not port.isdigit() or len(port) > 5 or int(port) > 65535:
+        raise BadRequest("invalid channel source")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BadRequest("invalid channel source") from None
+    return host, int(port)
+
+
+def check_source(source: str | None) -> str | None:
+    """Return ``source`` (None: unknown) if it is a valid channel source, else raise BadRequest."""
+    if source is not None:
+        parse_source(source)
+    return source
+
+
+def format_source(host: str, port: int) -> str | None:
+    """``"ip:port"`` for an address, or None if ``host`` is no IP address (not a source)."""
+    try:
+        address = ipaddress.ip_address(str(host).split("%")[0])
+    except ValueError:
+        return None
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        return None
+    text = f"[{host}]:{port}" if address.version == 6 else f"{host}:{port}"
+    return text if len(text) <= MAX_SOURCE_LENGTH else None
 
 
 def check_window(window: int) -> int:
@@ -249,6 +293,10 @@ class Heartbeat(amp.Command):
 class OpenChannel(amp.Command):
     """Open a channel of ``kind`` to ``target``; ``window`` is the opener's receive window.
 
+    ``source`` (optional, so peers without it interoperate) is the address
+    (``"ip:port"``) of the user the channel is opened for, as the proxy saw
+    it; only a proxy may assert it (the tunnel is mutually authenticated),
+    and the accepting side then reports it as the channel's peer address.
     The answer carries the acceptor's receive window. The acceptor decides
     (kind and target) and may refuse with ``ACCESS_DENIED`` or ``NOT_FOUND``.
     """
@@ -258,6 +306,7 @@ class OpenChannel(amp.Command):
         (b"kind", amp.Unicode()),
         (b"target", amp.Unicode()),
         (b"window", amp.Integer()),
+        (b"source", amp.Unicode(optional=True)),
     ]
     response = [(b"window", amp.Integer())]
     errors = {
