@@ -124,6 +124,7 @@ def _main(argv) -> int:
         if not at or not login or not node:
             raise errors.BadRequest("edge ssh takes LOGIN@NODE")
         cluster = args.cluster or profile.cluster
+        _check_node(home, profile, cluster, node)
         argv = ["ssh", "-F", str(home / "ssh_config")]
         if args.t:
             argv.append("-t")

@@ -18,14 +18,19 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 
 import pexpect
 import pytest
+from cryptography.hazmat.primitives import serialization as ssh_serialization
 
 from edgeaccess.devcluster import NodeProcess, run_edge, wait_for
+from edgeaccess.pki import keys, sshca
 
 PASSWORD = "audit-tunnel-pass-1"
 
@@ -102,13 +107,13 @@ def session_events(proxy, session_id, until_type="session.end", timeout=30.0):
 
 
 def check_common(event, proxy, node_name, session_id):
-    # A tunnelled node sees its SSH clients arrive over a tunnel channel,
-    # which carries no client IP: the node records "tunnel" as remote_addr.
+    # A tunnelled node's SSH clients arrive over a tunnel channel whose
+    # OpenChannel carries the user's address as the proxy saw it.
     assert re.fullmatch(r"[0-9a-f-]{36}", event["id"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", event["time"])
     assert (event["cluster"], event["user"], event["login"], event["node"],
             event["session_id"], event["remote_addr"]) == \
-        (proxy.cluster, "alice", "root", node_name, session_id, "tunnel")
+        (proxy.cluster, "alice", "root", node_name, session_id, "127.0.0.1")
 
 
 def new_events(proxy, event_type, seen, predicate=lambda e: True, count=1):
@@ -261,6 +266,56 @@ def test_sftp_through_the_tunnel_produces_an_sftp_event(proxy, node, alice_home,
     assert events[0]["kind"] == "sftp"
 
 
+# --- the user's address at a tunnelled node ---------------------------------------
+
+def source_restricted_home(proxy, alice_home, dest, source_address):
+    """A copy of alice's profile whose certificate for nodes carries
+    ``source-address``; the proxy hop keeps her real certificate, so only
+    the tunnelled node decides."""
+    dest.mkdir(mode=0o700)
+    for name in ("key", "key.pub", "known_hosts"):
+        shutil.copy2(alice_home / name, dest / name)
+    shutil.copy2(alice_home / "key-cert.pub", dest / "jump-cert.pub")
+    user_ca = keys.load_private_key((proxy.data_dir / "ca" / "ssh_user_ca").read_bytes())
+    public = keys.load_public_key_openssh((alice_home / "key.pub").read_text())
+    real = sshca.user_identity_from_certificate(ssh_serialization.load_ssh_public_identity(
+        (alice_home / "key-cert.pub").read_bytes()))
+    # What the cluster signed for alice, plus the source-address restriction.
+    cert = sshca.issue_user_certificate(
+        user_ca, public, username=real.username, principals=list(real.principals),
+        roles=list(real.roles), traits=real.traits, cluster=proxy.cluster,
+        now=datetime.now(timezone.utc), ttl=timedelta(hours=1),
+        permit_port_forwarding=real.permit_port_forwarding,
+        critical_options={"source-address": source_address})
+    (dest / "key-cert.pub").write_text(cert.public_bytes().decode() + "\n")
+    config = (alice_home / "ssh_config").read_text().replace(str(alice_home), str(dest))
+    # The first CertificateFile is the proxy hop's.
+    config = config.replace(str(dest / "key-cert.pub"), str(dest / "jump-cert.pub"), 1)
+    (dest / "ssh_config").write_text(config)
+    return dest
+
+
+def test_the_tunnelled_node_sees_the_users_address_for_source_address(
+        proxy, node, alice_home, tmp_path):
+    allowed = source_restricted_home(proxy, alice_home, tmp_path / "allowed", "127.0.0.1/32")
+    result = ssh(allowed, "tn1", proxy, "echo", "source-address-ok")
+    assert result.returncode == 0, result.stderr + node.log()[-2000:]
+    assert result.stdout == "source-address-ok\n"
+
+    elsewhere = source_restricted_home(proxy, alice_home, tmp_path / "elsewhere",
+                                       "10.9.9.9/32")
+    before = ids(proxy, "auth")
+    result = ssh(elsewhere, "tn1", proxy, "echo", "should-not-run")
+    assert result.returncode == 255 and "should-not-run" not in result.stdout
+    assert "Permission denied" in result.stderr
+    # Refused by the node itself, which saw the user's real address.
+    refusal = new_events(proxy, "auth", before,
+                         lambda e: "not allowed by the certificate" in e.get("error", ""))[0]
+    assert (refusal["node"], refusal["remote_addr"], refusal["success"]) == \
+        ("tn1", "127.0.0.1", False)
+    assert "client address 127.0.0.1 is not allowed" in refusal["error"]
+
+
 # --- outages -----------------------------------------------------------------
 
 def test_a_tunnel_node_killed_mid_session_delivers_its_spool_when_restarted(
@@ -319,8 +374,11 @@ def test_a_proxy_killed_mid_session_gets_its_end_and_recording_tail_exactly_once
     print(f"recording bytes left in the spool at the outage: {cast_size - state['uploaded']}")
 
     proxy.start()
-    # The node retries with capped jittered backoff (up to 30 s between rounds).
+    restarted = time.monotonic()
+    # The node's shipper backs off (up to 30 s between rounds), but retries at
+    # once when its tunnel reconnects or a heartbeat goes through again.
     events = session_events(proxy, session_id, timeout=60)
+    print(f"spool delivered {time.monotonic() - restarted:.1f} s after the proxy restarted")
     assert Counter(e["event"] for e in events) == {"session.start": 1, "session.end": 1}
     end = events[-1]
     check_common(end, proxy, "tn1", session_id)
