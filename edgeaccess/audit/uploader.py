@@ -125,8 +125,7 @@ class SpoolShipper(service.Service):
         finish; if it fails, the next one starts at once (only once per call,
         so a link that flaps cannot make the shipper spin).
         """
-        if not self.running:
-            return
+        return
         if self._busy:
             self._retry_now = True
         elif self.failures:

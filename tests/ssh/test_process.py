@@ -218,8 +218,12 @@ def test_real_child_output_arrives_in_full_packets():
     yield ended
     sizes = [len(p) - 8 for name, p in log.packets if name == "data"]
     assert sum(sizes) == 3_000_000
-    # 64 KiB reads make two full packets each; 8 KiB reads never could.
-    assert sizes.count(32768) >= len(sizes) * 0.8
+    # 64 KiB reads make full 32 KiB packets; 8 KiB reads never could, and
+    # would need at least 3,000,000 / 8192 = 367 packets. (How many packets
+    # are full depends on how fast the child writes: not asserted, since a
+    # loaded machine hands us partial reads.)
+    assert max(sizes) == 32768
+    assert len(sizes) < 3_000_000 / 8192
     assert log.names()[-2:] == ["request", "close"]
 
 
