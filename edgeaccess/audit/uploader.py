@@ -125,7 +125,8 @@ class SpoolShipper(service.Service):
         finish; if it fails, the next one starts at once (only once per call,
         so a link that flaps cannot make the shipper spin).
         """
-        return
+        if not self.running:
+            return
         if self._busy:
             self._retry_now = True
         elif self.failures:
