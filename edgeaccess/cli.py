@@ -25,7 +25,6 @@ def print_json(value, out=None) -> None:
 
 def run(main_function, argv) -> int:
     """Run a command; turn our errors into one line on stderr and exit 1."""
-    prog = main_function.__module__.split(".")[-2] if "." in main_function.__module__ else "edge"
     try:
         return main_function(argv) or 0
     except errors.EdgeError as e:

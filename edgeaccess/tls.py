@@ -8,7 +8,6 @@ peer's identity from them (:func:`peer_identity`), never from a message.
 from __future__ import annotations
 
 from OpenSSL import crypto
-from OpenSSL.SSL import Context
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.iweb import IPolicyForHTTPS
