@@ -35,10 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not verify the proxy's certificate (tests only)")
     trust.add_argument("--ca-pin", help="sha256:HEX pin of the cluster CA (edgectl status)")
     login.add_argument("--ttl", help="certificate lifetime, e.g. 8h (capped by your roles)")
+    _add_routing_flags(login)
 
     sub.add_parser("status", help="show the current login")
     sub.add_parser("logout", help="delete the keys and certificates of the profile")
-    sub.add_parser("config", help="print the ssh_config for OpenSSH")
+    config = sub.add_parser("config", help="print the ssh_config for OpenSSH (the routing "
+                            "flags switch it, and the profile, to that mode first)")
+    _add_routing_flags(config)
     ls = sub.add_parser("ls", help="list the nodes you may reach")
     ls.add_argument("--cluster", help="cluster name (default: the one logged in to)")
     ls.add_argument("--format", choices=("text", "json"), default="text")
@@ -57,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
 
     add_edge_play(sub)
     return p
+
+
+def _add_routing_flags(parser: argparse.ArgumentParser) -> None:
+    routing = parser.add_mutually_exclusive_group()
+    routing.add_argument(
+        "--tls-routing", dest="tls_routing", action="store_const", const=True,
+        help="reach nodes with ProxyCommand openssl s_client: a TLS stream to the "
+             "proxy's tunnel port (ALPN edge-ssh/1), no SSH hop at the proxy")
+    routing.add_argument(
+        "--proxy-jump", dest="tls_routing", action="store_const", const=False,
+        help="reach nodes with ProxyJump through the proxy's SSH port (the default)")
 
 
 def main(argv=None) -> int:
@@ -89,7 +103,13 @@ def _main(argv) -> int:
             f"Valid until:  {profile.valid_before} [{state}]\n")
         return 0 if valid > now else 1
     if args.command == "config":
-        sys.stdout.write((home / "ssh_config").read_text())
+        if args.tls_routing is not None and args.tls_routing != profile.tls_routing:
+            profile.tls_routing = args.tls_routing
+            text = profiles.write_ssh_config(home, profile)
+            profiles.write_profile(home, profile)
+        else:
+            text = (home / "ssh_config").read_text()
+        sys.stdout.write(text)
         return 0
     if args.command == "ls":
         path = "/v1/nodes"
@@ -193,6 +213,14 @@ def _client(home, profile) -> Client:
                   cert_file=str(home / "tls.crt"), key_file=str(home / "tls.key"))
 
 
+def _tls_routing_choice(args, home, proxy: str) -> bool:
+    """The flag if given, else the mode of an earlier login to the same proxy."""
+    if args.tls_routing is not None:
+        return args.tls_routing
+    previous = profiles.load(home)
+    return bool(previous is not None and previous.proxy == proxy and previous.tls_routing)
+
+
 def _login(args, home) -> int:
     proxy = args.proxy
     split_addr(proxy, 3080)
@@ -228,7 +256,12 @@ def _login(args, home) -> int:
         proxy=proxy, cluster=answer["cluster_name"], username=answer["username"],
         logins=answer["logins"], roles=answer["roles"], valid_before=answer["valid_before"],
         ssh_addr=answer["ssh_addr"], ca_pin=args.ca_pin or "",
-        leaf_clusters=[l["name"] for l in answer.get("trusted_clusters", [])])
+        leaf_clusters=[l["name"] for l in answer.get("trusted_clusters", [])],
+        tunnel_addr=(ping.get("proxy") or {}).get("tunnel_addr") or "",
+        tls_routing=_tls_routing_choice(args, home, proxy))
+    if profile.tls_routing and not profile.tunnel_addr:
+        raise errors.BadRequest(f"the proxy at {proxy} announces no tunnel address: "
+                                "--tls-routing is not available there")
     profiles.save(home, profile, private_key=key, ssh_certificate=answer["ssh_certificate"],
                   tls_certificate=answer["tls_certificate"], ca_pem=ca_pem,
                   host_ca_lines=answer["ssh_host_ca"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import attrs
@@ -39,6 +40,11 @@ class Profile:
     ssh_addr: str
     ca_pin: str = ""
     leaf_clusters: list = attrs.Factory(list)
+    #: The proxy's tunnel port (``/v1/ping`` ``proxy.tunnel_addr``).
+    tunnel_addr: str = ""
+    #: ssh_config reaches nodes with ``ProxyCommand openssl s_client`` to the
+    #: tunnel port (ALPN edge-ssh/1) instead of ProxyJump.
+    tls_routing: bool = False
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)
@@ -72,8 +78,41 @@ def _config_path(path: Path) -> str:
     return str(path).replace("%", "%%")
 
 
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def render_tls_routing_command(home: Path, tunnel_addr: str) -> str:
+    """The ``ProxyCommand`` of TLS routing: a C program (OpenSSL's s_client,
+    no interpreter to start) opens a mutual TLS stream to the proxy's tunnel
+    port with ALPN ``edge-ssh/1`` and the target node (``%h``) as the server
+    name. Only the cluster CA is trusted (no system stores), the proxy's
+    certificate must name the host dialled, and any verification error ends
+    the connection. ``-quiet`` implies ``-ign_eof``: the stream lasts until
+    the proxy closes it or ssh exits; ``-nocommands`` keeps stdin bytes
+    uninterpreted."""
+    host, port = split_addr(tunnel_addr, 3024)
+    verify = ["-verify_ip", host] if _is_ip(host) else ["-verify_hostname", host]
+    connect = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    argv = ["openssl", "s_client", "-quiet", "-nocommands", "-verify_quiet",
+            "-verify_return_error", "-no-CApath", "-no-CAstore",
+            "-CAfile", str(home / "ca.pem"), "-cert", str(home / "tls.crt"),
+            "-key", str(home / "tls.key"), *verify, "-alpn", "edge-ssh/1"]
+    command = " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
+    return f"{command} -servername %h -connect {shlex.quote(connect)}"
+
+
 def render_ssh_config(home: Path, cluster: str, username: str, ssh_addr: str,
-                      leaf_names=()) -> str:
+                      leaf_names=(), *, tls_routing_addr: str | None = None) -> str:
+    """The ssh_config for ``*.CLUSTER`` (and leaf clusters): ProxyJump through
+    the proxy's SSH port, or with ``tls_routing_addr`` (the proxy's tunnel
+    port) a ``ProxyCommand`` opening a TLS-routed stream there."""
     host, port = split_addr(ssh_addr, 3023)
     alias = f"edge-proxy-{cluster}"
     common = (
@@ -86,8 +125,14 @@ def render_ssh_config(home: Path, cluster: str, username: str, ssh_addr: str,
         "    PreferredAuthentications publickey\n"
     )
     patterns = " ".join([f"*.{cluster}"] + [f"*.{leaf}" for leaf in leaf_names])
+    if tls_routing_addr:
+        route = f"    ProxyCommand {render_tls_routing_command(home, tls_routing_addr)}\n"
+        how = f"TLS routing at {tls_routing_addr}"
+    else:
+        route = f"    ProxyJump {alias}\n"
+        how = f"the proxy at {ssh_addr}"
     return (
-        f"# edgeaccess: cluster {cluster} through the proxy at {ssh_addr}\n"
+        f"# edgeaccess: cluster {cluster} through {how}\n"
         f"# Include this file from ~/.ssh/config, or use ssh -F with it.\n"
         f"Host {alias}\n"
         f"    HostName {host}\n"
@@ -95,9 +140,29 @@ def render_ssh_config(home: Path, cluster: str, username: str, ssh_addr: str,
         f"    User {username}\n"
         f"{common}\n"
         f"Host {patterns}\n"
-        f"    ProxyJump {alias}\n"
+        f"{route}"
         f"{common}"
     )
+
+
+def write_ssh_config(home: Path, profile: Profile) -> str:
+    """(Re)write ``home/ssh_config`` for ``profile``'s routing mode; returns it."""
+    if profile.tls_routing and not profile.tunnel_addr:
+        from edgeaccess import errors
+
+        raise errors.BadRequest("this proxy announced no tunnel address: TLS routing "
+                                "is not available; log in again")
+    text = render_ssh_config(
+        home, profile.cluster, profile.username, profile.ssh_addr, profile.leaf_clusters,
+        tls_routing_addr=profile.tunnel_addr if profile.tls_routing else None)
+    keys.write_public(home / "ssh_config", text.encode())
+    return text
+
+
+def write_profile(home: Path, profile: Profile) -> None:
+    """Write ``home/profile.json``."""
+    keys.write_public(home / "profile.json",
+                      json.dumps(profile.to_dict(), indent=2, sort_keys=True).encode() + b"\n")
 
 
 def save(home: Path, profile: Profile, *, private_key, ssh_certificate: str,
@@ -116,9 +181,9 @@ def save(home: Path, profile: Profile, *, private_key, ssh_certificate: str,
         profile.cluster, host_ca_lines, host, port, leaf_clusters).encode())
     keys.write_public(home / "ssh_config", render_ssh_config(
         home, profile.cluster, profile.username, profile.ssh_addr,
-        [l["name"] for l in leaf_clusters]).encode())
-    keys.write_public(home / "profile.json",
-                      json.dumps(profile.to_dict(), indent=2, sort_keys=True).encode() + b"\n")
+        [l["name"] for l in leaf_clusters],
+        tls_routing_addr=profile.tunnel_addr if profile.tls_routing else None).encode())
+    write_profile(home, profile)
 
 
 def remove(home: Path) -> bool:

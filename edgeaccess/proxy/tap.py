@@ -32,6 +32,7 @@ from edgeaccess.cluster.leaf import LeafLinks, LeafTrust
 from edgeaccess.cluster.root import RootClusters
 from edgeaccess.proxy.router import Router
 from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
+from edgeaccess.proxy.tlsrouting import ALPN_SSH, tls_routing_factory
 from edgeaccess.proxy.web import ProxyWeb
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import ALPN_PROTOCOL
@@ -200,7 +201,10 @@ def makeService(options, reactor=None) -> service.MultiService:
 
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
     listen_hosts = {split_addr(options[k], 0)[0] for k in
-                    ("web-listen", "auth-listen", "ssh-listen")}
+                    ("web-listen", "auth-listen", "ssh-listen", "tunnel-listen")}
+    if options["tunnel-public-addr"]:
+        # Users' TLS routing (ProxyCommand s_client) verifies this name.
+        listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not _is_ip(h)})
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
@@ -251,16 +255,19 @@ def makeService(options, reactor=None) -> service.MultiService:
         Site(api.resource()), on_listening)
 
     tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
+    # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
                                         client_certificates="required",
-                                        alpn=[ALPN_PROTOCOL])
+                                        alpn=[ALPN_PROTOCOL, ALPN_SSH])
     listeners["tunnel"] = _Listener(
         "tunnel", listen_endpoint(reactor, options["tunnel-listen"], 3024, tunnel_options,
                                   backlog=4096),
-        tunnels, on_listening)
+        tls_routing_factory(tunnels, router, cluster, reactor, tunnel_alpn=ALPN_PROTOCOL),
+        on_listening)
     _TunnelShutdown(tunnels).setServiceParent(top)
 
-    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     ssh_factory = make_proxy_ssh_factory(
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
     LeafLinks(leaf_trust, router, reactor).setServiceParent(top)

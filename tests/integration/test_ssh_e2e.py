@@ -271,9 +271,13 @@ def test_an_unknown_node_at_the_proxy_gives_a_clear_error(proxy, users):
     result = run(ssh_argv(users["alice"], f"root@nowhere.{proxy.cluster}", "true"))
     assert result.returncode == 255
     assert b"node nowhere not found in cluster " + proxy.cluster.encode() in result.stderr
+    # edge checks the node first and says so in one line (SPEC: exit non-zero
+    # with a one-line reason), without running ssh.
     edge = run_edge(users["alice"], "ssh", "root@nowhere", "true")
-    assert edge.returncode == 255
-    assert "node nowhere not found" in edge.stderr
+    assert edge.returncode == 1
+    assert edge.stderr.strip().splitlines() == [
+        f"error: node nowhere not found in cluster {proxy.cluster} "
+        f"(or your roles do not allow it); see edge ls"]
 
 
 # --- port forwarding -----------------------------------------------------------------
