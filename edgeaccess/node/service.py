@@ -403,7 +403,8 @@ class NodeService(service.MultiService):
             self.reactor, self.reactor.getThreadPool(), client.post, "/v1/nodes/renew", {
                 "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
                 "tls_public_key": _pem_public(tls_key),
-                "addresses": _advertised_hosts(self.advertise_addr)})
+                "addresses": [] if self.identity.mode == "tunnel"
+                else _advertised_hosts(self.advertise_addr)})
         self.identity.ssh_key = ssh_key
         self.identity.ssh_certificate = answer["ssh_host_certificate"]
         self.identity.tls_key = tls_key
