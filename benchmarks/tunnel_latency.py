@@ -14,7 +14,9 @@
 2. Setup (``case: ssh-setup``): ``ssh ... true`` against a real cluster,
    median of ``--setup-runs``: through proxy + tunnel (``tnode``), through
    the proxy to a direct-mode node (``dnode``), direct to ``dnode``, and the C
-   path (OpenSSH jump through ``sshd`` + stunnel pair to ``dnode``).
+   path (OpenSSH jump through ``sshd`` + stunnel pair to ``dnode``), and TLS
+   routing (``ProxyCommand openssl s_client`` to the proxy's tunnel port,
+   ALPN ``edge-ssh/1``) to ``tnode`` and ``dnode``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from benchmarks._tunnel_env import BenchCluster, CPath, emit
+from benchmarks.tunnel_throughput import tls_routing_ssh
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -190,7 +193,9 @@ def setup_results(runs: int) -> list[dict]:
             cpath = CPath(cluster)
             commands = {"tunnel": cluster.edge_ssh("tnode"),
                         "proxy-tcp": cluster.edge_ssh("dnode"),
-                        "c-path": cpath.ssh(), "direct": cluster.direct_ssh()}
+                        "c-path": cpath.ssh(), "direct": cluster.direct_ssh(),
+                        "tls-tunnel": tls_routing_ssh(cluster, "tnode"),
+                        "tls-tcp": tls_routing_ssh(cluster, "dnode")}
             samples: dict[str, list[float]] = {name: [] for name in commands}
             for _ in range(runs + 1):  # the first round warms caches, not counted
                 for name, argv in commands.items():

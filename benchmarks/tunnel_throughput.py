@@ -13,7 +13,12 @@ OpenSSH ``sshd`` jump host plus a ``stunnel4`` client/server pair in front of
 * ``proxy-tcp``: the same to ``dnode`` (proxy dials the node over TCP);
 * ``c-path``: ``ssh`` with ``ProxyCommand ssh -W`` (what ``-J`` runs) through
   ``sshd`` -> stunnel client -> stunnel server (TLS 1.3, mutual) -> ``dnode``;
-* ``direct``: ``ssh`` straight to ``dnode``'s port.
+* ``direct``: ``ssh`` straight to ``dnode``'s port;
+* ``tls-tunnel`` / ``tls-tcp``: TLS routing (``edge login --tls-routing``):
+  ``ProxyCommand openssl s_client`` to the proxy's tunnel port (ALPN
+  ``edge-ssh/1``), spliced by the proxy without an SSH layer to ``tnode``
+  (tunnel channel) or ``dnode`` (TCP). The client CPU does not count
+  ``s_client`` (ssh does not reap its ProxyCommand).
 
 The user's role sets ``record_session: false`` (``--record``: the preset
 ``access`` role, the node then records every session to its audit spool).
@@ -43,7 +48,28 @@ SIDES = {
     "proxy-tcp": (("edgeproxy",), ("dnode",)),
     "c-path": (("sshd", "stunnel_client"), ("dnode", "stunnel_server")),
     "direct": ((), ("dnode",)),
+    "tls-tunnel": (("edgeproxy",), ("tnode",)),
+    "tls-tcp": (("edgeproxy",), ("dnode",)),
 }
+
+
+def tls_routing_ssh(cluster: BenchCluster, node: str) -> list[str]:
+    """``ssh`` to ``NODE.CLUSTER`` with the profile's ssh_config rendered in
+    TLS-routing mode (what ``edge config --tls-routing`` writes), kept in a
+    file of its own so the ProxyJump paths are unchanged."""
+    from edgeaccess.client import profile as profiles
+
+    home = cluster.home
+    path = home / "ssh_config_tls_routing"
+    if not path.exists():
+        profile = profiles.load(home)
+        if profile is None:
+            raise RuntimeError(f"no edge profile in {home}")
+        path.write_text(profiles.render_ssh_config(
+            home, profile.cluster, profile.username, profile.ssh_addr,
+            profile.leaf_clusters, tls_routing_addr=cluster.proxy.addr("tunnel")))
+    return ["ssh", "-F", str(path), "-o", "BatchMode=yes",
+            f"{cluster.login}@{node}.{cluster.proxy.cluster}"]
 
 
 def _children_cpu() -> float:
@@ -92,7 +118,9 @@ def run(size: int, repeat: int, paths: list[str], emit_result=emit,
             cpath = CPath(cluster)
             commands = {"tunnel": cluster.edge_ssh("tnode"),
                         "proxy-tcp": cluster.edge_ssh("dnode"),
-                        "c-path": cpath.ssh(), "direct": cluster.direct_ssh()}
+                        "c-path": cpath.ssh(), "direct": cluster.direct_ssh(),
+                        "tls-tunnel": tls_routing_ssh(cluster, "tnode"),
+                        "tls-tcp": tls_routing_ssh(cluster, "dnode")}
             pids = {"edgeproxy": (cluster.proxy.pid, False),
                     "tnode": (cluster.tnode.process.pid, False),
                     "dnode": (cluster.dnode.process.pid, False), **cpath.cpu_pids()}

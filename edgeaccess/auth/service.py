@@ -304,6 +304,12 @@ class AuthServer(UserAccounts):
             "valid_before": _iso(now + NODE_CERT_TTL),
         }
 
+    #: Nodes known to be up without a backend write: the proxy's tunnelled
+    #: nodes (its tunnel registry is the truth while a tunnel is up). An
+    #: object with ``records()`` and ``find(name_or_uuid)``, each returning
+    #: node records (name, uuid, address, labels); they win over stored ones.
+    live_nodes = None
+
     async def heartbeat(self, identity: x509ca.Identity, record: dict,
                         remote_addr: str = "") -> dict:
         """Register or refresh a node; a node can only register as itself."""
@@ -343,14 +349,29 @@ class AuthServer(UserAccounts):
                                expires=now + NODE_TTL)
         return stored
 
+    def _live_node(self, record: dict, stored: dict | None, now: str) -> dict:
+        return {**(stored or {"version": ""}), **record, "cluster": self.cluster_name,
+                "last_heartbeat": now}
+
     async def list_nodes(self) -> list[dict]:
-        nodes = [_loads(i) for i in await self.backend.get_range("/nodes/")]
+        stored = {n["uuid"]: n for n in map(_loads, await self.backend.get_range("/nodes/"))}
+        if self.live_nodes is not None:
+            now = _iso(self.now())
+            for record in self.live_nodes.records():
+                uuid = record["uuid"]
+                stored[uuid] = self._live_node(record, stored.get(uuid), now)
         # SPEC: listings name the node's uuid "id" (edgectl nodes ls --format json).
-        nodes = [{**n, "id": n["uuid"]} for n in nodes]
+        nodes = [{**n, "id": n["uuid"]} for n in stored.values()]
         return sorted(nodes, key=lambda n: (n["name"], n["uuid"]))
 
     async def find_node(self, name: str) -> dict | None:
-        """A node by name or uuid (the most recent heartbeat wins)."""
+        """A node by name or uuid (the most recent heartbeat wins: a live
+        tunnelled node is heard from now)."""
+        if self.live_nodes is not None:
+            live = self.live_nodes.find(name)
+            if live:
+                node = self._live_node(live[0], None, _iso(self.now()))
+                return {**node, "id": node["uuid"]}
         matches = [n for n in await self.list_nodes() if name in (n["name"], n["uuid"])]
         if not matches:
             return None

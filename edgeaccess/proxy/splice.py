@@ -13,6 +13,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 _log = Logger()
@@ -37,6 +38,10 @@ class _Half(Protocol):
         if peer is None or peer.transport is None:
             return
         lose_write = getattr(peer.transport, "loseWriteConnection", None)
+        if isinstance(peer.transport, TLSMemoryBIOProtocol):
+            # Twisted's TLS passes loseWriteConnection straight to TCP,
+            # ahead of TLS data still buffered: close the whole stream.
+            lose_write = None
         if lose_write is not None and not peer.write_closed:
             peer.write_closed = True
             lose_write()

@@ -95,6 +95,8 @@ class ALPNDispatchFactory(Factory):
         the TLS options must offer the same ALPN names.
     """
 
+    noisy = False
+
     def __init__(self, factories: Mapping[bytes, IProtocolFactory]) -> None:
         self.factories = dict(factories)
 
@@ -120,6 +122,8 @@ class UserRelayFactory(Factory):
     :param clock: the time a certificate's validity is checked against.
     """
 
+    noisy = False
+
     def __init__(self, router: IRouter, cluster: str, clock: IReactorTime) -> None:
         self.router = router
         self.cluster = cluster
@@ -139,6 +143,17 @@ def _stop_relaying(transport: Any) -> None:
     except Exception:  # already gone
         pass
     transport.loseConnection()
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except Exception:  # not a socket (a tunnel channel, a test transport)
+        pass
 
 
 class _NodeSide(Protocol):
@@ -208,6 +223,7 @@ class UserRelay(Protocol):
         # Hold the user's bytes until the node side exists.
         self.transport.pauseProducing()
         factory = Factory.forProtocol(lambda: _NodeSide(self))
+        factory.noisy = False
         try:
             if self.source is None:
                 self._endpoint = self.factory.router.route_host(target, kind="ssh")
@@ -259,6 +275,10 @@ class UserRelay(Protocol):
             return
         self.node = node
         self._log_decision("ok", route)
+        # A relay must not add Nagle delays of its own: the SSH client and
+        # the node already decide how to coalesce (stunnel does the same).
+        for transport in (self.transport, node.transport):
+            _no_delay(transport)
         # Each side's write buffer pauses the other side's reading.
         self.transport.registerProducer(node.transport, True)
         node.transport.registerProducer(self.transport, True)

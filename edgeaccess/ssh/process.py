@@ -10,6 +10,12 @@ pipes close, ``exit-status``/``exit-signal``, close) and adds:
 
 * large reads: the child's pipes are enlarged to 1 MiB (``F_SETPIPE_SZ``) and
   read 64 KiB at a time, so the channel writes full 32 KiB packets;
+* reads straight into packets: with
+  :class:`edgeaccess.ssh.transport.EdgeServerTransport`, stdout and stderr are
+  read (``os.readv``) into the data slots of the packets that carry them, up
+  to :data:`READS_PER_TURN` reads per reactor turn, sealed in place and
+  written at once, bypassing ``outReceived``/``errReceived`` (unless an
+  instance replaces them, as session recording does);
 * download backpressure: output is only handed to the channel within the
   client's remaining window; when it is exhausted the child's pipes are no
   longer read (the child then blocks on write) until the window reopens;
@@ -55,6 +61,9 @@ READ_SIZE = 64 * 1024
 #: Pipe capacity requested for the child's pipes (Linux's default is 64 KiB;
 #: 1 MiB is the unprivileged maximum, /proc/sys/fs/pipe-max-size).
 PIPE_SIZE = 1024 * 1024
+#: Reads of ``READ_SIZE`` per reactor turn when output goes straight into
+#: packets (stops early once a read comes up short).
+READS_PER_TURN = 4
 #: The session channel's receive window (OpenSSH's CHAN_SES_WINDOW_DEFAULT).
 WINDOW_SIZE = 2 * 1024 * 1024
 #: Packet size to accept on a session channel (OpenSSH's CHAN_SES_PACKET_DEFAULT).
@@ -116,6 +125,8 @@ class SessionProcessProtocol(_ConchProcessProtocol):
     :param session: the session channel (an ``SSHChannel``, usually an
         ``SSHSession`` subclass).
     :param read_size: bytes per read from the child's stdout/stderr.
+    :param reads_per_turn: reads per reactor turn, when the transport can
+        read straight into packets (``read_data_packets``).
     :param window_size: the receive window the channel advertises.
     """
 
@@ -124,10 +135,12 @@ class SessionProcessProtocol(_ConchProcessProtocol):
         session: SSHChannel,
         *,
         read_size: int = READ_SIZE,
+        reads_per_turn: int = READS_PER_TURN,
         window_size: int = WINDOW_SIZE,
     ) -> None:
         super().__init__(session)
         self._read_size = read_size
+        self._reads_per_turn = reads_per_turn
         self._window_size = window_size
         # Output not yet within the client's window: (None | ext type, data).
         self._pending: deque[tuple[int | None, bytes]] = deque()
@@ -226,24 +239,34 @@ class SessionProcessProtocol(_ConchProcessProtocol):
         transport = self.transport
         if isinstance(transport, process.PTYProcess):
             transport.doRead = self._reader(  # type: ignore[method-assign]
-                transport.fileno(), lambda data: self.childDataReceived(1, data)
+                transport.fileno(), lambda data: self.childDataReceived(1, data), 1
             )
             return
-        for pipe in getattr(transport, "pipes", {}).values():
+        for name, pipe in getattr(transport, "pipes", {}).items():
             if isinstance(pipe, process.ProcessReader):
-                pipe.doRead = self._reader(pipe.fileno(), pipe.dataReceived)
+                pipe.doRead = self._reader(pipe.fileno(), pipe.dataReceived, name if name in _HOOKS else None)
                 _enlarge_pipe(pipe.fileno())
             elif isinstance(pipe, process.ProcessWriter):
                 _enlarge_pipe(pipe.fileno())
 
-    def _reader(self, fd: int, deliver: Callable[[bytes], None]) -> Callable[[], object]:
-        """A ``doRead`` like ``fdesc.readFromFD`` but with our read size."""
+    def _reader(
+        self, fd: int, deliver: Callable[[bytes], None], stream: int | None
+    ) -> Callable[[], object]:
+        """
+        A ``doRead`` for the child's ``stream`` (1 stdout, 2 stderr, None
+        other): straight into the packets when :meth:`_read_direct` can,
+        otherwise like ``fdesc.readFromFD`` with our read size.
+        """
         size = self._read_size
 
         def do_read() -> object:
             if self._reading_paused:
                 return None
             try:
+                if stream is not None:
+                    sent = self._read_direct(fd, stream)
+                    if sent is not None:
+                        return None if sent else CONNECTION_DONE
                 data = os.read(fd, size)
             except (BlockingIOError, InterruptedError):
                 return None
@@ -255,6 +278,49 @@ class SessionProcessProtocol(_ConchProcessProtocol):
             return None
 
         return do_read
+
+    def _read_direct(self, fd: int, stream: int) -> int | None:
+        """
+        Read the child's output straight into sealed packets (the transport's
+        ``read_data_packets``): up to ``reads_per_turn`` reads of
+        ``read_size`` within the client's window, one write.  None (nothing
+        read) when that path is not open: no such transport, a key exchange
+        under way, output queued or buffered, the channel closing, an
+        ``outReceived``/``errReceived`` replaced (session recording tees it).
+        """
+        session = self.session
+        window = session.remoteWindowLeft
+        if self._pending or session.buf or session.localClosed or window <= 0:
+            return None
+        hook = _HOOKS[stream]
+        if hook in self.__dict__ or getattr(type(self), hook) is not _DEFAULT_HOOKS[stream]:
+            return None
+        conn = session.conn
+        read = getattr(conn.transport, "read_data_packets", None)
+        if read is None:
+            return None
+        prefix = _pack_recipient(conn.channelsToRemoteChannel[session])
+        if stream == 1:
+            message_type = connection.MSG_CHANNEL_DATA
+        else:
+            message_type = connection.MSG_CHANNEL_EXTENDED_DATA
+            prefix += _pack_recipient(connection.EXTENDED_DATA_STDERR)
+        sent = read(
+            fd,
+            message_type,
+            prefix,
+            min(window, self._read_size * self._reads_per_turn),
+            session.remoteMaxPacket,
+            self._read_size,
+        )
+        if sent:
+            session.remoteWindowLeft = window - sent
+            if window <= sent:
+                # Window used up: stop reading until addWindowBytes calls
+                # startWriting (our resumeProducing).
+                session.areWriting = False
+                self.pauseProducing()
+        return sent
 
     def _send(self, kind: int | None, data: bytes) -> None:
         if not data:
@@ -324,3 +390,11 @@ class SessionProcessProtocol(_ConchProcessProtocol):
         else:
             action()
 
+
+
+# Child stream -> the protocol hook its data would go through.
+_HOOKS = {1: "outReceived", 2: "errReceived"}
+_DEFAULT_HOOKS = {
+    1: SessionProcessProtocol.outReceived,
+    2: SessionProcessProtocol.errReceived,
+}

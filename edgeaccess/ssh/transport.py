@@ -112,8 +112,6 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 _pack_length = struct.Struct(">L").pack
 _unpack_length = struct.Struct(">L").unpack_from
 _pack_header = struct.Struct(">LBB").pack
-_pack_header_into = struct.Struct(">LBB").pack_into
-_pack_length_into = struct.Struct(">L").pack_into
 # Random padding is drawn from a pool refilled this many bytes at a time
 # (one os.urandom call per ~200 packets instead of one per packet).
 _PADDING_POOL = 4096
@@ -140,18 +138,79 @@ def _check_length(length: int, covered_extra: int) -> None:
         raise _BadPacket(f"bad packet length {length} (not a block multiple)")
 
 
-class _BulkSealer:
+class _Slots:
     """
-    Seals a run of data packets (``type, prefix, uint32 length, chunk``) into
-    one reusable output buffer: each packet's plaintext is laid out once in a
-    scratch buffer and the cipher writes straight into the output, so the
-    data is copied once before the kernel instead of three times.
+    Packets of one run laid out back to back in a reusable buffer: packet
+    ``k`` starts at ``k * stride`` and its chunk of channel data at
+    ``k * stride + head``, so the data can be read (``os.readv``) or copied
+    straight into place and then sealed where it lies (the ciphers run in
+    place).  Every packet but the last carries a full ``step`` of data, so the
+    sealed packets are contiguous.
     """
 
-    def _init_bulk(self, trailer: int) -> None:
+    def __init__(self, head: int, step: int, stride: int) -> None:
+        self.head = head
+        self.step = step
+        self.stride = stride
+        self.buf = memoryview(bytearray(0))
+        self._reads_key: tuple[int, int] | None = None
+        self._reads: list[tuple[list[memoryview], int]] = []
+
+    def ensure(self, size: int) -> None:
+        """Make room for ``size`` bytes of data (at most 19 bytes of padding last)."""
+        need = -(-size // self.step) * self.stride + 2 * _BLOCK
+        if len(self.buf) < need:
+            self.buf = memoryview(bytearray(need))
+            self._reads_key = None
+
+    def reads(self, limit: int, piece: int) -> list[tuple[list[memoryview], int]]:
+        """``(buffers, size)`` for successive reads of at most ``piece`` bytes
+        that put up to ``limit`` bytes of data into the packets' data slots."""
+        self.ensure(limit)
+        if self._reads_key != (limit, piece):
+            buf, head, step, stride = self.buf, self.head, self.step, self.stride
+            reads = []
+            for offset in range(0, limit, piece):
+                end = min(offset + piece, limit)
+                buffers = []
+                position = offset
+                while position < end:
+                    packet, within = divmod(position, step)
+                    size = min(step - within, end - position)
+                    start = packet * stride + head + within
+                    buffers.append(buf[start : start + size])
+                    position += size
+                reads.append((buffers, end - offset))
+            self._reads, self._reads_key = reads, (limit, piece)
+        return self._reads
+
+    def place(self, data: memoryview) -> None:
+        """Copy ``data`` into the data slots."""
+        self.ensure(len(data))
+        buf, head, step, stride = self.buf, self.head, self.step, self.stride
+        at = head
+        for offset in range(0, len(data), step):
+            chunk = data[offset : offset + step]
+            buf[at : at + len(chunk)] = chunk
+            at += stride
+
+
+class _BulkSealer:
+    """
+    Seals a run of data packets (``type, prefix, uint32 length, chunk``)
+    whose chunks already lie in the data slots of a :class:`_Slots` buffer,
+    in place: the data is read (or copied once) into the buffer, the header,
+    padding and MAC are written around it and the cipher encrypts it where it
+    is.
+    """
+
+    def _init_bulk(self, trailer: int, covers_length: bool) -> None:
         self._trailer = trailer  # MAC or tag bytes after each packet
-        self._plain = bytearray()
-        self._out = bytearray()
+        # Whether the block alignment covers the 4-byte packet length
+        # (encrypt-and-MAC) or not (AEAD, encrypt-then-MAC).
+        self._covers_length = covers_length
+        self._slots: _Slots | None = None
+        self._headers: dict[int, object] = {}
         self._pool = b""
         self._pool_at = 0
 
@@ -163,37 +222,45 @@ class _BulkSealer:
         self._pool_at = at + count
         return self._pool[at : at + count]
 
-    def _buffers(self, head: int, size: int, step: int) -> tuple[memoryview, memoryview]:
-        """Scratch and output buffers big enough for ``size`` bytes in ``step`` chunks."""
-        packets = -(-size // step)
-        # Per packet: header, chunk, at most 3 blocks of padding, trailer.
-        need_out = size + packets * (head + 3 * _BLOCK + self._trailer)
-        if len(self._out) < need_out:
-            self._out = bytearray(need_out)
-        if len(self._plain) < head + step + 3 * _BLOCK:
-            self._plain = bytearray(head + step + 3 * _BLOCK)
-        return memoryview(self._plain), memoryview(self._out)
+    def _padding_for(self, head: int, chunk: int) -> int:
+        return _padding_length(head + chunk if self._covers_length else head - 4 + chunk)
 
-    def _fill_plain(
-        self, plain: memoryview, message_type: int, prefix: bytes, chunk: memoryview, padding: int
-    ) -> int:
-        """Lay out one packet's plaintext at ``plain[0:]``; return its length."""
-        size = len(chunk)
-        head = 10 + len(prefix)
-        end = head + size
-        _pack_header_into(plain, 0, end + padding - 4, padding, message_type)
-        plain[6 : head - 4] = prefix
-        _pack_length_into(plain, head - 4, size)
-        plain[head:end] = chunk
-        plain[end : end + padding] = self._padding_bytes(padding)
-        return end + padding
+    def slots(self, prefix_size: int, step: int) -> _Slots:
+        """The slot buffer for packets with a ``prefix_size``-byte prefix and
+        chunks of at most ``step`` bytes (kept while those stay the same)."""
+        slots = self._slots
+        head = 10 + prefix_size
+        if slots is None or slots.head != head or slots.step != step:
+            stride = head + step + self._padding_for(head, step) + self._trailer
+            slots = self._slots = _Slots(head, step, stride)
+        return slots
+
+    def _header(self, prefix_size: int):
+        """``pack_into(buf, at, packet length, padding, type, prefix, chunk length)``."""
+        pack_into = self._headers.get(prefix_size)
+        if pack_into is None:
+            pack_into = self._headers[prefix_size] = struct.Struct(f">LBB{prefix_size}sL").pack_into
+        return pack_into
+
+    def seal_chunks(
+        self, seqnum: int, message_type: int, prefix: bytes, data: memoryview, step: int
+    ) -> memoryview:
+        """Packets ``type, prefix, uint32 len, chunk`` for each ``step`` of ``data``."""
+        self.slots(len(prefix), step).place(data)
+        return self.seal_slots(seqnum, message_type, prefix, len(data), step)
+
+    def seal_slots(
+        self, seqnum: int, message_type: int, prefix: bytes, size: int, step: int
+    ) -> memoryview:  # pragma: no cover - overridden
+        """Seal the ``size`` bytes of data in ``slots(len(prefix), step)``."""
+        raise NotImplementedError
 
 
 class _GcmSealer(_BulkSealer):
     """Outgoing AES-GCM packets (RFC 5647 as in OpenSSH)."""
 
     def __init__(self, key: bytes, iv: bytes) -> None:
-        self._init_bulk(_GCM_TAG)
+        self._init_bulk(_GCM_TAG, covers_length=False)
         self._aead = AESGCM(key)
         self._fixed = iv[:4]
         self._counter = int.from_bytes(iv[4:12], "big")
@@ -207,33 +274,34 @@ class _GcmSealer(_BulkSealer):
         body = b"".join((bytes((padding, message_type)), *parts, os.urandom(padding)))
         return (length, self._aead.encrypt(nonce, body, length))
 
-    def seal_chunks(
-        self, seqnum: int, message_type: int, prefix: bytes, data: memoryview, step: int
+    def seal_slots(
+        self, seqnum: int, message_type: int, prefix: bytes, size: int, step: int
     ) -> memoryview:
-        """Packets ``type, prefix, uint32 len, chunk`` for each ``step`` of ``data``."""
-        head = 10 + len(prefix)
-        plain, out = self._buffers(head, len(data), step)
+        """Seal the ``size`` bytes of data in ``slots(len(prefix), step)``."""
+        slots = self.slots(len(prefix), step)
+        buf, head, stride = slots.buf, slots.head, slots.stride
+        header = self._header(len(prefix))
         encrypt_into = self._aead.encrypt_into
         fixed = self._fixed
         counter = self._counter
-        at = 0
-        for offset in range(0, len(data), step):
-            chunk = data[offset : offset + step]
-            length = self._fill_plain(
-                plain, message_type, prefix, chunk, _padding_length(head - 4 + len(chunk))
-            )
-            aad = plain[:4]
-            out[at : at + 4] = aad
+        at = end = 0
+        for offset in range(0, size, step):
+            chunk = min(step, size - offset)
+            padding = _padding_length(head - 4 + chunk)
+            length = head + chunk + padding
+            header(buf, at, length - 4, padding, message_type, prefix, chunk)
+            buf[at + head + chunk : at + length] = self._padding_bytes(padding)
+            end = at + length + _GCM_TAG
             encrypt_into(
                 fixed + counter.to_bytes(8, "big"),
-                plain[4:length],
-                aad,
-                out[at + 4 : at + length + _GCM_TAG],
+                buf[at + 4 : at + length],
+                buf[at : at + 4],
+                buf[at + 4 : end],
             )
             counter = (counter + 1) & _MASK64
-            at += length + _GCM_TAG
+            at += stride
         self._counter = counter
-        return out[:at]
+        return buf[:end]
 
 
 class _GcmOpener:
@@ -294,37 +362,42 @@ class _CtrSealer(_HmacMixin, _BulkSealer):
     def __init__(self, key: bytes, iv: bytes, mac_name: bytes, mac_key: bytes) -> None:
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(iv[:16])).encryptor()
         self._init_mac(mac_name, mac_key)
-        self._init_bulk(self.mac_size)
+        self._init_bulk(self.mac_size, covers_length=not self.etm)
 
-    def seal_chunks(
-        self, seqnum: int, message_type: int, prefix: bytes, data: memoryview, step: int
+    def seal_slots(
+        self, seqnum: int, message_type: int, prefix: bytes, size: int, step: int
     ) -> memoryview:
-        """Packets ``type, prefix, uint32 len, chunk`` for each ``step`` of ``data``."""
-        head = 10 + len(prefix)
-        plain, out = self._buffers(head, len(data), step)
+        """Seal the ``size`` bytes of data in ``slots(len(prefix), step)``."""
+        slots = self.slots(len(prefix), step)
+        buf, head, stride = slots.buf, slots.head, slots.stride
+        header = self._header(len(prefix))
         update_into = self._encryptor.update_into
         prepared = self._mac
         etm = self.etm
+        extra = 0 if etm else 4
         mac_size = self.mac_size
-        at = 0
-        for offset in range(0, len(data), step):
-            chunk = data[offset : offset + step]
-            covered = head - 4 + len(chunk) if etm else head + len(chunk)
-            length = self._fill_plain(plain, message_type, prefix, chunk, _padding_length(covered))
+        at = end = 0
+        for offset in range(0, size, step):
+            chunk = min(step, size - offset)
+            padding = _padding_length(head - 4 + extra + chunk)
+            length = head + chunk + padding
+            header(buf, at, length - 4, padding, message_type, prefix, chunk)
+            buf[at + head + chunk : at + length] = self._padding_bytes(padding)
+            packet = buf[at : at + length]
             mac = prepared.copy()
             mac.update(_pack_length(seqnum))
             if etm:
-                out[at : at + 4] = plain[:4]
-                update_into(plain[4:length], out[at + 4 : at + length])
-                mac.update(out[at : at + length])
+                body = packet[4:]
+                update_into(body, body)
+                mac.update(packet)
             else:
-                mac.update(plain[:length])
-                update_into(plain[:length], out[at : at + length])
-            at += length
-            out[at : at + mac_size] = mac.finalize()
-            at += mac_size
+                mac.update(packet)
+                update_into(packet, packet)
+            end = at + length + mac_size
+            buf[at + length : end] = mac.finalize()
             seqnum = (seqnum + 1) & _MASK32
-        return out[:at]
+            at += stride
+        return buf[:end]
 
     def seal(self, seqnum: int, message_type: int, parts: Sequence[bytes]) -> Sequence[bytes]:
         size = sum(map(len, parts))
@@ -520,6 +593,47 @@ class _FastPacketMixin:
             packets = -(-len(view) // max_chunk)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + packets) & _MASK32
         _write_wire(self.transport, wire)
+
+    def read_data_packets(
+        self, fd: int, message_type: int, prefix: bytes, limit: int, max_chunk: int, piece: int
+    ) -> int | None:
+        """
+        Read up to ``limit`` bytes from ``fd`` and send them as the packets
+        :meth:`send_data_packets` would, without a copy in user space: the
+        reads (``os.readv``, at most ``piece`` bytes each, until one comes up
+        short) land in the data slots of the sealer's buffer, which is then
+        sealed in place and written.
+
+        Return the number of bytes sent (0: end of file), or None when the
+        packets cannot be sent now (no keys yet, or a key exchange is under
+        way; nothing was read).  An error of the first read (``BlockingIOError``
+        when there is nothing to read) propagates; one of a later read ends
+        the batch and comes back on the next call.
+        """
+        ciphers = self.currentEncryptions
+        if not isinstance(ciphers, EdgeCiphers) or self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            return None
+        sealer = ciphers.sealer
+        size = 0
+        readv = os.readv
+        for buffers, want in sealer.slots(len(prefix), max_chunk).reads(limit, piece):
+            try:
+                got = readv(fd, buffers)
+            except OSError:
+                if size:
+                    break
+                raise
+            size += got
+            if got < want:
+                break
+        if size:
+            wire = sealer.seal_slots(
+                self.outgoingPacketSequence, message_type, prefix, size, max_chunk
+            )
+            packets = -(-size // max_chunk)
+            self.outgoingPacketSequence = (self.outgoingPacketSequence + packets) & _MASK32
+            _write_wire(self.transport, wire)
+        return size
 
     def getPacket(self) -> bytes | None:  # noqa: N802
         """Return the next authenticated payload from ``self.buf``, or None."""

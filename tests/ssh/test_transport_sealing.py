@@ -44,3 +44,129 @@ def test_batched_packets_open_back_to_the_data(name, sealer, opener):
         single = b"".join(sealer.seal(seq, 2, (b"hello",)))
         assert opener.open(seq, memoryview(single)[:opener.packet_size(single)]) == b"\x02hello"
         seq += 1
+
+
+# -- read_data_packets: the child's output read straight into packet slots ----
+
+_CIPHERS = [
+    (b"aes128-gcm@openssh.com", b"hmac-sha2-256"),
+    (b"aes128-ctr", b"hmac-sha2-256"),
+    (b"aes128-ctr", b"hmac-sha2-256-etm@openssh.com"),
+    (b"aes256-ctr", b"hmac-sha2-512"),
+]
+
+
+def _keyed_transport(cipher: bytes, mac: bytes):
+    """An EdgeServerTransport past key exchange, writing to a StringTransport,
+    and an opener for what it sends."""
+    from twisted.internet.testing import StringTransport
+
+    transport = t.EdgeServerTransport()
+    ciphers = t.EdgeCiphers(cipher, cipher, mac, mac)
+    ciphers.setKeys(b"o" * 16, b"K" * 32, b"i" * 16, b"k" * 32, b"M" * 64, b"m" * 64)
+    transport.currentEncryptions = ciphers
+    transport.outgoingPacketSequence = 7
+    transport.transport = StringTransport()
+    reader = t.EdgeCiphers(cipher, cipher, mac, mac)
+    reader.setKeys(b"i" * 16, b"k" * 32, b"o" * 16, b"K" * 32, b"m" * 64, b"M" * 64)
+    return transport, reader.opener
+
+
+def _open_all(opener, wire: bytes, seq: int) -> list[bytes]:
+    payloads = []
+    while wire:
+        size = opener.packet_size(wire)
+        payloads.append(opener.open(seq, memoryview(wire)[:size]))
+        wire = wire[size:]
+        seq += 1
+    return payloads
+
+
+def _channel_data(payloads: list[bytes], prefix: bytes, step: int) -> bytes:
+    data = b""
+    for payload in payloads:
+        assert payload[1 : 1 + len(prefix)] == prefix
+        (size,) = struct.unpack(">L", payload[1 + len(prefix) : 5 + len(prefix)])
+        assert size == len(payload) - 5 - len(prefix) <= step
+        data += payload[5 + len(prefix) :]
+    return data
+
+
+@pytest.fixture
+def pipe():
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    yield read_end, write_end
+    for fd in (read_end, write_end):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("cipher,mac", _CIPHERS, ids=lambda v: v.decode())
+@pytest.mark.parametrize(
+    "available,limit,step,piece",
+    [
+        (200_000, 150_000, 32768, 65536),  # limit ends inside a piece
+        (70_000, 262_144, 32768, 65536),  # the second read comes up short
+        (65_536, 65_536, 32768, 65536),  # exactly one piece
+        (50_000, 262_144, 1000, 4096),  # odd packet size, pieces straddle slots
+        (10, 262_144, 32768, 65536),  # one tiny packet
+    ],
+)
+def test_read_data_packets_sends_what_it_read(pipe, cipher, mac, available, limit, step, piece):
+    read_end, write_end = pipe
+    data = os.urandom(available)
+    os.write(write_end, data)
+    transport, opener = _keyed_transport(cipher, mac)
+    prefix = b"\0\0\0\x05\0\0\0\x01"
+    sent = transport.read_data_packets(read_end, 95, prefix, limit, step, piece)
+    expected = data[: min(available, limit)]
+    assert sent == len(expected)
+    payloads = _open_all(opener, transport.transport.value(), 7)
+    assert {p[0] for p in payloads} == {95}
+    assert _channel_data(payloads, prefix, step) == expected
+    assert transport.outgoingPacketSequence == 7 + len(payloads) == 7 + -(-sent // step)
+    # The sequence numbers stay in step with packets sent another way.
+    transport.transport.clear()
+    transport.sendPacket(2, b"after")
+    assert _open_all(opener, transport.transport.value(), 7 + len(payloads)) == [b"\x02after"]
+
+
+def test_read_data_packets_reports_end_of_file_and_empty_pipe(pipe):
+    read_end, write_end = pipe
+    transport, _ = _keyed_transport(*_CIPHERS[1])
+    with pytest.raises(BlockingIOError):
+        transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536, 32768, 65536)
+    os.close(write_end)
+    assert transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536, 32768, 65536) == 0
+    assert transport.transport.value() == b""
+    assert transport.outgoingPacketSequence == 7
+
+
+def test_read_data_packets_leaves_the_data_alone_during_key_exchange(pipe):
+    read_end, write_end = pipe
+    os.write(write_end, b"x" * 1000)
+    transport, _ = _keyed_transport(*_CIPHERS[0])
+    transport._keyExchangeState = transport._KEY_EXCHANGE_REQUESTED
+    assert transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536, 32768, 65536) is None
+    assert os.read(read_end, 2000) == b"x" * 1000
+
+
+def test_successive_batches_reuse_the_buffer_and_stay_decodable(pipe):
+    read_end, write_end = pipe
+    transport, opener = _keyed_transport(*_CIPHERS[1])
+    sent = b""
+    for size in (100_000, 3, 262_144, 40_000):
+        chunk = os.urandom(size)
+        os.write(write_end, chunk)
+        while transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536 * 2, 32768, 65536):
+            pass_ = None  # read until the pipe is empty
+        sent += chunk
+    # os.write to a full pipe would block: the sizes stay under its capacity
+    # only because each batch is drained before the next is written.
+    with pytest.raises(BlockingIOError):
+        transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536, 32768, 65536)
+    payloads = _open_all(opener, transport.transport.value(), 7)
+    assert _channel_data(payloads, b"\0\0\0\1", 32768) == sent

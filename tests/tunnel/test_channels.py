@@ -363,9 +363,17 @@ def test_memory_is_bounded_by_the_window_per_channel() -> None:
     assert total == 4 * WINDOW
 
 
+def test_an_idle_tunnel_registers_no_producer_until_its_first_channel() -> None:
+    agent, server, pump, acceptor = pair()
+    assert server.transport.producer is None and agent.transport.producer is None
+    open_channel(server, pump)
+    assert server.transport.producer is not None and agent.transport.producer is not None
+
+
 def test_closing_the_tunnel_releases_the_transport_producer() -> None:
     # TLSMemoryBIOProtocol only shuts TLS down once the producer is gone.
     agent, server, pump, acceptor = pair()
+    open_channel(server, pump)
     assert server.transport.producer is not None
     server.disconnect("test")
     assert server.transport.producer is None

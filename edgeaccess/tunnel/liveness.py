@@ -1,0 +1,92 @@
+"""One periodic check for the liveness of every tunnel of a proxy.
+
+A proxy with 10,000 idle tunnels would otherwise keep 10,000 timers
+(``DelayedCall``) and reschedule one every 3 ms. Here each tunnel only
+stamps the time it last heard its peer, and one ``LoopingCall`` looks at
+every stamp a few times per heartbeat interval (a coarse timing wheel): a
+tunnel silent for :data:`MISSED_INTERVALS` intervals is dropped within a
+quarter interval of that deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+_log = Logger()
+
+#: Either side drops the tunnel after this many heartbeat intervals of silence.
+MISSED_INTERVALS = 3
+#: Checks per heartbeat interval (the drop comes at most 1/CHECKS late).
+CHECKS_PER_INTERVAL = 4
+
+
+class Watched(TypingProtocol):
+    """What the monitor needs from a tunnel."""
+
+    #: ``clock.seconds()`` when the peer was last heard.
+    last_heard: float
+
+    def silence_timeout(self, silent_for: float) -> None:
+        """Drop the tunnel: nothing heard for ``silent_for`` seconds."""
+
+
+class LivenessMonitor:
+    """Drops watched tunnels that stay silent for ``missed`` heartbeat intervals.
+
+    :param clock: the reactor's clock (the tunnels stamp ``clock.seconds()``).
+    :param interval: the heartbeat interval the peers use, seconds.
+    :param missed: silent intervals before a tunnel is dropped.
+    :param checks: how many times per interval the stamps are looked at.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        interval: float,
+        missed: int = MISSED_INTERVALS,
+        checks: int = CHECKS_PER_INTERVAL,
+    ) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.limit = missed * interval
+        self._period = interval / checks
+        self._watched: dict[int, Watched] = {}
+        self._loop: LoopingCall | None = None
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    def watch(self, tunnel: Watched) -> None:
+        """Start watching ``tunnel`` (its ``last_heard`` must be set)."""
+        self._watched[id(tunnel)] = tunnel
+        if self._loop is None:
+            self._loop = LoopingCall(self.check)
+            self._loop.clock = self.clock
+            self._loop.start(self._period, now=False)
+
+    def forget(self, tunnel: Watched) -> None:
+        """Stop watching ``tunnel`` (it closed)."""
+        self._watched.pop(id(tunnel), None)
+        if not self._watched and self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def check(self) -> None:
+        """Drop every watched tunnel silent for at least the limit (called periodically)."""
+        now = self.clock.seconds()
+        deadline = now - self.limit
+        silent = [t for t in self._watched.values() if t.last_heard <= deadline]
+        for tunnel in silent:
+            self._watched.pop(id(tunnel), None)
+            try:
+                tunnel.silence_timeout(now - tunnel.last_heard)
+            except Exception:
+                _log.failure("dropping a silent tunnel failed")
+        if not self._watched and self._loop is not None and self._loop.running:
+            self._loop.stop()
+            self._loop = None
