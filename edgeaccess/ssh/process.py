@@ -63,7 +63,7 @@ READ_SIZE = 64 * 1024
 PIPE_SIZE = 1024 * 1024
 #: Reads of ``READ_SIZE`` per reactor turn when output goes straight into
 #: packets (stops early once a read comes up short).
-READS_PER_TURN = 4
+READS_PER_TURN = 8
 #: The session channel's receive window (OpenSSH's CHAN_SES_WINDOW_DEFAULT).
 WINDOW_SIZE = 2 * 1024 * 1024
 #: Packet size to accept on a session channel (OpenSSH's CHAN_SES_PACKET_DEFAULT).
@@ -244,7 +244,8 @@ class SessionProcessProtocol(_ConchProcessProtocol):
             return
         for name, pipe in getattr(transport, "pipes", {}).items():
             if isinstance(pipe, process.ProcessReader):
-                pipe.doRead = self._reader(pipe.fileno(), pipe.dataReceived, name if name in _HOOKS else None)
+                stream = name if name in _HOOKS else None
+                pipe.doRead = self._reader(pipe.fileno(), pipe.dataReceived, stream)
                 _enlarge_pipe(pipe.fileno())
             elif isinstance(pipe, process.ProcessWriter):
                 _enlarge_pipe(pipe.fileno())

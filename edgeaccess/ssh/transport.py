@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from twisted.conch.ssh.connection import MSG_CHANNEL_WINDOW_ADJUST, SSHConnection
 from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
@@ -111,10 +112,14 @@ _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _pack_length = struct.Struct(">L").pack
 _unpack_length = struct.Struct(">L").unpack_from
+_unpack_two_lengths = struct.Struct(">2L").unpack_from
+_CONNECTION_WINDOW_ADJUST = SSHConnection.ssh_CHANNEL_WINDOW_ADJUST
 _pack_header = struct.Struct(">LBB").pack
 # Random padding is drawn from a pool refilled this many bytes at a time
 # (one os.urandom call per ~200 packets instead of one per packet).
 _PADDING_POOL = 4096
+# Slot buffers kept per sealer (packet layouts: stdout, stderr, other sizes).
+_MAX_SLOT_BUFFERS = 4
 
 
 class _BadPacket(Exception):
@@ -209,7 +214,8 @@ class _BulkSealer:
         # Whether the block alignment covers the 4-byte packet length
         # (encrypt-and-MAC) or not (AEAD, encrypt-then-MAC).
         self._covers_length = covers_length
-        self._slots: _Slots | None = None
+        # (head, step) -> buffer: stdout and stderr packets differ in head.
+        self._slots: dict[tuple[int, int], _Slots] = {}
         self._headers: dict[int, object] = {}
         self._pool = b""
         self._pool_at = 0
@@ -228,11 +234,13 @@ class _BulkSealer:
     def slots(self, prefix_size: int, step: int) -> _Slots:
         """The slot buffer for packets with a ``prefix_size``-byte prefix and
         chunks of at most ``step`` bytes (kept while those stay the same)."""
-        slots = self._slots
         head = 10 + prefix_size
-        if slots is None or slots.head != head or slots.step != step:
+        slots = self._slots.get((head, step))
+        if slots is None:
+            if len(self._slots) >= _MAX_SLOT_BUFFERS:
+                self._slots.clear()
             stride = head + step + self._padding_for(head, step) + self._trailer
-            slots = self._slots = _Slots(head, step, stride)
+            slots = self._slots[head, step] = _Slots(head, step, stride)
         return slots
 
     def _header(self, prefix_size: int):
@@ -611,7 +619,10 @@ class _FastPacketMixin:
         the batch and comes back on the next call.
         """
         ciphers = self.currentEncryptions
-        if not isinstance(ciphers, EdgeCiphers) or self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+        if (
+            not isinstance(ciphers, EdgeCiphers)
+            or self._keyExchangeState != self._KEY_EXCHANGE_NONE
+        ):
             return None
         sealer = ciphers.sealer
         size = 0
@@ -634,6 +645,31 @@ class _FastPacketMixin:
             self.outgoingPacketSequence = (self.outgoingPacketSequence + packets) & _MASK32
             _write_wire(self.transport, wire)
         return size
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """
+        Conch's loop over the received packets, except that
+        ``CHANNEL_WINDOW_ADJUST`` goes straight to the channel's
+        ``addWindowBytes`` (what ``SSHConnection.ssh_CHANNEL_WINDOW_ADJUST``
+        does) instead of through ``dispatchMessage`` and the service's
+        ``packetReceived``: during a download OpenSSH's client sends one every
+        ~100 KiB, ~10,000 per GiB.
+        """
+        if not self.gotVersion:
+            return super().dataReceived(data)  # type: ignore[misc]
+        self.buf = self.buf + data
+        packet = self.getPacket()
+        while packet:
+            if packet[0] == MSG_CHANNEL_WINDOW_ADJUST and len(packet) >= 9:
+                service = self.service
+                handler = getattr(type(service), "ssh_CHANNEL_WINDOW_ADJUST", None)
+                if handler is _CONNECTION_WINDOW_ADJUST:
+                    local_channel, added = _unpack_two_lengths(packet, 1)
+                    service.channels[local_channel].addWindowBytes(added)
+                    packet = self.getPacket()
+                    continue
+            self.dispatchMessage(packet[0], packet[1:])
+            packet = self.getPacket()
 
     def getPacket(self) -> bytes | None:  # noqa: N802
         """Return the next authenticated payload from ``self.buf``, or None."""

@@ -4,10 +4,12 @@ interleaved with single-packet seals (sequence numbers stay in step)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 
 import pytest
+from twisted.conch.ssh.channel import SSHChannel
 
 from edgeaccess.ssh import transport as t
 
@@ -19,7 +21,9 @@ def _pairs():
                t._CtrOpener(b"k" * 16, b"i" * 16, mac, b"m" * 64))
 
 
-@pytest.mark.parametrize("name,sealer,opener", list(_pairs()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,sealer,opener", list(_pairs()), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_batched_packets_open_back_to_the_data(name, sealer, opener):
     seq = 5
     cases = ((65536, 32768, b"\0\0\0\x09"), (1, 32768, b"abcd"), (100000, 32768, b"abcdefgh"),
@@ -96,6 +100,7 @@ def _channel_data(payloads: list[bytes], prefix: bytes, step: int) -> bytes:
 def pipe():
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
+    fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1024 * 1024)  # Linux
     yield read_end, write_end
     for fd in (read_end, write_end):
         try:
@@ -161,12 +166,92 @@ def test_successive_batches_reuse_the_buffer_and_stay_decodable(pipe):
     for size in (100_000, 3, 262_144, 40_000):
         chunk = os.urandom(size)
         os.write(write_end, chunk)
-        while transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536 * 2, 32768, 65536):
-            pass_ = None  # read until the pipe is empty
+        read = 0
+        while read < size:  # batches of at most 128 KiB
+            read += transport.read_data_packets(read_end, 94, b"\0\0\0\1", 131072, 32768, 65536)
         sent += chunk
-    # os.write to a full pipe would block: the sizes stay under its capacity
-    # only because each batch is drained before the next is written.
     with pytest.raises(BlockingIOError):
         transport.read_data_packets(read_end, 94, b"\0\0\0\1", 65536, 32768, 65536)
     payloads = _open_all(opener, transport.transport.value(), 7)
     assert _channel_data(payloads, b"\0\0\0\1", 32768) == sent
+
+
+# -- dataReceived: CHANNEL_WINDOW_ADJUST straight to the channel --------------
+
+
+class _Channel(SSHChannel):
+    def __init__(self) -> None:
+        super().__init__(remoteWindow=0, remoteMaxPacket=32768)
+        self.received: list[bytes] = []
+        self.started = 0
+
+    def startWriting(self) -> None:  # noqa: N802
+        self.started += 1
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received.append(data)
+
+
+def _client_packets(reader_sealer, messages, seq: int = 0) -> bytes:
+    return b"".join(
+        b"".join(reader_sealer.seal(seq + n, kind, (body,)))
+        for n, (kind, body) in enumerate(messages)
+    )
+
+
+class _LoggingConnection:
+    """A connection whose ssh_CHANNEL_WINDOW_ADJUST is its own."""
+
+    def __init__(self) -> None:
+        self.adjusts: list[bytes] = []
+
+    def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:  # noqa: N802
+        self.adjusts.append(packet)
+
+    def packetReceived(self, number: int, packet: bytes) -> None:  # noqa: N802
+        getattr(self, "ssh_CHANNEL_WINDOW_ADJUST")(packet)
+
+
+@pytest.mark.parametrize("cipher,mac", _CIPHERS[:3], ids=lambda v: v.decode())
+def test_window_adjust_reaches_the_channel_among_other_messages(cipher, mac):
+    from twisted.conch.ssh import connection
+
+    transport, _ = _keyed_transport(cipher, mac)
+    transport.gotVersion = True
+    conn = connection.SSHConnection()
+    conn.transport = transport
+    transport.service = conn
+    channel = _Channel()
+    channel.areWriting = False
+    conn.channels[3] = channel
+    conn.localToRemoteChannel[3] = 9
+    conn.channelsToRemoteChannel[channel] = 9
+    client = t.EdgeCiphers(cipher, cipher, mac, mac)
+    client.setKeys(b"i" * 16, b"k" * 32, b"o" * 16, b"K" * 32, b"m" * 64, b"M" * 64)
+    wire = _client_packets(
+        client.sealer,
+        [
+            (connection.MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", 3, 1000)),
+            (connection.MSG_CHANNEL_DATA, struct.pack(">2L", 3, 2) + b"hi"),
+            (connection.MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", 3, 24)),
+        ],
+    )
+    transport.dataReceived(wire[:5])  # split anywhere
+    transport.dataReceived(wire[5:])
+    assert channel.remoteWindowLeft == 1024
+    assert channel.started == 1  # the first adjust started the writer
+    assert channel.received == [b"hi"]
+    assert transport.buf == b""
+    assert transport.incomingPacketSequence == 3
+
+
+def test_an_overridden_window_adjust_handler_is_still_called():
+    transport, _ = _keyed_transport(*_CIPHERS[0])
+    transport.gotVersion = True
+    service = _LoggingConnection()
+    transport.service = service
+    client = t.EdgeCiphers(_CIPHERS[0][0], _CIPHERS[0][0], _CIPHERS[0][1], _CIPHERS[0][1])
+    client.setKeys(b"i" * 16, b"k" * 32, b"o" * 16, b"K" * 32, b"m" * 64, b"M" * 64)
+    body = struct.pack(">2L", 0, 5)
+    transport.dataReceived(_client_packets(client.sealer, [(93, body)]))
+    assert service.adjusts == [body]
