@@ -1,6 +1,7 @@
 """SSH data path: the edgeaccess node against OpenSSH's sshd, in one run.
 
-``python -m benchmarks ssh [--size 1G] [--repeat 3] [--setup-runs 10] [--with-stock]``
+``python -m benchmarks ssh [--size 1G] [--repeat 3] [--setup-runs 10] [--with-stock]
+[--baseline-tree DIR]``
 
 Starts, on 127.0.0.1 ephemeral ports, the node's real SSH server
 (``make_node_ssh_factory`` in a process of its own, certificate login) and an
@@ -16,6 +17,10 @@ JSON object per result (median of ``--repeat`` runs) with MiB/s or ms, the CPU
 seconds of the server side (server process plus the commands it reaped) and
 of the client side, and the ratio against sshd.  ``--with-stock`` adds the node
 with Conch's stock transport and process protocol (aes128-ctr only).
+``--baseline-tree DIR`` adds the node run from another source tree (a copy or
+checkout of an earlier version with ``edgeaccess/`` and ``benchmarks/``), to
+compare two versions in the same run.  ``server_cpu_s_per_gib`` is the
+server-side CPU per GiB transferred, the figure to compare on a shared machine.
 
 Both servers run the command with ``SHLVL=1`` (the node sets it for exec;
 sshd gets ``SetEnv SHLVL=1``) so bash skips root's ``.bashrc``.
@@ -42,6 +47,7 @@ CIPHERS = [
     ("aes128-gcm@openssh.com", None),
 ]
 _MIB = 1024 * 1024
+_GIB = 1024 * _MIB
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -138,21 +144,27 @@ def _make_keys(directory: Path) -> None:
     (directory / "authorized_keys").write_bytes(public_key_openssh(user) + b"\n")
 
 
-def _start_node(directory: Path, stock: bool) -> _Server:
+def _start_node(directory: Path, stock: bool, tree: Path | None = None) -> _Server:
+    """The node server; ``tree``: run it from that source tree instead of ours."""
+    name = "node-stock" if stock else "node-baseline" if tree else "node"
     argv = [sys.executable, "-m", "benchmarks._node_server", str(directory)]
     if stock:
         argv.append("--stock")
+    env = None
+    if tree is not None:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
     process = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
-        stderr=open(directory / ("node-stock.log" if stock else "node.log"), "wb"),
-        cwd=Path(__file__).resolve().parent.parent,
+        stderr=open(directory / f"{name}.log", "wb"),
+        cwd=tree or Path(__file__).resolve().parent.parent,
+        env=env,
     )
     line = process.stdout.readline().decode()  # "PORT n", or EOF if it died
     if not line.startswith("PORT "):
         process.kill()
-        raise RuntimeError(f"node server did not start (see {directory}/node.log)")
-    return _Server("node-stock" if stock else "node", process, int(line.split()[1]), directory / "id")
+        raise RuntimeError(f"node server did not start (see {directory}/{name}.log)")
+    return _Server(name, process, int(line.split()[1]), directory / "id")
 
 
 def _start_sshd(directory: Path) -> _Server:
@@ -244,7 +256,14 @@ def _transfer(server: _Server, direction: str, size: int, cipher: str, mac: str 
     return seconds, server_cpu, client_cpu
 
 
-def run(size: int, repeat: int, setup_runs: int, with_stock: bool, emit) -> list[dict]:
+def run(
+    size: int,
+    repeat: int,
+    setup_runs: int,
+    with_stock: bool,
+    emit,
+    baseline_tree: Path | None = None,
+) -> list[dict]:
     """Run every scenario; ``emit(result)`` is called for each result dict."""
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgeaccess-bench-") as tmp:
@@ -254,6 +273,8 @@ def run(size: int, repeat: int, setup_runs: int, with_stock: bool, emit) -> list
         try:
             servers.append(_start_sshd(directory))
             servers.append(_start_node(directory, stock=False))
+            if baseline_tree is not None:
+                servers.append(_start_node(directory, stock=False, tree=baseline_tree))
             if with_stock:
                 servers.append(_start_node(directory, stock=True))
             for cipher, mac in CIPHERS:
@@ -285,6 +306,13 @@ def run(size: int, repeat: int, setup_runs: int, with_stock: bool, emit) -> list
                             "mib_s": round(size / _MIB / seconds, 1),
                             "best_mib_s": round(size / _MIB / min(m[0] for m in measured), 1),
                             "server_cpu_s": round(statistics.median(m[1] for m in measured), 2),
+                            "server_cpu_s_per_gib": round(
+                                statistics.median(m[1] for m in measured) * _GIB / size, 2
+                            ),
+                            "server_cpu_s_per_gib_range": [
+                                round(min(m[1] for m in measured) * _GIB / size, 2),
+                                round(max(m[1] for m in measured) * _GIB / size, 2),
+                            ],
                             "client_cpu_s": round(statistics.median(m[2] for m in measured), 2),
                         }
                         if name == "sshd":
@@ -328,6 +356,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--with-stock", action="store_true", help="also measure stock Conch (aes128-ctr)"
     )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also measure the node from this source tree (an earlier version)",
+    )
     args = parser.parse_args(argv)
     run(
         parse_size(args.size),
@@ -335,5 +368,6 @@ def main(argv: list[str]) -> int:
         args.setup_runs,
         args.with_stock,
         lambda result: print(json.dumps(result), flush=True),
+        args.baseline_tree,
     )
     return 0

@@ -43,6 +43,17 @@ def split_addr(addr: str, default_port: int) -> tuple[str, int]:
         raise errors.BadRequest(f"invalid port in address {addr!r}")
 
 
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP address (not a name)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def pin_of_pem(pem: str | bytes) -> str:
     if isinstance(pem, str):
         pem = pem.encode()

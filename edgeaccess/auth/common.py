@@ -68,3 +68,9 @@ def _load_pem_public_key(text: str, what: str):
         return serialization.load_pem_public_key(text.encode("ascii"))
     except (ValueError, TypeError, UnicodeError):
         raise errors.BadRequest(f"{what} is not a PEM public key")
+
+
+def well_formed_token(token) -> bool:
+    """Tokens we issue are hex; anything else is refused before any lookup
+    (and never used to build a storage key)."""
+    return isinstance(token, str) and token.isalnum() and 0 < len(token) <= 64

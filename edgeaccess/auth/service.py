@@ -27,7 +27,8 @@ from edgeaccess import errors
 from edgeaccess.identity import passwords, presets, resources, roles
 from edgeaccess.pki import sshca, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
-from edgeaccess.auth.common import (  # noqa: F401  (re-exported)
+from edgeaccess.auth.common import (
+    well_formed_token,  # noqa: F401  (re-exported)
     Certificates,
     _dumps,
     _iso,
@@ -221,7 +222,7 @@ class AuthServer(UserAccounts):
         return [_loads(i) for i in await self.backend.get_range("/tokens/")]
 
     async def delete_token(self, token: str) -> None:
-        if not isinstance(token, str) or not token.isalnum() or len(token) > 64:
+        if not well_formed_token(token):
             raise errors.NotFound("token not found")
         try:
             await self.backend.delete(f"/tokens/{token}")
@@ -231,7 +232,7 @@ class AuthServer(UserAccounts):
 
     async def check_token(self, token: str, token_type: str) -> dict:
         """The record of a valid, unexpired token of ``token_type``."""
-        if not isinstance(token, str) or not token.isalnum() or len(token) > 64:
+        if not well_formed_token(token):
             raise errors.TokenInvalid("the join token is invalid or unknown")
         try:
             item = await self.backend.get(f"/tokens/{token}")

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from edgeaccess import errors
 from edgeaccess.auth.common import (
+    well_formed_token,
     Certificates,
     _dumps,
     _iso,
@@ -109,7 +110,7 @@ class UserAccounts:
 
     async def complete_signup(self, token: str, password: str) -> str:
         """Set the password of the user a signup token was made for."""
-        if not isinstance(token, str) or not token.isalnum() or len(token) > 64:
+        if not well_formed_token(token):
             raise errors.TokenInvalid("invalid or expired signup link")
         try:
             item = await self.backend.get(f"/signup/{token}")
@@ -125,7 +126,7 @@ class UserAccounts:
 
     async def signup_user(self, token: str) -> str:
         """The user a signup token belongs to (for the signup page)."""
-        if not isinstance(token, str) or not token.isalnum() or len(token) > 64:
+        if not well_formed_token(token):
             raise errors.TokenInvalid("invalid or expired signup link")
         try:
             return _loads(await self.backend.get(f"/signup/{token}"))["user"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 
-from edgeaccess.httpclient import split_addr
+from edgeaccess.httpclient import is_ip, split_addr
 from edgeaccess.pki import keys
 
 FILES = ("key", "key.pub", "key-cert.pub", "tls.key", "tls.crt", "ca.pem", "known_hosts",
@@ -78,14 +78,6 @@ def _config_path(path: Path) -> str:
     return str(path).replace("%", "%%")
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def render_tls_routing_command(home: Path, tunnel_addr: str) -> str:
@@ -98,7 +90,7 @@ def render_tls_routing_command(home: Path, tunnel_addr: str) -> str:
     the proxy closes it or ssh exits; ``-nocommands`` keeps stdin bytes
     uninterpreted."""
     host, port = split_addr(tunnel_addr, 3024)
-    verify = ["-verify_ip", host] if _is_ip(host) else ["-verify_hostname", host]
+    verify = ["-verify_ip", host] if is_ip(host) else ["-verify_hostname", host]
     connect = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     argv = ["openssl", "s_client", "-quiet", "-nocommands", "-verify_quiet",
             "-verify_return_error", "-no-CApath", "-no-CAstore",

@@ -69,22 +69,20 @@ def ssh_fingerprint(public_key) -> str:
 
 def write_secret(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    _write_atomically(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write non-secret ``data`` to ``path`` atomically (mode 0644)."""
+    _write_atomically(path, data, 0o644)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    # Write, fsync, rename: a crash leaves the old file or the new one,
+    # never half of one.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)

@@ -24,7 +24,7 @@ from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
 from edgeaccess.config import apply_config_file, listen_endpoint
-from edgeaccess.httpclient import split_addr
+from edgeaccess.httpclient import is_ip, split_addr
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
 from edgeaccess.cluster.leaf import LeafLinks, LeafTrust
@@ -205,9 +205,9 @@ def makeService(options, reactor=None) -> service.MultiService:
         # Users' TLS routing (ProxyCommand s_client) verifies this name.
         listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
-                  if not _is_ip(h)})
+                  if not is_ip(h)})
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
-                                         if _is_ip(h) and h not in ("0.0.0.0", "::")})
+                                         if is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
     proxy_cert = authority.sign_tls(
         proxy_key.public_key(),
@@ -350,14 +350,6 @@ def _router(reactor, auth, cluster, registry, clusters):
                   leaf_lookup=clusters.leaf_router, reactor=reactor)
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def _write_admin_identity(data_dir: Path, authority, now) -> None:

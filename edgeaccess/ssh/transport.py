@@ -233,7 +233,7 @@ class _BulkSealer:
 
     def slots(self, prefix_size: int, step: int) -> _Slots:
         """The slot buffer for packets with a ``prefix_size``-byte prefix and
-        chunks of at most ``step`` bytes (kept while those stay the same)."""
+        chunks of at most ``step`` bytes (a few layouts are kept)."""
         head = 10 + prefix_size
         slots = self._slots.get((head, step))
         if slots is None:
