@@ -37,7 +37,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from twisted.conch.ssh.connection import MSG_CHANNEL_WINDOW_ADJUST, SSHConnection
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    SSHConnection,
+)
 from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
@@ -114,6 +118,7 @@ _pack_length = struct.Struct(">L").pack
 _unpack_length = struct.Struct(">L").unpack_from
 _unpack_two_lengths = struct.Struct(">2L").unpack_from
 _CONNECTION_WINDOW_ADJUST = SSHConnection.ssh_CHANNEL_WINDOW_ADJUST
+_CONNECTION_CHANNEL_DATA = SSHConnection.ssh_CHANNEL_DATA
 _pack_header = struct.Struct(">LBB").pack
 # Random padding is drawn from a pool refilled this many bytes at a time
 # (one os.urandom call per ~200 packets instead of one per packet).
@@ -337,7 +342,7 @@ class _GcmOpener:
         return _strip_padding(body, 0)
 
 
-def _strip_padding(body: bytes, start: int) -> bytes:
+def _strip_padding(body, start: int):
     """``body[start]`` is the padding length; return the payload after it."""
     padding = body[start]
     end = len(body) - padding
@@ -430,6 +435,7 @@ class _CtrOpener(_HmacMixin):
         self._init_mac(mac_name, mac_key)
         # Encrypt-and-MAC: the first block, decrypted to learn the length.
         self._first: bytes | None = None
+        self._scratch = memoryview(bytearray(0))
 
     def packet_size(self, buf: bytes) -> int | None:
         if self.etm:
@@ -455,12 +461,18 @@ class _CtrOpener(_HmacMixin):
                 raise _BadMAC()
             return _strip_padding(self._decryptor.update(wire[4:end]), 0)
         assert self._first is not None
-        packet = self._first + self._decryptor.update(wire[_BLOCK:end])
+        # Decrypt into a reused buffer after the first block: the payload is
+        # then copied once (into the bytes returned), not three times.
+        if len(self._scratch) < end:
+            self._scratch = memoryview(bytearray(end))
+        packet = self._scratch[:end]
+        packet[:_BLOCK] = self._first
         self._first = None
+        self._decryptor.update_into(wire[_BLOCK:end], packet[_BLOCK:])
         expected = self._mac_of(seqnum, packet)
         if not _stdlib_hmac.compare_digest(expected, received_mac):
             raise _BadMAC()
-        return _strip_padding(packet, 4)
+        return bytes(_strip_padding(packet, 4))
 
 
 class EdgeCiphers(SSHCiphers):
@@ -536,6 +548,20 @@ def _write_wire(transport, wire: memoryview) -> None:
             return
         wire = wire[sent:]
     transport.write(bytes(wire))
+
+
+def _channel_data(conn: SSHConnection, packet: bytes) -> None:
+    """``conn.ssh_CHANNEL_DATA(packet[1:])`` with one copy of the data."""
+    local_channel, length = _unpack_two_lengths(packet, 1)
+    channel = conn.channels[local_channel]
+    if length > channel.localWindowLeft or length > channel.localMaxPacket:
+        conn.ssh_CHANNEL_DATA(packet[1:])  # logs "too much data" and closes
+        return
+    data = packet[9 : 9 + length]
+    channel.localWindowLeft -= length
+    if channel.localWindowLeft < channel.localWindowSize // 2:
+        conn.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
+    channel.dataReceived(data)
 
 
 class _FastPacketMixin:
@@ -648,27 +674,39 @@ class _FastPacketMixin:
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         """
-        Conch's loop over the received packets, except that
-        ``CHANNEL_WINDOW_ADJUST`` goes straight to the channel's
-        ``addWindowBytes`` (what ``SSHConnection.ssh_CHANNEL_WINDOW_ADJUST``
-        does) instead of through ``dispatchMessage`` and the service's
-        ``packetReceived``: during a download OpenSSH's client sends one every
-        ~100 KiB, ~10,000 per GiB.
+        Conch's loop over the received packets, with the two bulk channel
+        messages handled in place when the service is Conch's
+        ``SSHConnection`` (not overridden): ``CHANNEL_WINDOW_ADJUST`` (one per
+        ~100 KiB that OpenSSH's client reads, ~10,000 per GiB downloaded) goes
+        straight to the channel's ``addWindowBytes``, and ``CHANNEL_DATA``
+        (uploads) is checked against the window as
+        ``SSHConnection.ssh_CHANNEL_DATA`` does, but its data is copied once
+        instead of three times.
         """
         if not self.gotVersion:
             return super().dataReceived(data)  # type: ignore[misc]
         self.buf = self.buf + data
         packet = self.getPacket()
         while packet:
-            if packet[0] == MSG_CHANNEL_WINDOW_ADJUST and len(packet) >= 9:
+            kind = packet[0]
+            if (kind == MSG_CHANNEL_DATA or kind == MSG_CHANNEL_WINDOW_ADJUST) and len(
+                packet
+            ) >= 9:
                 service = self.service
-                handler = getattr(type(service), "ssh_CHANNEL_WINDOW_ADJUST", None)
-                if handler is _CONNECTION_WINDOW_ADJUST:
-                    local_channel, added = _unpack_two_lengths(packet, 1)
-                    service.channels[local_channel].addWindowBytes(added)
-                    packet = self.getPacket()
-                    continue
-            self.dispatchMessage(packet[0], packet[1:])
+                if kind == MSG_CHANNEL_DATA:
+                    handler = getattr(type(service), "ssh_CHANNEL_DATA", None)
+                    if handler is _CONNECTION_CHANNEL_DATA:
+                        _channel_data(service, packet)
+                        packet = self.getPacket()
+                        continue
+                else:
+                    handler = getattr(type(service), "ssh_CHANNEL_WINDOW_ADJUST", None)
+                    if handler is _CONNECTION_WINDOW_ADJUST:
+                        local_channel, added = _unpack_two_lengths(packet, 1)
+                        service.channels[local_channel].addWindowBytes(added)
+                        packet = self.getPacket()
+                        continue
+            self.dispatchMessage(kind, packet[1:])
             packet = self.getPacket()
 
     def getPacket(self) -> bytes | None:  # noqa: N802

@@ -255,3 +255,41 @@ def test_an_overridden_window_adjust_handler_is_still_called():
     body = struct.pack(">2L", 0, 5)
     transport.dataReceived(_client_packets(client.sealer, [(93, body)]))
     assert service.adjusts == [body]
+
+
+def test_channel_data_respects_the_window_and_regrants_it():
+    from twisted.conch.ssh import connection
+
+    cipher, mac = _CIPHERS[1]
+    transport, opener = _keyed_transport(cipher, mac)
+    transport.gotVersion = True
+    conn = connection.SSHConnection()
+    conn.transport = transport
+    transport.service = conn
+    channel = _Channel()
+    channel.localWindowSize = channel.localWindowLeft = 100_000
+    conn.channels[3] = channel
+    conn.localToRemoteChannel[3] = 9
+    conn.channelsToRemoteChannel[channel] = 9
+    client = t.EdgeCiphers(cipher, cipher, mac, mac)
+    client.setKeys(b"i" * 16, b"k" * 32, b"o" * 16, b"K" * 32, b"m" * 64, b"M" * 64)
+    chunks = [os.urandom(30_000) for _ in range(2)]
+    messages = [
+        (connection.MSG_CHANNEL_DATA, struct.pack(">2L", 3, len(chunk)) + chunk)
+        for chunk in chunks
+    ]
+    transport.dataReceived(_client_packets(client.sealer, messages))
+    assert channel.received == chunks
+    # 40,000 left < half of 100,000: the window is topped up again.
+    assert channel.localWindowLeft == 100_000
+    (adjust,) = _open_all(opener, transport.transport.value(), 7)
+    assert adjust == bytes([connection.MSG_CHANNEL_WINDOW_ADJUST]) + struct.pack(">2L", 9, 60_000)
+    # More than the window: Conch's answer, the channel is closed.
+    transport.transport.clear()
+    too_much = struct.pack(">2L", 3, 100_001) + bytes(100_001)
+    channel.localMaxPacket = 1 << 20
+    transport.dataReceived(_client_packets(client.sealer, [(94, too_much)], seq=2))
+    assert len(channel.received) == 2
+    assert channel.localClosed
+    (close,) = _open_all(opener, transport.transport.value(), 8)
+    assert close == bytes([connection.MSG_CHANNEL_CLOSE]) + struct.pack(">L", 9)
