@@ -38,8 +38,8 @@ from edgeaccess.tunnel.channels import ChannelAcceptor
 from edgeaccess.tunnel.connection import TunnelConnection
 from edgeaccess.tunnel.interfaces import ITunnel
 from edgeaccess.tunnel.protocol import (
-    CAPABILITIES,
     DEFAULT_WINDOW,
+    FAST_DATA_CAPABILITY,
     PROTOCOL_VERSION,
     PROXY_COMMANDS,
     PROXY_OPENABLE_KINDS,
@@ -105,7 +105,7 @@ class AgentTunnelProtocol(TunnelConnection):
         self.call(
             Hello,
             protocol_version=PROTOCOL_VERSION,
-            capabilities=list(CAPABILITIES),
+            capabilities=self.offered_capabilities(),
             inventory=self.inventory.to_json(),
         ).addCallbacks(self._hello_answered, self._hello_refused)
 
@@ -128,6 +128,8 @@ class AgentTunnelProtocol(TunnelConnection):
                     self._liveness_call.cancel()
                 self._schedule_liveness()
         self.proxy_capabilities = tuple(answer["capabilities"][:64])
+        if self.fast_data_offered and FAST_DATA_CAPABILITY in self.proxy_capabilities:
+            self.use_fast_data()
         self.ready.callback(self)
 
     def _hello_refused(self, failure: Failure) -> None:

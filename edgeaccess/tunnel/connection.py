@@ -27,10 +27,19 @@ from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
 from edgeaccess.tunnel.channels import ChannelAcceptor
+from edgeaccess.tunnel.framing import (
+    FRAME_DATA,
+    MAX_FAST_FRAME,
+    FramedBoxReader,
+    data_frame,
+    window_adjust_frame,
+)
 from edgeaccess.tunnel.liveness import MISSED_INTERVALS, LivenessMonitor
 from edgeaccess.tunnel.mux import ChannelMux, decode_remote_error
 from edgeaccess.tunnel.protocol import (
+    CAPABILITIES,
     DEFAULT_WINDOW,
+    FAST_DATA_CAPABILITY,
     MAX_BOX_BYTES,
     MAX_BOX_KEYS,
     CloseChannel,
@@ -41,6 +50,7 @@ from edgeaccess.tunnel.protocol import (
     WindowAdjust,
     check_channel_id,
 )
+from edgeaccess.tunnel.tlswrite import install_large_tls_writes
 
 _log = Logger()
 
@@ -72,11 +82,15 @@ class _SendBackpressure:
         pass
 
 
-class TunnelConnection(amp.AMP):
+class TunnelConnection(FramedBoxReader, amp.AMP):
     """Base of :class:`AgentTunnelProtocol` and :class:`ServerTunnelProtocol`.
 
     Subclasses set :attr:`peer_commands` (what the peer may send),
     :attr:`peer_openable_kinds` and :attr:`initiator`.
+    Data and WindowAdjust travel as fast frames (:mod:`edgeaccess.tunnel.framing`)
+    once both ends offered :data:`FAST_DATA_CAPABILITY`; set
+    :attr:`fast_data_offered` to False before the connection is made to
+    keep AMP ``Data`` boxes.
     """
 
     peer_commands: frozenset[bytes] = frozenset()
@@ -84,6 +98,10 @@ class TunnelConnection(amp.AMP):
     initiator = False
     #: Whether the peer may assert a channel's ``source`` (only a proxy may).
     peer_asserts_source = False
+    #: Whether this end offers fast data frames in ``Hello``.
+    fast_data_offered = True
+    #: Whether Data and WindowAdjust are written as fast frames (both offered).
+    _fast_out = False
 
     def __init__(
         self,
@@ -128,6 +146,25 @@ class TunnelConnection(amp.AMP):
         self._producer_registered = False
 
     # -- the public face ----------------------------------------------------
+
+    def offered_capabilities(self) -> list[str]:
+        """The capabilities this end announces in ``Hello``."""
+        if self.fast_data_offered:
+            return list(CAPABILITIES)
+        return [c for c in CAPABILITIES if c != FAST_DATA_CAPABILITY]
+
+    def use_fast_data(self) -> None:
+        """Both ends offered fast data: read and write Data and WindowAdjust as
+        fast frames from now on.
+
+        Called while handling ``Hello``: the proxy, before its answer is
+        written and before it has any channel; the agent, when the answer
+        arrives (the proxy reads frames from then on). Boxes and frames share
+        one ordered stream, so nothing in flight is misread.
+        """
+        self.fast_frames_in = True
+        self._fast_out = True
+        self.mux.max_frame_in = MAX_FAST_FRAME
 
     def connect_channel(
         self, kind: str, target: str, factory: IProtocolFactory, source: str | None = None
@@ -182,6 +219,9 @@ class TunnelConnection(amp.AMP):
         if register is not None:
             register(_SendBackpressure(self.mux), True)
             self._producer_registered = True
+            # Also with the first channel: bulk data is what large TLS
+            # writes are for, and an idle tunnel keeps the stock method.
+            install_large_tls_writes(self.transport)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._is_lost = True
@@ -254,7 +294,7 @@ class TunnelConnection(amp.AMP):
         else:
             self._heard = True
         try:
-            super().dataReceived(data)
+            self.feed(data)
         except ProtocolViolation as violation:
             self.violation(str(violation))
         except Exception:
@@ -408,6 +448,13 @@ class TunnelConnection(amp.AMP):
         self.mux.eof_received(check_channel_id(channel))
         return {}
 
+    def fast_frame_received(self, kind: int, channel: int, value: int, payload: bytes) -> None:
+        check_channel_id(channel)
+        if kind == FRAME_DATA:
+            self.mux.data_received(channel, payload)
+        else:
+            self.mux.window_adjust_received(channel, value)
+
     # -- ChannelWire: sending -------------------------------------------------
 
     def _send(self, box: amp.AmpBox) -> None:
@@ -415,11 +462,19 @@ class TunnelConnection(amp.AMP):
             return
         self.boxSender.sendBox(box)
 
-    def send_data(self, channel: int, data: bytes) -> None:
+    def send_data(self, channel: int, data: bytes | memoryview) -> None:
+        if self._fast_out:
+            if self.transport is not None and not self._is_lost:
+                self.transport.write(data_frame(channel, data))
+            return
         # Built by hand: the hot path skips Command argument machinery.
-        self._send(amp.AmpBox(_command=b"Data", channel=b"%d" % channel, data=data))
+        self._send(amp.AmpBox(_command=b"Data", channel=b"%d" % channel, data=bytes(data)))
 
     def send_window_adjust(self, channel: int, credit: int) -> None:
+        if self._fast_out:
+            if self.transport is not None and not self._is_lost:
+                self.transport.write(window_adjust_frame(channel, credit))
+            return
         self._send(
             amp.AmpBox(_command=b"WindowAdjust", channel=b"%d" % channel, credit=b"%d" % credit)
         )

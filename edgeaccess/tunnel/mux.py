@@ -45,6 +45,9 @@ class ChannelMux:
     :param max_channels: channels open at once (memory <= channels * window).
     """
 
+    #: The largest data frame accepted (raised when fast frames are on).
+    max_frame_in = MAX_FRAME
+
     def __init__(
         self,
         wire: ChannelWire,
@@ -214,8 +217,8 @@ class ChannelMux:
         return channel
 
     def data_received(self, channel_id: int, data: bytes) -> None:
-        """A Data box arrived."""
-        if len(data) > MAX_FRAME:
+        """A Data box (or fast data frame) arrived."""
+        if len(data) > self.max_frame_in:
             raise ProtocolViolation(f"data frame of {len(data)} bytes")
         channel = self._known(channel_id)
         if channel is not None:

@@ -32,8 +32,10 @@ from edgeaccess.errors import (
 PROTOCOL_VERSION = 1
 #: ALPN protocol name negotiated on the TLS connection.
 ALPN_PROTOCOL = b"edge-tunnel/1"
+#: Data and WindowAdjust as fast frames between boxes (see :mod:`edgeaccess.tunnel.framing`).
+FAST_DATA_CAPABILITY = "fast-data/1"
 #: Capabilities this implementation announces in ``Hello``.
-CAPABILITIES = ("channels", "half-close", "window-adjust")
+CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY)
 
 #: Every channel kind, and who may open which.
 CHANNEL_KINDS = frozenset({"ssh", "kube", "app", "auth", "cluster"})

@@ -26,8 +26,8 @@ from edgeaccess.tunnel.liveness import LivenessMonitor
 from edgeaccess.tunnel.protocol import (
     AGENT_COMMANDS,
     AGENT_OPENABLE_KINDS,
-    CAPABILITIES,
     DEFAULT_WINDOW,
+    FAST_DATA_CAPABILITY,
     PROTOCOL_VERSION,
     Discover,
     Heartbeat,
@@ -122,7 +122,10 @@ class ServerTunnelProtocol(TunnelConnection):
             )
         self.hello_done = True
         self.inventory = parsed
-        self.capabilities = tuple(c for c in capabilities[:64] if c in CAPABILITIES)
+        offered = self.offered_capabilities()
+        self.capabilities = tuple(c for c in capabilities[:64] if c in offered)
+        if FAST_DATA_CAPABILITY in self.capabilities:
+            self.use_fast_data()
         _log.info("tunnel up from {peer}", peer=self.mux.peer_name)
         # Registered after this answer is on its way (the answer is written
         # when this method returns): on_connect callbacks may open channels.

@@ -119,6 +119,8 @@ def test_tunnel_over_mutual_tls_carries_a_channel() -> Any:
         collector.transport.write(payload)
         echoed = yield collector.done.addTimeout(20, reactor)
         assert echoed == payload
+        # Both ends encrypt each write in one call once a channel exists.
+        assert "_write" in vars(proxy_side.transport) and "_write" in vars(tunnel.transport)
     finally:
         yield agent.stopService()
         yield port.stopListening()
