@@ -212,6 +212,31 @@ class AuthAPI:
         await self._require(request, "node", "list")
         return json_response(request, await self.auth.list_nodes())
 
+    # --- audit log and session recordings (edgeaccess.audit.http) ----------
+
+    @app.route("/v1/audit/events", methods=["GET"])
+    async def audit_search(self, request):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.search(self.auth, request)
+
+    @app.route("/v1/audit/verify", methods=["GET"])
+    async def audit_verify(self, request):
+        from edgeaccess.audit import http as audit_http
+
+        return await audit_http.verify(self.auth, request)
+
+
+# --- routes both HTTPS apps serve --------------------------------------------
+
+
+def add_node_routes(app: Klein) -> None:
+    """Register what nodes call: join, renewal, heartbeats, roles, audit and
+    recording delivery, and recordings for ``edge play``. Served by the auth
+    API (3025) and by the proxy's web port (3080), since nodes behind NAT
+    reach only the proxy. The app's class must have ``self.auth``."""
+    from edgeaccess.audit import http as audit_http
+
     @app.route("/v1/join", methods=["POST"])
     async def join(self, request):
         data = read_json(request)
@@ -235,43 +260,25 @@ class AuthAPI:
         return await node_heartbeat(self.auth, request)
 
     @app.route("/v1/nodes/roles", methods=["GET"])
-    async def node_roles(self, request):
+    async def roles(self, request):
         return await node_roles(self.auth, request)
-
-    # --- audit log and session recordings (edgeaccess.audit.http) ----------
 
     @app.route("/v1/audit/events", methods=["POST"])
     async def audit_ingest(self, request):
-        from edgeaccess.audit import http as audit_http
-
         return await audit_http.node_events(self.auth, request)
-
-    @app.route("/v1/audit/events", methods=["GET"])
-    async def audit_search(self, request):
-        from edgeaccess.audit import http as audit_http
-
-        return await audit_http.search(self.auth, request)
-
-    @app.route("/v1/audit/verify", methods=["GET"])
-    async def audit_verify(self, request):
-        from edgeaccess.audit import http as audit_http
-
-        return await audit_http.verify(self.auth, request)
 
     @app.route("/v1/recordings/<session_id>/chunks", methods=["POST"])
     async def recording_chunk(self, request, session_id):
-        from edgeaccess.audit import http as audit_http
-
         return await audit_http.node_recording_chunk(self.auth, request, session_id)
 
     @app.route("/v1/recordings/<session_id>/complete", methods=["POST"])
     async def recording_complete(self, request, session_id):
-        from edgeaccess.audit import http as audit_http
-
         return await audit_http.node_recording_complete(self.auth, request, session_id)
 
     @app.route("/v1/recordings/<session_id>", methods=["GET"])
     async def recording(self, request, session_id):
-        from edgeaccess.audit import http as audit_http
-
+        """A session's recording, for its own user, admins or auditors."""
         return await audit_http.recording(self.auth, request, session_id)
+
+
+add_node_routes(AuthAPI.app)

@@ -121,21 +121,6 @@ class ProxyWeb:
         })
         return json_response(request, result)
 
-    @app.route("/v1/join", methods=["POST"])
-    async def join(self, request):
-        """Join relay: same contract as the auth API's ``/v1/join``."""
-        data = read_json(request)
-        result = await self.auth.join_node(
-            token=field(data, "token"),
-            name=field(data, "name"),
-            uuid=field(data, "uuid", required=False),
-            ssh_public_key=field(data, "ssh_public_key"),
-            tls_public_key=field(data, "tls_public_key"),
-            addresses=field(data, "addresses", list, required=False, default=[]),
-            remote_addr=httpapi.remote_addr(request),
-        )
-        return json_response(request, result)
-
     # --- trusted clusters -------------------------------------------------
 
     @app.route("/v1/trusted_clusters/join", methods=["POST"])
@@ -178,20 +163,6 @@ class ProxyWeb:
             raise errors.ClusterOffline(f"cluster {name} is offline")
         nodes = await leaf_request(self.auth._reactor, tunnel, "/v1/nodes", identity)
         return json_response(request, nodes)
-
-    # Nodes behind NAT reach the cluster only through the proxy: the node
-    # endpoints of the auth API are served here too (client certificate).
-    @app.route("/v1/nodes/renew", methods=["POST"])
-    async def node_renew(self, request):
-        return await auth_api.node_renew(self.auth, request)
-
-    @app.route("/v1/nodes/heartbeat", methods=["POST"])
-    async def node_heartbeat(self, request):
-        return await auth_api.node_heartbeat(self.auth, request)
-
-    @app.route("/v1/nodes/roles", methods=["GET"])
-    async def node_roles(self, request):
-        return await auth_api.node_roles(self.auth, request)
 
     @app.route("/v1/nodes", methods=["GET"])
     async def nodes(self, request):
@@ -245,29 +216,6 @@ class ProxyWeb:
                 f"<code>edge login --proxy {addr} --user {html.escape(user)}</code>.</p>"
                 ).encode("utf-8")
 
-    # --- audit: recordings for `edge play`, delivery from tunnelled nodes ------
 
-    @app.route("/v1/recordings/<session_id>", methods=["GET"])
-    async def recording(self, request, session_id):
-        """A session's recording, for its own user or the auditor role."""
-        from edgeaccess.audit import http as audit_http
-
-        return await audit_http.recording(self.auth, request, session_id)
-
-    @app.route("/v1/audit/events", methods=["POST"])
-    async def audit_ingest(self, request):
-        from edgeaccess.audit import http as audit_http
-
-        return await audit_http.node_events(self.auth, request)
-
-    @app.route("/v1/recordings/<session_id>/chunks", methods=["POST"])
-    async def recording_chunk(self, request, session_id):
-        from edgeaccess.audit import http as audit_http
-
-        return await audit_http.node_recording_chunk(self.auth, request, session_id)
-
-    @app.route("/v1/recordings/<session_id>/complete", methods=["POST"])
-    async def recording_complete(self, request, session_id):
-        from edgeaccess.audit import http as audit_http
-
-        return await audit_http.node_recording_complete(self.auth, request, session_id)
+# Nodes behind NAT reach the cluster only through the proxy.
+auth_api.add_node_routes(ProxyWeb.app)
