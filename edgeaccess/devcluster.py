@@ -192,6 +192,14 @@ def run_edge(home: Path, *args, input: str | None = None, timeout: float = 60.0)
                           env={**os.environ, "EDGE_HOME": str(home)})
 
 
+def _interrupt_once(signum, frame) -> None:
+    """SIGTERM stops the cluster like Ctrl-C; a second one must not cut the
+    clean-up short (children would be left running)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run a local edgeaccess cluster.")
     parser.add_argument("--dir", default="run", help="state directory (default ./run)")
@@ -202,7 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--node-port", type=int, default=3022)
     args = parser.parse_args(argv)
     # Stop the children on SIGTERM too, not only on Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt_once)
     base = Path(args.dir).absolute()
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
                          ports={"web": args.web_port, "ssh": args.ssh_port,
@@ -261,6 +269,8 @@ Press Ctrl-C to stop the cluster.""", flush=True)
         print(f"error: {e}\n--- proxy log ---\n{proxy.log()[-3000:]}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in (tunnel_node, node):
             if child is not None:
                 child.stop()
