@@ -140,6 +140,17 @@ class ProxyProcess(_Process):
         self.edgectl(*args)
         self.edgectl("users", "set-password", name, "--password-stdin", input=password + "\n")
 
+    def login(self, home: Path, user: str, password: str, *, pin: str | None = None,
+              extra=()) -> Path:
+        """``edge login`` as ``user`` with ``EDGE_HOME=home``, pinning this
+        cluster's CA; raises ProcessFailed with edge's message on failure."""
+        result = run_edge(home, "login", "--proxy", self.addr("web"), "--user", user,
+                          "--password-stdin", "--ca-pin", pin or self.pin(), *extra,
+                          input=password + "\n")
+        if result.returncode != 0:
+            raise ProcessFailed(f"edge login as {user} failed: {result.stderr.strip()}")
+        return home
+
     def node_token(self, ttl: str = "30m") -> str:
         return self.edgectl_json("tokens", "add", "--type", "node", "--ttl", ttl)["token"]
 

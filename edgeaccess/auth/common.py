@@ -74,3 +74,14 @@ def well_formed_token(token) -> bool:
     """Tokens we issue are hex; anything else is refused before any lookup
     (and never used to build a storage key)."""
     return isinstance(token, str) and token.isalnum() and 0 < len(token) <= 64
+
+
+async def record_for_token(backend, prefix: str, token, error) -> dict:
+    """The JSON record stored under ``prefix + token``, or raise ``error``
+    (the same one for a malformed and an unknown token)."""
+    if not well_formed_token(token):
+        raise error
+    try:
+        return _loads(await backend.get(prefix + token))
+    except errors.NotFound:
+        raise error

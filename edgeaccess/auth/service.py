@@ -28,6 +28,7 @@ from edgeaccess.identity import passwords, presets, resources, roles
 from edgeaccess.pki import sshca, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
 from edgeaccess.auth.common import (
+    record_for_token,
     well_formed_token,  # noqa: F401  (re-exported)
     Certificates,
     _dumps,
@@ -232,13 +233,9 @@ class AuthServer(UserAccounts):
 
     async def check_token(self, token: str, token_type: str) -> dict:
         """The record of a valid, unexpired token of ``token_type``."""
-        if not well_formed_token(token):
-            raise errors.TokenInvalid("the join token is invalid or unknown")
-        try:
-            item = await self.backend.get(f"/tokens/{token}")
-        except errors.NotFound:
-            raise errors.TokenInvalid("the join token is invalid, unknown or expired")
-        record = _loads(item)
+        record = await record_for_token(
+            self.backend, "/tokens/", token,
+            errors.TokenInvalid("the join token is invalid, unknown or expired"))
         if parse_iso(record["expires"]) <= self.now():
             raise errors.TokenExpired("the join token has expired")
         if record["type"] != token_type:

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from edgeaccess import errors
 from edgeaccess.auth.common import (
-    well_formed_token,
+    record_for_token,
     Certificates,
     _dumps,
     _iso,
@@ -110,13 +110,7 @@ class UserAccounts:
 
     async def complete_signup(self, token: str, password: str) -> str:
         """Set the password of the user a signup token was made for."""
-        if not well_formed_token(token):
-            raise errors.TokenInvalid("invalid or expired signup link")
-        try:
-            item = await self.backend.get(f"/signup/{token}")
-        except errors.NotFound:
-            raise errors.TokenInvalid("invalid or expired signup link")
-        name = _loads(item)["user"]
+        name = (await record_for_token(self.backend, "/signup/", token, _bad_signup()))["user"]
         await self.set_password(name, password)
         try:
             await self.backend.delete(f"/signup/{token}")
@@ -126,12 +120,7 @@ class UserAccounts:
 
     async def signup_user(self, token: str) -> str:
         """The user a signup token belongs to (for the signup page)."""
-        if not well_formed_token(token):
-            raise errors.TokenInvalid("invalid or expired signup link")
-        try:
-            return _loads(await self.backend.get(f"/signup/{token}"))["user"]
-        except errors.NotFound:
-            raise errors.TokenInvalid("invalid or expired signup link")
+        return (await record_for_token(self.backend, "/signup/", token, _bad_signup()))["user"]
 
     # --- login -------------------------------------------------------------
 
@@ -342,3 +331,7 @@ def _public_user(user: dict, lockout, now) -> dict:
         "locked": lockout.is_locked(state, now),
         "created": user.get("created"),
     }
+
+
+def _bad_signup() -> errors.TokenInvalid:
+    return errors.TokenInvalid("invalid or expired signup link")

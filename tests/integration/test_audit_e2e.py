@@ -25,10 +25,7 @@ PASSWORD = "audit-pass-1234"
 
 
 def login(proxy, home, user):
-    result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user", user,
-                      "--password-stdin", "--ca-pin", proxy.pin(), input=PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
-    return home
+    return proxy.login(home, user, PASSWORD)
 
 
 def search(proxy, *args):

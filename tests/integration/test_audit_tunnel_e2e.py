@@ -36,10 +36,7 @@ PASSWORD = "audit-tunnel-pass-1"
 
 
 def login(proxy, home, user):
-    result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user", user,
-                      "--password-stdin", "--ca-pin", proxy.pin(), input=PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
-    return home
+    return proxy.login(home, user, PASSWORD)
 
 
 def search(proxy, *args):

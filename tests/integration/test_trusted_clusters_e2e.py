@@ -94,10 +94,7 @@ def reachable(home: Path, host: str = LEAF_NODE) -> bool:
 
 
 def login(proxy: ProxyProcess, pin: str, home: Path, user: str) -> Path:
-    result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user", user,
-                      "--password-stdin", "--ca-pin", pin, input=PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
-    return home
+    return proxy.login(home, user, PASSWORD, pin=pin)
 
 
 def clusters(home: Path) -> dict[str, str]:

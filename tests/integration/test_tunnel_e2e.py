@@ -77,9 +77,7 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 # --- helpers --------------------------------------------------------------------
 
 def edge_login(proxy: ProxyProcess, home: Path) -> None:
-    result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user", "alice",
-                      "--password-stdin", "--ca-pin", proxy.pin(), input=PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
+    proxy.login(home, "alice", PASSWORD)
 
 
 def ssh_argv(home: Path, host: str, *command: str) -> list[str]:
