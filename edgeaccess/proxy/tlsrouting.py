@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from edgeaccess import tls
 from edgeaccess.proxy.interfaces import IRouter
+from edgeaccess.tunnel.fasttls import eager_tcp_writes, install_fast_tls
 from edgeaccess.tunnel.protocol import format_source
 
 _log = Logger()
@@ -279,6 +280,9 @@ class UserRelay(Protocol):
         # the node already decide how to coalesce (stunnel does the same).
         for transport in (self.transport, node.transport):
             _no_delay(transport)
+        # Bulk bytes: large TLS reads and writes, eager TCP writes.
+        install_fast_tls(self.transport, self.factory.clock)
+        eager_tcp_writes(node.transport)
         # Each side's write buffer pauses the other side's reading.
         self.transport.registerProducer(node.transport, True)
         node.transport.registerProducer(self.transport, True)

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
-from edgeaccess.tunnel.protocol import MAX_FRAME, ProtocolViolation, parse_source
+from edgeaccess.tunnel.protocol import ProtocolViolation, parse_source
 
 if TYPE_CHECKING:
     from edgeaccess.tunnel.mux import ChannelMux
@@ -56,7 +56,7 @@ ChannelAcceptor = Callable[[str, str], "IProtocolFactory | Deferred[IProtocolFac
 class ChannelWire(TypingProtocol):
     """What the multiplexer needs from the tunnel connection under it."""
 
-    def send_data(self, channel: int, data: bytes) -> None: ...
+    def send_data(self, channel: int, data: bytes | memoryview) -> None: ...
     def send_window_adjust(self, channel: int, credit: int) -> None: ...
     def send_eof(self, channel: int) -> None: ...
     def send_close(self, channel: int, reason: str) -> Deferred[None]: ...
@@ -249,17 +249,19 @@ class Channel:
     def _flush(self) -> None:
         if self._closed or self._remote_close is not None:
             return
+        max_frame = self._mux.max_frame_out
         while self._outgoing and self._can_send():
             chunk = self._outgoing[0]
-            size = min(len(chunk), self._send_credit, MAX_FRAME)
+            size = min(len(chunk), self._send_credit, max_frame)
             if size == len(chunk):
                 self._outgoing.popleft()
-                piece = bytes(chunk)
+                piece = chunk
             else:
-                # A memoryview keeps large writes from being copied per frame.
+                # Views keep large writes from being copied per frame (the
+                # wire copies each piece once, into its frame or box).
                 view = memoryview(chunk)
                 self._outgoing[0] = view[size:]
-                piece = bytes(view[:size])
+                piece = view[:size]
             self._outgoing_size -= size
             self._send_credit -= size
             self._sent_total += size

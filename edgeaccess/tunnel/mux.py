@@ -47,6 +47,8 @@ class ChannelMux:
 
     #: The largest data frame accepted (raised when fast frames are on).
     max_frame_in = MAX_FRAME
+    #: The largest data frame sent (raised when fast frames are on).
+    max_frame_out = MAX_FRAME
 
     def __init__(
         self,

@@ -116,22 +116,6 @@ def test_window_is_never_exceeded_while_the_consumer_is_paused() -> None:
     assert proxy_end.transport.buffered_outgoing == 0
 
 
-def test_frames_never_exceed_the_frame_size() -> None:
-    agent, server, pump, acceptor = pair()
-    sizes: list[int] = []
-    original = agent.mux.data_received
-
-    def spy(channel_id: int, data: bytes) -> None:
-        sizes.append(len(data))
-        original(channel_id, data)
-
-    agent.mux.data_received = spy
-    proxy_end = open_channel(server, pump)
-    proxy_end.transport.write(b"x" * (3 * MAX_FRAME + 10))
-    pump.flush()
-    assert max(sizes) == MAX_FRAME and sum(sizes) == 3 * MAX_FRAME + 10
-
-
 def test_stalled_channel_does_not_block_others() -> None:
     paused_first = iter([True, False])
     agent, server, pump, acceptor = pair(

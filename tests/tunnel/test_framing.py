@@ -20,7 +20,7 @@ from edgeaccess.tunnel.framing import (
     data_frame,
     window_adjust_frame,
 )
-from edgeaccess.tunnel.protocol import FAST_DATA_CAPABILITY, PROTOCOL_VERSION, Inventory
+from edgeaccess.tunnel.protocol import FAST_DATA_CAPABILITY, MAX_FRAME, PROTOCOL_VERSION, Inventory
 
 from .support import Acceptor, Collecting, make_server_factory
 from .test_channels import open_channel
@@ -200,9 +200,29 @@ def test_reader_splits_interleaved_boxes_and_frames_whatever_the_chunking() -> N
         assert reader.events == expected, chunk_limit
 
 
-def test_large_tls_writes_leave_other_transports_alone() -> None:
-    from edgeaccess.tunnel.tlswrite import install_large_tls_writes
+def test_fast_tls_leaves_other_transports_alone() -> None:
+    from edgeaccess.tunnel.fasttls import install_fast_tls
 
     transport = StringTransport()
-    assert install_large_tls_writes(transport) is False
+    assert install_fast_tls(transport) is False
     assert "_write" not in vars(transport)
+
+
+@pytest.mark.parametrize("fast, limit", [(True, MAX_FAST_FRAME), (False, MAX_FRAME)])
+def test_frames_never_exceed_the_negotiated_frame_size(fast: bool, limit: int) -> None:
+    agent, server, pump, acceptor = pair(agent_offers=fast, proxy_offers=fast)
+    sizes: list[int] = []
+    original = agent.mux.data_received
+
+    def spy(channel_id: int, data: bytes) -> None:
+        sizes.append(len(data))
+        original(channel_id, data)
+
+    agent.mux.data_received = spy
+    proxy_end = open_channel(server, pump)
+    payload = bytes(range(256)) * ((3 * limit + 10) // 256 + 1)
+    proxy_end.transport.write(payload)
+    pump.flush()
+    assert max(sizes) == limit and sum(sizes) == len(payload)
+    node_end = acceptor.protocols[-1]
+    assert bytes(node_end.received) == payload

@@ -1,0 +1,242 @@
+"""Fewer Python calls per byte on the TLS and TCP transports that carry bulk data.
+
+Twisted's TLS transport is written for many small connections; a tunnel or a
+TLS-routed SSH stream moves gigabytes through one. Measured on the proxy of a
+TLS-routed download (perf), half of its CPU was the interpreter: per 16 KiB
+record a chain of ten calls, a zeroed 32 KiB buffer, a timer and three copies.
+:func:`install_fast_tls` changes one transport instance (leaving any transport
+it does not recognize alone, so a Twisted without these internals only loses
+the speed-up):
+
+* **reads**: every record that one TCP read completes is decrypted into one
+  reused buffer and delivered to the protocol as one ``bytes`` (Twisted
+  delivers each record on its own, from a fresh 32 KiB buffer);
+* **writes**: one ``SSL_write`` per write, not one per 16 KiB (Twisted slices,
+  and after every slice reads the send BIO and writes to TCP). Measured with
+  pyOpenSSL alone: 0.30 -> 0.07 CPU-seconds per GiB for 64 KiB writes. Small
+  writes are still gathered until the next reactor turn, as Twisted does, but
+  ``bytes`` are not copied on the way and large writes go at once;
+* **TCP** (:func:`eager_tcp_writes`): reads of up to 256 KiB, and a write that
+  finds nothing queued goes to the socket at once instead of on the next
+  reactor turn (which costs two ``epoll_ctl`` calls and a loop iteration a
+  write); whatever the socket does not take is queued as before.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+_log = Logger()
+
+#: Plaintext of one TLS record at most.
+_RECORD = 16384
+#: TLS 1.3 record overhead (header, content type, AEAD tag) is 22 bytes per
+#: record; this bound leaves room for anything else OpenSSL queues.
+_SLACK = 64
+#: Decrypted bytes delivered in one ``dataReceived`` at most.
+READ_BATCH = 256 * 1024
+#: Buffered plaintext at which a write is encrypted at once rather than on
+#: the next reactor turn.
+FLUSH_AT = 32 * 1024
+#: Bytes asked of the socket per read (Twisted's default is 64 KiB).
+TCP_READ_SIZE = 256 * 1024
+
+_TLS_INTERNALS = (
+    "_tlsConnection", "_lostTLSConnection", "_bufferedWrite", "_tlsShutdownFinished",
+    "_shutdownTLS", "_flushSendBIO", "_aborted", "_aggregator",
+)
+_TCP_INTERNALS = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnected")
+
+
+def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
+    """Make ``transport`` (a ``TLSMemoryBIOProtocol`` after its handshake)
+    read, write and reach TCP in large pieces.
+
+    Returns whether it did (False: not such a transport, or its internals
+    differ from the Twisted this was written for).
+    """
+    if not isinstance(transport, TLSMemoryBIOProtocol):
+        return False
+    if "_fast_tls" in vars(transport):
+        return True
+    if not all(hasattr(transport, name) for name in _TLS_INTERNALS):
+        _log.info("TLS transport without the expected internals: Twisted's TLS I/O kept")
+        return False
+    if clock is None:
+        clock = transport.factory._clock
+    transport._fast_tls = True
+    transport._write = partial(_large_write, transport)
+    aggregator = _Aggregator(partial(TLSMemoryBIOProtocol.write, transport), clock)
+    aggregator.flush_previous(transport._aggregator)
+    transport._aggregator = aggregator
+    transport.write = aggregator.write
+    transport._flushReceiveBIO = partial(_flush_receive_bio, transport, bytearray(READ_BATCH))
+    eager_tcp_writes(transport.transport)
+    return True
+
+
+def eager_tcp_writes(transport: Any) -> bool:
+    """Large reads and eager writes on a Twisted TCP transport (see the module
+    docstring). Returns whether ``transport`` was one."""
+    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", True):
+        return False
+    if not all(hasattr(transport, name) for name in _TCP_INTERNALS):
+        return False
+    if "_eager" in vars(transport):
+        return True
+    transport._eager = True
+    transport.bufferSize = TCP_READ_SIZE
+    transport.write = partial(_eager_write, transport)
+    return True
+
+
+def _eager_write(tcp: Any, data: bytes) -> None:
+    if (
+        data
+        and tcp.connected
+        and not tcp.disconnecting
+        and not tcp._writeDisconnected
+        and not tcp._tempDataLen
+        and len(tcp.dataBuffer) == tcp.offset
+    ):
+        try:
+            sent = tcp.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error the reactor's doWrite will report
+        if sent == len(data):
+            return
+        if sent:
+            data = data[sent:]
+    FileDescriptor.write(tcp, data)
+
+
+class _Aggregator:
+    """Twisted's ``_AggregateSmallWrites`` without its copies: gathers small
+    writes until the next reactor turn, encrypts large ones at once."""
+
+    __slots__ = ("_write", "_clock", "_buffer", "_size", "_scheduled")
+
+    def __init__(self, write: Any, clock: IReactorTime) -> None:
+        self._write = write
+        self._clock = clock
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._scheduled: Any = None
+
+    def flush_previous(self, previous: Any) -> None:
+        """Take over what Twisted's aggregator still holds (order kept)."""
+        flush = getattr(previous, "flush", None)
+        if flush is not None:
+            flush()
+
+    def write(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # the caller may reuse a mutable buffer
+        self._buffer.append(data)
+        self._size += len(data)
+        if self._size >= FLUSH_AT:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._scheduled = None
+        self.flush()
+
+    def flush(self) -> None:
+        buffer = self._buffer
+        if not buffer:
+            return
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        self._buffer = []
+        self._size = 0
+        self._write(data)
+
+    def close(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        self.flush()
+
+
+def _large_write(tls: Any, data: bytes) -> None:
+    # Same contract as TLSMemoryBIOProtocol._write (called for buffered
+    # writes too): what OpenSSL cannot take now is buffered, errors end TLS.
+    if tls._lostTLSConnection:
+        return
+    connection = tls._tlsConnection
+    total = len(data)
+    done = 0
+    while done < total:
+        piece = data if done == 0 else memoryview(data)[done:]
+        try:
+            sent = connection.send(piece)
+        except WantReadError:
+            tls._bufferedWrite(data[done:])
+            return
+        except Error:
+            tls._tlsShutdownFinished(Failure())
+            return
+        done += sent
+        _flush_send_bio(tls, connection, sent)
+
+
+def _flush_send_bio(tls: Any, connection: Any, sent: int) -> None:
+    size = sent + (sent // _RECORD + 1) * _SLACK
+    while True:
+        try:
+            out = connection.bio_read(size)
+        except WantReadError:
+            return
+        tls.transport.write(out)
+        if len(out) < size:
+            return
+
+
+def _flush_receive_bio(tls: Any, buffer: bytearray) -> None:
+    # TLSMemoryBIOProtocol._flushReceiveBIO, delivering what one call
+    # decrypts as one piece. Data read before a close alert or an error is
+    # delivered before the close is handled, as Twisted does.
+    connection = tls._tlsConnection
+    view = memoryview(buffer)
+    limit = len(buffer) - _RECORD
+    filled = 0
+    closed_cleanly = False
+    failure: Failure | None = None
+    while not tls._lostTLSConnection:
+        if filled > limit:
+            _deliver(tls, view, filled)
+            filled = 0
+            continue
+        try:
+            filled += connection.recv_into(view[filled:], _RECORD)
+        except WantReadError:
+            break
+        except ZeroReturnError:
+            closed_cleanly = True
+            break
+        except Error:
+            failure = Failure()
+            break
+    if filled and not tls._lostTLSConnection:
+        _deliver(tls, view, filled)
+    if closed_cleanly:
+        tls._shutdownTLS()
+        tls._tlsShutdownFinished(None)
+    elif failure is not None:
+        tls._tlsShutdownFinished(failure)
+    tls._flushSendBIO()
+
+
+def _deliver(tls: Any, view: memoryview, filled: int) -> None:
+    if not tls._aborted:
+        ProtocolWrapper.dataReceived(tls, bytes(view[:filled]))
