@@ -66,8 +66,8 @@ def _add_routing_flags(parser: argparse.ArgumentParser) -> None:
     routing = parser.add_mutually_exclusive_group()
     routing.add_argument(
         "--tls-routing", dest="tls_routing", action="store_const", const=True,
-        help="reach nodes with ProxyCommand openssl s_client: a TLS stream to the "
-             "proxy's tunnel port (ALPN edge-ssh/1), no SSH hop at the proxy")
+        help="reach nodes with a ProxyCommand opening a TLS stream to the proxy's "
+             "tunnel port (ALPN edge-ssh/1): no SSH hop at the proxy")
     routing.add_argument(
         "--proxy-jump", dest="tls_routing", action="store_const", const=False,
         help="reach nodes with ProxyJump through the proxy's SSH port (the default)")

@@ -119,8 +119,10 @@ def test_tunnel_over_mutual_tls_carries_a_channel() -> Any:
         collector.transport.write(payload)
         echoed = yield collector.done.addTimeout(20, reactor)
         assert echoed == payload
-        # Both ends encrypt each write in one call once a channel exists.
-        assert "_write" in vars(proxy_side.transport) and "_write" in vars(tunnel.transport)
+        # Both ends use the fast TLS I/O once a channel exists.
+        for transport in (proxy_side.transport, tunnel.transport):
+            assert {"_write", "_flushReceiveBIO", "write"} <= set(vars(transport))
+            assert "write" in vars(transport.transport)  # eager TCP writes
     finally:
         yield agent.stopService()
         yield port.stopListening()

@@ -1,0 +1,209 @@
+"""Batched TLS reads and writes, eager TCP writes (``edgeaccess.tunnel.fasttls``).
+
+TLS runs for real (pyOpenSSL, TLS 1.3, in memory through iosim); the TCP
+tests use a real socket pair under Twisted's ``tcp.Connection``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
+
+from edgeaccess import tls as edge_tls
+from edgeaccess.pki.keys import generate_private_key
+from edgeaccess.pki.x509ca import Identity, create_ca, issue_identity_certificate
+from edgeaccess.tunnel.fasttls import FLUSH_AT, READ_BATCH, eager_tcp_writes, install_fast_tls
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost = reason
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@pytest.fixture(scope="module")
+def options() -> tuple[Any, Any]:
+    now = datetime.now(timezone.utc)
+    ca_key, ca_cert = create_ca("root", now)
+    key = generate_private_key()
+    cert = issue_identity_certificate(
+        ca_key, ca_cert, key.public_key(), Identity(kind="proxy", name="p", cluster="root"),
+        now=now, ttl=timedelta(hours=1), dns_names=("proxy.test",))
+    server = edge_tls.server_options(key, cert, [ca_cert])
+    client = edge_tls.client_options("proxy.test", [ca_cert])
+    return server, client
+
+
+def tls_pair(options: tuple[Any, Any]) -> tuple[Any, Recorder, Any, Recorder, iosim.IOPump, Any]:
+    """A TLS client and server joined in memory, handshake done."""
+    server_options, client_options = options
+    clock = MemoryReactorClock()
+    server_app, client_app = Recorder(), Recorder()
+    server_factory = TLSMemoryBIOFactory(server_options, False,
+                                         Factory.forProtocol(lambda: server_app), clock)
+    client_factory = TLSMemoryBIOFactory(client_options, True,
+                                         Factory.forProtocol(lambda: client_app), clock)
+    server = server_factory.buildProtocol(None)
+    client = client_factory.buildProtocol(None)
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client,
+                         iosim.makeFakeClient(client), greet=False, clock=clock)
+    pump.flush()
+    assert client.negotiatedProtocol is None and client_app.transport is client
+    return server, server_app, client, client_app, pump, clock
+
+
+def count_writes(transport: Any) -> list[int]:
+    sizes: list[int] = []
+    original = transport.write
+
+    def write(data: bytes) -> None:
+        sizes.append(len(data))
+        original(data)
+
+    transport.write = write
+    return sizes
+
+
+def test_stock_twisted_delivers_a_large_write_record_by_record(options) -> None:
+    # The baseline the module improves on (and a check that the test sees it).
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    client.write(os.urandom(100_000))
+    clock.advance(0)
+    pump.flush()
+    assert len(server_app.chunks) >= 6
+
+
+def test_records_of_one_read_arrive_as_one_piece(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    assert install_fast_tls(server, clock) and install_fast_tls(client, clock)
+    payload = os.urandom(100_000)
+    client.write(payload)
+    pump.flush()
+    assert server_app.chunks == [payload]
+
+
+def test_a_read_larger_than_the_batch_is_delivered_in_batches_in_order(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    install_fast_tls(client, clock)
+    payload = os.urandom(3 * READ_BATCH + 5)
+    client.write(payload)
+    pump.flush()
+    assert server_app.received == payload
+    assert 3 < len(server_app.chunks) <= 5
+    assert max(map(len, server_app.chunks)) <= READ_BATCH
+
+
+def test_a_large_write_leaves_in_one_piece_and_small_ones_wait_for_the_turn(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    install_fast_tls(client, clock)
+    wire = count_writes(client.transport)
+    client.write(os.urandom(200_000))
+    assert len(wire) == 1 and wire[0] > 200_000  # records and their overhead
+    client.write(b"a")
+    client.write(bytearray(b"b"))  # a mutable buffer is copied, not kept
+    assert len(wire) == 1
+    clock.advance(0)
+    assert len(wire) == 2
+    pump.flush()
+    assert server_app.received.endswith(b"ab")
+    client.write(b"x" * (FLUSH_AT - 1))
+    client.write(b"y")  # reaching FLUSH_AT sends both at once, in order
+    assert len(wire) == 3
+    pump.flush()
+    assert server_app.received.endswith(b"x" * (FLUSH_AT - 1) + b"y")
+
+
+def test_data_before_a_close_alert_is_delivered_then_the_connection_ends(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    install_fast_tls(client, clock)
+    client.write(b"last words")
+    client.loseConnection()  # flushes the aggregator, then close_notify
+    pump.flush()
+    assert server_app.received == b"last words"
+    assert server_app.lost is not None and server_app.lost.check(ConnectionDone)
+
+
+def test_a_corrupted_record_ends_the_connection_with_a_tls_error(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    client.write(b"fine")
+    pump.flush()
+    server.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a forged record
+    pump.flush()
+    assert server_app.received == b"fine"
+    assert server_app.lost is not None and not server_app.lost.check(ConnectionDone)
+
+
+def test_other_transports_are_left_alone() -> None:
+    from twisted.internet.testing import StringTransport
+
+    transport = StringTransport()
+    assert install_fast_tls(transport) is False
+    assert eager_tcp_writes(transport) is False
+    assert "write" not in vars(transport)
+
+
+class _Sink(Protocol):
+    pass
+
+
+def tcp_pair() -> tuple[Any, socket.socket, MemoryReactorClock]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    reactor = MemoryReactorClock()
+    theirs.settimeout(10)
+    connection = tcp.Connection(ours, _Sink(), reactor)
+    connection.connected = True  # what tcp.Server/Client set once connected
+    connection.protocol.makeConnection(connection)
+    return connection, theirs, reactor
+
+
+def test_eager_writes_reach_the_socket_at_once_and_queue_the_rest() -> None:
+    connection, theirs, reactor = tcp_pair()
+    try:
+        assert eager_tcp_writes(connection)
+        connection.write(b"now")
+        assert theirs.recv(10) == b"now"  # no reactor turn was needed
+        assert connection not in reactor.getWriters()
+        big = os.urandom(8 * 1024 * 1024)  # more than the socket buffers hold
+        connection.write(big)
+        assert connection in reactor.getWriters()  # the rest waits for doWrite
+        queued = connection._tempDataLen
+        assert 0 < queued < len(big)  # the socket took what it could at once
+        connection.write(b"after")  # queued behind, never ahead
+        assert connection._tempDataLen == queued + 5
+        received = bytearray()
+        theirs.setblocking(False)
+        while len(received) < len(big) + 5:
+            try:
+                received += theirs.recv(1 << 20)
+            except BlockingIOError:
+                connection.doWrite()
+        assert bytes(received) == big + b"after"
+    finally:
+        connection.socket.close()
+        theirs.close()
