@@ -37,6 +37,11 @@ from twisted.python.failure import Failure
 
 _log = Logger()
 
+try:  # pyOpenSSL's cffi bindings: records are decrypted and read straight into our buffers
+    from OpenSSL._util import ffi as _ffi, lib as _lib
+except ImportError:  # pragma: no cover - a pyOpenSSL without them keeps Twisted's I/O
+    _ffi = _lib = None
+
 #: Plaintext of one TLS record at most.
 _RECORD = 16384
 #: TLS 1.3 record overhead (header, content type, AEAD tag) is 22 bytes per
@@ -47,6 +52,8 @@ READ_BATCH = 256 * 1024
 #: Buffered plaintext at which a write is encrypted at once rather than on
 #: the next reactor turn.
 FLUSH_AT = 32 * 1024
+#: Encrypted bytes taken out of the send BIO per read.
+WRITE_CHUNK = 256 * 1024 + 16 * 64
 #: Bytes asked of the socket per read (Twisted's default is 64 KiB).
 TCP_READ_SIZE = 256 * 1024
 
@@ -55,6 +62,32 @@ _TLS_INTERNALS = (
     "_shutdownTLS", "_flushSendBIO", "_aborted", "_aggregator",
 )
 _TCP_INTERNALS = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnected")
+_CONNECTION_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
+
+
+class _SharedBuffers:
+    """One read and one write buffer for the whole process, allocated at
+    first use: the reactor runs one transport's I/O at a time, and each
+    buffer's bytes are copied out before anything else can run (a buffer
+    per transport would cost 512 KiB per tunnel that ever had a channel)."""
+
+    def __init__(self) -> None:
+        self.read = bytearray(READ_BATCH)
+        self.read_view = memoryview(self.read)
+        self.read_at = _ffi.from_buffer("char[]", self.read, require_writable=True)
+        self.out = bytearray(WRITE_CHUNK)
+        self.out_view = memoryview(self.out)
+        self.out_at = _ffi.from_buffer("char[]", self.out, require_writable=True)
+
+
+_buffers: _SharedBuffers | None = None
+
+
+def _shared() -> _SharedBuffers:
+    global _buffers
+    if _buffers is None:
+        _buffers = _SharedBuffers()
+    return _buffers
 
 
 def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
@@ -68,7 +101,12 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
         return False
     if "_fast_tls" in vars(transport):
         return True
-    if not all(hasattr(transport, name) for name in _TLS_INTERNALS):
+    connection = getattr(transport, "_tlsConnection", None)
+    if (
+        _lib is None
+        or not all(hasattr(transport, name) for name in _TLS_INTERNALS)
+        or not all(hasattr(connection, name) for name in _CONNECTION_INTERNALS)
+    ):
         _log.info("TLS transport without the expected internals: Twisted's TLS I/O kept")
         return False
     if clock is None:
@@ -79,7 +117,7 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
     aggregator.flush_previous(transport._aggregator)
     transport._aggregator = aggregator
     transport.write = aggregator.write
-    transport._flushReceiveBIO = partial(_flush_receive_bio, transport, bytearray(READ_BATCH))
+    transport._flushReceiveBIO = partial(_flush_receive_bio, transport)
     eager_tcp_writes(transport.transport)
     return True
 
@@ -99,7 +137,9 @@ def eager_tcp_writes(transport: Any) -> bool:
     return True
 
 
-def _eager_write(tcp: Any, data: bytes) -> None:
+def _eager_write(tcp: Any, data: bytes | memoryview) -> None:
+    # ``data`` may be a view of a shared buffer: what is not sent at once is
+    # copied before it is queued.
     if (
         data
         and tcp.connected
@@ -116,7 +156,7 @@ def _eager_write(tcp: Any, data: bytes) -> None:
             return
         if sent:
             data = data[sent:]
-    FileDescriptor.write(tcp, data)
+    FileDescriptor.write(tcp, data if type(data) is bytes else bytes(data))
 
 
 class _Aggregator:
@@ -192,44 +232,56 @@ def _large_write(tls: Any, data: bytes) -> None:
 
 
 def _flush_send_bio(tls: Any, connection: Any, sent: int) -> None:
-    size = sent + (sent // _RECORD + 1) * _SLACK
+    # Every record in the send BIO, read into the shared buffer and sent
+    # from there (copied only for what TCP does not take at once).
+    buffers = _shared()
+    bio = connection._from_ssl
+    tcp = tls.transport
+    eager = "_eager" in vars(tcp)
     while True:
-        try:
-            out = connection.bio_read(size)
-        except WantReadError:
+        size = _lib.BIO_read(bio, buffers.out_at, WRITE_CHUNK)
+        if size <= 0:
             return
-        tls.transport.write(out)
-        if len(out) < size:
+        out = buffers.out_view[:size]
+        if eager:
+            _eager_write(tcp, out)
+        else:
+            tcp.write(bytes(out))
+        if size < WRITE_CHUNK:
             return
 
 
-def _flush_receive_bio(tls: Any, buffer: bytearray) -> None:
+def _flush_receive_bio(tls: Any) -> None:
     # TLSMemoryBIOProtocol._flushReceiveBIO, delivering what one call
     # decrypts as one piece. Data read before a close alert or an error is
     # delivered before the close is handled, as Twisted does.
     connection = tls._tlsConnection
-    view = memoryview(buffer)
-    limit = len(buffer) - _RECORD
+    ssl = connection._ssl
+    buffers = _shared()
+    limit = READ_BATCH - _RECORD
     filled = 0
     closed_cleanly = False
     failure: Failure | None = None
     while not tls._lostTLSConnection:
         if filled > limit:
-            _deliver(tls, view, filled)
+            _deliver(tls, buffers.read_view, filled)
             filled = 0
             continue
+        result = _lib.SSL_read(ssl, buffers.read_at + filled, _RECORD)
+        if result > 0:
+            filled += result
+            continue
         try:
-            filled += connection.recv_into(view[filled:], _RECORD)
+            connection._raise_ssl_error(ssl, result)
         except WantReadError:
-            break
+            pass
         except ZeroReturnError:
             closed_cleanly = True
-            break
         except Error:
             failure = Failure()
-            break
+        break
     if filled and not tls._lostTLSConnection:
-        _deliver(tls, view, filled)
+        _deliver(tls, buffers.read_view, filled)
     if closed_cleanly:
         tls._shutdownTLS()
         tls._tlsShutdownFinished(None)
@@ -239,5 +291,6 @@ def _flush_receive_bio(tls: Any, buffer: bytearray) -> None:
 
 
 def _deliver(tls: Any, view: memoryview, filled: int) -> None:
+    # A copy, made before the protocol runs: the buffer is shared.
     if not tls._aborted:
         ProtocolWrapper.dataReceived(tls, bytes(view[:filled]))

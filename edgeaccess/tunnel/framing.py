@@ -59,15 +59,24 @@ class FramedBoxReader:
     :meth:`fast_frame_received`. Fast frames are accepted only once
     :attr:`fast_frames_in` is set (after the capability was negotiated);
     before that a nonzero first byte is an overlong AMP key, as always.
+
+    A data frame's payload is handed on as it arrives (a frame split over
+    several reads arrives in several pieces): nothing is joined, and what
+    one read brings of a payload goes on without waiting for the rest.
     """
 
     fast_frames_in = False
     _chunks: list[bytes] | None = None
     _pending = 0
     _needed = 0
+    #: Payload bytes of the current data frame still to come, and its channel.
+    _frame_left = 0
+    _frame_channel = 0
 
     def fast_frame_received(self, kind: int, channel: int, value: int, payload: bytes) -> None:
-        """A fast frame arrived (``payload`` is empty for window adjusts)."""
+        """A fast frame arrived: a window adjust (``value`` the credit, no
+        payload), or a piece of a data frame's payload (``value`` its length;
+        a frame with no payload comes as one empty piece)."""
         raise NotImplementedError
 
     def feed(self, data: bytes) -> None:
@@ -76,17 +85,33 @@ class FramedBoxReader:
         Raises ProtocolViolation on a malformed fast frame (the caller
         closes the tunnel).
         """
-        chunks = self._chunks
-        if chunks is not None:
-            # Joined only once enough has arrived for the item that waits.
+        pos = 0
+        if self._frame_left:
+            pos = self._payload_piece(data, 0)
+            if pos == len(data):
+                return
+        elif self._chunks is not None:
+            # Joined only once enough has arrived for the item that waits
+            # (a box, or a frame header: payloads are never joined).
+            chunks = self._chunks
             chunks.append(data)
             self._pending += len(data)
             if self._pending < self._needed:
                 return
             data = b"".join(chunks)
             self._chunks = None
+        self._parse(data, pos)
+
+    def _payload_piece(self, data: bytes, pos: int) -> int:
+        """Hand on what ``data`` holds of the current frame's payload from ``pos``."""
+        take = min(self._frame_left, len(data) - pos)
+        piece = data if pos == 0 and take == len(data) else data[pos:pos + take]
+        self._frame_left -= take
+        self.fast_frame_received(FRAME_DATA, self._frame_channel, take, piece)
+        return pos + take
+
+    def _parse(self, data: bytes, pos: int) -> None:
         end = len(data)
-        pos = 0
         while not self.paused:
             left = end - pos
             if left < 2:
@@ -98,18 +123,19 @@ class FramedBoxReader:
                     needed = HEADER_SIZE
                     break
                 kind, channel, value = _unpack_from(data, pos)
+                pos += HEADER_SIZE
                 if kind == FRAME_DATA:
                     if value > MAX_FAST_FRAME:
                         raise ProtocolViolation(f"data frame of {value} bytes")
-                    stop = pos + HEADER_SIZE + value
-                    if stop > end:
-                        needed = HEADER_SIZE + value
-                        break
-                    payload = data[pos + HEADER_SIZE:stop]
-                    pos = stop
-                    self.fast_frame_received(kind, channel, value, payload)
+                    if value == 0:
+                        self.fast_frame_received(kind, channel, 0, b"")
+                        continue
+                    self._frame_left = value
+                    self._frame_channel = channel
+                    if pos == end:
+                        return  # the payload starts with the next read
+                    pos = self._payload_piece(data, pos)
                 elif kind == FRAME_WINDOW_ADJUST:
-                    pos += HEADER_SIZE
                     self.fast_frame_received(kind, channel, value, b"")
                 else:
                     raise ProtocolViolation(f"unknown frame kind {kind}")
