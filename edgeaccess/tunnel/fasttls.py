@@ -185,6 +185,10 @@ class _Aggregator:
         self._size += len(data)
         if self._size >= FLUSH_AT:
             self.flush()
+        elif _reading.active:
+            # Written while a fast transport delivers a read: flushed when
+            # that delivery ends, with whatever else it writes (no timer).
+            _reading.pending.add(self)
         elif self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self._scheduled_flush)
 
@@ -206,6 +210,27 @@ class _Aggregator:
             self._scheduled.cancel()
         self._scheduled = None
         self.flush()
+
+
+class _ReadScope:
+    """Whether a fast transport is delivering a read, and the aggregators
+    that gathered small writes meanwhile: one reactor thread, so one scope."""
+
+    __slots__ = ("active", "pending")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.pending: set[_Aggregator] = set()
+
+    def end(self) -> None:
+        self.active -= 1
+        while not self.active and self.pending:
+            pending, self.pending = self.pending, set()
+            for aggregator in pending:
+                aggregator.flush()
+
+
+_reading = _ReadScope()
 
 
 def _large_write(tls: Any, data: bytes) -> None:
@@ -292,5 +317,10 @@ def _flush_receive_bio(tls: Any) -> None:
 
 def _deliver(tls: Any, view: memoryview, filled: int) -> None:
     # A copy, made before the protocol runs: the buffer is shared.
-    if not tls._aborted:
+    if tls._aborted:
+        return
+    _reading.active += 1
+    try:
         ProtocolWrapper.dataReceived(tls, bytes(view[:filled]))
+    finally:
+        _reading.end()
