@@ -6,6 +6,7 @@ from pathlib import Path
 
 from twisted.python import usage
 
+from edgeaccess.allocator import tune_for_streaming
 from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import split_addr
 
@@ -83,6 +84,8 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # Sessions and tunnels stream bulk data: see edgeaccess.allocator.
+    tune_for_streaming()
     listen_addr = options["ssh-listen"]
     host, port = split_addr(listen_addr if not listen_addr.isdigit()
                             else f"0.0.0.0:{listen_addr}", 3022)
