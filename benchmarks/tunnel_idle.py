@@ -11,7 +11,8 @@ mutual, ALPN ``edge-tunnel/1``, AMP Hello and heartbeats), at most
 
 * ``ramp``: time and proxy CPU to bring the tunnels up (TLS handshake, Hello,
   registration, and the node record ``auth.heartbeat`` writes to the backend);
-* ``memory``: proxy VmRSS before (after 50 warm-up tunnels) and after, per tunnel;
+* ``memory``: proxy VmRSS before (after 50 warm-up tunnels) and after (``--settle``
+  seconds after the ramp calmed down), per tunnel;
 * ``refresh``: the proxy's 120 s refresher rewrites every tunnelled node's
   record; CPU of one such tick (sampled around it), per node and amortised;
 * ``baseline``: proxy CPU % with no tunnel at all, over 10 s;
@@ -182,7 +183,8 @@ def run_reactor(coroutine_fn) -> None:
 
 
 async def measure_idle(reactor, base: Path, agents: int, window: float, heartbeat: float,
-                       concurrency: int) -> None:
+                       concurrency: int, memory_only: bool = False,
+                       settle: float = 12.0) -> None:
     proxy = start_proxy(base, nofile=agents + 2048, tunnel_heartbeat=heartbeat)
     fleet = None
     try:
@@ -208,11 +210,16 @@ async def measure_idle(reactor, base: Path, agents: int, window: float, heartbea
               "proxy_cpu_ms_per_tunnel": round(1000 * ramp_cpu / max(added, 1), 2),
               "tunnels_per_s": round(added / ramp_s, 1)})
         await cpu_rate_until_quiet(reactor, pid, 0.2, 3.0, 60.0)
+        # Steady state: the proxy's heap trimmer (every 10 s) has given back
+        # what the ramp's handshakes freed.
+        await sleep(reactor, settle)
         rss_after = rss_kib(pid)
         emit({"benchmark": "tunnel-idle", "case": "memory", "agents": agents,
               "proxy_rss_before_kib": rss_before, "proxy_rss_after_kib": rss_after,
               "kib_per_tunnel": round((rss_after - rss_before) / max(added, 1), 1),
               "fd_limit": raise_fd_limit(0)})
+        if memory_only:
+            return
         # One refresher tick: sampled from 2 s before it until the CPU calms down.
         next_tick = _next_tick(ticks_from, time.monotonic() + 2.5)
         await sleep(reactor, max(0.0, next_tick - 2.0 - time.monotonic()))
@@ -284,6 +291,10 @@ def main(argv: list[str]) -> int:
                         help="the proxy's tunnel heartbeat interval, seconds")
     parser.add_argument("--concurrency", type=int, default=100,
                         help="agent handshakes in flight during the ramp")
+    parser.add_argument("--settle", type=float, default=12.0,
+                        help="seconds idle after the ramp before memory is read (steady state)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="stop after the memory figure (no refresh or idle CPU window)")
     args = parser.parse_args(argv)
     limit = raise_fd_limit(args.agents + 2048)
     if limit < args.agents + 100:
@@ -291,5 +302,6 @@ def main(argv: list[str]) -> int:
     quiet_logs()
     with tempfile.TemporaryDirectory(prefix="edgeaccess-tunnel-idle-") as tmp:
         run_reactor(lambda reactor: measure_idle(reactor, Path(tmp), args.agents, args.window,
-                                                 args.heartbeat, args.concurrency))
+                                                 args.heartbeat, args.concurrency,
+                                                 args.memory_only, args.settle))
     return 0

@@ -21,10 +21,12 @@ from twisted.web.server import Site
 
 from edgeaccess import tls
 from edgeaccess.auth.api import AuthAPI
+from edgeaccess.allocator import tune_for_streaming
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
 from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import is_ip, split_addr
+from edgeaccess.memory import HeapTrimmer, share_tcp_server_attributes
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
 from edgeaccess.cluster.leaf import LeafLinks, LeafTrust
@@ -179,6 +181,11 @@ def makeService(options, reactor=None) -> service.MultiService:
     now = _now()
     authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
 
+    # Before any connection: thousands of tunnels' TCP transports then
+    # share one attribute table (see edgeaccess.memory).
+    share_tcp_server_attributes()
+    # Relays stream bulk data: see edgeaccess.allocator.
+    tune_for_streaming()
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=4, name="edgeproxy-crypto")
     _ThreadPoolService(pool).setServiceParent(top)
@@ -266,6 +273,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         tls_routing_factory(tunnels, router, cluster, reactor, tunnel_alpn=ALPN_PROTOCOL),
         on_listening)
     _TunnelShutdown(tunnels).setServiceParent(top)
+    # Freed handshake state of a burst of agents goes back to the system.
+    HeapTrimmer(reactor).setServiceParent(top)
 
     ssh_factory = make_proxy_ssh_factory(
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)

@@ -57,10 +57,6 @@ _log = Logger()
 __all__ = ["MISSED_INTERVALS", "TunnelConnection"]
 
 _HEARTBEAT = b"Heartbeat"
-#: What ``amp._DescriptorExchanger.__init__`` sets (see TunnelConnection).
-_DESCRIPTOR_STATE = (
-    "_descriptors", "_getDescriptor", "_sendingDescriptorCounter", "_receivingDescriptorCounter"
-)
 
 
 class _TransportAddress:
@@ -127,6 +123,13 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     fast_data_offered = True
     #: Whether Data and WindowAdjust are written as fast frames (both offered).
     _fast_out = False
+    #: The channel multiplexer, made with the first channel (see :attr:`mux`).
+    _mux: ChannelMux | None = None
+    #: ``(accept_channel, window, max_channels)`` of the multiplexer.
+    _mux_settings: tuple[ChannelAcceptor | None, int, int] = (None, DEFAULT_WINDOW, 1024)
+    #: Names in log lines (and the multiplexer's), until it exists.
+    _local_name = "local"
+    _peer_name = "peer"
     # Class-level defaults of state an idle tunnel never changes: Python
     # shares one key table among a class's instances only up to 30 instance
     # attributes; past that every tunnel gets a dict of its own (~1.3 KB of
@@ -145,6 +148,17 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     #: asked instead of kept (two address objects per tunnel).
     _transportPeer = _TransportAddress("getPeer")
     _transportHost = _TransportAddress("getHost")
+    #: The attributes a live tunnel sets: an idle one's (AMP's, the
+    #: parser's, this class's), then a busy one's, for
+    #: :func:`edgeaccess.memory.share_instance_attributes`. A closing
+    #: tunnel's are left out: CPython shares at most 30 names per class.
+    INSTANCE_ATTRIBUTES = (
+        "_ampInitialized", "_outstandingRequests", "locator", "boxReceiver", "clock",
+        "_liveness", "last_heard", "heartbeat_interval", "_box_keys", "_box_bytes",
+        "transport", "boxSender", "state", "MAX_LENGTH", "_currentBox", "_currentKey",
+        "hello_done", "fast_frames_in", "_fast_out", "_counter",
+        "_peer_name", "_chunks", "_pending", "_needed", "_mux", "_producer_registered",
+    )
 
     def __init__(
         self,
@@ -156,26 +170,20 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         max_channels: int = 1024,
         liveness: LivenessMonitor | None = None,
     ) -> None:
-        super().__init__()
-        # AMP's file descriptor passing (UNIX sockets only) never runs over
-        # a tunnel: its per-connection state is ~0.5 KB of 10,000 tunnels.
-        for name in _DESCRIPTOR_STATE:
-            self.__dict__.pop(name, None)
+        # amp.AMP.__init__ without the state of file descriptor passing
+        # (UNIX sockets only, never over a tunnel): ~0.5 KB and four entries
+        # of the shared attribute table per tunnel.
+        self._ampInitialized = True
+        amp.BoxDispatcher.__init__(self, self)
+        self.boxReceiver = self
         self.clock = clock
         # A shared monitor (the proxy's, for all its tunnels) or, without
         # one, this connection's own timer (the agent's: it pings too).
         self._liveness = liveness
         self.last_heard = 0.0
         self.heartbeat_interval = heartbeat_interval
-        self.mux = ChannelMux(
-            self,
-            initiator=self.initiator,
-            accept=accept_channel,
-            peer_openable_kinds=self.peer_openable_kinds,
-            peer_may_assert_source=self.peer_asserts_source,
-            window=window,
-            max_channels=max_channels,
-        )
+        if (accept_channel, window, max_channels) != self._mux_settings:
+            self._mux_settings = (accept_channel, window, max_channels)
         self._box_keys = 0
         self._box_bytes = 0
 
@@ -198,8 +206,54 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         """
         self.fast_frames_in = True
         self._fast_out = True
-        self.mux.max_frame_in = MAX_FAST_FRAME
-        self.mux.max_frame_out = MAX_FAST_FRAME
+        if self._mux is not None:
+            self._mux.max_frame_in = MAX_FAST_FRAME
+            self._mux.max_frame_out = MAX_FAST_FRAME
+
+    @property
+    def mux(self) -> ChannelMux:
+        """The channel multiplexer, made when first needed: an idle tunnel
+        (most of a proxy's 10,000) never opens a channel, and the empty
+        multiplexer is ~0.7 KB."""
+        mux = self._mux
+        if mux is None:
+            mux = self._mux = self._new_mux()
+        return mux
+
+    def _channel_settings(self) -> tuple[ChannelAcceptor | None, int, int]:
+        """``(accept_channel, window, max_channels)`` for the multiplexer."""
+        return self._mux_settings
+
+    def _new_mux(self) -> ChannelMux:
+        accept, window, max_channels = self._channel_settings()
+        mux = ChannelMux(
+            self,
+            initiator=self.initiator,
+            accept=accept,
+            peer_openable_kinds=self.peer_openable_kinds,
+            peer_may_assert_source=self.peer_asserts_source,
+            window=window,
+            max_channels=max_channels,
+            local_name=self._local_name,
+            peer_name=self.peer_name,
+        )
+        if self._fast_out:
+            mux.max_frame_in = MAX_FAST_FRAME
+            mux.max_frame_out = MAX_FAST_FRAME
+        if self._is_lost:
+            mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
+        return mux
+
+    @property
+    def peer_name(self) -> str:
+        """Who is at the other end, for log lines."""
+        return self._mux.peer_name if self._mux is not None else self._peer_name
+
+    @peer_name.setter
+    def peer_name(self, name: str) -> None:
+        self._peer_name = name
+        if self._mux is not None:
+            self._mux.peer_name = name
 
     def connect_channel(
         self, kind: str, target: str, factory: IProtocolFactory, source: str | None = None
@@ -214,7 +268,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     def disconnect(self, reason: str = "closing") -> None:
         """Close the tunnel (flushing what is queued)."""
         if self.transport is not None and not self._is_lost:
-            _log.info("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
+            _log.info("closing tunnel with {peer}: {reason}", peer=self.peer_name, reason=reason)
             self.closed_reason = reason
             self._release_transport()
             self.transport.loseConnection()
@@ -268,7 +322,8 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         if self._liveness_call is not None and self._liveness_call.active():
             self._liveness_call.cancel()
         self._liveness_call = None
-        self.mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
+        if self._mux is not None:
+            self._mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
         try:
             super().connectionLost(reason)
         finally:
@@ -296,7 +351,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             if self._silent_intervals >= MISSED_INTERVALS:
                 _log.warn(
                     "dropping tunnel with {peer}: nothing heard for {seconds} s",
-                    peer=self.mux.peer_name,
+                    peer=self.peer_name,
                     seconds=self._silent_intervals * self.heartbeat_interval,
                 )
                 self._drop("heartbeat timeout")
@@ -310,7 +365,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             return
         _log.warn(
             "dropping tunnel with {peer}: nothing heard for {seconds} s",
-            peer=self.mux.peer_name,
+            peer=self.peer_name,
             seconds=round(silent_for, 1),
         )
         self._drop("heartbeat timeout")
@@ -336,7 +391,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         except ProtocolViolation as violation:
             self.violation(str(violation))
         except Exception:
-            _log.failure("unexpected error in tunnel with {peer}", peer=self.mux.peer_name)
+            _log.failure("unexpected error in tunnel with {peer}", peer=self.peer_name)
             self.violation("internal error")
 
     def proto_init(self, string: bytes) -> str:
@@ -395,6 +450,21 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             return _as_deferred(self._refuse(box, f"command {name[:64]!r} before Hello"))
         return super().dispatchCommand(box).addErrback(self._dispatch_failed, box)
 
+    def _answerReceived(self, box: amp.AmpBox) -> None:
+        super()._answerReceived(box)
+        self._forget_answered()
+
+    def _errorReceived(self, box: amp.AmpBox) -> None:
+        super()._errorReceived(box)
+        self._forget_answered()
+
+    def _forget_answered(self) -> None:
+        # A dict emptied by pop keeps its table: 160 bytes more than a new
+        # one in each of 10,000 tunnels that once asked a question
+        # (Discover), for nothing.
+        if not self._outstandingRequests:
+            self._outstandingRequests = {}
+
     def _dispatch_failed(self, failure: Failure, box: amp.AmpBox) -> Failure | None:
         if failure.check(amp.RemoteAmpError):
             if failure.value.fatal:
@@ -404,12 +474,12 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             reason = str(failure.value)
         else:
             _log.failure("error handling {command!r} from {peer}", failure,
-                         command=box[amp.COMMAND][:64], peer=self.mux.peer_name)
+                         command=box[amp.COMMAND][:64], peer=self.peer_name)
             reason = f"malformed {box[amp.COMMAND][:64]!r} box ({failure.type.__name__})"
         return self._refuse(box, reason)
 
     def _refuse(self, box: amp.AmpBox, reason: str) -> Failure | None:
-        _log.warn("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
+        _log.warn("closing tunnel with {peer}: {reason}", peer=self.peer_name, reason=reason)
         self.closed_reason = reason
         if amp.ASK in box:
             # A fatal error goes out as a QuitBox: answer, then close.
@@ -423,7 +493,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         """The peer broke the protocol: log one line and close the tunnel now."""
         if self._dropping:
             return
-        _log.warn("closing tunnel with {peer}: {reason}", peer=self.mux.peer_name, reason=reason)
+        _log.warn("closing tunnel with {peer}: {reason}", peer=self.peer_name, reason=reason)
         self.closed_reason = reason
         self._drop(reason)
 

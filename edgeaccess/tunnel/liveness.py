@@ -25,7 +25,7 @@ CHECKS_PER_INTERVAL = 4
 
 
 class Watched(TypingProtocol):
-    """What the monitor needs from a tunnel."""
+    """What the monitor needs from a tunnel (hashable: kept in a dict)."""
 
     #: ``clock.seconds()`` when the peer was last heard.
     last_heard: float
@@ -54,7 +54,9 @@ class LivenessMonitor:
         self.interval = interval
         self.limit = missed * interval
         self._period = interval / checks
-        self._watched: dict[int, Watched] = {}
+        # Keyed by the tunnel itself (hashed by identity): no int object per
+        # entry, as id() keys would need (10,000 of them).
+        self._watched: dict[Watched, None] = {}
         self._loop: LoopingCall | None = None
 
     def __len__(self) -> int:
@@ -62,7 +64,7 @@ class LivenessMonitor:
 
     def watch(self, tunnel: Watched) -> None:
         """Start watching ``tunnel`` (its ``last_heard`` must be set)."""
-        self._watched[id(tunnel)] = tunnel
+        self._watched[tunnel] = None
         if self._loop is None:
             self._loop = LoopingCall(self.check)
             self._loop.clock = self.clock
@@ -70,7 +72,7 @@ class LivenessMonitor:
 
     def forget(self, tunnel: Watched) -> None:
         """Stop watching ``tunnel`` (it closed)."""
-        self._watched.pop(id(tunnel), None)
+        self._watched.pop(tunnel, None)
         if not self._watched and self._loop is not None:
             if self._loop.running:
                 self._loop.stop()
@@ -80,9 +82,9 @@ class LivenessMonitor:
         """Drop every watched tunnel silent for at least the limit (called periodically)."""
         now = self.clock.seconds()
         deadline = now - self.limit
-        silent = [t for t in self._watched.values() if t.last_heard <= deadline]
+        silent = [t for t in self._watched if t.last_heard <= deadline]
         for tunnel in silent:
-            self._watched.pop(id(tunnel), None)
+            self._watched.pop(tunnel, None)
             try:
                 tunnel.silence_timeout(now - tunnel.last_heard)
             except Exception:

@@ -8,7 +8,10 @@ for agents.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
+
+import attrs
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
@@ -19,7 +22,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import AccessDenied, BadRequest
+from edgeaccess.memory import share_instance_attributes
 from edgeaccess.pki.x509ca import Identity
+from edgeaccess.tls import shrink_tls_buffers
 from edgeaccess.tunnel.connection import TunnelConnection
 from edgeaccess.tunnel.interfaces import ITunnel, ITunnelRegistry
 from edgeaccess.tunnel.liveness import LivenessMonitor
@@ -51,21 +56,22 @@ class ServerTunnelProtocol(TunnelConnection):
     peer_commands = AGENT_COMMANDS
     peer_openable_kinds = AGENT_OPENABLE_KINDS
     initiator = False
+    _local_name = "proxy"
 
     def __init__(self, factory: TunnelServerFactory) -> None:
         self.server = factory
         self.identity: Identity | None = None
         self.inventory: Inventory | None = None
         self.capabilities: tuple[str, ...] = ()
+        # The multiplexer's settings are the factory's (_channel_settings).
         super().__init__(
             clock=factory.clock,
-            accept_channel=self._accept_from_agent,
             heartbeat_interval=factory.heartbeat_interval,
-            window=factory.window,
-            max_channels=factory.max_channels,
             liveness=factory.liveness,
         )
-        self.mux.local_name = "proxy"
+
+    def _channel_settings(self) -> tuple[Any, int, int]:
+        return (self._accept_from_agent, self.server.window, self.server.max_channels)
 
     def _resolve_identity(self) -> Identity:
         # Read at Hello, not in connectionMade: over TLS the peer certificate
@@ -79,9 +85,20 @@ class ServerTunnelProtocol(TunnelConnection):
             kind = getattr(identity, "kind", None)
             _log.warn("refused tunnel from a peer whose identity is {kind!r}", kind=kind)
             raise AccessDenied("only node and cluster identities may open a tunnel")
+        # The kind and cluster are the same few strings for every tunnel: one
+        # copy of each, not one per tunnel.
+        identity = attrs.evolve(identity, kind=sys.intern(identity.kind),
+                                cluster=sys.intern(identity.cluster))
         self.identity = identity
-        self.mux.peer_name = f"{identity.kind}:{identity.name}.{identity.cluster}"
         return identity
+
+    @property
+    def peer_name(self) -> str:
+        """The agent's identity (``node:NAME.CLUSTER``), made when logged."""
+        identity = self.identity
+        if identity is None:
+            return self._peer_name
+        return f"{identity.kind}:{identity.name}.{identity.cluster}"
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         try:
@@ -108,25 +125,27 @@ class ServerTunnelProtocol(TunnelConnection):
                 f"tunnel protocol version {protocol_version} is not supported; "
                 f"this proxy speaks version {PROTOCOL_VERSION}"
             )
-            _log.warn("refused tunnel from {peer}: {message}", peer=self.mux.peer_name, message=message)
+            _log.warn("refused tunnel from {peer}: {message}", peer=self.peer_name, message=message)
             raise BadRequest(message)
         parsed = Inventory.from_json(inventory)
         if parsed.name != identity.name:
             _log.warn(
                 "refused tunnel from {peer}: Hello names {claimed!r}",
-                peer=self.mux.peer_name,
+                peer=self.peer_name,
                 claimed=parsed.name,
             )
             raise AccessDenied(
                 f"this certificate is for {identity.name!r}, not {parsed.name!r}"
             )
         self.hello_done = True
-        self.inventory = parsed
-        offered = self.offered_capabilities()
-        self.capabilities = tuple(c for c in capabilities[:64] if c in offered)
+        self.inventory = _shared_strings(parsed, identity)
+        # This end's own strings, not the ones decoded from the box: nothing
+        # per tunnel for the same few names.
+        offered = {c: c for c in self.offered_capabilities()}
+        self.capabilities = tuple(offered[c] for c in capabilities[:64] if c in offered)
         if FAST_DATA_CAPABILITY in self.capabilities:
             self.use_fast_data()
-        _log.info("tunnel up from {peer}", peer=self.mux.peer_name)
+        _log.info("tunnel up from {peer}", peer=self.peer_name)
         # Registered after this answer is on its way (the answer is written
         # when this method returns): on_connect callbacks may open channels.
         self.clock.callLater(0, self._register)
@@ -139,6 +158,9 @@ class ServerTunnelProtocol(TunnelConnection):
     def _register(self) -> None:
         if self._is_lost:
             return
+        # The handshake's flights are long gone by now: an idle tunnel need
+        # not keep the TLS buffers they grew (~5 KiB of each of 10,000).
+        shrink_tls_buffers(self.transport)
         self.server.registry.register(self)
         proxies = self.server.proxies()
         if proxies:
@@ -162,13 +184,33 @@ class ServerTunnelProtocol(TunnelConnection):
         return self.call(Reconnect, delay=float(delay), reason=reason).addErrback(self._ignore)
 
 
+#: What a proxy tunnel sets: its own attributes first, then the idle
+#: tunnel's, then the rarer ones (past 30 CPython shares no more names).
+SERVER_TUNNEL_ATTRIBUTES = (
+    "server", "identity", "inventory", "capabilities", *TunnelConnection.INSTANCE_ATTRIBUTES
+)
+# At import, before any burst of agents makes tunnels in bulk: each idle
+# tunnel then keeps only its values (see edgeaccess.memory).
+share_instance_attributes(ServerTunnelProtocol, SERVER_TUNNEL_ATTRIBUTES)
+
+
+def _shared_strings(inventory: Inventory, identity: Identity) -> Inventory:
+    """``inventory`` holding the identity's name and one copy of each label
+    string among all tunnels (a fleet repeats the same few labels), not
+    strings of its own decoded from each Hello."""
+    labels = {sys.intern(key): sys.intern(value) for key, value in inventory.labels.items()}
+    return attrs.evolve(inventory, name=identity.name, labels=labels)
+
+
 @implementer(ITunnelRegistry)
 class TunnelRegistry:
     """Connected agents by (cluster, name) and (cluster, uuid); newest wins."""
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], ServerTunnelProtocol] = {}
-        self._tunnels: dict[int, ServerTunnelProtocol] = {}
+        # Keyed by the tunnel itself (hashed by identity): no int object
+        # per entry, as id() keys would need.
+        self._tunnels: dict[ServerTunnelProtocol, None] = {}
         self._subscribers: list[tuple[Callable[[Any], None], Callable[[Any], None]]] = []
 
     @staticmethod
@@ -187,14 +229,15 @@ class TunnelRegistry:
             if previous is not None and previous is not tunnel:
                 _log.info("newer tunnel replaces the old one for {key}", key="/".join(key))
             self._by_key[key] = tunnel
-        self._tunnels[id(tunnel)] = tunnel
+        self._tunnels[tunnel] = None
         for on_connect, _ in list(self._subscribers):
             _call_safely(on_connect, tunnel)
 
     def unregister(self, tunnel: ServerTunnelProtocol) -> None:
         """Forget a tunnel that closed (keys now held by a newer tunnel stay)."""
-        if self._tunnels.pop(id(tunnel), None) is None:
+        if tunnel not in self._tunnels:
             return
+        del self._tunnels[tunnel]
         for key in self._keys(tunnel):
             if self._by_key.get(key) is tunnel:
                 del self._by_key[key]
@@ -207,7 +250,7 @@ class TunnelRegistry:
 
     def connected(self) -> list[ServerTunnelProtocol]:
         """Every live tunnel."""
-        return list(self._tunnels.values())
+        return list(self._tunnels)
 
     def subscribe(
         self, on_connect: Callable[[Any], None], on_disconnect: Callable[[Any], None]
@@ -292,18 +335,18 @@ class TunnelServerFactory(Factory):
         self.accepting = True
         #: Drops agents silent for 3 intervals: one check for every tunnel.
         self.liveness = LivenessMonitor(clock, heartbeat_interval)
-        self._live: dict[int, ServerTunnelProtocol] = {}
+        self._live: dict[ServerTunnelProtocol, None] = {}
 
     def buildProtocol(self, addr: IAddress) -> ServerTunnelProtocol | None:
         if not self.accepting:
             return None
         tunnel = ServerTunnelProtocol(self)
-        self._live[id(tunnel)] = tunnel
+        self._live[tunnel] = None
         return tunnel
 
     def forget(self, tunnel: ServerTunnelProtocol) -> None:
         """A tunnel's connection is gone (called by the tunnel)."""
-        self._live.pop(id(tunnel), None)
+        self._live.pop(tunnel, None)
 
     def announce_proxies(self) -> None:
         """Send the current proxy list to every connected agent."""
@@ -320,7 +363,7 @@ class TunnelServerFactory(Factory):
         rest are closed after ``timeout`` seconds).
         """
         self.accepting = False
-        tunnels = list(self._live.values())
+        tunnels = list(self._live)
         if not tunnels:
             return succeed(None)
         _log.info("asking {count} agents to reconnect: {reason}", count=len(tunnels), reason=reason)
@@ -331,7 +374,7 @@ class TunnelServerFactory(Factory):
                 tunnel.disconnect(reason)
 
         def force() -> None:
-            for tunnel in list(self._live.values()):
+            for tunnel in list(self._live):
                 tunnel.disconnect("shutdown timeout")
 
         forcing = self.clock.callLater(timeout, force)
