@@ -84,6 +84,58 @@ def settled_cpu(pids: dict[str, tuple[int, bool]]) -> dict[str, float]:
     return last
 
 
+class ProxyCommandMeter:
+    """CPU of the ssh client's ``ProxyCommand`` processes during a transfer.
+
+    ssh does not wait for its ProxyCommand (it signals it at exit), so their
+    CPU often misses the client's ``RUSAGE_CHILDREN``. A thread reads
+    ``/proc`` every 50 ms for processes with an argument equal to ``-W``
+    (OpenSSH's jump, ``ssh -W``: ProxyJump and the C path) or ending in
+    ``tlsroute.py`` (TLS routing) and keeps the last utime+stime seen of each
+    (up to 50 ms of a process's end may be missed).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="proxy-command-meter", daemon=True)
+
+    @staticmethod
+    def _matches(argv: list[bytes]) -> bool:
+        return any(arg == b"-W" or arg.endswith(b"tlsroute.py") for arg in argv)
+
+    def _sample(self) -> None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if pid in self.seen or self._matches(argv):
+                    self.seen[pid] = cpu_seconds(pid)
+            except (OSError, ValueError, IndexError):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> "ProxyCommandMeter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu(self) -> float:
+        """CPU-seconds of every ProxyCommand seen."""
+        return sum(self.seen.values())
+
+
 def wait_port(port: int, timeout: float, what: str, process=None) -> None:
     """Wait until 127.0.0.1:``port`` accepts connections."""
     def accepting() -> bool:

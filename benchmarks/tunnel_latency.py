@@ -15,8 +15,8 @@
    median of ``--setup-runs``: through proxy + tunnel (``tnode``), through
    the proxy to a direct-mode node (``dnode``), direct to ``dnode``, and the C
    path (OpenSSH jump through ``sshd`` + stunnel pair to ``dnode``), and TLS
-   routing (``ProxyCommand openssl s_client`` to the proxy's tunnel port,
-   ALPN ``edge-ssh/1``) to ``tnode`` and ``dnode``.
+   routing (the ``ProxyCommand`` ``edgeaccess/client/tlsroute.py`` to the
+   proxy's tunnel port, ALPN ``edge-ssh/1``) to ``tnode`` and ``dnode``.
 """
 
 from __future__ import annotations

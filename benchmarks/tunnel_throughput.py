@@ -15,18 +15,19 @@ OpenSSH ``sshd`` jump host plus a ``stunnel4`` client/server pair in front of
   ``sshd`` -> stunnel client -> stunnel server (TLS 1.3, mutual) -> ``dnode``;
 * ``direct``: ``ssh`` straight to ``dnode``'s port;
 * ``tls-tunnel`` / ``tls-tcp``: TLS routing (``edge login --tls-routing``):
-  ``ProxyCommand openssl s_client`` to the proxy's tunnel port (ALPN
-  ``edge-ssh/1``), spliced by the proxy without an SSH layer to ``tnode``
-  (tunnel channel) or ``dnode`` (TCP). The client CPU does not count
-  ``s_client`` (ssh does not reap its ProxyCommand).
+  the ``ProxyCommand`` ``edgeaccess/client/tlsroute.py`` to the proxy's
+  tunnel port (ALPN ``edge-ssh/1``), spliced by the proxy without an SSH
+  layer to ``tnode`` (tunnel channel) or ``dnode`` (TCP).
 
 The user's role sets ``record_session: false`` (``--record``: the preset
 ``access`` role, the node then records every session to its audit spool).
 Download is ``head -c SIZE /dev/zero`` on the node, upload ``cat > /dev/null``.
 Each result: MiB/s (median), CPU-seconds per GiB of the proxy side and the
 node side (utime+stime from /proc; the C path's sshd counts its reaped
-session processes; the shell commands on the node are not counted) and of the
-client (``ssh`` processes, ``head``/``wc``).
+session processes; the shell commands on the node are not counted), of the
+client (``ssh`` processes, ``head``/``wc``, as reaped) and of the client's
+``ProxyCommand`` (``ssh -W`` for ProxyJump and the C path, ``tlsroute.py``
+for TLS routing; ssh does not reap it: sampled from ``/proc``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._tunnel_env import GIB, MIB, BenchCluster, CPath, emit, parse_size, settled_cpu
+from benchmarks._tunnel_env import (
+    GIB,
+    MIB,
+    BenchCluster,
+    CPath,
+    ProxyCommandMeter,
+    emit,
+    parse_size,
+    settled_cpu,
+)
 
 #: Which processes make up the proxy side and the node side of each path.
 SIDES = {
@@ -95,8 +105,9 @@ def _transfer(argv: list[str], direction: str, size: int, pids) -> dict:
     before = settled_cpu(pids)
     client_before = _children_cpu()
     start = time.monotonic()
-    result = subprocess.run(command, shell=True, capture_output=True, text=True,
-                            timeout=900, stdin=subprocess.DEVNULL)
+    with ProxyCommandMeter() as meter:
+        result = subprocess.run(command, shell=True, capture_output=True, text=True,
+                                timeout=900, stdin=subprocess.DEVNULL)
     seconds = time.monotonic() - start
     if result.returncode != 0 or result.stdout.strip() != expected:
         raise RuntimeError(f"{command!r}: rc {result.returncode}, {result.stdout!r}, "
@@ -104,6 +115,7 @@ def _transfer(argv: list[str], direction: str, size: int, pids) -> dict:
     after = settled_cpu(pids)
     cpu = {name: after[name] - before[name] for name in pids}
     cpu["client"] = _children_cpu() - client_before
+    cpu["proxy_command"] = meter.cpu
     return {"seconds": seconds, "cpu": cpu}
 
 
@@ -149,6 +161,7 @@ def run(size: int, repeat: int, paths: list[str], emit_result=emit,
                         "proxy_cpu_s_per_gib": per_gib(proxy_names),
                         "node_cpu_s_per_gib": per_gib(node_names),
                         "client_cpu_s_per_gib": per_gib(("client",)),
+                        "proxy_command_cpu_s_per_gib": per_gib(("proxy_command",)),
                         "cpu_s_per_gib": {n: per_gib((n,)) for n in proxy_names + node_names},
                         "ciphers": ciphers[path], "recorded": record,
                         "tunnel_nodelay": nodelay,
