@@ -68,19 +68,23 @@ def share_tcp_server_attributes() -> None:
     share_instance_attributes(tcp.Server, TCP_SERVER_ATTRIBUTES)
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _libc_function(name: str, argtypes: list, restype) -> Callable[..., int] | None:
+    """A glibc function by name, or None where the C library has none (musl, macOS)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
         return None
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        function = getattr(ctypes.CDLL(library), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None."""
+    return _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 _malloc_trim = _load_malloc_trim()
@@ -148,3 +152,41 @@ class HeapTrimmer(service.Service):
         took = self._monotonic() - started
         if took > 0.05:
             _log.info("heap trim took {ms} ms", ms=round(took * 1000, 1))
+
+
+# -- allocator settings of the daemons that stream bulk data ------------------------------
+
+#: ``mallopt`` parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+#: Blocks at least this large get their own mapping (glibc's default: 128 KiB, adaptive).
+STREAMING_MMAP_THRESHOLD = 1024 * 1024
+#: Free bytes kept at the heap's top before it shrinks (default: 128 KiB, adaptive).
+STREAMING_TRIM_THRESHOLD = 4 * 1024 * 1024
+
+
+def tune_for_streaming(mallopt: Callable[[int, int], int] | None = None) -> bool:
+    """Fixed allocation thresholds for a proxy or node relaying bulk data.
+
+    A relay allocates and frees buffers of 128-256 KiB many times a second
+    (a socket read, the records one read decrypts, a TLS write). With glibc's
+    adaptive defaults the heap top shrinks and grows back around each of
+    them, and every regrowth faults its pages in again: on the proxy of a
+    TLS-routed 1 GiB download page faults and page clearing were ~10 % of
+    its CPU (2.7 instead of 2.1 CPU-seconds per GiB). Here blocks below
+    1 MiB come from the heap and up to 4 MiB stay free at its top; what an
+    idle process holds beyond what it uses goes back with the periodic
+    ``malloc_trim`` of :class:`HeapTrimmer`.
+
+    Returns False where the C library has no ``mallopt`` or refuses (only
+    speed is at stake then).
+    """
+    if mallopt is None:
+        mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
+        return False
+    done = (mallopt(M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD) == 1
+            and mallopt(M_TRIM_THRESHOLD, STREAMING_TRIM_THRESHOLD) == 1)
+    if not done:
+        _log.info("the C library refused the streaming allocator settings")
+    return done

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from twisted.python import usage
 
-from edgeaccess.allocator import tune_for_streaming
 from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import split_addr
+from edgeaccess.memory import tune_for_streaming
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -84,7 +84,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    # Sessions and tunnels stream bulk data: see edgeaccess.allocator.
+    # Sessions and tunnels stream bulk data: see edgeaccess.memory.
     tune_for_streaming()
     listen_addr = options["ssh-listen"]
     host, port = split_addr(listen_addr if not listen_addr.isdigit()

@@ -21,12 +21,11 @@ from twisted.web.server import Site
 
 from edgeaccess import tls
 from edgeaccess.auth.api import AuthAPI
-from edgeaccess.allocator import tune_for_streaming
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
 from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import is_ip, split_addr
-from edgeaccess.memory import HeapTrimmer, share_tcp_server_attributes
+from edgeaccess.memory import HeapTrimmer, share_tcp_server_attributes, tune_for_streaming
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
 from edgeaccess.cluster.leaf import LeafLinks, LeafTrust
@@ -184,7 +183,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
     share_tcp_server_attributes()
-    # Relays stream bulk data: see edgeaccess.allocator.
+    # Relays stream bulk data: see edgeaccess.memory.
     tune_for_streaming()
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=4, name="edgeproxy-crypto")

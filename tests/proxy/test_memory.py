@@ -1,9 +1,12 @@
-"""Memory of many idle connections: the heap trimmer, shared attribute tables."""
+"""Memory of many idle connections (the heap trimmer, shared attribute tables)
+and the allocator settings of the streaming daemons."""
 
 from __future__ import annotations
 
+import platform
 import sys
 
+import pytest
 from twisted.internet import tcp
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
@@ -74,3 +77,27 @@ def test_tcp_server_connections_share_their_attribute_names():
         connection.dataBuffer, connection.offset = b"", 0
 
     assert max(sys.getsizeof(vars(c)) for c in made) < 600
+
+
+# -- allocator settings of the streaming daemons ------------------------------------
+
+
+def test_both_thresholds_are_set_to_fixed_values() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(parameter: int, value: int) -> int:
+        calls.append((parameter, value))
+        return 1
+
+    assert memory.tune_for_streaming(mallopt) is True
+    assert calls == [(memory.M_MMAP_THRESHOLD, 1024 * 1024),
+                     (memory.M_TRIM_THRESHOLD, 4 * 1024 * 1024)]
+
+
+def test_a_refusal_is_reported_not_raised() -> None:
+    assert memory.tune_for_streaming(lambda parameter, value: 0) is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_glibc_accepts_them() -> None:
+    assert memory.tune_for_streaming() is True
