@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import AccessDenied, BadRequest, EdgeError
+from edgeaccess.ssh.transport import write_channel_data
 
 _log = Logger()
 
@@ -190,7 +191,7 @@ class DirectTCPIPChannel(SSHChannel):
             return
         if self.localClosed:
             return
-        self.write(data)
+        write_channel_data(self, data)
 
     def _target_eof(self) -> None:
         if self._eof_sent or self._eof_pending:

@@ -54,6 +54,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeaccess.ssh.transport import write_channel_data
+
 _log = Logger()
 
 #: Bytes read from the child's stdout/stderr per read (Twisted reads 8 KiB).
@@ -365,25 +367,9 @@ class SessionProcessProtocol(_ConchProcessProtocol):
                 resume()
 
     def _write_data(self, data: bytes) -> None:
-        """``session.write(data)`` for data within the window, with fewer copies.
-
-        With :class:`edgeaccess.ssh.transport.EdgeServerTransport` all the
-        packets of ``data`` are sealed into one buffer and written at once
-        (``send_data_packets``); otherwise this is ``SSHChannel.write``.
-        """
-        session = self.session
-        conn = session.conn
-        send = getattr(conn.transport, "send_data_packets", None)
-        if send is None or session.buf or session.localClosed:
-            session.write(data)
-            return
-        send(
-            connection.MSG_CHANNEL_DATA,
-            _pack_recipient(conn.channelsToRemoteChannel[session]),
-            data,
-            session.remoteMaxPacket,
-        )
-        session.remoteWindowLeft -= len(data)
+        """``session.write(data)`` with all its packets sealed and written at
+        once where the transport can (:func:`write_channel_data`)."""
+        write_channel_data(self.session, data)
 
     def _when_drained(self, action: Callable[[], object]) -> None:
         if self._pending:

@@ -187,6 +187,26 @@ def _write_wire(transport, wire: memoryview) -> None:
     transport.write(bytes(wire))
 
 
+def write_channel_data(channel, data: bytes) -> None:
+    """``channel.write(data)`` (an ``SSHChannel``), with every packet that
+    fits the peer's window sealed into one buffer and written at once
+    (:meth:`_FastPacketMixin.send_data_packets`) instead of one
+    ``sendPacket`` per packet; the rest is left to ``SSHChannel.write``,
+    which buffers it until the window opens and pauses the producer."""
+    conn = channel.conn
+    send = getattr(conn.transport, "send_data_packets", None)
+    window = channel.remoteWindowLeft
+    if send is None or channel.buf or channel.localClosed or window <= 0 or not data:
+        channel.write(data)
+        return
+    head = data if len(data) <= window else memoryview(data)[:window]
+    send(MSG_CHANNEL_DATA, _pack_length(conn.channelsToRemoteChannel[channel]), head,
+         channel.remoteMaxPacket)
+    channel.remoteWindowLeft -= len(head)
+    if len(head) < len(data):
+        channel.write(data[window:])
+
+
 def _channel_data(conn: SSHConnection, packet: bytes) -> None:
     """``conn.ssh_CHANNEL_DATA(packet[1:])`` with one copy of the data."""
     local_channel, length = _unpack_two_lengths(packet, 1)

@@ -396,3 +396,73 @@ def test_parse_direct_tcpip_reads_target_and_origin():
     assert parse_direct_tcpip(data) == (("web1.example", 22), ("10.0.0.9", 41000))
     with pytest.raises(BadRequest):
         parse_direct_tcpip(data[:5])
+
+
+# -- write_channel_data: the packets within the window leave in one write --------------
+
+class _SealingTransport:
+    """Records send_data_packets calls (the real one is covered by
+    test_transport_sealing)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes, bytes, int]] = []
+
+    def send_data_packets(self, message_type: int, prefix: bytes, data, max_chunk: int) -> None:
+        self.sent.append((message_type, prefix, bytes(data), max_chunk))
+
+
+class _Conn:
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.channelsToRemoteChannel: dict = {}
+        self.packets: list[bytes] = []
+
+    def sendData(self, channel, data: bytes) -> None:
+        self.packets.append(data)
+
+
+def _channel(transport, window: int, max_packet: int = 1000):
+    from twisted.conch.ssh.channel import SSHChannel
+
+    conn = _Conn(transport)
+    channel = SSHChannel(remoteWindow=window, remoteMaxPacket=max_packet, conn=conn)
+    conn.channelsToRemoteChannel[channel] = 7
+    return channel, conn
+
+
+def test_channel_data_within_the_window_is_sealed_in_one_call() -> None:
+    from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
+
+    from edgeaccess.ssh.transport import write_channel_data
+
+    transport = _SealingTransport()
+    channel, conn = _channel(transport, window=10_000)
+    write_channel_data(channel, b"x" * 4500)
+    assert transport.sent == [(MSG_CHANNEL_DATA, b"\x00\x00\x00\x07", b"x" * 4500, 1000)]
+    assert channel.remoteWindowLeft == 5500 and conn.packets == []
+
+
+def test_channel_data_beyond_the_window_waits_in_the_channel_buffer() -> None:
+    from edgeaccess.ssh.transport import write_channel_data
+
+    transport = _SealingTransport()
+    channel, conn = _channel(transport, window=3000)
+    paused = []
+    channel.stopWriting = lambda: paused.append(True)
+    write_channel_data(channel, b"a" * 2000 + b"b" * 1000 + b"c" * 500)
+    assert [len(s[2]) for s in transport.sent] == [3000]
+    assert channel.remoteWindowLeft == 0
+    assert channel.buf == b"c" * 500 and paused == [True]
+    write_channel_data(channel, b"d")  # queued behind, in order
+    assert channel.buf == b"c" * 500 + b"d" and len(transport.sent) == 1
+
+
+def test_channel_data_falls_back_to_conchs_write() -> None:
+    from edgeaccess.ssh.transport import write_channel_data
+
+    class Plain:
+        pass
+
+    channel, conn = _channel(Plain(), window=10_000)
+    write_channel_data(channel, b"y" * 2500)
+    assert conn.packets == [b"y" * 1000, b"y" * 1000, b"y" * 500]
