@@ -200,3 +200,19 @@ def test_server_prefers_client_order_and_offers_gcm_first():
     assert server.currentEncryptions.inCipType == b"aes256-gcm@openssh.com"
     assert EdgeServerTransport.supportedCiphers[0] == b"aes128-gcm@openssh.com"
     assert b"aes128-cbc" not in EdgeServerTransport.supportedCiphers
+
+
+def test_the_server_turns_nagle_off_on_its_tcp_connection():
+    from twisted.internet.testing import StringTransport
+
+    class TCP(StringTransport):
+        no_delay = None
+
+        def setTcpNoDelay(self, enabled):  # noqa: N802
+            self.no_delay = enabled
+
+    server = _Factory().buildProtocol(None)
+    tcp = TCP()
+    server.makeConnection(tcp)
+    assert tcp.no_delay is True
+    assert tcp.value().startswith(b"SSH-2.0-")  # the version line still goes first
