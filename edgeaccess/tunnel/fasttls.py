@@ -112,6 +112,10 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
     if clock is None:
         clock = transport.factory._clock
     transport._fast_tls = True
+    # pyOpenSSL turns on partial writes (SSL_write returns after one
+    # record); over a memory BIO a write never blocks, so one call may
+    # encrypt a whole buffer.
+    _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     transport._write = partial(_large_write, transport)
     aggregator = _Aggregator(partial(TLSMemoryBIOProtocol.write, transport), clock)
     aggregator.flush_previous(transport._aggregator)
@@ -236,8 +240,8 @@ _reading = _ReadScope()
 def _large_write(tls: Any, data: bytes) -> None:
     # Same contract as TLSMemoryBIOProtocol._write (called for buffered
     # writes too): what OpenSSL cannot take now is buffered, errors end TLS.
-    # pyOpenSSL turns on partial writes, so each send() encrypts one record;
-    # the records are gathered in the send BIO and leave in one TCP write.
+    # All the records of ``data`` are encrypted by one send() (partial
+    # writes are off) and leave the send BIO in one TCP write.
     if tls._lostTLSConnection:
         return
     connection = tls._tlsConnection
