@@ -10,7 +10,8 @@
    echo protocol. Each round trip writes ``--size`` bytes and waits for all of
    them back; p50/p99/mean over ``--rounds`` after 200 warm-up rounds, the two
    paths interleaved in blocks. ``--nodelay`` sets TCP_NODELAY on the
-   tunnel's connection first (the product does not).
+   tunnel's connection once more (left from the experiment that made the
+   product set it at every tunnel's connection: no difference now).
 2. Setup (``case: ssh-setup``): ``ssh ... true`` against a real cluster,
    median of ``--setup-runs``: through proxy + tunnel (``tnode``), through
    the proxy to a direct-mode node (``dnode``), direct to ``dnode``, and the C
