@@ -9,22 +9,21 @@ server name and ALPN, and echoes or streams bytes.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edgeaccess.client import tlsroute
-from edgeaccess.pki.keys import generate_private_key, private_key_pem
-from edgeaccess.pki.x509ca import Identity, certificate_pem, create_ca, issue_identity_certificate
+from edgeaccess.pki.keys import private_key_pem
+from edgeaccess.pki.x509ca import certificate_pem
+from tests.pkitools import Identity, issue_identities
 
 ALPN = "edge-ssh/1"
 DEADLINE = 60
@@ -40,24 +39,18 @@ def _write_pair(directory: Path, name: str, key, cert) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Any]:
     directory = tmp_path_factory.mktemp("tlsroute-pki")
-    now = datetime.now(timezone.utc)
-    out: dict[str, Any] = {}
-    ca_key, ca_cert = create_ca("root", now)
-    other_key, other_cert = create_ca("other", now)
-    (directory / "ca.pem").write_bytes(certificate_pem(ca_cert))
-    (directory / "other-ca.pem").write_bytes(certificate_pem(other_cert))
-    out["ca"] = str(directory / "ca.pem")
-    out["other_ca"] = str(directory / "other-ca.pem")
-    for label, identity, dns, ips in [
+    issued = issue_identities([
         ("proxy", Identity(kind="proxy", name="proxy.test", cluster="root"),
          ("proxy.example",), ("127.0.0.1",)),
-        ("alice", Identity(kind="user", name="alice", cluster="root"), (), ()),
-    ]:
-        key = generate_private_key()
-        cert = issue_identity_certificate(
-            ca_key, ca_cert, key.public_key(), identity, now=now, ttl=timedelta(hours=1),
-            dns_names=dns, ip_addresses=[ipaddress.ip_address(ip) for ip in ips])
-        out[label] = _write_pair(directory, label, key, cert)
+        ("alice", Identity(kind="user", name="alice", cluster="root"), ()),
+    ])
+    other = issue_identities([], cluster="other")
+    (directory / "ca.pem").write_bytes(certificate_pem(issued["ca"]))
+    (directory / "other-ca.pem").write_bytes(certificate_pem(other["ca"]))
+    out: dict[str, Any] = {"ca": str(directory / "ca.pem"),
+                           "other_ca": str(directory / "other-ca.pem")}
+    for label in ("proxy", "alice"):
+        out[label] = _write_pair(directory, label, *issued[label])
     return out
 
 

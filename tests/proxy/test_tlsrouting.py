@@ -23,14 +23,10 @@ from twisted.internet.address import IPv4Address
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 
 from edgeaccess.errors import NotFound
-from edgeaccess.pki.keys import generate_private_key, private_key_pem
-from edgeaccess.pki.x509ca import (
-    Identity,
-    certificate_pem,
-    create_ca,
-    issue_identity_certificate,
-)
+from edgeaccess.pki.keys import private_key_pem
+from edgeaccess.pki.x509ca import Identity, certificate_pem
 from edgeaccess.proxy.tlsrouting import ALPN_SSH, tls_routing_factory
+from tests.pkitools import issue_identities
 
 TUNNEL_ALPN = b"edge-tunnel/1"
 #: Names the user dials (the TLS server name); the test proxy's certificate
@@ -41,20 +37,12 @@ USER_ADDRESS = IPv4Address("TCP", "10.0.0.7", 40001)
 
 @pytest.fixture(scope="module")
 def pki() -> dict[str, Any]:
-    now = datetime.now(timezone.utc)
-    ca_key, ca_cert = create_ca("root", now)
-    out: dict[str, Any] = {"ca": ca_cert}
-    for label, identity, dns in [
+    return issue_identities([
         ("proxy", Identity(kind="proxy", name="proxy.test", cluster="root"), TARGETS),
         ("alice", Identity(kind="user", name="alice", cluster="root", roles=("access",)), ()),
         ("node", Identity(kind="node", name="node-1", cluster="root", uuid="u-1"), ()),
         ("foreign", Identity(kind="user", name="mallory", cluster="other"), ()),
-    ]:
-        key = generate_private_key()
-        cert = issue_identity_certificate(ca_key, ca_cert, key.public_key(), identity,
-                                          now=now, ttl=timedelta(hours=1), dns_names=dns)
-        out[label] = (key, cert)
-    return out
+    ])
 
 
 class Recorder(Protocol):

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
 from edgeaccess import tls as edge_tls
-from edgeaccess.pki.keys import generate_private_key
-from edgeaccess.pki.x509ca import Identity, create_ca, issue_identity_certificate
 from edgeaccess.tunnel.fasttls import FLUSH_AT, READ_BATCH, eager_tcp_writes, install_fast_tls
+from tests.pkitools import Identity, issue_identities
 
 
 class Recorder(Protocol):
@@ -44,14 +41,11 @@ class Recorder(Protocol):
 
 @pytest.fixture(scope="module")
 def options() -> tuple[Any, Any]:
-    now = datetime.now(timezone.utc)
-    ca_key, ca_cert = create_ca("root", now)
-    key = generate_private_key()
-    cert = issue_identity_certificate(
-        ca_key, ca_cert, key.public_key(), Identity(kind="proxy", name="p", cluster="root"),
-        now=now, ttl=timedelta(hours=1), dns_names=("proxy.test",))
-    server = edge_tls.server_options(key, cert, [ca_cert])
-    client = edge_tls.client_options("proxy.test", [ca_cert])
+    pki = issue_identities(
+        [("proxy", Identity(kind="proxy", name="p", cluster="root"), ("proxy.test",))])
+    key, cert = pki["proxy"]
+    server = edge_tls.server_options(key, cert, [pki["ca"]])
+    client = edge_tls.client_options("proxy.test", [pki["ca"]])
     return server, client
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -21,26 +20,17 @@ from edgeaccess.tunnel.agent import AgentTunnelProtocol
 from edgeaccess.tunnel.framing import MAX_FAST_FRAME
 from edgeaccess.tunnel.protocol import Inventory
 from edgeaccess.tunnel.server import SERVER_TUNNEL_ATTRIBUTES, ServerTunnelProtocol
-from edgeaccess.pki.keys import generate_private_key
-from edgeaccess.pki.x509ca import Identity, create_ca, issue_identity_certificate
+from tests.pkitools import Identity, issue_identities
 
 from .support import Acceptor, Collecting, connected_pair, make_server_factory
 
 
 @pytest.fixture(scope="module")
 def pki() -> dict[str, Any]:
-    now = datetime.now(timezone.utc)
-    ca_key, ca_cert = create_ca("root", now)
-    out: dict[str, Any] = {"ca": ca_cert}
-    for label, identity, dns in [
+    return issue_identities([
         ("proxy", Identity(kind="proxy", name="proxy.test", cluster="root"), ("proxy.test",)),
         ("node", Identity(kind="node", name="node-1", cluster="root", uuid="u-1"), ()),
-    ]:
-        key = generate_private_key()
-        cert = issue_identity_certificate(ca_key, ca_cert, key.public_key(), identity,
-                                          now=now, ttl=timedelta(hours=1), dns_names=dns)
-        out[label] = (key, cert)
-    return out
+    ])
 
 
 class Recorder(Protocol):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest_twisted
@@ -21,18 +20,13 @@ from twisted.internet.ssl import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from edgeaccess.pki.keys import generate_private_key, private_key_pem
-from edgeaccess.pki.x509ca import (
-    Identity,
-    certificate_pem,
-    create_ca,
-    identity_from_certificate,
-    issue_identity_certificate,
-)
+from edgeaccess.pki.keys import private_key_pem
+from edgeaccess.pki.x509ca import Identity, certificate_pem, identity_from_certificate
 from edgeaccess.tunnel.agent import TunnelAgent
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import ALPN_PROTOCOL, Inventory
 from edgeaccess.tunnel.server import TunnelServerFactory
+from tests.pkitools import issue_identities
 
 
 class Echo(Protocol):
@@ -53,19 +47,10 @@ class Collect(Protocol):
 
 
 def pki() -> dict[str, Any]:
-    now = datetime.now(timezone.utc)
-    ca_key, ca_cert = create_ca("root", now)
-    out: dict[str, Any] = {"ca": ca_cert}
-    for label, identity, dns in [
+    return issue_identities([
         ("proxy", Identity(kind="proxy", name="proxy-1", cluster="root"), ("proxy.test",)),
         ("node", Identity(kind="node", name="node-1", cluster="root", uuid="u-1"), ()),
-    ]:
-        key = generate_private_key()
-        cert = issue_identity_certificate(
-            ca_key, ca_cert, key.public_key(), identity, now=now, ttl=timedelta(hours=1), dns_names=dns
-        )
-        out[label] = (key, cert)
-    return out
+    ])
 
 
 def peer_identity(transport: Any) -> Identity:
