@@ -8,18 +8,22 @@ record a chain of ten calls, a zeroed 32 KiB buffer, a timer and three copies.
 it does not recognize alone, so a Twisted without these internals only loses
 the speed-up):
 
-* **reads**: every record that one TCP read completes is decrypted into one
-  reused buffer and delivered to the protocol as one ``bytes`` (Twisted
-  delivers each record on its own, from a fresh 32 KiB buffer);
-* **writes**: the records of a whole write are encrypted one after the other
-  and leave in one TCP write (Twisted slices 16 KiB, and after every slice
-  reads the send BIO and writes to TCP: a ``send`` per record). Small
-  writes are still gathered until the next reactor turn, as Twisted does, but
-  ``bytes`` are not copied on the way and large writes go at once;
+* **reads**: every record that one TCP read completes is decrypted
+  (``SSL_read`` straight into a process-wide buffer) and delivered to the
+  protocol as one ``bytes`` (Twisted delivers each record on its own, from a
+  fresh zeroed 32 KiB buffer);
+* **writes**: one ``SSL_write`` encrypts a whole write (partial writes off)
+  and its records leave in one TCP write, sent from a process-wide buffer
+  (``BIO_read``) and copied only for what TCP does not take (Twisted slices
+  16 KiB and sends each record on its own). Small writes are gathered, without
+  the copy Twisted makes, until the read being delivered ends (when a fast
+  transport's read caused them) or the next reactor turn; large ones go at once;
 * **TCP** (:func:`eager_tcp_writes`): reads of up to 256 KiB, and a write that
   finds nothing queued goes to the socket at once instead of on the next
   reactor turn (which costs two ``epoll_ctl`` calls and a loop iteration a
   write); whatever the socket does not take is queued as before.
+
+Measured effect: ``docs/performance.md``, "Tunnel data path, second round".
 """
 
 from __future__ import annotations
@@ -165,7 +169,8 @@ def _eager_write(tcp: Any, data: bytes | memoryview) -> None:
 
 class _Aggregator:
     """Twisted's ``_AggregateSmallWrites`` without its copies: gathers small
-    writes until the next reactor turn, encrypts large ones at once."""
+    writes until the read being delivered ends (see :class:`_ReadScope`) or
+    the next reactor turn, encrypts large ones at once."""
 
     __slots__ = ("_write", "_clock", "_buffer", "_size", "_scheduled")
 

@@ -130,6 +130,17 @@ def test_a_large_write_leaves_in_one_piece_and_small_ones_wait_for_the_turn(opti
     assert server_app.received.endswith(b"x" * (FLUSH_AT - 1) + b"y")
 
 
+def test_a_small_reply_written_during_a_read_leaves_when_the_read_is_delivered(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    install_fast_tls(client, clock)
+    server_app.dataReceived = lambda data: server.write(b"ack %d" % len(data))
+    client.write(os.urandom(40_000))
+    pump.flush(advanceClock=False)  # no reactor turn: no timer may be needed
+    assert client_app.received == b"ack 40000"
+    assert not clock.getDelayedCalls()
+
+
 def test_data_before_a_close_alert_is_delivered_then_the_connection_ends(options) -> None:
     server, server_app, client, client_app, pump, clock = tls_pair(options)
     install_fast_tls(server, clock)
