@@ -10,24 +10,20 @@ mutual, ALPN ``edge-tunnel/1``, AMP Hello and heartbeats), at most
 ``--concurrency`` handshakes in flight. Results (one JSON line each):
 
 * ``ramp``: time and proxy CPU to bring the tunnels up (TLS handshake, Hello,
-  registration, and the node record ``auth.heartbeat`` writes to the backend);
+  registration);
 * ``memory``: proxy VmRSS before (after 50 warm-up tunnels) and after (``--settle``
   seconds after the ramp calmed down), per tunnel;
-* ``refresh``: the proxy's 120 s refresher rewrites every tunnelled node's
-  record; CPU of one such tick (sampled around it), per node and amortised;
 * ``baseline``: proxy CPU % with no tunnel at all, over 10 s;
-* ``idle``: proxy CPU % of a core over ``--window`` seconds between two
-  refresher ticks, with the agents heartbeating every ``--heartbeat`` seconds
-  (the proxy's interval; agents adopt it from the Hello answer).
+* ``idle``: proxy CPU % of a core over ``--window`` seconds, with the agents
+  heartbeating every ``--heartbeat`` seconds (the proxy's interval; agents
+  adopt it from the Hello answer).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -38,8 +34,6 @@ from pathlib import Path
 from benchmarks._tunnel_env import cpu_seconds, emit, rss_kib, start_proxy
 
 WARMUP = 50
-#: The proxy's node-record refresher period (``_TunnelShutdown`` in proxy/tap.py).
-REFRESH_PERIOD = 120.0
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -189,7 +183,6 @@ async def measure_idle(reactor, base: Path, agents: int, window: float, heartbea
     fleet = None
     try:
         pid = proxy.pid
-        ticks_from = _runtime_monotonic(proxy)
         await cpu_rate_until_quiet(reactor, pid, 0.05, 2.0, 20.0)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         await sleep(reactor, 10.0)
@@ -220,38 +213,15 @@ async def measure_idle(reactor, base: Path, agents: int, window: float, heartbea
               "fd_limit": raise_fd_limit(0)})
         if memory_only:
             return
-        # One refresher tick: sampled from 2 s before it until the CPU calms down.
-        next_tick = _next_tick(ticks_from, time.monotonic() + 2.5)
-        await sleep(reactor, max(0.0, next_tick - 2.0 - time.monotonic()))
-        samples = []  # (monotonic, cpu)
-        samples.append((time.monotonic(), cpu_seconds(pid)))
-        while True:
-            await sleep(reactor, 0.25)
-            samples.append((time.monotonic(), cpu_seconds(pid)))
-            now = samples[-1][0]
-            if now > next_tick + 2.0 and _rate(samples[-5:]) < 0.6 * _peak(samples) + 0.02:
-                if _rate(samples[-5:]) <= max(0.05, 2 * _rate(samples[:8])):
-                    break
-            if now > next_tick + REFRESH_PERIOD - 5:
-                break
-        baseline = _rate(samples[:8])  # the 2 s before the tick
-        elapsed = samples[-1][0] - samples[0][0]
-        tick_cpu = samples[-1][1] - samples[0][1] - baseline * elapsed
-        emit({"benchmark": "tunnel-idle", "case": "refresh", "agents": agents,
-              "tick_cpu_s": round(tick_cpu, 2), "tick_busy_s": round(elapsed - 2.0, 1),
-              "cpu_ms_per_node_record": round(1000 * tick_cpu / agents, 3),
-              "amortised_cpu_pct": round(100 * tick_cpu / REFRESH_PERIOD, 2)})
-        # The idle window, before the next tick.
-        room = next_tick + REFRESH_PERIOD - 1.0 - time.monotonic()
-        span = max(1.0, min(window, room))
+        # The idle window: heartbeats only (the proxy keeps no periodic
+        # per-node work since the node-record refresher went).
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        await sleep(reactor, span)
+        await sleep(reactor, window)
         used, span = cpu_seconds(pid) - cpu0, time.monotonic() - t0
         still = fleet.connected()
         emit({"benchmark": "tunnel-idle", "case": "idle", "agents": agents,
               "connected_at_end": still, "heartbeat_s": heartbeat, "window_s": round(span, 1),
               "proxy_cpu_pct": round(100 * used / span, 2),
-              "proxy_cpu_pct_incl_refresh": round(100 * (used / span + tick_cpu / REFRESH_PERIOD), 2),
               "proxy_cpu_pct_per_10k_tunnels": round(100 * used / span * 10000 / agents, 2),
               "proxy_rss_kib": rss_kib(pid)})
     finally:
@@ -259,27 +229,6 @@ async def measure_idle(reactor, base: Path, agents: int, window: float, heartbea
             proxy.kill()  # the agents would only start redialing a stopping proxy
             await fleet.stop()
         proxy.kill()
-
-
-def _runtime_monotonic(proxy) -> float:
-    """When the proxy's services started (runtime.json's mtime), on the monotonic clock."""
-    mtime = os.stat(proxy.data_dir / "runtime.json").st_mtime
-    return mtime - time.time() + time.monotonic()
-
-
-def _next_tick(started: float, after: float) -> float:
-    ticks = int((after - started) // REFRESH_PERIOD) + 1
-    return started + ticks * REFRESH_PERIOD
-
-
-def _rate(samples) -> float:
-    if len(samples) < 2:
-        return 0.0
-    return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-
-
-def _peak(samples) -> float:
-    return max((_rate(samples[i:i + 2]) for i in range(len(samples) - 1)), default=0.0)
 
 
 def main(argv: list[str]) -> int:
@@ -294,7 +243,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--settle", type=float, default=12.0,
                         help="seconds idle after the ramp before memory is read (steady state)")
     parser.add_argument("--memory-only", action="store_true",
-                        help="stop after the memory figure (no refresh or idle CPU window)")
+                        help="stop after the memory figure (no idle CPU window)")
     args = parser.parse_args(argv)
     limit = raise_fd_limit(args.agents + 2048)
     if limit < args.agents + 100:
