@@ -15,17 +15,21 @@ proxy). This relay reads 256 KiB from the socket at a time, decrypts every
 record of it through a memory BIO and writes the result to ssh in one call.
 
 Standard library only, nothing imported from the package: ssh starts it for
-every connection, and ``-I -S`` keeps the interpreter's start-up at ~15 ms.
+every connection and waits for it. ``-I -S`` and CPython's C modules
+(``_ssl``, ``_socket``, ``_thread``: the objects ``ssl.py``, ``socket.py`` and
+``threading.py`` wrap, without the ~13 ms their enums cost to import) keep
+the start at ~10 ms instead of ~21; where ``_ssl``'s private context API
+differs, the public ``ssl`` module is used instead.
 """
 
 from __future__ import annotations
 
+import _socket
+import _ssl
+import _thread
 import fcntl
 import os
-import socket
-import ssl
 import sys
-import threading
 
 #: Bytes read from the socket or from ssh per call.
 READ_SIZE = 256 * 1024
@@ -69,24 +73,62 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def make_context(ca: str, cert: str, key: str, alpn: str) -> ssl.SSLContext:
-    """TLS 1.3 client context trusting only ``ca``, presenting ``cert``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.check_hostname = False  # the SNI is the node; see certificate_names_host
-    context.verify_mode = ssl.CERT_REQUIRED
+def configure(context, ca: str, cert: str, key: str) -> None:
+    """TLS 1.3 client trusting only ``ca``, presenting ``cert``; the
+    hostname is checked by :func:`certificate_names_host` (the SNI is the node)."""
+    context.minimum_version = _ssl.PROTO_TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = _ssl.CERT_REQUIRED
     context.load_verify_locations(cafile=ca)
     context.load_cert_chain(cert, key)
+
+
+def open_tls(ca: str, cert: str, key: str, alpn: str, server_name: str,
+             incoming: _ssl.MemoryBIO, outgoing: _ssl.MemoryBIO, *, private: bool = True):
+    """A client TLS object over two memory BIOs (``do_handshake``, ``read``,
+    ``write``, ``getpeercert``, ``selected_alpn_protocol``): ``_ssl``'s own
+    when its private context API is there (``private``), else ``ssl``'s."""
+    if private:
+        try:
+            context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+            configure(context, ca, cert, key)
+            name = alpn.encode("ascii")
+            context._set_alpn_protocols(bytes([len(name)]) + name)
+            return context._wrap_bio(incoming, outgoing, False, server_name,
+                                     owner=None, session=None)
+        except (AttributeError, TypeError):
+            pass  # another CPython's internals: the public module below
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    configure(context, ca, cert, key)
     context.set_alpn_protocols([alpn])
-    return context
+    return context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+
+
+def connect(host: str, port: int, timeout: float = 30.0) -> _socket.socket:
+    """A TCP connection to the first address of ``host`` that answers."""
+    failure: OSError | None = None
+    for family, kind, proto, _, address in _socket.getaddrinfo(
+            host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as error:
+            failure = error
+            sock.close()
+    raise failure or RouteError(f"no address for {host}")
 
 
 def packed_ip(text: str) -> bytes | None:
     """An IPv4 or IPv6 address in binary form (None: not an address); what
     ``ipaddress`` would compare, without its ~3 ms import on ssh's path."""
-    for family in (socket.AF_INET, socket.AF_INET6):
+    for family in (_socket.AF_INET, _socket.AF_INET6):
         try:
-            return socket.inet_pton(family, text)
+            return _socket.inet_pton(family, text)
         except OSError:
             continue
     return None
@@ -114,15 +156,14 @@ def certificate_names_host(certificate: dict, host: str) -> bool:
     return False
 
 
-def handshake(sock: socket.socket, context: ssl.SSLContext, server_name: str,
-              incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+def handshake(sock: _socket.socket, tls, incoming: _ssl.MemoryBIO,
+              outgoing: _ssl.MemoryBIO) -> None:
     """Complete the TLS handshake on a blocking socket through memory BIOs."""
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
     while True:
         try:
             tls.do_handshake()
             break
-        except ssl.SSLWantReadError:
+        except _ssl.SSLWantReadError:
             pending = outgoing.read()
             if pending:
                 sock.sendall(pending)
@@ -133,7 +174,6 @@ def handshake(sock: socket.socket, context: ssl.SSLContext, server_name: str,
     pending = outgoing.read()
     if pending:
         sock.sendall(pending)
-    return tls
 
 
 def enlarge_pipe(fd: int) -> None:
@@ -157,15 +197,15 @@ class Relay:
     (a fresh 256 KiB ``bytes`` per read costs an ``mmap`` and ``munmap``).
     """
 
-    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO, stdin: int, stdout: int) -> None:
+    def __init__(self, sock: _socket.socket, tls, incoming: _ssl.MemoryBIO,
+                 outgoing: _ssl.MemoryBIO, stdin: int, stdout: int) -> None:
         self.sock = sock
         self.tls = tls
         self.incoming = incoming
         self.outgoing = outgoing
         self.stdin = stdin
         self.stdout = stdout
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def run(self) -> None:
         """Relay until the proxy closes the stream (ssh's end of file on
@@ -173,8 +213,8 @@ class Relay:
         side ends, as ``s_client -quiet`` waited for it)."""
         for fd in (self.stdin, self.stdout):
             enlarge_pipe(fd)
-        upstream = threading.Thread(target=self._ssh_to_net, name="ssh-to-proxy", daemon=True)
-        upstream.start()
+        # Not joined: the process ends with the stream, whatever ssh still sends.
+        _thread.start_new_thread(self._ssh_to_net, ())
         self._net_to_ssh()
 
     def _net_to_ssh(self) -> None:
@@ -198,9 +238,9 @@ class Relay:
                 while True:
                     try:
                         count = tls.read(_RECORD, plain_view[filled:])
-                    except ssl.SSLWantReadError:
+                    except _ssl.SSLWantReadError:
                         break
-                    except ssl.SSLZeroReturnError:
+                    except _ssl.SSLZeroReturnError:
                         closed = True
                         break
                     if not count:
@@ -248,25 +288,24 @@ def main(argv: list[str]) -> int:
     try:
         options = parse_args(argv)
         host, port = split_host_port(options["connect"])
-        context = make_context(options["ca"], options["cert"], options["key"], options["alpn"])
-        sock = socket.create_connection((host, port), timeout=30)
-        with sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            tls = handshake(sock, context, options["servername"], incoming, outgoing)
+        sock = connect(host, port)
+        try:
+            incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+            tls = open_tls(options["ca"], options["cert"], options["key"], options["alpn"],
+                           options["servername"], incoming, outgoing)
+            handshake(sock, tls, incoming, outgoing)
             if not certificate_names_host(tls.getpeercert() or {}, options["verify-host"]):
                 raise RouteError(f"the proxy's certificate does not name {options['verify-host']}")
             if tls.selected_alpn_protocol() != options["alpn"]:
                 raise RouteError(f"the proxy does not serve {options['alpn']} (no ALPN agreed)")
             sock.settimeout(None)  # blocking from now on
-            Relay(sock, tls, incoming, outgoing, sys.stdin.fileno(), sys.stdout.fileno()).run()
+            Relay(sock, tls, incoming, outgoing, 0, 1).run()
+        finally:
+            sock.close()
         return 0
     except BrokenPipeError:
         return 0  # ssh went away first: nothing to report
-    except RouteError as error:
-        print(f"edge tls route: {error}", file=sys.stderr)
-        return 255
-    except (OSError, ssl.SSLError) as error:
+    except (RouteError, OSError) as error:  # ssl.SSLError is an OSError
         print(f"edge tls route: {error}", file=sys.stderr)
         return 255
 

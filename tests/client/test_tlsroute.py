@@ -195,3 +195,36 @@ def test_certificate_names_host_matches_ip_and_dns_sans_only() -> None:
     assert not names(cert, "edge.example")
     assert not names(cert, "other.example")
     assert not names({"subject": ((("commonName", "proxy.example"),),)}, "proxy.example")
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_both_tls_engines_complete_a_checked_handshake(pki, private: bool) -> None:
+    """``_ssl``'s own objects (the fast start) and the public ``ssl`` module
+    (the fallback on another CPython) behave alike."""
+    import _ssl
+
+    server = TLSServer(pki, "echo", echo_size=5)
+    sock = tlsroute.connect("127.0.0.1", server.port)
+    try:
+        incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+        key, cert = pki["alice"]
+        tls = tlsroute.open_tls(pki["ca"], cert, key, ALPN, "node-9.root", incoming, outgoing,
+                                private=private)
+        assert (type(tls).__module__ == "_ssl") is private
+        tlsroute.handshake(sock, tls, incoming, outgoing)
+        assert tls.selected_alpn_protocol() == ALPN
+        assert tlsroute.certificate_names_host(tls.getpeercert(), "127.0.0.1")
+        tls.write(b"hello")
+        sock.sendall(outgoing.read())
+        echoed = b""
+        while len(echoed) < 5:
+            incoming.write(sock.recv(65536))
+            try:
+                echoed += tls.read(100)
+            except _ssl.SSLWantReadError:
+                continue
+        assert echoed == b"hello"
+    finally:
+        sock.close()
+    server.thread.join(DEADLINE)
+    assert server.server_names == ["node-9.root"]
