@@ -97,6 +97,10 @@ def test_openssh_reads_the_ssh_config_as_a_jump_through_the_proxy(tmp_path):
     jump = resolved("edge-proxy-example")
     assert (jump["hostname"], jump["port"], jump["user"]) == ("127.0.0.1", "3023", "alice")
     assert "proxyjump" not in jump or jump["proxyjump"] == "none"
+    # The hop to the proxy (Conch) prefers AES-GCM; nodes keep ssh's own order.
+    assert jump["ciphers"].split(",")[0] == "aes128-gcm@openssh.com"
+    assert "aes128-ctr" in jump["ciphers"].split(",")
+    assert node["ciphers"] != jump["ciphers"]
 
 
 def test_remove_deletes_keys_and_certificates(tmp_path):
