@@ -17,11 +17,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from edgeaccess.devcluster import NodeProcess, ProxyProcess, run_edge, wait_for
+from edgeaccess.devcluster import NodeProcess, ProxyProcess, run_edge, stop_process, wait_for
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -374,13 +376,51 @@ class CPath:
 
     def stop(self) -> None:
         for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
+
+
+def tls_routing_ssh(cluster: BenchCluster, node: str) -> list[str]:
+    """``ssh`` to ``NODE.CLUSTER`` with the profile's ssh_config rendered in
+    TLS-routing mode (what ``edge config --tls-routing`` writes), kept in a
+    file of its own so the ProxyJump paths are unchanged."""
+    from edgeaccess.client import profile as profiles
+
+    home = cluster.home
+    path = home / "ssh_config_tls_routing"
+    if not path.exists():
+        profile = profiles.load(home)
+        if profile is None:
+            raise RuntimeError(f"no edge profile in {home}")
+        path.write_text(profiles.render_ssh_config(
+            home, profile.cluster, profile.username, profile.ssh_addr,
+            profile.leaf_clusters, tls_routing_addr=cluster.proxy.addr("tunnel")))
+    return ["ssh", "-F", str(path), "-o", "BatchMode=yes",
+            f"{cluster.login}@{node}.{cluster.proxy.cluster}"]
+
+
+@contextmanager
+def compared_paths(prefix: str, **cluster_options):
+    """A :class:`BenchCluster` (``cluster_options``) with the C path beside it,
+    stopped on the way out. Yields ``(cluster, cpath, commands)``: the ``ssh``
+    argv of every path (``tunnel``, ``proxy-tcp``, ``c-path``, ``direct``,
+    ``tls-tunnel``, ``tls-tcp``), to which the remote command is appended."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        cluster = BenchCluster(Path(tmp), **cluster_options)
+        cpath = None
+        try:
+            cpath = CPath(cluster)
+            yield cluster, cpath, {
+                "tunnel": cluster.edge_ssh("tnode"),
+                "proxy-tcp": cluster.edge_ssh("dnode"),
+                "c-path": cpath.ssh(),
+                "direct": cluster.direct_ssh(),
+                "tls-tunnel": tls_routing_ssh(cluster, "tnode"),
+                "tls-tcp": tls_routing_ssh(cluster, "dnode"),
+            }
+        finally:
+            if cpath is not None:
+                cpath.stop()
+            cluster.stop()
 
 
 def emit(result: dict) -> None:

@@ -45,6 +45,7 @@ from twisted.internet.defer import succeed
 from zope.interface import implementer
 
 from edgeaccess.audit.interfaces import IAuditUploader
+from edgeaccess.devcluster import stop_process
 
 MODES = ("off", "disk", "tmpfs")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -210,12 +211,7 @@ def run(runs: int, warmup: int, pty: bool, emit) -> list[dict]:
             node_cpu = {mode: _cpu(servers[mode][0].pid) - cpu[mode] for mode in MODES}
         finally:
             for process, _ in servers.values():
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop_process(process)
         results = []
         base = statistics.median(times["off"])
         for mode in MODES:

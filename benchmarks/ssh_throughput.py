@@ -42,6 +42,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from edgeaccess.devcluster import stop_process
+
 CIPHERS = [
     ("aes128-ctr", "hmac-sha2-256"),
     ("aes128-gcm@openssh.com", None),
@@ -107,12 +109,7 @@ class _Server:
         return last
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def _make_keys(directory: Path) -> None:

@@ -26,13 +26,10 @@ import argparse
 import random
 import statistics
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-from benchmarks._tunnel_env import BenchCluster, CPath, emit
-from benchmarks.tunnel_throughput import tls_routing_ssh
+from benchmarks._tunnel_env import compared_paths, emit
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -187,37 +184,24 @@ def echo_results(rounds: int, size: int, nodelay: bool = False) -> list[dict]:
 def setup_results(runs: int) -> list[dict]:
     """``ssh ... true`` through each path of a real cluster, median of ``runs``."""
     out = []
-    with tempfile.TemporaryDirectory(prefix="edgeaccess-tunnel-latency-") as tmp:
-        cluster = BenchCluster(Path(tmp))
-        cpath = None
-        try:
-            cpath = CPath(cluster)
-            commands = {"tunnel": cluster.edge_ssh("tnode"),
-                        "proxy-tcp": cluster.edge_ssh("dnode"),
-                        "c-path": cpath.ssh(), "direct": cluster.direct_ssh(),
-                        "tls-tunnel": tls_routing_ssh(cluster, "tnode"),
-                        "tls-tcp": tls_routing_ssh(cluster, "dnode")}
-            samples: dict[str, list[float]] = {name: [] for name in commands}
-            for _ in range(runs + 1):  # the first round warms caches, not counted
-                for name, argv in commands.items():
-                    start = time.monotonic()
-                    result = subprocess.run(argv + ["true"], capture_output=True, text=True,
-                                            timeout=60, stdin=subprocess.DEVNULL)
-                    elapsed = (time.monotonic() - start) * 1000.0
-                    if result.returncode != 0:
-                        raise RuntimeError(f"{name}: {result.stderr[-1000:]}")
-                    samples[name].append(elapsed)
-            direct = statistics.median(samples["direct"][1:])
-            for name, values in samples.items():
-                median = statistics.median(values[1:])
-                out.append({"benchmark": "tunnel-latency", "case": "ssh-setup", "path": name,
-                            "runs": runs, "median_ms": round(median, 1),
-                            "p90_ms": round(_percentile(values[1:], 0.9), 1),
-                            "added_vs_direct_ms": round(median - direct, 1)})
-        finally:
-            if cpath is not None:
-                cpath.stop()
-            cluster.stop()
+    with compared_paths("edgeaccess-tunnel-latency-") as (cluster, cpath, commands):
+        samples: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(runs + 1):  # the first round warms caches, not counted
+            for name, argv in commands.items():
+                start = time.monotonic()
+                result = subprocess.run(argv + ["true"], capture_output=True, text=True,
+                                        timeout=60, stdin=subprocess.DEVNULL)
+                elapsed = (time.monotonic() - start) * 1000.0
+                if result.returncode != 0:
+                    raise RuntimeError(f"{name}: {result.stderr[-1000:]}")
+                samples[name].append(elapsed)
+        direct = statistics.median(samples["direct"][1:])
+        for name, values in samples.items():
+            median = statistics.median(values[1:])
+            out.append({"benchmark": "tunnel-latency", "case": "ssh-setup", "path": name,
+                        "runs": runs, "median_ms": round(median, 1),
+                        "p90_ms": round(_percentile(values[1:], 0.9), 1),
+                        "added_vs_direct_ms": round(median - direct, 1)})
     return out
 
 

@@ -37,16 +37,13 @@ import re
 import resource
 import statistics
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks._tunnel_env import (
     GIB,
     MIB,
-    BenchCluster,
-    CPath,
     ProxyCommandMeter,
+    compared_paths,
     emit,
     parse_size,
     settled_cpu,
@@ -61,25 +58,6 @@ SIDES = {
     "tls-tunnel": (("edgeproxy",), ("tnode",)),
     "tls-tcp": (("edgeproxy",), ("dnode",)),
 }
-
-
-def tls_routing_ssh(cluster: BenchCluster, node: str) -> list[str]:
-    """``ssh`` to ``NODE.CLUSTER`` with the profile's ssh_config rendered in
-    TLS-routing mode (what ``edge config --tls-routing`` writes), kept in a
-    file of its own so the ProxyJump paths are unchanged."""
-    from edgeaccess.client import profile as profiles
-
-    home = cluster.home
-    path = home / "ssh_config_tls_routing"
-    if not path.exists():
-        profile = profiles.load(home)
-        if profile is None:
-            raise RuntimeError(f"no edge profile in {home}")
-        path.write_text(profiles.render_ssh_config(
-            home, profile.cluster, profile.username, profile.ssh_addr,
-            profile.leaf_clusters, tls_routing_addr=cluster.proxy.addr("tunnel")))
-    return ["ssh", "-F", str(path), "-o", "BatchMode=yes",
-            f"{cluster.login}@{node}.{cluster.proxy.cluster}"]
 
 
 def _children_cpu() -> float:
@@ -123,60 +101,48 @@ def run(size: int, repeat: int, paths: list[str], emit_result=emit,
         record: bool = False, nodelay: bool = False) -> list[dict]:
     """Measure every path and direction; returns (and emits) the results."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="edgeaccess-tunnel-bench-") as tmp:
-        cluster = BenchCluster(Path(tmp), record=record, nodelay=nodelay)
-        cpath = None
-        try:
-            cpath = CPath(cluster)
-            commands = {"tunnel": cluster.edge_ssh("tnode"),
-                        "proxy-tcp": cluster.edge_ssh("dnode"),
-                        "c-path": cpath.ssh(), "direct": cluster.direct_ssh(),
-                        "tls-tunnel": tls_routing_ssh(cluster, "tnode"),
-                        "tls-tcp": tls_routing_ssh(cluster, "dnode")}
-            pids = {"edgeproxy": (cluster.proxy.pid, False),
-                    "tnode": (cluster.tnode.process.pid, False),
-                    "dnode": (cluster.dnode.process.pid, False), **cpath.cpu_pids()}
-            ciphers = {path: _ciphers(commands[path]) for path in paths}
-            for direction in ("download", "upload"):
-                runs: dict[str, list[dict]] = {path: [] for path in paths}
-                for _ in range(repeat):  # interleaved: machine drift hits all paths alike
-                    for path in paths:
-                        runs[path].append(_transfer(commands[path], direction, size, pids))
-                baseline = None
+    with compared_paths("edgeaccess-tunnel-bench-", record=record, nodelay=nodelay) as (
+            cluster, cpath, commands):
+        pids = {"edgeproxy": (cluster.proxy.pid, False),
+                "tnode": (cluster.tnode.process.pid, False),
+                "dnode": (cluster.dnode.process.pid, False), **cpath.cpu_pids()}
+        ciphers = {path: _ciphers(commands[path]) for path in paths}
+        for direction in ("download", "upload"):
+            runs: dict[str, list[dict]] = {path: [] for path in paths}
+            for _ in range(repeat):  # interleaved: machine drift hits all paths alike
                 for path in paths:
-                    measured = runs[path]
-                    seconds = statistics.median(m["seconds"] for m in measured)
-                    gib = size / GIB
-                    proxy_names, node_names = SIDES[path]
+                    runs[path].append(_transfer(commands[path], direction, size, pids))
+            baseline = None
+            for path in paths:
+                measured = runs[path]
+                seconds = statistics.median(m["seconds"] for m in measured)
+                gib = size / GIB
+                proxy_names, node_names = SIDES[path]
 
-                    def per_gib(names) -> float:
-                        return round(statistics.median(
-                            sum(m["cpu"][n] for n in names) for m in measured) / gib, 2)
+                def per_gib(names) -> float:
+                    return round(statistics.median(
+                        sum(m["cpu"][n] for n in names) for m in measured) / gib, 2)
 
-                    result = {
-                        "benchmark": "tunnel-throughput", "case": direction, "path": path,
-                        "bytes": size, "runs": len(measured), "seconds": round(seconds, 2),
-                        "mib_s": round(size / MIB / seconds, 1),
-                        "best_mib_s": round(size / MIB / min(m["seconds"] for m in measured), 1),
-                        "proxy_cpu_s_per_gib": per_gib(proxy_names),
-                        "node_cpu_s_per_gib": per_gib(node_names),
-                        "client_cpu_s_per_gib": per_gib(("client",)),
-                        "proxy_command_cpu_s_per_gib": per_gib(("proxy_command",)),
-                        "cpu_s_per_gib": {n: per_gib((n,)) for n in proxy_names + node_names},
-                        "ciphers": ciphers[path], "recorded": record,
-                        "tunnel_nodelay": nodelay,
-                    }
-                    if path == "c-path":
-                        baseline = result["mib_s"]
-                    results.append(result)
-                for result in results[-len(paths):]:
-                    if baseline and result["path"] != "c-path":
-                        result["ratio_vs_c_path"] = round(result["mib_s"] / baseline, 2)
-                    emit_result(result)
-        finally:
-            if cpath is not None:
-                cpath.stop()
-            cluster.stop()
+                result = {
+                    "benchmark": "tunnel-throughput", "case": direction, "path": path,
+                    "bytes": size, "runs": len(measured), "seconds": round(seconds, 2),
+                    "mib_s": round(size / MIB / seconds, 1),
+                    "best_mib_s": round(size / MIB / min(m["seconds"] for m in measured), 1),
+                    "proxy_cpu_s_per_gib": per_gib(proxy_names),
+                    "node_cpu_s_per_gib": per_gib(node_names),
+                    "client_cpu_s_per_gib": per_gib(("client",)),
+                    "proxy_command_cpu_s_per_gib": per_gib(("proxy_command",)),
+                    "cpu_s_per_gib": {n: per_gib((n,)) for n in proxy_names + node_names},
+                    "ciphers": ciphers[path], "recorded": record,
+                    "tunnel_nodelay": nodelay,
+                }
+                if path == "c-path":
+                    baseline = result["mib_s"]
+                results.append(result)
+            for result in results[-len(paths):]:
+                if baseline and result["path"] != "c-path":
+                    result["ratio_vs_c_path"] = round(result["mib_s"] / baseline, 2)
+                emit_result(result)
     return results
 
 

@@ -27,6 +27,18 @@ class ProcessFailed(Exception):
     pass
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL once ``timeout`` seconds pass; reaped either way."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_for(predicate, timeout: float, what: str, process=None, interval: float = 0.05):
     """Poll ``predicate`` until it returns a true value, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgeaccess.devcluster import stop_process
+
 DATA_DIR = Path(__file__).parent / "data" / "ldap"
 DEFAULT_LDIF = DATA_DIR / "directory.ldif"
 
@@ -377,14 +379,7 @@ class SlapdServer:
     def stop(self) -> None:
         """Kill slapd (TERM, then KILL after 5 s) and reap it."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process, timeout=5)
 
     @property
     def pid(self) -> int | None:

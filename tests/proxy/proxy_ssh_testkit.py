@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from edgeaccess.devcluster import stop_process
 from edgeaccess.pki.keys import generate_private_key, private_key_openssh, public_key_openssh
 from edgeaccess.pki.sshca import issue_host_certificate, issue_user_certificate
 
@@ -183,13 +184,7 @@ class ProxyEnv:
         self.port = int(line.split()[1])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

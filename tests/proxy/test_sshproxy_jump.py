@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeaccess.devcluster import stop_process
 from edgeaccess.pki.keys import generate_private_key, private_key_openssh, public_key_openssh
 from edgeaccess.pki.sshca import issue_host_certificate
 from proxy_ssh_testkit import CLUSTER, REPO, ProxyEnv, now
@@ -56,13 +57,7 @@ class NodeProcess:
         self.port = int(line.split()[1])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 @pytest.fixture(scope="module")

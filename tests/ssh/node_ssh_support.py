@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeaccess.devcluster import stop_process
 from edgeaccess.pki.keys import (
     generate_private_key,
     private_key_openssh,
@@ -103,13 +104,7 @@ class NodeEnv:
         self.port = int(line.split()[1])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
