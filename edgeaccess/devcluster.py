@@ -197,15 +197,38 @@ class NodeProcess(_Process):
         self._spawn(argv + self.extra_args)
         return self
 
-    def wait_listed(self, proxy: ProxyProcess, timeout: float = 30.0) -> dict:
+    def wait_listed(self, proxy: ProxyProcess, timeout: float = 30.0,
+                    address: str | None = None) -> dict:
+        """This node's entry in ``edgectl nodes ls`` (with ``address``, if given)."""
         def listed():
             for node in proxy.edgectl_json("nodes", "ls"):
-                if node["name"] == self.name:
+                if node["name"] == self.name and address in (None, node["address"]):
                     return node
             return None
 
         return wait_for(listed, timeout, f"node {self.name} in nodes ls", self.process,
                         interval=0.2)
+
+
+def join_node(proxy: ProxyProcess, directory: Path, name: str, *, tunnel: bool = False,
+              labels: str = "", timeout: float = 30.0, **options) -> tuple[NodeProcess, dict]:
+    """Start a node that joins ``proxy`` with a token and the CA pin (through
+    the proxy's web address in reverse-tunnel mode when ``tunnel``) and wait
+    until ``edgectl nodes ls`` lists it (with address ``tunnel`` in that mode).
+
+    Returns the node and its listing. A node that does not join is stopped,
+    and the error carries the end of its log.
+    """
+    node = NodeProcess(directory / name, directory / f"{name}.log", name=name,
+                       auth_server=proxy.addr("web" if tunnel else "auth"),
+                       token=proxy.node_token(), ca_pin=proxy.pin(), labels=labels, **options)
+    node.start()
+    try:
+        return node, node.wait_listed(proxy, timeout, address="tunnel" if tunnel else None)
+    except Exception as error:
+        node.stop()
+        raise ProcessFailed(f"node {name} did not join ({error}); its log ends:\n"
+                            f"{node.log()[-4000:]}") from error
 
 
 def run_edge(home: Path, *args, input: str | None = None, timeout: float = 60.0):

@@ -19,7 +19,7 @@ import sys
 import pexpect
 import pytest
 
-from edgeaccess.devcluster import NodeProcess, run_edge, wait_for
+from edgeaccess.devcluster import join_node, run_edge, wait_for
 
 PASSWORD = "audit-pass-1234"
 
@@ -33,16 +33,7 @@ def search(proxy, *args):
 
 
 def start_node(proxy, base, name):
-    node = NodeProcess(base / name, base / f"{name}.log", name=name,
-                       auth_server=proxy.addr("auth"), token=proxy.node_token(),
-                       ca_pin=proxy.pin(), labels="env=test")
-    node.start()
-    try:
-        node.wait_listed(proxy)
-    except Exception:
-        node.stop()
-        pytest.fail(f"node did not join; log:\n{node.log()[-4000:]}")
-    return node
+    return join_node(proxy, base, name, labels="env=test")[0]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import pexpect
 import pytest
 from cryptography.hazmat.primitives import serialization as ssh_serialization
 
-from edgeaccess.devcluster import NodeProcess, run_edge, wait_for
+from edgeaccess.devcluster import join_node, run_edge, wait_for
 from edgeaccess.pki import keys, sshca
 
 PASSWORD = "audit-tunnel-pass-1"
@@ -44,17 +44,7 @@ def search(proxy, *args):
 
 
 def start_tunnel_node(proxy, base, name):
-    node = NodeProcess(base / name, base / f"{name}.log", name=name,
-                       auth_server=proxy.addr("web"), token=proxy.node_token(),
-                       ca_pin=proxy.pin(), labels="env=tunnel")
-    node.start()
-    try:
-        listed = node.wait_listed(proxy)
-    except Exception:
-        node.stop()
-        pytest.fail(f"node did not join; log:\n{node.log()[-4000:]}")
-    assert listed["address"] == "tunnel", listed
-    return node
+    return join_node(proxy, base, name, tunnel=True, labels="env=tunnel")[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from edgeaccess.devcluster import (NodeProcess, ProcessFailed, ProxyProcess, run_edge,
+from edgeaccess.devcluster import (NodeProcess, ProcessFailed, ProxyProcess, join_node, run_edge,
                                   wait_for)
 from edgeaccess.pki import x509ca
 
@@ -58,16 +58,8 @@ def alice(proxy):
 @pytest.fixture(scope="module")
 def node(proxy, tmp_path_factory):
     """A node joined with a token and the CA pin, listening on a kernel-chosen port."""
-    base = tmp_path_factory.mktemp("node")
-    process = NodeProcess(base / "node", base / "node.log", name="node1",
-                          auth_server=proxy.addr("auth"), token=proxy.node_token(),
-                          ca_pin=proxy.pin(), labels="env=test,team=core")
-    process.start()
-    try:
-        process.wait_listed(proxy)
-    except Exception:
-        process.stop()
-        pytest.fail(f"node did not join; log:\n{process.log()[-4000:]}")
+    process, _ = join_node(proxy, tmp_path_factory.mktemp("node"), "node1",
+                           labels="env=test,team=core")
     yield process
     process.stop()
 

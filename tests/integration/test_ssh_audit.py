@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeaccess.devcluster import NodeProcess, run_edge
+from edgeaccess.devcluster import join_node, run_edge
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORIES = ("kex", "key", "enc", "mac")
@@ -33,16 +33,8 @@ def _ssh_audit() -> str:
 
 @pytest.fixture(scope="module")
 def node(proxy, tmp_path_factory):
-    base = tmp_path_factory.mktemp("node")
-    process = NodeProcess(base / "node", base / "node.log", name="audited",
-                          auth_server=proxy.addr("auth"), token=proxy.node_token(),
-                          ca_pin=proxy.pin(), labels="env=audit")
-    process.start()
-    try:
-        listed = process.wait_listed(proxy)
-    except Exception:
-        process.stop()
-        pytest.fail(f"node did not join; log:\n{process.log()[-4000:]}")
+    process, listed = join_node(proxy, tmp_path_factory.mktemp("node"), "audited",
+                                labels="env=audit")
     yield listed["address"]
     process.stop()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeaccess.devcluster import NodeProcess, ProxyProcess, run_edge, wait_for
+from edgeaccess.devcluster import ProxyProcess, join_node, run_edge, wait_for
 
 PASSWORD = "tls-routing-pass-1"
 MiB = 1024 * 1024
@@ -103,34 +103,16 @@ def home(proxy, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lan_node(proxy, tmp_path_factory):
-    base = tmp_path_factory.mktemp("lan1")
-    node = NodeProcess(base / "lan1", base / "lan1.log", name="lan1",
-                       auth_server=proxy.addr("auth"), token=proxy.node_token(),
-                       ca_pin=proxy.pin(), labels="env=test,kind=lan")
-    node.start()
-    try:
-        node.wait_listed(proxy)
-    except Exception:
-        node.stop()
-        pytest.fail(f"node lan1 did not join; log:\n{node.log()[-3000:]}")
+    node, _ = join_node(proxy, tmp_path_factory.mktemp("lan1"), "lan1",
+                        labels="env=test,kind=lan")
     yield node
     node.stop()
 
 
 @pytest.fixture(scope="module")
 def tunnel_node(proxy, tmp_path_factory):
-    base = tmp_path_factory.mktemp("tn1")
-    node = NodeProcess(base / "tn1", base / "tn1.log", name="tn1",
-                       auth_server=proxy.addr("web"), token=proxy.node_token(),
-                       ca_pin=proxy.pin(), labels="env=test,kind=tunnel")
-    node.start()
-    try:
-        wait_for(lambda: f"tunnel up from node:tn1.{proxy.cluster}" in proxy.log(), 30,
-                 "tunnel of tn1", node.process)
-        node.wait_listed(proxy)
-    except Exception:
-        node.stop()
-        pytest.fail(f"tunnel node tn1 did not come up; log:\n{node.log()[-3000:]}")
+    node, _ = join_node(proxy, tmp_path_factory.mktemp("tn1"), "tn1", tunnel=True,
+                        labels="env=test,kind=tunnel")
     yield node
     node.stop()
 
