@@ -13,7 +13,6 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from edgeaccess.errors import NodeOffline
@@ -21,6 +20,7 @@ from edgeaccess.pki.keys import load_private_key
 from edgeaccess.pki.sshca import load_certificate
 from edgeaccess.proxy.router import Router
 from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
+from tests.serverscript import serve_on_ephemeral_port
 
 
 def main(config_path: str) -> None:
@@ -53,15 +53,7 @@ def main(config_path: str) -> None:
         router,
         reactor,
     )
-
-    def listening(port) -> None:
-        sys.stdout.write(f"PORT {port.getHost().port}\n")
-        sys.stdout.flush()
-
-    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallbacks(
-        listening, lambda f: (print(f, file=sys.stderr), reactor.stop())
-    )
-    reactor.run()
+    serve_on_ephemeral_port(reactor, factory)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ temporary directory.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import socketserver
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -21,6 +19,7 @@ from pathlib import Path
 from edgeaccess.devcluster import stop_process
 from edgeaccess.pki.keys import generate_private_key, private_key_openssh, public_key_openssh
 from edgeaccess.pki.sshca import issue_host_certificate, issue_user_certificate
+from tests.serverscript import start_script
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -171,17 +170,8 @@ class ProxyEnv:
                 }
             )
         )
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "proxy_ssh_server_main.py"), str(self.config)],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        line = self.process.stdout.readline().decode()  # blocks until listening
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"proxy did not start: {line!r} {self.log_text()}")
-        self.port = int(line.split()[1])
+        self.process, self.port = start_script(HERE / "proxy_ssh_server_main.py", self.config,
+                                               "proxy", self.log_text)
 
     def stop(self) -> None:
         stop_process(self.process)

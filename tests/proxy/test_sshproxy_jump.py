@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from edgeaccess.devcluster import stop_process
 from edgeaccess.pki.keys import generate_private_key, private_key_openssh, public_key_openssh
 from edgeaccess.pki.sshca import issue_host_certificate
+from tests.serverscript import start_script
 from proxy_ssh_testkit import CLUSTER, REPO, ProxyEnv, now
 
 NODE_MAIN = REPO / "tests" / "ssh" / "node_ssh_server_main.py"
@@ -46,15 +46,7 @@ class NodeProcess:
             "node_name": NODE,
             "env_allow": [],
         }))
-        self.process = subprocess.Popen(
-            [sys.executable, str(NODE_MAIN), str(self.config)],
-            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-        line = self.process.stdout.readline().decode()
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"node did not start: {line!r}")
-        self.port = int(line.split()[1])
+        self.process, self.port = start_script(NODE_MAIN, self.config, "node")
 
     def stop(self) -> None:
         stop_process(self.process)

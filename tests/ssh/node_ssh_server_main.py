@@ -13,7 +13,6 @@ import sys
 from datetime import timedelta
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from zope.interface import implementer
 
@@ -25,6 +24,7 @@ from edgeaccess.ssh.interfaces import (
     StaticAuthorizer,
 )
 from edgeaccess.ssh.server import make_node_ssh_factory
+from tests.serverscript import serve_on_ephemeral_port
 
 
 @implementer(ISessionObserver)
@@ -79,15 +79,7 @@ def main(config_path: str) -> None:
         env_allow=config.get("env_allow", ()),
         observer=LoggingObserver(),
     )
-
-    def listening(port) -> None:
-        sys.stdout.write(f"PORT {port.getHost().port}\n")
-        sys.stdout.flush()
-
-    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallbacks(
-        listening, lambda f: (print(f, file=sys.stderr), reactor.stop())
-    )
-    reactor.run()
+    serve_on_ephemeral_port(reactor, factory)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ issued per test with the PKI helpers.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,6 +23,7 @@ from edgeaccess.pki.keys import (
     public_key_openssh,
 )
 from edgeaccess.pki.sshca import issue_host_certificate, issue_user_certificate
+from tests.serverscript import start_script
 
 HERE = Path(__file__).parent
 NODE = "node1"
@@ -91,17 +90,8 @@ class NodeEnv:
         self.port = 0
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent))
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "node_ssh_server_main.py"), str(self.config)],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        line = self.process.stdout.readline().decode()  # blocks until listening
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"server did not start: {line!r} {self.log_text()}")
-        self.port = int(line.split()[1])
+        self.process, self.port = start_script(HERE / "node_ssh_server_main.py", self.config,
+                                               "server", self.log_text)
 
     def stop(self) -> None:
         stop_process(self.process)
