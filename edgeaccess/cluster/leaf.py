@@ -189,7 +189,8 @@ class LeafLinks(service.MultiService):
         host, port = split_addr(state["tunnel_addr"], 3024)
 
         def endpoint_factory():
-            options = tls.client_options(host, ca_certs, key=key, cert=cert,
+            # Only the root's own proxy, named by the address dialled.
+            options = tls.client_options(host, ca_certs, cluster=root, key=key, cert=cert,
                                          alpn=[ALPN_PROTOCOL])
             return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
                                                            timeout=10))

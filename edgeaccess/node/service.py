@@ -267,7 +267,7 @@ class NodeService(service.MultiService):
             self._tunnel_attempts += 1
             host, port = split_addr(addr, 3024)
             options = tls.client_options(
-                host, ca_certs, key=self.identity.tls_key,
+                host, ca_certs, cluster=self.identity.cluster, key=self.identity.tls_key,
                 cert=x509ca.load_certificate_pem(self.identity.tls_certificate.encode()),
                 alpn=[ALPN_PROTOCOL])
             return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
