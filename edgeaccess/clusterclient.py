@@ -362,7 +362,8 @@ def connect(reactor, addr: str, *, ca_certs=None, cluster: str | None = None,
         policy = tls.ClusterPolicy(ca_certs, cluster=cluster, credentials=credentials)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = False  # a POST must not be sent twice behind our back
+    # Twisted retries only idempotent requests without a body on a pooled
+    # connection the server had closed: a POST is never sent twice.
     agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=timeout)
     return ClusterClient(addr, treq.client.HTTPClient(agent), reactor,
                          default_port=default_port, timeout=timeout, pool=pool)

@@ -40,7 +40,7 @@ from tests.pkitools import Identity, issue_legacy_certificate
 
 PASSWORD = "impostor-test-password-1234"
 HOLDERS = ("user", "node", "legacy-user")
-DEADLINE = 60
+DEADLINE = 90
 
 
 class Impostor:
@@ -256,7 +256,10 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
 def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
     from edgeaccess.audit.spool import Spool
 
-    node, _ = join_node(world.proxy, tmp_path, "n3")
+    node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
+    # Listed means the heartbeat went through; the role fetch follows it.
+    wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
+             node.process)
     node.stop()
     roles_before = (node.data_dir / "roles.json").read_text()
     # The node's auth address now leads to the impostor (DNS or address
