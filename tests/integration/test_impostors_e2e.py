@@ -353,3 +353,31 @@ spec:
     only_the_ca_was_asked(world)
     assert "refused the server" in result.stderr or "does not verify" in result.stderr, \
         result.stderr
+
+
+def test_the_leaf_tunnel_to_the_root_sends_nothing(world, holder, leaf, tmp_path):
+    """The exchange goes to the real root; the tunnel address leads to the impostor."""
+    token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
+    document = tmp_path / "trust.yaml"
+    document.write_text(f"""\
+kind: trusted_cluster
+version: v1
+metadata: {{name: impostors}}
+spec:
+  enabled: true
+  token: {token}
+  ca_pin: {world.pin}
+  web_proxy_addr: {world.proxy.addr("web")}
+  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
+  role_map:
+    - {{remote: access, local: [access]}}
+""")
+    before = len(leaf.log())
+    leaf.edgectl("create", "-f", str(document))
+    try:
+        wait_for(lambda: world.tunnel_impostor.received
+                 or "refused the server" in leaf.log()[before:],
+                 DEADLINE, "the leaf to dial the impostor", leaf.process)
+    finally:
+        leaf.edgectl("rm", "trusted_cluster/impostors")
+    assert world.tunnel_impostor.received == b""
