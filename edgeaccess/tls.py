@@ -17,11 +17,11 @@ from edgeaccess.pki import x509ca
 
 
 def _x509(cert) -> crypto.X509:
+    # Only for trust stores (pyOpenSSL's X509Store takes nothing else, and
+    # does not warn); certificates and keys a context presents are passed as
+    # ``cryptography`` objects, which pyOpenSSL prefers (it deprecates
+    # passing its own X509/PKey to a context).
     return crypto.X509.from_cryptography(cert)
-
-
-def _pkey(key) -> crypto.PKey:
-    return crypto.PKey.from_cryptography_key(key)
 
 
 def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
@@ -33,9 +33,9 @@ def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
         ``"required"``.
     """
     kwargs = dict(
-        privateKey=_pkey(key),
-        certificate=_x509(cert),
-        extraCertChain=[_x509(c) for c in ca_certs],
+        privateKey=key,
+        certificate=cert,
+        extraCertChain=list(ca_certs),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
         acceptableProtocols=alpn,
     )
@@ -54,15 +54,14 @@ def client_options(hostname: str, ca_certs, *, key=None, cert=None,
     """Client TLS options trusting only ``ca_certs``, with an optional
     client certificate."""
     trust = ssl.trustRootFromCertificates([ssl.Certificate(_x509(c)) for c in ca_certs])
-    client_cert = None
+    extra: dict = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
     if key is not None and cert is not None:
-        client_cert = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-            ssl.Certificate(_x509(cert)), ssl.KeyPair(_pkey(key))
-        )
+        # What optionsForClientTLS(clientCertificate=...) would pass, as
+        # cryptography objects (its PrivateCertificate holds pyOpenSSL ones).
+        extra.update(privateKey=key, certificate=cert)
     return ssl.optionsForClientTLS(
-        hostname, trustRoot=trust, clientCertificate=client_cert,
-        acceptableProtocols=alpn,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_3},
+        hostname, trustRoot=trust, acceptableProtocols=alpn,
+        extraCertificateOptions=extra,
     )
 
 
