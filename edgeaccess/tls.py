@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from edgeaccess import internals
 from edgeaccess.pki import x509ca
 
 
@@ -114,38 +115,7 @@ def shrink_tls_buffers(transport) -> bool:
     the chosen ALPN name pyOpenSSL keeps for OpenSSL during the handshake
     goes too (OpenSSL has its own since). Returns whether the BIOs were
     replaced (False: not a memory-BIO TLS transport, the handshake is not
-    done, bytes are pending, or pyOpenSSL changed shape).
+    done, bytes are pending, or pyOpenSSL is not the shape this was checked
+    on: the ``tls-buffers`` reach of :mod:`edgeaccess.internals`).
     """
-    connection = getattr(transport, "_tlsConnection", None)
-    if connection is None or not getattr(transport, "_handshakeDone", False):
-        return False
-    if getattr(transport, "_lostTLSConnection", False) or getattr(transport, "disconnecting", False):
-        return False
-    if getattr(connection, "_alpn_select_callback_args", None) is not None:
-        connection._alpn_select_callback_args = None
-    ssl_handle = getattr(connection, "_ssl", None)
-    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
-    if ssl_handle is None or into is None or out is None:
-        return False  # a socket-backed connection
-    lib, ffi = _openssl_binding()
-    pending = ffi.new("char **")
-    if lib.BIO_get_mem_data(into, pending) != 0 or lib.BIO_get_mem_data(out, pending) != 0:
-        return False
-    new_into = lib.BIO_new(lib.BIO_s_mem())
-    if new_into == ffi.NULL:
-        return False
-    new_out = lib.BIO_new(lib.BIO_s_mem())
-    if new_out == ffi.NULL:
-        lib.BIO_free(new_into)
-        return False
-    # SSL_set_bio frees the old pair; pyOpenSSL reads and writes through
-    # these two attributes (it frees neither itself: SSL_free does).
-    lib.SSL_set_bio(ssl_handle, new_into, new_out)
-    connection._into_ssl, connection._from_ssl = new_into, new_out
-    return True
-
-
-def _openssl_binding():
-    from OpenSSL._util import ffi, lib
-
-    return lib, ffi
+    return internals.shrink_tls_buffers(transport)
