@@ -21,10 +21,10 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from edgeaccess import errors
 from edgeaccess.cluster.trusted import map_roles
+from edgeaccess.httpapi import EdgeSite
 from edgeaccess.httpclient import Client, fetch_pinned_ca, split_addr
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.proxy.splice import SpliceFactory
@@ -214,7 +214,7 @@ class LeafLinks(service.MultiService):
         if kind != "cluster":
             raise errors.AccessDenied(f"{kind} channels are not served by a leaf proxy")
         if target == "web":
-            return Site(LeafInternalAPI(self.trust, root).app.resource())
+            return EdgeSite(LeafInternalAPI(self.trust, root).app.resource())
         what, _, name = target.partition(":")
         if what != "ssh" or not name:
             raise errors.NotFound(f"no such target {target!r}")
