@@ -142,15 +142,21 @@ def remote_addr(request) -> str:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The longest duration accepted (token and certificate TTLs are far shorter).
+MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(text: str) -> timedelta:
     """``"30m"``, ``"8h"``, ``"1h30m"``, ``"45s"``, ``"7d"``."""
     import re
 
-    if not isinstance(text, str) or not re.fullmatch(r"(\d+[smhd])+", text.strip()):
-        raise errors.BadRequest(f"invalid duration {text!r} (use e.g. 30m, 8h, 1h30m)")
+    if (not isinstance(text, str) or len(text) > 32
+            or not re.fullmatch(r"(\d+[smhd])+", text.strip())):
+        raise errors.BadRequest(f"invalid duration {text[:40]!r} (use e.g. 30m, 8h, 1h30m)"
+                                if isinstance(text, str) else "invalid duration")
     total = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhd])", text))
+    if total > MAX_DURATION.total_seconds():
+        raise errors.BadRequest(f"duration {text!r} is longer than {MAX_DURATION.days} days")
     return timedelta(seconds=total)
 
 

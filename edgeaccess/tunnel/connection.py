@@ -426,16 +426,16 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         super().ampBoxReceived(box)
 
     def _check_box_shape(self, box: amp.AmpBox) -> None:
-        """What AMP's dispatcher assumes of a box, checked: a command, or the
-        answer or error to a question we asked."""
-        if amp.COMMAND in box:
-            return
+        """What AMP's dispatcher assumes of a box, checked in its order: the
+        answer or error to a question we asked, else a command."""
         if amp.ANSWER in box:
             tag = box[amp.ANSWER]
         elif amp.ERROR in box:
             tag = box[amp.ERROR]
             if amp.ERROR_CODE not in box or amp.ERROR_DESCRIPTION not in box:
                 raise ProtocolViolation("malformed error box")
+        elif amp.COMMAND in box:
+            return
         else:
             raise ProtocolViolation("box without a command or an answer")
         if tag not in self._outstandingRequests:
