@@ -146,6 +146,42 @@ def test_a_stream_stops_when_its_consumer_fails(served):
     assert done[0].check(errors.BadRequest)
 
 
+def test_lines_iterate_a_stream_as_it_arrives_and_end_with_it(served):
+    app, stub, _clock, client = served
+    taken: list = []
+
+    async def consume():
+        async for line in client.lines("/v1/watch", max_queued=2):
+            taken.append(line)
+        return "ended"
+
+    done = outcome(defer.Deferred.fromCoroutine(consume()))
+    stub.flush()
+    assert taken == [b'{"n": 1}']
+    [(request, finished)] = app.streams
+    request.write(b': 2}\n{"n": 3}\n{"n": 4}\n')
+    stub.flush()
+    assert taken == [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}', b'{"n": 4}']
+    assert not done
+    finished.callback(b"")
+    stub.flush()
+    assert done == ["ended"]
+
+
+def test_a_closed_line_stream_stops_the_loop_with_the_reason(served):
+    app, stub, _clock, client = served
+    stream = client.lines("/v1/watch")
+
+    async def consume():
+        return [line async for line in stream]
+
+    done = outcome(defer.Deferred.fromCoroutine(consume()))
+    stub.flush()
+    assert not done
+    stream.close()
+    assert done[0].check(defer.CancelledError)
+
+
 # --- over real TLS ------------------------------------------------------------
 
 NOW = datetime.now(timezone.utc)
