@@ -1,0 +1,162 @@
+"""How many audit events per second the node's spool makes durable.
+
+``python -m benchmarks audit-spool [--events 2000] [--producers 1,8,64]``
+opens a :class:`~edgeaccess.audit.spool.Spool` in a temporary directory on
+the normal disk (``disk``) and on ``/dev/shm`` (``tmpfs``: fsync is free,
+what is left is the spool's CPU) and has ``P`` producers append events at
+once, each waiting for its event to be durable before appending the next
+(as an SSH session waits for its ``session.start``). The baseline in the same
+run is the floor of the one-fsync-per-event design on the same disk:
+``write`` + ``fsync`` of one line, ``--events`` times, in a plain loop.
+
+Per case it prints one JSON object: events/s, the latency of one append
+until durable (p50/p99), fsyncs per event (counted by wrapping ``os.fsync``)
+and the longest stall of the reactor thread while the spool worked (a
+1 ms ``LoopingCall`` measures it: with fsync on the reactor thread every
+append stalls it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from twisted.internet import defer, task
+
+from edgeaccess.audit import events as ev
+
+
+def _event(i: int) -> dict:
+    return ev.make_event(ev.EXEC, cluster="bench", when=datetime.now(timezone.utc),
+                         new_id=lambda: str(uuid.uuid4()),
+                         node="bench-node", node_id="bench-node-id", session_id=f"s-{i}",
+                         user="alice", login="root", command="true")
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[int(fraction * (len(ordered) - 1))]
+
+
+class _CountingFsync:
+    """Wraps ``os.fsync`` to count calls (from any thread)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._real = os.fsync
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        self._real(fd)
+
+    def __enter__(self) -> "_CountingFsync":
+        os.fsync = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.fsync = self._real
+
+
+def baseline(directory: Path, events: int) -> dict:
+    """One write + fsync per event in a loop (the old design's floor)."""
+    path = directory / "baseline.jsonl"
+    latencies = []
+    with open(path, "ab") as f:
+        started = time.perf_counter()
+        for i in range(events):
+            t = time.perf_counter()
+            f.write(ev.canonical_json(_event(i)) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            latencies.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - started
+    return {"events_per_s": round(events / elapsed), "p50_ms": round(
+        _percentile(latencies, 0.5) * 1000, 3), "p99_ms": round(
+        _percentile(latencies, 0.99) * 1000, 3), "fsyncs_per_event": 1.0}
+
+
+async def _measure(reactor, directory: Path, events: int, producers: int) -> dict:
+    from edgeaccess.audit.spool import Spool
+
+    opened = Spool.open(directory)
+    spool = await opened if isinstance(opened, defer.Deferred) else opened
+    latencies: list[float] = []
+    stall = {"max": 0.0, "last": time.perf_counter()}
+
+    def tick() -> None:
+        now = time.perf_counter()
+        stall["max"] = max(stall["max"], now - stall["last"])
+        stall["last"] = now
+
+    ticker = task.LoopingCall(tick)
+    ticker.clock = reactor
+    ticker.start(0.001)
+    per_producer = events // producers
+
+    async def produce(p: int) -> None:
+        for i in range(per_producer):
+            t = time.perf_counter()
+            result = spool.append_event(_event(p * per_producer + i))
+            if isinstance(result, defer.Deferred):
+                await result
+            latencies.append(time.perf_counter() - t)
+            if not isinstance(result, defer.Deferred):
+                # The old synchronous spool: let the reactor (and the other
+                # producers) run between appends, as a node's would.
+                await task.deferLater(reactor, 0, lambda: None)
+
+    with _CountingFsync() as fsyncs:
+        started = time.perf_counter()
+        await defer.gatherResults([defer.Deferred.fromCoroutine(produce(p))
+                                   for p in range(producers)], consumeErrors=True)
+        elapsed = time.perf_counter() - started
+    ticker.stop()
+    close = getattr(spool, "close", None)
+    if close is not None:
+        await defer.maybeDeferred(close)
+    total = per_producer * producers
+    return {"events_per_s": round(total / elapsed),
+            "p50_ms": round(_percentile(latencies, 0.5) * 1000, 3),
+            "p99_ms": round(_percentile(latencies, 0.99) * 1000, 3),
+            "mean_ms": round(statistics.fmean(latencies) * 1000, 3),
+            "fsyncs_per_event": round(fsyncs.calls / total, 3),
+            "reactor_max_stall_ms": round(stall["max"] * 1000, 2)}
+
+
+def main(argv: list[str]) -> int:
+    """``python -m benchmarks audit-spool``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks audit-spool")
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--producers", default="1,8,64")
+    args = parser.parse_args(argv)
+    producer_counts = [int(p) for p in args.producers.split(",") if p]
+
+    async def run(reactor) -> None:
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(prefix="edge-spool-bench-") as disk, \
+                tempfile.TemporaryDirectory(prefix="edge-spool-bench-", dir=shm) as tmpfs:
+            result = baseline(Path(disk), args.events)
+            print(json.dumps({"benchmark": "audit_spool", "case": "baseline-fsync-loop",
+                              "where": "disk", "events": args.events, **result}), flush=True)
+            for where, base in (("disk", disk), ("tmpfs", tmpfs)):
+                for producers in producer_counts:
+                    directory = Path(base) / f"spool-{producers}"
+                    result = await _measure(reactor, directory, args.events, producers)
+                    print(json.dumps({"benchmark": "audit_spool", "case": "spool",
+                                      "where": where, "producers": producers,
+                                      "events": args.events, **result}), flush=True)
+
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
