@@ -3,7 +3,8 @@
 ``python -m benchmarks audit-spool [--events 2000] [--producers 1,8,64]``
 opens a :class:`~edgeaccess.audit.spool.Spool` in a temporary directory on
 the normal disk (``disk``) and on ``/dev/shm`` (``tmpfs``: fsync is free,
-what is left is the spool's CPU) and has ``P`` producers append events at
+what is left is the spool's CPU; ``--fsync-ms N`` adds N ms to every fsync, as a slower
+disk than this VM's ~0.2 ms one would) and has ``P`` producers append events at
 once, each waiting for its event to be durable before appending the next
 (as an SSH session waits for its ``session.start``). The baseline in the same
 run is the floor of the one-fsync-per-event design on the same disk:
@@ -49,13 +50,16 @@ def _percentile(samples: list[float], fraction: float) -> float:
 class _CountingFsync:
     """Wraps ``os.fsync`` to count calls (from any thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.calls = 0
+        self.delay = delay
         self._real = os.fsync
 
     def __call__(self, fd: int) -> None:
         self.calls += 1
         self._real(fd)
+        if self.delay:
+            time.sleep(self.delay)  # --fsync-ms: a slower disk than this VM's
 
     def __enter__(self) -> "_CountingFsync":
         os.fsync = self
@@ -65,17 +69,17 @@ class _CountingFsync:
         os.fsync = self._real
 
 
-def baseline(directory: Path, events: int) -> dict:
+def baseline(directory: Path, events: int, fsync_delay: float) -> dict:
     """One write + fsync per event in a loop (the old design's floor)."""
     path = directory / "baseline.jsonl"
     latencies = []
-    with open(path, "ab") as f:
+    with open(path, "ab") as f, _CountingFsync(fsync_delay):
         started = time.perf_counter()
         for i in range(events):
             t = time.perf_counter()
             f.write(ev.canonical_json(_event(i)) + b"\n")
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the wrapper above, looked up now
             latencies.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - started
     return {"events_per_s": round(events / elapsed), "p50_ms": round(
@@ -83,7 +87,8 @@ def baseline(directory: Path, events: int) -> dict:
         _percentile(latencies, 0.99) * 1000, 3), "fsyncs_per_event": 1.0}
 
 
-async def _measure(reactor, directory: Path, events: int, producers: int) -> dict:
+async def _measure(reactor, directory: Path, events: int, producers: int,
+                   fsync_delay: float) -> dict:
     from edgeaccess.audit.spool import Spool
 
     opened = Spool.open(directory)
@@ -113,7 +118,7 @@ async def _measure(reactor, directory: Path, events: int, producers: int) -> dic
                 # producers) run between appends, as a node's would.
                 await task.deferLater(reactor, 0, lambda: None)
 
-    with _CountingFsync() as fsyncs:
+    with _CountingFsync(fsync_delay) as fsyncs:
         started = time.perf_counter()
         await defer.gatherResults([defer.Deferred.fromCoroutine(produce(p))
                                    for p in range(producers)], consumeErrors=True)
@@ -136,6 +141,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks audit-spool")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--producers", default="1,8,64")
+    parser.add_argument("--fsync-ms", type=float, default=0.0,
+                        help="add this many ms to every fsync (emulates a slower disk)")
     args = parser.parse_args(argv)
     producer_counts = [int(p) for p in args.producers.split(",") if p]
 
@@ -143,15 +150,18 @@ def main(argv: list[str]) -> int:
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         with tempfile.TemporaryDirectory(prefix="edge-spool-bench-") as disk, \
                 tempfile.TemporaryDirectory(prefix="edge-spool-bench-", dir=shm) as tmpfs:
-            result = baseline(Path(disk), args.events)
+            result = baseline(Path(disk), args.events, args.fsync_ms / 1000)
             print(json.dumps({"benchmark": "audit_spool", "case": "baseline-fsync-loop",
-                              "where": "disk", "events": args.events, **result}), flush=True)
+                              "where": "disk", "fsync_added_ms": args.fsync_ms,
+                              "events": args.events, **result}), flush=True)
             for where, base in (("disk", disk), ("tmpfs", tmpfs)):
                 for producers in producer_counts:
                     directory = Path(base) / f"spool-{producers}"
-                    result = await _measure(reactor, directory, args.events, producers)
+                    result = await _measure(reactor, directory, args.events, producers,
+                                            args.fsync_ms / 1000)
                     print(json.dumps({"benchmark": "audit_spool", "case": "spool",
                                       "where": where, "producers": producers,
+                                      "fsync_added_ms": args.fsync_ms,
                                       "events": args.events, **result}), flush=True)
 
     task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
