@@ -73,7 +73,10 @@ class HTTPSAuditUploader:
 
     def _request(self, method: str, path: str, body):
         def call():
-            return self._client_factory().request(method, path, body)
+            client = self._client_factory()
+            if method == "POST":
+                return client.post(path, body)
+            return client.request(method, path, body)  # PUT of raw bytes
 
         return deferToThreadPool(self._reactor, self._threadpool, call)
 

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from edgeaccess import errors
+from edgeaccess.audit.diskwriter import DiskWriter
 from edgeaccess.node.identity import NodeIdentity
 from edgeaccess.node.service import NodeService, _advertised_hosts, backoff_delay
 from edgeaccess.node.tap import parse_labels
@@ -135,8 +136,22 @@ class Node(NodeService):
         return self.fake
 
 
+class InlineDiskWriter(DiskWriter):
+    """The audit's disk writer running each job at once in the caller's
+    thread (the memory reactor has no thread to deliver from): the real
+    commit, without the thread."""
+
+    def start(self) -> None:
+        pass
+
+    def _enqueue(self, entry) -> None:
+        self.commit([entry])
+        self._deliver([entry])
+
+
 @pytest.fixture
-def pki(tmp_path):
+def pki(tmp_path, monkeypatch):
+    monkeypatch.setattr("edgeaccess.audit.node.DiskWriter", InlineDiskWriter)
     host_ca, user_ca = keys.generate_private_key(), keys.generate_private_key()
     host_key = keys.generate_private_key()
     host_cert = issue_host_certificate(host_ca, host_key.public_key(), host_id="uuid-1",
