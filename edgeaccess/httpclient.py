@@ -97,19 +97,15 @@ class Client:
         self.context = ctx
 
     def request(self, method: str, path: str, body=None):
-        """Send ``body`` as JSON (``bytes``: as ``application/octet-stream``);
-        return the decoded JSON answer.
+        """Send ``body`` as JSON; return the decoded JSON answer.
 
         Errors come back as :mod:`edgeaccess.errors` exceptions with the
         server's message; network failures as ``EdgeError`` saying so.
         """
         conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
                                            context=self.context)
-        if isinstance(body, (bytes, bytearray, memoryview)):  # raw bytes, sent as they are
-            payload, headers = bytes(body), {"content-type": "application/octet-stream"}
-        else:
-            payload = None if body is None else json.dumps(body).encode("utf-8")
-            headers = {"content-type": "application/json"} if payload is not None else {}
+        payload = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"content-type": "application/json"} if payload is not None else {}
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
