@@ -39,8 +39,9 @@ class NodeAudit:
         """Open the spool in ``directory`` and end sessions a crash cut.
 
         :param identity: the node's identity (``name``, ``uuid``, ``cluster``).
-        :param client_factory: an authenticated HTTPS client to the auth API
-            (used by the default uploader from the reactor's thread pool).
+        :param client_factory: returns the node's
+            :class:`~edgeaccess.clusterclient.ClusterClient` to the auth API
+            (used by the default uploader).
         :param uploader: another ``IAuditUploader`` (e.g. the tunnel's).
         :param writer: a started disk writer (one is made, and stopped at
             reactor shutdown, if not given).
@@ -51,7 +52,7 @@ class NodeAudit:
             reactor.addSystemEventTrigger("after", "shutdown", writer.finish)
         spool = await Spool.open(directory, writer, max_bytes=max_bytes)
         if uploader is None:
-            uploader = HTTPSAuditUploader(client_factory, reactor, reactor.getThreadPool())
+            uploader = HTTPSAuditUploader(client_factory)
         shipper = SpoolShipper(spool, uploader, reactor, rng=rng)
         observer = AuditingObserver(spool, cluster=identity.cluster, node_name=identity.name,
                                     node_id=identity.uuid, clock=reactor)

@@ -1,13 +1,11 @@
 """Shipping the node's spool to the auth service.
 
 :class:`HTTPSAuditUploader` is the :class:`IAuditUploader` over HTTPS (the
-auth API, or the proxy's web port for a node behind a tunnel): events as
-JSON batches, recordings **streamed** as raw bytes by offset
-(``PUT /v1/recordings/ID?offset=N``, ``application/octet-stream``), never
-embedded in JSON. Requests are made by a client from ``client_factory``
-(today the blocking :class:`edgeaccess.httpclient.Client`, run in the
-reactor's thread pool; an asynchronous client can take its place: the
-factory is the only seam).
+auth API, or the proxy's web port for a node behind a tunnel) through the
+node's :class:`~edgeaccess.clusterclient.ClusterClient` (one persistent,
+identity-checked connection): events as JSON batches, recordings
+**streamed** as raw bytes by offset (``PUT /v1/recordings/ID?offset=N``,
+``application/octet-stream``), never embedded in JSON.
 
 :class:`SpoolShipper` is the service that empties the spool: events first
 (oldest first, in batches), then recording bytes by offset, then the end of
@@ -28,7 +26,6 @@ from urllib.parse import quote, urlencode
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -58,44 +55,31 @@ def recording_path(session_id: str, offset: int, meta: dict) -> str:
 class HTTPSAuditUploader:
     """Delivers to the auth API over HTTPS (mutual TLS).
 
-    :param client_factory: returns an :class:`edgeaccess.httpclient.Client`
-        with the node's certificate (called per request, in the thread that
-        makes it, so renewed certificates are used and reading them stays
-        off the reactor thread).
-    :param reactor: where results are delivered.
-    :param threadpool: where the blocking requests run.
+    :param client_factory: returns the node's
+        :class:`edgeaccess.clusterclient.ClusterClient` (called per request).
     """
 
-    def __init__(self, client_factory: Callable, reactor, threadpool) -> None:
+    def __init__(self, client_factory: Callable) -> None:
         self._client_factory = client_factory
-        self._reactor = reactor
-        self._threadpool = threadpool
 
-    def _request(self, method: str, path: str, body):
-        def call():
-            client = self._client_factory()
-            if method == "POST":
-                return client.post(path, body)
-            return client.request(method, path, body)  # PUT of raw bytes
-
-        return deferToThreadPool(self._reactor, self._threadpool, call)
+    def _post(self, path: str, body: dict):
+        return self._client_factory().post_json(path, body)
 
     @defer.inlineCallbacks
     def send_events(self, events: list):
-        answer = yield self._request("POST", "/v1/audit/events", {"events": events})
+        answer = yield self._post("/v1/audit/events", {"events": events})
         return list(answer.get("acknowledged", []))
 
     @defer.inlineCallbacks
     def send_recording_chunk(self, session_id: str, offset: int, data: bytes, meta: dict):
-        answer = yield self._request("PUT", recording_path(session_id, offset, meta),
-                                     bytes(data))
+        answer = yield self._client_factory().put_bytes(
+            recording_path(session_id, offset, meta), bytes(data))
         return int(answer["length"])
 
     @defer.inlineCallbacks
     def complete_recording(self, session_id: str, length: int, meta: dict):
-        answer = yield self._request(
-            "POST", f"/v1/recordings/{quote(session_id, safe='')}/complete",
-            {"length": length, "meta": meta})
+        answer = yield self._post(f"/v1/recordings/{quote(session_id, safe='')}/complete",
+                                  {"length": length, "meta": meta})
         return int(answer["length"])
 
 
