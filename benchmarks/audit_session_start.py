@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from edgeaccess.audit.interfaces import IAuditUploader
@@ -93,6 +93,7 @@ def serve(directory: Path, mode: str, spool_dir: Path | None) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
+    from edgeaccess.audit.diskwriter import DiskWriter
     from edgeaccess.audit.observer import AuditingObserver
     from edgeaccess.audit.spool import Spool
     from edgeaccess.audit.uploader import SpoolShipper
@@ -104,24 +105,24 @@ def serve(directory: Path, mode: str, spool_dir: Path | None) -> None:
     ca_line = (directory / "user_ca.pub").read_bytes()
     authorizer = StaticAuthorizer({("*", "root"): SessionPermissions(
         record_session=True, roles=("access",))})
-    observer = None
-    if mode != "off":
-        spool = Spool.open(spool_dir)
-        uploader = _AcknowledgingUploader(directory / f"acked-{mode}.json")
-        shipper = SpoolShipper(spool, uploader, reactor)
-        observer = AuditingObserver(spool, cluster="bench", node_name="bench-node",
-                                    node_id="bench-node-id", clock=reactor,
-                                    on_spooled=shipper.kick)
-        shipper.startService()
-    factory = make_node_ssh_factory(host_key, None, lambda: [ca_line], authorizer,
-                                    "bench-node", reactor, observer=observer,
-                                    reactor=reactor)
-
-    def listening(port) -> None:
+    async def start() -> None:
+        observer = None
+        if mode != "off":
+            writer = DiskWriter(reactor)
+            writer.start()
+            spool = await Spool.open(spool_dir, writer)
+            uploader = _AcknowledgingUploader(directory / f"acked-{mode}.json")
+            shipper = SpoolShipper(spool, uploader, reactor)
+            observer = AuditingObserver(spool, cluster="bench", node_name="bench-node",
+                                        node_id="bench-node-id", clock=reactor)
+            shipper.startService()
+        factory = make_node_ssh_factory(host_key, None, lambda: [ca_line], authorizer,
+                                        "bench-node", reactor, observer=observer,
+                                        reactor=reactor)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         print(f"PORT {port.getHost().port}", flush=True)
 
-    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(
-        listening)
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()))
     reactor.run()
 
 
