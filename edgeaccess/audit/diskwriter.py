@@ -146,6 +146,7 @@ class DiskWriter:
         if self._stopped is None:
             self._stopped = Deferred()
             if self._thread is None:
+                self._stopping = True
                 self._stopped.callback(None)
             else:
                 with self._wake:
@@ -180,6 +181,11 @@ class DiskWriter:
         self._enqueue(_Entry(job, None, what))
 
     def _enqueue(self, entry: _Entry) -> None:
+        if self._thread is None and not self._stopping:
+            # Started by the first job, not at construction: twistd may fork
+            # (daemonize) after building the services, and a thread does not
+            # survive a fork.
+            self.start()
         if self._stopping or self._thread is None:
             failure = Failure(RuntimeError(f"the disk writer {self._name} is not running"))
             if entry.deferred is not None:

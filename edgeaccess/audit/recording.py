@@ -133,7 +133,7 @@ class FileRecordingStore:
     meta) are cut off and sent again by the node.
 
     :param writer: the process's :class:`~edgeaccess.audit.diskwriter.DiskWriter`
-        (one is made and started if none is given).
+        (one is made if none is given: ``clock`` is then the reactor).
     """
 
     def __init__(self, directory: Path, clock, writer=None) -> None:
@@ -142,8 +142,8 @@ class FileRecordingStore:
         if writer is None:
             from edgeaccess.audit.diskwriter import DiskWriter
 
+            # (its thread starts with the first job)
             writer = DiskWriter(clock, name="edge-recordings-writer")
-            writer.start()
         self._writer = writer
         self._metas: dict[str, dict] = {}  # writer thread only
         self._casts: dict[str, object] = {}  # open append handles (writer thread)

@@ -145,7 +145,10 @@ class SpooledRecording:
 
         def append(commit: Commit) -> None:
             files = spool._files
-            write_all(files.casts[session_id], data)
+            handle = files.casts.get(session_id)
+            if handle is None:
+                return  # its start failed (logged) or it was delivered
+            write_all(handle, data)
             files.cast_lengths[session_id] += len(data)
 
         spool._writer.post(append, f"recording of session {session_id}")
