@@ -266,29 +266,44 @@ class NodeSessionChannel(conch_session.SSHSession):
     _audit_wait: Deferred | None = None
     _eof_while_waiting = False
 
-    def _after_audit(self, waiting: Deferred, attach: Callable[[], int]) -> Deferred:
-        """Reply to the request once ``waiting`` fired (the session's audit
-        events are on disk); meanwhile the client's data and EOF are held."""
+    def _after_audit(self, waiting: Deferred, attach: Callable[[], int]) -> int:
+        """Attach the program once ``waiting`` fired (the session's audit
+        events are on disk); meanwhile the client's data and EOF are held.
+
+        The request is accepted at once: only the program waits. (Holding the
+        reply too made OpenSSH, whose non-interactive sessions keep Nagle on,
+        wait for the server's delayed ACK: ~40 ms per session.) If the events
+        cannot be written the program never runs: the client is told why,
+        gets exit status 255, and the channel closes."""
         self._audit_wait = waiting
 
-        def ready(_) -> int:
+        def ready(_) -> None:
             self._audit_wait = None
             if self.conn is None or self.session is not None and self.session.closed_early:
-                return 0
-            result = attach()
+                return
+            if not attach():
+                self._close_refused()
+                return
             held, self.buf = self.buf, b""
-            if result and held:
+            if held:
                 self.dataReceived(held)
-            if result and self._eof_while_waiting:
+            if self._eof_while_waiting:
                 self.eofReceived()
-            return result
 
-        def refused(failure) -> int:
+        def refused(failure) -> None:
             self._audit_wait = None
             self._refuse_start(failure.value)
-            return 0
+            self._close_refused()
 
-        return waiting.addCallbacks(ready, refused)
+        waiting.addCallbacks(ready, refused).addErrback(
+            lambda f: _log.failure("while starting an audited session", f))
+        return 1
+
+    def _close_refused(self) -> None:
+        if self.conn is None:
+            return
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", 255))
+        self.loseConnection()
 
     def _attach(self, protocol) -> int:
         self.client = protocol
