@@ -294,6 +294,21 @@ class DiskWriter:
                 entry.deferred.callback(entry.result)
 
 
+class InlineDiskWriter(DiskWriter):
+    """The in-memory twin of :class:`DiskWriter`: each job and its commit run
+    at once in the caller's thread, and its Deferred fires before ``submit``
+    returns. For code driven by a memory reactor or a fake clock (tests, the
+    fuzzer), which has no thread to deliver from; never for a daemon (it
+    does the I/O on the caller's thread)."""
+
+    def start(self) -> None:
+        pass
+
+    def _enqueue(self, entry: _Entry) -> None:
+        self.commit([entry])
+        self._deliver([entry])
+
+
 # --- helpers for jobs ---------------------------------------------------------
 
 _tmp_names = itertools.count()

@@ -1,11 +1,11 @@
 """The node tests run the node on a memory reactor: its audit disk writer
-runs inline (see :class:`nodekit.InlineDiskWriter`)."""
+runs inline (:class:`~edgeaccess.audit.diskwriter.InlineDiskWriter`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from nodekit import InlineDiskWriter
+from edgeaccess.audit.diskwriter import InlineDiskWriter
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,6 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.resource import Resource
 
-from edgeaccess.audit.diskwriter import DiskWriter
 from edgeaccess.audit.log import AuditLog
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
@@ -123,16 +122,3 @@ class InMemoryCluster:
 def role(name: str, env: str) -> dict:
     return {"kind": "role", "version": "v1", "metadata": {"name": name},
             "spec": {"allow": {"logins": ["root"], "node_labels": {"env": [env]}}}}
-
-
-class InlineDiskWriter(DiskWriter):
-    """The audit's disk writer running each job at once in the caller's
-    thread (the memory reactor has no thread to deliver from): the real
-    group commit, without the thread."""
-
-    def start(self) -> None:
-        pass
-
-    def _enqueue(self, entry) -> None:
-        self.commit([entry])
-        self._deliver([entry])
