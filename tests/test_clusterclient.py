@@ -6,7 +6,7 @@ dialled, and keeps one persistent connection for many calls."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
@@ -18,7 +18,6 @@ from twisted.web.server import Site
 
 from edgeaccess import clusterclient, errors, tls
 from edgeaccess.clusterclient import ClusterClient
-from edgeaccess.pki import x509ca
 from tests.pkitools import Identity, issue_identities, issue_legacy_certificate
 
 
