@@ -380,3 +380,36 @@ spec:
     finally:
         leaf.edgectl("rm", "trusted_cluster/impostors")
     assert world.tunnel_impostor.received == b""
+
+
+def _served_certificate(addr: str):
+    from cryptography import x509 as cx509
+
+    host, _, port = addr.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        with context.wrap_socket(raw) as conn:
+            return cx509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+
+
+def test_the_proxy_signs_its_server_certificate_at_every_start(world):
+    """Server-only, kind proxy of its cluster, naming what it is dialled at;
+    a restart with another --server-names is named at once (an existing data
+    dir gets the current shape without any step)."""
+    from cryptography import x509 as cx509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    world.proxy.stop()
+    world.proxy.extra_args += ["--server-names", "proxy.impostors.test,10.1.2.3"]
+    world.proxy.start()
+    for port in ("web", "auth", "tunnel"):
+        cert = _served_certificate(world.proxy.runtime()["listen"][port])
+        assert x509ca.extended_key_usages(cert) == {ExtendedKeyUsageOID.SERVER_AUTH}
+        identity = x509ca.identity_from_certificate(cert)
+        assert (identity.kind, identity.cluster) == ("proxy", "impostors")
+        sans = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
+        assert {"proxy.impostors.test", "localhost"} <= set(sans.get_values_for_type(cx509.DNSName))
+        assert {"127.0.0.1", "10.1.2.3"} <= {str(a) for a in sans.get_values_for_type(
+            cx509.IPAddress)}
