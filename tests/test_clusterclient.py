@@ -181,6 +181,16 @@ def test_a_closed_line_stream_stops_the_loop_with_the_reason(served):
     assert done[0].check(defer.CancelledError)
 
 
+def test_the_audit_uploader_built_on_the_client_is_an_audit_uploader(served):
+    from zope.interface.verify import verifyObject
+
+    from edgeaccess.audit.interfaces import IAuditUploader
+    from edgeaccess.audit.uploader import HTTPSAuditUploader
+
+    _app, _stub, _clock, client = served
+    assert verifyObject(IAuditUploader, HTTPSAuditUploader(lambda: client))
+
+
 # --- over real TLS ------------------------------------------------------------
 
 NOW = datetime.now(timezone.utc)
