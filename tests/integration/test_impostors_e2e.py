@@ -252,9 +252,27 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
         node.log()[-3000:]
 
 
-def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
+def _done(d):
+    """The result of a Deferred that has fired (the inline disk writer's)."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the spool did not complete inline"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def _open_spool(directory: Path):
+    """The node's audit spool, opened from the test (the node is stopped)."""
+    from twisted.internet.task import Clock
+
+    from edgeaccess.audit.diskwriter import InlineDiskWriter
     from edgeaccess.audit.spool import Spool
 
+    return _done(Spool.open(directory, InlineDiskWriter(Clock())))
+
+
+def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
     node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
     # Listed means the heartbeat went through; the role fetch follows it.
     wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
@@ -267,9 +285,11 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     meta["auth_server"] = world.web
     (node.data_dir / "identity.json").write_text(json.dumps(meta))
     secret_event = "ev-must-not-leak-" + holder
-    Spool.open(node.data_dir / "audit-spool").append_event({
+    spool = _open_spool(node.data_dir / "audit-spool")
+    _done(spool.append_event({
         "id": secret_event, "event": "session.start", "cluster": "impostors",
-        "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()})
+        "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()}))
+    _done(spool.close())
     node.start()
     try:
         def settled():
@@ -285,8 +305,9 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
     assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
-    assert secret_event in [e["id"] for e in Spool.open(node.data_dir / "audit-spool")
-                            .pending_events()]
+    spool = _open_spool(node.data_dir / "audit-spool")
+    assert secret_event in [e["id"] for e in spool.pending_events()]
+    _done(spool.close())
 
 
 def test_the_tunnel_agent_sends_nothing(world, holder, tmp_path):
