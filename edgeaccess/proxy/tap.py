@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -42,6 +43,9 @@ _log = Logger()
 
 SERVICE_CERT_TTL = timedelta(days=30)
 
+#: A DNS name the proxy's certificate may carry (a leftmost ``*.`` allowed).
+_HOST_NAME = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
+
 
 class Options(usage.Options):
     """Command line of ``twistd edgeproxy``."""
@@ -61,6 +65,10 @@ class Options(usage.Options):
         ["tunnel-public-addr", None, None,
          "HOST:PORT nodes should dial for the tunnel (default: public host and the "
          "tunnel port), e.g. a load balancer in front of several proxies"],
+        ["server-names", None, None,
+         "comma-separated further host names and addresses clients dial the proxy at "
+         "(its certificate names them; --public-addr, --tunnel-public-addr and the "
+         "listen hosts are always named)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -81,6 +89,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
+        for name in (self["server-names"] or "").split(","):
+            name = name.strip().strip("[]")
+            if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
+                raise usage.UsageError(f"--server-names: {name!r} is not a host name or address")
 
 
 class _Listener(service.Service):
@@ -213,6 +225,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     if options["tunnel-public-addr"]:
         # Users' TLS routing (ProxyCommand s_client) verifies this name.
         listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
+    listen_hosts |= {n.strip().strip("[]") for n in (options["server-names"] or "").split(",")
+                     if n.strip()}
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
