@@ -253,9 +253,19 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
         node.log()[-3000:]
 
 
-def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
+def _open_spool(directory):
+    """The node's spool, opened here outside any reactor (its writer inline)."""
+    from twisted.internet.task import Clock
+
+    from edgeaccess.audit.diskwriter import InlineDiskWriter
     from edgeaccess.audit.spool import Spool
 
+    opened: list = []
+    Spool.open(directory, InlineDiskWriter(Clock())).addBoth(opened.append)
+    return opened[0]
+
+
+def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
     node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
     # Listed means the heartbeat went through; the role fetch follows it.
     wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
@@ -268,7 +278,7 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     meta["auth_server"] = world.web
     (node.data_dir / "identity.json").write_text(json.dumps(meta))
     secret_event = "ev-must-not-leak-" + holder
-    Spool.open(node.data_dir / "audit-spool").append_event({
+    _open_spool(node.data_dir / "audit-spool").append_event({
         "id": secret_event, "event": "session.start", "cluster": "impostors",
         "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()})
     node.start()
@@ -286,7 +296,7 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
     assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
-    assert secret_event in [e["id"] for e in Spool.open(node.data_dir / "audit-spool")
+    assert secret_event in [e["id"] for e in _open_spool(node.data_dir / "audit-spool")
                             .pending_events()]
 
 
