@@ -32,7 +32,7 @@ def main(mode: str, count: int) -> int:
     key, cert = pki["proxy"]
     node_key, node_cert = pki["node"]
     server_options = tls.server_options(key, cert, [pki["ca"]], client_certificates="required")
-    client_options = tls.client_options("proxy.test", [pki["ca"]], key=node_key, cert=node_cert)
+    client_options = tls.client_options("proxy.test", [pki["ca"]], cluster="root", key=node_key, cert=node_cert)
     if mode == "owned":
         internals._bio_ownership_problem = lambda connection: None
     swapped = 0

@@ -141,7 +141,7 @@ def _tls_pair(pki: dict[str, Any]) -> tuple[Any, Any, Any, MemoryReactorClock]:
         tls.server_options(key, cert, [pki["ca"]], client_certificates="required"), False,
         Factory.forProtocol(Protocol), clock=clock).buildProtocol(None)
     client = TLSMemoryBIOFactory(
-        tls.client_options("proxy.test", [pki["ca"]], key=node_key, cert=node_cert), True,
+        tls.client_options("proxy.test", [pki["ca"]], cluster="root", key=node_key, cert=node_cert), True,
         Factory.forProtocol(Protocol), clock=clock).buildProtocol(None)
     _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
     for _ in range(3):
@@ -202,7 +202,7 @@ def _tls_tunnel(pki: dict[str, Any]):
     agent = AgentTunnelProtocol(clock=clock, inventory=Inventory(name="node-1"),
                                 accept_channel=acceptor)
     client_tls = TLSMemoryBIOFactory(
-        tls.client_options("proxy.test", [pki["ca"]], key=node_key, cert=node_cert,
+        tls.client_options("proxy.test", [pki["ca"]], cluster="root", key=node_key, cert=node_cert,
                            alpn=[ALPN_PROTOCOL]), True, Factory.forProtocol(lambda: agent),
         clock=clock).buildProtocol(None)
     pump = iosim.connect(server_tls, iosim.makeFakeServer(server_tls), client_tls,
