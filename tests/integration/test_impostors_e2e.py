@@ -40,7 +40,7 @@ from tests.pkitools import Identity, issue_legacy_certificate
 
 PASSWORD = "impostor-test-password-1234"
 HOLDERS = ("user", "node", "legacy-user")
-DEADLINE = 60
+DEADLINE = 90
 
 
 class Impostor:
@@ -253,10 +253,43 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
         node.log()[-3000:]
 
 
-def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
-    from edgeaccess.audit.spool import Spool
+_SPOOL_SCRIPT = """
+import json, sys
+from pathlib import Path
+from twisted.internet import defer, task
+from edgeaccess.audit.diskwriter import DiskWriter
+from edgeaccess.audit.spool import Spool
 
-    node, _ = join_node(world.proxy, tmp_path, "n3")
+async def main(reactor, directory, op, arg):
+    writer = DiskWriter(reactor)
+    writer.start()
+    spool = await Spool.open(Path(directory), writer)
+    if op == "append":
+        await spool.append_event(json.loads(arg))
+        print("[]")
+    else:
+        print(json.dumps(spool.pending_events()))
+    await spool.close()
+    await writer.stop()
+
+task.react(lambda reactor: defer.ensureDeferred(main(reactor, *sys.argv[1:])))
+"""
+
+
+def spool_call(directory, op, event=None):
+    """Append to or read a stopped node's spool, through the spool's own code
+    (its writer needs a reactor: a short process of its own)."""
+    out = subprocess.run([sys.executable, "-c", _SPOOL_SCRIPT, str(directory), op,
+                          json.dumps(event)], check=True, capture_output=True, text=True,
+                         timeout=60).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
+    node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
+    # Listed means the heartbeat went through; the role fetch follows it.
+    wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
+             node.process)
     node.stop()
     roles_before = (node.data_dir / "roles.json").read_text()
     # The node's auth address now leads to the impostor (DNS or address
@@ -265,7 +298,7 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     meta["auth_server"] = world.web
     (node.data_dir / "identity.json").write_text(json.dumps(meta))
     secret_event = "ev-must-not-leak-" + holder
-    Spool.open(node.data_dir / "audit-spool").append_event({
+    spool_call(node.data_dir / "audit-spool", "append", {
         "id": secret_event, "event": "session.start", "cluster": "impostors",
         "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()})
     node.start()
@@ -283,8 +316,7 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
     assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
-    assert secret_event in [e["id"] for e in Spool.open(node.data_dir / "audit-spool")
-                            .pending_events()]
+    assert secret_event in [e["id"] for e in spool_call(node.data_dir / "audit-spool", "pending")]
 
 
 def test_the_tunnel_agent_sends_nothing(world, holder, tmp_path):
@@ -350,3 +382,31 @@ spec:
     only_the_ca_was_asked(world)
     assert "refused the server" in result.stderr or "does not verify" in result.stderr, \
         result.stderr
+
+
+def test_the_leaf_tunnel_to_the_root_sends_nothing(world, holder, leaf, tmp_path):
+    """The exchange goes to the real root; the tunnel address leads to the impostor."""
+    token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
+    document = tmp_path / "trust.yaml"
+    document.write_text(f"""\
+kind: trusted_cluster
+version: v1
+metadata: {{name: impostors}}
+spec:
+  enabled: true
+  token: {token}
+  ca_pin: {world.pin}
+  web_proxy_addr: {world.proxy.addr("web")}
+  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
+  role_map:
+    - {{remote: access, local: [access]}}
+""")
+    before = len(leaf.log())
+    leaf.edgectl("create", "-f", str(document))
+    try:
+        wait_for(lambda: world.tunnel_impostor.received
+                 or "refused the server" in leaf.log()[before:],
+                 DEADLINE, "the leaf to dial the impostor", leaf.process)
+    finally:
+        leaf.edgectl("rm", "trusted_cluster/impostors")
+    assert world.tunnel_impostor.received == b""
