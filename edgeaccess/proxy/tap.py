@@ -185,6 +185,9 @@ def makeService(options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
+    # misfits take the stock path, with one warning (edgeaccess.internals).
+    internals.self_check()
     data_dir = Path(options["data-dir"]).absolute()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cluster = options["cluster-name"]
@@ -192,9 +195,6 @@ def makeService(options, reactor=None) -> service.MultiService:
     now = _now()
     authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
 
-    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
-    # misfits take the stock path, with one warning (edgeaccess.internals).
-    internals.self_check()
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
     share_tcp_server_attributes()
