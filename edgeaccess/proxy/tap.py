@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from edgeaccess import tls
+from edgeaccess import internals, tls
 from edgeaccess.httpapi import EdgeSite
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
@@ -180,6 +180,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     now = _now()
     authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
 
+    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
+    # misfits take the stock path, with one warning (edgeaccess.internals).
+    internals.self_check()
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
     share_tcp_server_attributes()

@@ -25,6 +25,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeaccess import internals
 from edgeaccess.errors import NodeOffline
 from edgeaccess.tunnel.channels import ChannelAcceptor
 from edgeaccess.tunnel.framing import (
@@ -173,9 +174,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         # amp.AMP.__init__ without the state of file descriptor passing
         # (UNIX sockets only, never over a tunnel): ~0.5 KB and four entries
         # of the shared attribute table per tunnel.
-        self._ampInitialized = True
-        amp.BoxDispatcher.__init__(self, self)
-        self.boxReceiver = self
+        internals.init_amp(self)
         self.clock = clock
         # A shared monitor (the proxy's, for all its tunnels) or, without
         # one, this connection's own timer (the agent's: it pings too).
