@@ -5,7 +5,7 @@ runs each target of :mod:`tests.fuzz.targets` (``amp``, ``frames``,
 ``ssh-cert``, ``ssh-key``, ``http``, ``yaml``; all by default) for ``N``
 inputs (default 100,000), each target in a process of its own, ``J`` at a
 time. Each hypothesis example is followed by ``--mutants`` byte-level
-variants of it (default 9: generating is ~90 % of an input's cost, so the
+variants of it (default 19: generating is ~90 % of an input's cost, so the
 variants make the long runs ten times shorter). Hypothesis runs are chunked (``--chunk`` inputs each, seeds ``S``,
 ``S+1``, ...) so its bookkeeping of explored inputs stays small. Prints one
 JSON object per target: inputs, seconds, inputs per second, crashes (an
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chunk", type=int, default=5_000)
     parser.add_argument("--deadline", type=float, default=5.0,
                         help="seconds one input may take before it counts as a hang")
-    parser.add_argument("--mutants", type=int, default=9,
+    parser.add_argument("--mutants", type=int, default=19,
                         help="byte-level variants checked after each hypothesis example")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
