@@ -6,8 +6,9 @@ runs each target of :mod:`tests.fuzz.targets` (``amp``, ``frames``,
 inputs (default 100,000), each target in a process of its own, ``J`` at a
 time. Each hypothesis example is followed by ``--mutants`` byte-level
 variants of it (default 19: generating is ~90 % of an input's cost, so the
-variants make the long runs ten times shorter). Hypothesis runs are chunked (``--chunk`` inputs each, seeds ``S``,
-``S+1``, ...) so its bookkeeping of explored inputs stays small. Prints one
+variants make the long runs many times shorter). Hypothesis runs are
+chunked (``--chunk`` inputs each, seeds ``S``, ``S+1``, ...) so its
+bookkeeping of explored inputs stays small. Prints one
 JSON object per target: inputs, seconds, inputs per second, crashes (an
 exception other than the documented validation errors, an error logged with
 a traceback, or an input past ``--deadline`` seconds) and the first crash
