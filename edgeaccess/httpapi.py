@@ -276,7 +276,7 @@ def _answer_bad_request(channel: EdgeHTTPChannel) -> None:
 internals.answer_bad_requests(EdgeHTTPChannel, _answer_bad_request)
 
 
-class _ErrorResource(Resource):
+class ErrorResource(Resource):
     """Renders one EdgeError in the JSON shape."""
 
     isLeaf = True
@@ -318,5 +318,5 @@ class EdgeSite(Site):
         except UnicodeDecodeError:
             _log.info("refused a request from {peer}: path or host is not UTF-8",
                       peer=remote_addr(request))
-            return _ErrorResource(errors.BadRequest("the path and host must be UTF-8"))
+            return ErrorResource(errors.BadRequest("the path and host must be UTF-8"))
         return super().getResourceFor(request)
