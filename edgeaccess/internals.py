@@ -31,6 +31,8 @@ lives here too, behind thin call sites elsewhere:
   (``_cbFinishedAuth``, ``_ebCheckKey``) and SFTP (``_absPath``, ``_getAttrs``)
   code override or call where they are (they are that code's core). No stock
   path: :func:`self_check` raises :class:`InternalsMismatch`.
+- ``http-bad-request``: Twisted's answer to a malformed HTTP request
+  (:func:`answer_bad_requests`). Off: Twisted's bare 400 (no JSON error body).
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take
@@ -788,9 +790,42 @@ def mallopt() -> Callable[[int, int], int] | None:
     return _libc.get("mallopt") if available("glibc-malloc") else None
 
 
+# -- http-bad-request: Twisted's bare 400 for a malformed request ---------------------------
+
+@_reach("http-bad-request", "a malformed HTTP request gets Twisted's bare 400 (no JSON body)")
+def _probe_http_bad_request() -> str | None:
+    from twisted.web.http import HTTPChannel
+
+    method = getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)
+    if method is None:
+        return "HTTPChannel has no _respondToBadRequestAndDisconnect"
+    if list(inspect.signature(method).parameters) != ["self"]:
+        return "HTTPChannel._respondToBadRequestAndDisconnect takes other arguments"
+    return None
+
+
+def answer_bad_requests(channel_class: type, answer: Callable[[Any], None]) -> None:
+    """Have ``channel_class`` (an ``HTTPChannel``) call ``answer(channel)`` where
+    Twisted answers a malformed request (request line, header, chunk coding)
+    with a bare ``400 Bad Request`` and closes; the stock answer while the
+    reach is off."""
+    from twisted.web.http import HTTPChannel
+
+    stock = getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)
+
+    def respond(channel: Any) -> None:
+        if available("http-bad-request") or stock is None:
+            answer(channel)
+        else:
+            stock(channel)
+
+    channel_class._respondToBadRequestAndDisconnect = respond
+
+
 __all__ = [
     "InternalsMismatch", "available", "reaches", "reset", "self_check", "switch_off",
     "shrink_tls_buffers", "install_fast_tls", "eager_tcp_writes", "send_if_idle",
     "tcp_send_now_possible", "init_amp", "conch_keys_replaceable", "conch_may_send",
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
+    "answer_bad_requests", "SSL",
 ]

@@ -62,6 +62,9 @@ class Options(usage.Options):
         ["tunnel-listen", None, "0.0.0.0:3024", "reverse tunnel listen address"],
         ["auth-listen", None, "0.0.0.0:3025", "auth API listen address (mutual TLS)"],
         ["kube-listen", None, "0.0.0.0:3026", "Kubernetes proxy listen address"],
+        ["diag-listen", None, None,
+         "HOST:PORT of the diagnostics address (plain HTTP: /metrics, /healthz, /readyz); "
+         "off by default, e.g. 127.0.0.1:3000"],
         ["tunnel-public-addr", None, None,
          "HOST:PORT nodes should dial for the tunnel (default: public host and the "
          "tunnel port), e.g. a load balancer in front of several proxies"],
@@ -298,6 +301,15 @@ def makeService(options, reactor=None) -> service.MultiService:
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
+
+    if options["diag-listen"]:
+        from edgeaccess import diag
+
+        registry = diag.make_registry(diag.EdgeCollector(cluster, tunnels.registry.connected))
+        ready = lambda: all(l.port is not None for l in listeners.values())  # noqa: E731
+        listeners["diag"] = _Listener(
+            "diag", listen_endpoint(reactor, options["diag-listen"], 3000),
+            EdgeSite(diag.DiagResource(registry, ready)), on_listening)
 
     for listener in listeners.values():
         listener.setServiceParent(top)
