@@ -196,12 +196,13 @@ def test_the_first_heartbeat_lists_the_node_and_caches_its_roles(pki):
     assert beat["address"] == "127.0.0.1:40022"  # the kernel-chosen port, not :0
     assert beat["labels"] == {"env": "dev"}
     assert list(node.roles) == ["dev"]
-    assert json.loads((pki["data_dir"] / "roles.json").read_text()) == {"dev": role("dev", "dev")}
+    saved = json.loads((pki["data_dir"] / "control.json").read_text())
+    assert saved["roles"] == {"dev": role("dev", "dev")}
     interface, avatar, logout = login(node, pki["user_ca"])
     assert avatar.permissions.roles == ("dev",)
 
 
-def test_a_role_change_applies_after_the_next_heartbeat_without_new_certificates(pki):
+def test_without_a_push_link_a_role_change_applies_at_the_next_heartbeat(pki):
     fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
     node, reactor = start_node(pki, fake)
     assert not isinstance(login(node, pki["user_ca"]), Failure)
@@ -252,8 +253,11 @@ def test_a_user_ca_sent_with_the_roles_is_trusted_and_kept(pki):
     fake.user_ca_lines.append(keys.public_key_openssh(new_ca).decode())
     reactor.advance(INTERVAL)
     assert not isinstance(login(node, new_ca), Failure)
-    saved = NodeIdentity.load(pki["data_dir"])
-    assert saved.user_ca_lines == fake.user_ca_lines
+    node.stopService()
+    offline = FakeAuth(pki["host_ca"], [])
+    offline.down = True
+    second, _ = start_node(pki, offline)
+    assert not isinstance(login(second, new_ca), Failure)  # kept in control.json
 
 
 def test_host_certificates_are_renewed_when_a_third_of_their_life_is_left(pki):
