@@ -3,17 +3,26 @@
 Servers present a certificate from the cluster CA; the auth API and the
 tunnel server ask for client certificates from the same CA and read the
 peer's identity from them (:func:`peer_identity`), never from a message.
+Clients accept only the server they meant (:func:`client_options`,
+:class:`ClusterPolicy`): a proxy of the expected cluster whose certificate
+names the host dialled, never just any certificate the CA issued.
 """
 
 from __future__ import annotations
 
-from OpenSSL import crypto
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from edgeaccess import errors
 from edgeaccess.pki import x509ca
+
+_log = Logger()
 
 
 def _x509(cert) -> crypto.X509:
@@ -49,35 +58,124 @@ def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
     )
 
 
-def client_options(hostname: str, ca_certs, *, key=None, cert=None,
-                   alpn: list[bytes] | None = None):
+def client_options(hostname: str, ca_certs, *, cluster: str, key=None, cert=None,
+                   alpn: list[bytes] | None = None, kinds=x509ca.SERVER_KINDS):
     """Client TLS options trusting only ``ca_certs``, with an optional
-    client certificate."""
+    client certificate, accepting only a server of one of ``kinds`` of
+    ``cluster`` whose certificate names ``hostname`` (the name or address
+    dialled): see :func:`edgeaccess.pki.x509ca.check_server_certificate`."""
     trust = ssl.trustRootFromCertificates([ssl.Certificate(_x509(c)) for c in ca_certs])
     client_cert = None
     if key is not None and cert is not None:
         client_cert = ssl.PrivateCertificate.fromCertificateAndKeyPair(
             ssl.Certificate(_x509(cert)), ssl.KeyPair(_pkey(key))
         )
-    return ssl.optionsForClientTLS(
+    inner = ssl.optionsForClientTLS(
         hostname, trustRoot=trust, clientCertificate=client_cert,
         acceptableProtocols=alpn,
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_3},
     )
+    return ClusterServerCheck(inner, x509ca.ExpectedServer(cluster=cluster, host=hostname,
+                                                          kinds=tuple(kinds)))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClusterServerCheck:
+    """Client connections that accept only the expected cluster server.
+
+    Wraps Twisted's client options (trust root, SNI, ALPN, client
+    certificate) and replaces the per-connection verify callback with one
+    that, for the server's own certificate (the chain having verified
+    against the cluster CA), runs
+    :func:`~edgeaccess.pki.x509ca.check_server_certificate`: the kind, the
+    cluster, EKU serverAuth and the dialled name or address. A mismatch
+    fails the handshake, so not one byte of the application reaches that
+    server; the reason reaches the protocol's ``connectionLost`` as
+    :class:`~edgeaccess.errors.CertificateInvalid`.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator,
+                 expected: x509ca.ExpectedServer) -> None:
+        self._inner = inner
+        self.expected = expected
+
+    def clientConnectionForTLS(self, tlsProtocol):  # noqa: N802 (Twisted interface)
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              _server_check_callback(tlsProtocol, self.expected))
+        return connection
+
+
+def _server_check_callback(tls_protocol, expected: x509ca.ExpectedServer):
+    protocol_ref = [tls_protocol]
+
+    def verify(connection, certificate, error_number, depth, ok) -> bool:
+        if depth != 0:
+            return bool(ok)
+        protocol = protocol_ref.pop() if protocol_ref else None
+        try:
+            # Run even when OpenSSL refused the certificate (e.g. a client-only
+            # one: "unsupported purpose"), to say what the server really is.
+            x509ca.check_server_certificate(certificate.to_cryptography(), expected)
+            if ok:
+                return True
+            reason = errors.CertificateInvalid(
+                f"refused the server at {expected.host}: its certificate does not verify "
+                f"against the cluster CA (X.509 error {error_number})")
+        except x509ca.ServerMismatch as e:
+            reason = errors.CertificateInvalid(
+                f"refused the server at {expected.host}: {e}")
+        except Exception as e:  # never raise into OpenSSL's callback
+            _log.failure("while checking a server certificate")
+            reason = errors.CertificateInvalid(
+                f"refused the server at {expected.host}: {type(e).__name__}")
+        _log.warn("{reason}", reason=reason)
+        if protocol is not None:
+            protocol.failVerification(Failure(reason))
+        return False
+
+    return verify
 
 
 @implementer(IPolicyForHTTPS)
 class ClusterPolicy:
-    """treq/Agent policy: trust the cluster CA, present our certificate."""
+    """treq/Agent policy: trust the cluster CA, accept only a server of
+    ``kinds`` of ``cluster`` at the host of the URL, present our certificate.
 
-    def __init__(self, ca_certs, key=None, cert=None) -> None:
-        self._ca_certs = ca_certs
-        self._key = key
-        self._cert = cert
+    :param credentials: ``() -> (private_key, certificate)`` or None (no
+        client certificate); called for each new connection, so a renewed
+        certificate is used from the next connection on.
+    """
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return client_options(hostname.decode("ascii"), self._ca_certs,
-                              key=self._key, cert=self._cert)
+    def __init__(self, ca_certs, *, cluster: str, credentials=None,
+                 kinds=x509ca.SERVER_KINDS) -> None:
+        self._ca_certs = list(ca_certs)
+        self._cluster = cluster
+        self._credentials = credentials
+        self._kinds = tuple(kinds)
+        self._cache: dict = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
+        key, cert = self._credentials() if self._credentials is not None else (None, None)
+        host = hostname.decode("ascii")
+        cache_key = (host, port, None if cert is None else cert.fingerprint(hashes.SHA256()))
+        creator = self._cache.get(cache_key)
+        if creator is None:
+            # One context per (host, certificate): the CA and key are loaded once.
+            self._cache.clear()
+            creator = self._cache[cache_key] = client_options(
+                host, self._ca_certs, cluster=self._cluster, key=key, cert=cert,
+                kinds=self._kinds)
+        return creator
+
+
+@implementer(IPolicyForHTTPS)
+class UnverifiedPolicy:
+    """Accepts any server: only for fetching a CA that is then checked
+    against a pin (or trusted on first use, saying so)."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
+        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_3)
 
 
 def peer_certificate(transport):
@@ -93,9 +191,10 @@ def peer_certificate(transport):
 
 def peer_identity(transport) -> x509ca.Identity | None:
     """The edgeaccess identity of a TLS peer that presented a verified
-    certificate, or ``None``."""
+    client certificate, or ``None`` (also for a certificate that is not for
+    clients: a proxy's, whatever it says, is never a caller)."""
     cert = peer_certificate(transport)
-    if cert is None:
+    if cert is None or not x509ca.is_client_certificate(cert):
         return None
     try:
         return x509ca.identity_from_certificate(cert)

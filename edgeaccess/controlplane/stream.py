@@ -20,11 +20,8 @@ from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, ResponseDone
-from twisted.web.http_headers import Headers
 
 from edgeaccess.controlplane import state as cstate
 from edgeaccess.tunnel.backoff import backoff_delay
@@ -32,7 +29,6 @@ from edgeaccess.tunnel.backoff import backoff_delay
 _log = Logger()
 
 PING_INTERVAL = 15.0
-MAX_LINE = cstate.MAX_MESSAGE_BYTES
 _PING = cstate.encode({"type": "ping"}) + b"\n"
 
 
@@ -91,47 +87,24 @@ class WatchStreams:
                 pass
 
 
-class _Lines(Protocol):
-    """Reads an answer body as lines; each complete line goes to ``on_line``."""
-
-    def __init__(self, on_line: Callable[[bytes], None], on_data: Callable[[], None]) -> None:
-        self._on_line = on_line
-        self._on_data = on_data
-        self._buffer = b""
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._on_data()
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            if line:
-                self._on_line(line)
-        if len(self._buffer) > MAX_LINE:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason) -> None:
-        if reason.check(ResponseDone):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-
 class ControlStreamClient(Service):
     """Keeps ``GET /v1/watch`` open to the auth API, forever.
 
-    :param url: ``https://HOST:PORT/v1/watch``.
-    :param policy: an ``IPolicyForHTTPS`` presenting the node certificate
-        and trusting only the cluster CA (:class:`edgeaccess.tls.ClusterPolicy`).
+    :param open_stream: ``(on_line) -> Deferred`` opening the stream (the
+        node's :meth:`ClusterClient.stream_lines
+        <edgeaccess.clusterclient.ClusterClient.stream_lines>` on
+        ``/v1/watch``: mutual TLS, the cluster CA, a proxy of our cluster);
+        it fires when the answer ends, fails when it breaks, and cancelling
+        it closes the connection.
     :param on_message: given each decoded message (init, update).
-    :param reactor: connects and times; :param rng: backoff jitter.
+    :param reactor: times; :param rng: backoff jitter.
     """
 
-    def __init__(self, url: str, policy, on_message: Callable[[dict], None], reactor,
+    def __init__(self, open_stream: Callable[[Callable[[bytes], None]], defer.Deferred],
+                 on_message: Callable[[dict], None], reactor,
                  rng: random.Random | None = None, ping_interval: float = PING_INTERVAL,
                  backoff_cap: float = 30.0) -> None:
-        self.url = url.encode("ascii")
-        self._agent = Agent(reactor, contextFactory=policy, connectTimeout=10)
+        self._open_stream = open_stream
         self._on_message = on_message
         self._reactor = reactor
         self._rng = rng or random.SystemRandom()
@@ -139,11 +112,11 @@ class ControlStreamClient(Service):
         self._backoff_cap = backoff_cap
         self._failures = 0
         self._loop: defer.Deferred[None] | None = None
-        self._current = None
-        self._lines: _Lines | None = None
+        self._current: defer.Deferred | None = None
         self._watchdog = None
         self._heard = False
-        #: How many streams were opened (tests, logs).
+        self._silent = False
+        #: How many streams delivered an init (tests, logs).
         self.streams = 0
         self.connected = False
 
@@ -156,8 +129,6 @@ class ControlStreamClient(Service):
     def stopService(self):
         super().stopService()
         self._stop_watchdog()
-        if self._lines is not None and self._lines.transport is not None:
-            self._lines.transport.stopProducing()
         if self._current is not None:
             self._current.cancel()
         if self._loop is not None:
@@ -165,8 +136,12 @@ class ControlStreamClient(Service):
 
     async def _run(self) -> None:
         while self.running:
+            self._silent = False
             try:
-                await self._stream_once()
+                self._current = self._open_stream(self._line)
+                self._heard = True
+                self._start_watchdog()
+                await self._current
                 reason = "the proxy ended the stream"
             except defer.CancelledError:
                 if not self.running:
@@ -176,6 +151,9 @@ class ControlStreamClient(Service):
                 reason = str(error) or type(error).__name__
             finally:
                 self._stop_watchdog()
+                self._current = None
+            if self._silent:
+                reason = "nothing heard for three ping intervals"
             self.connected = False
             if not self.running:
                 return
@@ -184,29 +162,15 @@ class ControlStreamClient(Service):
             _log.warn("control stream lost ({reason}); dialing again in {delay:.1f} s",
                       reason=reason, delay=delay)
             self._current = deferLater(self._reactor, delay, lambda: None)
-            await self._current
-
-    async def _stream_once(self) -> None:
-        from twisted.internet.error import ConnectionLost
-
-        self._current = self._agent.request(b"GET", self.url, Headers({b"accept": [b"application/x-ndjson"]}))
-        self._heard = True
-        self._start_watchdog()
-        response = await self._current
-        if response.code != 200:
-            raise ConnectionLost(f"the auth API answered {response.code} to /v1/watch")
-        lines = self._lines = _Lines(self._line, self._data)
-        self._current = None
-        response.deliverBody(lines)
-        try:
-            await lines.done
-        finally:
-            self._lines = None
-
-    def _data(self) -> None:
-        self._heard = True
+            try:
+                await self._current
+            finally:
+                self._current = None
 
     def _line(self, line: bytes) -> None:
+        self._heard = True
+        if not line:
+            return
         try:
             message = cstate.decode(line)
         except Exception as error:
@@ -214,7 +178,7 @@ class ControlStreamClient(Service):
             return
         if message["type"] == "init":
             if not self.connected:
-                _log.info("control stream up: {url}", url=self.url.decode())
+                _log.info("control stream up")
             self.connected = True
             self.streams += 1
             self._failures = 0
@@ -236,10 +200,9 @@ class ControlStreamClient(Service):
         self._watchdog = None
         if not self._heard:
             # Silent for three intervals: a dead link or a frozen proxy.
-            if self._lines is not None and self._lines.transport is not None:
-                self._lines.transport.stopProducing()  # aborts: the loop dials again
-            elif self._current is not None:
-                self._current.cancel()
+            self._silent = True
+            if self._current is not None:
+                self._current.cancel()  # closes the connection; the loop dials again
             return
         self._heard = False
         self._watchdog = self._reactor.callLater(self._ping_interval * 3, self._check)
