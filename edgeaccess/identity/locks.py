@@ -44,6 +44,12 @@ def check_lock_id(lock_id: Any) -> str:
     return lock_id
 
 
+def _checked_id(lock_id: Any) -> str:
+    if not isinstance(lock_id, str) or not _ID.match(lock_id):
+        raise errors.BadRequest("invalid lock id")
+    return lock_id
+
+
 def check_message(message: Any) -> str:
     """A lock message as users will see it: one line, printable, bounded."""
     if message is None or message == "":
@@ -77,7 +83,7 @@ def parse_lock(data: Any) -> dict[str, Any]:
     if expires is not None:
         parse_time(expires)
     lock = {
-        "id": check_lock_id(data.get("id")),
+        "id": _checked_id(data.get("id")),
         "target": check_target(data.get("target")),
         "message": check_message(data.get("message")),
         "expires": expires,
