@@ -478,6 +478,7 @@ class NodeService(service.MultiService):
         self._apply_control(message, "tunnel")
 
     def _apply_control(self, message: dict, source: str) -> None:
+        roots_before = sorted(t["name"] for t in self.trusted)
         try:
             changed = self.control.apply(message)
         except errors.EdgeError as error:
@@ -492,6 +493,9 @@ class NodeService(service.MultiService):
         elif changed:
             _log.info("control update from the {source}: {changes}", source=source,
                       changes=", ".join(f"{k} {n}" for k, n in changed))
+        roots = sorted(t["name"] for t in self.trusted)
+        if roots != roots_before:
+            _log.info("trusted root clusters: {names}", names=roots or "none")
 
     def _control_changed(self, state, changed) -> None:
         """Locks come into force on live sessions at once."""

@@ -107,6 +107,12 @@ def wait_until(predicate, since: float, what: str, deadline: float = 15.0) -> fl
     return time.monotonic() - since
 
 
+def test_both_nodes_get_their_state_pushed(proxy, nodes, home):
+    assert "control state from the tunnel" in nodes["ct1"].log()
+    assert "control stream up" in nodes["cl1"].log()
+    assert "control state from the stream" in nodes["cl1"].log()
+
+
 def test_a_user_lock_cuts_live_sessions_on_both_nodes_and_refuses_new_ones(proxy, nodes, home):
     hosts = [f"{name}.{proxy.cluster}" for name in ("ct1", "cl1")]
     sessions = [LiveSession(home, host) for host in hosts]
