@@ -19,18 +19,18 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from edgeaccess import errors
+from edgeaccess import errors, internals
 from edgeaccess.pki import x509ca
 
 _log = Logger()
 
 
 def _x509(cert) -> crypto.X509:
+    # Only for trust stores (pyOpenSSL's X509Store takes nothing else, and
+    # does not warn); certificates and keys a context presents are passed as
+    # ``cryptography`` objects, which pyOpenSSL prefers (it deprecates
+    # passing its own X509/PKey to a context).
     return crypto.X509.from_cryptography(cert)
-
-
-def _pkey(key) -> crypto.PKey:
-    return crypto.PKey.from_cryptography_key(key)
 
 
 def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
@@ -42,9 +42,9 @@ def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
         ``"required"``.
     """
     kwargs = dict(
-        privateKey=_pkey(key),
-        certificate=_x509(cert),
-        extraCertChain=[_x509(c) for c in ca_certs],
+        privateKey=key,
+        certificate=cert,
+        extraCertChain=list(ca_certs),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
         acceptableProtocols=alpn,
     )
@@ -65,15 +65,14 @@ def client_options(hostname: str, ca_certs, *, cluster: str, key=None, cert=None
     ``cluster`` whose certificate names ``hostname`` (the name or address
     dialled): see :func:`edgeaccess.pki.x509ca.check_server_certificate`."""
     trust = ssl.trustRootFromCertificates([ssl.Certificate(_x509(c)) for c in ca_certs])
-    client_cert = None
+    extra: dict = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
     if key is not None and cert is not None:
-        client_cert = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-            ssl.Certificate(_x509(cert)), ssl.KeyPair(_pkey(key))
-        )
+        # What optionsForClientTLS(clientCertificate=...) would pass, as
+        # cryptography objects (its PrivateCertificate holds pyOpenSSL ones).
+        extra.update(privateKey=key, certificate=cert)
     inner = ssl.optionsForClientTLS(
-        hostname, trustRoot=trust, clientCertificate=client_cert,
-        acceptableProtocols=alpn,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_3},
+        hostname, trustRoot=trust, acceptableProtocols=alpn,
+        extraCertificateOptions=extra,
     )
     return ClusterServerCheck(inner, x509ca.ExpectedServer(cluster=cluster, host=hostname,
                                                           kinds=tuple(kinds)))
@@ -214,38 +213,7 @@ def shrink_tls_buffers(transport) -> bool:
     the chosen ALPN name pyOpenSSL keeps for OpenSSL during the handshake
     goes too (OpenSSL has its own since). Returns whether the BIOs were
     replaced (False: not a memory-BIO TLS transport, the handshake is not
-    done, bytes are pending, or pyOpenSSL changed shape).
+    done, bytes are pending, or pyOpenSSL is not the shape this was checked
+    on: the ``tls-buffers`` reach of :mod:`edgeaccess.internals`).
     """
-    connection = getattr(transport, "_tlsConnection", None)
-    if connection is None or not getattr(transport, "_handshakeDone", False):
-        return False
-    if getattr(transport, "_lostTLSConnection", False) or getattr(transport, "disconnecting", False):
-        return False
-    if getattr(connection, "_alpn_select_callback_args", None) is not None:
-        connection._alpn_select_callback_args = None
-    ssl_handle = getattr(connection, "_ssl", None)
-    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
-    if ssl_handle is None or into is None or out is None:
-        return False  # a socket-backed connection
-    lib, ffi = _openssl_binding()
-    pending = ffi.new("char **")
-    if lib.BIO_get_mem_data(into, pending) != 0 or lib.BIO_get_mem_data(out, pending) != 0:
-        return False
-    new_into = lib.BIO_new(lib.BIO_s_mem())
-    if new_into == ffi.NULL:
-        return False
-    new_out = lib.BIO_new(lib.BIO_s_mem())
-    if new_out == ffi.NULL:
-        lib.BIO_free(new_into)
-        return False
-    # SSL_set_bio frees the old pair; pyOpenSSL reads and writes through
-    # these two attributes (it frees neither itself: SSL_free does).
-    lib.SSL_set_bio(ssl_handle, new_into, new_out)
-    connection._into_ssl, connection._from_ssl = new_into, new_out
-    return True
-
-
-def _openssl_binding():
-    from OpenSSL._util import ffi, lib
-
-    return lib, ffi
+    return internals.shrink_tls_buffers(transport)

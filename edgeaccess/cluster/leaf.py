@@ -22,10 +22,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from edgeaccess import clusterclient, errors
 from edgeaccess.cluster.trusted import map_roles
+from edgeaccess.httpapi import EdgeSite
 from edgeaccess.httpclient import split_addr
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.proxy.splice import SpliceFactory
@@ -244,7 +244,7 @@ class LeafLinks(service.MultiService):
         if kind != "cluster":
             raise errors.AccessDenied(f"{kind} channels are not served by a leaf proxy")
         if target == "web":
-            return Site(LeafInternalAPI(self.trust, root).app.resource())
+            return EdgeSite(LeafInternalAPI(self.trust, root).app.resource())
         what, _, name = target.partition(":")
         if what != "ssh" or not name:
             raise errors.NotFound(f"no such target {target!r}")
