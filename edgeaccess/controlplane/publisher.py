@@ -61,6 +61,9 @@ class ControlPublisher:
         self._lock_listeners: list[Callable[[dict], None]] = []
         #: root cluster name -> {lock id: lock}: locks a leaf relays.
         self._root_locks: dict[str, dict[str, dict]] = {}
+        #: The encoded init, kept until the next change (10,000 tunnels
+        #: coming back after a restart get the same bytes).
+        self._init: bytes | None = None
         cache.subscribe(self._changed)
         #: How many messages were sent (for tests and the benchmark).
         self.sent = 0
@@ -95,7 +98,9 @@ class ControlPublisher:
                 "locks": {lock["id"]: lock for lock in self.locks()}}
 
     def init_bytes(self) -> bytes:
-        return cstate.encode(cstate.init_message(self.state()))
+        if self._init is None:
+            self._init = cstate.encode(cstate.init_message(self.state()))
+        return self._init
 
     # -- sinks --------------------------------------------------------------
 
@@ -133,6 +138,7 @@ class ControlPublisher:
     def broadcast(self, changes: list[dict[str, Any]]) -> None:
         if not changes:
             return
+        self._init = None
         data = cstate.encode(cstate.update_message(changes))
         for sink in list(self._sinks.values()):
             if sink is not None:
@@ -152,6 +158,7 @@ class ControlPublisher:
     # -- changes --------------------------------------------------------------
 
     def _changed(self, key: str, item) -> None:
+        self._init = None  # whatever changed, the next init is read afresh
         change = self._change_for(key, item)
         if change is None:
             return
