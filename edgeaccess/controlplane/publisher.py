@@ -158,10 +158,9 @@ class ControlPublisher:
     # -- changes --------------------------------------------------------------
 
     def _changed(self, key: str, item) -> None:
-        self._init = None  # whatever changed, the next init is read afresh
         change = self._change_for(key, item)
         if change is None:
-            return
+            return  # not node state (a node's heartbeat record...)
         self.broadcast([change])
 
     def _change_for(self, key: str, item) -> dict[str, Any] | None:
