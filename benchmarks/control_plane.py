@@ -39,6 +39,7 @@ from pathlib import Path
 
 from benchmarks._tunnel_env import cpu_seconds, emit, rss_kib, start_proxy
 from benchmarks.tunnel_idle import (
+    WARMUP,
     Fleet,
     cpu_rate_until_quiet,
     quiet_logs,
@@ -131,6 +132,9 @@ async def measure(reactor, base: Path, agents: int, trials: int, window: float,
         emit({"benchmark": "control-plane", "case": "baseline", "agents": 0,
               "proxy_cpu_pct": round(100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0), 2)})
         fleet = Fleet(reactor, proxy, agents, concurrency, on_control=arrivals.for_agent)
+        await fleet.ramp(min(WARMUP, agents))
+        await cpu_rate_until_quiet(reactor, pid, 0.05, 2.0, 20.0)
+        rss_before = rss_kib(pid)
         await fleet.ramp(agents)
         deadline = time.monotonic() + 60
         while arrivals.inits < agents and time.monotonic() < deadline:
@@ -144,7 +148,9 @@ async def measure(reactor, base: Path, agents: int, trials: int, window: float,
               "connected": fleet.connected(), "inits": arrivals.inits, "heartbeat_s": 30.0,
               "window_s": round(span, 1),
               "proxy_cpu_pct": round(100 * (cpu_seconds(pid) - cpu0) / span, 2),
-              "proxy_rss_kib": rss_kib(pid)})
+              "proxy_rss_kib": rss_kib(pid),
+              "kib_per_tunnel": round((rss_kib(pid) - rss_before)
+                                      / max(agents - min(WARMUP, agents), 1), 1)})
         api = admin_client(reactor, proxy)
         await api.get_json("/v1/status")  # the connection is up before timing
         for case in ("lock", "role", "lock-api"):

@@ -162,13 +162,15 @@ class ServerTunnelProtocol(TunnelConnection):
     def _register(self) -> None:
         if self._is_lost:
             return
-        # The handshake's flights are long gone by now: an idle tunnel need
-        # not keep the TLS buffers they grew (~5 KiB of each of 10,000).
-        shrink_tls_buffers(self.transport)
         self.server.registry.register(self)
         proxies = self.server.proxies()
         if proxies:
             self.send_discover(proxies)
+        # The handshake's flights are long gone by now, and what registering
+        # wrote (the control init, Discover) is encrypted and handed to TCP:
+        # an idle tunnel need not keep the TLS buffers they grew (~5 KiB of
+        # each of 10,000).
+        shrink_tls_buffers(self.transport)
 
     @Heartbeat.responder
     def _heartbeat(self) -> dict[str, Any]:
