@@ -146,7 +146,7 @@ class LeafTrust:
             return None
 
     async def states(self) -> list[dict]:
-        return [json.loads(i.value) for i in await self.auth.backend.get_range(STATE_PREFIX)]
+        return [json.loads(i.value) for i in await self.auth._range(STATE_PREFIX)]
 
     async def node_trust(self) -> list[dict]:
         """What leaf nodes need: each enabled root's user CA and role map."""
@@ -158,8 +158,14 @@ class LeafLinks(service.MultiService):
     """One reverse tunnel to each enabled root cluster."""
 
     def __init__(self, trust: LeafTrust, local_router, reactor, rng=None,
-                 heartbeat_interval: float = 30.0) -> None:
+                 heartbeat_interval: float = 30.0, control=None) -> None:
+        """
+        :param control: the proxy's control plane (``root_control(root,
+            data)``, ``root_gone(root)``): what each root pushes down our
+            tunnel is relayed to our nodes.
+        """
         super().__init__()
+        self.control = control
         self.trust = trust
         trust.links = self
         self.router = local_router
@@ -188,6 +194,8 @@ class LeafLinks(service.MultiService):
         for name, (fingerprint, agent) in list(self.agents.items()):
             if name not in states or _fingerprint(states[name]) != fingerprint:
                 del self.agents[name]
+                if self.control is not None:
+                    self.control.root_gone(name)
                 _log.info("closing the tunnel to root cluster {root}", root=name)
                 await defer.maybeDeferred(agent.disownServiceParent)
         for name, state in states.items():
@@ -219,7 +227,9 @@ class LeafLinks(service.MultiService):
             inventory=Inventory(name=self.trust.auth.cluster_name),
             clock=self.reactor, rng=self.rng,
             accept_channel=lambda kind, target: self._accept(root, kind, target),
-            heartbeat_interval=self.heartbeat_interval, max_channels=1024)
+            heartbeat_interval=self.heartbeat_interval, max_channels=1024,
+            on_control=(None if self.control is None
+                        else lambda data: self.control.root_control(root, data)))
         agent.setServiceParent(self)
         _log.info("dialing root cluster {root} at {addr}", root=root,
                   addr=state["tunnel_addr"])

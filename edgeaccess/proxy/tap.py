@@ -280,6 +280,13 @@ def makeService(options, reactor=None) -> service.MultiService:
         EdgeSite(api.resource()), on_listening)
 
     tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    # The live control plane: the cache every read comes from, the push to
+    # every node and leaf (edgeaccess.controlplane), locks at the proxy.
+    from edgeaccess.controlplane.proxy import ProxyControlPlane
+
+    control = ProxyControlPlane(auth, backend, reactor, tunnels.registry,
+                                lambda: [authority.user_ca_public_line])
+    control.setServiceParent(top)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
@@ -295,9 +302,13 @@ def makeService(options, reactor=None) -> service.MultiService:
     # Freed handshake state of a burst of agents goes back to the system.
     HeapTrimmer(reactor).setServiceParent(top)
 
+    from edgeaccess.proxy.sshproxy import LockAuthorizer
+
     ssh_factory = make_proxy_ssh_factory(
-        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
-    LeafLinks(leaf_trust, router, reactor).setServiceParent(top)
+        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor,
+        authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
+        target_check=control.check_target)
+    LeafLinks(leaf_trust, router, reactor, control=control).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
@@ -314,6 +325,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     for listener in listeners.values():
         listener.setServiceParent(top)
     top.auth = auth
+    top.control = control
     return top
 
 

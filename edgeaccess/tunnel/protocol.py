@@ -34,8 +34,13 @@ PROTOCOL_VERSION = 1
 ALPN_PROTOCOL = b"edge-tunnel/1"
 #: Data and WindowAdjust as fast frames between boxes (see :mod:`edgeaccess.tunnel.framing`).
 FAST_DATA_CAPABILITY = "fast-data/1"
+#: The proxy pushes the control state (:class:`ControlUpdate`).
+CONTROL_CAPABILITY = "control/1"
 #: Capabilities this implementation announces in ``Hello``.
-CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY)
+CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY,
+                CONTROL_CAPABILITY)
+#: Largest piece of a control message in one ControlUpdate box.
+MAX_CONTROL_PIECE = 48 * 1024
 
 #: Every channel kind, and who may open which.
 CHANNEL_KINDS = frozenset({"ssh", "kube", "app", "auth", "cluster"})
@@ -356,6 +361,17 @@ class Reconnect(TunnelCommand):
     errors = {BadRequest: b"BAD_REQUEST"}
 
 
+class ControlUpdate(amp.Command):
+    """Proxy -> agent: a piece of one control message (JSON, see
+    :mod:`edgeaccess.controlplane.state`); ``more`` says another piece of the
+    same message follows. Not answered: messages keep their order on the
+    one connection, and a tunnel lost mid-message loses only that message
+    (the next tunnel starts with a fresh init)."""
+
+    arguments = [(b"data", amp.String()), (b"more", amp.Boolean())]
+    requiresAnswer = False
+
+
 # -- data commands (not answered; ordered with each other on the one connection)
 
 
@@ -388,5 +404,6 @@ AGENT_COMMANDS = frozenset(
 #: Commands a proxy may send to an agent.
 PROXY_COMMANDS = frozenset(
     c.commandName
-    for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile)
+    for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile,
+              ControlUpdate)
 )
