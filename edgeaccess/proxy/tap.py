@@ -245,7 +245,10 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    web = ProxyWeb(auth, addresses, public_host, clusters)
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    web = ProxyWeb(auth, addresses, public_host, clusters,
+                   ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
     listeners["web"] = _Listener(
@@ -259,8 +262,6 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         Site(api.resource()), on_listening)
 
-    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
-    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -340,6 +341,17 @@ class _TunnelShutdown(service.Service):
     def stopService(self):
         super().stopService()
         return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
+
+
+def _web_ui(reactor, auth, router, clusters, addresses):
+    """The web UI: sessions in the backend, terminals through the router."""
+    from edgeaccess.web.app import WebUI
+    from edgeaccess.web.sessions import WebSessionStore
+    from edgeaccess.web.terminal import TerminalOpener
+
+    return WebUI(auth, WebSessionStore(auth, reactor),
+                 opener=TerminalOpener(auth, router, clusters, reactor),
+                 clusters=clusters, addresses=addresses, clock=reactor)
 
 
 def _router(reactor, auth, cluster, registry, clusters):
