@@ -163,6 +163,17 @@ def _load_or_create_key(path: Path):
     return key
 
 
+def _load_or_create_web_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if path.exists():
+        return load_pem_private_key(path.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    keys.write_secret(path, keys.private_key_pem(key))
+    return key
+
+
 class ProxyComponents:
     """The proxy's finished parts (kept for tests and tac files)."""
 
@@ -219,6 +230,13 @@ def makeService(options, reactor=None) -> service.MultiService:
         proxy_key.public_key(),
         x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
         now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
+    # Browsers (Chromium's BoringSSL) offer no Ed25519 signature scheme: the
+    # web port's certificate has an ECDSA P-256 key (same CA, same names).
+    web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
+    web_cert = authority.sign_tls(
+        web_key.public_key(),
+        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
+        now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
     host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
     host_cert = authority.sign_host(
         host_key.public_key(), host_id=f"proxy.{cluster}",
@@ -249,7 +267,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     web = ProxyWeb(auth, addresses, public_host, clusters,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
-    web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+    web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),

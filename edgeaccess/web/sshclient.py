@@ -90,11 +90,11 @@ class _SessionChannel(channel.SSHChannel):
     name = b"session"
 
     def __init__(self, bridge: "SSHTerminal", cols: int, rows: int) -> None:
+        self._paused = False
+        self._window = WINDOW_SIZE
         super().__init__(localWindow=WINDOW_SIZE, localMaxPacket=32768)
         self.bridge = bridge
         self._size = (cols, rows)
-        self._paused = False
-        self._window = WINDOW_SIZE
 
     # Conch reopens the window on every data packet once half is used; it
     # reads ``localWindowSize`` only there: 0 while the browser's side has
