@@ -37,7 +37,6 @@ PLAYER_CSP = CSP.replace("script-src 'self'", "script-src 'self' 'wasm-unsafe-ev
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
     autoescape=True,  # every template, whatever its name
-    undefined=jinja2.StrictUndefined,
     trim_blocks=True, lstrip_blocks=True,
 )
 

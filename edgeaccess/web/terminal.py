@@ -170,18 +170,18 @@ class TerminalWebSocket(WebSocketServerProtocol):
             await _sleep(f.clock, 0.025)
         if self._closing:
             return
-        for kind, value in self._early:
-            if kind == "resize":
-                self._size = value
         cols, rows = self._size
         self.ssh = await f.opener.open(f.session, f.checker, f.login, f.host, self,
                                        source=f.source, cols=cols, rows=rows)
         _log.info("web terminal of {user} to {login}@{host} open", user=f.session.user,
                   login=f.login, host=f.host)
+        # What came while the session opened: keystrokes, a later size.
         for kind, value in self._early:
             if kind == "input":
                 self.ssh.write(value)
         self._early = []
+        if self._size != (cols, rows):
+            self.ssh.resize(*self._size)
         if self._closing:
             self.ssh.close()
 
@@ -221,6 +221,7 @@ class TerminalWebSocket(WebSocketServerProtocol):
             if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000
                        for v in (cols, rows)):
                 return self._protocol_error("resize needs cols and rows from 1 to 1000")
+            self._size = (cols, rows)
             if self.ssh is None:
                 self._early.append(("resize", (cols, rows)))
             else:
