@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := openssh-client openssh-server slapd ldap-utils stunnel4
+APT_PACKAGES := openssh-client openssh-server slapd ldap-utils stunnel4 \
+		chromium nginx postgresql wrk libnss3-tools curl
 
 .PHONY: install system-deps run test bench clean
 
@@ -14,10 +15,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian packages the tests drive for real (OpenSSH client and sshd, slapd).
+# Debian packages the tests drive for real (OpenSSH client and sshd, slapd, Chromium,
+# PostgreSQL, nginx, kubectl: Debian's kubernetes-client only where no kubectl exists).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
