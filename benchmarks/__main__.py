@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
         "tunnel-idle": "benchmarks.tunnel_idle",
         "tunnel-storm": "benchmarks.tunnel_storm",
     })
+    scenarios["webui"] = "benchmarks.webui"  # docs/performance.md "Web UI"
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2
