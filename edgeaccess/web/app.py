@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import attrs
 from klein import Klein
+from markupsafe import Markup, escape
 from twisted.logger import Logger
 from twisted.web import resource as web_resource
 from twisted.web import static
@@ -252,8 +253,8 @@ class WebUI:
                 sections.append(section)
         return r.render(request, "resources.html", title="Resources", clusters=clusters,
                         selected_cluster=selected, query=query, nodes=nodes,
-                        logins=checker.allowed_logins(), sections=sections, error=error,
-                        **context)
+                        node_rows=_node_rows(nodes, checker.allowed_logins()),
+                        sections=sections, error=error, **context)
 
     async def _nodes(self, session: WebSession, checker, cluster: str) -> list[dict]:
         now = self.now()
@@ -410,6 +411,37 @@ class WebUI:
         r.security_headers(request, cache=True)
         request.setHeader(b"cache-control", b"private, max-age=3600")
         return self._static
+
+
+#: Rows per block of the node list: the browser lays out and paints only
+#: the blocks on screen (``content-visibility: auto``), so 1,000 nodes cost
+#: little more than 100 before the first paint.
+NODE_BLOCK = 50
+
+
+def _node_rows(nodes: list[dict], logins: list[str]) -> Markup:
+    """The node list's rows, every value escaped (one string per row: the
+    template engine's per-cell overhead made 1,000 rows cost ~100 ms)."""
+    rows = []
+    for n in nodes:
+        name, cluster = escape(n["name"]), escape(n["cluster"])
+        labels = " ".join(f'<span class="label">{escape(k)}={escape(v)}</span>'
+                          for k, v in sorted(n["labels"].items()))
+        target = quote(n["name"], safe="") + "." + quote(n["cluster"], safe="")
+        links = " ".join(
+            f'<a class="button" href="/web/ssh/{escape(quote(login, safe=""))}@'
+            f'{escape(target)}" target="_blank">{escape(login)}</a>'
+            for login in logins) or '<span class="muted">no login allowed</span>'
+        status = escape(n["status"])
+        rows.append(f'<div class="row" role="row" data-node="{name}">'
+                    f'<span class="name" role="cell">{name}</span>'
+                    f'<span class="labels" role="cell">{labels}</span>'
+                    f'<span class="cluster" role="cell">{cluster}</span>'
+                    f'<span role="cell"><span class="status {status}">{status}</span></span>'
+                    f'<span class="connect" role="cell">{links}</span></div>')
+    blocks = ["<div class=\"block\">" + "\n".join(rows[i:i + NODE_BLOCK]) + "</div>"
+              for i in range(0, len(rows), NODE_BLOCK)]
+    return Markup("\n".join(blocks))
 
 
 def _status(node: dict, now: datetime) -> str:

@@ -195,11 +195,11 @@ def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     print(f"\nMEASURED login page load: {1000 * (time.monotonic() - started):.0f} ms")
     log_in(page, world)
     page.wait_for_selector("#nodes")
-    rows = page.locator("#nodes tbody tr")
+    rows = page.locator("#nodes .row[data-node]")
     names = sorted(rows.nth(i).get_attribute("data-node") for i in range(rows.count()))
     assert names == ["lannode", "tnode"]
-    assert "team=web" in page.locator('tr[data-node="lannode"]').inner_text()
-    assert "online" in page.locator('tr[data-node="tnode"]').inner_text()
+    assert "team=web" in page.locator('#nodes .row[data-node="lannode"]').inner_text()
+    assert "online" in page.locator('#nodes .row[data-node="tnode"]').inner_text()
     cookie = [c for c in context.cookies() if c["name"] == "__Host-edge-session"][0]
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     page.screenshot(path=str(shots / "nodes.png"))
@@ -207,12 +207,12 @@ def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     page.fill("#filter", "env=prod")
     page.click("#filters button")
     page.wait_for_selector("#nodes")
-    assert page.locator("#nodes tbody tr").count() == 1
-    assert page.locator('tr[data-node="lannode"]').count() == 1
+    assert page.locator("#nodes .row[data-node]").count() == 1
+    assert page.locator('#nodes .row[data-node="lannode"]').count() == 1
     # The leaf cluster is selectable and lists its node.
     page.goto(world.url + "/web/?cluster=leaf")
-    assert page.locator('tr[data-node="leafnode"]').count() == 1
-    assert "leaf" in page.locator('tr[data-node="leafnode"]').inner_text()
+    assert page.locator('#nodes .row[data-node="leafnode"]').count() == 1
+    assert "leaf" in page.locator('#nodes .row[data-node="leafnode"]').inner_text()
 
 
 def test_script_in_user_input_and_role_text_is_inert(world, browser):
