@@ -251,7 +251,7 @@ class SSHTerminal:
         return Factory.forProtocol(lambda: self._build())
 
     def _build(self) -> _Transport:
-        if not internals.HOST_CERTIFICATE_CLIENT_SUPPORTED:
+        if not internals.available("conch-host-cert"):
             raise errors.EdgeError("web terminals need Conch internals this Twisted lacks")
         self.transport = _Transport(self)
         return self.transport
