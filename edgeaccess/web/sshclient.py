@@ -191,7 +191,8 @@ class _UserAuth(userauth.SSHUserAuthClient):
         self.bridge.banner = message.decode("utf-8", "replace")[:500]
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes):  # noqa: N802
-        self.bridge.refused = True
+        if self._tried:  # (not the first "none" probe)
+            self.bridge.refused = True
         return super().ssh_USERAUTH_FAILURE(packet)
 
 
