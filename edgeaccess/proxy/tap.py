@@ -367,12 +367,14 @@ class _TunnelShutdown(service.Service):
 def _web_ui(reactor, auth, router, clusters, addresses):
     """The web UI: sessions in the backend, terminals through the router."""
     from edgeaccess.web.app import WebUI
-    from edgeaccess.web.sessions import WebSessionStore
+    from edgeaccess.web.sessions import WebSessionStore, lock_check_for
     from edgeaccess.web.terminal import TerminalOpener
 
-    return WebUI(auth, WebSessionStore(auth, reactor),
+    has_locks = callable(getattr(auth, "list_locks", None))
+    return WebUI(auth, WebSessionStore(auth, reactor, lock_check=lock_check_for(auth)),
                  opener=TerminalOpener(auth, router, clusters, reactor),
-                 clusters=clusters, addresses=addresses, clock=reactor)
+                 clusters=clusters, addresses=addresses, clock=reactor,
+                 lock_source=auth if has_locks else None)
 
 
 def _router(reactor, auth, cluster, registry, clusters):

@@ -214,7 +214,8 @@ class AdminPages:
             await source.create_lock(
                 target={kind: r.form_value(request, "name", limit=256)},
                 ttl=httpapi.parse_duration(ttl_text) if ttl_text else None,
-                message=r.form_value(request, "message", limit=256))
+                message=r.form_value(request, "message", limit=256),
+                created_by=self.session.user)
         except errors.EdgeError as e:
             return await self._locks_page(request, error=str(e), code=e.http_status)
         return r.redirect(request, "/web/admin/locks", 303)
@@ -227,7 +228,8 @@ class AdminPages:
         if source is None:
             raise errors.NotFound("locks are not available on this proxy")
         try:
-            await source.delete_lock(r.form_value(request, "id", limit=64))
+            await source.delete_lock(r.form_value(request, "id", limit=64),
+                                     deleted_by=self.session.user)
         except errors.EdgeError as e:
             return await self._locks_page(request, error=str(e), code=e.http_status)
         return r.redirect(request, "/web/admin/locks", 303)

@@ -414,3 +414,22 @@ class WebSessionStore:
 def _dumps(value) -> bytes:
     return json.dumps(value, sort_keys=True).encode("utf-8")
 
+
+
+def lock_check_for(auth):
+    """The ``lock_check`` hook over the auth service's locks, or ``None`` when
+    this auth service has none (``list_locks``, the live control plane)."""
+    if not callable(getattr(auth, "list_locks", None)):
+        return None
+
+    async def check(session: WebSession) -> str | None:
+        from edgeaccess.identity import locks
+
+        lock = locks.matching_lock(await auth.list_locks(), auth.clock.seconds(),
+                                   user=session.user, user_cluster=session.cluster,
+                                   local_cluster=auth.cluster_name)
+        if lock is None:
+            return None
+        return lock.get("message") or f"lock {lock.get('id', '')}"
+
+    return check
