@@ -65,7 +65,6 @@ def security_headers(request, *, csp: str = CSP, cache: bool = False) -> None:
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"x-frame-options", b"DENY")
     request.setHeader(b"referrer-policy", b"same-origin")
-    request.setHeader(b"cross-origin-opener-policy", b"same-origin")
     request.setHeader(b"strict-transport-security", b"max-age=31536000")
     if not cache:
         request.setHeader(b"cache-control", b"no-store")
