@@ -162,13 +162,15 @@ def main(argv: list[str]) -> int:
             page.click("#login")
             page.wait_for_selector("#nodes")
             shown = page.locator("#nodes .row[data-node]").count()
-            paints, loads, statics = [], [], []
+            paints, loads, statics, ttfbs = [], [], [], []
             for _ in range(args.runs):
                 page = ctx.new_page()
                 page.goto(url + "/web/")
                 paints.append(_paint(page))
                 loads.append(page.evaluate(
                     "performance.getEntriesByType('navigation')[0].loadEventEnd"))
+                ttfbs.append(page.evaluate(
+                    "performance.getEntriesByType('navigation')[0].responseStart"))
                 statics.append(page.evaluate(
                     "(async () => { const t = performance.now();"
                     " await (await fetch('/web/static/player.js', {cache: 'no-store'})).text();"
@@ -178,6 +180,8 @@ def main(argv: list[str]) -> int:
                             "rows": shown, "goal_ms": 300, **_percentiles(paints)})
             results.append({"measure": "nodes-page-load", "what": "load event end",
                             "rows": shown, **_percentiles(loads)})
+            results.append({"measure": "nodes-page-ttfb", "what": "first byte of the page "
+                            "(the proxy's part)", "rows": shown, **_percentiles(ttfbs)})
             results.append({"measure": "static-file", "what": "fetch of a small static file "
                             "from the page (baseline)", **_percentiles(statics)})
             for measure, target in (("echo-tunnel", "root@tnode.bench"),
