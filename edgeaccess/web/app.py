@@ -24,7 +24,7 @@ import functools
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import attrs
 from klein import Klein
@@ -475,6 +475,3 @@ def _matches(node: dict, query: str) -> bool:
             return False
     return True
 
-
-def query_string(values: dict) -> str:
-    return urlencode({k: v for k, v in values.items() if v})

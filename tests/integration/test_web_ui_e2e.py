@@ -445,7 +445,7 @@ def _upgrade(world, cookie: str, origin: str | None) -> str:
         cafile=str(world.root.data_dir / "ca" / "tls_ca.crt"))
     with socket.create_connection((host, int(port)), timeout=10) as raw, \
             tls.wrap_socket(raw, server_hostname=host) as conn:
-        lines = [f"GET /web/ws/ssh/root@tnode.root HTTP/1.1", f"Host: {host}:{port}",
+        lines = ["GET /web/ws/ssh/root@tnode.root HTTP/1.1", f"Host: {host}:{port}",
                  "Upgrade: websocket", "Connection: Upgrade",
                  f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
                  "Sec-WebSocket-Version: 13", f"Cookie: __Host-edge-session={cookie}"]
