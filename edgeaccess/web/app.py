@@ -32,6 +32,7 @@ from markupsafe import Markup, escape
 from twisted.logger import Logger
 from twisted.web import resource as web_resource
 from twisted.web import static
+from werkzeug.exceptions import HTTPException
 
 from edgeaccess import errors, httpapi
 from edgeaccess.web import render as r
@@ -132,6 +133,11 @@ class WebUI:
     @app.handle_errors(Exception)
     def _errors(self, request, failure):
         error = failure.value
+        if isinstance(error, HTTPException):
+            # Klein's routing outcomes: no such page (404), wrong method (405).
+            error = httpapi._routing_error(request, error)
+            if error is None:  # a redirect, already applied
+                return b""
         if not isinstance(error, errors.EdgeError):
             _log.failure("web UI error on {path}", failure, path=request.path)
             error = errors.EdgeError("internal error (see the proxy's log)")

@@ -189,3 +189,10 @@ def test_role_yaml_is_validated_like_edgectl_create(auth, browser):
     resp, _ = browser.post("/web/admin/roles/save", {"csrf": csrf_of(body), "yaml": good})
     assert resp.code == 303
     assert [r.name for r in resolve(auth.get_roles(["dev"]))] == ["dev"]
+
+
+def test_unknown_pages_and_wrong_methods_are_404_and_405(browser):
+    resp, body = browser.get("/web/no-such-page")
+    assert resp.code == 404 and resp.headers.getRawHeaders("content-type")[0].startswith(
+        "text/html")
+    assert browser.request("PUT", "/web/login")[0].code == 405
