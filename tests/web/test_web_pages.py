@@ -196,3 +196,31 @@ def test_unknown_pages_and_wrong_methods_are_404_and_405(browser):
     assert resp.code == 404 and resp.headers.getRawHeaders("content-type")[0].startswith(
         "text/html")
     assert browser.request("PUT", "/web/login")[0].code == 405
+
+
+def test_the_login_form_offers_the_ldap_connectors(auth, browser):
+    resolve(auth.upsert_resource({
+        "kind": "ldap_connector", "version": "v1", "metadata": {"name": "corp"},
+        "spec": {"url": "ldap://127.0.0.1:1", "bind_dn": "cn=edge", "bind_password": "x",
+                 "user_search": {"base_dn": "dc=example", "filter": "(uid={username})"},
+                 "group_search": {"base_dn": "dc=example", "filter": "(member={user_dn})",
+                                  "name_attribute": "cn"},
+                 "groups_to_roles": [{"group": "ops", "roles": ["access"]}]}}))
+    _, body = browser.get("/")
+    assert 'id="connector"' in body and '<option value="corp"' in body
+
+
+def test_the_session_list_ends_another_session(auth, ui):
+    add_user(auth, "alice")
+    resource = ProxyWeb(auth, lambda: {"web": HOST, "ssh": "x:3023"}, "proxy.example",
+                        None, ui=ui).resource()
+    laptop, phone = Browser(resource), Browser(resource)
+    log_in(laptop)
+    log_in(phone)
+    _, body = laptop.get("/web/sessions")
+    assert body.count("<tr>") == 3  # the header and both sessions
+    other = re.search(r'name="id" value="([0-9a-f]{64})"', body).group(1)
+    resp, _ = laptop.post("/web/sessions/revoke", {"csrf": csrf_of(body), "id": other})
+    assert resp.code == 303
+    assert phone.get("/web/")[0].code == 303  # logged out
+    assert laptop.get("/web/")[0].code == 200
