@@ -4,6 +4,7 @@ CSRF and Origin checks, static files, admin permissions."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -224,3 +225,28 @@ def test_the_session_list_ends_another_session(auth, ui):
     assert resp.code == 303
     assert phone.get("/web/")[0].code == 303  # logged out
     assert laptop.get("/web/")[0].code == 200
+
+
+def test_audit_time_range_type_and_user_filters_and_paging(auth, clock, ui):
+    from edgeaccess.audit.log import AuditLog
+
+    auth.audit = AuditLog(auth.backend, auth.cluster_name, clock)
+    add_user(auth, "audrey", roles=("auditor",))
+    for i in range(60):  # one a minute from 08:00 (the fake clock's start)
+        auth.audit.emit("exec", user="bob" if i % 2 else "carol", command=f"cmd-{i}")
+        clock.advance(60)
+    browser = Browser(ProxyWeb(auth, lambda: {"web": HOST, "ssh": "x:3023"}, "proxy.example",
+                               None, ui=ui).resource())
+    log_in(browser, "audrey")
+    _, body = browser.get("/web/audit?type=exec&user=bob&since=2027-01-15T08:10:00"
+                          "&until=2027-01-15T08:29:59")
+    assert "10 matching events" in body
+    assert re.findall(r"command=cmd-(\d+)", body) == [str(n) for n in range(29, 10, -2)]
+    assert "Chain verified" in body
+    _, body = browser.get("/web/audit?type=exec")
+    assert "60 matching events, showing 1–50" in body and 'id="audit-older"' in body
+    _, body = browser.get("/web/audit?type=exec&offset=50")
+    assert "showing 51–60" in body and 'id="audit-newer"' in body
+    resp, body = browser.get("/web/audit.json?type=exec&user=carol")
+    events = json.loads(body)
+    assert len(events) == 30 and {e["user"] for e in events} == {"carol"}
