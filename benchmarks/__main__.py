@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
         "tunnel-storm": "benchmarks.tunnel_storm",
     })
     scenarios["control-plane"] = "benchmarks.control_plane"  # docs/performance.md
+    scenarios["webui"] = "benchmarks.webui"  # docs/performance.md "Web UI"
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2

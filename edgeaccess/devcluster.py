@@ -289,6 +289,8 @@ def main(argv=None) -> int:
         print(f"""
 edgeaccess cluster {args.cluster!r} is running (logs in {base}/*.log).
 
+  web UI            https://{web}/   (user demo, password below; the browser warns about
+                    the certificate: the cluster's own CA, see docs/operations.md "Web UI")
   proxy web/login   https://{web}
   proxy SSH         {proxy.addr('ssh')}
   auth API          {proxy.addr('auth')}

@@ -178,6 +178,17 @@ def _load_or_create_key(path: Path):
     return key
 
 
+def _load_or_create_web_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if path.exists():
+        return load_pem_private_key(path.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    keys.write_secret(path, keys.private_key_pem(key))
+    return key
+
+
 class ProxyComponents:
     """The proxy's finished parts (kept for tests and tac files)."""
 
@@ -239,6 +250,13 @@ def makeService(options, reactor=None) -> service.MultiService:
         proxy_key.public_key(),
         x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
         now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
+    # Browsers (Chromium's BoringSSL) offer no Ed25519 signature scheme: the
+    # web port's certificate has an ECDSA P-256 key (same CA, same names).
+    web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
+    web_cert = authority.sign_tls(
+        web_key.public_key(),
+        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
+        now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
     host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
     host_cert = authority.sign_host(
         host_key.public_key(), host_id=f"proxy.{cluster}",
@@ -265,8 +283,18 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    web = ProxyWeb(auth, addresses, public_host, clusters)
-    web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    # The live control plane: the cache every read comes from, the push to
+    # every node and leaf (edgeaccess.controlplane), locks at the proxy.
+    from edgeaccess.controlplane.proxy import ProxyControlPlane
+
+    control = ProxyControlPlane(auth, backend, reactor, tunnels.registry,
+                                lambda: [authority.user_ca_public_line])
+    control.setServiceParent(top)
+    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    web = ProxyWeb(auth, addresses, public_host, clusters,
+                   ui=_web_ui(reactor, auth, router, clusters, addresses))
+    web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
@@ -279,15 +307,6 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         EdgeSite(api.resource()), on_listening)
 
-    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
-    # The live control plane: the cache every read comes from, the push to
-    # every node and leaf (edgeaccess.controlplane), locks at the proxy.
-    from edgeaccess.controlplane.proxy import ProxyControlPlane
-
-    control = ProxyControlPlane(auth, backend, reactor, tunnels.registry,
-                                lambda: [authority.user_ca_public_line])
-    control.setServiceParent(top)
-    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -381,6 +400,19 @@ class _TunnelShutdown(service.Service):
     def stopService(self):
         super().stopService()
         return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
+
+
+def _web_ui(reactor, auth, router, clusters, addresses):
+    """The web UI: sessions in the backend, terminals through the router."""
+    from edgeaccess.web.app import WebUI
+    from edgeaccess.web.sessions import WebSessionStore, lock_check_for
+    from edgeaccess.web.terminal import TerminalOpener
+
+    has_locks = callable(getattr(auth, "list_locks", None))
+    return WebUI(auth, WebSessionStore(auth, reactor, lock_check=lock_check_for(auth)),
+                 opener=TerminalOpener(auth, router, clusters, reactor),
+                 clusters=clusters, addresses=addresses, clock=reactor,
+                 lock_source=auth if has_locks else None)
 
 
 def _router(reactor, auth, cluster, registry, clusters):

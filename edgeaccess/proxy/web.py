@@ -34,12 +34,14 @@ class ProxyWeb:
 
     app = Klein()
 
-    def __init__(self, auth, addresses, public_host: str, clusters=None) -> None:
+    def __init__(self, auth, addresses, public_host: str, clusters=None, ui=None) -> None:
         self.auth = auth
         self.addresses = addresses
         self.public_host = public_host
         #: :class:`~edgeaccess.cluster.root.RootClusters` (leaves trusting us)
         self.clusters = clusters
+        #: :class:`~edgeaccess.web.app.WebUI`: ``/`` and ``/web/...``
+        self.ui = ui
 
     def resource(self):
         return self.app.resource()
@@ -50,6 +52,8 @@ class ProxyWeb:
 
     @app.route("/", methods=["GET"])
     def index(self, request):
+        if self.ui is not None:
+            return self.ui.index(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         name = html.escape(self.auth.cluster_name)
         addr = html.escape(self.addresses()["web"])
@@ -178,6 +182,13 @@ class ProxyWeb:
                                          identity.traits)
             nodes = [n for n in nodes if checker.can_access_node(n["labels"])]
         return json_response(request, nodes)
+
+    @app.route("/web/", branch=True)
+    def web_ui(self, request):
+        """The web UI (:mod:`edgeaccess.web.app`)."""
+        if self.ui is None:
+            raise errors.NotFound("this proxy has no web UI")
+        return self.ui.resource()
 
     # --- signup: the one-time link printed by `edgectl users add` -----------
 
