@@ -108,13 +108,13 @@ class ProxyProcess(_Process):
         if runtime.exists():
             runtime.unlink()
         listen = {name: f"127.0.0.1:{self.ports.get(name, 0)}"
-                  for name in ("web", "ssh", "auth", "tunnel")}
+                  for name in ("web", "ssh", "auth", "tunnel", "kube")}
         self._spawn(TWISTD + [
             "-n", "--pidfile=", "edgeproxy", "--data-dir", str(self.data_dir),
             "--cluster-name", self.cluster, "--public-addr", "127.0.0.1",
             "--web-listen", listen["web"], "--ssh-listen", listen["ssh"],
             "--auth-listen", listen["auth"], "--tunnel-listen", listen["tunnel"],
-            *self.extra_args])
+            "--kube-listen", listen["kube"], *self.extra_args])
         wait_for(runtime.exists, timeout, "proxy runtime.json", self.process)
         info = self.runtime()
         wait_for(lambda: self._presets_ready(), timeout, "preset roles", self.process)

@@ -245,12 +245,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    web = ProxyWeb(auth, addresses, public_host, clusters)
     web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
-    listeners["web"] = _Listener(
-        "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        Site(web.resource()), on_listening)
 
     api = AuthAPI(auth)
     auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -261,6 +257,19 @@ def makeService(options, reactor=None) -> service.MultiService:
 
     tunnels = _tunnel_server(reactor, auth, addresses, clusters)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
+                       leaf_trust, top)
+    # kubectl offers h2 and http/1.1: without an ALPN answer OpenSSL aborts.
+    kube_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                      client_certificates="required", alpn=[b"http/1.1"])
+    listeners["kube"] = _Listener(
+        "kube", listen_endpoint(reactor, options["kube-listen"], 3026, kube_options,
+                                backlog=1024),
+        kube.factory(), on_listening)
+    web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube)
+    listeners["web"] = _Listener(
+        "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
+        Site(web.resource()), on_listening)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -277,7 +286,7 @@ def makeService(options, reactor=None) -> service.MultiService:
 
     ssh_factory = make_proxy_ssh_factory(
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
-    LeafLinks(leaf_trust, router, reactor).setServiceParent(top)
+    LeafLinks(leaf_trust, router, reactor, kube=kube).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
@@ -340,6 +349,25 @@ class _TunnelShutdown(service.Service):
     def stopService(self):
         super().stopService()
         return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
+
+
+def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_trust, top):
+    """The Kubernetes proxy (3026): local clusters from the tunnels' inventories,
+    leaves' through their tunnels; roles from a cache refreshed every second."""
+    from edgeaccess.cluster.trusted import map_roles
+    from edgeaccess.kube.proxy import KubeDirectory, KubeProxy, RoleCache, RoleCacheService
+
+    roles = RoleCache(auth, reactor)
+    RoleCacheService(roles).setServiceParent(top)
+
+    def leaf_roles(root, remote_roles):
+        links = leaf_trust.links
+        state = links.current.get(root) if links is not None else None
+        return map_roles(state["role_map"], remote_roles) if state else []
+
+    return KubeProxy(cluster_name=cluster, directory=KubeDirectory(registry), roles=roles,
+                     router=router, audit=audit, reactor=reactor, leaf_roles=leaf_roles,
+                     known_leaf=lambda name: name in clusters.known)
 
 
 def _router(reactor, auth, cluster, registry, clusters):
