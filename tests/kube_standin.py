@@ -294,6 +294,14 @@ def status(code: int, reason: str, message: str, details: dict | None = None) ->
     return out
 
 
+def managed(manager: str, operation: str, obj: dict) -> dict:
+    """A managedFields entry as kube-apiserver writes it (kubectl reads them)."""
+    fields = {"f:data": {f"f:{k}": {} for k in obj.get("data") or {}}} if obj.get("data") \
+        else {"f:metadata": {}}
+    return {"manager": manager, "operation": operation, "apiVersion": "v1", "time": _now(),
+            "fieldsType": "FieldsV1", "fieldsV1": fields}
+
+
 def merge_patch(target, patch):
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
@@ -509,6 +517,8 @@ def build_site(config: dict, reactor):
             except ValueError:
                 return reply(request, 400, status(400, "BadRequest", "malformed JSON body"))
             obj.setdefault("metadata", {})["namespace"] = namespace or "default"
+            obj["metadata"]["managedFields"] = [managed(
+                query.get("fieldManager", ["kubectl-client-side-apply"])[0], "Update", obj)]
             key = (namespace or "default", obj["metadata"].get("name", ""))
             if key in objects:
                 return reply(request, 409, status(409, "AlreadyExists",
@@ -531,8 +541,7 @@ def build_site(config: dict, reactor):
                 base = objects.get(key, {"apiVersion": "v1",
                                          "kind": "Pod" if res == "pods" else "ConfigMap"})
                 obj = merge_patch(base, patch)
-                obj["metadata"]["managedFields"] = [{"manager": manager,
-                                                     "operation": "Apply"}]
+                obj["metadata"]["managedFields"] = [managed(manager, "Apply", obj)]
                 created = key not in objects
                 return reply(request, 201 if created else 200, store.put(res, obj))
             if key not in objects:
@@ -549,6 +558,8 @@ def build_site(config: dict, reactor):
             else:  # merge-patch+json and strategic-merge-patch+json (merge semantics here)
                 obj = merge_patch(objects[key], patch)
             obj.setdefault("metadata", {}).update(name=name, namespace=key[0])
+            obj["metadata"]["managedFields"] = [managed(
+                query.get("fieldManager", ["kubectl-client-side-apply"])[0], "Update", obj)]
             return reply(request, 200, store.put(res, obj))
         return reply(request, 405, status(405, "MethodNotAllowed", "method not allowed"))
 

@@ -1,0 +1,263 @@
+"""kubectl through the proxy's Kubernetes port and a tunnelled agent, against the API stand-in.
+
+One world per module (tests/kube_world.py): the Kubernetes API stand-in
+(tests/kube_standin.py; no kube-apiserver can be installed here), a proxy,
+a kube-only node (``--kube-cluster standin --no-ssh``) with a reverse tunnel,
+and users whose kubeconfigs ``edge kube login`` wrote:
+
+- alice: role kube-viewer (group ``viewers`` on clusters labelled env=test);
+- bob: role kube-editor (user ``cluster-admin``, groups ``editors`` and his
+  ``kube_teams`` trait);
+- carol: a role that allows the cluster but gives no groups nor users;
+- dave: a role for clusters labelled env=prod only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeaccess.devcluster import wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from tests.kube_world import KUBECTL, start_world  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl is not installed")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = start_world(tmp_path_factory.mktemp("kube"))
+    yield world
+    world.stop()
+
+
+def kube_events(world, event_type: str = "kube.request") -> list[dict]:
+    return world.proxy.edgectl_json("audit", "search", "--type", event_type)
+
+
+def test_edge_kube_ls_shows_allowed_clusters_with_the_identity_used(world):
+    listed = json.loads(world.edge("bob", "kube", "ls", "--format", "json").stdout)
+    assert [k["name"] for k in listed] == ["standin"]
+    assert listed[0]["labels"] == {"env": "test"}
+    assert listed[0]["kube_user"] == "cluster-admin"
+    assert "editors" in listed[0]["kube_groups"]
+    # dave's role allows only env=prod clusters: nothing to list, nothing to log in to.
+    assert json.loads(world.edge("dave", "kube", "ls", "--format", "json").stdout) == []
+    refused = world.edge("dave", "kube", "login", "standin")
+    assert refused.returncode != 0 and "not found" in refused.stderr
+
+
+def test_kube_login_merges_into_an_existing_kubeconfig_and_logout_removes_only_its_entries(
+        world, tmp_path):
+    home = world.home("bob")
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: other\n"
+        "clusters: [{name: other, cluster: {server: 'https://example.invalid'}}]\n"
+        "users: [{name: other, user: {token: keep-me}}]\n"
+        "contexts: [{name: other, context: {cluster: other, user: other}}]\n")
+    env = {**world.env("bob"), "KUBECONFIG": str(kubeconfig)}
+    run = subprocess.run([sys.executable, "-m", "edgeaccess.client.main", "kube", "login",
+                          "standin"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    import yaml
+
+    doc = yaml.safe_load(kubeconfig.read_text())
+    assert doc["current-context"] == "kube-e2e-standin"
+    assert {c["name"] for c in doc["contexts"]} == {"other", "kube-e2e-standin"}
+    assert doc["users"][0] == {"name": "other", "user": {"token": "keep-me"}}
+    got = subprocess.run([KUBECTL, "get", "pods", "-o", "name"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    # logout in a copy of the profile (bob's own stays logged in for the other tests)
+    import shutil
+
+    copy = tmp_path / "edge-home"
+    shutil.copytree(home, copy)
+    entries = json.loads((copy / "kube_logins.json").read_text())
+    (copy / "kube_logins.json").write_text(json.dumps(
+        [e for e in entries if e["kubeconfig"] == str(kubeconfig)]))
+    out = subprocess.run([sys.executable, "-m", "edgeaccess.client.main", "logout"],
+                         env={**env, "EDGE_HOME": str(copy)}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = yaml.safe_load(kubeconfig.read_text())
+    assert [c["name"] for c in doc["contexts"]] == ["other"]
+    assert [c["name"] for c in doc["clusters"]] == ["other"]
+
+
+def test_get_pods_as_a_table_reaches_the_api_as_the_user(world):
+    result = world.kubectl("alice", "get", "pods")
+    assert result.returncode == 0, result.stderr
+    assert "web-1" in result.stdout and "Running" in result.stdout
+    seen = [r for r in world.standin.requests() if r["impersonated_user"] == "alice"]
+    assert seen, "the API saw no request impersonating alice"
+    assert all(r["authenticated"] == "edge-agent" for r in seen)
+    assert all(r["impersonated_groups"] == ["viewers", "system:authenticated"] for r in seen)
+    assert not any(r["had_client_authorization"] for r in seen)
+
+
+def test_client_impersonation_headers_and_credentials_never_reach_the_api(world):
+    # --as with a value alice's roles do not allow: refused by the proxy.
+    refused = world.kubectl("alice", "get", "pods", "--as", "cluster-admin")
+    assert refused.returncode != 0
+    assert "impersonating user 'cluster-admin'" in refused.stderr
+    refused = world.kubectl("alice", "get", "pods", "--as", "alice", "--as-group", "editors")
+    assert refused.returncode != 0 and "impersonating group 'editors'" in refused.stderr
+    # --as with an allowed value (bob's kubernetes_users) passes.
+    allowed = world.kubectl("bob", "get", "pods", "--as", "cluster-admin")
+    assert allowed.returncode == 0, allowed.stderr
+    assert not any(r["impersonated_user"] in (None, "") for r in world.standin.requests()
+                   if r["authenticated"] == "edge-agent" and r["path"] != "/version")
+
+
+def test_a_user_whose_roles_give_no_groups_is_refused_with_a_clear_message(world):
+    result = world.kubectl("carol", "get", "--raw", "/k8s/standin/api/v1/namespaces/default/pods")
+    assert result.returncode != 0
+    assert "give no kubernetes_groups or kubernetes_users" in result.stderr
+    assert not any(r.get("impersonated_user") == "carol" for r in world.standin.requests())
+
+
+def test_rbac_of_the_api_answers_with_its_own_forbidden_status(world):
+    result = world.kubectl("alice", "delete", "pod", "web-2")
+    assert result.returncode != 0
+    assert 'User "alice" cannot delete resource "pods"' in result.stderr
+
+
+def test_watch_streams_events_as_they_happen(world):
+    watcher = subprocess.Popen([KUBECTL, "get", "pods", "-w"], env=world.env("alice"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = watcher.stdout.readline()
+        assert "NAME" in first
+        wait_for(lambda: any(r["impersonated_user"] == "alice" and
+                             r["query"].get("watch") == ["true"]
+                             for r in world.standin.requests()), 30, "the watch request")
+        created = world.kubectl("bob", "run", "watched-pod", "--image=busybox")
+        assert created.returncode == 0, created.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = watcher.stdout.readline()
+            if "watched-pod" in line:
+                break
+        else:
+            pytest.fail("the watch never showed the new pod")
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+def test_logs_follow_streams_until_the_client_leaves(world):
+    follower = subprocess.Popen([KUBECTL, "logs", "-f", "web-1"], env=world.env("alice"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [follower.stdout.readline() for _ in range(12)]
+        assert lines == [f"web-1 log line {n}\n" for n in range(1, 13)]
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_apply_creates_then_patches_and_server_side_apply_works(world, tmp_path):
+    manifest = tmp_path / "cm.yaml"
+    manifest.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: applied}\n"
+                        "data: {a: '1'}\n")
+    first = world.kubectl("bob", "apply", "-f", str(manifest))
+    assert first.returncode == 0 and "created" in first.stdout, first.stderr
+    manifest.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: applied}\n"
+                        "data: {a: '2', b: '3'}\n")
+    second = world.kubectl("bob", "apply", "-f", str(manifest))
+    assert second.returncode == 0 and "configured" in second.stdout, second.stderr
+    ssa = world.kubectl("bob", "apply", "--server-side", "-f", str(manifest))
+    assert ssa.returncode == 0, ssa.stderr
+    data = world.kubectl("bob", "get", "cm", "applied", "-o", "jsonpath={.data}")
+    assert json.loads(data.stdout) == {"a": "2", "b": "3"}
+    methods = [r["method"] for r in world.standin.requests()
+               if r["path"].endswith("/configmaps/applied") or
+               r["path"].endswith("/configmaps") and r["method"] == "POST"]
+    assert "POST" in methods and methods.count("PATCH") >= 2
+
+
+def test_exec_with_stdin_passes_data_and_the_exit_code(world):
+    result = world.kubectl("bob", "exec", "-i", "web-1", "--", "sh", "-c",
+                           "tr a-z A-Z; exit 7", input="hello through the tunnel\n")
+    assert result.stdout == "HELLO THROUGH THE TUNNEL\n"
+    assert result.returncode == 7
+    assert "exit code 7" in result.stderr
+    event = wait_for(lambda: [e for e in kube_events(world, "exec")
+                              if e.get("exit_code") == 7], 30, "the exec event")[-1]
+    assert event["user"] == "bob" and event["kube_cluster"] == "standin"
+    assert event["command"] == "sh -c tr a-z A-Z; exit 7"
+    assert event["pod"] == "web-1" and event["namespace"] == "default"
+    assert event["success"] is False
+
+
+def test_exec_is_refused_for_a_viewer_by_the_api(world):
+    result = world.kubectl("alice", "exec", "web-1", "--", "true")
+    assert result.returncode != 0
+    assert 'cannot create resource "pods" subresource "exec"' in result.stderr
+
+
+def test_interactive_exec_in_a_pty_resizes_and_is_recorded(world):
+    import pexpect
+
+    child = pexpect.spawn(KUBECTL, ["exec", "-it", "web-2", "--", "/bin/sh"],
+                          env=world.env("bob"), dimensions=(24, 80), timeout=30,
+                          encoding="utf-8")
+    try:
+        child.expect_exact("$ ")
+        child.sendline("echo recorded-$((6*7))")
+        child.expect_exact("recorded-42")
+        child.setwinsize(40, 132)
+        wait_for(lambda: any(s.get("event") == "resize" and s["width"] == 132 and
+                             s["height"] == 40 for s in world.standin.sessions()),
+                 30, "the resize at the stand-in")
+        child.sendline("stty size")
+        child.expect_exact("40 132")
+        child.sendline("exit 0")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    end = wait_for(lambda: [e for e in kube_events(world, "session.end")
+                            if e.get("kube_cluster") == "standin" and e.get("pod") == "web-2"],
+                   30, "session.end")[-1]
+    assert end["user"] == "bob" and end["exit_code"] == 0
+    session_id = end["session_id"]
+    start = [e for e in kube_events(world, "session.start") if e.get("session_id") == session_id]
+    assert start and start[0]["interactive"] is True
+
+    def played():
+        result = world.edge("bob", "play", session_id, "--format", "cast")
+        return result.stdout if result.returncode == 0 else None
+
+    cast = wait_for(played, 30, "the recording")
+    lines = [json.loads(line) for line in cast.splitlines()]
+    assert lines[0]["version"] == 2
+    assert any(kind == "o" and "recorded-42" in data for _t, kind, data in lines[1:])
+    assert any(kind == "r" and data == "132x40" for _t, kind, data in lines[1:])
+
+
+def test_every_request_is_audited_with_user_verb_resource_and_code(world):
+    world.kubectl("alice", "get", "pods")
+    world.kubectl("alice", "delete", "pod", "web-2")
+    events = wait_for(lambda: [e for e in kube_events(world)
+                               if e.get("user") == "alice" and e.get("verb") == "delete"],
+                      30, "the audited delete")
+    deleted = events[-1]
+    assert deleted["response_code"] == 403 and deleted["success"] is False
+    assert deleted["resource"] == "pods" and deleted["name"] == "web-2"
+    assert deleted["namespace"] == "default" and deleted["kube_cluster"] == "standin"
+    assert deleted["remote_addr"] == "127.0.0.1"
+    listed = [e for e in kube_events(world) if e.get("user") == "alice" and
+              e.get("verb") == "list" and e.get("resource") == "pods"]
+    assert listed and listed[-1]["response_code"] == 200
+    assert listed[-1]["kube_groups"] == ["viewers", "system:authenticated"]
+    refused = [e for e in kube_events(world) if e.get("user") == "carol"]
+    assert refused and all(e["response_code"] == 403 for e in refused)
