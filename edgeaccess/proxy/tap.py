@@ -17,9 +17,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
 
-from edgeaccess import tls
+from edgeaccess import internals, tls
+from edgeaccess.httpapi import EdgeSite
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
@@ -180,6 +180,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     now = _now()
     authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
 
+    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
+    # misfits take the stock path, with one warning (edgeaccess.internals).
+    internals.self_check()
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
     share_tcp_server_attributes()
@@ -253,7 +256,7 @@ def makeService(options, reactor=None) -> service.MultiService:
                                       client_certificates="optional")
     listeners["auth"] = _Listener(
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
-        Site(api.resource()), on_listening)
+        EdgeSite(api.resource()), on_listening)
 
     tunnels = _tunnel_server(reactor, auth, addresses, clusters)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
@@ -269,7 +272,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        Site(web.resource()), on_listening)
+        EdgeSite(web.resource()), on_listening)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
