@@ -261,3 +261,72 @@ def test_every_request_is_audited_with_user_verb_resource_and_code(world):
     assert listed[-1]["kube_groups"] == ["viewers", "system:authenticated"]
     refused = [e for e in kube_events(world) if e.get("user") == "carol"]
     assert refused and all(e["response_code"] == 403 for e in refused)
+
+
+def test_exec_over_the_spdy_fallback_passes_stdin_and_the_exit_code(world):
+    result = world.kubectl("bob", "exec", "-i", "web-1", "--", "sh", "-c", "tr a-z A-Z; exit 4",
+                           input="spdy stream\n",
+                           env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"})
+    assert result.stdout == "SPDY STREAM\n"
+    assert result.returncode == 4
+    assert any(s.get("protocol") == "SPDY/3.1" and s.get("exit_code") == 4
+               for s in world.standin.sessions())
+    event = wait_for(lambda: [e for e in kube_events(world, "exec")
+                              if e.get("protocol") == "spdy"], 30, "the SPDY exec event")[-1]
+    assert event["command"] == "sh -c tr a-z A-Z; exit 4" and event["user"] == "bob"
+
+
+@pytest.fixture
+def echo_server():
+    """A TCP server on 127.0.0.1 that answers each read upper-cased (the pod's port)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    def handle(conn):
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data.upper())
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.mark.parametrize("websockets", ["true", "false"], ids=["websocket", "spdy"])
+def test_port_forward_carries_data_both_ways(world, echo_server, websockets):
+    import re
+    import socket
+
+    forward = subprocess.Popen(
+        [KUBECTL, "port-forward", "pod/web-1", f":{echo_server}"],
+        env={**world.env("bob"), "KUBECTL_PORT_FORWARD_WEBSOCKETS": websockets},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = forward.stdout.readline()
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert match, line + forward.stderr.read() if forward.poll() is not None else line
+        for round_ in range(2):  # two connections through the same forward
+            with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=30) as c:
+                payload = f"through the tunnel {round_} ".encode() * 2000
+                c.sendall(payload)
+                received = b""
+                while len(received) < len(payload):
+                    chunk = c.recv(65536)
+                    assert chunk, "the forwarded connection closed early"
+                    received += chunk
+                assert received == payload.upper()
+    finally:
+        forward.kill()
+        forward.wait()
