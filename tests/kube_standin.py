@@ -104,6 +104,7 @@ def make_pki(directory: Path) -> dict:
     files["server_key"], files["server_cert"] = issue("standin", server=True)
     files["agent_key"], files["agent_cert"] = issue("edge-agent")
     files["norights_key"], files["norights_cert"] = issue("no-rights")
+    files["admin_key"], files["admin_cert"] = issue("standin-admin", ["system:masters"])
     paths = {}
     for label, data in files.items():
         path = directory / f"{label}.pem"
@@ -125,7 +126,7 @@ def write_kubeconfig(path: Path, port: int, pki: dict, *, user: str = "agent",
     elif token:
         creds = {"token": token}
     else:
-        prefix = "agent" if user == "agent" else "norights"
+        prefix = {"agent": "agent", "admin": "admin"}.get(user, "norights")
         creds = {"client-certificate": pki[f"{prefix}_cert"],
                  "client-key": pki[f"{prefix}_key"]}
     doc = {"apiVersion": "v1", "kind": "Config", "current-context": "standin",

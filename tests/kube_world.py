@@ -158,14 +158,16 @@ def start_world(base: Path, cluster: str = "kube-e2e", *, kube_name: str = "stan
             "--kube-cluster", kube_name, "--kubeconfig", str(kubeconfig),
             "--kube-labels", "env=test", "--no-ssh"])
         world = KubeWorld(base, proxy, standin, node)
+        pin = proxy.pin()
         for user, user_roles in users.items():
             proxy.add_user(user, PASSWORD, roles=user_roles)
             home = base / f"home-{user}"
             home.mkdir(exist_ok=True)
             world.homes[user] = home
-            proxy.login(home, user, PASSWORD)
-        wait_for(lambda: kube_name in world.edge("bob", "kube", "ls").stdout, 30,
-                 "the Kubernetes cluster in edge kube ls")
+            proxy.login(home, user, PASSWORD, pin=pin)
+        if "bob" in users:
+            wait_for(lambda: kube_name in world.edge("bob", "kube", "ls").stdout, 30,
+                     "the Kubernetes cluster in edge kube ls")
         for user in users:
             result = world.edge(user, "kube", "login", kube_name)
             if result.returncode != 0 and user in ("alice", "bob"):
