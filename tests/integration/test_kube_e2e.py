@@ -330,3 +330,133 @@ def test_port_forward_carries_data_both_ways(world, echo_server, websockets):
     finally:
         forward.kill()
         forward.wait()
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def _raw_request(world, user: str, data: bytes) -> bytes:
+    """Send raw bytes over TLS with the user's certificate to the Kubernetes port."""
+    import socket
+    import ssl
+
+    home = world.home(user)
+    port = world.proxy.runtime()["listen"]["kube"].rpartition(":")[2]
+    context = ssl.create_default_context(cafile=str(home / "ca.pem"))
+    context.load_cert_chain(str(home / "tls.crt"), str(home / "tls.key"))
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(data)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and b'"code"' in answer:
+                    break
+            return answer
+
+
+def test_malformed_and_oversized_requests_get_a_status_and_the_proxy_goes_on(world):
+    answer = _raw_request(world, "bob", b"GET /k8s/standin/version HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b'"kind": "Status"' in answer
+    answer = _raw_request(world, "bob", b"POST /k8s/standin/api/v1/namespaces/default/configmaps"
+                          b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    big = 17 * 1024 * 1024
+    answer = _raw_request(world, "bob", b"POST /k8s/standin/api/v1/namespaces/default/configmaps"
+                          b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + f"Content-Length: {big}\r\n\r\n".encode() + b"{" * (big - 1))
+    assert answer.startswith(b"HTTP/1.1 413") and b"larger than" in answer
+    answer = _raw_request(world, "bob", b"GET /k8s/nosuchcluster/api HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404") and b"nosuchcluster not found" in answer
+    assert world.kubectl("bob", "get", "pods").returncode == 0
+
+
+def test_an_upgrade_the_api_refuses_is_answered_and_the_connection_goes_on(world):
+    result = world.kubectl("bob", "exec", "no-such-pod", "--", "true")
+    assert result.returncode != 0 and 'pods "no-such-pod" not found' in result.stderr
+    assert world.kubectl("bob", "get", "pods").returncode == 0
+
+
+def test_a_client_vanishing_mid_stream_leaves_nothing_broken(world):
+    import signal
+
+    follower = subprocess.Popen([KUBECTL, "logs", "-f", "web-1"], env=world.env("bob"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower.stdout.readline()
+    follower.send_signal(signal.SIGKILL)
+    follower.wait()
+    assert world.kubectl("bob", "get", "pods").returncode == 0
+    for log in (world.proxy.log(), world.node.log()):
+        assert "Traceback" not in log and "Unhandled" not in log
+
+
+class GarbageAPI:
+    """A TLS server with the stand-in's certificate that answers every request with garbage."""
+
+    def __init__(self, pki: dict) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki["server_cert"], pki["server_key"])
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(65536)
+                tls.sendall(b"this is not HTTP at all\r\n\r\n")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_an_api_that_answers_garbage_or_is_down_gives_a_status_and_no_credential(world):
+    from edgeaccess.devcluster import join_node
+    from tests import kube_standin
+
+    garbage = GarbageAPI(world.standin.pki)
+    secret = "very-secret-agent-token-42"
+    kubeconfig = kube_standin.write_kubeconfig(world.base / "flaky-kubeconfig", garbage.port,
+                                               world.standin.pki, token=secret)
+    node, _ = join_node(world.proxy, world.base, "flaky-agent", tunnel=True, extra_args=[
+        "--kube-cluster", "flaky", "--kubeconfig", str(kubeconfig), "--kube-labels", "env=test",
+        "--no-ssh"])
+    try:
+        wait_for(lambda: "flaky" in world.edge("bob", "kube", "ls").stdout, 30, "flaky listed")
+        login = world.edge("bob", "kube", "login", "flaky")
+        assert login.returncode == 0, login.stderr
+        env = {"KUBECONFIG": str(world.kubeconfig("bob"))}
+        context = ["--context", "kube-e2e-flaky"]
+        bad = world.kubectl("bob", "get", "--raw", "/k8s/flaky/api/v1/namespaces", *context,
+                            env=env)
+        assert bad.returncode != 0 and "sent an invalid answer" in bad.stderr, bad.stderr
+        garbage.close()
+        down = world.kubectl("bob", "get", "--raw", "/k8s/flaky/api/v1/namespaces", *context,
+                             env=env)
+        assert down.returncode != 0 and "is unreachable" in down.stderr, down.stderr
+        for text in (bad.stderr, down.stderr, world.proxy.log(), node.log()):
+            assert secret not in text
+        assert "answered garbage" in node.log() and "unreachable" in node.log()
+    finally:
+        garbage.close()
+        node.stop()
+        world.edge("bob", "kube", "login", "standin")  # select the stand-in again
