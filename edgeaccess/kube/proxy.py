@@ -299,7 +299,7 @@ class ProxyConnection(Protocol):
             name, path = split_cluster(b"/k8s/" + remainder)
             user = self._identify()
             self.current["info"] = request_info(head.method, path)
-            self.current.update(kube=name, leaf=leaf_name)
+            self.current.update(kube=name, leaf=leaf_name, user=user.name)
             if not self.proxy.known_leaf(leaf_name):
                 raise errors.NotFound(f"cluster {leaf_name} not found")
             headers = self._client_headers(head)
@@ -313,7 +313,7 @@ class ProxyConnection(Protocol):
         user = self._forwarded_user(head) if self.forwarded_from is not None \
             else self._identify()
         info = request_info(head.method, path)
-        self.current.update(info=info, kube=name)
+        self.current.update(info=info, kube=name, user=user.name)
         found = self.proxy.directory.find(name)
         if found is None:
             raise errors.NotFound(f"Kubernetes cluster {name} not found in cluster "
@@ -522,7 +522,7 @@ class ProxyConnection(Protocol):
             return
         imp = current.get("imp")
         self.proxy.emit(
-            "kube.request", user=self.user.name if self.user else None,
+            "kube.request", user=current.get("user"),
             kube_cluster=current.get("kube"), leaf_cluster=current.get("leaf"),
             verb=info.verb, namespace=info.namespace or None,
             resource=info.resource or None, name=info.name or None,
