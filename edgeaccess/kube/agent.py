@@ -287,6 +287,8 @@ class AgentChannel(Protocol):
         self._method = b"GET"
         self._lost = False
         self._paused = False
+        #: A request went to the API and its answer has not ended yet.
+        self._in_flight = False
 
     # --- from the proxy ------------------------------------------------------------
 
@@ -326,6 +328,7 @@ class AgentChannel(Protocol):
         if self._upgrade:
             headers.append((b"Connection", b"Upgrade"))
         out = http1.Head(head.start, headers, True)
+        self._in_flight = True
         self._to_api(out.serialize())
 
     def message_body(self, data: bytes) -> None:
@@ -403,6 +406,7 @@ class AgentChannel(Protocol):
         self.transport.write(data)
 
     def api_end(self) -> None:
+        self._in_flight = False
         self.reader.release()
 
     def api_garbage(self, error: http1.HTTPError, head_sent: bool) -> None:
@@ -429,7 +433,8 @@ class AgentChannel(Protocol):
         api, self.api = self.api, None
         if api is not None:
             api.transport.unregisterProducer()
-            if self.reader.raw or not api.reader.idle:
+            if self.reader.raw or self._in_flight or not api.reader.idle:
+                # Mid-request or mid-answer: the connection cannot serve another user.
                 api.transport.loseConnection()
             else:
                 self.agent.give_back(api)
