@@ -202,6 +202,7 @@ class ExecSession:
         self.command = command_for(sub, query)
         self.streams: dict[str, Stream] = {}
         self.process = None
+        self.transport = None
         self._close = close
         self._resize = b""
 
@@ -219,6 +220,10 @@ class ExecSession:
             log_event(self.config, {"event": "start", "sub": "exec", "command": self.command,
                                     "tty": self.tty, "protocol": "SPDY/3.1"})
             self.process = spawn(self.reactor, self, self.command, self.tty, True)
+            if self.transport is not None:
+                from tests.kube_ws import stream_from
+
+                stream_from(self.transport, self.process)
 
     def _resize_data(self, data: bytes) -> None:
         from tests.kube_ws import log_event, resize_pty
@@ -369,6 +374,7 @@ def upgrade(request, sub, query, config, reactor):
             session = PortForwardSession(reactor, config, proto.transport.write, close)
         else:
             session = ExecSession(reactor, config, query, sub, close)
+            session.transport = proto.transport
             session.spdy = SpdyConnection(proto.transport.write, session.on_stream, close)
         return session
 

@@ -68,6 +68,16 @@ def spawn(reactor, session, command: list[str], tty: bool, stdin: bool):
                                 usePTY=tty, childFDs=None if tty else {0: "w", 1: "r", 2: "r"})
 
 
+def stream_from(transport, process) -> None:
+    """The process's output is read only as fast as the connection takes it (so a
+    pong is never queued behind megabytes: kubectl's reads time out on pongs)."""
+    try:
+        transport.unregisterProducer()  # twisted.web's channel, from before the upgrade
+    except Exception:
+        pass
+    transport.registerProducer(process, True)
+
+
 def resize_pty(process, width: int, height: int) -> None:
     fd = getattr(process, "fd", None)
     if fd is not None:
@@ -108,6 +118,7 @@ class ExecSocket(WebSocketServerProtocol):
                            "tty": self.tty, "protocol": self.chosen})
         self.process = spawn(self.factory.reactor, self, self.command, self.tty,
                              q.get("stdin", [""])[0] in ("true", "1"))
+        stream_from(self.transport, self.process)
 
     def output(self, channel: int, data: bytes) -> None:
         self.sendMessage(bytes([channel]) + data, isBinary=True)
