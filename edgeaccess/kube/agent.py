@@ -267,6 +267,18 @@ class KubeAgent:
         return headers
 
 
+def no_delay(transport) -> None:
+    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP: a
+    head and a body written apart must not wait for a delayed ACK."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except Exception:  # not a socket (a tunnel channel, a test transport)
+        pass
+
+
 def _keep_header(name: bytes) -> bool:
     lower = name.lower()
     return lower not in _STRIPPED and not lower.startswith(_STRIPPED_PREFIXES)
@@ -468,6 +480,7 @@ class _APIConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.channel is None or self.reader is None:

@@ -40,7 +40,7 @@ from edgeaccess import errors, tls
 from edgeaccess.identity import rbac, roles as roles_module
 from edgeaccess.kube import http1
 from edgeaccess.kube.access import RequestInfo, impersonation, request_info, split_cluster
-from edgeaccess.kube.agent import ProducerShim
+from edgeaccess.kube.agent import ProducerShim, no_delay
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import format_source
 
@@ -205,6 +205,7 @@ class ProxyConnection(Protocol):
     # --- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         source = getattr(peer, "source", None)
         if source:
