@@ -40,7 +40,7 @@ from tests.pkitools import Identity, issue_legacy_certificate
 
 PASSWORD = "impostor-test-password-1234"
 HOLDERS = ("user", "node", "legacy-user")
-DEADLINE = 60
+DEADLINE = 90
 
 
 class Impostor:
@@ -256,7 +256,10 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
 def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
     from edgeaccess.audit.spool import Spool
 
-    node, _ = join_node(world.proxy, tmp_path, "n3")
+    node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
+    # Listed means the heartbeat went through; the role fetch follows it.
+    wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
+             node.process)
     node.stop()
     roles_before = (node.data_dir / "roles.json").read_text()
     # The node's auth address now leads to the impostor (DNS or address
@@ -350,3 +353,31 @@ spec:
     only_the_ca_was_asked(world)
     assert "refused the server" in result.stderr or "does not verify" in result.stderr, \
         result.stderr
+
+
+def test_the_leaf_tunnel_to_the_root_sends_nothing(world, holder, leaf, tmp_path):
+    """The exchange goes to the real root; the tunnel address leads to the impostor."""
+    token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
+    document = tmp_path / "trust.yaml"
+    document.write_text(f"""\
+kind: trusted_cluster
+version: v1
+metadata: {{name: impostors}}
+spec:
+  enabled: true
+  token: {token}
+  ca_pin: {world.pin}
+  web_proxy_addr: {world.proxy.addr("web")}
+  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
+  role_map:
+    - {{remote: access, local: [access]}}
+""")
+    before = len(leaf.log())
+    leaf.edgectl("create", "-f", str(document))
+    try:
+        wait_for(lambda: world.tunnel_impostor.received
+                 or "refused the server" in leaf.log()[before:],
+                 DEADLINE, "the leaf to dial the impostor", leaf.process)
+    finally:
+        leaf.edgectl("rm", "trusted_cluster/impostors")
+    assert world.tunnel_impostor.received == b""
