@@ -21,7 +21,7 @@ import json
 import uuid
 from datetime import datetime, timezone
 
-from twisted.internet import threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from edgeaccess.audit.recording import AsciicastWriter
@@ -245,12 +245,10 @@ class ExecTap:
                 "started": datetime.fromtimestamp(self._writer._start, timezone.utc)
                 .strftime("%Y-%m-%dT%H:%M:%SZ")}
 
-        def store_it() -> None:
-            length = store.append(self.session_id, 0, data, meta)
-            store.complete(self.session_id, length)
-
-        reactor = self.proxy.reactor
-        d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), store_it)
+        # The store does its I/O off the reactor thread; both calls fire
+        # once what they stored is durable.
+        d = defer.maybeDeferred(store.append, self.session_id, 0, data, meta)
+        d.addCallback(lambda length: store.complete(self.session_id, length))
         d.addErrback(lambda f: _log.failure("recording of kube session {id} not stored", f,
                                             id=self.session_id))
 
