@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     base = Path(args.dir).absolute()
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
                          ports={"web": args.web_port, "ssh": args.ssh_port,
-                                "auth": args.auth_port, "tunnel": 3024})
+                                "auth": args.auth_port, "tunnel": 3024, "kube": 3026})
     node = tunnel_node = None
     try:
         proxy.start()
@@ -303,6 +303,11 @@ Try it (user demo, password in {password_file}: {password}):
   ssh -F $EDGE_HOME/ssh_config {login}@lan-node.{args.cluster}
   ssh -F $EDGE_HOME/ssh_config {login}@tunnel-node.{args.cluster}
   edgectl --data-dir {proxy.data_dir} nodes ls
+
+Kubernetes (port {proxy.addr('kube').rpartition(':')[2]}): no real cluster runs here. The tests' API
+stand-in, a proxy, a kube agent and users in one go (prints a kubectl line):
+
+  PYTHONPATH=. {sys.executable} tests/kube_world.py {base / 'kube-world'}
 
 Press Ctrl-C to stop the cluster.""", flush=True)
         while all(p.process.poll() is None for p in (proxy, node, tunnel_node)):
