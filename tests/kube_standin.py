@@ -354,9 +354,12 @@ def build_site(config: dict, reactor):
             if hasattr(request.channel.transport, "getPeerCertificate") else None
         if cert is None:
             return None
-        subject = cert.get_subject()
-        groups = [v.decode() for k, v in subject.get_components() if k == b"O"]
-        return Caller(subject.CN, groups + ["system:authenticated"])
+        from cryptography.x509.oid import NameOID
+
+        subject = cert.to_cryptography().subject
+        groups = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+        names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return Caller(names[0].value if names else "", groups + ["system:authenticated"])
 
     class Root(resource.Resource):
         isLeaf = True
