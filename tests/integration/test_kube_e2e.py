@@ -460,3 +460,24 @@ def test_an_api_that_answers_garbage_or_is_down_gives_a_status_and_no_credential
         garbage.close()
         node.stop()
         world.edge("bob", "kube", "login", "standin")  # select the stand-in again
+
+
+def test_an_expired_login_makes_kubectl_say_run_edge_login(world, tmp_path):
+    import shutil
+
+    import yaml
+
+    home = tmp_path / "expired-home"
+    shutil.copytree(world.home("bob"), home)
+    profile = json.loads((home / "profile.json").read_text())
+    profile["valid_before"] = "2020-01-01T00:00:00Z"
+    (home / "profile.json").write_text(json.dumps(profile))
+    doc = yaml.safe_load((home / "kubeconfig").read_text())
+    for user in doc["users"]:
+        user["user"]["exec"]["env"] = [{"name": "EDGE_HOME", "value": str(home)}]
+    (home / "kubeconfig").write_text(yaml.safe_dump(doc))
+    result = subprocess.run([KUBECTL, "get", "pods"], capture_output=True, text=True,
+                            timeout=60, env={**world.env("bob"), "EDGE_HOME": str(home),
+                                             "KUBECONFIG": str(home / "kubeconfig")})
+    assert result.returncode != 0
+    assert "run edge login" in result.stderr
