@@ -20,38 +20,7 @@ from twisted.internet import protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 
-# The SPDY/3 header compression dictionary (draft-mbelshe-httpbis-spdy-00,
-# section 2.6.10.1): length-prefixed words, then a run of plain text.
-_WORDS = (
-    "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
-    "accept-encoding", "accept-language", "accept-ranges", "age", "allow", "authorization",
-    "cache-control", "connection", "content-base", "content-encoding", "content-language",
-    "content-length", "content-location", "content-md5", "content-range", "content-type",
-    "date", "etag", "expect", "expires", "from", "host", "if-match", "if-modified-since",
-    "if-none-match", "if-range", "if-unmodified-since", "last-modified", "location",
-    "max-forwards", "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer",
-    "retry-after", "server", "te", "trailer", "transfer-encoding", "upgrade", "user-agent",
-    "vary", "via", "warning", "www-authenticate", "method", "get", "status", "200 OK",
-    "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive", "origin",
-)
-_TAIL = (
-    "100101201202205206300302303304305306307402405406407408409410411412413414415416417"
-    "502504505203 Non-Authoritative Information204 No Content301 Moved Permanently"
-    "400 Bad Request401 Unauthorized403 Forbidden404 Not Found500 Internal Server Error"
-    "501 Not Implemented503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug Sept Oct "
-    "Nov Dec 00:00:00 Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMTchunked,text/html,image/png,"
-    "image/jpg,image/gif,application/xml,application/xhtml+xml,text/plain,text/javascript,"
-    "publicprivatemax-age=gzip,deflate,sdchcharset=utf-8charset=iso-8859-1,utf-,*,enq=0."
-)
-
-
-def _dictionary() -> bytes:
-    out = b"".join(struct.pack(">I", len(w)) + w.encode() for w in _WORDS)
-    return out + _TAIL.encode()
-
-
-DICTIONARY = _dictionary()
-assert len(DICTIONARY) == 1423, len(DICTIONARY)
+from edgeaccess.kube.spdy import DICTIONARY  # noqa: E402  (the SPDY/3 dictionary)
 
 SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE = (
     1, 2, 3, 4, 6, 7, 8, 9)

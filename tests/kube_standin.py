@@ -31,13 +31,9 @@ from __future__ import annotations
 
 import base64
 import copy
-import fcntl
 import ipaddress
 import json
-import os
-import struct
 import sys
-import termios
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path

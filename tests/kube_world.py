@@ -19,7 +19,6 @@ from edgeaccess.devcluster import (
     ProcessFailed,
     ProxyProcess,
     join_node,
-    run_edge,
     stop_process,
     wait_for,
 )

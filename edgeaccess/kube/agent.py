@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 from cryptography import x509
 from twisted.internet import defer, ssl, threads

@@ -10,9 +10,10 @@ along without changing them:
   (``edge play`` replays it) between ``session.start`` and ``session.end``;
   a non-interactive one is audited as ``exec`` with its command and exit
   code (from the status channel's ``Status``).
-- SPDY/3.1 (kubectl's fallback): audited as ``exec`` with the command when
-  it ends; its streams are not decoded, so there is no exit code and no
-  recording.
+- SPDY/3.1 (kubectl's fallback, ``v4.channel.k8s.io`` over SPDY streams):
+  read along the same way (:mod:`edgeaccess.kube.spdy`): the streams named
+  ``stdout``/``stderr`` feed the recording, ``resize`` its resizes, ``error``
+  the final ``Status`` (exit code).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class ExecTap:
         self._websocket = False
         self._client = FrameReader(self._client_data)
         self._server = FrameReader(self._server_data)
+        self._spdy = False
 
     def _common(self) -> dict:
         return dict(user=self.user.name, kube_cluster=self.kube,
@@ -161,7 +163,15 @@ class ExecTap:
         self._started = True
         chosen = (head.get(b"sec-websocket-protocol") or b"").decode("latin-1") if head else ""
         self._websocket = chosen.endswith("channel.k8s.io") and not chosen.startswith("base64")
-        if self.tty and self._websocket:
+        stream_protocol = (head.get(b"x-stream-protocol-version") or b"") if head else b""
+        if self.protocol == "spdy" and stream_protocol.endswith(b"channel.k8s.io"):
+            from edgeaccess.kube.spdy import SpdyReader
+
+            self._spdy = True
+            streams: dict[int, str] = {}
+            self._client = SpdyReader(streams, self._spdy_client_data)
+            self._server = SpdyReader(streams, self._spdy_server_data)
+        if self.tty and (self._websocket or self._spdy):
             self._writer = AsciicastWriter(self._sink, self.proxy.reactor, 80, 24,
                                            title=f"{self.user.name}@{self.kube}/"
                                                  f"{self.info.namespace}/{self.info.name}")
@@ -174,12 +184,25 @@ class ExecTap:
         self._cast_size += len(line)
 
     def from_client(self, data: bytes) -> None:
-        if self._websocket:
+        if self._websocket or self._spdy:
             self._client.feed(data)
 
     def from_server(self, data: bytes) -> None:
-        if self._websocket:
+        if self._websocket or self._spdy:
             self._server.feed(data)
+
+    _SPDY_CHANNELS = {"stdin": STDIN, "stdout": STDOUT, "stderr": STDERR, "error": STATUS,
+                      "resize": RESIZE}
+
+    def _spdy_client_data(self, kind: str, data: bytes) -> None:
+        channel = self._SPDY_CHANNELS.get(kind)
+        if channel is not None:
+            self._client_data(channel, data)
+
+    def _spdy_server_data(self, kind: str, data: bytes) -> None:
+        channel = self._SPDY_CHANNELS.get(kind)
+        if channel is not None:
+            self._server_data(channel, data)
 
     def _client_data(self, channel: int, data: bytes) -> None:
         if channel == RESIZE:

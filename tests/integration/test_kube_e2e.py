@@ -274,6 +274,29 @@ def test_exec_over_the_spdy_fallback_passes_stdin_and_the_exit_code(world):
     event = wait_for(lambda: [e for e in kube_events(world, "exec")
                               if e.get("protocol") == "spdy"], 30, "the SPDY exec event")[-1]
     assert event["command"] == "sh -c tr a-z A-Z; exit 4" and event["user"] == "bob"
+    assert event["exit_code"] == 4 and event["success"] is False
+
+
+def test_interactive_exec_over_spdy_is_recorded_too(world):
+    import pexpect
+
+    child = pexpect.spawn(KUBECTL, ["exec", "-it", "web-1", "--", "/bin/sh"],
+                          env={**world.env("bob"), "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"},
+                          dimensions=(24, 80), timeout=30, encoding="utf-8")
+    try:
+        child.expect_exact("$ ")
+        child.sendline("echo spdy-$((5*5))")
+        child.expect_exact("spdy-25")
+        child.sendline("exit 3")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    end = wait_for(lambda: [e for e in kube_events(world, "session.end")
+                            if e.get("protocol") == "spdy"], 30, "the SPDY session.end")[-1]
+    assert end["exit_code"] == 3 and end["pod"] == "web-1"
+    cast = wait_for(lambda: (lambda r: r.stdout if r.returncode == 0 else None)(
+        world.edge("bob", "play", end["session_id"], "--format", "cast")), 30, "the recording")
+    assert "spdy-25" in cast
 
 
 @pytest.fixture
@@ -481,3 +504,18 @@ def test_an_expired_login_makes_kubectl_say_run_edge_login(world, tmp_path):
                                              "KUBECONFIG": str(home / "kubeconfig")})
     assert result.returncode != 0
     assert "run edge login" in result.stderr
+
+
+def test_kubectl_cp_both_ways(world, tmp_path):
+    # The stand-in's "containers" are the local machine: the pod path is a temp directory.
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(300_000))
+    inside = tmp_path / "in-pod"
+    inside.mkdir()
+    up = world.kubectl("bob", "cp", str(source), f"web-1:{inside}/copied.bin")
+    assert up.returncode == 0, up.stderr
+    assert (inside / "copied.bin").read_bytes() == source.read_bytes()
+    back = tmp_path / "back.bin"
+    down = world.kubectl("bob", "cp", f"web-1:{inside}/copied.bin", str(back))
+    assert down.returncode == 0, down.stderr
+    assert back.read_bytes() == source.read_bytes()
