@@ -108,13 +108,13 @@ class ProxyProcess(_Process):
         if runtime.exists():
             runtime.unlink()
         listen = {name: f"127.0.0.1:{self.ports.get(name, 0)}"
-                  for name in ("web", "ssh", "auth", "tunnel")}
+                  for name in ("web", "ssh", "auth", "tunnel", "kube")}
         self._spawn(TWISTD + [
             "-n", "--pidfile=", "edgeproxy", "--data-dir", str(self.data_dir),
             "--cluster-name", self.cluster, "--public-addr", "127.0.0.1",
             "--web-listen", listen["web"], "--ssh-listen", listen["ssh"],
             "--auth-listen", listen["auth"], "--tunnel-listen", listen["tunnel"],
-            *self.extra_args])
+            "--kube-listen", listen["kube"], *self.extra_args])
         wait_for(runtime.exists, timeout, "proxy runtime.json", self.process)
         info = self.runtime()
         wait_for(lambda: self._presets_ready(), timeout, "preset roles", self.process)
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     base = Path(args.dir).absolute()
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
                          ports={"web": args.web_port, "ssh": args.ssh_port,
-                                "auth": args.auth_port, "tunnel": 3024})
+                                "auth": args.auth_port, "tunnel": 3024, "kube": 3026})
     node = tunnel_node = None
     try:
         proxy.start()
@@ -305,6 +305,11 @@ Try it (user demo, password in {password_file}: {password}):
   ssh -F $EDGE_HOME/ssh_config {login}@lan-node.{args.cluster}
   ssh -F $EDGE_HOME/ssh_config {login}@tunnel-node.{args.cluster}
   edgectl --data-dir {proxy.data_dir} nodes ls
+
+Kubernetes (port {proxy.addr('kube').rpartition(':')[2]}): no real cluster runs here. The tests' API
+stand-in, a proxy, a kube agent and users in one go (prints a kubectl line):
+
+  PYTHONPATH=. {sys.executable} tests/kube_world.py {base / 'kube-world'}
 
 Press Ctrl-C to stop the cluster.""", flush=True)
         while all(p.process.poll() is None for p in (proxy, node, tunnel_node)):

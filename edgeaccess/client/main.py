@@ -57,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     scp.add_argument("-r", action="store_true", help="copy directories")
     scp.add_argument("paths", nargs="+")
     from edgeaccess.audit.cli import add_edge_play
+    from edgeaccess.kube.cli import add_edge_kube
 
     add_edge_play(sub)
+    add_edge_kube(sub)
     return p
 
 
@@ -83,6 +85,10 @@ def _main(argv) -> int:
     if args.command == "login":
         return _login(args, home)
     if args.command == "logout":
+        from edgeaccess.kube.cli import remove_kube_logins
+
+        for name in remove_kube_logins(home):
+            sys.stdout.write(f"Removed kubeconfig context {name}.\n")
         if profiles.remove(home):
             sys.stdout.write(f"Logged out (removed the keys and certificates in {home}).\n")
         else:
@@ -134,6 +140,12 @@ def _main(argv) -> int:
             cli.print_table(["Cluster", "Kind", "Status"],
                             [[c["name"], c["kind"], c["status"]] for c in clusters])
         return 0
+    if args.command == "kube":
+        from edgeaccess.kube.cli import run_edge_kube
+
+        if args.kube_command != "credentials":
+            _check_valid(profile)
+        return run_edge_kube(args, home, profile, _client(home, profile))
     _check_valid(profile)
     if args.command == "play":
         from edgeaccess.audit.cli import run_edge_play

@@ -292,7 +292,9 @@ def makeService(options, reactor=None) -> service.MultiService:
                                 lambda: [authority.user_ca_public_line])
     control.setServiceParent(top)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
-    web = ProxyWeb(auth, addresses, public_host, clusters,
+    kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
+                       leaf_trust, top)
+    web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
@@ -307,6 +309,13 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         EdgeSite(api.resource()), on_listening)
 
+    # kubectl offers h2 and http/1.1: without an ALPN answer OpenSSL aborts.
+    kube_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                      client_certificates="required", alpn=[b"http/1.1"])
+    listeners["kube"] = _Listener(
+        "kube", listen_endpoint(reactor, options["kube-listen"], 3026, kube_options,
+                                backlog=1024),
+        kube.factory(), on_listening)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -327,7 +336,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor,
         authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
         target_check=control.check_target)
-    LeafLinks(leaf_trust, router, reactor, control=control).setServiceParent(top)
+    LeafLinks(leaf_trust, router, reactor, control=control, kube=kube).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
@@ -413,6 +422,25 @@ def _web_ui(reactor, auth, router, clusters, addresses):
                  opener=TerminalOpener(auth, router, clusters, reactor),
                  clusters=clusters, addresses=addresses, clock=reactor,
                  lock_source=auth if has_locks else None)
+
+
+def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_trust, top):
+    """The Kubernetes proxy (3026): local clusters from the tunnels' inventories,
+    leaves' through their tunnels; roles from a cache refreshed every second."""
+    from edgeaccess.cluster.trusted import map_roles
+    from edgeaccess.kube.proxy import KubeDirectory, KubeProxy, RoleCache, RoleCacheService
+
+    roles = RoleCache(auth, reactor)
+    RoleCacheService(roles).setServiceParent(top)
+
+    def leaf_roles(root, remote_roles):
+        links = leaf_trust.links
+        state = links.current.get(root) if links is not None else None
+        return map_roles(state["role_map"], remote_roles) if state else []
+
+    return KubeProxy(cluster_name=cluster, directory=KubeDirectory(registry), roles=roles,
+                     router=router, audit=audit, reactor=reactor, leaf_roles=leaf_roles,
+                     known_leaf=lambda name: name in clusters.known)
 
 
 def _router(reactor, auth, cluster, registry, clusters):

@@ -191,6 +191,8 @@ class Inventory:
     labels: dict[str, str] = attrs.field(factory=dict, hash=False)
     kube_clusters: tuple[str, ...] = ()
     apps: tuple[App, ...] = ()
+    #: Labels of each Kubernetes cluster (``--kube-labels``), by name.
+    kube_labels: dict[str, dict[str, str]] = attrs.field(factory=dict, hash=False)
 
     def to_json(self) -> str:
         """Serialize for the ``Hello`` command."""
@@ -199,6 +201,7 @@ class Inventory:
                 "name": self.name,
                 "labels": self.labels,
                 "kube_clusters": list(self.kube_clusters),
+                "kube_labels": self.kube_labels,
                 "apps": [
                     {"name": a.name, "uri": a.uri, "labels": a.labels} for a in self.apps
                 ],
@@ -223,6 +226,11 @@ class Inventory:
         kube = data.get("kube_clusters", [])
         if not isinstance(kube, list) or len(kube) > 256:
             raise BadRequest("invalid kube_clusters")
+        kube_labels_in = data.get("kube_labels", {})
+        if not isinstance(kube_labels_in, dict) or len(kube_labels_in) > 256:
+            raise BadRequest("invalid kube_labels")
+        kube_labels = {_check_name(k, "kube cluster name"): _check_labels(v)
+                       for k, v in kube_labels_in.items()}
         apps_in = data.get("apps", [])
         if not isinstance(apps_in, list) or len(apps_in) > 256:
             raise BadRequest("invalid apps")
@@ -245,6 +253,7 @@ class Inventory:
             labels=labels,
             kube_clusters=tuple(_check_name(k, "kube cluster name") for k in kube),
             apps=tuple(apps),
+            kube_labels=kube_labels,
         )
 
 
