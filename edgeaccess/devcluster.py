@@ -211,16 +211,20 @@ class NodeProcess(_Process):
 
 
 def join_node(proxy: ProxyProcess, directory: Path, name: str, *, tunnel: bool = False,
-              labels: str = "", timeout: float = 30.0, **options) -> tuple[NodeProcess, dict]:
+              labels: str = "", timeout: float = 30.0, auth_server: str | None = None,
+              **options) -> tuple[NodeProcess, dict]:
     """Start a node that joins ``proxy`` with a token and the CA pin (through
     the proxy's web address in reverse-tunnel mode when ``tunnel``) and wait
     until ``edgectl nodes ls`` lists it (with address ``tunnel`` in that mode).
+
+    ``auth_server`` overrides the address joined (e.g. ``127.0.0.1:PORT`` when
+    the public address is a name only browsers and curl resolve).
 
     Returns the node and its listing. A node that does not join is stopped,
     and the error carries the end of its log.
     """
     node = NodeProcess(directory / name, directory / f"{name}.log", name=name,
-                       auth_server=proxy.addr("web" if tunnel else "auth"),
+                       auth_server=auth_server or proxy.addr("web" if tunnel else "auth"),
                        token=proxy.node_token(), ca_pin=proxy.pin(), labels=labels, **options)
     node.start()
     try:

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     from edgeaccess.audit.cli import add_edge_play
 
     add_edge_play(sub)
+    from edgeaccess.apps.cli import add_edge_apps
+
+    add_edge_apps(sub)
     return p
 
 
@@ -135,6 +138,10 @@ def _main(argv) -> int:
                             [[c["name"], c["kind"], c["status"]] for c in clusters])
         return 0
     _check_valid(profile)
+    if args.command == "apps":
+        from edgeaccess.apps.cli import run_edge_apps
+
+        return run_edge_apps(args, home, profile, _client(home, profile))
     if args.command == "play":
         from edgeaccess.audit.cli import run_edge_play
 

@@ -49,7 +49,7 @@ class NodeService(service.MultiService):
     def __init__(self, *, data_dir: Path, auth_server: str, token: str | None,
                  ca_pin: str | None, nodename: str, labels: dict, listen,
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
-                 env_allow=(), rng: random.Random | None = None) -> None:
+                 env_allow=(), rng: random.Random | None = None, apps=()) -> None:
         super().__init__()
         self.data_dir = data_dir
         self.auth_server = auth_server
@@ -74,6 +74,12 @@ class NodeService(service.MultiService):
         self.agent = None
         self.tunnel_addrs: list[str] = []
         self._tunnel_attempts = 0
+        #: The web apps this node publishes (:class:`~edgeaccess.apps.agent.AppAgent`).
+        self.apps = None
+        if apps:
+            from edgeaccess.apps.agent import AppAgent
+
+            self.apps = AppAgent(list(apps), reactor)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -229,6 +235,9 @@ class NodeService(service.MultiService):
         if self.identity.mode == "tunnel":
             await self._start_tunnel()
             return
+        if self.apps is not None:
+            _log.warn("web apps are served through a reverse tunnel only: join through the "
+                      "proxy's web address to publish {apps}", apps=", ".join(self.apps.apps))
         self.port = await self._listen(self.factory)
         _log.info("node {name} SSH service listening on {addr}", name=self.identity.name,
                   addr=self.port.getHost())
@@ -309,7 +318,8 @@ class NodeService(service.MultiService):
         self.factory.doStart()
         self.agent = TunnelAgent(
             endpoint_factory=endpoint_factory,
-            inventory=Inventory(name=self.identity.name, labels=dict(self.labels)),
+            inventory=Inventory(name=self.identity.name, labels=dict(self.labels),
+                                apps=self.apps.inventory() if self.apps else ()),
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
             max_channels=256)
@@ -340,7 +350,9 @@ class NodeService(service.MultiService):
             self.tunnel_addrs = [addr]
 
     def _accept_channel(self, kind: str, target: str):
-        """The node checks every channel the proxy opens: only its own SSH."""
+        """The node checks every channel the proxy opens: only its own SSH and apps."""
+        if kind == "app" and self.apps is not None:
+            return self.apps.accept(target)
         if kind != "ssh":
             raise errors.AccessDenied(f"node {self.identity.name} serves no {kind} channels")
         if target not in (self.identity.uuid, self.identity.name):

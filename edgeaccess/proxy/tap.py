@@ -212,6 +212,9 @@ def makeService(options, reactor=None) -> service.MultiService:
         listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
+    if not is_ip(public_host):
+        # Apps are reached at https://NAME.<public host> (edgeaccess.apps).
+        dns.append(f"*.{public_host}")
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
@@ -236,7 +239,13 @@ def makeService(options, reactor=None) -> service.MultiService:
             if listener.port is not None:
                 found[name] = f"{public_host}:{listener.port.getHost().port}"
         if options["tunnel-public-addr"]:
-            found["tunnel"] = options["tunnel-public-addr"]
+            tunnel_host, _, tunnel_port = options["tunnel-public-addr"].rpartition(":")
+            if (not tunnel_port.isdigit() or not tunnel_host) and "tunnel" in found:
+                # A host alone: that host and the port the tunnel server is bound to.
+                found["tunnel"] = (f"{options['tunnel-public-addr']}:"
+                                   f"{found['tunnel'].rpartition(':')[2]}")
+            else:
+                found["tunnel"] = options["tunnel-public-addr"]
         found.setdefault("web", f"{public_host}:{public_port}")
         found.setdefault("ssh", f"{public_host}:3023")
         return found
@@ -248,9 +257,17 @@ def makeService(options, reactor=None) -> service.MultiService:
     web = ProxyWeb(auth, addresses, public_host, clusters)
     web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    from edgeaccess.apps.service import build as build_app_access
+
+    # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
+    apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
+                            public_host=public_host, web_addr=lambda: addresses()["web"],
+                            site=Site(web.resource()), reactor=reactor)
+    apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        Site(web.resource()), on_listening)
+        apps.factory, on_listening)
 
     api = AuthAPI(auth)
     auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -259,7 +276,6 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         Site(api.resource()), on_listening)
 
-    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
@@ -277,7 +293,7 @@ def makeService(options, reactor=None) -> service.MultiService:
 
     ssh_factory = make_proxy_ssh_factory(
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
-    LeafLinks(leaf_trust, router, reactor).setServiceParent(top)
+    LeafLinks(leaf_trust, router, reactor, apps=apps.gateway).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
