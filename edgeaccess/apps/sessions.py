@@ -302,7 +302,10 @@ class AppGateway:
         peer = transport.getPeer()
         client_ip = getattr(peer, "host", "") or ""
         identity = tls.peer_identity(transport)
+        unknown = errors.NotFound(f"there is no app named {name} in cluster {self.cluster}")
         if identity is None:
+            if self.index.find(name) is None:
+                raise unknown
             raise errors.AuthenticationFailed(
                 f"app {name} needs an app certificate: run `edge apps login {name}` and use "
                 f"the files `edge apps config {name}` names")
@@ -314,6 +317,8 @@ class AppGateway:
             raise errors.AccessDenied(
                 f"your app session has ended: run `edge apps login {name}` again")
         if session["app"] != name:
+            if self.index.find(name) is None:
+                raise unknown
             _log.warn("app certificate of {user} for app {app} used on app {other} from {addr}",
                       user=identity.name, app=session["app"], other=name, addr=client_ip)
             raise errors.AccessDenied(
