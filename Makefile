@@ -1,10 +1,13 @@
 # Quick start: `make run` starts a local cluster; `make test` runs the whole suite.
 PYTHON ?= python3
 VENV   ?= .venv
+# The venv of `make test-floor`: every dependency at the floor setup.cfg declares.
+FLOOR_VENV ?= .venv-floor
 PY     := $(VENV)/bin/python
-APT_PACKAGES := openssh-client openssh-server slapd ldap-utils stunnel4
+APT_PACKAGES := openssh-client openssh-server slapd ldap-utils stunnel4 \
+		chromium nginx postgresql wrk libnss3-tools curl
 
-.PHONY: install system-deps run test bench clean
+.PHONY: install system-deps run test test-floor bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +17,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian packages the tests drive for real (OpenSSH client and sshd, slapd).
+# Debian packages the tests drive for real (OpenSSH client and sshd, slapd, Chromium,
+# PostgreSQL, nginx, kubectl: Debian's kubernetes-client only where no kubectl exists).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -31,8 +36,23 @@ run: install
 test: install system-deps
 	$(PY) -m pytest -q -p no:randomly
 
+# The unit tests at exactly the minimum versions setup.cfg promises (`name >= X` pinned
+# to X by a constraints file generated from setup.cfg, so a new dependency is covered).
+$(FLOOR_VENV)/.installed: setup.cfg pyproject.toml .ci/floor_constraints.py
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PYTHON) .ci/floor_constraints.py setup.cfg > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q --constraint $(FLOOR_VENV)/constraints.txt \
+	  -e ".[$$($(PYTHON) .ci/floor_constraints.py --extras setup.cfg)]" --config-settings editable_mode=compat
+	$(FLOOR_VENV)/bin/python .ci/floor_constraints.py --check setup.cfg
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed system-deps
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:randomly --ignore=tests/integration
+
 bench: install system-deps
 	$(PY) -m benchmarks all
 
 clean:
-	rm -rf $(VENV) run build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) run build *.egg-info

@@ -307,16 +307,18 @@ class CPath:
         ca_cert = x509ca.load_certificate_pem((ca_dir / "tls_ca.crt").read_bytes())
         now = datetime.now(timezone.utc)
         cluster = self.cluster.proxy.cluster
-        for label, identity in (
-            ("stunnel-server", x509ca.Identity(kind="node", name="stunnel-server",
-                                               cluster=cluster, uuid="stunnel-server")),
-            ("stunnel-client", x509ca.Identity(kind="proxy", name="stunnel-client",
-                                               cluster=cluster)),
+        # The TLS server side holds a server identity (EKU serverAuth, with
+        # its name), the client side a node's (clientAuth), as in the cluster.
+        for label, identity, names in (
+            ("stunnel-server", x509ca.Identity(kind="proxy", name="stunnel-server",
+                                               cluster=cluster), ("localhost",)),
+            ("stunnel-client", x509ca.Identity(kind="node", name="stunnel-client",
+                                               cluster=cluster, uuid="stunnel-client"), ()),
         ):
             key = keys.generate_private_key()
             cert = x509ca.issue_identity_certificate(
                 ca_key, ca_cert, key.public_key(), identity, now=now,
-                ttl=timedelta(hours=6), dns_names=("localhost",))
+                ttl=timedelta(hours=6), dns_names=names)
             keys.write_secret(d / f"{label}.pem",
                               keys.private_key_pem(key) + x509ca.certificate_pem(cert))
         (d / "ca.pem").write_bytes(x509ca.certificate_pem(ca_cert))

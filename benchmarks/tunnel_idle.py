@@ -80,8 +80,8 @@ class Fleet:
                                        uuid=str(uuidlib.uuid4()))
             cert = x509ca.issue_identity_certificate(
                 ca_key, ca_cert, key.public_key(), identity, now=now, ttl=timedelta(hours=6))
-            self.options.append(tls.client_options(self.host, [ca_cert], key=key, cert=cert,
-                                                   alpn=[ALPN_PROTOCOL]))
+            self.options.append(tls.client_options(self.host, [ca_cert], cluster=proxy.cluster,
+                                                   key=key, cert=cert, alpn=[ALPN_PROTOCOL]))
         self._made = 0
 
     def _agent(self, i: int):

@@ -110,7 +110,7 @@ def _echo_rounds(rounds: int, size: int, block: int = 500,
     port = reactor.listenTCP(0, TLSMemoryBIOFactory(server_options, False, tunnels),
                              interface="127.0.0.1")
     echo_port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
-    client_options = tls.client_options("localhost", [ca_cert], key=material["node"][0],
+    client_options = tls.client_options("localhost", [ca_cert], cluster="bench", key=material["node"][0],
                                         cert=material["node"][1], alpn=[ALPN_PROTOCOL])
     agent = TunnelAgent(
         endpoint_factory=lambda: wrapClientTLS(

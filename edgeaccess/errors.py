@@ -38,6 +38,34 @@ class BadResource(BadRequest):
     code = "bad_resource"
 
 
+class MethodNotAllowed(BadRequest):
+    """this method is not allowed here"""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(BadRequest):
+    """the request body is too large"""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+class URITooLong(BadRequest):
+    """the request line is too long"""
+
+    http_status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(BadRequest):
+    """the request headers are too large"""
+
+    http_status = 431
+    code = "headers_too_large"
+
+
 class AuthenticationFailed(EdgeError):
     """authentication failed"""
 

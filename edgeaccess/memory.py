@@ -14,12 +14,14 @@ a few dozen instances, an attribute first set after that (Twisted's TCP
 transport sets ``dataBuffer`` and ``offset`` at its first write) gives every
 instance a dict of its own, ~0.6 KB more per connection.
 :func:`share_instance_attributes` enters the names up front.
+
+Both lean on the platform (CPython's key-sharing dicts, glibc's allocator
+through ctypes): that code is in :mod:`edgeaccess.internals`, which checks
+at start-up that it fits and otherwise leaves the defaults alone.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import time
 from typing import Callable, Iterable
 
@@ -27,6 +29,8 @@ from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from edgeaccess import internals
 
 _log = Logger()
 
@@ -50,15 +54,11 @@ def share_instance_attributes(cls: type, names: Iterable[str]) -> None:
     instances of ``cls`` (call it before instances are made in bulk).
 
     A throwaway instance (made without ``__init__``) sets each name; names
-    that are data descriptors of ``cls`` are skipped. Harmless where the
-    interpreter shares no table: it only costs that one object.
+    that are data descriptors of ``cls`` are skipped. Nothing is done where
+    the interpreter shares no table (the ``cpython-shared-keys`` reach of
+    :mod:`edgeaccess.internals`).
     """
-    probe = cls.__new__(cls)
-    for name in names:
-        if hasattr(getattr(cls, name, None), "__set__"):
-            continue
-        object.__setattr__(probe, name, None)
-    del probe
+    internals.share_instance_attributes(cls, names)
 
 
 def share_tcp_server_attributes() -> None:
@@ -68,38 +68,17 @@ def share_tcp_server_attributes() -> None:
     share_instance_attributes(tcp.Server, TCP_SERVER_ATTRIBUTES)
 
 
-def _libc_function(name: str, argtypes: list, restype) -> Callable[..., int] | None:
-    """A glibc function by name, or None where the C library has none (musl, macOS)."""
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
-    try:
-        function = getattr(ctypes.CDLL(library), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = argtypes
-    function.restype = restype
-    return function
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None."""
-    return _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
-
-
-_malloc_trim = _load_malloc_trim()
-
-
 def trim_supported() -> bool:
     """Whether this process's C library can give freed heap memory back."""
-    return _malloc_trim is not None
+    return internals.malloc_trim() is not None
 
 
 def trim_heap() -> bool:
     """Return the heap's free pages to the system; True if any were released."""
-    if _malloc_trim is None:
+    malloc_trim = internals.malloc_trim()
+    if malloc_trim is None:
         return False
-    return bool(_malloc_trim(0))
+    return bool(malloc_trim(0))
 
 
 class HeapTrimmer(service.Service):
@@ -179,10 +158,11 @@ def tune_for_streaming(mallopt: Callable[[int, int], int] | None = None) -> bool
     ``malloc_trim`` of :class:`HeapTrimmer`.
 
     Returns False where the C library has no ``mallopt`` or refuses (only
-    speed is at stake then).
+    speed is at stake then). glibc's functions are reached through ctypes
+    (the ``glibc-malloc`` reach of :mod:`edgeaccess.internals`).
     """
     if mallopt is None:
-        mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+        mallopt = internals.mallopt()
     if mallopt is None:
         return False
     done = (mallopt(M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD) == 1

@@ -3,25 +3,34 @@
 Servers present a certificate from the cluster CA; the auth API and the
 tunnel server ask for client certificates from the same CA and read the
 peer's identity from them (:func:`peer_identity`), never from a message.
+Clients accept only the server they meant (:func:`client_options`,
+:class:`ClusterPolicy`): a proxy of the expected cluster whose certificate
+names the host dialled, never just any certificate the CA issued.
 """
 
 from __future__ import annotations
 
-from OpenSSL import crypto
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from edgeaccess import errors, internals
 from edgeaccess.pki import x509ca
+
+_log = Logger()
 
 
 def _x509(cert) -> crypto.X509:
+    # Only for trust stores (pyOpenSSL's X509Store takes nothing else, and
+    # does not warn); certificates and keys a context presents are passed as
+    # ``cryptography`` objects, which pyOpenSSL prefers (it deprecates
+    # passing its own X509/PKey to a context).
     return crypto.X509.from_cryptography(cert)
-
-
-def _pkey(key) -> crypto.PKey:
-    return crypto.PKey.from_cryptography_key(key)
 
 
 def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
@@ -33,9 +42,9 @@ def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
         ``"required"``.
     """
     kwargs = dict(
-        privateKey=_pkey(key),
-        certificate=_x509(cert),
-        extraCertChain=[_x509(c) for c in ca_certs],
+        privateKey=key,
+        certificate=cert,
+        extraCertChain=list(ca_certs),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
         acceptableProtocols=alpn,
     )
@@ -49,35 +58,123 @@ def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
     )
 
 
-def client_options(hostname: str, ca_certs, *, key=None, cert=None,
-                   alpn: list[bytes] | None = None):
+def client_options(hostname: str, ca_certs, *, cluster: str, key=None, cert=None,
+                   alpn: list[bytes] | None = None, kinds=x509ca.SERVER_KINDS):
     """Client TLS options trusting only ``ca_certs``, with an optional
-    client certificate."""
+    client certificate, accepting only a server of one of ``kinds`` of
+    ``cluster`` whose certificate names ``hostname`` (the name or address
+    dialled): see :func:`edgeaccess.pki.x509ca.check_server_certificate`."""
     trust = ssl.trustRootFromCertificates([ssl.Certificate(_x509(c)) for c in ca_certs])
-    client_cert = None
+    extra: dict = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
     if key is not None and cert is not None:
-        client_cert = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-            ssl.Certificate(_x509(cert)), ssl.KeyPair(_pkey(key))
-        )
-    return ssl.optionsForClientTLS(
-        hostname, trustRoot=trust, clientCertificate=client_cert,
-        acceptableProtocols=alpn,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_3},
+        # What optionsForClientTLS(clientCertificate=...) would pass, as
+        # cryptography objects (its PrivateCertificate holds pyOpenSSL ones).
+        extra.update(privateKey=key, certificate=cert)
+    inner = ssl.optionsForClientTLS(
+        hostname, trustRoot=trust, acceptableProtocols=alpn,
+        extraCertificateOptions=extra,
     )
+    return ClusterServerCheck(inner, x509ca.ExpectedServer(cluster=cluster, host=hostname,
+                                                          kinds=tuple(kinds)))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClusterServerCheck:
+    """Client connections that accept only the expected cluster server.
+
+    Wraps Twisted's client options (trust root, SNI, ALPN, client
+    certificate) and replaces the per-connection verify callback with one
+    that, for the server's own certificate (the chain having verified
+    against the cluster CA), runs
+    :func:`~edgeaccess.pki.x509ca.check_server_certificate`: the kind, the
+    cluster, EKU serverAuth and the dialled name or address. A mismatch
+    fails the handshake, so not one byte of the application reaches that
+    server; the reason reaches the protocol's ``connectionLost`` as
+    :class:`~edgeaccess.errors.CertificateInvalid`.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator,
+                 expected: x509ca.ExpectedServer) -> None:
+        self._inner = inner
+        self.expected = expected
+
+    def clientConnectionForTLS(self, tlsProtocol):  # noqa: N802 (Twisted interface)
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              _server_check_callback(tlsProtocol, self.expected))
+        return connection
+
+
+def _server_check_callback(tls_protocol, expected: x509ca.ExpectedServer):
+    protocol_ref = [tls_protocol]
+
+    def verify(connection, certificate, error_number, depth, ok) -> bool:
+        if depth != 0:
+            return bool(ok)
+        protocol = protocol_ref.pop() if protocol_ref else None
+        try:
+            # Run even when OpenSSL refused the certificate (e.g. a client-only
+            # one: "unsupported purpose"), to say what the server really is.
+            x509ca.check_server_certificate(certificate.to_cryptography(), expected)
+            if ok:
+                return True
+            reason = errors.CertificateInvalid(
+                f"refused the server at {expected.host}: its certificate does not verify "
+                f"against the cluster CA (X.509 error {error_number})")
+        except x509ca.ServerMismatch as e:
+            reason = errors.CertificateInvalid(
+                f"refused the server at {expected.host}: {e}")
+        except Exception as e:  # never raise into OpenSSL's callback
+            _log.failure("while checking a server certificate")
+            reason = errors.CertificateInvalid(
+                f"refused the server at {expected.host}: {type(e).__name__}")
+        _log.warn("{reason}", reason=reason)
+        if protocol is not None:
+            protocol.failVerification(Failure(reason))
+        return False
+
+    return verify
 
 
 @implementer(IPolicyForHTTPS)
 class ClusterPolicy:
-    """treq/Agent policy: trust the cluster CA, present our certificate."""
+    """treq/Agent policy: trust the cluster CA, accept only a server of
+    ``kinds`` of ``cluster`` at the host of the URL, present our certificate.
 
-    def __init__(self, ca_certs, key=None, cert=None) -> None:
-        self._ca_certs = ca_certs
-        self._key = key
-        self._cert = cert
+    :param credentials: ``() -> (private_key, certificate)`` or None (no
+        client certificate); called for each new connection, so a renewed
+        certificate is used from the next connection on.
+    """
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return client_options(hostname.decode("ascii"), self._ca_certs,
-                              key=self._key, cert=self._cert)
+    def __init__(self, ca_certs, *, cluster: str, credentials=None,
+                 kinds=x509ca.SERVER_KINDS) -> None:
+        self._ca_certs = list(ca_certs)
+        self._cluster = cluster
+        self._credentials = credentials
+        self._kinds = tuple(kinds)
+        self._cache: dict = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
+        key, cert = self._credentials() if self._credentials is not None else (None, None)
+        host = hostname.decode("ascii")
+        cache_key = (host, port, None if cert is None else cert.fingerprint(hashes.SHA256()))
+        creator = self._cache.get(cache_key)
+        if creator is None:
+            # One context per (host, certificate): the CA and key are loaded once.
+            self._cache.clear()
+            creator = self._cache[cache_key] = client_options(
+                host, self._ca_certs, cluster=self._cluster, key=key, cert=cert,
+                kinds=self._kinds)
+        return creator
+
+
+@implementer(IPolicyForHTTPS)
+class UnverifiedPolicy:
+    """Accepts any server: only for fetching a CA that is then checked
+    against a pin (or trusted on first use, saying so)."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
+        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_3)
 
 
 def peer_certificate(transport):
@@ -93,9 +190,10 @@ def peer_certificate(transport):
 
 def peer_identity(transport) -> x509ca.Identity | None:
     """The edgeaccess identity of a TLS peer that presented a verified
-    certificate, or ``None``."""
+    client certificate, or ``None`` (also for a certificate that is not for
+    clients: a proxy's, whatever it says, is never a caller)."""
     cert = peer_certificate(transport)
-    if cert is None:
+    if cert is None or not x509ca.is_client_certificate(cert):
         return None
     try:
         return x509ca.identity_from_certificate(cert)
@@ -115,38 +213,7 @@ def shrink_tls_buffers(transport) -> bool:
     the chosen ALPN name pyOpenSSL keeps for OpenSSL during the handshake
     goes too (OpenSSL has its own since). Returns whether the BIOs were
     replaced (False: not a memory-BIO TLS transport, the handshake is not
-    done, bytes are pending, or pyOpenSSL changed shape).
+    done, bytes are pending, or pyOpenSSL is not the shape this was checked
+    on: the ``tls-buffers`` reach of :mod:`edgeaccess.internals`).
     """
-    connection = getattr(transport, "_tlsConnection", None)
-    if connection is None or not getattr(transport, "_handshakeDone", False):
-        return False
-    if getattr(transport, "_lostTLSConnection", False) or getattr(transport, "disconnecting", False):
-        return False
-    if getattr(connection, "_alpn_select_callback_args", None) is not None:
-        connection._alpn_select_callback_args = None
-    ssl_handle = getattr(connection, "_ssl", None)
-    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
-    if ssl_handle is None or into is None or out is None:
-        return False  # a socket-backed connection
-    lib, ffi = _openssl_binding()
-    pending = ffi.new("char **")
-    if lib.BIO_get_mem_data(into, pending) != 0 or lib.BIO_get_mem_data(out, pending) != 0:
-        return False
-    new_into = lib.BIO_new(lib.BIO_s_mem())
-    if new_into == ffi.NULL:
-        return False
-    new_out = lib.BIO_new(lib.BIO_s_mem())
-    if new_out == ffi.NULL:
-        lib.BIO_free(new_into)
-        return False
-    # SSL_set_bio frees the old pair; pyOpenSSL reads and writes through
-    # these two attributes (it frees neither itself: SSL_free does).
-    lib.SSL_set_bio(ssl_handle, new_into, new_out)
-    connection._into_ssl, connection._from_ssl = new_into, new_out
-    return True
-
-
-def _openssl_binding():
-    from OpenSSL._util import ffi, lib
-
-    return lib, ffi
+    return internals.shrink_tls_buffers(transport)

@@ -132,7 +132,15 @@ def _client(args) -> Client:
     ca_pem = "-----END CERTIFICATE-----".join(blocks[1:]).strip()
     if not ca_pem:
         raise errors.EdgeError(f"identity file {identity} holds no CA certificate")
-    return Client(addr, default_port=3025, ca_pem=ca_pem + "\n",
+    # The server must be a proxy of our own identity's cluster.
+    from edgeaccess.pki import x509ca
+
+    try:
+        own = x509ca.identity_from_certificate(
+            x509ca.load_certificate_pem((blocks[0] + "-----END CERTIFICATE-----").encode()))
+    except ValueError as e:
+        raise errors.EdgeError(f"identity file {identity} holds no cluster identity ({e})")
+    return Client(addr, default_port=3025, ca_pem=ca_pem + "\n", cluster=own.cluster,
                   cert_file=str(identity), key_file=str(identity))
 
 

@@ -33,13 +33,14 @@ class NodeAudit:
         """Open the spool in ``directory`` and end sessions a crash cut.
 
         :param identity: the node's identity (``name``, ``uuid``, ``cluster``).
-        :param client_factory: an authenticated HTTPS client to the auth API
-            (used by the default uploader from the reactor's thread pool).
+        :param client_factory: returns the node's
+            :class:`~edgeaccess.clusterclient.ClusterClient` to the auth API
+            (used by the default uploader).
         :param uploader: another ``IAuditUploader`` (e.g. the tunnel's).
         """
         spool = Spool.open(directory, max_bytes=max_bytes)
         if uploader is None:
-            uploader = HTTPSAuditUploader(client_factory, reactor, reactor.getThreadPool())
+            uploader = HTTPSAuditUploader(client_factory)
         shipper = SpoolShipper(spool, uploader, reactor, rng=rng)
         observer = AuditingObserver(spool, cluster=identity.cluster, node_name=identity.name,
                                     node_id=identity.uuid, clock=reactor,

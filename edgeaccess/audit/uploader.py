@@ -1,8 +1,9 @@
 """Shipping the node's spool to the auth service.
 
 :class:`HTTPSAuditUploader` is the first :class:`IAuditUploader`: JSON
-POSTs to the auth API with the node's client certificate, made from a
-thread (the HTTP client blocks). The reverse tunnel can later provide
+POSTs to the auth API with the node's client certificate, through the
+node's :class:`~edgeaccess.clusterclient.ClusterClient` (one persistent,
+identity-checked connection). The reverse tunnel can later provide
 another implementation of the same three calls.
 
 :class:`SpoolShipper` is the service that empties the spool: events first
@@ -24,7 +25,6 @@ from urllib.parse import quote
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -42,21 +42,15 @@ EVENT_BATCH = 200
 class HTTPSAuditUploader:
     """Delivers to the auth API over HTTPS (mutual TLS).
 
-    :param client_factory: returns an :class:`edgeaccess.httpclient.Client`
-        with the node's certificate (called per request, so renewed
-        certificates are used).
-    :param reactor: where results are delivered.
-    :param threadpool: where the blocking requests run.
+    :param client_factory: returns the node's
+        :class:`edgeaccess.clusterclient.ClusterClient` (called per request).
     """
 
-    def __init__(self, client_factory: Callable, reactor, threadpool) -> None:
+    def __init__(self, client_factory: Callable) -> None:
         self._client_factory = client_factory
-        self._reactor = reactor
-        self._threadpool = threadpool
 
     def _post(self, path: str, body: dict):
-        client = self._client_factory()
-        return deferToThreadPool(self._reactor, self._threadpool, client.post, path, body)
+        return self._client_factory().post_json(path, body)
 
     @defer.inlineCallbacks
     def send_events(self, events: list):

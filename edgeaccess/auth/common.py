@@ -62,11 +62,12 @@ def _load_public_key(text: str, what: str):
 
 
 def _load_pem_public_key(text: str, what: str):
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     try:
         return serialization.load_pem_public_key(text.encode("ascii"))
-    except (ValueError, TypeError, UnicodeError):
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm):
         raise errors.BadRequest(f"{what} is not a PEM public key")
 
 

@@ -216,7 +216,8 @@ def _check_valid(profile) -> None:
 
 
 def _client(home, profile) -> Client:
-    return Client(profile.proxy, ca_pem=(home / "ca.pem").read_text(),
+    """The logged-in client: only a proxy of the profile's cluster."""
+    return Client(profile.proxy, ca_pem=(home / "ca.pem").read_text(), cluster=profile.cluster,
                   cert_file=str(home / "tls.crt"), key_file=str(home / "tls.key"))
 
 
@@ -238,8 +239,15 @@ def _login(args, home) -> int:
         previous = profiles.load(home)
         if previous is not None and previous.proxy == proxy and (home / "ca.pem").exists():
             ca_pem = (home / "ca.pem").read_text()
+    # With a CA (pinned, or kept from an earlier login) the server must be a
+    # proxy of that CA's cluster named by the address dialled, before a
+    # byte of the password is sent (edgeaccess.pki.x509ca.check_server_certificate).
     client = Client(proxy, ca_pem=ca_pem, insecure=args.insecure)
     ping = client.get("/v1/ping")
+    if client.expected is not None and ping.get("cluster_name") != client.expected.cluster:
+        raise errors.CertificateInvalid(
+            f"the proxy at {proxy} says it is cluster {ping.get('cluster_name')!r}, "
+            f"but its certificate is of cluster {client.expected.cluster!r}")
     user = args.user or os.environ.get("USER") or "root"
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

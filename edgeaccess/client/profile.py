@@ -82,20 +82,20 @@ def _config_path(path: Path) -> str:
 
 
 
-def render_tls_routing_command(home: Path, tunnel_addr: str) -> str:
+def render_tls_routing_command(home: Path, tunnel_addr: str, cluster: str) -> str:
     """The ``ProxyCommand`` of TLS routing: :mod:`edgeaccess.client.tlsroute`
     (standard library only, started with ``-I -S``: ~15 ms) opens a mutual
     TLS stream to the proxy's tunnel port with ALPN ``edge-ssh/1`` and the
     target node (``%h``) as the server name, and relays until the proxy
     closes it. Only the cluster CA is trusted (no system stores), the
-    proxy's certificate must name the host dialled, and any failure ends the
-    connection with one line on stderr."""
+    proxy's certificate must be a proxy's of ``cluster`` and name the host
+    dialled, and any failure ends the connection with one line on stderr."""
     host, port = split_addr(tunnel_addr, 3024)
     connect = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     argv = [sys.executable, "-I", "-S", tlsroute.__file__,
             "--ca", str(home / "ca.pem"), "--cert", str(home / "tls.crt"),
             "--key", str(home / "tls.key"), "--verify-host", host,
-            "--alpn", "edge-ssh/1", "--connect", connect]
+            "--alpn", "edge-ssh/1", "--cluster", cluster, "--connect", connect]
     command = " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
     return f"{command} --servername %h"
 
@@ -129,7 +129,7 @@ def render_ssh_config(home: Path, cluster: str, username: str, ssh_addr: str,
     )
     patterns = " ".join([f"*.{cluster}"] + [f"*.{leaf}" for leaf in leaf_names])
     if tls_routing_addr:
-        route = f"    ProxyCommand {render_tls_routing_command(home, tls_routing_addr)}\n"
+        route = f"    ProxyCommand {render_tls_routing_command(home, tls_routing_addr, cluster)}\n"
         how = f"TLS routing at {tls_routing_addr}"
     else:
         route = f"    ProxyJump {alias}\n"

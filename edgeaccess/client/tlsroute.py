@@ -1,13 +1,14 @@
 """OpenSSH ``ProxyCommand`` of TLS routing: stdin/stdout <-> mutual TLS to the proxy.
 
 ``python -I -S tlsroute.py --ca CA --cert CERT --key KEY --verify-host HOST
---alpn edge-ssh/1 --servername NODE.CLUSTER --connect HOST:PORT``
+--alpn edge-ssh/1 --cluster CLUSTER --servername NODE.CLUSTER --connect HOST:PORT``
 
 Opens a TLS 1.3 connection to the proxy's tunnel port with the user's
 certificate, the ALPN and the target node as the server name (SNI), checks
-that the proxy's certificate (from the cluster CA only) names ``--verify-host``
-(the SNI names the node, so the name is checked here rather than by OpenSSL),
-then relays bytes until the proxy closes the stream.
+that the proxy's certificate (from the cluster CA only) is a proxy's of
+``--cluster`` and names ``--verify-host`` (the SNI names the node, so the
+name is checked here rather than by OpenSSL), then relays bytes until the
+proxy closes the stream.
 
 Why not ``openssl s_client``: it relays 1 KiB per read and write (a million
 system calls per GiB: 1.5-2.2 CPU-seconds per GiB measured, as much as the
@@ -39,7 +40,7 @@ PIPE_SIZE = 1024 * 1024
 _RECORD = 16384
 
 USAGE = ("usage: tlsroute.py --ca FILE --cert FILE --key FILE --verify-host HOST "
-         "--alpn PROTOCOL --servername NAME --connect HOST:PORT")
+         "--alpn PROTOCOL --cluster NAME --servername NAME --connect HOST:PORT")
 
 
 class RouteError(Exception):
@@ -48,7 +49,7 @@ class RouteError(Exception):
 
 def parse_args(argv: list[str]) -> dict[str, str]:
     """``--name value`` pairs; every option is required."""
-    names = ("ca", "cert", "key", "verify-host", "alpn", "servername", "connect")
+    names = ("ca", "cert", "key", "verify-host", "alpn", "cluster", "servername", "connect")
     options: dict[str, str] = {}
     items = iter(argv)
     for item in items:
@@ -154,6 +155,24 @@ def certificate_names_host(certificate: dict, host: str) -> bool:
             if wanted.split(".", 1)[1] == name[2:] and not wanted.startswith("."):
                 return True
     return False
+
+
+def certificate_is_proxy_of(certificate: dict, cluster: str) -> bool:
+    """Whether a verified peer certificate (``getpeercert()``) is a proxy's
+    of ``cluster``: subject OU ``proxy`` and O ``cluster``.
+
+    The cluster CA writes the identity's kind and cluster into the subject
+    of every certificate it issues, exactly as in its identity extension
+    (which the standard library cannot read; the package's clients check
+    that, :func:`edgeaccess.pki.x509ca.check_server_certificate`). OpenSSL
+    has already refused a certificate without EKU serverAuth.
+    """
+    fields: dict[str, list[str]] = {}
+    for rdn in certificate.get("subject", ()):
+        for name, value in rdn:
+            fields.setdefault(name, []).append(value)
+    return (fields.get("organizationalUnitName") == ["proxy"]
+            and fields.get("organizationName") == [cluster])
 
 
 def handshake(sock: _socket.socket, tls, incoming: _ssl.MemoryBIO,
@@ -294,6 +313,9 @@ def main(argv: list[str]) -> int:
             tls = open_tls(options["ca"], options["cert"], options["key"], options["alpn"],
                            options["servername"], incoming, outgoing)
             handshake(sock, tls, incoming, outgoing)
+            if not certificate_is_proxy_of(tls.getpeercert() or {}, options["cluster"]):
+                raise RouteError(f"the server at {options['connect']} is not a proxy of "
+                                 f"cluster {options['cluster']}")
             if not certificate_names_host(tls.getpeercert() or {}, options["verify-host"]):
                 raise RouteError(f"the proxy's certificate does not name {options['verify-host']}")
             if tls.selected_alpn_protocol() != options["alpn"]:

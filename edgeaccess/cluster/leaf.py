@@ -12,20 +12,21 @@ every session relayed through it.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
 from cryptography.hazmat.primitives import serialization
 from klein import Klein
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Site
 
-from edgeaccess import errors
+from edgeaccess import clusterclient, errors
 from edgeaccess.cluster.trusted import map_roles
-from edgeaccess.httpclient import Client, fetch_pinned_ca, split_addr
+from edgeaccess.httpapi import EdgeSite
+from edgeaccess.httpclient import split_addr
 from edgeaccess.pki import keys, x509ca
 from edgeaccess.proxy.splice import SpliceFactory
 
@@ -38,23 +39,38 @@ def _dumps(value) -> bytes:
     return json.dumps(value, sort_keys=True).encode("utf-8")
 
 
-def exchange_with_root(tc, *, leaf_name: str, host_ca_lines: list[str], tls_ca_pem: str,
-                       tunnel_key) -> dict:
-    """Blocking (run in a thread): the CA exchange with the root."""
-    root_ca = fetch_pinned_ca(tc.web_proxy_addr, tc.ca_pin)
-    client = Client(tc.web_proxy_addr, ca_pem=root_ca)
-    # Check the name before the join: the root stores the leaf when it accepts.
-    ping = client.get("/v1/ping")
-    _check_root_name(tc, ping.get("cluster_name") if isinstance(ping, dict) else None)
-    answer = client.post("/v1/trusted_clusters/join", {
-        "token": tc.token,
-        "leaf_name": leaf_name,
-        "host_ca": host_ca_lines,
-        "tls_ca": tls_ca_pem,
-        "tunnel_public_key": tunnel_key.public_key().public_bytes(
-            serialization.Encoding.PEM,
-            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii"),
-    })
+async def exchange_with_root(tc, *, leaf_name: str, host_ca_lines: list[str], tls_ca_pem: str,
+                             tunnel_key, connect_cluster) -> dict:
+    """The CA exchange with the root.
+
+    The root's CA is fetched and checked against the pin; from then on the
+    leaf talks only to a proxy of cluster ``tc.name`` (the root's name, as
+    the resource says) whose certificate names ``tc.web_proxy_addr``'s host:
+    an impostor holding any other certificate of the root's CA gets no token.
+
+    :param connect_cluster: see :func:`edgeaccess.clusterclient.connect`
+        (without the reactor).
+    """
+    root_ca = await clusterclient.fetch_pinned_ca(connect_cluster, tc.web_proxy_addr,
+                                                  tc.ca_pin)
+    client = connect_cluster(tc.web_proxy_addr, default_port=3080,
+                             ca_certs=[x509ca.load_certificate_pem(root_ca.encode())],
+                             cluster=tc.name)
+    try:
+        # Check the name before the join: the root stores the leaf when it accepts.
+        ping = await client.get_json("/v1/ping")
+        _check_root_name(tc, ping.get("cluster_name") if isinstance(ping, dict) else None)
+        answer = await client.post_json("/v1/trusted_clusters/join", {
+            "token": tc.token,
+            "leaf_name": leaf_name,
+            "host_ca": host_ca_lines,
+            "tls_ca": tls_ca_pem,
+            "tunnel_public_key": tunnel_key.public_key().public_bytes(
+                serialization.Encoding.PEM,
+                serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii"),
+        })
+    finally:
+        await client.close()
     if not isinstance(answer, dict):
         raise errors.EdgeError(f"the cluster at {tc.web_proxy_addr} sent a malformed answer")
     _check_root_name(tc, answer.get("cluster_name"))
@@ -78,10 +94,13 @@ class LeafTrust:
     """The resource hook (AuthServer.resource_hooks["trusted_cluster"]) and
     the trust data the leaf's nodes need."""
 
-    def __init__(self, auth, reactor) -> None:
+    def __init__(self, auth, reactor, connect_cluster=None) -> None:
         self.auth = auth
         self.reactor = reactor
         self.links: LeafLinks | None = None
+        if connect_cluster is None:
+            connect_cluster = functools.partial(clusterclient.connect, reactor)
+        self._connect_cluster = connect_cluster
 
     async def before_upsert(self, tc) -> None:
         previous = await self.state(tc.name)
@@ -92,11 +111,11 @@ class LeafTrust:
         else:
             tunnel_key = keys.generate_private_key()
             authority = self.auth.authority
-            result = await threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), exchange_with_root, tc,
-                leaf_name=self.auth.cluster_name,
+            result = await exchange_with_root(
+                tc, leaf_name=self.auth.cluster_name,
                 host_ca_lines=[authority.host_ca_public_line],
-                tls_ca_pem=authority.tls_ca_pem, tunnel_key=tunnel_key)
+                tls_ca_pem=authority.tls_ca_pem, tunnel_key=tunnel_key,
+                connect_cluster=self._connect_cluster)
             state = {**result, "tunnel_key": keys.private_key_pem(tunnel_key).decode()}
             _log.info("trust established with root cluster {root} at {addr}",
                       root=tc.name, addr=tc.web_proxy_addr)
@@ -191,7 +210,8 @@ class LeafLinks(service.MultiService):
         host, port = split_addr(state["tunnel_addr"], 3024)
 
         def endpoint_factory():
-            options = tls.client_options(host, ca_certs, key=key, cert=cert,
+            # Only the root's own proxy, named by the address dialled.
+            options = tls.client_options(host, ca_certs, cluster=root, key=key, cert=cert,
                                          alpn=[ALPN_PROTOCOL])
             return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
                                                            timeout=10))
@@ -216,7 +236,7 @@ class LeafLinks(service.MultiService):
         if kind != "cluster":
             raise errors.AccessDenied(f"{kind} channels are not served by a leaf proxy")
         if target == "web":
-            return Site(LeafInternalAPI(self.trust, root, apps=self.apps).app.resource())
+            return EdgeSite(LeafInternalAPI(self.trust, root, apps=self.apps).app.resource())
         what, _, name = target.partition(":")
         if what == "app" and name and self.apps is not None:
             from edgeaccess.apps.service import relayed_app_factory

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -67,7 +68,7 @@ class RootClusters:
         try:
             x509ca.load_certificates_pem(tls_ca.encode("ascii"))
             key = serialization.load_pem_public_key(tunnel_public_key.encode("ascii"))
-        except (ValueError, TypeError, UnicodeError, AttributeError):
+        except (ValueError, TypeError, UnicodeError, AttributeError, UnsupportedAlgorithm):
             raise errors.BadRequest("tls_ca or tunnel_public_key is not valid PEM")
         try:
             existing = json.loads((await auth.backend.get(f"/remote_clusters/{leaf_name}")).value)

@@ -215,7 +215,10 @@ def parse_documents(text: str | bytes) -> list[dict[str, Any]]:
         raise BadResource(f"input too large (more than {MAX_DOCUMENT_BYTES} bytes)")
 
     documents: list[dict[str, Any]] = []
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # its reader refuses control characters at once
+    except yaml.YAMLError as error:
+        raise _yaml_error(error) from None
     number = 0
     try:
         while loader.check_node():  # type: ignore[no-untyped-call]

@@ -53,6 +53,8 @@ _TEMPLATE = re.compile(
 )
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
 _DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+#: The longest duration a role may say (timedelta itself stops at 999,999,999 days).
+_MAX_DURATION_SECONDS = 3650 * 86400
 
 
 # --- durations ------------------------------------------------------------------------
@@ -78,6 +80,8 @@ def parse_duration(text: object) -> timedelta:
         if position != len(text):
             raise BadRequest(f"invalid duration {short_repr(text)}: use a number and a unit, like "
                              "'8h', '30m' or '1h30m'")
+        if not seconds <= _MAX_DURATION_SECONDS:  # also NaN and the infinity of '9' * 400
+            raise BadRequest(f"invalid duration {short_repr(text)}: longer than 10 years")
         value = timedelta(seconds=seconds)
     if value <= timedelta(0):
         raise BadRequest(f"invalid duration {short_repr(text)}: must be more than zero")

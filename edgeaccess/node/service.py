@@ -8,6 +8,7 @@ network never stops a node.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import uuid as uuidlib
@@ -16,12 +17,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from edgeaccess import __version__, errors
-from edgeaccess.httpclient import Client, fetch_pinned_ca, pin_of_pem
+from edgeaccess import __version__, clusterclient, errors
+from edgeaccess.httpclient import pin_of_pem
 from edgeaccess.node.authorizer import RoleAuthorizer
 from edgeaccess.node.identity import NodeIdentity
 from edgeaccess.pki import keys
@@ -44,13 +45,26 @@ class NodeService(service.MultiService):
 
     :param listen: callable ``(factory) -> Deferred[port]`` starting the
         SSH listener (so tests and the tap choose the endpoint).
+    :param connect_cluster: ``(addr, *, default_port, ca_certs, cluster,
+        credentials) -> ClusterClient`` (default
+        :func:`edgeaccess.clusterclient.connect` on ``reactor``); every call
+        to the cluster (join, heartbeat, roles, renewal, audit) goes through
+        the clients it makes.
     """
 
     def __init__(self, *, data_dir: Path, auth_server: str, token: str | None,
                  ca_pin: str | None, nodename: str, labels: dict, listen,
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
-                 env_allow=(), rng: random.Random | None = None, apps=()) -> None:
+                 env_allow=(), rng: random.Random | None = None,
+                 connect_cluster=None, apps=()) -> None:
         super().__init__()
+        if connect_cluster is None:
+            connect_cluster = functools.partial(clusterclient.connect, reactor)
+        self._connect_cluster = connect_cluster
+        #: The client to the auth service (set once the identity is known).
+        self.cluster_client: clusterclient.ClusterClient | None = None
+        self._joining: clusterclient.ClusterClient | None = None
+        self._main = None
         self.data_dir = data_dir
         self.auth_server = auth_server
         self.token = token
@@ -86,7 +100,7 @@ class NodeService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         self._running = True
-        d = defer.Deferred.fromCoroutine(self._run())
+        self._main = d = defer.Deferred.fromCoroutine(self._run())
         d.addErrback(self._fatal)
 
     def stopService(self):
@@ -94,6 +108,12 @@ class NodeService(service.MultiService):
         if self._sleeping is not None and not self._sleeping.called:
             self._sleeping.cancel()
         d = super().stopService()
+        # Whatever is in flight to the auth service is cancelled, not waited for.
+        for client in (self.cluster_client, self._joining):
+            if client is not None:
+                d.addCallback(lambda _, c=client: c.close())
+        if self._main is not None and not self._main.called:
+            self._main.cancel()
         if self.agent is not None and self.factory is not None:
             d.addCallback(lambda _: self.factory.doStop())
         if self.port is not None:
@@ -121,7 +141,9 @@ class NodeService(service.MultiService):
         self.identity = NodeIdentity.load(self.data_dir)
         if self.identity is None:
             self.identity = await self._join_with_retries()
+            self.cluster_client = self._open_cluster_client()
         else:
+            self.cluster_client = self._open_cluster_client()
             _log.info("node {name} ({uuid}) of cluster {cluster}: identity loaded from "
                       "{dir}", name=self.identity.name, uuid=self.identity.uuid,
                       cluster=self.identity.cluster, dir=self.data_dir)
@@ -163,8 +185,7 @@ class NodeService(service.MultiService):
         attempt = 0
         while True:
             try:
-                return await threads.deferToThreadPool(
-                    self.reactor, self.reactor.getThreadPool(), self._join)
+                return await self._join()
             except (errors.TokenInvalid, errors.CertificateInvalid, errors.BadRequest):
                 raise
             except (errors.EdgeError, KeyError, TypeError, ValueError) as e:
@@ -174,24 +195,48 @@ class NodeService(service.MultiService):
                           reason=e, delay=delay)
                 await self._sleep(delay)
 
-    def _join(self) -> NodeIdentity:
-        """Blocking: runs in a thread."""
+    async def _join(self) -> NodeIdentity:
+        """Fetch and pin the CA, then trade the token for an identity, talking
+        only to a proxy of that CA's cluster from then on."""
+        from edgeaccess.pki import x509ca
+
         if self.ca_pin:
-            ca_pem = fetch_pinned_ca(self.auth_server, self.ca_pin, default_port=3025)
+            ca_pem = await clusterclient.fetch_pinned_ca(
+                self._connect_cluster, self.auth_server, self.ca_pin, default_port=3025)
         else:
-            insecure = Client(self.auth_server, default_port=3025, insecure=True)
-            ca_pem = insecure.get("/v1/cluster/ca")["tls_ca"][0]
+            ca_pem = await self._fetch_unpinned_ca()
             _log.warn("joining without --ca-pin: trusting the CA the auth server sent "
                       "({pin}); pass --ca-pin to be safe from impersonation",
                       pin=pin_of_pem(ca_pem))
-        client = Client(self.auth_server, default_port=3025, ca_pem=ca_pem)
-        info = client.get("/v1/cluster/ca")
+        ca_cert = x509ca.load_certificate_pem(ca_pem.encode())
+        cluster = x509ca.ca_cluster_name(ca_cert)
+        self._joining = client = self._connect_cluster(
+            self.auth_server, default_port=3025, ca_certs=[ca_cert], cluster=cluster)
+        try:
+            return await self._join_through(client)
+        finally:
+            self._joining = None
+            await client.close()
+
+    async def _fetch_unpinned_ca(self) -> str:
+        client = self._connect_cluster(self.auth_server, default_port=3025, ca_certs=None)
+        try:
+            answer = await client.get_json("/v1/cluster/ca")
+        finally:
+            await client.close()
+        pems = answer.get("tls_ca") if isinstance(answer, dict) else None
+        if not isinstance(pems, list) or not pems or not isinstance(pems[0], str):
+            raise errors.EdgeError(f"{self.auth_server} did not send its CA certificate")
+        return pems[0]
+
+    async def _join_through(self, client) -> NodeIdentity:
+        info = await client.get_json("/v1/cluster/ca")
         # The proxy's web address means: no inbound port, a reverse tunnel.
         mode = "tunnel" if info.get("service") == "proxy" else "direct"
         ssh_key = keys.generate_private_key()
         tls_key = keys.generate_private_key()
         node_uuid = str(uuidlib.uuid4())
-        answer = client.post("/v1/join", {
+        answer = await client.post_json("/v1/join", {
             "token": self.token,
             "name": self.nodename,
             "uuid": node_uuid,
@@ -211,6 +256,21 @@ class NodeService(service.MultiService):
                   mode=mode)
         return identity
 
+    def _open_cluster_client(self) -> clusterclient.ClusterClient:
+        """The client to the auth service: the cluster CA, a proxy of our
+        cluster only, our node certificate (the current one: renewals apply
+        to the next connection)."""
+        from edgeaccess.pki import x509ca
+
+        def credentials():
+            return (self.identity.tls_key,
+                    x509ca.load_certificate_pem(self.identity.tls_certificate.encode()))
+
+        return self._connect_cluster(
+            self.identity.auth_server, default_port=3025,
+            ca_certs=x509ca.load_certificates_pem(self.identity.ca_pem.encode()),
+            cluster=self.identity.cluster, credentials=credentials)
+
     # --- SSH -------------------------------------------------------------
 
     async def _start_ssh(self) -> None:
@@ -221,7 +281,7 @@ class NodeService(service.MultiService):
         # Audit: events and recordings go to an on-disk spool, shipped to
         # the auth service by a child service (edgeaccess.audit).
         self.audit = NodeAudit.open(self.data_dir / "audit-spool", self.identity,
-                                    self._client, self.reactor, rng=self.rng)
+                                    lambda: self.cluster_client, self.reactor, rng=self.rng)
         self.audit.shipper.setServiceParent(self)
         authorizer = self.audit.guard(RoleAuthorizer(
             self.identity.cluster, lambda: self.roles, lambda: self.labels, self.reactor,
@@ -276,7 +336,7 @@ class NodeService(service.MultiService):
             self._tunnel_attempts += 1
             host, port = split_addr(addr, 3024)
             options = tls.client_options(
-                host, ca_certs, key=self.identity.tls_key,
+                host, ca_certs, cluster=self.identity.cluster, key=self.identity.tls_key,
                 cert=x509ca.load_certificate_pem(self.identity.tls_certificate.encode()),
                 alpn=[ALPN_PROTOCOL])
             return wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port,
@@ -330,8 +390,7 @@ class NodeService(service.MultiService):
                   name=self.identity.name, addr=self.tunnel_addrs[0])
 
     async def _ask_tunnel_addr(self) -> str:
-        ping = await threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), self._client().get, "/v1/ping")
+        ping = await self.cluster_client.get_json("/v1/ping")
         addr = ping["proxy"]["tunnel_addr"]
         if not isinstance(addr, str) or not addr:
             raise errors.NotFound("the proxy announces no tunnel address")
@@ -361,12 +420,6 @@ class NodeService(service.MultiService):
 
     # --- keeping in touch ------------------------------------------------
 
-    def _client(self) -> Client:
-        return Client(self.identity.auth_server, default_port=3025,
-                      ca_pem=self.identity.ca_pem,
-                      cert_file=str(self.data_dir / "tls.crt"),
-                      key_file=str(self.data_dir / "tls.key"))
-
     def _address(self) -> str:
         if self.identity.mode == "tunnel" or self.port is None:
             return "tunnel"
@@ -376,14 +429,12 @@ class NodeService(service.MultiService):
         return f"{host}:{port}"
 
     async def _heartbeat(self) -> None:
-        client = self._client()
+        client = self.cluster_client
         record = {"name": self.identity.name, "uuid": self.identity.uuid,
                   "address": self._address(), "labels": self.labels,
                   "version": __version__}
-        await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                        client.post, "/v1/nodes/heartbeat", record)
-        answer = await threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), client.get, "/v1/nodes/roles")
+        await client.post_json("/v1/nodes/heartbeat", record)
+        answer = await client.get_json("/v1/nodes/roles")
         roles = {d["metadata"]["name"]: d for d in answer.get("roles", [])
                  if isinstance(d, dict) and isinstance(d.get("metadata"), dict)}
         if roles != self.roles:
@@ -411,12 +462,11 @@ class NodeService(service.MultiService):
             return
         ssh_key = keys.generate_private_key()
         tls_key = keys.generate_private_key()
-        answer = await threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), client.post, "/v1/nodes/renew", {
-                "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
-                "tls_public_key": _pem_public(tls_key),
-                "addresses": [] if self.identity.mode == "tunnel"
-                else _advertised_hosts(self.advertise_addr)})
+        answer = await client.post_json("/v1/nodes/renew", {
+            "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
+            "tls_public_key": _pem_public(tls_key),
+            "addresses": [] if self.identity.mode == "tunnel"
+            else _advertised_hosts(self.advertise_addr)})
         self.identity.ssh_key = ssh_key
         self.identity.ssh_certificate = answer["ssh_host_certificate"]
         self.identity.tls_key = tls_key

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from twisted.python import usage
 
+from edgeaccess import internals
 from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import split_addr
 from edgeaccess.memory import tune_for_streaming
@@ -102,6 +103,9 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
+    # misfits take the stock path, with one warning (edgeaccess.internals).
+    internals.self_check()
     # Sessions and tunnels stream bulk data: see edgeaccess.memory.
     tune_for_streaming()
     listen_addr = options["ssh-listen"]

@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -54,10 +55,18 @@ def public_key_openssh(key) -> bytes:
 
 
 def load_public_key_openssh(line: bytes | str):
-    """Parse an ``ssh-ed25519 AAAA...`` line (no certificates)."""
+    """Parse an ``ssh-ed25519 AAAA...`` line (no certificates).
+
+    :raises ValueError: not an OpenSSH public key line of a supported type
+        (cryptography says UnsupportedAlgorithm for an unknown type, and
+        NotImplementedError for a compressed elliptic-curve point).
+    """
     if isinstance(line, str):
         line = line.encode("ascii")
-    return serialization.load_ssh_public_key(line.strip())
+    try:
+        return serialization.load_ssh_public_key(line.strip())
+    except (UnsupportedAlgorithm, NotImplementedError) as error:
+        raise ValueError(str(error)) from None
 
 
 def ssh_fingerprint(public_key) -> str:

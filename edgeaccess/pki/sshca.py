@@ -12,6 +12,7 @@ import secrets
 from datetime import datetime, timedelta, timezone
 
 import attrs
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import ssh
 
 #: Custom certificate extensions (values are JSON).
@@ -112,10 +113,16 @@ def node_principals(name: str, uuid: str, cluster: str, extra=()) -> list[str]:
 
 
 def load_certificate(data: bytes | str) -> ssh.SSHCertificate:
-    """Parse an OpenSSH certificate line (``...-cert-v01@openssh.com AAAA...``)."""
+    """Parse an OpenSSH certificate line (``...-cert-v01@openssh.com AAAA...``).
+
+    :raises ValueError: not an OpenSSH certificate of a supported type.
+    """
     if isinstance(data, str):
         data = data.encode("ascii")
-    cert = ssh.load_ssh_public_identity(data.strip())
+    try:
+        cert = ssh.load_ssh_public_identity(data.strip())
+    except (UnsupportedAlgorithm, NotImplementedError) as error:
+        raise ValueError(str(error)) from None
     if not isinstance(cert, ssh.SSHCertificate):
         raise ValueError("not an OpenSSH certificate")
     return cert

@@ -31,6 +31,15 @@ IDENTITY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59999.1.1")
 #: accepted only on that app's host by the app proxy.
 KINDS = ("user", "node", "proxy", "admin", "cluster", "app")
 
+#: Kinds that serve TLS (the proxy's web port, auth API and tunnel port).
+#: Their certificates are server-only (EKU serverAuth), so a proxy's
+#: certificate cannot be presented as a caller's.
+SERVER_KINDS = ("proxy",)
+
+#: Kinds that only ever call (EKU clientAuth): a user's, node's, admin's or
+#: leaf cluster's certificate cannot pose as a server.
+CLIENT_KINDS = ("user", "node", "admin", "cluster")
+
 CA_TTL = timedelta(days=3650)
 
 
@@ -124,7 +133,15 @@ def issue_identity_certificate(
     dns_names=(),
     ip_addresses=(),
 ) -> x509.Certificate:
-    """Sign a client+server certificate for ``identity``."""
+    """Sign a certificate for ``identity``.
+
+    Server kinds (:data:`SERVER_KINDS`) get EKU serverAuth and the names
+    and addresses they are dialled at (``dns_names``, ``ip_addresses``) in
+    the SAN; every other kind gets EKU clientAuth and no SAN.
+    """
+    server = identity.kind in SERVER_KINDS
+    if not server and (dns_names or ip_addresses):
+        raise ValueError(f"a {identity.kind} certificate names no hosts")
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
@@ -144,7 +161,7 @@ def issue_identity_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
             critical=False,
         )
@@ -172,6 +189,92 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
         return Identity.from_dict(json.loads(ext.value.value))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"certificate identity is malformed: {e}")
+
+
+def extended_key_usages(cert: x509.Certificate) -> frozenset:
+    """The certificate's EKU purposes (empty: the extension is absent)."""
+    try:
+        return frozenset(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return frozenset()
+
+
+def is_client_certificate(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` may authenticate a caller: EKU clientAuth, and not a
+    server kind (certificates issued before the split carried both usages)."""
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in extended_key_usages(cert):
+        return False
+    try:
+        return identity_from_certificate(cert).kind not in SERVER_KINDS
+    except ValueError:
+        return False
+
+
+@attrs.frozen
+class ExpectedServer:
+    """Who a client means to talk to: a server of one of ``kinds`` of
+    ``cluster``, at ``host`` (the name or address it dialled)."""
+
+    cluster: str
+    host: str
+    kinds: tuple[str, ...] = SERVER_KINDS
+
+
+def check_server_certificate(cert: x509.Certificate, expected: ExpectedServer) -> Identity:
+    """Check that a server certificate, already verified against the cluster
+    CA, is the server the client dialled; return its identity.
+
+    Every client of the cluster calls this (the blocking one after its
+    handshake, the Twisted one from the handshake's verify callback):
+    EKU serverAuth, the identity's kind and cluster, and the dialled host
+    against the SAN (an IP address against IP SANs, a name against DNS
+    SANs). Raises :class:`ServerMismatch` saying what is wrong.
+    """
+    from service_identity import CertificateError, VerificationError
+    from service_identity.cryptography import (
+        verify_certificate_hostname, verify_certificate_ip_address)
+
+    try:
+        identity = identity_from_certificate(cert)
+    except ValueError as e:
+        raise ServerMismatch(f"its certificate is not a cluster identity ({e})")
+    article = "an" if identity.kind[0] in "aeio" else "a"
+    what = f"{article} {identity.kind} certificate ({identity.name} of cluster {identity.cluster})"
+    if identity.kind not in expected.kinds:
+        raise ServerMismatch(f"it presented {what}, not a {' or '.join(expected.kinds)}'s")
+    if identity.cluster != expected.cluster:
+        raise ServerMismatch(f"it presented {what}, not one of cluster {expected.cluster}")
+    if ExtendedKeyUsageOID.SERVER_AUTH not in extended_key_usages(cert):
+        raise ServerMismatch(f"it presented {what} that is not for servers")
+    host = expected.host.strip("[]")
+    try:
+        if _is_ip(host):
+            verify_certificate_ip_address(cert, host)
+        else:
+            verify_certificate_hostname(cert, host)
+    except (CertificateError, VerificationError):
+        raise ServerMismatch(f"its certificate does not name {host}")
+    return identity
+
+
+class ServerMismatch(ValueError):
+    """A server certificate is not the one the client expected."""
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def ca_cluster_name(ca_cert: x509.Certificate) -> str:
+    """The cluster a CA certificate belongs to (its subject's O)."""
+    names = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if not names:
+        raise ValueError("the CA certificate names no cluster")
+    return str(names[0].value)
 
 
 def ca_pin(ca_cert: x509.Certificate) -> str:

@@ -17,9 +17,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
 
-from edgeaccess import tls
+from edgeaccess import internals, tls
+from edgeaccess.httpapi import EdgeSite
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
@@ -180,6 +180,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     now = _now()
     authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
 
+    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
+    # misfits take the stock path, with one warning (edgeaccess.internals).
+    internals.self_check()
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
     share_tcp_server_attributes()
@@ -263,7 +266,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
     apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
                             public_host=public_host, web_addr=lambda: addresses()["web"],
-                            site=Site(web.resource()), reactor=reactor)
+                            site=EdgeSite(web.resource()), reactor=reactor)
     apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
@@ -274,7 +277,7 @@ def makeService(options, reactor=None) -> service.MultiService:
                                       client_certificates="optional")
     listeners["auth"] = _Listener(
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
-        Site(api.resource()), on_listening)
+        EdgeSite(api.resource()), on_listening)
 
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed

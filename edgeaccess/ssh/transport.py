@@ -17,7 +17,11 @@ add, after key exchange:
 
 Only the packet layer (``sendPacket``/``getPacket``) is replaced once keys are
 in place; key exchange, rekeying and the service layer stay Conch's.  Before the
-first ``NEWKEYS`` the stock code path handles the unencrypted packets.
+first ``NEWKEYS`` the stock code path handles the unencrypted packets.  This
+leans on Conch's private key set-up and key exchange state (the
+``conch-transport`` reach of :mod:`edgeaccess.internals`); where they are not
+the shape this was written for, the transport keeps Conch's packet layer and
+offers only the ciphers and MACs Conch implements.
 
 The server also fixes Conch's ``server-sig-algs`` extension, which advertises
 the *host-key* algorithms: OpenSSH then refuses RSA user certificates ("no
@@ -44,6 +48,7 @@ from twisted.conch.ssh.transport import (
 )
 from twisted.logger import Logger
 
+from edgeaccess import internals
 from edgeaccess.ssh.packets import (  # the packet layer
     _BLOCK,
     _BadMAC,
@@ -167,20 +172,8 @@ def _write_wire(transport, wire: memoryview) -> None:
     send, no writer registration); whatever the socket does not take, and
     everything on other transports, is copied into the transport's buffer.
     """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is not None
-        and getattr(transport, "TLS", True) is False
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnected", True)
-        and not transport._tempDataLen
-        and len(transport.dataBuffer) == transport.offset
-    ):
-        try:
-            sent = sock.send(wire)
-        except OSError:
-            sent = 0  # EAGAIN, or an error Twisted's doWrite will report
+    if internals.tcp_send_now_possible(transport):
+        sent = internals.send_if_idle(transport, wire)
         if sent == len(wire):
             return
         wire = wire[sent:]
@@ -230,8 +223,18 @@ class _FastPacketMixin:
     # costs CPU; like OpenSSH's default, offer no compression.
     supportedCompressions = [b"none"]
 
+    def connectionMade(self) -> None:  # noqa: N802
+        if not internals.conch_keys_replaceable():
+            # Conch's own packet layer: offer only what it implements.
+            self.supportedCiphers = [
+                c for c in self.supportedCiphers if c in SSHCiphers.cipherMap]
+            self.supportedMACs = [m for m in self.supportedMACs if m in SSHCiphers.macMap]
+        super().connectionMade()  # type: ignore[misc]
+
     def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:  # noqa: N802,N803
-        self.nextEncryptions = EdgeCiphers.from_negotiated(self.nextEncryptions)
+        # Conch's (private) key set-up, with our ciphers in place of its own.
+        if internals.conch_keys_replaceable():
+            self.nextEncryptions = EdgeCiphers.from_negotiated(self.nextEncryptions)
         super()._keySetup(sharedSecret, exchangeHash)  # type: ignore[misc]
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:  # noqa: N802,N803
@@ -245,9 +248,8 @@ class _FastPacketMixin:
         (:mod:`edgeaccess.ssh.process`) saves two copies per packet this way.
         """
         ciphers = self.currentEncryptions
-        if not isinstance(ciphers, EdgeCiphers) or (
-            self._keyExchangeState != self._KEY_EXCHANGE_NONE
-            and not self._allowedKeyExchangeMessageType(message_type)
+        if not isinstance(ciphers, EdgeCiphers) or not internals.conch_may_send(
+            self, message_type
         ):
             payload = parts[0] if len(parts) == 1 else b"".join(parts)
             return super().sendPacket(message_type, bytes(payload))  # type: ignore[misc]
@@ -268,9 +270,8 @@ class _FastPacketMixin:
         Twisted's write buffer is empty.
         """
         ciphers = self.currentEncryptions
-        if not isinstance(ciphers, EdgeCiphers) or (
-            self._keyExchangeState != self._KEY_EXCHANGE_NONE
-            and not self._allowedKeyExchangeMessageType(message_type)
+        if not isinstance(ciphers, EdgeCiphers) or not internals.conch_may_send(
+            self, message_type
         ):
             with memoryview(data) as view:
                 for offset in range(0, len(view), max_chunk):
@@ -302,10 +303,7 @@ class _FastPacketMixin:
         the batch and comes back on the next call.
         """
         ciphers = self.currentEncryptions
-        if (
-            not isinstance(ciphers, EdgeCiphers)
-            or self._keyExchangeState != self._KEY_EXCHANGE_NONE
-        ):
+        if not isinstance(ciphers, EdgeCiphers) or not internals.conch_key_exchange_idle(self):
             return None
         sealer = ciphers.sealer
         size = 0

@@ -25,6 +25,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeaccess import internals
 from edgeaccess.errors import NodeOffline
 from edgeaccess.tunnel.channels import ChannelAcceptor
 from edgeaccess.tunnel.framing import (
@@ -173,9 +174,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         # amp.AMP.__init__ without the state of file descriptor passing
         # (UNIX sockets only, never over a tunnel): ~0.5 KB and four entries
         # of the shared attribute table per tunnel.
-        self._ampInitialized = True
-        amp.BoxDispatcher.__init__(self, self)
-        self.boxReceiver = self
+        internals.init_amp(self)
         self.clock = clock
         # A shared monitor (the proxy's, for all its tunnels) or, without
         # one, this connection's own timer (the agent's: it pings too).
@@ -420,12 +419,26 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             return
         if box.get(amp.COMMAND) == _HEARTBEAT and self._heartbeat_fast(box):
             return
-        try:
-            super().ampBoxReceived(box)
-        except ProtocolViolation:
-            raise
-        except Exception as error:
-            raise ProtocolViolation(f"malformed box ({type(error).__name__})") from None
+        self._check_box_shape(box)
+        # Anything raised past the checks is a fault of ours: dataReceived
+        # logs it with its traceback (and the fuzz tests fail on it).
+        super().ampBoxReceived(box)
+
+    def _check_box_shape(self, box: amp.AmpBox) -> None:
+        """What AMP's dispatcher assumes of a box, checked in its order: the
+        answer or error to a question we asked, else a command."""
+        if amp.ANSWER in box:
+            tag = box[amp.ANSWER]
+        elif amp.ERROR in box:
+            tag = box[amp.ERROR]
+            if amp.ERROR_CODE not in box or amp.ERROR_DESCRIPTION not in box:
+                raise ProtocolViolation("malformed error box")
+        elif amp.COMMAND in box:
+            return
+        else:
+            raise ProtocolViolation("box without a command or an answer")
+        if tag not in self._outstandingRequests:
+            raise ProtocolViolation("answer to no question")
 
     def _heartbeat_fast(self, box: amp.AmpBox) -> bool:
         """Answer a well-formed Heartbeat from an accepted peer without the

@@ -269,10 +269,24 @@ def _check_labels(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+class TunnelCommand(amp.Command):
+    """Base of every tunnel command: a box whose arguments do not parse
+    (missing, not a number, not UTF-8, a broken list) is a ProtocolViolation,
+    logged as one line like every other, not an error of ours."""
+
+    @classmethod
+    def parseArguments(cls, box: amp.AmpBox, protocol: Any) -> dict[str, Any]:
+        try:
+            return super().parseArguments(box, protocol)
+        except Exception as error:  # only parsing runs here: all of it is the peer's
+            raise ProtocolViolation(
+                f"malformed {cls.commandName!r} box ({type(error).__name__})") from None
+
+
 # -- control commands (answered) -------------------------------------------
 
 
-class Hello(amp.Command):
+class Hello(TunnelCommand):
     """First command of a tunnel, agent -> proxy: versions, capabilities, inventory.
 
     The proxy answers with the version it will speak and the heartbeat
@@ -294,14 +308,14 @@ class Hello(amp.Command):
     fatalErrors = {AccessDenied: b"ACCESS_DENIED", BadRequest: b"BAD_REQUEST"}
 
 
-class Heartbeat(amp.Command):
+class Heartbeat(TunnelCommand):
     """Agent -> proxy, every heartbeat interval; the answer proves the proxy alive."""
 
     arguments: list = []
     response: list = []
 
 
-class OpenChannel(amp.Command):
+class OpenChannel(TunnelCommand):
     """Open a channel of ``kind`` to ``target``; ``window`` is the opener's receive window.
 
     ``source`` (optional, so peers without it interoperate) is the address
@@ -328,14 +342,14 @@ class OpenChannel(amp.Command):
     }
 
 
-class CloseChannel(amp.Command):
+class CloseChannel(TunnelCommand):
     """Close a channel in both directions; unknown or already closed ids are ignored."""
 
     arguments = [(b"channel", amp.Integer()), (b"reason", amp.Unicode())]
     response: list = []
 
 
-class Discover(amp.Command):
+class Discover(TunnelCommand):
     """Proxy -> agent: every proxy address of the cluster (``host:port``)."""
 
     arguments = [(b"proxies", amp.ListOf(amp.Unicode()))]
@@ -343,7 +357,7 @@ class Discover(amp.Command):
     errors = {BadRequest: b"BAD_REQUEST"}
 
 
-class Reconnect(amp.Command):
+class Reconnect(TunnelCommand):
     """Proxy -> agent: close this tunnel and dial again after ``delay`` seconds."""
 
     arguments = [(b"delay", amp.Float()), (b"reason", amp.Unicode())]
@@ -354,21 +368,21 @@ class Reconnect(amp.Command):
 # -- data commands (not answered; ordered with each other on the one connection)
 
 
-class Data(amp.Command):
+class Data(TunnelCommand):
     """Bytes for a channel, at most :data:`MAX_FRAME` per box, within the window."""
 
     arguments = [(b"channel", amp.Integer()), (b"data", amp.String())]
     requiresAnswer = False
 
 
-class WindowAdjust(amp.Command):
+class WindowAdjust(TunnelCommand):
     """The receiver's consumer took ``credit`` more bytes: the sender may send them."""
 
     arguments = [(b"channel", amp.Integer()), (b"credit", amp.Integer())]
     requiresAnswer = False
 
 
-class EndOfFile(amp.Command):
+class EndOfFile(TunnelCommand):
     """Half-close: the sender will send no more Data on this channel."""
 
     arguments = [(b"channel", amp.Integer())]

@@ -247,3 +247,56 @@ def test_an_emit_that_cannot_be_stored_is_logged_not_raised(fake_clock):
     log = AuditLog(backend, "example", fake_clock)
     run(backend.close())
     assert run(log.emit("user.login", user="x")) is None
+
+
+# --- relinking: an attacker who rewrites links, not only contents -------------
+
+def test_chain_hash_commits_to_the_previous_link():
+    event = {"id": "e1", "event": "user.login"}
+    assert ev.chain_hash("a" * 64, event) != ev.chain_hash("b" * 64, event)
+    assert ev.chain_hash(ev.GENESIS_HASH, event) != ev.chain_hash("a" * 64, event)
+
+
+def test_an_event_rehashed_but_not_relinked_is_caught(log, backend):
+    emit_many(log, 5)
+    record = stored(backend, 3)
+    record["event"]["user"] = "mallory"
+    record["hash"] = ev.chain_hash(record["prev_hash"], record["event"])
+    put(backend, 3, record)
+    result = run(log.verify())
+    assert not result.ok
+    first = result.problems[0]
+    assert first.seq == 4 and "does not chain to event 3" in first.message
+
+
+def test_links_rewritten_around_a_removed_event_are_caught(log, backend):
+    # Event 2 is removed, the later ones renumbered and their prev_hash
+    # pointed at their new predecessor; their hashes (and the head's) are
+    # kept. Only a hash that covers prev_hash shows the rewritten links.
+    emit_many(log, 4)
+    records = [stored(backend, n) for n in (1, 2, 3, 4)]
+    third = {**records[2], "seq": 2, "prev_hash": records[0]["hash"]}
+    fourth = {**records[3], "seq": 3, "prev_hash": third["hash"]}
+    put(backend, 2, third)
+    put(backend, 3, fourth)
+    run(backend.delete(event_key(4)))
+    run(backend.put(HEAD_KEY, json.dumps({"seq": 3, "hash": fourth["hash"]}).encode()))
+    result = run(log.verify())
+    assert not result.ok
+    assert (result.problems[0].seq, result.problems[0].kind) == (2, "altered")
+
+
+def test_a_wrong_prev_hash_is_caught_even_when_every_later_link_is_recomputed(log, backend):
+    emit_many(log, 5)
+    records = {n: stored(backend, n) for n in range(1, 6)}
+    # Event 3 now claims event 1 as its predecessor; 3, 4, 5 and the head
+    # are all rehashed and relinked consistently from there.
+    prev = records[1]["hash"]
+    for seq in (3, 4, 5):
+        record = {**records[seq], "prev_hash": prev}
+        record["hash"] = prev = ev.chain_hash(prev, record["event"])
+        put(backend, seq, record)
+    run(backend.put(HEAD_KEY, json.dumps({"seq": 5, "hash": prev}).encode()))
+    result = run(log.verify())
+    assert not result.ok
+    assert result.problems[0].seq in (2, 3)

@@ -188,6 +188,26 @@ def test_auth_status_needs_a_client_certificate(api):
     assert code == 401
 
 
+def test_the_proxy_certificate_is_never_a_caller(api, auth):
+    # Server-only (EKU serverAuth, kind proxy): whoever holds the proxy's key
+    # cannot use its certificate as an admin's, a user's or a node's.
+    proxy = x509ca.Identity(kind="proxy", name="127.0.0.1", cluster=CLUSTER)
+    for path in ("/v1/status", "/v1/users", "/v1/nodes/roles"):
+        code, body = _call(api(proxy), "GET", f"{AUTH}{path}")
+        assert code == 401, (path, body)
+
+
+def test_a_legacy_server_usage_certificate_still_calls_as_its_kind(api, auth):
+    """Admin certificates issued before the split carry both usages: still callers."""
+    from tests.pkitools import issue_legacy_certificate
+
+    _, cert = issue_legacy_certificate(
+        {"ca": auth.authority.tls_ca_cert, "ca_key": auth.authority.tls_ca_key}, ADMIN)
+    stub = StubTreq(_WithPeerCertificate(AuthAPI(auth).resource(), cert))
+    code, body = _call(stub, "GET", f"{AUTH}/v1/status")
+    assert code == 200
+
+
 def test_admin_reads_the_status(api, auth):
     code, body = _call(api(ADMIN), "GET", f"{AUTH}/v1/status")
     assert code == 200

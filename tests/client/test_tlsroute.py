@@ -23,7 +23,7 @@ import pytest
 from edgeaccess.client import tlsroute
 from edgeaccess.pki.keys import private_key_pem
 from edgeaccess.pki.x509ca import certificate_pem
-from tests.pkitools import Identity, issue_identities
+from tests.pkitools import Identity, issue_identities, issue_legacy_certificate
 
 ALPN = "edge-ssh/1"
 DEADLINE = 60
@@ -43,13 +43,18 @@ def pki(tmp_path_factory) -> dict[str, Any]:
         ("proxy", Identity(kind="proxy", name="proxy.test", cluster="root"),
          ("proxy.example",), ("127.0.0.1",)),
         ("alice", Identity(kind="user", name="alice", cluster="root"), ()),
+        ("node", Identity(kind="node", name="n1", cluster="root", uuid="u-1"), ()),
     ])
+    # A user's certificate in the shape the CA issued before server
+    # identities (both usages), with the dialled address in its SAN.
+    issued["mallory"] = issue_legacy_certificate(
+        issued, Identity(kind="user", name="mallory", cluster="root"), ips=("127.0.0.1",))
     other = issue_identities([], cluster="other")
     (directory / "ca.pem").write_bytes(certificate_pem(issued["ca"]))
     (directory / "other-ca.pem").write_bytes(certificate_pem(other["ca"]))
     out: dict[str, Any] = {"ca": str(directory / "ca.pem"),
                            "other_ca": str(directory / "other-ca.pem")}
-    for label in ("proxy", "alice"):
+    for label in ("proxy", "alice", "node", "mallory"):
         out[label] = _write_pair(directory, label, *issued[label])
     return out
 
@@ -60,11 +65,12 @@ class TLSServer:
     when the node's side ends) or an int (bytes to stream, then close)."""
 
     def __init__(self, pki: dict[str, Any], mode: Any = "echo", alpn: str | None = ALPN,
-                 echo_size: int = 0) -> None:
+                 echo_size: int = 0, holder: str = "proxy") -> None:
         self.echo_size = echo_size
+        self.received = b""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.load_cert_chain(pki["proxy"][1], pki["proxy"][0])
+        context.load_cert_chain(pki[holder][1], pki[holder][0])
         context.load_verify_locations(cafile=pki["ca"])
         context.verify_mode = ssl.CERT_REQUIRED
         if alpn:
@@ -92,6 +98,9 @@ class TLSServer:
                     while echoed < self.echo_size and (data := conn.recv(65536)):
                         conn.sendall(data)
                         echoed += len(data)
+                elif self.mode == "record":
+                    while data := conn.recv(65536):
+                        self.received += data
                 else:
                     chunk = bytes(range(256)) * 256
                     left = self.mode
@@ -106,10 +115,12 @@ class TLSServer:
 
 
 def relay_argv(pki: dict[str, Any], port: int, *, ca: str | None = None,
-               verify_host: str = "127.0.0.1", servername: str = "node-1.root") -> list[str]:
+               verify_host: str = "127.0.0.1", servername: str = "node-1.root",
+               cluster: str = "root") -> list[str]:
     key, cert = pki["alice"]
     return [sys.executable, "-I", "-S", tlsroute.__file__, "--ca", ca or pki["ca"],
             "--cert", cert, "--key", key, "--verify-host", verify_host, "--alpn", ALPN,
+            "--cluster", cluster,
             "--servername", servername, "--connect", f"127.0.0.1:{port}"]
 
 
@@ -168,6 +179,23 @@ def test_the_relay_refuses_a_proxy_it_cannot_trust(pki, case: str, why: str) -> 
     assert result.stdout == b""
     assert why in result.stderr.decode()
     server.thread.join(DEADLINE)
+
+
+@pytest.mark.parametrize("holder, cluster, why", [
+    ("mallory", "root", "is not a proxy of cluster root"),
+    ("node", "root", "certificate verify failed"),  # OpenSSL: not for servers
+    ("proxy", "other", "is not a proxy of cluster other"),
+])
+def test_a_server_that_is_not_a_proxy_of_the_cluster_gets_no_byte(pki, holder, cluster,
+                                                                  why) -> None:
+    server = TLSServer(pki, "record", holder=holder)
+    argv = relay_argv(pki, server.port, cluster=cluster)
+    result = subprocess.run(argv, input=b"SSH-2.0-secret\r\n", capture_output=True,
+                            timeout=DEADLINE)
+    assert result.returncode == 255
+    assert why in result.stderr.decode()
+    server.thread.join(DEADLINE)
+    assert server.received == b""
 
 
 def test_arguments_are_all_required_and_checked() -> None:

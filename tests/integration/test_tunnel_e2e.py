@@ -57,7 +57,9 @@ async def main(reactor):
     with open(f"{data_dir}/ca.pem", "rb") as f:
         cas = x509ca.load_certificates_pem(f.read())
     host, port = split_addr(addr, 3024)
-    options = tls.client_options(host, cas, key=key, cert=cert, alpn=[ALPN_PROTOCOL])
+    cluster = x509ca.identity_from_certificate(cert).cluster
+    options = tls.client_options(host, cas, cluster=cluster, key=key, cert=cert,
+                                 alpn=[ALPN_PROTOCOL])
     factory = OneTunnel()
     factory.reactor = reactor
     endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, host, port, timeout=10))

@@ -1,8 +1,9 @@
-"""The node tells its audit shipper when the link is back (in memory, fake clock)."""
+"""The node tells its audit shipper when the link is back (in memory, fake
+clock, the real auth API through the node's cluster client)."""
 
 from __future__ import annotations
 
-from test_node_service import INTERVAL, FakeAuth, pki, start_node  # noqa: F401 (fixture)
+from test_node_service import INTERVAL, cluster, data_dir, node, reactor  # noqa: F401 (fixtures)
 
 
 class Highest:
@@ -10,36 +11,21 @@ class Highest:
         return b
 
 
-class AuditTakingAuth(FakeAuth):
-    """FakeAuth that also takes audit events."""
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.events: list[str] = []
-
-    def post(self, path, body):
-        if path == "/v1/audit/events":
-            self._check("POST", path)
-            ids = [e["id"] for e in body["events"]]
-            self.events += ids
-            return {"acknowledged": ids}
-        return super().post(path, body)
-
-
-def test_the_first_good_heartbeat_after_an_outage_delivers_the_audit_spool(pki):
-    fake = AuditTakingAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    node, reactor = start_node(pki, fake)
+def test_the_first_good_heartbeat_after_an_outage_delivers_the_audit_spool(node, cluster,
+                                                                           reactor):
     shipper = node.audit.shipper
     shipper.rng = Highest()  # the longest backoff: the shipper alone would wait 30 s
-    fake.down = True
-    node.audit.spool.append_event({"id": "ev-outage", "event": "session.end"})
+    cluster.down = True
+    node.audit.spool.append_event({
+        "id": "ev-outage", "event": "session.end", "time": "2027-01-15T08:00:00Z",
+        "cluster": "home", "node": "n1", "user": "alice", "session_id": "s-1"})
     shipper.kick()
     while shipper.failures < 8:
         reactor.advance(1)
     assert shipper._call.getTime() - reactor.seconds() > 2 * INTERVAL
-    fake.down = False
+    cluster.down = False
     reactor.advance(INTERVAL)  # the next heartbeat goes through...
     reactor.advance(0)
-    assert fake.events == ["ev-outage"]  # ...and the spool follows at once
+    # ...and the spool follows at once, into the real audit log.
+    assert [e.get("id") for e in cluster.events() if e.get("id") == "ev-outage"] == ["ev-outage"]
     assert node.audit.spool.pending_events() == []
-    node.stopService()

@@ -1,10 +1,12 @@
-"""The edgenode service logic in memory: heartbeats keep the role cache (and
-so the node's access decisions) current, failures are retried, the cache
-survives restarts, new user CAs are trusted, certificates are renewed.
+"""The edgenode service logic in memory: it joins, heartbeats keep the role
+cache (and so the node's access decisions) current, failures are retried,
+the cache survives restarts, new user CAs are trusted, certificates are
+renewed, and stopping cancels what is in flight.
 
-The auth service is a fake ``Client``; the thread pool runs calls inline;
-the clock is a ``MemoryReactorClock``. Logins go through the real SSH
-portal of the node with real certificates.
+The auth service is the real one with its real Klein API, reached through
+the real :class:`~edgeaccess.clusterclient.ClusterClient` over StubTreq
+(:mod:`nodekit`); the clock is a ``MemoryReactorClock``. Logins go through
+the real SSH portal of the node with real certificates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+from cryptography import x509
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import keys as conch_keys
 from twisted.internet.address import IPv4Address
@@ -24,95 +26,33 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
-from edgeaccess import errors
 from edgeaccess.node.identity import NodeIdentity
 from edgeaccess.node.service import NodeService, _advertised_hosts, backoff_delay
 from edgeaccess.node.tap import parse_labels
 from edgeaccess.pki import keys
-from edgeaccess.pki.sshca import issue_host_certificate, issue_user_certificate
+from edgeaccess.pki.sshca import issue_user_certificate
 from edgeaccess.ssh.certauth import CertificateCredentials
 
-NOW = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
+from nodekit import InMemoryCluster, role
+
+
+START = 1_800_000_000.0
+NOW = datetime.fromtimestamp(START, timezone.utc)
 CLUSTER = "home"
 CERT_ALG = b"ssh-ed25519-cert-v01@openssh.com"
 INTERVAL = 5.0
 
 
-def role(name: str, env: str) -> dict:
-    return {"kind": "role", "version": "v1", "metadata": {"name": name},
-            "spec": {"allow": {"logins": ["root"], "node_labels": {"env": [env]}}}}
-
-
-class SyncThreadPool:
-    """Runs "threaded" calls inline, reporting like twisted's ThreadPool."""
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):  # noqa: N802
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
 class Reactor(MemoryReactorClock):
-    """A memory reactor whose thread pool runs calls at once."""
+    """A memory reactor that records stop()."""
 
     def __init__(self) -> None:
         super().__init__()
         self.running = True
         self.stopped = False
-        self._pool = SyncThreadPool()
-
-    def getThreadPool(self):  # noqa: N802
-        return self._pool
-
-    def callFromThread(self, function, *args, **kwargs):  # noqa: N802
-        function(*args, **kwargs)
 
     def stop(self) -> None:
         self.stopped = True
-
-
-class FakeAuth:
-    """The auth API as the node sees it through ``Client``."""
-
-    def __init__(self, host_ca, user_ca_lines) -> None:
-        self.host_ca = host_ca
-        self.user_ca_lines = list(user_ca_lines)
-        self.roles = [role("dev", "dev")]
-        self.down = False
-        self.calls: list[tuple[str, str]] = []
-        self.heartbeats: list[dict] = []
-        self.renewals: list[dict] = []
-        self.now = NOW
-
-    def _check(self, method: str, path: str) -> None:
-        self.calls.append((method, path))
-        if self.down:
-            raise errors.EdgeError("cannot reach 127.0.0.1:3025: connection refused")
-
-    def post(self, path, body):
-        self._check("POST", path)
-        if path == "/v1/nodes/heartbeat":
-            self.heartbeats.append(body)
-            return {}
-        if path == "/v1/nodes/renew":
-            self.renewals.append(body)
-            valid_before = self.now + timedelta(hours=24)
-            cert = issue_host_certificate(
-                self.host_ca, load_ssh_public_key(body["ssh_public_key"].encode()),
-                host_id="uuid-1", principals=["n1", f"n1.{CLUSTER}"], now=self.now,
-                ttl=timedelta(hours=24))
-            return {"ssh_host_certificate": cert.public_bytes().decode(),
-                    "tls_certificate": "renewed-tls-certificate",
-                    "valid_before": valid_before.isoformat().replace("+00:00", "Z")}
-        raise AssertionError(path)
-
-    def get(self, path):
-        self._check("GET", path)
-        assert path == "/v1/nodes/roles"
-        return {"roles": list(self.roles), "ssh_user_ca": list(self.user_ca_lines)}
 
 
 class FakePort:
@@ -126,46 +66,47 @@ class FakePort:
         self.listening = False
 
 
-class Node(NodeService):
-    """The real service talking to :class:`FakeAuth`."""
-
-    fake: FakeAuth
-
-    def _client(self):
-        return self.fake
+@pytest.fixture
+def reactor() -> Reactor:
+    reactor = Reactor()
+    reactor.advance(START)
+    return reactor
 
 
 @pytest.fixture
-def pki(tmp_path):
-    host_ca, user_ca = keys.generate_private_key(), keys.generate_private_key()
-    host_key = keys.generate_private_key()
-    host_cert = issue_host_certificate(host_ca, host_key.public_key(), host_id="uuid-1",
-                                       principals=["n1", f"n1.{CLUSTER}"], now=NOW,
-                                       ttl=timedelta(hours=24))
-    identity = NodeIdentity(
-        uuid="uuid-1", name="n1", cluster=CLUSTER, auth_server="127.0.0.1:3025",
-        mode="direct", ssh_key=host_key, ssh_certificate=host_cert.public_bytes().decode(),
-        tls_key=keys.generate_private_key(), tls_certificate="tls-certificate",
-        ca_pem="ca-pem", user_ca_lines=[keys.public_key_openssh(user_ca).decode()],
-        valid_before=(NOW + timedelta(hours=24)).isoformat().replace("+00:00", "Z"))
-    identity.save(tmp_path / "data")
-    return {"host_ca": host_ca, "user_ca": user_ca, "data_dir": tmp_path / "data",
-            "identity": identity}
+def cluster(reactor) -> InMemoryCluster:
+    cluster = InMemoryCluster(reactor, CLUSTER)
+    cluster.put_role("dev", "dev")
+    return cluster
 
 
-def start_node(pki, fake: FakeAuth, at: datetime = NOW, labels=None) -> tuple[Node, Reactor]:
-    reactor = Reactor()
-    reactor.advance(at.timestamp())
-    node = Node(data_dir=pki["data_dir"], auth_server="127.0.0.1:3025", token=None,
-                ca_pin=None, nodename="n1", labels=labels or {"env": "dev"},
-                listen=lambda factory: succeed(FakePort()), advertise_addr="127.0.0.1:0",
-                reactor=reactor, heartbeat_interval=INTERVAL, rng=random.Random(7))
-    node.fake = fake
+@pytest.fixture
+def data_dir(tmp_path):
+    return tmp_path / "data"
+
+
+def start_node(cluster: InMemoryCluster, data_dir, reactor, *, token=None,
+               labels=None) -> NodeService:
+    node = NodeService(
+        data_dir=data_dir, auth_server="127.0.0.1:3025", token=token,
+        ca_pin=cluster.authority.pin if token else None, nodename="n1",
+        labels=labels or {"env": "dev"}, listen=lambda factory: succeed(FakePort()),
+        advertise_addr="127.0.0.1:0", reactor=reactor, heartbeat_interval=INTERVAL,
+        rng=random.Random(7), connect_cluster=cluster.connect)
     node.startService()
-    return node, reactor
+    return node
 
 
-def login(node: Node, ca, login_name: str = "root", roles=("dev",)):
+@pytest.fixture
+def node(cluster, data_dir, reactor) -> NodeService:
+    """A node that joined ``cluster`` with a token and sent its first heartbeat."""
+    node = start_node(cluster, data_dir, reactor, token=cluster.token())
+    assert node.identity is not None and node.port is not None
+    yield node
+    node.stopService()
+
+
+def login(node: NodeService, ca, login_name: str = "root", roles=("dev",)):
     """A full certificate login through the node's portal: the avatar or the Failure."""
     user_key = keys.generate_private_key()
     cert = issue_user_certificate(ca, user_key.public_key(), username="alice",
@@ -187,89 +128,107 @@ def refused(result) -> str:
     return str(result.value)
 
 
-def test_the_first_heartbeat_lists_the_node_and_caches_its_roles(pki):
-    fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    node, _reactor = start_node(pki, fake)
-    assert fake.calls[:2] == [("POST", "/v1/nodes/heartbeat"), ("GET", "/v1/nodes/roles")]
-    [beat] = fake.heartbeats
-    assert beat["name"] == "n1" and beat["uuid"] == "uuid-1"
-    assert beat["address"] == "127.0.0.1:40022"  # the kernel-chosen port, not :0
-    assert beat["labels"] == {"env": "dev"}
-    assert list(node.roles) == ["dev"]
-    assert json.loads((pki["data_dir"] / "roles.json").read_text()) == {"dev": role("dev", "dev")}
-    interface, avatar, logout = login(node, pki["user_ca"])
+def test_joining_pins_the_ca_and_keeps_a_client_only_identity(node, cluster, data_dir):
+    calls = [c for c in cluster.calls if c[1] != "/v1/nodes/roles"]
+    assert calls[:4] == [("GET", "/v1/cluster/ca"), ("GET", "/v1/cluster/ca"),
+                         ("POST", "/v1/join"), ("POST", "/v1/nodes/heartbeat")]
+    saved = NodeIdentity.load(data_dir)
+    assert saved.cluster == CLUSTER and saved.mode == "direct"
+    assert saved.tls_identity().kind == "node"
+    cert = x509.load_pem_x509_certificate(saved.tls_certificate.encode())
+    assert [u._name for u in cert.extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage).value] == ["clientAuth"]
+
+
+def test_the_first_heartbeat_lists_the_node_and_caches_its_roles(node, cluster, data_dir):
+    [listed] = cluster.nodes()
+    assert listed["name"] == "n1" and listed["uuid"] == node.identity.uuid
+    assert listed["address"] == "127.0.0.1:40022"  # the kernel-chosen port, not :0
+    assert listed["labels"] == {"env": "dev"}
+    assert "dev" in node.roles
+    cached = json.loads((data_dir / "roles.json").read_text())
+    assert cached["dev"]["spec"]["allow"]["node_labels"] == {"env": "dev"}
+    interface, avatar, logout = login(node, cluster.authority.ssh_user_ca)
     assert avatar.permissions.roles == ("dev",)
 
 
-def test_a_role_change_applies_after_the_next_heartbeat_without_new_certificates(pki):
-    fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    node, reactor = start_node(pki, fake)
-    assert not isinstance(login(node, pki["user_ca"]), Failure)
-    fake.roles = [role("dev", "staging")]
-    assert not isinstance(login(node, pki["user_ca"]), Failure)  # not fetched yet
+def test_a_role_change_applies_after_the_next_heartbeat_without_new_certificates(
+        node, cluster, reactor):
+    ca = cluster.authority.ssh_user_ca
+    assert not isinstance(login(node, ca), Failure)
+    cluster.put_role("dev", "staging")
+    assert not isinstance(login(node, ca), Failure)  # not fetched yet
     reactor.advance(INTERVAL)
-    assert len(fake.heartbeats) == 2
-    assert "no role allows access to a node with env=dev" in refused(login(node, pki["user_ca"]))
-    fake.roles = []
+    assert "no role allows access to a node with env=dev" in refused(login(node, ca))
+    cluster.delete_role("dev")
     reactor.advance(INTERVAL)
-    assert "none of the roles ['dev'] exist here" in refused(login(node, pki["user_ca"]))
+    assert "none of the roles ['dev'] exist here" in refused(login(node, ca))
 
 
-def test_failed_heartbeats_are_retried_within_the_interval(pki):
-    fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    node, reactor = start_node(pki, fake)
-    fake.down = True
-    before = len(fake.calls)
+def test_failed_heartbeats_are_retried_within_the_interval(node, cluster, reactor):
+    ca = cluster.authority.ssh_user_ca
+    cluster.down = True
+    before = len(cluster.calls)
     for _ in range(10):
         reactor.advance(INTERVAL)
     # Each failed attempt waits at most one interval, so at least one try per interval.
-    assert len(fake.calls) - before >= 10
+    assert len(cluster.calls) - before >= 10
     assert not reactor.stopped
-    assert node.roles == {"dev": role("dev", "dev")}  # the cache is kept while offline
-    assert not isinstance(login(node, pki["user_ca"]), Failure)
-    fake.down = False
-    fake.roles = [role("dev", "prod")]
+    assert node.roles["dev"]["spec"]["allow"]["node_labels"] == {"env": "dev"}  # kept offline
+    assert not isinstance(login(node, ca), Failure)
+    cluster.down = False
+    cluster.put_role("dev", "prod")
     reactor.advance(INTERVAL)
-    assert "env=dev" in refused(login(node, pki["user_ca"]))
+    assert "env=dev" in refused(login(node, ca))
 
 
-def test_the_role_cache_survives_a_restart_while_the_auth_service_is_down(pki):
-    fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    first, _ = start_node(pki, fake)
-    first.stopService()
-    fake.down = True
-    second, reactor = start_node(pki, fake)
-    assert second.roles == {"dev": role("dev", "dev")}
-    assert not isinstance(login(second, pki["user_ca"]), Failure)
+def test_the_role_cache_survives_a_restart_while_the_auth_service_is_down(
+        node, cluster, data_dir, reactor):
+    node.stopService()
+    cluster.down = True
+    second = start_node(cluster, data_dir, reactor)
+    assert "dev" in second.roles
+    assert not isinstance(login(second, cluster.authority.ssh_user_ca), Failure)
     assert not reactor.stopped
+    second.stopService()
 
 
-def test_a_user_ca_sent_with_the_roles_is_trusted_and_kept(pki):
-    fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    node, reactor = start_node(pki, fake)
+def test_a_user_ca_sent_with_the_roles_is_trusted_and_kept(node, cluster, reactor, data_dir):
     new_ca = keys.generate_private_key()
     assert "not signed by a trusted user CA" in refused(login(node, new_ca))
-    fake.user_ca_lines.append(keys.public_key_openssh(new_ca).decode())
+    cluster.authority.ssh_user_ca = new_ca  # the auth service now signs with another CA
     reactor.advance(INTERVAL)
     assert not isinstance(login(node, new_ca), Failure)
-    saved = NodeIdentity.load(pki["data_dir"])
-    assert saved.user_ca_lines == fake.user_ca_lines
+    saved = NodeIdentity.load(data_dir)
+    assert saved.user_ca_lines == [keys.public_key_openssh(new_ca).decode()]
 
 
-def test_host_certificates_are_renewed_when_a_third_of_their_life_is_left(pki):
-    fake = FakeAuth(pki["host_ca"], pki["identity"].user_ca_lines)
-    node, reactor = start_node(pki, fake, at=NOW + timedelta(hours=10))
-    assert fake.renewals == []
+def test_certificates_are_renewed_when_a_third_of_their_life_is_left(node, cluster, reactor,
+                                                                     data_dir):
+    old = NodeIdentity.load(data_dir)
     old_blob = node.factory.publicKeys[CERT_ALG].blob()
-    fake.now = NOW + timedelta(hours=17)
+    reactor.advance(timedelta(hours=10).total_seconds())
+    assert NodeIdentity.load(data_dir).tls_certificate == old.tls_certificate
     reactor.advance(timedelta(hours=7).total_seconds())
-    assert len(fake.renewals) == 1
-    saved = NodeIdentity.load(pki["data_dir"])
-    assert saved.valid_before.startswith((NOW + timedelta(hours=41)).strftime("%Y-%m-%dT%H"))
-    assert saved.tls_certificate == "renewed-tls-certificate"
+    renewals = [c for c in cluster.calls if c[1] == "/v1/nodes/renew"]
+    assert len(renewals) == 1
+    saved = NodeIdentity.load(data_dir)
+    assert saved.tls_certificate != old.tls_certificate
+    assert saved.valid_before > old.valid_before
     assert node.factory.publicKeys[CERT_ALG].blob() != old_blob
+    # The next calls present the new certificate (the API accepts it as the node).
     reactor.advance(INTERVAL)
-    assert len(fake.renewals) == 1  # renewed once, not on every heartbeat
+    assert len([c for c in cluster.calls if c[1] == "/v1/nodes/renew"]) == 1
+    assert cluster.nodes()[0]["uuid"] == saved.uuid
+
+
+def test_stopping_the_node_cancels_its_calls_and_closes_its_client(node, cluster, reactor):
+    client = node.cluster_client
+    node.stopService()
+    assert client._closed
+    before = len(cluster.calls)
+    reactor.advance(INTERVAL * 3)
+    assert len(cluster.calls) == before  # nothing more is sent
 
 
 @pytest.mark.parametrize("attempt", [0, 1, 3, 10, 50])

@@ -43,21 +43,80 @@ def test_identity_round_trips_through_a_certificate(ca):
     assert parsed.not_valid_before_utc == NOW - timedelta(minutes=1)
     assert parsed.not_valid_after_utc == NOW + timedelta(hours=12)
     usage = parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert set(usage) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+    assert set(usage) == {ExtendedKeyUsageOID.CLIENT_AUTH}  # a user never serves TLS
     assert parsed.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
 
 
-def test_node_identity_keeps_its_uuid_and_names(ca):
+def test_node_identity_keeps_its_uuid_and_is_client_only(ca):
     ca_key, ca_cert = ca
     identity = x509ca.Identity(kind="node", name="web1", cluster="example",
                                uuid="6f1c3c5e-8a51-4d6e-9a8e-1b2c3d4e5f60")
     cert = x509ca.issue_identity_certificate(
         ca_key, ca_cert, keys.generate_private_key().public_key(), identity, now=NOW,
-        ttl=timedelta(hours=1), dns_names=["web1.example"], ip_addresses=["127.0.0.1"])
+        ttl=timedelta(hours=1))
     assert x509ca.identity_from_certificate(cert).uuid == identity.uuid
+    assert x509ca.extended_key_usages(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert x509ca.is_client_certificate(cert)
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    with pytest.raises(ValueError, match="names no hosts"):
+        x509ca.issue_identity_certificate(
+            ca_key, ca_cert, keys.generate_private_key().public_key(), identity, now=NOW,
+            ttl=timedelta(hours=1), dns_names=["web1.example"])
+
+
+def test_proxy_identity_is_server_only_and_names_its_addresses(ca):
+    ca_key, ca_cert = ca
+    identity = x509ca.Identity(kind="proxy", name="proxy.example", cluster="example")
+    cert = x509ca.issue_identity_certificate(
+        ca_key, ca_cert, keys.generate_private_key().public_key(), identity, now=NOW,
+        ttl=timedelta(hours=1), dns_names=["proxy.example"], ip_addresses=["127.0.0.1"])
+    assert x509ca.extended_key_usages(cert) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    assert not x509ca.is_client_certificate(cert)  # never a caller
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["web1.example"]
+    assert sans.get_values_for_type(x509.DNSName) == ["proxy.example"]
     assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    expect = x509ca.ExpectedServer(cluster="example", host="proxy.example")
+    assert x509ca.check_server_certificate(cert, expect) == identity
+    assert x509ca.check_server_certificate(
+        cert, x509ca.ExpectedServer(cluster="example", host="127.0.0.1")) == identity
+    assert x509ca.ca_cluster_name(ca_cert) == "example"
+
+
+@pytest.mark.parametrize("kind, cluster, host, usages, message", [
+    ("user", "example", "proxy.example", "both", "a user certificate"),
+    ("node", "example", "proxy.example", "both", "a node certificate"),
+    ("admin", "example", "proxy.example", "both", "an admin certificate"),
+    ("cluster", "example", "proxy.example", "both", "a cluster certificate"),
+    ("proxy", "other", "proxy.example", "server", "not one of cluster example"),
+    ("proxy", "example", "evil.example", "server", "does not name evil.example"),
+    ("proxy", "example", "127.0.0.2", "server", "does not name 127.0.0.2"),
+    ("proxy", "example", "proxy.example", "client", "not for servers"),
+])
+def test_a_server_certificate_must_be_the_expected_proxy(ca, kind, cluster, host, usages,
+                                                         message):
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+
+    from tests.pkitools import issue_legacy_certificate
+
+    ca_key, ca_cert = ca
+    identity = x509ca.Identity(kind=kind, name="x", cluster=cluster)
+    _, cert = issue_legacy_certificate({"ca": ca_cert, "ca_key": ca_key}, identity,
+                                       dns=("proxy.example",), ips=("127.0.0.1",), now=NOW)
+    if usages != "both":
+        # Re-sign with one usage only (same identity and names).
+        builder = x509.CertificateBuilder().subject_name(cert.subject).issuer_name(
+            cert.issuer).public_key(cert.public_key()).serial_number(cert.serial_number
+        ).not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc)
+        for ext in cert.extensions:
+            if isinstance(ext.value, x509.ExtendedKeyUsage):
+                ext = x509.Extension(ext.oid, ext.critical, x509.ExtendedKeyUsage(
+                    [EKU.SERVER_AUTH if usages == "server" else EKU.CLIENT_AUTH]))
+            builder = builder.add_extension(ext.value, ext.critical)
+        cert = builder.sign(ca_key, None)
+    expect = x509ca.ExpectedServer(cluster="example", host=host)
+    with pytest.raises(x509ca.ServerMismatch, match=message.replace(".", r"\.")):
+        x509ca.check_server_certificate(cert, expect)
 
 
 def test_certificate_never_outlives_its_ca(ca):

@@ -11,7 +11,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
-    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
     trustRootFromCertificates,
@@ -23,7 +22,6 @@ from twisted.internet.address import IPv4Address
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 
 from edgeaccess.errors import NotFound
-from edgeaccess.pki.keys import private_key_pem
 from edgeaccess.pki.x509ca import Identity, certificate_pem
 from edgeaccess.proxy.tlsrouting import ALPN_SSH, tls_routing_factory
 from tests.pkitools import issue_identities
@@ -141,10 +139,9 @@ class Connection:
         key, cert = pki[client]
         client_options = optionsForClientTLS(
             server_name, trustRoot=trust,
-            clientCertificate=PrivateCertificate.loadPEM(
-                certificate_pem(cert) + private_key_pem(key)),
             acceptableProtocols=[alpn] if alpn else None,
-            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3})
+            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3,
+                                     "privateKey": key, "certificate": cert})
         self.user = Recorder()
         server_factory = TLSMemoryBIOFactory(server_options, False, dispatch, self.clock)
         client_factory = TLSMemoryBIOFactory(client_options, True,

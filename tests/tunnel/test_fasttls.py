@@ -45,7 +45,7 @@ def options() -> tuple[Any, Any]:
         [("proxy", Identity(kind="proxy", name="p", cluster="root"), ("proxy.test",))])
     key, cert = pki["proxy"]
     server = edge_tls.server_options(key, cert, [pki["ca"]])
-    client = edge_tls.client_options("proxy.test", [pki["ca"]])
+    client = edge_tls.client_options("proxy.test", [pki["ca"]], cluster="root")
     return server, client
 
 

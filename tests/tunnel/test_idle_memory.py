@@ -47,7 +47,7 @@ def tls_pair(pki: dict[str, Any]):
     server_options = tls.server_options(key, cert, [pki["ca"]], client_certificates="required",
                                         alpn=[b"edge-tunnel/1"])
     node_key, node_cert = pki["node"]
-    client_options = tls.client_options("proxy.test", [pki["ca"]], key=node_key, cert=node_cert,
+    client_options = tls.client_options("proxy.test", [pki["ca"]], cluster="root", key=node_key, cert=node_cert,
                                         alpn=[b"edge-tunnel/1"])
     server_app, client_app = Recorder(), Recorder()
     clock = MemoryReactorClock()

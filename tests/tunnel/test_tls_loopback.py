@@ -13,14 +13,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
-    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
     trustRootFromCertificates,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from edgeaccess.pki.keys import private_key_pem
 from edgeaccess.pki.x509ca import Identity, certificate_pem, identity_from_certificate
 from edgeaccess.tunnel.agent import TunnelAgent
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
@@ -75,11 +73,10 @@ def test_tunnel_over_mutual_tls_carries_a_channel() -> Any:
     client_options = optionsForClientTLS(
         "proxy.test",
         trustRoot=trust,
-        clientCertificate=PrivateCertificate.loadPEM(
-            certificate_pem(node_cert) + private_key_pem(node_key)
-        ),
         acceptableProtocols=[ALPN_PROTOCOL],
-        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3},
+        extraCertificateOptions={
+            "raiseMinimumTo": TLSVersion.TLSv1_3, "privateKey": node_key, "certificate": node_cert,
+        },
     )
     address = port.getHost()
     agent = TunnelAgent(

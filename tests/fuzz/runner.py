@@ -1,0 +1,93 @@
+"""Run a fuzz target for N hypothesis inputs; report inputs, time and crashes.
+
+A crash is any of: an exception out of the target's ``check`` (which lets
+only the documented validation errors pass), an error logged with a
+traceback while the input ran, or an input that ran past its deadline
+(a hang). The first crash stops the run; hypothesis then shrinks it to a
+minimal input, which the report carries.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import attrs
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+
+from tests.fuzz.targets import TARGETS, Misbehaved
+from tests.logwatch import LoudLog
+
+#: Seconds one input may take before it counts as a hang.
+DEFAULT_DEADLINE = 5.0
+
+
+class Hang(Misbehaved):
+    """One input ran past its deadline."""
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`Hang` in the main thread if the block runs past ``seconds``."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise Hang(f"input still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@attrs.define
+class Report:
+    target: str
+    inputs: int = 0
+    seconds: float = 0.0
+    crashes: int = 0
+    slowest_input_s: float = 0.0
+    crash: str | None = None
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self)
+
+
+def run_target(name: str, *, inputs: int, seed: int = 0,
+               per_input_deadline: float = DEFAULT_DEADLINE, shrink: bool = True) -> Report:
+    """Feed target ``name`` ``inputs`` generated inputs (reproducible from ``seed``)."""
+    target = TARGETS[name]
+    check = target.make()
+    report = Report(target=name)
+
+    phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=inputs, database=None, deadline=None, phases=phases,
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+              derandomize=False, print_blob=False)
+    @given(target.strategy())
+    def one(value: Any) -> None:
+        report.inputs += 1
+        started = time.perf_counter()
+        with LoudLog() as loud, deadline(per_input_deadline):
+            check(value)
+        report.slowest_input_s = max(report.slowest_input_s, time.perf_counter() - started)
+        if loud.events:
+            raise Misbehaved(loud.describe())
+
+    started = time.perf_counter()
+    try:
+        one()
+    except Exception as error:  # the (shrunk) crash: reported, not raised
+        report.crashes = 1
+        notes = "\n".join(getattr(error, "__notes__", ()))  # hypothesis: the falsifying input
+        report.crash = f"{type(error).__name__}: {error}\n{notes}"[:4000]
+    report.seconds = round(time.perf_counter() - started, 2)
+    report.slowest_input_s = round(report.slowest_input_s, 4)
+    return report
