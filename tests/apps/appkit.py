@@ -45,7 +45,7 @@ def ca_file(proxy: ProxyProcess) -> Path:
     return proxy.data_dir / "ca" / "tls_ca.crt"
 
 
-def start_demo_app(proxy: ProxyProcess, audience_port_holder=None) -> tuple[subprocess.Popen, int]:
+def start_demo_app(proxy: ProxyProcess) -> tuple[subprocess.Popen, int]:
     """The demo app verifying assertions against ``proxy``'s JWKS (no audience check)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "edgeaccess.apps.demo", "--listen", "127.0.0.1:0",
@@ -85,12 +85,13 @@ def app_login(home: Path, app: str, *extra: str) -> dict:
 
 
 def curl(config: dict, path: str, *args: str, url: str | None = None,
-         timeout: float = 60) -> subprocess.CompletedProcess:
+         timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
     """curl with the app certificate (strict verification against the cluster CA)."""
     return subprocess.run(
         ["curl", "-sS", "--max-time", str(int(timeout)), "--cacert", config["ca"],
          "--cert", config["cert"], "--key", config["key"], *args,
-         (url or config["url"]) + path], capture_output=True, timeout=timeout + 10)
+         (url or config["url"]) + path], capture_output=True, timeout=timeout + 10,
+        input=input)
 
 
 def tls_socket(proxy: ProxyProcess, host: str, config: dict | None) -> ssl.SSLSocket:
