@@ -11,6 +11,7 @@ def main(argv: list[str]) -> int:
     scenarios["audit-session"] = "benchmarks.audit_session_start"  # docs/performance.md
     scenarios["cluster-client"] = "benchmarks.cluster_client"  # docs/performance.md
     scenarios["fuzz"] = "benchmarks.fuzz"  # docs/security.md "Fuzzing"
+    scenarios["apps"] = "benchmarks.apps"  # docs/performance.md "Web applications"
     scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")
         "tunnel-throughput": "benchmarks.tunnel_throughput",
         "tunnel-latency": "benchmarks.tunnel_latency",

@@ -70,6 +70,24 @@ class AppAgent:
         app = self.apps.get(target)
         if app is None:
             raise errors.NotFound(f"this node serves no app named {target[:64]!r}")
-        endpoint = self.endpoint(app)
+        endpoint = _Tuned(self.endpoint(app), self.reactor)
         _log.debug("app channel to {app}", app=app.name)
         return SpliceFactory(lambda: endpoint, description=f"app {app.name} at {app.uri}")
+
+
+class _Tuned:
+    """Connects like ``endpoint``, then turns Nagle off (requests are small
+    writes that must not wait for an ACK)."""
+
+    def __init__(self, endpoint, clock) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+
+    def connect(self, factory):
+        from edgeaccess.apps.proxy import _tune
+
+        def connected(protocol):
+            _tune(protocol.transport, self.clock, fast_tls=False)
+            return protocol
+
+        return self.endpoint.connect(factory).addCallback(connected)

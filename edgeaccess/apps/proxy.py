@@ -154,13 +154,14 @@ class _ResponseSide:
         return self.owner.response_head(head)
 
     def message_body(self, data: bytes) -> None:
-        self.owner.transport.write(data)
+        self.owner.client_write(data)
 
     def message_end(self) -> None:
+        self.owner.client_write(b"")
         self.owner.response_end()
 
     def raw(self, data: bytes) -> None:
-        self.owner.transport.write(data)
+        self.owner.client_write(data)
 
 
 class AppProxyProtocol(Protocol):
@@ -191,6 +192,7 @@ class AppProxyProtocol(Protocol):
         self._error: tuple[int, str] | None = None
         self._sent_response_head = False
         self._interim = False
+        self._head_out: bytes | None = None
         self._last_activity = 0.0
         self._timer = None
         self._waiting_since: float | None = None
@@ -201,6 +203,7 @@ class AppProxyProtocol(Protocol):
     # --- start --------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        _tune(self.transport, self.clock)
         self._last_activity = self.clock.seconds()
         self._timer = self.clock.callLater(HEAD_TIMEOUT, self._check_timeouts)
         if not self.needs_preamble:
@@ -365,10 +368,11 @@ class AppProxyProtocol(Protocol):
         if self._closing:
             return
         if self._raw:
-            self.transport.write(data)
+            self.client_write(data)
             return
         try:
             self.upstream_reader.feed(data)
+            self.client_write(b"")  # a head whose body is still to come
         except http1.BadMessage as e:
             _log.warn("app {app} answered garbage: {why}", app=self.access.app, why=e.message)
             if self._sent_response_head:
@@ -391,14 +395,24 @@ class AppProxyProtocol(Protocol):
                 head.set(b"Location", (self.access.public_origin + text[len(origin):]
                                        ).encode("latin-1"))
         self._sent_response_head = True
-        self.transport.write(head.serialize())
+        # Sent with the first body bytes (one TLS record and TCP write, not two).
+        self._head_out = head.serialize()
         self._interim = 100 <= status < 200 and status != 101
         if status == 101:
             if not self._upgrade_requested:
                 raise http1.BadMessage(502, "101 without an upgrade request")
+            self.client_write(b"")
             self._switch_to_raw()
             return http1.NO_BODY, 0
         return http1.response_framing(head, method)
+
+    def client_write(self, data: bytes) -> None:
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            data = head + data
+        if data:
+            self.transport.write(data)
 
     def _switch_to_raw(self) -> None:
         self._raw = True
@@ -512,6 +526,21 @@ class AppProxyProtocol(Protocol):
         if self.access is not None:
             for hook in self.access.on_close:
                 hook(self)
+
+
+def _tune(transport, clock, fast_tls: bool = True) -> None:
+    """Small requests and responses go out at once (TCP_NODELAY); a TLS
+    transport reads and writes in large pieces (``edgeaccess.tunnel.fasttls``)."""
+    from edgeaccess.tunnel.fasttls import install_fast_tls
+
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except Exception:  # not a socket (a tunnel channel, a test transport)
+            pass
+    if fast_tls:
+        install_fast_tls(transport, clock)
 
 
 def parse_preamble(line: bytes) -> dict:
