@@ -61,6 +61,9 @@ class Options(usage.Options):
         ["tunnel-public-addr", None, None,
          "HOST:PORT nodes should dial for the tunnel (default: public host and the "
          "tunnel port), e.g. a load balancer in front of several proxies"],
+        ["apps-domain", None, None,
+         "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
+         "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -215,9 +218,10 @@ def makeService(options, reactor=None) -> service.MultiService:
         listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
-    if not is_ip(public_host):
-        # Apps are reached at https://NAME.<public host> (edgeaccess.apps).
-        dns.append(f"*.{public_host}")
+    apps_domain = (options["apps-domain"] or public_host).lower().rstrip(".")
+    if not is_ip(apps_domain):
+        # Apps are reached at https://NAME.<apps domain> (edgeaccess.apps).
+        dns += [f"*.{apps_domain}"] + ([apps_domain] if apps_domain not in dns else [])
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
@@ -265,7 +269,7 @@ def makeService(options, reactor=None) -> service.MultiService:
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
     apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
-                            public_host=public_host, web_addr=lambda: addresses()["web"],
+                            public_host=apps_domain, web_addr=lambda: addresses()["web"],
                             site=EdgeSite(web.resource()), reactor=reactor)
     apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
