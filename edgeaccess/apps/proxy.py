@@ -562,9 +562,23 @@ class _Dispatch(Protocol):
         self.factory = factory
         self.addr = addr
         self.inner: Protocol | None = None
+        self._idle = None
+
+    def connectionMade(self) -> None:
+        # A connection that never sends a byte is closed (the UI's and the
+        # app proxy's own timeouts start with the first request).
+        self._idle = self.factory.clock.callLater(HEAD_TIMEOUT, self._silent)
+
+    def _silent(self) -> None:
+        self._idle = None
+        if self.inner is None:
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is None:
+            if self._idle is not None and self._idle.active():
+                self._idle.cancel()
+            self._idle = None
             self.inner = self.factory.choose(self.transport, self.addr)
             if self.inner is None:
                 self.transport.loseConnection()
@@ -573,6 +587,8 @@ class _Dispatch(Protocol):
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
         if self.inner is not None:
             self.inner.connectionLost(reason)
 

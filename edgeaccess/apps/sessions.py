@@ -251,6 +251,21 @@ class AppGateway:
 
             endpoint_for = TunnelChannelEndpoint
         self.endpoint_for = endpoint_for
+        self._role_cache: dict[tuple, tuple[float, list]] = {}
+
+    async def _roles(self, names) -> list:
+        """Role objects, read from the backend at most every RECHECK seconds per set
+        (every connection of a session checks them again each second)."""
+        key = tuple(names)
+        cached = self._role_cache.get(key)
+        now = self.clock.seconds()
+        if cached is not None and now - cached[0] <= RECHECK:
+            return cached[1]
+        roles = await self.auth.get_roles(list(names))
+        if len(self._role_cache) > 1000:
+            self._role_cache.clear()
+        self._role_cache[key] = (now, roles)
+        return roles
 
     # --- names ------------------------------------------------------------
 
@@ -350,7 +365,7 @@ class AppGateway:
             raise errors.NotFound(f"app {name} is not available: no node of cluster "
                                   f"{self.cluster} serves it now")
         tunnel, app = found
-        checker = _Checker(self.auth.get_roles, session["roles"], session["traits"],
+        checker = _Checker(self._roles, session["roles"], session["traits"],
                            app.labels, self.clock)
         if not await checker.refresh():
             raise errors.AccessDenied(f"your roles do not allow app {name}")
@@ -410,7 +425,7 @@ class AppGateway:
             local = await mapped_roles(root, [r for r in remote if isinstance(r, str)])
 
             async def load_roles(names):
-                return await self.auth.get_roles(await mapped_roles(root, remote))
+                return await self._roles(await mapped_roles(root, remote))
 
             checker = _Checker(lambda _names: load_roles(_names), local, traits, app.labels,
                                self.clock)
