@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from edgeaccess import errors
 from edgeaccess.apps.spec import AppSpec
 from edgeaccess.proxy.router import tcp_endpoint
-from edgeaccess.proxy.splice import SpliceFactory
+from edgeaccess.proxy.splice import SpliceFactory, _Inbound
 
 _log = Logger()
 
@@ -72,7 +72,36 @@ class AppAgent:
             raise errors.NotFound(f"this node serves no app named {target[:64]!r}")
         endpoint = _Tuned(self.endpoint(app), self.reactor)
         _log.debug("app channel to {app}", app=app.name)
-        return SpliceFactory(lambda: endpoint, description=f"app {app.name} at {app.uri}")
+        return _AppSplice(lambda: endpoint, description=f"app {app.name} at {app.uri}",
+                          app=app.name)
+
+
+class _AppSplice(SpliceFactory):
+    """A splice that answers ``502`` itself when the app cannot be reached."""
+
+    def __init__(self, endpoint_for, description: str, app: str) -> None:
+        super().__init__(endpoint_for, description)
+        self.app = app
+
+    def buildProtocol(self, addr):
+        return _AppInbound(self)
+
+
+class _AppInbound(_Inbound):
+    def _failed(self, error: Exception) -> None:
+        from edgeaccess.apps.proxy import error_page
+
+        _log.warn("app {app} is unreachable: {why}", app=self.factory.app, why=error)
+        if self.transport is not None and not self.lost:
+            self.transport.write(error_page(
+                502, f"app {self.factory.app} is unreachable from its node: "
+                     f"{_reason(error)}"))
+        super()._failed(error)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.split(": ", 1)[-1][:200] if "Connection refused" in text else text[:200]
 
 
 class _Tuned:

@@ -86,6 +86,9 @@ def _main(argv) -> int:
     if args.command == "login":
         return _login(args, home)
     if args.command == "logout":
+        import shutil
+
+        shutil.rmtree(home / "apps", ignore_errors=True)  # app certificates (edge apps)
         if profiles.remove(home):
             sys.stdout.write(f"Logged out (removed the keys and certificates in {home}).\n")
         else:
