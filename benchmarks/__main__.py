@@ -13,6 +13,7 @@ def main(argv: list[str]) -> int:
     scenarios["cluster-client"] = "benchmarks.cluster_client"  # docs/performance.md
     scenarios["fuzz"] = "benchmarks.fuzz"  # docs/security.md "Fuzzing"
     scenarios["kube"] = "benchmarks.kube"  # docs/performance.md "Kubernetes access"
+    scenarios["apps"] = "benchmarks.apps"  # docs/performance.md "Web applications"
     scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")
         "tunnel-throughput": "benchmarks.tunnel_throughput",
         "tunnel-latency": "benchmarks.tunnel_latency",

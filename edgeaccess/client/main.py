@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_edge_play(sub)
     add_edge_kube(sub)
+    from edgeaccess.apps.cli import add_edge_apps
+
+    add_edge_apps(sub)
     return p
 
 
@@ -89,6 +92,9 @@ def _main(argv) -> int:
 
         for name in remove_kube_logins(home):
             sys.stdout.write(f"Removed kubeconfig context {name}.\n")
+        import shutil
+
+        shutil.rmtree(home / "apps", ignore_errors=True)  # app certificates (edge apps)
         if profiles.remove(home):
             sys.stdout.write(f"Logged out (removed the keys and certificates in {home}).\n")
         else:
@@ -147,6 +153,10 @@ def _main(argv) -> int:
             _check_valid(profile)
         return run_edge_kube(args, home, profile, _client(home, profile))
     _check_valid(profile)
+    if args.command == "apps":
+        from edgeaccess.apps.cli import run_edge_apps
+
+        return run_edge_apps(args, home, profile, _client(home, profile))
     if args.command == "play":
         from edgeaccess.audit.cli import run_edge_play
 

@@ -60,11 +60,13 @@ class NodeService(service.MultiService):
                  ca_pin: str | None, nodename: str, labels: dict, listen,
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
-                 connect_cluster=None, kube=None, serve_ssh: bool = True) -> None:
+                 connect_cluster=None, kube=None, serve_ssh: bool = True,
+                 apps=()) -> None:
         """
         :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
             publish (``--kube-cluster``), or None.
         :param serve_ssh: False for a node that serves no SSH (``--no-ssh``).
+        :param apps: the web apps to publish (``--app``).
         """
         super().__init__()
         self.kube = kube
@@ -102,6 +104,12 @@ class NodeService(service.MultiService):
         self.agent = None
         self.tunnel_addrs: list[str] = []
         self._tunnel_attempts = 0
+        #: The web apps this node publishes (:class:`~edgeaccess.apps.agent.AppAgent`).
+        self.apps = None
+        if apps:
+            from edgeaccess.apps.agent import AppAgent
+
+            self.apps = AppAgent(list(apps), reactor)
 
     @property
     def roles(self) -> dict[str, dict]:
@@ -317,6 +325,9 @@ class NodeService(service.MultiService):
         if self.identity.mode == "tunnel":
             await self._start_tunnel()
             return
+        if self.apps is not None:
+            _log.warn("web apps are served through a reverse tunnel only: join through the "
+                      "proxy's web address to publish {apps}", apps=", ".join(self.apps.apps))
         self._start_control_stream()
         if not self.serve_ssh:
             _log.info("node {name} serves no SSH (--no-ssh)", name=self.identity.name)
@@ -427,7 +438,8 @@ class NodeService(service.MultiService):
             inventory=Inventory(
                 name=self.identity.name, labels=dict(self.labels),
                 kube_clusters=(self.kube[0],) if self.kube else (),
-                kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {}),
+                kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
+                apps=self.apps.inventory() if self.apps else ()),
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
             on_control=self._control_pushed, max_channels=256)
@@ -457,12 +469,15 @@ class NodeService(service.MultiService):
             self.tunnel_addrs = [addr]
 
     def _accept_channel(self, kind: str, target: str):
-        """The node checks every channel the proxy opens: its own SSH, its Kubernetes."""
+        """The node checks every channel the proxy opens: its own SSH, its
+        Kubernetes cluster, its apps."""
         if kind == "kube" and self.kube_agent is not None:
             if target != self.kube_agent.name:
                 raise errors.NotFound(f"node {self.identity.name} serves no Kubernetes "
                                       f"cluster {target}")
             return self.kube_agent.channel_factory()
+        if kind == "app" and self.apps is not None:
+            return self.apps.accept(target)
         if kind == "ssh" and not self.serve_ssh:
             raise errors.AccessDenied(f"node {self.identity.name} serves no SSH")
         if kind != "ssh":

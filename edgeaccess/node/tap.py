@@ -59,6 +59,24 @@ class Options(usage.Options):
         ["config", "c", None, "YAML file with any of these options"],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["app"] = []
+
+    def opt_app(self, value: str) -> None:
+        """publish a web app: name=N,uri=URL[,labels=k:v;k:v][,rewrite_host=H][,ca=FILE]
+        (repeatable; served through the reverse tunnel)"""
+        from edgeaccess import errors
+        from edgeaccess.apps.spec import parse_app
+
+        try:
+            app = parse_app(value)
+        except errors.EdgeError as e:
+            raise usage.UsageError(str(e))
+        if any(a.name == app.name for a in self["app"]):
+            raise usage.UsageError(f"app {app.name} given twice")
+        self["app"].append(app)
+
     def postOptions(self) -> None:
         if self["config"]:
             apply_config_file(self, self["config"],
@@ -124,4 +142,5 @@ def makeService(options, reactor=None):
         auth_server=options["auth-server"], token=options["token"],
         ca_pin=options["ca-pin"], nodename=options["nodename"], labels=options["labels"],
         listen=endpoint.listen, advertise_addr=advertise, reactor=reactor,
-        heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow)
+        heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow,
+        apps=options.get("app") or [])

@@ -72,6 +72,9 @@ class Options(usage.Options):
          "comma-separated further host names and addresses clients dial the proxy at "
          "(its certificate names them; --public-addr, --tunnel-public-addr and the "
          "listen hosts are always named)"],
+        ["apps-domain", None, None,
+         "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
+         "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -243,6 +246,10 @@ def makeService(options, reactor=None) -> service.MultiService:
                      if n.strip()}
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
+    apps_domain = (options["apps-domain"] or public_host).lower().rstrip(".")
+    if not is_ip(apps_domain):
+        # Apps are reached at https://NAME.<apps domain> (edgeaccess.apps).
+        dns += [f"*.{apps_domain}"] + ([apps_domain] if apps_domain not in dns else [])
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
@@ -274,7 +281,13 @@ def makeService(options, reactor=None) -> service.MultiService:
             if listener.port is not None:
                 found[name] = f"{public_host}:{listener.port.getHost().port}"
         if options["tunnel-public-addr"]:
-            found["tunnel"] = options["tunnel-public-addr"]
+            tunnel_host, _, tunnel_port = options["tunnel-public-addr"].rpartition(":")
+            if (not tunnel_port.isdigit() or not tunnel_host) and "tunnel" in found:
+                # A host alone: that host and the port the tunnel server is bound to.
+                found["tunnel"] = (f"{options['tunnel-public-addr']}:"
+                                   f"{found['tunnel'].rpartition(':')[2]}")
+            else:
+                found["tunnel"] = options["tunnel-public-addr"]
         found.setdefault("web", f"{public_host}:{public_port}")
         found.setdefault("ssh", f"{public_host}:3023")
         return found
@@ -298,9 +311,16 @@ def makeService(options, reactor=None) -> service.MultiService:
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
+    from edgeaccess.apps.service import build as build_app_access
+
+    # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
+    apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
+                            public_host=apps_domain, web_addr=lambda: addresses()["web"],
+                            site=EdgeSite(web.resource()), reactor=reactor)
+    apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        EdgeSite(web.resource()), on_listening)
+        apps.factory, on_listening)
 
     api = AuthAPI(auth)
     auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -336,7 +356,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor,
         authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
         target_check=control.check_target)
-    LeafLinks(leaf_trust, router, reactor, control=control, kube=kube).setServiceParent(top)
+    LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
+              apps=apps.gateway).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
