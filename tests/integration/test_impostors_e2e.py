@@ -257,11 +257,12 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     from edgeaccess.audit.spool import Spool
 
     node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
-    # Listed means the heartbeat went through; the role fetch follows it.
-    wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
+    # Listed means the heartbeat went through; the pushed state (roles,
+    # locks...) follows on the node's /v1/watch stream.
+    wait_for((node.data_dir / "control.json").exists, DEADLINE, "the node's control state",
              node.process)
     node.stop()
-    roles_before = (node.data_dir / "roles.json").read_text()
+    roles_before = (node.data_dir / "control.json").read_text()
     # The node's auth address now leads to the impostor (DNS or address
     # taken over); an audit event is waiting in its spool.
     meta = json.loads((node.data_dir / "identity.json").read_text())
@@ -285,7 +286,7 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
         node.stop()
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
-    assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
+    assert (node.data_dir / "control.json").read_text() == roles_before  # no say over roles
     assert secret_event in [e["id"] for e in Spool.open(node.data_dir / "audit-spool")
                             .pending_events()]
 
