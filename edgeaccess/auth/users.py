@@ -108,6 +108,21 @@ class UserAccounts:
         _log.info("password set for user {user}", user=name)
         self._emit("user.password_change", user=name)
 
+    async def reset_user(self, name: str) -> str:
+        """Forget a user's password (ending their web sessions) and return a
+        new one-time signup token to set another."""
+        user = await self.get_user(name)
+        user["password_hash"] = None
+        user["login_state"] = passwords.LoginState().to_dict()
+        await self.backend.put(f"/users/{name}", _dumps(user))
+        token = secrets.token_hex(16)
+        await self.backend.create(
+            f"/signup/{token}", _dumps({"user": name}), expires=self.now() + SIGNUP_TTL
+        )
+        _log.info("password of user {user} reset", user=name)
+        self._emit("user.reset", user=name)
+        return token
+
     async def complete_signup(self, token: str, password: str) -> str:
         """Set the password of the user a signup token was made for."""
         name = (await record_for_token(self.backend, "/signup/", token, _bad_signup()))["user"]

@@ -60,8 +60,18 @@ class NodeService(service.MultiService):
                  ca_pin: str | None, nodename: str, labels: dict, listen,
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
-                 connect_cluster=None) -> None:
+                 connect_cluster=None, kube=None, serve_ssh: bool = True,
+                 apps=()) -> None:
+        """
+        :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
+            publish (``--kube-cluster``), or None.
+        :param serve_ssh: False for a node that serves no SSH (``--no-ssh``).
+        :param apps: the web apps to publish (``--app``).
+        """
         super().__init__()
+        self.kube = kube
+        self.serve_ssh = serve_ssh
+        self.kube_agent = None
         if connect_cluster is None:
             connect_cluster = functools.partial(clusterclient.connect, reactor)
         self._connect_cluster = connect_cluster
@@ -94,6 +104,12 @@ class NodeService(service.MultiService):
         self.agent = None
         self.tunnel_addrs: list[str] = []
         self._tunnel_attempts = 0
+        #: The web apps this node publishes (:class:`~edgeaccess.apps.agent.AppAgent`).
+        self.apps = None
+        if apps:
+            from edgeaccess.apps.agent import AppAgent
+
+            self.apps = AppAgent(list(apps), reactor)
 
     @property
     def roles(self) -> dict[str, dict]:
@@ -304,13 +320,44 @@ class NodeService(service.MultiService):
             self.identity.name, self.reactor, env_allow=self.env_allow,
             observer=self.audit.observer, reactor=self.reactor,
             sessions=self.sessions, node_ids=[self.identity.uuid])
+        if self.kube is not None:
+            await self._start_kube()
         if self.identity.mode == "tunnel":
             await self._start_tunnel()
             return
+        if self.apps is not None:
+            _log.warn("web apps are served through a reverse tunnel only: join through the "
+                      "proxy's web address to publish {apps}", apps=", ".join(self.apps.apps))
         self._start_control_stream()
+        if not self.serve_ssh:
+            _log.info("node {name} serves no SSH (--no-ssh)", name=self.identity.name)
+            return
         self.port = await self._listen(self.factory)
         _log.info("node {name} SSH service listening on {addr}", name=self.identity.name,
                   addr=self.port.getHost())
+
+    # --- Kubernetes ----------------------------------------------------------
+
+    async def _start_kube(self) -> None:
+        from edgeaccess.kube.agent import KubeAgent, make_decider
+        from edgeaccess.pki import x509ca
+
+        name, labels, config = self.kube
+        if self.identity.mode != "tunnel":
+            raise errors.BadRequest(
+                "--kube-cluster needs the reverse tunnel: give --auth-server the proxy's "
+                "web address (HOST:3080)")
+        ca_certs = x509ca.load_certificates_pem(self.identity.ca_pem.encode())
+        self.kube_agent = KubeAgent(
+            name=name, labels=labels, config=config, reactor=self.reactor,
+            decide=make_decider(cluster_name=self.identity.cluster,
+                                role_documents=lambda: self.roles,
+                                trusted_clusters=lambda: self.trusted),
+            ca_certs=lambda: ca_certs, cluster_name=self.identity.cluster)
+        await self.kube_agent.start()
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.kube_agent.stop)
+        _log.info("node {node} publishes Kubernetes cluster {name} ({server})",
+                  node=self.identity.name, name=name, server=config.server)
 
     # --- reverse tunnel ----------------------------------------------------
 
@@ -388,7 +435,11 @@ class NodeService(service.MultiService):
         self.factory.doStart()
         self.agent = TunnelAgent(
             endpoint_factory=endpoint_factory,
-            inventory=Inventory(name=self.identity.name, labels=dict(self.labels)),
+            inventory=Inventory(
+                name=self.identity.name, labels=dict(self.labels),
+                kube_clusters=(self.kube[0],) if self.kube else (),
+                kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
+                apps=self.apps.inventory() if self.apps else ()),
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
             on_control=self._control_pushed, max_channels=256)
@@ -418,7 +469,17 @@ class NodeService(service.MultiService):
             self.tunnel_addrs = [addr]
 
     def _accept_channel(self, kind: str, target: str):
-        """The node checks every channel the proxy opens: only its own SSH."""
+        """The node checks every channel the proxy opens: its own SSH, its
+        Kubernetes cluster, its apps."""
+        if kind == "kube" and self.kube_agent is not None:
+            if target != self.kube_agent.name:
+                raise errors.NotFound(f"node {self.identity.name} serves no Kubernetes "
+                                      f"cluster {target}")
+            return self.kube_agent.channel_factory()
+        if kind == "app" and self.apps is not None:
+            return self.apps.accept(target)
+        if kind == "ssh" and not self.serve_ssh:
+            raise errors.AccessDenied(f"node {self.identity.name} serves no SSH")
         if kind != "ssh":
             raise errors.AccessDenied(f"node {self.identity.name} serves no {kind} channels")
         if target not in (self.identity.uuid, self.identity.name):
