@@ -572,7 +572,8 @@ def _http_input(draw) -> dict:
     shape = draw(st.sampled_from(["fields", "fields", "json", "raw"]))
     if shape == "raw":
         body = draw(st.one_of(st.binary(max_size=200), _mutated([b'{"user": "alice"}',
-                                                                  b'{"events": [{}]}'])))
+                                                                  b'{"events": [{}]}',
+                                                                  b'{"a": ' + b"[" * 3000])))
     else:
         if shape == "fields":
             names = _ROUTES[route]
@@ -751,6 +752,7 @@ spec:
 ---
 """,
     b"a: &a [1, 2]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n",
+    b"kind: role\nmetadata: {name: \"\\U0001F600\\x41\\u00e9\"}\nspec: " + b"[" * 400 + b"]" * 400,
 ]
 
 _SPEC_KEYS = ["options", "allow", "deny", "logins", "node_labels", "kubernetes_groups",
