@@ -4,29 +4,37 @@ Speed and memory at scale led us past public APIs in a few places; each such
 *reach* is declared here with a probe of the shape it expects, and its code
 lives here too, behind thin call sites elsewhere:
 
-========================  ==========================================  ===========================
-reach                     what it touches                             when its probe fails
-========================  ==========================================  ===========================
-``tls-buffers``           pyOpenSSL's memory BIOs of a connection     idle TLS connections keep
-                          (:func:`shrink_tls_buffers`)                their handshake-sized BIOs
-``fast-tls``              Twisted's TLS transport internals and       Twisted's TLS I/O (one
-                          pyOpenSSL's ``SSL *`` (:func:`install_fast  record per delivery)
-                          _tls`)
-``eager-tcp``             Twisted's TCP write buffer                  writes wait for the next
-                          (:func:`send_if_idle`)                      reactor turn
-``amp-lean-init``         what ``amp.AMP.__init__`` sets              ``amp.AMP.__init__``
-                          (:func:`init_amp`)                          (~0.5 KB more a tunnel)
-``conch-transport``       Conch's key set-up and key exchange state   Conch's own packet layer
-                          (:func:`conch_keys_replaceable`, ...)       (aes-ctr + HMAC only)
-``cpython-shared-keys``   CPython's key-sharing instance dicts        nothing pre-shared
-                          (:func:`share_instance_attributes`)
-``glibc-malloc``          ``malloc_trim`` and ``mallopt`` (ctypes)    no trimming, default
-                                                                      allocator thresholds
-``conch-session``         Conch privates the SSH session, userauth    none: start-up fails
-                          and SFTP code override or call              (:class:`InternalsMismatch`)
-``http-bad-request``      Twisted's answer to a malformed HTTP        Twisted's bare 400 (no JSON
-                          request (:func:`answer_bad_requests`)       error body)
-========================  ==========================================  ===========================
+- ``tls-buffers``: pyOpenSSL's memory BIOs of a connection
+  (:func:`shrink_tls_buffers`). Off: idle TLS connections keep their
+  handshake-sized buffers.
+- ``fast-tls``: Twisted's TLS transport internals and pyOpenSSL's ``SSL *``
+  (:func:`install_fast_tls`). Off: Twisted's TLS I/O, one record per delivery.
+- ``eager-tcp``: Twisted's TCP write buffer (:func:`send_if_idle`,
+  :func:`eager_tcp_writes`). Off: writes wait for the next reactor turn.
+- ``amp-lean-init``: what ``amp.AMP.__init__`` sets (:func:`init_amp`). Off:
+  ``amp.AMP.__init__`` itself (~0.5 KB more a tunnel). (The read-through
+  ``_transportPeer``/``_transportHost`` of
+  :class:`~edgeaccess.tunnel.connection.TunnelConnection` shadow two AMP
+  attributes; they need no probe: they answer what AMP stored, live.)
+- ``conch-transport``: Conch's private key set-up and key exchange state, under
+  our SSH packet layer (:func:`conch_keys_replaceable`, :func:`conch_may_send`,
+  :func:`conch_key_exchange_idle`; the ``_keySetup`` override is in
+  :mod:`edgeaccess.ssh.transport`). Off: Conch's own packet layer, offering only
+  its ciphers (aes-ctr with HMAC, no AES-GCM).
+- ``cpython-shared-keys``: CPython's key-sharing instance dicts
+  (:func:`share_instance_attributes`). Off: nothing is entered up front.
+- ``glibc-malloc``: ``malloc_trim`` and ``mallopt`` through ctypes
+  (:func:`malloc_trim`, :func:`mallopt`). Off: no trimming, glibc's default
+  thresholds.
+- ``conch-session``: Conch privates that the SSH session
+  (``SSHSession._session``, ``_shellOrCommand``), certificate userauth
+  (``_cbFinishedAuth``, ``_ebCheckKey``) and SFTP (``_absPath``, ``_getAttrs``)
+  code override or call where they are (they are that code's core). No stock
+  path: :func:`self_check` raises :class:`InternalsMismatch`.
+- ``http-bad-request``: Twisted's answer to a malformed HTTP request
+  (:func:`answer_bad_requests`). Off: Twisted's bare 400 (no JSON error body).
+- ``conch-host-cert``: Conch's client ECDH reply handler and its key set-up
+  (:class:`HostCertificateClientMixin`). Off: web terminals are refused.
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take
@@ -51,7 +59,7 @@ import sys
 from functools import cached_property, partial
 from typing import Any, Callable, Iterable
 
-from OpenSSL import SSL, __version__ as _pyopenssl_version
+from OpenSSL import __version__ as _pyopenssl_version
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
@@ -823,3 +831,79 @@ __all__ = [
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
     "answer_bad_requests", "SSL",
 ]
+
+
+# -- conch-host-cert: a Conch client talking to a server with a host certificate ------------
+#
+# Conch's client verifies the key exchange signature with
+# ``keys.Key.fromString(host_key_blob)``, which rejects certificate blobs
+# (``ssh-ed25519-cert-v01@openssh.com``): a Conch client cannot talk to a
+# server that proves itself with a host certificate, i.e. to our nodes (the
+# web terminal, edgeaccess.web.sshclient). The only place to change that is
+# the client's ECDH reply handler, ``SSHClientTransport._ssh_KEX_ECDH_REPLY``,
+# and the private helpers it uses (Twisted 24.7 - 26.10).
+
+_ECDH_CLIENT_NEEDS = ("_ssh_KEX_ECDH_REPLY", "_generateECSharedSecret", "_encodeECPublicKey",
+                      "_keySetup")
+
+
+@_reach("conch-host-cert", "web terminals are refused (Conch's client cannot check a node's "
+        "host certificate)")
+def _probe_conch_host_cert() -> str | None:
+    from twisted.conch.ssh import _kex
+    from twisted.conch.ssh.transport import SSHClientTransport
+
+    missing = _missing(SSHClientTransport, _ECDH_CLIENT_NEEDS) + _missing(
+        _kex, ["getHashProcessor"])
+    if missing:
+        return f"Conch's client lacks {', '.join(missing)}"
+    source = inspect.getsource(SSHClientTransport._ssh_KEX_ECDH_REPLY)
+    for expected in ("self.ecPriv", "self._encodeECPublicKey(self.ecPub)", "_keySetup",
+                     "self.verifyHostKey(hostKey"):
+        if expected not in source:
+            return f"_ssh_KEX_ECDH_REPLY no longer uses {expected}"
+    return None
+
+
+class HostCertificateClientMixin:
+    """For a subclass of ``SSHClientTransport`` whose ``verifyHostKey(blob,
+    fingerprint)`` fires with the Conch ``Key`` that signs for ``blob``
+    (the public key inside a host certificate it has checked), or fails.
+
+    Only ECDH key exchanges (curve25519) come here: set
+    ``supportedKeyExchanges`` accordingly. Use it only when
+    ``available("conch-host-cert")``.
+    """
+
+    def _ssh_KEX_ECDH_REPLY(self, packet):  # noqa: N802  (Conch's name)
+        from twisted.conch.ssh import _kex
+        from twisted.conch.ssh.common import NS, getNS
+        from twisted.conch.ssh.transport import (
+            DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
+            DISCONNECT_KEY_EXCHANGE_FAILED,
+        )
+
+        host_blob, server_public, signature, _ = getNS(packet, 3)
+        d = self.verifyHostKey(host_blob, b"")
+
+        def verified(signing_key):
+            shared = self._generateECSharedSecret(self.ecPriv, server_public)
+            h = _kex.getHashProcessor(self.kexAlg)()
+            for part in (self.ourVersionString, self.otherVersionString,
+                         self.ourKexInitPayload, self.otherKexInitPayload, host_blob,
+                         self._encodeECPublicKey(self.ecPub), server_public):
+                h.update(NS(part))
+            h.update(shared)
+            exchange_hash = h.digest()
+            if not signing_key.verify(signature, exchange_hash):
+                self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"bad signature")
+                return
+            self._keySetup(shared, exchange_hash)
+
+        def refused(failure):
+            _log.info("host key refused: {reason}", reason=failure.getErrorMessage())
+            self.sendDisconnect(DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
+                                b"host certificate not trusted")
+
+        d.addCallbacks(verified, refused)
+        return d

@@ -512,8 +512,9 @@ _ROUTES: dict[tuple[str, str, str], list[str]] = {
                                               "kube_clusters", "version"],
     ("node", "POST", "/v1/nodes/renew"): ["ssh_public_key", "tls_public_key", "addresses"],
     ("node", "POST", "/v1/audit/events"): ["events"],
-    ("node", "POST", "/v1/recordings/0f6c4e0e-7a9a-4d0e-9a0e-111111111111/chunks"):
-        ["offset", "data", "meta"],
+    # Raw bytes (application/octet-stream, see _one_request): no fields.
+    ("node", "PUT", "/v1/recordings/0f6c4e0e-7a9a-4d0e-9a0e-111111111111?offset=0&user=alice"):
+        [],
     ("node", "POST", "/v1/recordings/0f6c4e0e-7a9a-4d0e-9a0e-111111111111/complete"): ["length"],
 }
 _ROUTE_KEYS = sorted(_ROUTES)
@@ -627,6 +628,7 @@ def _make_http() -> Callable[[dict], None]:
 
     from tests.auth.authkit import InlineReactor, InlineThreadPool, make_authority, resolve
     from edgeaccess.audit.log import AuditLog
+    from edgeaccess.audit.diskwriter import InlineDiskWriter
     from edgeaccess.audit.recording import FileRecordingStore
     from edgeaccess.auth.api import AuthAPI
     from edgeaccess.auth.service import AuthServer
@@ -641,7 +643,8 @@ def _make_http() -> Callable[[dict], None]:
     backend = MemoryBackend(clock)
     recordings = Path(tempfile.mkdtemp(prefix="edge-fuzz-recordings-"))
     audit = AuditLog(backend, authority.cluster_name, clock,
-                     recordings=FileRecordingStore(recordings, clock))
+                     recordings=FileRecordingStore(recordings, clock,
+                                                   InlineDiskWriter(clock)))
     auth = AuthServer(authority, backend, clock, reactor=InlineReactor(),
                       threadpool=InlineThreadPool(), audit=audit)
     resolve(auth.bootstrap())
@@ -683,8 +686,10 @@ def _make_http() -> Callable[[dict], None]:
     def _one_request(value: dict) -> None:
         caller, method, path = value["route"]
         stub = stubs[caller]
+        kind = (b"application/octet-stream" if method == "PUT" and path.startswith(
+            "/v1/recordings/") else b"application/json")
         d = stub.request(method, "https://127.0.0.1:3080" + path, data=value["body"],
-                         headers={b"content-type": [b"application/json"]})
+                         headers={b"content-type": [kind]})
         stub.flush()
         responses: list = []
         d.addBoth(responses.append)

@@ -84,11 +84,15 @@ def test_oversized_requests_get_an_answer(proxy, tls_context, port_name) -> None
 
 
 def test_unknown_path_and_wrong_method_on_the_web_port(proxy, tls_context) -> None:
-    for path in (b"/web/login", b"/metrics"):
+    for path in (b"/v1/nothing", b"/metrics"):
         answer = _exchange(proxy, tls_context, "web",
                            b"GET %s HTTP/1.0\r\nHost: x\r\n\r\n" % path)
         assert _status(answer) == b"HTTP/1.0 404 Not Found"
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "not_found"
+    # The web UI's pages (/web/...) answer a browser with an HTML page.
+    answer = _exchange(proxy, tls_context, "web", b"GET /web/nothing HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert _status(answer) == b"HTTP/1.0 404 Not Found"
+    assert b"text/html" in answer.partition(b"\r\n\r\n")[0]
     answer = _exchange(proxy, tls_context, "web",
                        b"PUT /v1/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                        b"Connection: close\r\n\r\n")
