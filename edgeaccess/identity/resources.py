@@ -244,7 +244,7 @@ def parse_documents(text: str | bytes) -> list[dict[str, Any]]:
             documents.append(doc)
     except yaml.YAMLError as error:
         raise _yaml_error(error) from None
-    except ValueError as error:  # PyYAML's scanner: an escape beyond Unicode (chr())
+    except (ValueError, OverflowError) as error:  # PyYAML's scanner: chr() of a \U escape
         raise BadResource(f"invalid YAML: {error}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise BadResource("invalid YAML: collections nested too deeply") from None

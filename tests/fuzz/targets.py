@@ -831,7 +831,7 @@ def _mutate_http(value: dict, rng: random.Random) -> dict:
     if rng.random() < 0.5:
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict) and data:
             key = rng.choice(sorted(data))

@@ -115,9 +115,10 @@ def test_a_deeply_nested_inventory_is_a_bad_request() -> None:
 
 @pytest.mark.parametrize("text", [
     b'kind: role\nmetadata: {name: "\\U00110000"}\n',   # an escape beyond Unicode: chr() fails
+    b'kind: role\nmetadata: {name: "\\UFFFFFFFF"}\n',   # beyond a C int: OverflowError
     b"[" * 5000,                                           # the composer recurses per level
     b"a: " + b"{a: " * 3000,
-], ids=["escape-beyond-unicode", "nested-lists", "nested-maps"])
+], ids=["escape-beyond-unicode", "escape-beyond-c-int", "nested-lists", "nested-maps"])
 def test_yaml_that_pyyaml_chokes_on_is_a_bad_resource(text: bytes) -> None:
     with pytest.raises(errors.BadResource, match="invalid YAML"):
         resources.parse_resources(text)
