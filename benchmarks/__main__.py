@@ -9,6 +9,7 @@ def main(argv: list[str]) -> int:
     """Dispatch to a scenario module's ``main(argv)``."""
     scenarios = {"ssh": "benchmarks.ssh_throughput", "audit": "benchmarks.audit_ingest"}
     scenarios["audit-session"] = "benchmarks.audit_session_start"  # docs/performance.md
+    scenarios["audit-spool"] = "benchmarks.audit_spool"  # docs/performance.md
     scenarios["cluster-client"] = "benchmarks.cluster_client"  # docs/performance.md
     scenarios["fuzz"] = "benchmarks.fuzz"  # docs/security.md "Fuzzing"
     scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")

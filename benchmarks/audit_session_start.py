@@ -21,10 +21,13 @@ everything at once (it keeps recording offsets, so the delivery protocol is
 followed): the auth service's side of ingestion runs on another host in a
 real cluster and is measured by ``python -m benchmarks audit``.
 
-Each run is one ``ssh root@127.0.0.1 true`` from OpenSSH with a user
-certificate (``--pty``: ``ssh -tt``, so the session is also recorded);
+Each run is one ``ssh root@127.0.0.1 true`` (``--parallel N``: N of them at
+once) from OpenSSH with a user certificate (``--pty``: ``ssh -tt``, so the session is also recorded);
 the modes are interleaved run by run so that they see the same machine.
-Prints one JSON object per mode: median/p90/mean wall time of a whole
+``--fsync-ms N`` adds N ms to each of the node's fsyncs (a slower disk than
+this VM's ~0.2 ms). The same file runs against the tree before the disk
+writer (its synchronous spool API), for BEFORE figures.
+Prints one JSON object per mode: median (p50)/p90/p99/mean wall time of a whole
 session (connect, key exchange, auth, exec, exit) and node CPU per session,
 and checks that every audited session delivered its events.
 """
@@ -41,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from edgeaccess.audit.interfaces import IAuditUploader
@@ -104,24 +107,43 @@ def serve(directory: Path, mode: str, spool_dir: Path | None) -> None:
     ca_line = (directory / "user_ca.pub").read_bytes()
     authorizer = StaticAuthorizer({("*", "root"): SessionPermissions(
         record_session=True, roles=("access",))})
-    observer = None
-    if mode != "off":
-        spool = Spool.open(spool_dir)
-        uploader = _AcknowledgingUploader(directory / f"acked-{mode}.json")
-        shipper = SpoolShipper(spool, uploader, reactor)
-        observer = AuditingObserver(spool, cluster="bench", node_name="bench-node",
-                                    node_id="bench-node-id", clock=reactor,
-                                    on_spooled=shipper.kick)
-        shipper.startService()
-    factory = make_node_ssh_factory(host_key, None, lambda: [ca_line], authorizer,
-                                    "bench-node", reactor, observer=observer,
-                                    reactor=reactor)
+    fsync_ms = float(os.environ.get("EDGE_BENCH_FSYNC_MS", "0"))
+    if fsync_ms:  # --fsync-ms: a slower disk than this VM's (in whatever thread fsyncs)
+        real_fsync = os.fsync
 
-    def listening(port) -> None:
+        def slow_fsync(fd: int) -> None:
+            real_fsync(fd)
+            time.sleep(fsync_ms / 1000)
+
+        os.fsync = slow_fsync
+
+    async def start() -> None:
+        observer = None
+        if mode != "off":
+            uploader = _AcknowledgingUploader(directory / f"acked-{mode}.json")
+            try:
+                from edgeaccess.audit.diskwriter import DiskWriter
+            except ImportError:  # the tree before the disk writer (BEFORE figures)
+                spool = Spool.open(spool_dir)
+                shipper = SpoolShipper(spool, uploader, reactor)
+                observer = AuditingObserver(spool, cluster="bench", node_name="bench-node",
+                                            node_id="bench-node-id", clock=reactor,
+                                            on_spooled=shipper.kick)
+            else:
+                writer = DiskWriter(reactor)
+                writer.start()
+                spool = await Spool.open(spool_dir, writer)
+                shipper = SpoolShipper(spool, uploader, reactor)
+                observer = AuditingObserver(spool, cluster="bench", node_name="bench-node",
+                                            node_id="bench-node-id", clock=reactor)
+            shipper.startService()
+        factory = make_node_ssh_factory(host_key, None, lambda: [ca_line], authorizer,
+                                        "bench-node", reactor, observer=observer,
+                                        reactor=reactor)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         print(f"PORT {port.getHost().port}", flush=True)
 
-    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(
-        listening)
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()))
     reactor.run()
 
 
@@ -172,8 +194,11 @@ def _acked(directory: Path, mode: str) -> dict:
         return {"events": {}, "recordings": 0}
 
 
-def run(runs: int, warmup: int, pty: bool, emit) -> list[dict]:
-    """Measure every mode; ``emit`` gets one result dict per mode."""
+def run(runs: int, warmup: int, pty: bool, emit, parallel: int = 1) -> list[dict]:
+    """Measure every mode; ``emit`` gets one result dict per mode. Each run
+    is ``parallel`` sessions started at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from benchmarks.ssh_throughput import _make_keys
 
     with tempfile.TemporaryDirectory(prefix="edge-audit-bench-") as tmp, \
@@ -193,10 +218,12 @@ def run(runs: int, warmup: int, pty: bool, emit) -> list[dict]:
                 if i == warmup:
                     cpu = {mode: _cpu(servers[mode][0].pid) for mode in MODES}
                 for mode in MODES:
-                    elapsed = _ssh(directory, servers[mode][1], pty)
+                    with ThreadPoolExecutor(parallel) as pool:
+                        elapsed = list(pool.map(
+                            lambda _: _ssh(directory, servers[mode][1], pty), range(parallel)))
                     if i >= warmup:
-                        times[mode].append(elapsed)
-            sessions = warmup + runs
+                        times[mode].extend(elapsed)
+            sessions = (warmup + runs) * parallel
             expected = {"session.start": sessions, "exec": sessions, "session.end": sessions}
             if pty:
                 expected = {"session.start": sessions, "session.end": sessions}
@@ -218,10 +245,13 @@ def run(runs: int, warmup: int, pty: bool, emit) -> list[dict]:
             samples = sorted(times[mode])
             median = statistics.median(samples)
             result = {"benchmark": "audit_session_start", "mode": mode, "pty": pty,
-                      "runs": runs, "median_ms": round(median * 1000, 1),
+                      "runs": runs, "parallel": parallel,
+                      "fsync_added_ms": float(os.environ.get("EDGE_BENCH_FSYNC_MS", "0")), "median_ms": round(median * 1000, 1),
                       "p90_ms": round(samples[int(0.9 * (len(samples) - 1))] * 1000, 1),
+                      "p99_ms": round(samples[int(0.99 * (len(samples) - 1))] * 1000, 1),
                       "mean_ms": round(statistics.fmean(samples) * 1000, 1),
-                      "node_cpu_ms_per_session": round(node_cpu[mode] / runs * 1000, 2),
+                      "node_cpu_ms_per_session": round(
+                          node_cpu[mode] / (runs * parallel) * 1000, 2),
                       "median_vs_off_ms": round((median - base) * 1000, 1)}
             if mode != "off":
                 result["delivered"] = _acked(directory, mode)
@@ -237,8 +267,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--pty", action="store_true",
                         help="ssh -tt: interactive sessions, recorded when audited")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="sessions started at once in each run")
+    parser.add_argument("--fsync-ms", type=float, default=0.0,
+                        help="add this many ms to every fsync of the node (a slower disk)")
     args = parser.parse_args(argv)
-    run(args.runs, args.warmup, args.pty, lambda r: print(json.dumps(r), flush=True))
+    os.environ["EDGE_BENCH_FSYNC_MS"] = str(args.fsync_ms)
+    run(args.runs, args.warmup, args.pty, lambda r: print(json.dumps(r), flush=True),
+        parallel=args.parallel)
     return 0
 
 

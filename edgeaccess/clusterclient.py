@@ -8,8 +8,16 @@ accepts only a proxy of the expected cluster whose certificate names the
 address dialled; every call has a timeout; :meth:`ClusterClient.close`
 cancels whatever is in flight (services call it from ``stopService``).
 
+Calls: :meth:`~ClusterClient.get_json`, :meth:`~ClusterClient.post_json`,
+:meth:`~ClusterClient.put_bytes`, :meth:`~ClusterClient.post_bytes` (each a
+Deferred of the JSON answer), :meth:`~ClusterClient.stream_lines` (a
+callback per line of a long-lived answer) or :meth:`~ClusterClient.lines`
+(the same as an async iterator), :meth:`~ClusterClient.close`. Build one
+with :func:`connect`.
+
 The HTTP side is any treq ``HTTPClient``-like object, so tests give it
-``treq.testing.StubTreq`` over the real Klein apps.
+``treq.testing.StubTreq`` over the real Klein apps (see
+``tests/node/nodekit.py``).
 
 Answers are JSON. An HTTP error with the API's JSON error body becomes the
 matching :mod:`edgeaccess.errors` exception; a failure to connect, a
@@ -20,11 +28,12 @@ address.
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectingCancelledError, TimeoutError as TwistedTimeout
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -101,11 +110,33 @@ class ClusterClient:
         """
         if self._closed:
             return defer.fail(errors.EdgeError(f"the client for {self.addr} is closed"))
-        d = defer.Deferred.fromCoroutine(
-            self._stream(path, on_line, max_line, self.timeout if timeout is None else timeout))
+        return self._stream_call(path, on_line, timeout, max_line, None)
+
+    def _stream_call(self, path, on_line, timeout, max_line, on_reader) -> defer.Deferred:
+        if self._closed:
+            return defer.fail(errors.EdgeError(f"the client for {self.addr} is closed"))
+        d = defer.Deferred.fromCoroutine(self._stream(
+            path, on_line, max_line, self.timeout if timeout is None else timeout, on_reader))
         d.addErrback(self._translate)
         self._track(d)
         return d
+
+    def lines(self, path: str, *, timeout: float | None = None, max_line: int = MAX_LINE,
+              max_queued: int = 256) -> "LineStream":
+        """:meth:`stream_lines` as an async iterator::
+
+            async for line in client.lines("/v1/watch"):
+                ...
+
+        Reading from the server pauses once ``max_queued`` lines wait to
+        be taken (TCP backpressure; the lines of a piece already received
+        are queued whole) and resumes when half of them are. Breaking out
+        of the loop does not close the stream: call ``close()`` on it.
+        """
+        stream = LineStream(max_queued)
+        ending = self._stream_call(path, stream._put, timeout, max_line, stream._attach)
+        stream._begin(ending)
+        return stream
 
     def close(self) -> defer.Deferred:
         """Cancel every call in flight and close the pooled connections."""
@@ -184,7 +215,7 @@ class ClusterClient:
             raise errors.EdgeError(f"{self.addr} answered {response.code}")
         return decoded
 
-    async def _stream(self, path, on_line, max_line, seconds: float):
+    async def _stream(self, path, on_line, max_line, seconds: float, on_reader=None):
         waiting = self._request("GET", path, None, None)
         expired: list[bool] = []
 
@@ -207,6 +238,8 @@ class ClusterClient:
             raise errors.EdgeError(f"{self.addr} answered {response.code}")
         reader = _LineReader(on_line, max_line)
         response.deliverBody(reader)
+        if on_reader is not None:
+            on_reader(reader)
         await reader.done
 
     def _translate(self, failure: Failure, timed_out: str | None = None):
@@ -225,6 +258,80 @@ class ClusterClient:
             raise refused
         reason = _describe(failure)
         raise errors.EdgeError(f"cannot reach {self.addr}: {reason}")
+
+
+_END = object()
+
+
+class LineStream:
+    """The lines of a streamed answer, as an async iterator (see
+    :meth:`ClusterClient.lines`). Ends when the server ends the answer;
+    raises what the stream failed with; ``close()`` stops it."""
+
+    def __init__(self, max_queued: int) -> None:
+        self._max_queued = max(1, max_queued)
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._waiting: defer.Deferred | None = None
+        self._ending: defer.Deferred | None = None
+        self._outcome: Failure | object | None = None
+        self._reader = None
+        self._paused = False
+
+    def _begin(self, ending: defer.Deferred) -> None:
+        self._ending = ending
+        ending.addBoth(self._end)
+
+    def _attach(self, reader) -> None:
+        self._reader = reader
+        self._flow()
+
+    def _put(self, line: bytes) -> None:
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(line)
+            return
+        self._lines.append(line)
+        self._flow()
+
+    def _flow(self) -> None:
+        transport = getattr(self._reader, "transport", None)
+        if transport is None:
+            return
+        if not self._paused and len(self._lines) >= self._max_queued:
+            self._paused = True
+            transport.pauseProducing()
+        elif self._paused and len(self._lines) <= self._max_queued // 2:
+            self._paused = False
+            transport.resumeProducing()
+
+    def _end(self, result) -> None:
+        self._outcome = result if isinstance(result, Failure) else _END
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(_END)
+
+    def __aiter__(self) -> "LineStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._lines:
+            line = self._lines.popleft()
+            self._flow()
+            return line
+        if self._outcome is None:
+            self._waiting = defer.Deferred()
+            got = await self._waiting
+            if got is not _END:
+                return got
+        if isinstance(self._outcome, Failure):
+            failure, self._outcome = self._outcome, _END
+            failure.raiseException()
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        """Stop reading and close the connection."""
+        if self._ending is not None and not self._ending.called:
+            self._ending.cancel()
 
 
 class _LineReader(Protocol):
@@ -362,7 +469,8 @@ def connect(reactor, addr: str, *, ca_certs=None, cluster: str | None = None,
         policy = tls.ClusterPolicy(ca_certs, cluster=cluster, credentials=credentials)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = False  # a POST must not be sent twice behind our back
+    # Twisted retries only idempotent requests without a body on a pooled
+    # connection the server had closed: a POST is never sent twice.
     agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=timeout)
     return ClusterClient(addr, treq.client.HTTPClient(agent), reactor,
                          default_port=default_port, timeout=timeout, pool=pool)

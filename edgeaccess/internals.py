@@ -4,30 +4,38 @@ Speed and memory at scale led us past public APIs in a few places; each such
 *reach* is declared here with a probe of the shape it expects, and its code
 lives here too, behind thin call sites elsewhere:
 
-========================  ==========================================  ===========================
-reach                     what it touches                             when its probe fails
-========================  ==========================================  ===========================
-``tls-buffers``           pyOpenSSL's memory BIOs of a connection     idle TLS connections keep
-                          (:func:`shrink_tls_buffers`)                their handshake-sized BIOs
-``fast-tls``              Twisted's TLS transport internals and       Twisted's TLS I/O (one
-                          pyOpenSSL's ``SSL *`` (:func:`install_fast  record per delivery)
-                          _tls`)
-``eager-tcp``             Twisted's TCP write buffer                  writes wait for the next
-                          (:func:`send_if_idle`)                      reactor turn
-``amp-lean-init``         what ``amp.AMP.__init__`` sets              ``amp.AMP.__init__``
-                          (:func:`init_amp`)                          (~0.5 KB more a tunnel)
-``conch-transport``       Conch's key set-up and key exchange state   Conch's own packet layer
-                          (:func:`conch_keys_replaceable`, ...)       (aes-ctr + HMAC only)
-``cpython-shared-keys``   CPython's key-sharing instance dicts        nothing pre-shared
-                          (:func:`share_instance_attributes`)
-``glibc-malloc``          ``malloc_trim`` and ``mallopt`` (ctypes)    no trimming, default
-                                                                      allocator thresholds
-``conch-session``         Conch privates the SSH session, userauth    none: start-up fails
-                          and SFTP code override or call              (:class:`InternalsMismatch`)
-``conch-host-cert``       Conch's client ECDH reply handler and its   web terminals are refused
-                          key set-up (:class:`HostCertificateClient
-                          Mixin`)
-========================  ==========================================  ===========================
+- ``tls-buffers``: pyOpenSSL's memory BIOs of a connection
+  (:func:`shrink_tls_buffers`). Off: idle TLS connections keep their
+  handshake-sized buffers.
+- ``fast-tls``: Twisted's TLS transport internals and pyOpenSSL's ``SSL *``
+  (:func:`install_fast_tls`). Off: Twisted's TLS I/O, one record per delivery.
+- ``eager-tcp``: Twisted's TCP write buffer (:func:`send_if_idle`,
+  :func:`eager_tcp_writes`). Off: writes wait for the next reactor turn.
+- ``amp-lean-init``: what ``amp.AMP.__init__`` sets (:func:`init_amp`). Off:
+  ``amp.AMP.__init__`` itself (~0.5 KB more a tunnel). (The read-through
+  ``_transportPeer``/``_transportHost`` of
+  :class:`~edgeaccess.tunnel.connection.TunnelConnection` shadow two AMP
+  attributes; they need no probe: they answer what AMP stored, live.)
+- ``conch-transport``: Conch's private key set-up and key exchange state, under
+  our SSH packet layer (:func:`conch_keys_replaceable`, :func:`conch_may_send`,
+  :func:`conch_key_exchange_idle`; the ``_keySetup`` override is in
+  :mod:`edgeaccess.ssh.transport`). Off: Conch's own packet layer, offering only
+  its ciphers (aes-ctr with HMAC, no AES-GCM).
+- ``cpython-shared-keys``: CPython's key-sharing instance dicts
+  (:func:`share_instance_attributes`). Off: nothing is entered up front.
+- ``glibc-malloc``: ``malloc_trim`` and ``mallopt`` through ctypes
+  (:func:`malloc_trim`, :func:`mallopt`). Off: no trimming, glibc's default
+  thresholds.
+- ``conch-session``: Conch privates that the SSH session
+  (``SSHSession._session``, ``_shellOrCommand``), certificate userauth
+  (``_cbFinishedAuth``, ``_ebCheckKey``) and SFTP (``_absPath``, ``_getAttrs``)
+  code override or call where they are (they are that code's core). No stock
+  path: :func:`self_check` raises :class:`InternalsMismatch`.
+- ``http-bad-request``: Twisted's answer to a malformed HTTP request
+  (:func:`answer_bad_requests`). Off: Twisted's bare 400 (no JSON error body).
+- ``conch-host-cert``: Conch's client ECDH reply handler and its key set-up
+  (:class:`HostCertificateClientMixin`, for the web terminal's client to a
+  node with a host certificate). Off: web terminals are refused.
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take
@@ -52,7 +60,7 @@ import sys
 from functools import cached_property, partial
 from typing import Any, Callable, Iterable
 
-from OpenSSL import SSL, __version__ as _pyopenssl_version
+from OpenSSL import __version__ as _pyopenssl_version
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
@@ -785,12 +793,44 @@ def mallopt() -> Callable[[int, int], int] | None:
     return _libc.get("mallopt") if available("glibc-malloc") else None
 
 
+# -- http-bad-request: Twisted's bare 400 for a malformed request ---------------------------
+
+@_reach("http-bad-request", "a malformed HTTP request gets Twisted's bare 400 (no JSON body)")
+def _probe_http_bad_request() -> str | None:
+    from twisted.web.http import HTTPChannel
+
+    method = getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)
+    if method is None:
+        return "HTTPChannel has no _respondToBadRequestAndDisconnect"
+    if list(inspect.signature(method).parameters) != ["self"]:
+        return "HTTPChannel._respondToBadRequestAndDisconnect takes other arguments"
+    return None
+
+
+def answer_bad_requests(channel_class: type, answer: Callable[[Any], None]) -> None:
+    """Have ``channel_class`` (an ``HTTPChannel``) call ``answer(channel)`` where
+    Twisted answers a malformed request (request line, header, chunk coding)
+    with a bare ``400 Bad Request`` and closes; the stock answer while the
+    reach is off."""
+    from twisted.web.http import HTTPChannel
+
+    stock = getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)
+
+    def respond(channel: Any) -> None:
+        if available("http-bad-request") or stock is None:
+            answer(channel)
+        else:
+            stock(channel)
+
+    channel_class._respondToBadRequestAndDisconnect = respond
+
+
 __all__ = [
     "InternalsMismatch", "available", "reaches", "reset", "self_check", "switch_off",
     "shrink_tls_buffers", "install_fast_tls", "eager_tcp_writes", "send_if_idle",
     "tcp_send_now_possible", "init_amp", "conch_keys_replaceable", "conch_may_send",
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
-    "SSL",
+    "answer_bad_requests", "SSL",
 ]
 
 

@@ -1,7 +1,7 @@
 """The audit log's HTTP handlers, shared by the auth API and the proxy web app.
 
-Nodes (client certificate of kind ``node``) deliver events and recording
-chunks; the auth API serves them on 3025 and the proxy's web port on 3080
+Nodes (client certificate of kind ``node``) deliver events (JSON batches)
+and recording chunks (raw bytes by offset, streamed, never in JSON); the auth API serves them on 3025 and the proxy's web port on 3080
 (for nodes that reach only the proxy). Readers need the ``event`` (search,
 verify) or ``session`` (recordings) rules of their roles, as the preset
 ``auditor`` role grants; a user may always replay their own sessions.
@@ -9,8 +9,6 @@ verify) or ``session`` (recordings) rules of their roles, as the preset
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import timedelta
 
 from twisted.logger import Logger
@@ -81,27 +79,39 @@ async def node_events(auth, request):
     return json_response(request, {"acknowledged": acknowledged})
 
 
-def _meta(identity, data) -> dict:
-    meta = field(data, "meta", dict, required=False, default={})
+def _meta(identity, meta: dict) -> dict:
     meta = {k: v for k, v in meta.items() if isinstance(v, str)}
     meta.update(node=identity.name, node_id=identity.uuid or "", cluster=identity.cluster)
     return meta
 
 
-async def node_recording_chunk(auth, request, session_id: str):
-    """``POST /v1/recordings/ID/chunks`` ``{"offset", "data" (base64), "meta"}``
-    -> ``{"length"}`` (the stored length: where the next chunk starts)."""
+#: Largest recording chunk taken in one request (nodes send 96 KiB).
+MAX_CHUNK_BYTES = 1024 * 1024
+#: Meta fields a node may give in the query of a chunk.
+_META_QUERY = ("user", "login", "started")
+
+
+async def node_recording_put(auth, request, session_id: str):
+    """``PUT /v1/recordings/ID?offset=N[&user=&login=&started=]`` with the raw
+    bytes (``application/octet-stream``) found at ``offset`` of the session's
+    cast -> ``{"length"}`` (the stored length: where the next chunk starts;
+    an empty body asks for it)."""
     identity = _calling_node(auth, request)
     check_session_id(session_id)
-    data = read_json(request)
-    offset = field(data, "offset", int)
-    try:
-        chunk = base64.b64decode(field(data, "data"), validate=True)
-    except (binascii.Error, ValueError):
-        raise errors.BadRequest("data must be base64")
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+    if content_type.lower() != b"application/octet-stream":
+        raise errors.BadRequest("a recording chunk is application/octet-stream")
+    offset_text = _arg(request, "offset")
+    if offset_text is None or not offset_text.isdigit() or len(offset_text) > 15:
+        raise errors.BadRequest("offset must be a non-negative integer")
+    chunk = request.content.read(MAX_CHUNK_BYTES + 1)
+    if len(chunk) > MAX_CHUNK_BYTES:
+        raise errors.BadRequest("recording chunk too large")
+    meta = {name: value for name in _META_QUERY
+            if (value := _arg(request, name)) is not None}
     store = _recordings(auth)
-    _check_owner(store, session_id, identity)
-    length = store.append(session_id, offset, chunk, _meta(identity, data))
+    await _check_owner(store, session_id, identity)
+    length = await store.append(session_id, int(offset_text), chunk, _meta(identity, meta))
     return json_response(request, {"length": length})
 
 
@@ -111,14 +121,14 @@ async def node_recording_complete(auth, request, session_id: str):
     check_session_id(session_id)
     data = read_json(request)
     store = _recordings(auth)
-    _check_owner(store, session_id, identity)
-    return json_response(request, {"length": store.complete(session_id,
-                                                            field(data, "length", int))})
+    await _check_owner(store, session_id, identity)
+    return json_response(request, {"length": await store.complete(
+        session_id, field(data, "length", int))})
 
 
-def _check_owner(store, session_id, identity) -> None:
+async def _check_owner(store, session_id, identity) -> None:
     try:
-        info = store.info(session_id)
+        info = await store.info(session_id)
     except errors.NotFound:
         return
     if info.get("node_id") and info.get("node_id") != identity.uuid:
@@ -168,7 +178,7 @@ async def recording(auth, request, session_id: str):
     check_session_id(session_id)
     store = _recordings(auth)
     try:
-        info = store.info(session_id)
+        info = await store.info(session_id)
     except errors.NotFound:
         info = None
     own = (identity.kind == "user" and info is not None and info.get("user") == identity.name
@@ -181,7 +191,7 @@ async def recording(auth, request, session_id: str):
     return json_response(request, {
         "session_id": session_id, "complete": bool(info.get("complete")),
         "user": info.get("user"), "node": info.get("node"),
-        "cast": store.read(session_id).decode("utf-8", "replace")})
+        "cast": (await store.read(session_id)).decode("utf-8", "replace")})
 
 
 def parse_since(text: str, now) -> str:

@@ -1,10 +1,10 @@
 """Contracts of the audit package.
 
 ``IAuditUploader`` is how a node delivers what its spool holds to the
-auth service: over HTTPS to the auth API today
-(:class:`~edgeaccess.audit.uploader.HTTPSAuditUploader`), over the
-reverse tunnel later (``AuditEvents`` / ``RecordingChunk`` commands). Every
-call is idempotent, so a batch may be re-sent after any failure.
+auth service: over HTTPS to the auth API, or to the proxy's web port for a
+node behind a tunnel (:class:`~edgeaccess.audit.uploader.HTTPSAuditUploader`;
+recordings streamed as raw bytes by offset). Every call is idempotent, so a
+batch may be re-sent after any failure.
 
 ``IRecordingStore`` keeps session recordings at the auth service: files
 under the data dir now (:class:`~edgeaccess.audit.recording.FileRecordingStore`),
@@ -34,19 +34,25 @@ class IAuditUploader(Interface):
 
 
 class IRecordingStore(Interface):
-    """Session recordings (asciicast v2 bytes) by session id."""
+    """Session recordings (asciicast v2 bytes) by session id.
 
-    def append(session_id: str, offset: int, data: bytes, meta: dict) -> int:
+    Every method returns a Deferred (the store's I/O is never done on the
+    reactor thread); writes fire only once what they stored is durable.
+    """
+
+    def append(session_id: str, offset: int, data: bytes, meta: dict):  # -> Deferred[int]
         """Store ``data`` at ``offset`` if it extends the recording; bytes
-        already held are not written again. Returns the stored length."""
+        already held are not written again. Fires with the stored length
+        (an empty ``data`` asks for it)."""
 
-    def complete(session_id: str, length: int) -> int:
-        """Mark the recording ended when ``length`` bytes are held; returns
-        the stored length."""
+    def complete(session_id: str, length: int):  # -> Deferred[int]
+        """Mark the recording ended when ``length`` bytes are held; fires
+        with the stored length."""
 
-    def info(session_id: str) -> dict:
-        """``{"session_id", "length", "complete", ...meta}``; raises
+    def info(session_id: str):  # -> Deferred[dict]
+        """``{"session_id", "length", "complete", ...meta}``; fails with
         :class:`~edgeaccess.errors.NotFound`."""
 
-    def read(session_id: str) -> bytes:
-        """The whole recording; raises :class:`~edgeaccess.errors.NotFound`."""
+    def read(session_id: str, offset: int = 0, size: int | None = None):  # -> Deferred[bytes]
+        """The recording's bytes (all of them by default); fails with
+        :class:`~edgeaccess.errors.NotFound`."""

@@ -1,8 +1,12 @@
 """The node's audit hook: SSH events become audit events in the spool.
 
 :class:`AuditingObserver` is the node's :class:`ISessionObserver`. Each SSH
-event is turned into a typed audit event and written to the spool (on disk,
-fsync'd) before the call returns; the shipper is then kicked. Interactive
+event is turned into a typed audit event and handed to the spool, whose
+writer thread puts it on disk (fsync'd, shared with whatever else arrived at
+the same time). ``session_started`` and ``exec_started`` return a Deferred
+that fires once the event is durable: the session's program starts only
+then, and not at all if the event cannot be written (nothing runs
+unaudited). The shipper wakes by itself when an event is durable. Interactive
 sessions with a PTY get a recording (:meth:`AuditingObserver.open_recording`,
 called by the session when the roles ask for recording).
 
@@ -22,7 +26,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -50,7 +54,9 @@ class SessionRecorder:
     def close(self) -> None:
         if not self._spooled.closed:
             self._writer.close()
-            self._spooled.close()
+            self._spooled.close().addErrback(
+                lambda f: _log.failure("cannot close the recording of {session}", f,
+                                       session=self._spooled.session_id))
 
 
 @implementer(ISessionObserver)
@@ -77,19 +83,34 @@ class AuditingObserver:
         self._new_id = new_id or (lambda: str(uuid.uuid4()))
         self._recorders: dict[str, SessionRecorder] = {}
 
-    def _emit(self, event_type: str, **fields) -> None:
+    def _emit(self, event_type: str, **fields) -> Deferred:
+        """Spool an event; fires once it is durable, fails if it cannot be
+        (after saying so loudly: a spool that cannot write is a disk failure).
+        Never raises into the SSH server."""
         try:
             event = ev.make_event(
                 event_type, cluster=self.cluster,
                 when=datetime.fromtimestamp(self.clock.seconds(), timezone.utc),
                 new_id=self._new_id, node=self.node_name, node_id=self.node_id, **fields)
-            self.spool.append_event(event)
-        except Exception:
-            # The observer must never raise into the SSH server; a spool that
-            # cannot write is a disk failure, said loudly.
+            d = self.spool.append_event(event)
+        except Exception as e:
             _log.failure("audit event {type} could not be spooled", type=event_type)
-            return
-        self.on_spooled()
+            return fail(errors.EdgeError(f"the audit event could not be spooled: {e}"))
+
+        def spooled(_) -> None:
+            self.on_spooled()
+
+        return d.addCallbacks(spooled, self._unwritable, errbackArgs=(f"event {event_type}",))
+
+    @staticmethod
+    def _unwritable(failure, what: str):
+        _log.failure("audit {what} could not be spooled", failure, what=what)
+        return fail(errors.EdgeError("this node cannot write its audit spool"))
+
+    @staticmethod
+    def _quiet(d: Deferred) -> None:
+        """Nobody waits for this event (the failure was logged by ``_emit``)."""
+        d.addErrback(lambda _: None)
 
     @staticmethod
     def _session_fields(session: SessionInfo) -> dict:
@@ -99,30 +120,40 @@ class AuditingObserver:
     # --- ISessionObserver ----------------------------------------------------
 
     def auth_refused(self, username, login, peer_address, reason) -> None:
-        self._emit(ev.AUTH, user=username, login=login, remote_addr=peer_address,
-                   success=False, error=str(reason)[:512])
+        self._quiet(self._emit(ev.AUTH, user=username, login=login, remote_addr=peer_address,
+                               success=False, error=str(reason)[:512]))
 
-    def session_started(self, session: SessionInfo, kind: str) -> None:
+    def session_started(self, session: SessionInfo, kind: str) -> Deferred:
+        """Fires once ``session.start`` (and the record that the session runs,
+        to end it after a crash) are durable."""
         fields = self._session_fields(session)
+        waits = []
         try:
-            self.spool.session_opened(session.session_id, {
+            waits.append(self.spool.session_opened(session.session_id, {
                 **fields, "started": ev.rfc3339(
-                    datetime.fromtimestamp(self.clock.seconds(), timezone.utc))})
-        except Exception:
+                    datetime.fromtimestamp(self.clock.seconds(), timezone.utc))}
+            ).addErrback(self._unwritable, f"session {session.session_id}"))
+        except Exception as e:
             _log.failure("cannot remember session {session} in the spool",
                          session=session.session_id)
-        self._emit(ev.SESSION_START, kind=kind, roles=list(session.roles), **fields)
+            waits.append(fail(errors.EdgeError(f"cannot remember the session: {e}")))
+        waits.append(self._emit(ev.SESSION_START, kind=kind, roles=list(session.roles),
+                                **fields))
         if kind == "sftp":
-            self._emit(ev.SFTP, success=True, **fields)
+            waits.append(self._emit(ev.SFTP, success=True, **fields))
+        return _all(waits)
 
-    def exec_started(self, session: SessionInfo, command: str) -> None:
+    def exec_started(self, session: SessionInfo, command: str) -> Deferred:
+        """Fires once the ``exec`` (and ``scp``) events are durable."""
         fields = self._session_fields(session)
-        self._emit(ev.EXEC, command=command[:4096], **fields)
+        waits = [self._emit(ev.EXEC, command=command[:4096], **fields)]
         scp = _scp_request(command)
         if scp is not None:
             direction, path = scp
-            self._emit(ev.SCP, command=command[:4096], action=direction,
-                       path=path[:1024] if path is not None else None, **fields)
+            waits.append(self._emit(ev.SCP, command=command[:4096], action=direction,
+                                    path=path[:1024] if path is not None else None,
+                                    **fields))
+        return _all(waits)
 
     def session_ended(self, session: SessionInfo, exit_status, exit_signal) -> None:
         recorder = self._recorders.pop(session.session_id, None)
@@ -132,14 +163,20 @@ class AuditingObserver:
             except Exception:
                 _log.failure("cannot close the recording of {session}",
                              session=session.session_id)
-        self._emit(ev.SESSION_END, exit_status=exit_status, exit_signal=exit_signal,
-                   reason="exited" if exit_status is not None or exit_signal else "closed",
-                   recorded=recorder is not None, **self._session_fields(session))
-        self.spool.session_closed(session.session_id)
+        ended = self._emit(
+            ev.SESSION_END, exit_status=exit_status, exit_signal=exit_signal,
+            reason="exited" if exit_status is not None or exit_signal else "closed",
+            recorded=recorder is not None, **self._session_fields(session))
+
+        def forget(_) -> None:
+            # Only once session.end is durable: a crash before still ends it.
+            self.spool.session_closed(session.session_id)
+
+        self._quiet(ended.addCallback(forget))
 
     def port_forward(self, session: SessionInfo, host: str, port: int, allowed: bool) -> None:
-        self._emit(ev.PORT, addr=f"{host}:{port}", success=bool(allowed),
-                   **self._session_fields(session))
+        self._quiet(self._emit(ev.PORT, addr=f"{host}:{port}", success=bool(allowed),
+                               **self._session_fields(session)))
 
     # --- recordings -----------------------------------------------------------
 
@@ -165,7 +202,7 @@ class AuditingObserver:
 
     # --- after a crash ----------------------------------------------------------
 
-    def recover(self) -> int:
+    async def recover(self) -> int:
         """End the sessions a crash left open; returns how many."""
         orphans = self.spool.open_sessions()
         for info in orphans:
@@ -173,20 +210,30 @@ class AuditingObserver:
             if not isinstance(session_id, str):
                 continue
             try:
-                self.spool.finish_recording(session_id)
+                await self.spool.finish_recording(session_id)
             except errors.EdgeError:
                 pass
-            self._emit(ev.SESSION_END, session_id=session_id, user=info.get("user"),
-                       login=info.get("login"), remote_addr=info.get("remote_addr"),
-                       reason="node restarted", exit_status=None)
+            await self._emit(ev.SESSION_END, session_id=session_id, user=info.get("user"),
+                             login=info.get("login"), remote_addr=info.get("remote_addr"),
+                             reason="node restarted", exit_status=None)
             self.spool.session_closed(session_id)
             _log.warn("session {session} of {user} was cut by a node restart; ended it "
                       "in the audit log", session=session_id, user=info.get("user"))
         # Recordings whose session was never remembered (crash in between).
         for pending in self.spool.pending_recordings():
             if not pending["complete"] and self.spool.recording(pending["session_id"]) is None:
-                self.spool.finish_recording(pending["session_id"])
+                await self.spool.finish_recording(pending["session_id"])
         return len(orphans)
+
+
+def _all(waits: list[Deferred]) -> Deferred:
+    """Fires when every one of ``waits`` has; fails with the first failure."""
+    d = gatherResults(waits, consumeErrors=True)
+
+    def first(failure):
+        return failure.value.subFailure
+
+    return d.addCallbacks(lambda _: None, first)
 
 
 def _scp_request(command: str) -> tuple[str | None, str | None] | None:

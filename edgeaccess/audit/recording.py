@@ -8,17 +8,17 @@ those lines from raw PTY output (decoding UTF-8 across chunk boundaries)
 and hands them to a sink; the node's sink is its spool.
 
 :class:`FileRecordingStore` is the auth side: ``SESSION.cast`` plus
-``SESSION.json`` (meta: node, user, length, complete) under a directory.
-Chunks are appended by offset, so a chunk sent twice (after a lost
-acknowledgement) is stored once, and a sender ahead of the store is told
-the stored length to resend from.
+``SESSION.json`` (meta: node, user, length, complete) under a directory,
+written by the process's disk-writer thread. Chunks (raw bytes) are
+appended by offset, so a chunk sent twice (after a lost acknowledgement)
+is stored once, and a sender ahead of the store is told the stored length
+to resend from.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeaccess import errors
+from edgeaccess.audit.diskwriter import MAX_BATCH, replace_file, write_all
 from edgeaccess.audit.events import rfc3339
 from edgeaccess.audit.interfaces import IRecordingStore
 
@@ -38,6 +39,10 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 _META_FIELDS = ("user", "login", "node", "node_id", "cluster", "started")
 #: Largest recording kept (a chunk that would grow it past this is refused).
 MAX_RECORDING_BYTES = 1024 * 1024 * 1024
+#: Recording metas the store keeps in memory (the most recently used). More
+#: than one batch of the disk writer holds: a meta renamed into place at the
+#: end of a batch is never read back from disk by a later job of that batch.
+_CACHED_METAS = 2 * MAX_BATCH
 
 
 def check_session_id(session_id: str) -> str:
@@ -123,53 +128,80 @@ def parse_cast(data: bytes) -> tuple[dict, list[list]]:
 class FileRecordingStore:
     """Recordings as files under ``directory`` (``SESSION.cast`` + ``SESSION.json``).
 
-    Calls are quick local file operations made from the reactor thread;
-    every write of the meta is atomic (temp file, fsync, rename).
+    Every file operation runs in ``writer``'s thread (never on the reactor
+    thread). A chunk is acknowledged (its Deferred fires) only once its bytes
+    and the meta that counts them are durable: the data and a new meta are
+    written and fsync'd, then the meta is renamed into place; chunks of
+    several nodes arriving together share those fsyncs (group commit). The
+    meta's ``length`` is the truth: bytes past it (a crash between data and
+    meta) are cut off and sent again by the node.
+
+    :param writer: the process's :class:`~edgeaccess.audit.diskwriter.DiskWriter`
+        (one is made if none is given: ``clock`` is then the reactor).
     """
 
-    def __init__(self, directory: Path, clock) -> None:
+    def __init__(self, directory: Path, clock, writer=None) -> None:
         self.directory = Path(directory)
         self.clock = clock
+        if writer is None:
+            from edgeaccess.audit.diskwriter import DiskWriter
+
+            # (its thread starts with the first job)
+            writer = DiskWriter(clock, name="edge-recordings-writer")
+        self._writer = writer
+        self._metas: dict[str, dict] = {}  # writer thread only
+        self._casts: dict[str, object] = {}  # open append handles (writer thread)
 
     def _paths(self, session_id: str) -> tuple[Path, Path]:
         check_session_id(session_id)
         return self.directory / f"{session_id}.cast", self.directory / f"{session_id}.json"
 
+    # --- writer thread -----------------------------------------------------------
+
     def _meta(self, session_id: str) -> dict | None:
+        if session_id in self._metas:
+            return self._metas[session_id]
         _, meta_path = self._paths(session_id)
         try:
-            return json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
             return None
+        self._remember(session_id, meta)
+        return meta
 
-    def _write_meta(self, session_id: str, meta: dict) -> None:
-        _, meta_path = self._paths(session_id)
-        tmp = meta_path.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, meta_path)
+    def _remember(self, session_id: str, meta: dict) -> None:
+        self._metas.pop(session_id, None)
+        self._metas[session_id] = meta
+        while len(self._metas) > _CACHED_METAS:  # the oldest is read again if needed
+            self._metas.pop(next(iter(self._metas)))
 
-    def append(self, session_id: str, offset: int, data: bytes, meta: dict) -> int:
-        """See :meth:`IRecordingStore.append`."""
-        cast_path, _ = self._paths(session_id)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise errors.BadRequest("offset must be a non-negative integer")
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def _cast(self, session_id: str, length: int):
+        """The append handle of the cast, cut back to ``length`` if longer."""
+        handle = self._casts.get(session_id)
+        if handle is None:
+            cast_path, _ = self._paths(session_id)
+            handle = open(cast_path, "ab", buffering=0)
+            if len(self._casts) > 256:  # bound the open files: close the oldest
+                oldest = next(iter(self._casts))
+                self._casts.pop(oldest).close()
+            self._casts[session_id] = handle
+        if handle.tell() != length:
+            # A crash between writing data and meta: the meta's length is what
+            # was acknowledged; bytes past it are written again by the sender.
+            handle.truncate(length)
+            handle.seek(length)
+        return handle
+
+    def _append(self, commit, session_id: str, offset: int, data: bytes, meta: dict) -> int:
         stored = self._meta(session_id)
         if stored is None:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             stored = {k: meta[k] for k in _META_FIELDS
                       if isinstance(meta.get(k), str) and len(meta[k]) <= 256}
             stored.update(session_id=session_id, length=0, complete=False,
-                          received=rfc3339(datetime.fromtimestamp(self.clock.seconds(), timezone.utc)))
-        length = _file_length(cast_path)
-        if length != stored["length"]:
-            # A crash between writing data and meta: the meta's length is what
-            # was acknowledged; bytes past it are written again by the sender.
-            with open(cast_path, "r+b" if cast_path.exists() else "wb") as f:
-                f.truncate(stored["length"])
-            length = stored["length"]
+                          received=rfc3339(datetime.fromtimestamp(self.clock.seconds(),
+                                                                  timezone.utc)))
+        length = stored["length"]
         if stored.get("complete"):
             return length
         if offset > length or offset + len(data) <= length:
@@ -177,43 +209,87 @@ class FileRecordingStore:
         new = data[length - offset:]
         if length + len(new) > MAX_RECORDING_BYTES:
             raise errors.BadRequest("the recording is larger than the store allows")
-        with open(cast_path, "ab") as f:
-            f.write(new)
-            f.flush()
-            os.fsync(f.fileno())
-        stored["length"] = length + len(new)
-        self._write_meta(session_id, stored)
-        return stored["length"]
+        handle = self._cast(session_id, length)
+        write_all(handle, new)
+        commit.sync(handle)
+        updated = dict(stored, length=length + len(new))
+        self._put_meta(commit, session_id, updated)
+        return updated["length"]
 
-    def complete(self, session_id: str, length: int) -> int:
-        """See :meth:`IRecordingStore.complete`."""
+    def _put_meta(self, commit, session_id: str, meta: dict) -> None:
+        _, meta_path = self._paths(session_id)
+        replace_file(commit, meta_path, json.dumps(meta, sort_keys=True).encode())
+        # What later jobs see at once (the answer waits for durability); a
+        # failed commit drops it again (see _forget).
+        self._remember(session_id, meta)
+
+    def _forget(self, session_id: str) -> None:
+        """After a failed write: drop what is cached and read the disk again."""
+        def forget(commit) -> None:
+            self._metas.pop(session_id, None)
+            handle = self._casts.pop(session_id, None)
+            if handle is not None:
+                handle.close()
+
+        self._writer.post(forget, f"resetting recording {session_id}")
+
+    def _submit(self, session_id: str, job):
+        def failed(failure):
+            self._forget(session_id)
+            return failure
+
+        return self._writer.submit(job).addErrback(failed)
+
+    def _complete(self, commit, session_id: str, length: int) -> int:
         stored = self._meta(session_id)
         if stored is None:
             if length == 0:
                 return 0
             raise errors.NotFound(f"no recording of session {session_id}")
         if stored["length"] == length and not stored.get("complete"):
-            stored["complete"] = True
-            self._write_meta(session_id, stored)
+            handle = self._casts.pop(session_id, None)
+            if handle is not None:
+                handle.close()
+            self._put_meta(commit, session_id, dict(stored, complete=True))
         return stored["length"]
 
-    def info(self, session_id: str) -> dict:
-        """See :meth:`IRecordingStore.info`."""
+    def _info(self, session_id: str) -> dict:
         stored = self._meta(session_id)
         if stored is None:
             raise errors.NotFound(f"no recording of session {session_id}")
-        return stored
+        return dict(stored)
 
-    def read(self, session_id: str) -> bytes:
-        """See :meth:`IRecordingStore.read`."""
+    def _read(self, session_id: str, offset: int, size: int | None) -> bytes:
         cast_path, _ = self._paths(session_id)
-        stored = self.info(session_id)
+        stored = self._info(session_id)
+        end = stored["length"] if size is None else min(stored["length"], offset + size)
         with open(cast_path, "rb") as f:
-            return f.read(stored["length"])
+            f.seek(offset)
+            return f.read(max(0, end - offset))
 
+    # --- IRecordingStore (reactor thread) -------------------------------------------
 
-def _file_length(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    def append(self, session_id: str, offset: int, data: bytes, meta: dict):
+        """See :meth:`IRecordingStore.append`."""
+        check_session_id(session_id)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise errors.BadRequest("offset must be a non-negative integer")
+        data = bytes(data)
+        return self._submit(session_id, lambda commit: self._append(commit, session_id,
+                                                                    offset, data, meta))
+
+    def complete(self, session_id: str, length: int):
+        """See :meth:`IRecordingStore.complete`."""
+        check_session_id(session_id)
+        return self._submit(session_id,
+                            lambda commit: self._complete(commit, session_id, length))
+
+    def info(self, session_id: str):
+        """See :meth:`IRecordingStore.info`."""
+        check_session_id(session_id)
+        return self._writer.submit(lambda commit: self._info(session_id))
+
+    def read(self, session_id: str, offset: int = 0, size: int | None = None):
+        """See :meth:`IRecordingStore.read`."""
+        check_session_id(session_id)
+        return self._writer.submit(lambda commit: self._read(session_id, offset, size))

@@ -267,9 +267,9 @@ def add_node_routes(app: Klein) -> None:
     async def audit_ingest(self, request):
         return await audit_http.node_events(self.auth, request)
 
-    @app.route("/v1/recordings/<session_id>/chunks", methods=["POST"])
+    @app.route("/v1/recordings/<session_id>", methods=["PUT"])
     async def recording_chunk(self, request, session_id):
-        return await audit_http.node_recording_chunk(self.auth, request, session_id)
+        return await audit_http.node_recording_put(self.auth, request, session_id)
 
     @app.route("/v1/recordings/<session_id>/complete", methods=["POST"])
     async def recording_complete(self, request, session_id):

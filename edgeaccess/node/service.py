@@ -274,8 +274,9 @@ class NodeService(service.MultiService):
 
         # Audit: events and recordings go to an on-disk spool, shipped to
         # the auth service by a child service (edgeaccess.audit).
-        self.audit = NodeAudit.open(self.data_dir / "audit-spool", self.identity,
-                                    lambda: self.cluster_client, self.reactor, rng=self.rng)
+        self.audit = await NodeAudit.open(self.data_dir / "audit-spool", self.identity,
+                                          lambda: self.cluster_client, self.reactor,
+                                          rng=self.rng)
         self.audit.shipper.setServiceParent(self)
         authorizer = self.audit.guard(RoleAuthorizer(
             self.identity.cluster, lambda: self.roles, lambda: self.labels, self.reactor,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -42,6 +43,9 @@ _log = Logger()
 
 SERVICE_CERT_TTL = timedelta(days=30)
 
+#: A DNS name the proxy's certificate may carry (a leftmost ``*.`` allowed).
+_HOST_NAME = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
+
 
 class Options(usage.Options):
     """Command line of ``twistd edgeproxy``."""
@@ -58,9 +62,16 @@ class Options(usage.Options):
         ["tunnel-listen", None, "0.0.0.0:3024", "reverse tunnel listen address"],
         ["auth-listen", None, "0.0.0.0:3025", "auth API listen address (mutual TLS)"],
         ["kube-listen", None, "0.0.0.0:3026", "Kubernetes proxy listen address"],
+        ["diag-listen", None, None,
+         "HOST:PORT of the diagnostics address (plain HTTP: /metrics, /healthz, /readyz); "
+         "off by default, e.g. 127.0.0.1:3000"],
         ["tunnel-public-addr", None, None,
          "HOST:PORT nodes should dial for the tunnel (default: public host and the "
          "tunnel port), e.g. a load balancer in front of several proxies"],
+        ["server-names", None, None,
+         "comma-separated further host names and addresses clients dial the proxy at "
+         "(its certificate names them; --public-addr, --tunnel-public-addr and the "
+         "listen hosts are always named)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -81,6 +92,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
+        for name in (self["server-names"] or "").split(","):
+            name = name.strip().strip("[]")
+            if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
+                raise usage.UsageError(f"--server-names: {name!r} is not a host name or address")
 
 
 class _Listener(service.Service):
@@ -184,6 +199,9 @@ def makeService(options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
+    # misfits take the stock path, with one warning (edgeaccess.internals).
+    internals.self_check()
     data_dir = Path(options["data-dir"]).absolute()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cluster = options["cluster-name"]
@@ -191,9 +209,6 @@ def makeService(options, reactor=None) -> service.MultiService:
     now = _now()
     authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
 
-    # What this Twisted/pyOpenSSL/CPython offers of the internals we use:
-    # misfits take the stock path, with one warning (edgeaccess.internals).
-    internals.self_check()
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
     share_tcp_server_attributes()
@@ -224,6 +239,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     if options["tunnel-public-addr"]:
         # Users' TLS routing (ProxyCommand s_client) verifies this name.
         listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
+    listen_hosts |= {n.strip().strip("[]") for n in (options["server-names"] or "").split(",")
+                     if n.strip()}
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
@@ -303,6 +320,15 @@ def makeService(options, reactor=None) -> service.MultiService:
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
+
+    if options["diag-listen"]:
+        from edgeaccess import diag
+
+        registry = diag.make_registry(diag.EdgeCollector(cluster, tunnels.registry.connected))
+        ready = lambda: all(l.port is not None for l in listeners.values())  # noqa: E731
+        listeners["diag"] = _Listener(
+            "diag", listen_endpoint(reactor, options["diag-listen"], 3000),
+            EdgeSite(diag.DiagResource(registry, ready)), on_listening)
 
     for listener in listeners.values():
         listener.setServiceParent(top)

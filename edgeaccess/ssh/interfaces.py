@@ -87,7 +87,10 @@ class ISessionObserver(Interface):
     """Hears the security-relevant events of an SSH server.
 
     Every method is called synchronously and must not raise or block; an
-    implementation that needs I/O queues the event.
+    implementation that needs I/O queues the event. ``session_started`` and
+    ``exec_started`` may return a Deferred: the session's program (or
+    subsystem) starts only once it fires, and is refused if it fails (the
+    audit spool uses this so that nothing runs before its events are durable).
     """
 
     def auth_refused(

@@ -38,6 +38,7 @@ from twisted.conch.interfaces import (
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh import session as conch_session
 from twisted.conch.unix import SSHSessionForUnixConchUser
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
@@ -241,20 +242,105 @@ class NodeSessionChannel(conch_session.SSHSession):
         if self.client is not None:
             _log.error("multiple session-client requests sent to the same session")
             return 0
+        if self._audit_wait is not None:
+            _log.error("a second session-client request while the first one starts")
+            return 0
         if (preparation := prepare()) is None:
             return 0
         protocol = self.process_protocol(self)
         try:
             complete(protocol, preparation)
         except Exception as e:
-            _log.failure("while establishing session client")
-            if self.conn is not None and str(e):
-                self.writeExtended(
-                    connection.EXTENDED_DATA_STDERR, f"edgeaccess: {e}\r\n".encode()
-                )
+            self._refuse_start(e)
             return 0
+        starting = getattr(self.session, "starting", None)
+        if starting is not None:
+            # Audit: the program runs once its session.start is durable (see
+            # NodeSession._start_when_audited); the reply waits as well.
+            return self._after_audit(starting, lambda: self._attach(protocol))
         self.client = protocol
         return 1
+
+    # --- waiting for the audit spool (edgeaccess.audit) -----------------------
+
+    _audit_wait: Deferred | None = None
+    _eof_while_waiting = False
+    _gave_up = False
+    #: Most client bytes held while the audit events are written (Conch
+    #: reopens the window regardless, so a stalled disk must not let a client
+    #: fill the node's memory): past it the session is refused.
+    max_held_bytes = 16 * 1024 * 1024
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._audit_wait is not None and not self._gave_up:
+            if len(self.buf) + len(data) > self.max_held_bytes:
+                self._gave_up = True
+                self.buf = b""
+                _log.warn("session refused: the client sent more than {n} bytes while "
+                          "its audit events were being written", n=self.max_held_bytes)
+                self._refuse_start(AccessDenied(
+                    "the node's audit spool is too slow: the session was closed"))
+                self._close_refused()
+                return
+        if self._gave_up:
+            return
+        super().dataReceived(data)
+
+    def _after_audit(self, waiting: Deferred, attach: Callable[[], int]) -> int:
+        """Attach the program once ``waiting`` fired (the session's audit
+        events are on disk); meanwhile the client's data and EOF are held.
+
+        The request is accepted at once: only the program waits. (Holding the
+        reply too made OpenSSH, whose non-interactive sessions keep Nagle on,
+        wait for the server's delayed ACK: ~40 ms per session.) If the events
+        cannot be written the program never runs: the client is told why,
+        gets exit status 255, and the channel closes."""
+        self._audit_wait = waiting
+
+        def ready(_) -> None:
+            self._audit_wait = None
+            if (self.conn is None or self._gave_up
+                    or self.session is not None and self.session.closed_early):
+                return
+            if not attach():
+                self._close_refused()
+                return
+            held, self.buf = self.buf, b""
+            if held:
+                self.dataReceived(held)
+            if self._eof_while_waiting:
+                self.eofReceived()
+
+        def refused(failure) -> None:
+            self._audit_wait = None
+            if self._gave_up:
+                return
+            self._refuse_start(failure.value)
+            self._close_refused()
+
+        waiting.addCallbacks(ready, refused).addErrback(
+            lambda f: _log.failure("while starting an audited session", f))
+        return 1
+
+    def _close_refused(self) -> None:
+        if self.session is not None:
+            self.session.closed_early = True  # a start still waiting won't run
+        if self.conn is None:
+            return
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", 255))
+        self.loseConnection()
+
+    def _attach(self, protocol) -> int:
+        self.client = protocol
+        return 1
+
+    def _refuse_start(self, error: BaseException) -> None:
+        _log.failure("while establishing session client") if not isinstance(
+            error, AccessDenied) else _log.warn("session refused: {reason}", reason=error)
+        if self.conn is not None and str(error):
+            self.writeExtended(
+                connection.EXTENDED_DATA_STDERR, f"edgeaccess: {error}\r\n".encode()
+            )
 
     def request_subsystem(self, data: bytes) -> int:
         """Subsystems (sftp), refused under a certificate's force-command."""
@@ -266,13 +352,21 @@ class NodeSessionChannel(conch_session.SSHSession):
                 user=self.avatar.identity.username,
             )
             return 0
-        accepted = super().request_subsystem(data)
-        if accepted:
-            self._session.started = True
-            self.avatar.observer.session_started(self._session.info, name)
-        return accepted
+        if (self.client is not None or self._audit_wait is not None
+                or name.encode() not in getattr(self.avatar, "subsystemLookup", {})):
+            return super().request_subsystem(data)  # refuses, saying why
+        self._session.started = True
+        started = self.avatar.observer.session_started(self._session.info, name)
+        if not isinstance(started, Deferred):
+            return super().request_subsystem(data)
+        # Audit: the subsystem starts once its session.start is durable.
+        return self._after_audit(started, lambda: super(
+            NodeSessionChannel, self).request_subsystem(data))
 
     def eofReceived(self) -> None:
+        if self._audit_wait is not None:
+            self._eof_while_waiting = True  # passed on once the program runs
+            return
         # A subsystem has no process whose stdin could be closed: the client
         # is done with it (Conch does the same when it has no ISession).
         if self.session is not None and self.session.pty is not None:
@@ -309,6 +403,10 @@ class NodeSession(SSHSessionForUnixConchUser):
         self.ptyTuple = None
         self.modes = None
         self.started = False
+        #: A Deferred while the session waits for its audit events (the
+        #: channel replies to the request when it fires).
+        self.starting: Deferred | None = None
+        self.closed_early = False
 
     # -- requests before the program starts
 
@@ -379,10 +477,35 @@ class NodeSession(SSHSessionForUnixConchUser):
         forced = self.avatar.verified.force_command
         if forced is not None:
             return self._exec(proto, forced, original=None)
-        self.avatar.observer.session_started(self.info, "shell")
+        started = self.avatar.observer.session_started(self.info, "shell")
         shell = self._shell()
-        self._spawn(proto, ["-" + os.path.basename(shell)], self._environment())
-        self._start_recording(proto)
+        env = self._environment()
+
+        def start() -> None:
+            self._spawn(proto, ["-" + os.path.basename(shell)], env)
+            self._start_recording(proto)
+
+        self._start_when_audited([started], start)
+
+    def _start_when_audited(self, waits, start: Callable[[], None]) -> None:
+        """Run ``start`` once the observer's Deferreds in ``waits`` fired (the
+        session's audit events are durable), at once if there are none; a
+        failure refuses the session (nothing runs unaudited)."""
+        self.started = True  # session.start was emitted: session.end will be
+        waits = [w for w in waits if isinstance(w, Deferred)]
+        if not waits:
+            start()
+            return
+
+        def go(_) -> None:
+            if not self.closed_early:
+                start()
+
+        def refused(failure):
+            failure = getattr(failure.value, "subFailure", failure)
+            raise AccessDenied(f"the session cannot be audited: {failure.value}")
+
+        self.starting = gatherResults(waits, consumeErrors=True).addCallbacks(go, refused)
 
     def _start_recording(self, proto) -> None:
         # Audit (edgeaccess.audit.observer): tee PTY output to a recorder
@@ -411,13 +534,14 @@ class NodeSession(SSHSessionForUnixConchUser):
         self._exec(proto, command, original=None)
 
     def _exec(self, proto, command: str, original: str | None) -> None:
-        self.avatar.observer.session_started(self.info, "exec")
-        self.avatar.observer.exec_started(self.info, command)
+        started = self.avatar.observer.session_started(self.info, "exec")
+        executed = self.avatar.observer.exec_started(self.info, command)
         env = self._environment()
         env["SHLVL"] = "1"
         if original is not None:
             env["SSH_ORIGINAL_COMMAND"] = original
-        self._spawn(proto, [self._shell(), "-c", command], env)
+        argv = [self._shell(), "-c", command]
+        self._start_when_audited([started, executed], lambda: self._spawn(proto, argv, env))
 
     # -- while it runs
 
@@ -448,6 +572,7 @@ class NodeSession(SSHSessionForUnixConchUser):
 
     def closed(self) -> None:
         """The channel closed: hang up the child, tell the observer."""
+        self.closed_early = self.pty is None  # (a start still waiting won't run)
         status = None
         if self.pty is not None:
             status = getattr(self.pty, "status", None)

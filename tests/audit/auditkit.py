@@ -27,6 +27,13 @@ def run(awaitable):
     return result
 
 
+async def settle(writer, rounds: int = 20) -> None:
+    """Let chains of writer jobs (a shipper round: send, acknowledge, send...)
+    run out: ``rounds`` barriers through the writer's queue."""
+    for _ in range(rounds):
+        await writer.submit(lambda commit: None)
+
+
 class Counter:
     """Deterministic ids: ``ev-1``, ``ev-2``..."""
 

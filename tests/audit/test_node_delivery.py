@@ -1,15 +1,17 @@
-"""The node side end to end in memory: observer -> spool -> shipper -> auth log and store."""
+"""The node side end to end: observer -> spool -> shipper -> auth log and store
+(in memory but for the disk writer's thread; a fake clock for times and timers)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from twisted.internet.defer import fail, succeed
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from auditkit import Counter, clock, run
+from auditkit import Counter, clock, run, settle
 from edgeaccess import errors
 from edgeaccess.audit.interfaces import IAuditUploader
 from edgeaccess.audit.log import AuditLog
@@ -34,10 +36,15 @@ class LoopbackUploader:
         self.calls = []
 
     def _answer(self, value):
-        if self.lose_answers:
-            self.lose_answers -= 1
-            return fail(errors.EdgeError("connection lost before the answer"))
-        return succeed(value)
+        d = value if isinstance(value, Deferred) else succeed(value)
+
+        def answer(result):
+            if self.lose_answers:
+                self.lose_answers -= 1
+                raise errors.EdgeError("connection lost before the answer")
+            return result
+
+        return d.addCallback(answer)
 
     def send_events(self, events):
         self.calls.append(("events", [e["id"] for e in events]))
@@ -50,31 +57,31 @@ class LoopbackUploader:
         self.calls.append(("chunk", session_id, offset, len(data)))
         if self.down:
             return fail(errors.EdgeError("cannot reach the auth service"))
-        return self._answer(self.store.append(session_id, offset, data, meta))
+        return self._answer(maybeDeferred(self.store.append, session_id, offset, data, meta))
 
     def complete_recording(self, session_id, length, meta):
         self.calls.append(("complete", session_id, length))
         if self.down:
             return fail(errors.EdgeError("cannot reach the auth service"))
-        return self._answer(self.store.complete(session_id, length))
+        return self._answer(maybeDeferred(self.store.complete, session_id, length))
 
 
 SESSION = SessionInfo(session_id="5e55-1", username="alice", login="root",
                       peer_address="127.0.0.1", node_name="n1", roles=("access",))
 
 
-@pytest.fixture
-def world(tmp_path):
+@pytest_twisted.async_yield_fixture
+async def world(tmp_path, writer):
     fake = clock()
     log = AuditLog(MemoryBackend(fake), "example", fake, new_id=Counter("auth"))
-    store = FileRecordingStore(tmp_path / "auth-recordings", fake)
+    store = FileRecordingStore(tmp_path / "auth-recordings", fake, writer)
     uploader = LoopbackUploader(log, store)
-    spool = Spool.open(tmp_path / "spool")
+    spool = await Spool.open(tmp_path / "spool", writer)
     shipper = SpoolShipper(spool, uploader, fake, rng=random.Random(1))
     observer = AuditingObserver(spool, cluster="example", node_name="n1", node_id="uuid-1",
-                                clock=fake, on_spooled=shipper.kick, new_id=Counter("node"))
+                                clock=fake, new_id=Counter("node"))
     shipper.startService()
-    yield fake, log, store, uploader, spool, shipper, observer
+    yield fake, log, store, uploader, spool, shipper, observer, writer
     shipper.stopService()
 
 
@@ -82,16 +89,17 @@ def test_the_observer_is_a_session_observer(world):
     assert verifyObject(ISessionObserver, world[6])
 
 
-def test_an_interactive_session_arrives_with_its_recording(world):
-    fake, log, store, uploader, spool, shipper, observer = world
-    observer.session_started(SESSION, "shell")
+@pytest_twisted.ensureDeferred
+async def test_an_interactive_session_arrives_with_its_recording(world):
+    fake, log, store, uploader, spool, shipper, observer, writer = world
+    await observer.session_started(SESSION, "shell")
     recorder = observer.open_recording(SESSION, 80, 24, "xterm-256color")
     fake.advance(0.2)
     recorder.output(b"$ echo hi\r\nhi\r\n")
     recorder.resize(120, 40)
     fake.advance(0.3)
     observer.session_ended(SESSION, 0, None)
-    fake.advance(0)
+    await settle(writer)
     events = run(log.search())
     assert [e["event"] for e in events] == ["session.start", "session.end"]
     start, end = events
@@ -99,20 +107,23 @@ def test_an_interactive_session_arrives_with_its_recording(world):
         assert (e["user"], e["login"], e["node"], e["session_id"], e["remote_addr"],
                 e["cluster"]) == ("alice", "root", "n1", "5e55-1", "127.0.0.1", "example")
     assert start["kind"] == "shell" and end["exit_status"] == 0 and end["recorded"] is True
-    header, frames = parse_cast(store.read("5e55-1"))
+    header, frames = parse_cast(await store.read("5e55-1"))
     assert header["width"] == 80 and header["env"] == {"TERM": "xterm-256color"}
     assert frames == [[0.2, "o", "$ echo hi\r\nhi\r\n"], [0.2, "r", "120x40"]]
-    assert store.info("5e55-1")["complete"] and store.info("5e55-1")["user"] == "alice"
+    info = await store.info("5e55-1")
+    assert info["complete"] and info["user"] == "alice"
     assert spool.pending_events() == [] and spool.pending_recordings() == []
+    assert spool.open_sessions() == [] and not list((spool.directory / "sessions").iterdir())
 
 
-def test_exec_scp_port_and_refused_auth_events(world):
-    fake, log, store, uploader, spool, shipper, observer = world
-    observer.session_started(SESSION, "exec")
-    observer.exec_started(SESSION, "scp -t /tmp/x")
+@pytest_twisted.ensureDeferred
+async def test_exec_scp_port_and_refused_auth_events(world):
+    fake, log, store, uploader, spool, shipper, observer, writer = world
+    await observer.session_started(SESSION, "exec")
+    await observer.exec_started(SESSION, "scp -t /tmp/x")
     observer.port_forward(SESSION, "db", 5432, False)
     observer.auth_refused("eve", "root", "10.0.0.9", "certificate expired")
-    fake.advance(0)
+    await settle(writer)
     found = {e["event"]: e for e in run(log.search())}
     assert found["exec"]["command"] == "scp -t /tmp/x"
     assert found["scp"]["action"] == "upload" and found["scp"]["path"] == "/tmp/x"
@@ -121,68 +132,98 @@ def test_exec_scp_port_and_refused_auth_events(world):
     assert found["auth"]["error"] == "certificate expired"
 
 
-def test_an_outage_keeps_everything_spooled_and_retries_with_backoff(world):
-    fake, log, store, uploader, spool, shipper, observer = world
+@pytest_twisted.ensureDeferred
+async def test_an_outage_keeps_everything_spooled_and_retries_with_backoff(world):
+    fake, log, store, uploader, spool, shipper, observer, writer = world
     uploader.down = True
-    observer.session_started(SESSION, "exec")
-    observer.exec_started(SESSION, "uptime")
-    fake.advance(0)
+    await observer.session_started(SESSION, "exec")
+    await observer.exec_started(SESSION, "uptime")
+    await settle(writer)
     assert shipper.failures >= 1 and len(spool.pending_events()) == 2
     assert run(log.search()) == []
     uploader.down = False
     fake.advance(60)
+    await settle(writer)
     assert [e["event"] for e in run(log.search())] == ["session.start", "exec"]
     assert spool.pending_events() == [] and shipper.failures == 0
 
 
-def test_a_lost_acknowledgement_creates_no_duplicates(world):
-    fake, log, store, uploader, spool, shipper, observer = world
+@pytest_twisted.ensureDeferred
+async def test_a_lost_acknowledgement_creates_no_duplicates(world):
+    fake, log, store, uploader, spool, shipper, observer, writer = world
     uploader.lose_answers = 1
-    observer.session_started(SESSION, "shell")
+    await observer.session_started(SESSION, "shell")
     recorder = observer.open_recording(SESSION, 80, 24)
     recorder.output(b"abc")
     observer.session_ended(SESSION, None, "HUP")
     uploader.lose_answers = 3
     for _ in range(10):
+        await settle(writer)
         fake.advance(30)
+    await settle(writer)
     events = run(log.search())
     assert [e["event"] for e in events] == ["session.start", "session.end"]
     assert len({e["id"] for e in events}) == 2
     assert events[1]["exit_signal"] == "HUP"
-    _, frames = parse_cast(store.read(SESSION.session_id))
+    _, frames = parse_cast(await store.read(SESSION.session_id))
     assert frames == [[0.0, "o", "abc"]]
     assert spool.pending_recordings() == []
 
 
-def test_after_a_crash_open_sessions_are_ended_and_their_recordings_delivered(world, tmp_path):
-    fake, log, store, uploader, spool, shipper, observer = world
+@pytest_twisted.ensureDeferred
+async def test_after_a_crash_open_sessions_are_ended_and_their_recordings_delivered(
+        world, tmp_path):
+    fake, log, store, uploader, spool, shipper, observer, writer = world
     uploader.down = True
-    observer.session_started(SESSION, "shell")
+    await observer.session_started(SESSION, "shell")
     recorder = observer.open_recording(SESSION, 80, 24)
     recorder.output(b"before the crash")
-    spool.sync_recordings()
+    await spool.sync_recording(SESSION.session_id)
     shipper.stopService()  # the node dies: nothing else runs
 
     uploader.down = False
-    reopened = Spool.open(tmp_path / "spool")
+    reopened = await Spool.open(tmp_path / "spool", writer)
     shipper2 = SpoolShipper(reopened, uploader, fake, rng=random.Random(2))
     observer2 = AuditingObserver(reopened, cluster="example", node_name="n1",
-                                 node_id="uuid-1", clock=fake, on_spooled=shipper2.kick)
-    assert observer2.recover() == 1
+                                 node_id="uuid-1", clock=fake)
+    assert await observer2.recover() == 1
     shipper2.startService()
-    fake.advance(0)
+    await settle(writer)
     events = run(log.search(session_id=SESSION.session_id))
     assert [e["event"] for e in events] == ["session.start", "session.end"]
     assert events[1]["reason"] == "node restarted" and events[1]["user"] == "alice"
-    _, frames = parse_cast(store.read(SESSION.session_id))
+    _, frames = parse_cast(await store.read(SESSION.session_id))
     assert frames[0][2] == "before the crash"
-    assert store.info(SESSION.session_id)["complete"]
-    assert reopened.open_sessions() == []
+    assert (await store.info(SESSION.session_id))["complete"]
+    assert (await Spool.open(tmp_path / "spool", writer)).open_sessions() == []
     shipper2.stopService()
 
 
-def test_a_full_spool_refuses_new_sessions_with_a_reason(tmp_path):
-    spool = Spool.open(tmp_path, max_bytes=10)
+@pytest_twisted.ensureDeferred
+async def test_a_session_cannot_start_when_its_event_cannot_be_made_durable(tmp_path):
+    from twisted.internet import reactor
+
+    from edgeaccess.audit.diskwriter import DiskWriter
+
+    def broken_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    disk = DiskWriter(reactor, fsync=broken_disk)
+    disk.start()
+    try:
+        spool = await Spool.open(tmp_path / "spool", disk)
+        observer = AuditingObserver(spool, cluster="example", node_name="n1",
+                                    node_id="uuid-1", clock=clock())
+        with pytest.raises(errors.EdgeError, match="cannot write its audit spool"):
+            await observer.session_started(SESSION, "exec")
+        assert spool.pending_events() == []
+    finally:
+        await disk.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_spool_refuses_new_sessions_with_a_reason(tmp_path, writer):
+    spool = await Spool.open(tmp_path, writer, max_bytes=10)
     inner = StaticAuthorizer({("*", "root"): SessionPermissions()})
     guard = SpoolGuardAuthorizer(inner, spool)
 
@@ -190,6 +231,6 @@ def test_a_full_spool_refuses_new_sessions_with_a_reason(tmp_path):
         username = "alice"
 
     assert run(guard.authorize(Who(), "root", "127.0.0.1")) == SessionPermissions()
-    spool.append_event({"id": "e1", "event": "exec", "time": "2024-01-01T00:00:00Z"})
+    await spool.append_event({"id": "e1", "event": "exec", "time": "2024-01-01T00:00:00Z"})
     with pytest.raises(errors.AccessDenied, match="audit spool is full"):
         run(guard.authorize(Who(), "root", "127.0.0.1"))

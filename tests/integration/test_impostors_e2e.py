@@ -27,8 +27,7 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ from tests.pkitools import Identity, issue_legacy_certificate
 
 PASSWORD = "impostor-test-password-1234"
 HOLDERS = ("user", "node", "legacy-user")
-DEADLINE = 60
+DEADLINE = 90
 
 
 class Impostor:
@@ -253,10 +252,31 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
         node.log()[-3000:]
 
 
-def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
+def _done(d):
+    """The result of a Deferred that has fired (the inline disk writer's)."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the spool did not complete inline"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def _open_spool(directory: Path):
+    """The node's audit spool, opened from the test (the node is stopped)."""
+    from twisted.internet.task import Clock
+
+    from edgeaccess.audit.diskwriter import InlineDiskWriter
     from edgeaccess.audit.spool import Spool
 
-    node, _ = join_node(world.proxy, tmp_path, "n3")
+    return _done(Spool.open(directory, InlineDiskWriter(Clock())))
+
+
+def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
+    node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
+    # Listed means the heartbeat went through; the role fetch follows it.
+    wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
+             node.process)
     node.stop()
     roles_before = (node.data_dir / "roles.json").read_text()
     # The node's auth address now leads to the impostor (DNS or address
@@ -265,9 +285,11 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     meta["auth_server"] = world.web
     (node.data_dir / "identity.json").write_text(json.dumps(meta))
     secret_event = "ev-must-not-leak-" + holder
-    Spool.open(node.data_dir / "audit-spool").append_event({
+    spool = _open_spool(node.data_dir / "audit-spool")
+    _done(spool.append_event({
         "id": secret_event, "event": "session.start", "cluster": "impostors",
-        "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()})
+        "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()}))
+    _done(spool.close())
     node.start()
     try:
         def settled():
@@ -283,8 +305,9 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
     assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
-    assert secret_event in [e["id"] for e in Spool.open(node.data_dir / "audit-spool")
-                            .pending_events()]
+    spool = _open_spool(node.data_dir / "audit-spool")
+    assert secret_event in [e["id"] for e in spool.pending_events()]
+    _done(spool.close())
 
 
 def test_the_tunnel_agent_sends_nothing(world, holder, tmp_path):
@@ -350,3 +373,64 @@ spec:
     only_the_ca_was_asked(world)
     assert "refused the server" in result.stderr or "does not verify" in result.stderr, \
         result.stderr
+
+
+def test_the_leaf_tunnel_to_the_root_sends_nothing(world, holder, leaf, tmp_path):
+    """The exchange goes to the real root; the tunnel address leads to the impostor."""
+    token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
+    document = tmp_path / "trust.yaml"
+    document.write_text(f"""\
+kind: trusted_cluster
+version: v1
+metadata: {{name: impostors}}
+spec:
+  enabled: true
+  token: {token}
+  ca_pin: {world.pin}
+  web_proxy_addr: {world.proxy.addr("web")}
+  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
+  role_map:
+    - {{remote: access, local: [access]}}
+""")
+    before = len(leaf.log())
+    leaf.edgectl("create", "-f", str(document))
+    try:
+        wait_for(lambda: world.tunnel_impostor.received
+                 or "refused the server" in leaf.log()[before:],
+                 DEADLINE, "the leaf to dial the impostor", leaf.process)
+    finally:
+        leaf.edgectl("rm", "trusted_cluster/impostors")
+    assert world.tunnel_impostor.received == b""
+
+
+def _served_certificate(addr: str):
+    from cryptography import x509 as cx509
+
+    host, _, port = addr.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        with context.wrap_socket(raw) as conn:
+            return cx509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+
+
+def test_the_proxy_signs_its_server_certificate_at_every_start(world):
+    """Server-only, kind proxy of its cluster, naming what it is dialled at;
+    a restart with another --server-names is named at once (an existing data
+    dir gets the current shape without any step)."""
+    from cryptography import x509 as cx509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    world.proxy.stop()
+    world.proxy.extra_args += ["--server-names", "proxy.impostors.test,10.1.2.3"]
+    world.proxy.start()
+    for port in ("web", "auth", "tunnel"):
+        cert = _served_certificate(world.proxy.runtime()["listen"][port])
+        assert x509ca.extended_key_usages(cert) == {ExtendedKeyUsageOID.SERVER_AUTH}
+        identity = x509ca.identity_from_certificate(cert)
+        assert (identity.kind, identity.cluster) == ("proxy", "impostors")
+        sans = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
+        assert {"proxy.impostors.test", "localhost"} <= set(sans.get_values_for_type(cx509.DNSName))
+        assert {"127.0.0.1", "10.1.2.3"} <= {str(a) for a in sans.get_values_for_type(
+            cx509.IPAddress)}

@@ -33,7 +33,7 @@ from edgeaccess.pki import keys
 from edgeaccess.pki.sshca import issue_user_certificate
 from edgeaccess.ssh.certauth import CertificateCredentials
 
-from nodekit import InMemoryCluster, role
+from nodekit import InMemoryCluster
 
 
 START = 1_800_000_000.0

@@ -13,9 +13,12 @@ import sys
 from datetime import timedelta
 
 from twisted.internet import reactor
+from twisted.internet.defer import fail
+from twisted.internet.task import deferLater
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from zope.interface import implementer
 
+from edgeaccess.errors import EdgeError
 from edgeaccess.pki.keys import load_private_key
 from edgeaccess.pki.sshca import load_certificate
 from edgeaccess.ssh.interfaces import (
@@ -38,6 +41,15 @@ class LoggingObserver:
 
     def session_started(self, session, kind):
         self._log.info("EVENT session_started {s.session_id} {s.username} {k}", s=session, k=kind)
+        # As the audit spool does: the session runs once this fires.
+        if session.username == "slowdisk":
+            def durable():
+                self._log.info("EVENT durable {s.session_id}", s=session)
+
+            return deferLater(reactor, 1.0, durable)
+        if session.username == "brokendisk":
+            return fail(EdgeError("this node cannot write its audit spool"))
+        return None
 
     def exec_started(self, session, command):
         self._log.info("EVENT exec {s.session_id} {c!r}", s=session, c=command)

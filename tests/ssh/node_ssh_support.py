@@ -35,6 +35,8 @@ GRANTS = [
     ["*", "nosuchuser-edge", False, 0],
     ["shorty", "root", False, 1],
     ["*", "nobody", False, 0],
+    ["slowdisk", "root", False, 0],   # the observer makes its start durable late
+    ["brokendisk", "root", False, 0],  # the observer cannot make its start durable
 ]
 
 

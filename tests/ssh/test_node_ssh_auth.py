@@ -6,7 +6,7 @@ in a banner where a certificate was presented, and be logged in one line.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from node_ssh_support import node_env, now, wait_for  # noqa: F401  (fixture)
 
@@ -160,6 +160,34 @@ def test_exec_is_reported_to_the_observer_with_its_exit_status(node_env):
     started, executed, ended = events()
     assert started.endswith(" alice exec")
     assert ended.endswith("status=42 signal=None")
+
+
+def test_a_session_runs_only_once_its_start_is_durable_holding_stdin_and_eof(
+        node_env, tmp_path):
+    """The observer's Deferred (the audit spool's fsync) fires 1 s late: the
+    command starts after it, and the data and EOF sent meanwhile reach it."""
+    key = node_env.user_key("slowdisk")
+    marker = tmp_path / "ran-at"
+    data = b"typed before the program ran\n" * 1000
+    result = node_env.ssh(key, f"date +%s.%N > {marker}; cat", input=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+    durable_line = [l for l in node_env.log_text().splitlines() if "EVENT durable" in l][-1]
+    durable_at = datetime.strptime(durable_line[:19], "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=timezone.utc).timestamp()
+    ran_at = float(marker.read_text())
+    assert ran_at >= durable_at  # (the log's clock has whole seconds)
+
+
+def test_a_session_whose_start_cannot_be_made_durable_is_refused(node_env, tmp_path):
+    key = node_env.user_key("brokendisk")
+    marker = tmp_path / "must-not-exist"
+    result = node_env.ssh(key, f"touch {marker}")
+    assert result.returncode == 255
+    assert b"the session cannot be audited" in result.stderr
+    assert not marker.exists()
+    assert wait_for(lambda: "session refused: the session cannot be audited"
+                    in node_env.log_text(), timeout=5)
 
 
 def test_login_of_another_unix_user_runs_with_its_uid_and_shell(node_env):
