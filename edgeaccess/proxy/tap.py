@@ -72,6 +72,9 @@ class Options(usage.Options):
          "comma-separated further host names and addresses clients dial the proxy at "
          "(its certificate names them; --public-addr, --tunnel-public-addr and the "
          "listen hosts are always named)"],
+        ["apps-domain", None, None,
+         "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
+         "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -243,6 +246,10 @@ def makeService(options, reactor=None) -> service.MultiService:
                      if n.strip()}
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
+    apps_domain = (options["apps-domain"] or public_host).lower().rstrip(".")
+    if not is_ip(apps_domain):
+        # Apps are reached at https://NAME.<apps domain> (edgeaccess.apps).
+        dns += [f"*.{apps_domain}"] + ([apps_domain] if apps_domain not in dns else [])
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
@@ -274,7 +281,13 @@ def makeService(options, reactor=None) -> service.MultiService:
             if listener.port is not None:
                 found[name] = f"{public_host}:{listener.port.getHost().port}"
         if options["tunnel-public-addr"]:
-            found["tunnel"] = options["tunnel-public-addr"]
+            tunnel_host, _, tunnel_port = options["tunnel-public-addr"].rpartition(":")
+            if (not tunnel_port.isdigit() or not tunnel_host) and "tunnel" in found:
+                # A host alone: that host and the port the tunnel server is bound to.
+                found["tunnel"] = (f"{options['tunnel-public-addr']}:"
+                                   f"{found['tunnel'].rpartition(':')[2]}")
+            else:
+                found["tunnel"] = options["tunnel-public-addr"]
         found.setdefault("web", f"{public_host}:{public_port}")
         found.setdefault("ssh", f"{public_host}:3023")
         return found
@@ -284,14 +297,30 @@ def makeService(options, reactor=None) -> service.MultiService:
             _write_runtime(data_dir, cluster, listeners, addresses())
 
     tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    # The live control plane: the cache every read comes from, the push to
+    # every node and leaf (edgeaccess.controlplane), locks at the proxy.
+    from edgeaccess.controlplane.proxy import ProxyControlPlane
+
+    control = ProxyControlPlane(auth, backend, reactor, tunnels.registry,
+                                lambda: [authority.user_ca_public_line])
+    control.setServiceParent(top)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
-    web = ProxyWeb(auth, addresses, public_host, clusters,
+    kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
+                       leaf_trust, top)
+    web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
+    from edgeaccess.apps.service import build as build_app_access
+
+    # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
+    apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
+                            public_host=apps_domain, web_addr=lambda: addresses()["web"],
+                            site=EdgeSite(web.resource()), reactor=reactor)
+    apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        EdgeSite(web.resource()), on_listening)
+        apps.factory, on_listening)
 
     api = AuthAPI(auth)
     auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -300,6 +329,13 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         EdgeSite(api.resource()), on_listening)
 
+    # kubectl offers h2 and http/1.1: without an ALPN answer OpenSSL aborts.
+    kube_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                      client_certificates="required", alpn=[b"http/1.1"])
+    listeners["kube"] = _Listener(
+        "kube", listen_endpoint(reactor, options["kube-listen"], 3026, kube_options,
+                                backlog=1024),
+        kube.factory(), on_listening)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -314,9 +350,14 @@ def makeService(options, reactor=None) -> service.MultiService:
     # Freed handshake state of a burst of agents goes back to the system.
     HeapTrimmer(reactor).setServiceParent(top)
 
+    from edgeaccess.proxy.sshproxy import LockAuthorizer
+
     ssh_factory = make_proxy_ssh_factory(
-        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
-    LeafLinks(leaf_trust, router, reactor).setServiceParent(top)
+        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor,
+        authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
+        target_check=control.check_target)
+    LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
+              apps=apps.gateway).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
@@ -333,6 +374,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     for listener in listeners.values():
         listener.setServiceParent(top)
     top.auth = auth
+    top.control = control
     return top
 
 
@@ -401,6 +443,25 @@ def _web_ui(reactor, auth, router, clusters, addresses):
                  opener=TerminalOpener(auth, router, clusters, reactor),
                  clusters=clusters, addresses=addresses, clock=reactor,
                  lock_source=auth if has_locks else None)
+
+
+def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_trust, top):
+    """The Kubernetes proxy (3026): local clusters from the tunnels' inventories,
+    leaves' through their tunnels; roles from a cache refreshed every second."""
+    from edgeaccess.cluster.trusted import map_roles
+    from edgeaccess.kube.proxy import KubeDirectory, KubeProxy, RoleCache, RoleCacheService
+
+    roles = RoleCache(auth, reactor)
+    RoleCacheService(roles).setServiceParent(top)
+
+    def leaf_roles(root, remote_roles):
+        links = leaf_trust.links
+        state = links.current.get(root) if links is not None else None
+        return map_roles(state["role_map"], remote_roles) if state else []
+
+    return KubeProxy(cluster_name=cluster, directory=KubeDirectory(registry), roles=roles,
+                     router=router, audit=audit, reactor=reactor, leaf_roles=leaf_roles,
+                     known_leaf=lambda name: name in clusters.known)
 
 
 def _router(reactor, auth, cluster, registry, clusters):

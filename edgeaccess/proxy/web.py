@@ -34,8 +34,11 @@ class ProxyWeb:
 
     app = Klein()
 
-    def __init__(self, auth, addresses, public_host: str, clusters=None, ui=None) -> None:
+    def __init__(self, auth, addresses, public_host: str, clusters=None, ui=None,
+                 kube=None) -> None:
         self.auth = auth
+        #: :class:`~edgeaccess.kube.proxy.KubeProxy` (``edge kube ls``)
+        self.kube = kube
         self.addresses = addresses
         self.public_host = public_host
         #: :class:`~edgeaccess.cluster.root.RootClusters` (leaves trusting us)
@@ -189,6 +192,29 @@ class ProxyWeb:
         if self.ui is None:
             raise errors.NotFound("this proxy has no web UI")
         return self.ui.resource()
+
+    @app.route("/v1/kube/clusters", methods=["GET"])
+    async def kube_clusters(self, request):
+        """Kubernetes clusters the calling user's roles allow (``edge kube ls``)."""
+        from edgeaccess.kube.listing import allowed_kube_clusters
+
+        identity = self._user(request)
+        return json_response(request, allowed_kube_clusters(self.kube, identity))
+
+    @app.route("/v1/clusters/<name>/kube", methods=["GET"])
+    async def leaf_kube_clusters(self, request, name):
+        from edgeaccess.cluster.root import leaf_request
+
+        identity = self._user(request)
+        if name == self.auth.cluster_name:
+            return await self.kube_clusters(request)
+        if self.clusters is None or name not in self.clusters.known:
+            raise errors.NotFound(f"cluster {name} not found")
+        tunnel = self.clusters.tunnels.get(name)
+        if tunnel is None:
+            raise errors.ClusterOffline(f"cluster {name} is offline")
+        return json_response(request, await leaf_request(
+            self.auth._reactor, tunnel, "/v1/kube/clusters", identity))
 
     # --- signup: the one-time link printed by `edgectl users add` -----------
 

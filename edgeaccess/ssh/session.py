@@ -37,6 +37,7 @@ from twisted.conch.interfaces import (
 )
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh import session as conch_session
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.conch.unix import SSHSessionForUnixConchUser
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
@@ -211,8 +212,30 @@ class NodeUser(ConchUser):
             target_description=f"{host}:{port}",
         )
 
+    #: The registration with the node's live sessions (locks end it).
+    live_session = None
+
+    def terminate(self, message: str) -> None:
+        """End this connection now, telling the user why: the message is
+        written to every open session channel (the user's terminal) and
+        sent as the SSH disconnect reason."""
+        conn = getattr(self, "conn", None)
+        if conn is None:
+            return
+        line = f"\r\nedgeaccess: {message}\r\n".encode("utf-8", "replace")
+        for channel in list(conn.channels.values()):
+            if isinstance(channel, conch_session.SSHSession):
+                try:
+                    channel.write(line)
+                except Exception:
+                    _log.failure("could not tell the user why the session ends")
+        conn.transport.sendDisconnect(
+            DISCONNECT_BY_APPLICATION, f"edgeaccess: {message}".encode("utf-8", "replace"))
+
     def logout(self) -> None:
         """Called when the connection ends."""
+        if self.live_session is not None:
+            self.live_session.unregister()
         _log.info(
             "SSH connection of {user} as {login} from {peer} ended",
             user=self.identity.username,
