@@ -208,7 +208,8 @@ class WebUI:
             token, session = await self.sessions.login(
                 username=user, password=password, connector=connector,
                 remote_addr=httpapi.remote_addr(request), user_agent=agent)
-        except errors.AccountLocked as e:
+        except (errors.AccountLocked, errors.AccessDenied) as e:
+            # Too many failures, or a lock (its message is for the user).
             return await self._login_form(request, error=str(e), user=user,
                                           connector=connector, code=403)
         except (errors.AuthenticationFailed, errors.BadRequest):
