@@ -37,19 +37,24 @@ class AppAccessParts:
         self.service = service_
 
 
-def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor) -> AppAccessParts:
+def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor,
+          web_sessions=None, ui_host: str | None = None) -> AppAccessParts:
     """Put app access in front of the web UI's ``site`` (its resource is wrapped).
 
     :param registry: the tunnel server's registry (tunnelled nodes and their apps).
     :param clusters: :class:`~edgeaccess.cluster.root.RootClusters` (leaves).
+    :param web_sessions: the web UI's session store: browsers without an app
+        certificate launch the app through it (None: app certificates only).
+    :param ui_host: the web UI's host name (the launcher's), default ``public_host``.
     """
     from edgeaccess.cluster.root import leaf_request
 
     keys = AppSigningKeys(auth.backend, auth.cluster_name, reactor)
-    sessions = AppSessions(auth.backend, reactor, auth._emit)
+    sessions = AppSessions(auth.backend, reactor, auth._emit, web_sessions=web_sessions)
     gateway = AppGateway(auth=auth, index=AppIndex(registry), sessions=sessions, keys=keys,
                          public_host=public_host, web_addr=web_addr, clock=reactor,
-                         leaf_tunnel=lambda name: clusters.tunnels.get(name))
+                         leaf_tunnel=lambda name: clusters.tunnels.get(name),
+                         web_sessions=web_sessions, ui_host=ui_host)
 
     async def ask_leaf(cluster, path, identity):
         tunnel = clusters.tunnels.get(cluster)
