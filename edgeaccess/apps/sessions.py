@@ -296,6 +296,38 @@ class AppGateway:
             endpoint_for = TunnelChannelEndpoint
         self.endpoint_for = endpoint_for
         self._role_cache: dict[tuple, tuple[float, list]] = {}
+        self._locks: tuple[float, list] | None = None
+
+    # --- locks --------------------------------------------------------------
+
+    async def refresh_locks(self) -> None:
+        list_locks = getattr(self.auth, "list_locks", None)
+        if callable(list_locks):
+            self._locks = (self.clock.seconds(), await list_locks())
+
+    def lock_message(self, user: str) -> str | None:
+        """Why ``user`` (of this cluster) is locked, from the locks read last, or None."""
+        if self._locks is None:
+            return None
+        from edgeaccess.identity import locks
+
+        lock = locks.matching_lock(self._locks[1], self.clock.seconds(), user=user,
+                                   user_cluster=self.cluster, local_cluster=self.cluster)
+        if lock is None:
+            return None
+        return lock.get("message") or f"lock {lock.get('id', '')}"
+
+    async def sweep(self) -> None:
+        """Read the locks again and end the open app connections of locked users
+        (run every second: a lock ends sessions within 2 s)."""
+        await self.refresh_locks()
+        for session_id in list(self.sessions._live):
+            record = self.sessions.current(session_id)
+            if record is None:
+                continue
+            message = self.lock_message(record["user"])
+            if message is not None:
+                self.sessions.close_connections(session_id, f"locked: {message}")
 
     async def _roles(self, names) -> list:
         """Role objects, read from the backend at most every RECHECK seconds per set
@@ -377,6 +409,10 @@ class AppGateway:
         if session is None or session.get("user") != identity.name:
             raise errors.AccessDenied(
                 f"your app session has ended: run `edge apps login {name}` again")
+        await self.refresh_locks()
+        locked = self.lock_message(identity.name)
+        if locked is not None:
+            raise errors.AccessDenied(f"you are locked out: {locked}")
         if session["app"] != name:
             if self.index.find(name) is None:
                 raise unknown
@@ -420,6 +456,9 @@ class AppGateway:
             if self.sessions.current(session_id) is None:
                 return errors.AccessDenied(
                     f"your app session has ended: run `edge apps login {name}` again")
+            locked = self.lock_message(identity.name)
+            if locked is not None:
+                return errors.AccessDenied(f"you are locked out: {locked}")
             if not checker.allowed():
                 return errors.AccessDenied(f"your roles no longer allow app {name}")
             return None
@@ -463,6 +502,9 @@ class AppGateway:
             record = state["session"]
             if record is None or gateway.sessions.current(record["id"]) is None:
                 return errors.AccessDenied(f"your session for app {name} has ended")
+            locked = gateway.lock_message(record["user"])
+            if locked is not None:
+                return errors.AccessDenied(f"you are locked out: {locked}")
             if not state["checker"].allowed():
                 return errors.AccessDenied(f"your roles no longer allow app {name}")
             return None

@@ -281,6 +281,31 @@ def test_logout_ends_access_and_closes_websockets(cluster):
     assert b"session has ended" in result.stdout
 
 
+def test_a_lock_ends_open_app_connections_and_refuses_new_ones(cluster):
+    home = cluster["base"] / "dave"
+    cluster["proxy"].add_user("dave", "dave-password-1", roles=("access",))
+    edge_login(cluster["proxy"], home, "dave", "dave-password-1")
+    config = app_login(home, "demo")
+    host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
+    sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", config)
+    try:
+        ws = WebSocketClient(sock, host)
+        ws.send_text("before the lock")
+        assert ws.receive() == "before the lock"
+        locked_at = time.monotonic()  # edgectl's own start-up included
+        cluster["proxy"].edgectl("lock", "--user", "dave", "--message", "incident 7")
+        sock.settimeout(15)
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            ws.receive()
+        print(f"\nMEASURED lock -> app WebSocket closed: {time.monotonic() - locked_at:.2f} s")
+    finally:
+        sock.close()
+    assert "of dave: locked: incident 7" in cluster["proxy"].log()
+    result = curl(config, "/api/whoami", "-i")
+    assert result.stdout.startswith(b"HTTP/1.1 403"), result.stdout
+    assert b"incident 7" in result.stdout
+
+
 def test_app_sessions_are_audited(cluster, demo):
     def found():
         events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start")
