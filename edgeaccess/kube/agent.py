@@ -63,6 +63,10 @@ _CERT_CACHE = 512
 class UserIdentity:
     """Who a request is for, as the agent established it."""
 
+    @property
+    def username(self) -> str:  # what lock checks read
+        return self.name
+
     __slots__ = ("name", "cluster", "roles", "traits")
 
     def __init__(self, name: str, cluster: str, roles, traits) -> None:
@@ -83,11 +87,17 @@ class KubeAgent:
     :param ca_certs: callable returning the cluster CA certificates user
         certificates must chain to.
     :param cluster_name: this node's cluster.
+    :param lock_check: ``lock_check(user)`` raises AccessDenied for a locked user.
+    :param sessions: callable returning the node's ``LiveSessions`` (or None):
+        each channel is registered, so a lock ends it.
     """
 
     def __init__(self, *, name: str, labels: dict[str, str], config: AgentConfig, reactor,
                  decide: Callable[..., Impersonation], ca_certs: Callable[[], list],
-                 cluster_name: str) -> None:
+                 cluster_name: str, lock_check: Callable | None = None,
+                 sessions: Callable | None = None) -> None:
+        self.lock_check = lock_check
+        self.sessions = sessions or (lambda: None)
         self.name = name
         self.labels = dict(labels)
         self.config = config
@@ -301,6 +311,7 @@ class AgentChannel(Protocol):
         self._paused = False
         #: A request went to the API and its answer has not ended yet.
         self._in_flight = False
+        self.live_session = None
 
     # --- from the proxy ------------------------------------------------------------
 
@@ -318,6 +329,9 @@ class AgentChannel(Protocol):
         self._local_answer = False
         try:
             user = self.agent.identify(head)
+            if self.agent.lock_check is not None:
+                self.agent.lock_check(user)
+            self._register(user)
             imp = self.agent.decide(user, self.agent.name, self.agent.labels,
                                     (head.get(b"impersonate-user") or b"").decode(
                                         "utf-8", "replace") or None,
@@ -342,6 +356,24 @@ class AgentChannel(Protocol):
         out = http1.Head(head.start, headers, True)
         self._in_flight = True
         self._to_api(out.serialize())
+
+    def _register(self, user: UserIdentity) -> None:
+        sessions = self.agent.sessions()
+        if self.live_session is None and sessions is not None:
+            self.live_session = sessions.register(
+                user=user.name, cluster=user.cluster, kind="kube", terminate=self._terminate)
+
+    def _terminate(self, message: str) -> None:
+        """A lock: end this channel and the API connection it uses."""
+        self.live_session = None
+        _log.info("Kubernetes agent {name}: closing a channel: {message}",
+                  name=self.agent.name, message=message)
+        api, self.api = self.api, None
+        if api is not None:
+            api.reusable = False
+            api.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def message_body(self, data: bytes) -> None:
         if not self._local_answer:
@@ -442,6 +474,9 @@ class AgentChannel(Protocol):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        if self.live_session is not None:
+            self.live_session.unregister()
+            self.live_session = None
         api, self.api = self.api, None
         if api is not None:
             api.transport.unregisterProducer()

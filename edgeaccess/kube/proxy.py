@@ -130,11 +130,16 @@ class KubeProxy:
     :param audit: the ``AuditLog`` (``kube.request``, exec events, recordings).
     :param leaf_roles: for a leaf's proxy: ``leaf_roles(root, remote_roles)``
         gives the local roles of a root's user (the role map).
+    :param check_user: ``check_user(subject)`` raises AccessDenied (the lock's
+        message) for a locked user (``subject.username``, ``subject.cluster``).
+    :param sessions: the control plane's ``LiveSessions``: each user connection
+        is registered, so a lock ends its watches, exec and port-forwards.
     """
 
     def __init__(self, *, cluster_name: str, directory: KubeDirectory, roles: RoleCache,
                  router, audit, reactor, leaf_roles: Callable | None = None,
-                 known_leaf: Callable[[str], bool] | None = None) -> None:
+                 known_leaf: Callable[[str], bool] | None = None,
+                 check_user: Callable | None = None, sessions=None) -> None:
         self.cluster_name = cluster_name
         self.directory = directory
         self.roles = roles
@@ -143,6 +148,8 @@ class KubeProxy:
         self.reactor = reactor
         self.leaf_roles = leaf_roles
         self.known_leaf = known_leaf or (lambda name: False)
+        self.check_user = check_user
+        self.sessions = sessions
 
     def factory(self) -> Factory:
         """For the TLS listener on 3026."""
@@ -171,6 +178,7 @@ class _User:
 
     def __init__(self, name, cluster, roles, traits, cert_b64=None, asserted=None) -> None:
         self.name = name
+        self.username = name  # what lock checks read
         self.cluster = cluster
         self.roles = list(roles)
         self.traits = dict(traits or {})
@@ -201,6 +209,7 @@ class ProxyConnection(Protocol):
         # The request being answered.
         self.current: dict[str, Any] | None = None
         self.tap = None
+        self.live_session = None
 
     # --- connection ----------------------------------------------------------
 
@@ -290,6 +299,25 @@ class ProxyConnection(Protocol):
             self._local_answer = True
             self._local(code, str(e))
 
+    def _check_locks(self, user: _User) -> None:
+        """Refuse a locked user; register the connection so a lock ends it later."""
+        if self.proxy.check_user is not None:
+            self.proxy.check_user(user)
+        if self.live_session is None and self.proxy.sessions is not None:
+            self.live_session = self.proxy.sessions.register(
+                user=user.name, cluster=user.cluster, kind="kube", terminate=self._terminate)
+
+    def _terminate(self, message: str) -> None:
+        """A lock: end this connection (watches, exec, port-forwards with it)."""
+        _log.info("kube proxy: closing {user}'s connection: {message}",
+                  user=self.user.name if self.user else "?", message=message)
+        self.live_session = None
+        if self.transport is not None and not self._lost:
+            if self.reader.idle and self.current is None:
+                self._local(403, message, close=True)
+            else:
+                self.transport.abortConnection()
+
     def _route_request(self, head: http1.Head) -> None:
         if head.target.startswith(LEAF_PREFIX):
             if self.forwarded_from is not None:
@@ -299,6 +327,7 @@ class ProxyConnection(Protocol):
             leaf_name = leaf.decode("ascii", "replace")
             name, path = split_cluster(b"/k8s/" + remainder)
             user = self._identify()
+            self._check_locks(user)
             self.current["info"] = request_info(head.method, path)
             self.current.update(kube=name, leaf=leaf_name, user=user.name)
             if not self.proxy.known_leaf(leaf_name):
@@ -314,6 +343,8 @@ class ProxyConnection(Protocol):
         user = self._forwarded_user(head) if self.forwarded_from is not None \
             else self._identify()
         info = request_info(head.method, path)
+        self.current.update(info=info, kube=name, user=user.name)
+        self._check_locks(user)
         self.current.update(info=info, kube=name, user=user.name)
         found = self.proxy.directory.find(name)
         if found is None:
@@ -504,6 +535,9 @@ class ProxyConnection(Protocol):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        if self.live_session is not None:
+            self.live_session.unregister()
+            self.live_session = None
         if self.tap is not None:
             self.tap.ended()
             self.tap = None

@@ -353,7 +353,8 @@ class NodeService(service.MultiService):
             decide=make_decider(cluster_name=self.identity.cluster,
                                 role_documents=lambda: self.roles,
                                 trusted_clusters=lambda: self.trusted),
-            ca_certs=lambda: ca_certs, cluster_name=self.identity.cluster)
+            ca_certs=lambda: ca_certs, cluster_name=self.identity.cluster,
+            lock_check=self._check_locks, sessions=lambda: self.sessions)
         await self.kube_agent.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.kube_agent.stop)
         _log.info("node {node} publishes Kubernetes cluster {name} ({server})",

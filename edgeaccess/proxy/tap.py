@@ -306,7 +306,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     control.setServiceParent(top)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
-                       leaf_trust, top)
+                       leaf_trust, top, control)
     web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
@@ -447,7 +447,8 @@ def _web_ui(reactor, auth, router, clusters, addresses):
                  lock_source=auth if has_locks else None)
 
 
-def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_trust, top):
+def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_trust, top,
+                control):
     """The Kubernetes proxy (3026): local clusters from the tunnels' inventories,
     leaves' through their tunnels; roles from a cache refreshed every second."""
     from edgeaccess.cluster.trusted import map_roles
@@ -463,7 +464,8 @@ def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_
 
     return KubeProxy(cluster_name=cluster, directory=KubeDirectory(registry), roles=roles,
                      router=router, audit=audit, reactor=reactor, leaf_roles=leaf_roles,
-                     known_leaf=lambda name: name in clusters.known)
+                     known_leaf=lambda name: name in clusters.known,
+                     check_user=control.check_user, sessions=control.sessions)
 
 
 def _router(reactor, auth, cluster, registry, clusters):

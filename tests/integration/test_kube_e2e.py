@@ -519,3 +519,28 @@ def test_kubectl_cp_both_ways(world, tmp_path):
     down = world.kubectl("bob", "cp", f"web-1:{inside}/copied.bin", str(back))
     assert down.returncode == 0, down.stderr
     assert back.read_bytes() == source.read_bytes()
+
+
+def test_a_lock_refuses_new_requests_and_cuts_an_open_watch(world):
+    watcher = subprocess.Popen([KUBECTL, "get", "pods", "-w"], env=world.env("bob"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock_id = None
+    try:
+        assert "NAME" in watcher.stdout.readline()
+        wait_for(lambda: any(r["impersonated_user"] == "cluster-admin" and
+                             r["query"].get("watch") == ["true"]
+                             for r in world.standin.requests()), 30, "bob's watch")
+        locked = world.proxy.edgectl("lock", "--user", "bob", "--message", "kube audit drill")
+        lock_id = locked.stdout.split()[-1] if locked.stdout.split() else None
+        started = time.monotonic()
+        watcher.wait(timeout=30)
+        assert time.monotonic() - started < 10
+        refused = world.kubectl("bob", "get", "--raw", "/k8s/standin/api/v1/namespaces")
+        assert refused.returncode != 0 and "kube audit drill" in refused.stderr
+    finally:
+        watcher.kill()
+        watcher.wait()
+        for lock in world.proxy.edgectl_json("locks", "ls"):
+            world.proxy.edgectl("locks", "rm", lock["id"])
+    wait_for(lambda: world.kubectl("bob", "get", "pods").returncode == 0, 30,
+             "bob unlocked again")

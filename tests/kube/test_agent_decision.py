@@ -142,3 +142,40 @@ def test_client_credentials_and_impersonation_never_reach_the_api_only_the_agent
                          b"\r\n\r\n")
     assert len(agent.api_connections) == 1
     assert agent.api_connections[0].transport.value().count(b"GET /api") == 2
+
+
+def test_a_locked_user_gets_a_403_from_the_agent_and_a_lock_ends_the_channel():
+    from twisted.internet.testing import StringTransport
+
+    from edgeaccess.controlplane.sessions import LiveSessions
+
+    pki = issue_identities([], cluster="leaf")
+    config = AgentConfig(server="https://api:6443", host="api", port=6443, tls=True, token="t")
+    locked = set()
+    sessions = LiveSessions("leaf")
+
+    def lock_check(user):
+        if user.username in locked:
+            raise errors.AccessDenied(f"user {user.username} is locked: drill")
+
+    agent = _TestAgent(name="k", labels={}, config=config, reactor=Clock(), decide=decide(),
+                       ca_certs=lambda: [pki["ca"]], cluster_name="leaf",
+                       lock_check=lock_check, sessions=lambda: sessions)
+    agent.api_connections = []
+    identity = json.dumps({"user": "rob", "cluster": "root", "roles": ["root-view"]}).encode()
+    request = b"GET /api HTTP/1.1\r\nHost: p\r\nEdge-Identity: " + identity + b"\r\n\r\n"
+    channel = agent.channel_factory().buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(request)
+    assert len(sessions) == 1
+    locked.add("rob")
+    other = agent.channel_factory().buildProtocol(None)
+    other_side = StringTransport()
+    other.makeConnection(other_side)
+    other.dataReceived(request)
+    assert other_side.value().startswith(b"HTTP/1.1 403") and b"locked: drill" in \
+        other_side.value()
+    lock = {"id": "l1", "target": {"user": "rob"}, "cluster": "root", "message": "drill",
+            "expires": None}
+    assert sessions.enforce([lock], 0.0) == 1
+    assert channel.transport.disconnecting
