@@ -365,13 +365,15 @@ class WebUI:
         checker = context.pop("checker")
         if name.endswith(".cast"):
             session_id = name[:-len(".cast")]
-            info, data = records.read_recording(self.auth, session, checker, session_id)
+            info, data = await records.read_recording(self.auth, session, checker,
+                                                      session_id)
             r.security_headers(request)
             request.setHeader(b"content-type", b"application/x-asciicast")
             request.setHeader(b"content-disposition",
                               f'attachment; filename="{session_id}.cast"'.encode())
             return data
-        info, _ = records.read_recording(self.auth, session, checker, name, data=False)
+        info, _ = await records.read_recording(self.auth, session, checker, name,
+                                               data=False)
         return r.render(request, "player.html", csp=r.PLAYER_CSP, title="Recording",
                         session_id=name, info=info, **context)
 

@@ -35,7 +35,7 @@ async def list_recordings(auth, user: str | None) -> list[dict]:
             continue
         try:
             check_session_id(session_id)
-            available = store is not None and bool(store.info(session_id))
+            available = store is not None and bool(await store.info(session_id))
         except errors.EdgeError:
             available = False
         if event.get("kind") == "exec" and not available:
@@ -46,14 +46,16 @@ async def list_recordings(auth, user: str | None) -> list[dict]:
     return found
 
 
-def read_recording(auth, session, checker, session_id: str, *, data: bool = True):
-    """``(info, cast bytes or None)`` of a recording the session may read."""
+async def read_recording(auth, session, checker, session_id: str, *, data: bool = True):
+    """``(info, cast bytes or None)`` of a recording the session may read
+    (the store answers through Deferreds: its files are read off the reactor
+    thread)."""
     check_session_id(session_id)
     store = _audit(auth).recordings
     if store is None:
         raise errors.NotFound("recordings are not kept on this proxy")
     try:
-        info = store.info(session_id)
+        info = await store.info(session_id)
     except errors.NotFound:
         info = None
     own = info is not None and info.get("user") == session.user and info.get(
@@ -63,7 +65,7 @@ def read_recording(auth, session, checker, session_id: str, *, data: bool = True
                                   f"session {session_id}")
     if info is None:
         raise errors.NotFound(f"no recording of session {session_id}")
-    return info, (store.read(session_id) if data else None)
+    return info, (await store.read(session_id) if data else None)
 
 
 def _filters(request) -> dict:
