@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := openssh-client openssh-server slapd ldap-utils stunnel4 \
 		chromium nginx postgresql wrk libnss3-tools curl
 
-.PHONY: install system-deps run test test-floor bench clean
+.PHONY: install system-deps run test test-floor bench clean web-assets
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +56,12 @@ bench: install system-deps
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) run build *.egg-info
+
+# Refresh the vendored browser libraries of the web UI from npm (package-lock.json pins them).
+web-assets:
+	cd webassets && npm ci --no-audit --no-fund
+	cp webassets/node_modules/@xterm/xterm/lib/xterm.js webassets/node_modules/@xterm/xterm/css/xterm.css \
+	   webassets/node_modules/@xterm/addon-fit/lib/addon-fit.js \
+	   webassets/node_modules/asciinema-player/dist/bundle/asciinema-player.min.js \
+	   webassets/node_modules/asciinema-player/dist/bundle/asciinema-player.css \
+	   edgeaccess/web/static/vendor/

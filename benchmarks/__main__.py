@@ -12,12 +12,16 @@ def main(argv: list[str]) -> int:
     scenarios["audit-spool"] = "benchmarks.audit_spool"  # docs/performance.md
     scenarios["cluster-client"] = "benchmarks.cluster_client"  # docs/performance.md
     scenarios["fuzz"] = "benchmarks.fuzz"  # docs/security.md "Fuzzing"
+    scenarios["kube"] = "benchmarks.kube"  # docs/performance.md "Kubernetes access"
+    scenarios["apps"] = "benchmarks.apps"  # docs/performance.md "Web applications"
     scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")
         "tunnel-throughput": "benchmarks.tunnel_throughput",
         "tunnel-latency": "benchmarks.tunnel_latency",
         "tunnel-idle": "benchmarks.tunnel_idle",
         "tunnel-storm": "benchmarks.tunnel_storm",
     })
+    scenarios["control-plane"] = "benchmarks.control_plane"  # docs/performance.md
+    scenarios["webui"] = "benchmarks.webui"  # docs/performance.md "Web UI"
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2

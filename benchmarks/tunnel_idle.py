@@ -59,7 +59,10 @@ def quiet_logs() -> None:
 class Fleet:
     """``count`` tunnel agents with node certificates issued from the proxy's CA."""
 
-    def __init__(self, reactor, proxy, count: int, concurrency: int = 100) -> None:
+    def __init__(self, reactor, proxy, count: int, concurrency: int = 100,
+                 on_control=None) -> None:
+        """:param on_control: ``(i) -> callable(bytes)``: agent ``i`` takes the
+        proxy's control pushes (``benchmarks control-plane``)."""
         from edgeaccess import tls
         from edgeaccess.httpclient import split_addr
         from edgeaccess.pki import keys, x509ca
@@ -67,6 +70,7 @@ class Fleet:
 
         self.reactor = reactor
         self.concurrency = concurrency
+        self.on_control = on_control
         ca_dir = proxy.data_dir / "ca"
         ca_key = keys.load_private_key((ca_dir / "tls_ca.key").read_bytes())
         ca_cert = x509ca.load_certificate_pem((ca_dir / "tls_ca.crt").read_bytes())
@@ -99,7 +103,8 @@ class Fleet:
             endpoint_factory=lambda: wrapClientTLS(
                 options, TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=30)),
             inventory=Inventory(name=f"n{i}", labels={"bench": "idle"}),
-            clock=self.reactor, rng=random.Random(i), accept_channel=refuse)
+            clock=self.reactor, rng=random.Random(i), accept_channel=refuse,
+            on_control=self.on_control(i) if self.on_control is not None else None)
 
     def connected(self) -> int:
         """How many agents have a tunnel whose Hello the proxy accepted."""

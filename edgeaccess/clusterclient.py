@@ -33,7 +33,7 @@ import json
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectingCancelledError, TimeoutError as TwistedTimeout
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure

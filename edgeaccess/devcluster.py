@@ -108,13 +108,13 @@ class ProxyProcess(_Process):
         if runtime.exists():
             runtime.unlink()
         listen = {name: f"127.0.0.1:{self.ports.get(name, 0)}"
-                  for name in ("web", "ssh", "auth", "tunnel")}
+                  for name in ("web", "ssh", "auth", "tunnel", "kube")}
         self._spawn(TWISTD + [
             "-n", "--pidfile=", "edgeproxy", "--data-dir", str(self.data_dir),
             "--cluster-name", self.cluster, "--public-addr", "127.0.0.1",
             "--web-listen", listen["web"], "--ssh-listen", listen["ssh"],
             "--auth-listen", listen["auth"], "--tunnel-listen", listen["tunnel"],
-            *self.extra_args])
+            "--kube-listen", listen["kube"], *self.extra_args])
         wait_for(runtime.exists, timeout, "proxy runtime.json", self.process)
         info = self.runtime()
         wait_for(lambda: self._presets_ready(), timeout, "preset roles", self.process)
@@ -211,16 +211,20 @@ class NodeProcess(_Process):
 
 
 def join_node(proxy: ProxyProcess, directory: Path, name: str, *, tunnel: bool = False,
-              labels: str = "", timeout: float = 30.0, **options) -> tuple[NodeProcess, dict]:
+              labels: str = "", timeout: float = 30.0, auth_server: str | None = None,
+              **options) -> tuple[NodeProcess, dict]:
     """Start a node that joins ``proxy`` with a token and the CA pin (through
     the proxy's web address in reverse-tunnel mode when ``tunnel``) and wait
     until ``edgectl nodes ls`` lists it (with address ``tunnel`` in that mode).
+
+    ``auth_server`` overrides the address joined (e.g. ``127.0.0.1:PORT`` when
+    the public address is a name only browsers and curl resolve).
 
     Returns the node and its listing. A node that does not join is stopped,
     and the error carries the end of its log.
     """
     node = NodeProcess(directory / name, directory / f"{name}.log", name=name,
-                       auth_server=proxy.addr("web" if tunnel else "auth"),
+                       auth_server=auth_server or proxy.addr("web" if tunnel else "auth"),
                        token=proxy.node_token(), ca_pin=proxy.pin(), labels=labels, **options)
     node.start()
     try:
@@ -236,6 +240,27 @@ def run_edge(home: Path, *args, input: str | None = None, timeout: float = 60.0)
     return subprocess.run([sys.executable, "-m", "edgeaccess.client.main", *args],
                           input=input, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "EDGE_HOME": str(home)})
+
+
+#: ``make run`` publishes its demo app at ``demo.edge.localhost`` (browsers and
+#: curl resolve ``*.localhost`` to loopback themselves).
+DEMO_APPS_DOMAIN = "edge.localhost"
+
+
+def start_demo_app(proxy: ProxyProcess, log_path: Path) -> tuple[subprocess.Popen, int]:
+    """``edgeaccess.apps.demo`` on an ephemeral port, verifying assertions
+    against ``proxy``'s JWKS; returns the process and its port."""
+    web = proxy.runtime()["listen"]["web"].replace("0.0.0.0", "127.0.0.1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeaccess.apps.demo", "--listen", "127.0.0.1:0",
+         "--jwks", f"https://{web}/.well-known/jwks.json",
+         "--jwks-ca", str(proxy.data_dir / "ca" / "tls_ca.crt")],
+        stdout=subprocess.PIPE, stderr=open(log_path, "ab"), start_new_session=True)
+    line = process.stdout.readline().decode()
+    if not line.startswith("PORT "):
+        stop_process(process)
+        raise ProcessFailed(f"the demo app did not start: {line!r}")
+    return process, int(line.split()[1])
 
 
 def _interrupt_once(signum, frame) -> None:
@@ -260,8 +285,9 @@ def main(argv=None) -> int:
     base = Path(args.dir).absolute()
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=args.cluster,
                          ports={"web": args.web_port, "ssh": args.ssh_port,
-                                "auth": args.auth_port, "tunnel": 3024})
-    node = tunnel_node = None
+                                "auth": args.auth_port, "tunnel": 3024, "kube": 3026},
+                         extra_args=["--apps-domain", DEMO_APPS_DOMAIN])
+    node = tunnel_node = demo_app = None
     try:
         proxy.start()
         login = os.environ.get("USER") or "root"
@@ -277,10 +303,14 @@ def main(argv=None) -> int:
                            ca_pin=proxy.pin(), labels="env=dev,kind=lan",
                            ssh_port=args.node_port)
         node.start()
+        # A small web app, published by the tunnelled node (edgeaccess.apps).
+        demo_app, demo_port = start_demo_app(proxy, base / "demo-app.log")
         tunnel_node = NodeProcess(base / "tunnel-node", base / "tunnel-node.log",
                                   name="tunnel-node", auth_server=proxy.addr("web"),
                                   token=proxy.node_token(), ca_pin=proxy.pin(),
-                                  labels="env=edge,kind=tunnel")
+                                  labels="env=edge,kind=tunnel",
+                                  extra_args=["--app", f"name=demo,uri=http://127.0.0.1:"
+                                                       f"{demo_port},labels=env:dev"])
         tunnel_node.start()
         node.wait_listed(proxy)
         tunnel_node.wait_listed(proxy)
@@ -289,6 +319,8 @@ def main(argv=None) -> int:
         print(f"""
 edgeaccess cluster {args.cluster!r} is running (logs in {base}/*.log).
 
+  web UI            https://{web}/   (user demo, password below; the browser warns about
+                    the certificate: the cluster's own CA, see docs/operations.md "Web UI")
   proxy web/login   https://{web}
   proxy SSH         {proxy.addr('ssh')}
   auth API          {proxy.addr('auth')}
@@ -303,6 +335,16 @@ Try it (user demo, password in {password_file}: {password}):
   ssh -F $EDGE_HOME/ssh_config {login}@lan-node.{args.cluster}
   ssh -F $EDGE_HOME/ssh_config {login}@tunnel-node.{args.cluster}
   edgectl --data-dir {proxy.data_dir} nodes ls
+
+Kubernetes (port {proxy.addr('kube').rpartition(':')[2]}): no real cluster runs here. The tests' API
+stand-in, a proxy, a kube agent and users in one go (prints a kubectl line):
+
+  PYTHONPATH=. {sys.executable} tests/kube_world.py {base / 'kube-world'}
+
+The demo web app on the tunnelled node (curl resolves *.localhost itself):
+
+  edge apps login demo
+  $(edge apps config demo --format curl)/api/whoami      # https://demo.{DEMO_APPS_DOMAIN}:{web.rpartition(':')[2]}
 
 Press Ctrl-C to stop the cluster.""", flush=True)
         while all(p.process.poll() is None for p in (proxy, node, tunnel_node)):
@@ -320,6 +362,7 @@ Press Ctrl-C to stop the cluster.""", flush=True)
         for child in (tunnel_node, node):
             if child is not None:
                 child.stop()
+        stop_process(demo_app)
         proxy.stop()
 
 

@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as _RouteMethodNotAllowed
 
-from edgeaccess import errors
+from edgeaccess import errors, internals
 from edgeaccess.tls import peer_identity
 
 _log = Logger()
@@ -251,7 +251,9 @@ class EdgeHTTPChannel(HTTPChannel):
         super().allContentReceived()
 
     def _refuse(self, error: errors.EdgeError) -> None:
-        """Answer ``error`` in the JSON shape and close the connection."""
+        """Answer ``error`` in the JSON shape and close the connection (once)."""
+        if self._refused:
+            return
         self._refused = True
         peer = getattr(self.transport.getPeer(), "host", "")
         _log.info("refused a request from {peer}: {status} {reason}", peer=peer,
@@ -265,7 +267,16 @@ class EdgeHTTPChannel(HTTPChannel):
         self.loseConnection()
 
 
-class _ErrorResource(Resource):
+def _answer_bad_request(channel: EdgeHTTPChannel) -> None:
+    channel._refuse(errors.BadRequest("malformed HTTP request"))
+
+
+# A malformed request line or header, or a broken chunk coding: Twisted's own
+# check, our JSON answer (a reach into Twisted: edgeaccess/internals.py).
+internals.answer_bad_requests(EdgeHTTPChannel, _answer_bad_request)
+
+
+class ErrorResource(Resource):
     """Renders one EdgeError in the JSON shape."""
 
     isLeaf = True
@@ -307,5 +318,5 @@ class EdgeSite(Site):
         except UnicodeDecodeError:
             _log.info("refused a request from {peer}: path or host is not UTF-8",
                       peer=remote_addr(request))
-            return _ErrorResource(errors.BadRequest("the path and host must be UTF-8"))
+            return ErrorResource(errors.BadRequest("the path and host must be UTF-8"))
         return super().getResourceFor(request)

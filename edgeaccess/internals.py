@@ -31,6 +31,10 @@ lives here too, behind thin call sites elsewhere:
   (``_cbFinishedAuth``, ``_ebCheckKey``) and SFTP (``_absPath``, ``_getAttrs``)
   code override or call where they are (they are that code's core). No stock
   path: :func:`self_check` raises :class:`InternalsMismatch`.
+- ``http-bad-request``: Twisted's answer to a malformed HTTP request
+  (:func:`answer_bad_requests`). Off: Twisted's bare 400 (no JSON error body).
+- ``conch-host-cert``: Conch's client ECDH reply handler and its key set-up
+  (:class:`HostCertificateClientMixin`). Off: web terminals are refused.
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take
@@ -788,9 +792,118 @@ def mallopt() -> Callable[[int, int], int] | None:
     return _libc.get("mallopt") if available("glibc-malloc") else None
 
 
+# -- http-bad-request: Twisted's bare 400 for a malformed request ---------------------------
+
+@_reach("http-bad-request", "a malformed HTTP request gets Twisted's bare 400 (no JSON body)")
+def _probe_http_bad_request() -> str | None:
+    from twisted.web.http import HTTPChannel
+
+    method = getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)
+    if method is None:
+        return "HTTPChannel has no _respondToBadRequestAndDisconnect"
+    if list(inspect.signature(method).parameters) != ["self"]:
+        return "HTTPChannel._respondToBadRequestAndDisconnect takes other arguments"
+    return None
+
+
+def answer_bad_requests(channel_class: type, answer: Callable[[Any], None]) -> None:
+    """Have ``channel_class`` (an ``HTTPChannel``) call ``answer(channel)`` where
+    Twisted answers a malformed request (request line, header, chunk coding)
+    with a bare ``400 Bad Request`` and closes; the stock answer while the
+    reach is off."""
+    from twisted.web.http import HTTPChannel
+
+    stock = getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)
+
+    def respond(channel: Any) -> None:
+        if available("http-bad-request") or stock is None:
+            answer(channel)
+        else:
+            stock(channel)
+
+    channel_class._respondToBadRequestAndDisconnect = respond
+
+
 __all__ = [
     "InternalsMismatch", "available", "reaches", "reset", "self_check", "switch_off",
     "shrink_tls_buffers", "install_fast_tls", "eager_tcp_writes", "send_if_idle",
     "tcp_send_now_possible", "init_amp", "conch_keys_replaceable", "conch_may_send",
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
+    "answer_bad_requests", "SSL",
 ]
+
+
+# -- conch-host-cert: a Conch client talking to a server with a host certificate ------------
+#
+# Conch's client verifies the key exchange signature with
+# ``keys.Key.fromString(host_key_blob)``, which rejects certificate blobs
+# (``ssh-ed25519-cert-v01@openssh.com``): a Conch client cannot talk to a
+# server that proves itself with a host certificate, i.e. to our nodes (the
+# web terminal, edgeaccess.web.sshclient). The only place to change that is
+# the client's ECDH reply handler, ``SSHClientTransport._ssh_KEX_ECDH_REPLY``,
+# and the private helpers it uses (Twisted 24.7 - 26.10).
+
+_ECDH_CLIENT_NEEDS = ("_ssh_KEX_ECDH_REPLY", "_generateECSharedSecret", "_encodeECPublicKey",
+                      "_keySetup")
+
+
+@_reach("conch-host-cert", "web terminals are refused (Conch's client cannot check a node's "
+        "host certificate)")
+def _probe_conch_host_cert() -> str | None:
+    from twisted.conch.ssh import _kex
+    from twisted.conch.ssh.transport import SSHClientTransport
+
+    missing = _missing(SSHClientTransport, _ECDH_CLIENT_NEEDS) + _missing(
+        _kex, ["getHashProcessor"])
+    if missing:
+        return f"Conch's client lacks {', '.join(missing)}"
+    source = inspect.getsource(SSHClientTransport._ssh_KEX_ECDH_REPLY)
+    for expected in ("self.ecPriv", "self._encodeECPublicKey(self.ecPub)", "_keySetup",
+                     "self.verifyHostKey(hostKey"):
+        if expected not in source:
+            return f"_ssh_KEX_ECDH_REPLY no longer uses {expected}"
+    return None
+
+
+class HostCertificateClientMixin:
+    """For a subclass of ``SSHClientTransport`` whose ``verifyHostKey(blob,
+    fingerprint)`` fires with the Conch ``Key`` that signs for ``blob``
+    (the public key inside a host certificate it has checked), or fails.
+
+    Only ECDH key exchanges (curve25519) come here: set
+    ``supportedKeyExchanges`` accordingly. Use it only when
+    ``available("conch-host-cert")``.
+    """
+
+    def _ssh_KEX_ECDH_REPLY(self, packet):  # noqa: N802  (Conch's name)
+        from twisted.conch.ssh import _kex
+        from twisted.conch.ssh.common import NS, getNS
+        from twisted.conch.ssh.transport import (
+            DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
+            DISCONNECT_KEY_EXCHANGE_FAILED,
+        )
+
+        host_blob, server_public, signature, _ = getNS(packet, 3)
+        d = self.verifyHostKey(host_blob, b"")
+
+        def verified(signing_key):
+            shared = self._generateECSharedSecret(self.ecPriv, server_public)
+            h = _kex.getHashProcessor(self.kexAlg)()
+            for part in (self.ourVersionString, self.otherVersionString,
+                         self.ourKexInitPayload, self.otherKexInitPayload, host_blob,
+                         self._encodeECPublicKey(self.ecPub), server_public):
+                h.update(NS(part))
+            h.update(shared)
+            exchange_hash = h.digest()
+            if not signing_key.verify(signature, exchange_hash):
+                self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"bad signature")
+                return
+            self._keySetup(shared, exchange_hash)
+
+        def refused(failure):
+            _log.info("host key refused: {reason}", reason=failure.getErrorMessage())
+            self.sendDisconnect(DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
+                                b"host certificate not trusted")
+
+        d.addCallbacks(verified, refused)
+        return d

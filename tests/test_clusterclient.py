@@ -6,7 +6,7 @@ dialled, and keeps one persistent connection for many calls."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
@@ -18,7 +18,6 @@ from twisted.web.server import Site
 
 from edgeaccess import clusterclient, errors, tls
 from edgeaccess.clusterclient import ClusterClient
-from edgeaccess.pki import x509ca
 from tests.pkitools import Identity, issue_identities, issue_legacy_certificate
 
 
@@ -180,6 +179,16 @@ def test_a_closed_line_stream_stops_the_loop_with_the_reason(served):
     assert not done
     stream.close()
     assert done[0].check(defer.CancelledError)
+
+
+def test_the_audit_uploader_built_on_the_client_is_an_audit_uploader(served):
+    from zope.interface.verify import verifyObject
+
+    from edgeaccess.audit.interfaces import IAuditUploader
+    from edgeaccess.audit.uploader import HTTPSAuditUploader
+
+    _app, _stub, _clock, client = served
+    assert verifyObject(IAuditUploader, HTTPSAuditUploader(lambda: client))
 
 
 # --- over real TLS ------------------------------------------------------------

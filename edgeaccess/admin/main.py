@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION")
     nodes.add_parser("ls", help="list nodes")
 
+    lock = sub.add_parser("lock", help="lock a user or a node out (prints the lock id)")
+    target = lock.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user", help="the user to lock")
+    target.add_argument("--node", help="the node to lock (name or id)")
+    lock.add_argument("--ttl", help="lifetime, e.g. 30m, 8h (default: until removed)")
+    lock.add_argument("--message", help="shown to the user when refused or cut off")
+    locks = sub.add_parser("locks", help="list or remove locks").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    locks.add_parser("ls", help="list the locks in force")
+    lrm = locks.add_parser("rm", help="remove a lock")
+    lrm.add_argument("lock_id", metavar="ID")
+
     from edgeaccess.audit.cli import add_edgectl_audit
 
     add_edgectl_audit(sub)
@@ -197,6 +209,32 @@ def _main(argv) -> int:
         else:
             client.request("DELETE", f"/v1/resources/{_quote(kind)}/{_quote(name)}")
         out.write(f"{kind} {name} has been deleted\n")
+        return 0
+    if args.command == "lock":
+        body = {"target": {"user": args.user} if args.user else {"node": args.node}}
+        if args.ttl:
+            body["ttl"] = args.ttl
+        if args.message:
+            body["message"] = args.message
+        lock = client.post("/v1/locks", body)
+        if as_json:
+            cli.print_json(lock)
+        else:
+            out.write(f"{lock['id']}\n")
+        return 0
+    if args.command == "locks":
+        if args.action == "rm":
+            client.request("DELETE", f"/v1/locks/{_quote(args.lock_id)}")
+            out.write(f"lock {args.lock_id} has been removed\n")
+            return 0
+        found = client.get("/v1/locks")
+        if as_json:
+            cli.print_json(found)
+        else:
+            cli.print_table(
+                ["ID", "Target", "Expires", "Message"],
+                [[l["id"], " ".join(f"{k}={v}" for k, v in l["target"].items()),
+                  l.get("expires") or "never", l["message"]] for l in found])
         return 0
     if args.command == "audit":
         from edgeaccess.audit.cli import run_edgectl_audit

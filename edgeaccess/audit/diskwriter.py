@@ -186,17 +186,17 @@ class DiskWriter:
             # (daemonize) after building the services, and a thread does not
             # survive a fork.
             self.start()
-        if self._stopping or self._thread is None:
-            failure = Failure(RuntimeError(f"the disk writer {self._name} is not running"))
-            if entry.deferred is not None:
-                entry.deferred.errback(failure)
-            else:
-                _log.failure("{what} dropped", failure, what=entry.what)
-            return
-        with self._wake:
-            self._queue.append(entry)
-            if len(self._queue) == 1:
-                self._wake.notify()
+        with self._wake:  # (the thread decides to end under this lock too)
+            if not self._stopping and self._thread is not None:
+                self._queue.append(entry)
+                if len(self._queue) == 1:
+                    self._wake.notify()
+                return
+        failure = Failure(RuntimeError(f"the disk writer {self._name} is not running"))
+        if entry.deferred is not None:
+            entry.deferred.errback(failure)
+        else:
+            _log.failure("{what} dropped", failure, what=entry.what)
 
     # --- the writer thread ---------------------------------------------------
 

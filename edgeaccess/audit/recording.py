@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from edgeaccess import errors
-from edgeaccess.audit.diskwriter import replace_file, write_all
+from edgeaccess.audit.diskwriter import MAX_BATCH, replace_file, write_all
 from edgeaccess.audit.events import rfc3339
 from edgeaccess.audit.interfaces import IRecordingStore
 
@@ -39,6 +39,10 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 _META_FIELDS = ("user", "login", "node", "node_id", "cluster", "started")
 #: Largest recording kept (a chunk that would grow it past this is refused).
 MAX_RECORDING_BYTES = 1024 * 1024 * 1024
+#: Recording metas the store keeps in memory (the most recently used). More
+#: than one batch of the disk writer holds: a meta renamed into place at the
+#: end of a batch is never read back from disk by a later job of that batch.
+_CACHED_METAS = 2 * MAX_BATCH
 
 
 def check_session_id(session_id: str) -> str:
@@ -162,8 +166,14 @@ class FileRecordingStore:
             meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
             return None
-        self._metas[session_id] = meta
+        self._remember(session_id, meta)
         return meta
+
+    def _remember(self, session_id: str, meta: dict) -> None:
+        self._metas.pop(session_id, None)
+        self._metas[session_id] = meta
+        while len(self._metas) > _CACHED_METAS:  # the oldest is read again if needed
+            self._metas.pop(next(iter(self._metas)))
 
     def _cast(self, session_id: str, length: int):
         """The append handle of the cast, cut back to ``length`` if longer."""
@@ -211,7 +221,7 @@ class FileRecordingStore:
         replace_file(commit, meta_path, json.dumps(meta, sort_keys=True).encode())
         # What later jobs see at once (the answer waits for durability); a
         # failed commit drops it again (see _forget).
-        self._metas[session_id] = meta
+        self._remember(session_id, meta)
 
     def _forget(self, session_id: str) -> None:
         """After a failed write: drop what is cached and read the disk again."""

@@ -31,7 +31,8 @@ only: after a restart the shipper asks the auth service (it answers with
 its stored length).
 
 **Policy when full.** The spool is bounded by ``max_bytes`` (events plus
-recordings). Events are never dropped: an event is written even when the
+recordings not yet acknowledged; on disk, events.jsonl may also hold as many
+acknowledged bytes again, at least 256 KiB, before it is compacted). Events are never dropped: an event is written even when the
 spool is over its bound. Instead, while the spool is over ``max_bytes``
 the node refuses new SSH sessions (:meth:`Spool.accepting_sessions` is
 false and the node's authorizer says why), so nothing runs unaudited;

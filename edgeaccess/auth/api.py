@@ -59,7 +59,17 @@ async def node_roles(auth, request):
         # Root clusters this (leaf) cluster trusts: their users' CA and the
         # mapping of their roles to ours.
         "trusted_clusters": await trust.node_trust() if trust is not None else [],
+        "locks": await auth.list_locks(),
     })
+
+
+async def node_watch(auth, request):
+    """The LAN node's push stream (edgeaccess.controlplane.stream)."""
+    identity = calling_node(auth, request)
+    streams = getattr(auth, "watch_streams", None)
+    if streams is None:
+        raise errors.NotFound("this auth service pushes no control stream")
+    return await streams.serve(request, identity.name)
 
 
 class AuthAPI:
@@ -205,7 +215,36 @@ class AuthAPI:
         await self.auth.delete_resource(kind, name)
         return json_response(request, {"deleted": f"{kind}/{name}"})
 
+    # --- locks -----------------------------------------------------------
+
+    @app.route("/v1/locks", methods=["GET"])
+    async def list_locks(self, request):
+        await self._require(request, "lock", "list")
+        return json_response(request, await self.auth.list_locks())
+
+    @app.route("/v1/locks", methods=["POST"])
+    async def create_lock(self, request):
+        who = await self._require(request, "lock", "create")
+        data = read_json(request)
+        ttl = field(data, "ttl", required=False)
+        lock = await self.auth.create_lock(
+            field(data, "target", dict),
+            ttl=httpapi.parse_duration(ttl) if ttl else None,
+            message=field(data, "message", required=False),
+            created_by=f"{who.kind}:{who.name}")
+        return json_response(request, lock, 201)
+
+    @app.route("/v1/locks/<lock_id>", methods=["DELETE"])
+    async def delete_lock(self, request, lock_id):
+        who = await self._require(request, "lock", "delete")
+        await self.auth.delete_lock(lock_id, deleted_by=f"{who.kind}:{who.name}")
+        return json_response(request, {"deleted": lock_id})
+
     # --- nodes -----------------------------------------------------------
+
+    @app.route("/v1/watch", methods=["GET"])
+    async def watch(self, request):
+        return await node_watch(self.auth, request)
 
     @app.route("/v1/nodes", methods=["GET"])
     async def list_nodes(self, request):

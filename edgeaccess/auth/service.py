@@ -39,6 +39,7 @@ from edgeaccess.auth.common import (
     _validate_name,
     parse_iso,
 )
+from edgeaccess.auth.locks import LockAdmin
 from edgeaccess.auth.users import (  # noqa: F401  (re-exported)
     DEFAULT_USER_TTL,
     MIN_USER_TTL,
@@ -58,7 +59,7 @@ NODE_TTL = timedelta(minutes=5)
 
 
 
-class AuthServer(UserAccounts):
+class AuthServer(UserAccounts, LockAdmin):
     """Users, roles, tokens, nodes and certificate signing for one cluster.
 
     :param authority: the cluster's CAs.
@@ -89,6 +90,11 @@ class AuthServer(UserAccounts):
         #: after_change(name) coroutines (trusted clusters use it).
         self.resource_hooks: dict[str, object] = {}
         self.audit = audit
+        #: The control-plane cache (edgeaccess.controlplane.cache), when the
+        #: proxy runs one: reads of roles, locks and nodes come from it.
+        self.cache = None
+        #: The LAN nodes' push streams (edgeaccess.controlplane.stream).
+        self.watch_streams = None
 
     # --- helpers -----------------------------------------------------------
 
@@ -97,6 +103,21 @@ class AuthServer(UserAccounts):
 
     def _in_thread(self, f, *args):
         return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    async def _range(self, prefix: str) -> list:
+        """Items under ``prefix``: from the cache when it holds them."""
+        if self.cache is not None and self.cache.covers(prefix):
+            return self.cache.get_range(prefix)
+        return await self.backend.get_range(prefix)
+
+    async def _get(self, key: str):
+        """The item at ``key`` (NotFound): from the cache when it holds it."""
+        if self.cache is not None and self.cache.covers(key):
+            item = self.cache.get(key)
+            if item is None:
+                raise errors.NotFound("item not found")
+            return item
+        return await self.backend.get(key)
 
     def _emit(self, event: str, **fields) -> None:
         if self.audit is not None:
@@ -190,7 +211,7 @@ class AuthServer(UserAccounts):
         found = []
         for name in names:
             try:
-                item = await self.backend.get(f"/resources/role/{name}")
+                item = await self._get(f"/resources/role/{name}")
             except errors.NotFound:
                 _log.warn("role {role} does not exist; ignored", role=name)
                 continue
@@ -198,7 +219,7 @@ class AuthServer(UserAccounts):
         return found
 
     async def all_roles(self) -> list[dict]:
-        return [_loads(i) for i in await self.backend.get_range("/resources/role/")]
+        return [_loads(i) for i in await self._range("/resources/role/")]
 
     # --- join tokens -------------------------------------------------------
 
@@ -352,7 +373,7 @@ class AuthServer(UserAccounts):
                 "last_heartbeat": now}
 
     async def list_nodes(self) -> list[dict]:
-        stored = {n["uuid"]: n for n in map(_loads, await self.backend.get_range("/nodes/"))}
+        stored = {n["uuid"]: n for n in map(_loads, await self._range("/nodes/"))}
         if self.live_nodes is not None:
             now = _iso(self.now())
             for record in self.live_nodes.records():

@@ -108,6 +108,21 @@ class UserAccounts:
         _log.info("password set for user {user}", user=name)
         self._emit("user.password_change", user=name)
 
+    async def reset_user(self, name: str) -> str:
+        """Forget a user's password (ending their web sessions) and return a
+        new one-time signup token to set another."""
+        user = await self.get_user(name)
+        user["password_hash"] = None
+        user["login_state"] = passwords.LoginState().to_dict()
+        await self.backend.put(f"/users/{name}", _dumps(user))
+        token = secrets.token_hex(16)
+        await self.backend.create(
+            f"/signup/{token}", _dumps({"user": name}), expires=self.now() + SIGNUP_TTL
+        )
+        _log.info("password of user {user} reset", user=name)
+        self._emit("user.reset", user=name)
+        return token
+
     async def complete_signup(self, token: str, password: str) -> str:
         """Set the password of the user a signup token was made for."""
         name = (await record_for_token(self.backend, "/signup/", token, _bad_signup()))["user"]
@@ -199,6 +214,7 @@ class UserAccounts:
             # The directory matched "ALICE" or " alice" to alice: certificates,
             # locks and audit must all name her "alice".
             username = canonical_login_name(username, traits)
+        await self._refuse_locked_login(username, method, remote_addr)
         role_objects = await self.get_roles(role_names)
         checker = rbac.AccessChecker(role_objects, traits)
         logins = checker.allowed_logins()
@@ -239,6 +255,21 @@ class UserAccounts:
             logins=tuple(logins),
             valid_before=now + ttl,
         )
+
+    async def _refuse_locked_login(self, username: str, method: str, remote_addr: str) -> None:
+        """A locked user gets no certificate (the lock's message says why)."""
+        from edgeaccess.identity import locks
+
+        lock = locks.matching_lock(await self.list_locks(), self.clock.seconds(),
+                                   user=username, user_cluster=self.cluster_name,
+                                   local_cluster=self.cluster_name)
+        if lock is not None:
+            refusal = locks.refusal(lock)
+            _log.warn("login refused for {user} from {addr}: lock {id}", user=username,
+                      addr=remote_addr, id=lock["id"])
+            self._emit("user.login", user=username, success=False, method=method,
+                       remote_addr=remote_addr, lock_id=lock["id"], error=str(refusal))
+            raise refusal
 
     async def _authenticate_connector(self, name, username, password, remote_addr):
         """Authenticate ``username`` through the stored connector ``name``.

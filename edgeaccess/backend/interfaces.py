@@ -29,7 +29,8 @@ class Item:
         The item is invisible from that instant on (``expires <= now``).
     :ivar revision: increases on every write to this key. Drivers draw it
         from one backend-wide counter, so it also orders writes to different
-        keys, and a key deleted and created again never reuses a revision.
+        keys, and a key deleted and created again never reuses a revision
+        (a delete draws a revision too: watch events carry it).
     """
 
     key: str
@@ -75,5 +76,16 @@ class IBackend(Interface):
     def delete_range(prefix: str):  # -> Deferred[int]
         """Delete every item under ``prefix``; fires with how many were deleted."""
 
+    def watch(prefixes, backlog=4096):  # -> edgeaccess.backend.watch.Watcher
+        """A change feed of the keys under ``prefixes`` (a list; ``""`` is all).
+
+        Returns a :class:`~edgeaccess.backend.watch.Watcher` at once: its first
+        event is ``init``, then one ``put``/``delete`` per committed write, in
+        commit order, each with the write's revision. On a gap (more than
+        ``backlog`` events unread, the backend closing, a lost connection) it
+        closes and the consumer re-reads and watches again. Expiry is not an
+        event (consumers honour ``Item.expires``).
+        """
+
     def close():  # -> Deferred[None]
-        """Release connections and threads."""
+        """Release connections and threads; open watchers close."""

@@ -26,6 +26,7 @@ from edgeaccess.backend import (
     prefix_upper_bound,
 )
 from edgeaccess.backend.interfaces import CompareFailed, IBackend, Item
+from edgeaccess.backend.watch import DEFAULT_BACKLOG, WatchFanout, Watcher
 from edgeaccess.errors import AlreadyExists, EdgeError, NotFound
 
 _log = Logger()
@@ -50,6 +51,7 @@ class MemoryBackend:
         self._sorted_keys: list[str] = []
         self._revision = 0
         self._closed = False
+        self._fanout = WatchFanout()
 
     # -- helpers ---------------------------------------------------------
 
@@ -74,7 +76,13 @@ class MemoryBackend:
         if key not in self._items:
             bisect.insort(self._sorted_keys, key)
         self._items[key] = _Stored(item, expires_epoch)
+        self._fanout.put(item)
         return item
+
+    def _delete_live(self, key: str) -> None:
+        self._remove(key)
+        self._revision += 1
+        self._fanout.delete(key, self._revision)
 
     def _keys_under(self, prefix: str) -> list[str]:
         start = bisect.bisect_left(self._sorted_keys, prefix)
@@ -156,7 +164,7 @@ class MemoryBackend:
             self._check_open()
             if self._live(check_key(key)) is None:
                 raise NotFound("item not found")
-            self._remove(key)
+            self._delete_live(key)
         except Exception as error:
             return fail(error)
         return succeed(None)
@@ -184,16 +192,22 @@ class MemoryBackend:
             deleted = 0
             for key in self._keys_under(check_prefix(prefix)):
                 if self._live(key) is not None:
-                    self._remove(key)
+                    self._delete_live(key)
                     deleted += 1
         except Exception as error:
             return fail(error)
         _log.debug("deleted {count} items under {prefix}", count=deleted, prefix=prefix)
         return succeed(deleted)
 
+    def watch(self, prefixes, backlog: int = DEFAULT_BACKLOG) -> Watcher:
+        """See :meth:`IBackend.watch`."""
+        self._check_open()
+        return self._fanout.watch(prefixes, backlog)
+
     def close(self) -> Deferred[None]:
-        """Forget everything; later calls fail."""
+        """Forget everything; later calls fail; watchers close."""
         self._closed = True
+        self._fanout.close_all("the storage backend closed")
         self._items.clear()
         self._sorted_keys.clear()
         return succeed(None)

@@ -46,6 +46,7 @@ from edgeaccess.backend import (
     prefix_upper_bound,
 )
 from edgeaccess.backend.interfaces import CompareFailed, IBackend, Item
+from edgeaccess.backend.watch import DEFAULT_BACKLOG, WatchFanout, Watcher
 from edgeaccess.errors import AlreadyExists, EdgeError, NotFound
 
 _log = Logger()
@@ -221,6 +222,7 @@ class SQLiteBackend:
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
         self._close_result: Deferred[None] | None = None
+        self._fanout = WatchFanout()
         # Touched only on the database thread:
         self._connection: sqlite3.Connection | None = None
         self._open_error: BaseException | None = None
@@ -305,7 +307,32 @@ class SQLiteBackend:
             self._last_purge = now
         return self._interact(_in_transaction, function, now, purge, args)
 
+    def _published(self, written: Deferred[Any]) -> Deferred[Any]:
+        """Tell watchers of a committed write before its caller hears of it.
+
+        Results come back from the one database thread in commit order
+        (``callFromThread`` is FIFO), so watchers see commit order too.
+        """
+
+        def publish(result: Any) -> Any:
+            if isinstance(result, Item):
+                self._fanout.put(result)
+            elif isinstance(result, _Deleted):
+                for key, revision in result.keys:
+                    self._fanout.delete(key, revision)
+                return result.count
+            return result
+
+        return written.addCallback(publish)
+
     # -- IBackend --------------------------------------------------------
+
+    def watch(self, prefixes, backlog: int = DEFAULT_BACKLOG) -> Watcher:
+        """See :meth:`IBackend.watch`: fed by this process's own writes
+        (the one process that writes the file)."""
+        if self._close_result is not None:
+            raise EdgeError("the storage backend is closed")
+        return self._fanout.watch(prefixes, backlog)
 
     def get(self, key: str) -> Deferred[Item]:
         """See :meth:`IBackend.get`."""
@@ -321,7 +348,7 @@ class SQLiteBackend:
             row = (check_key(key), check_value(value), expires_to_epoch(expires))
         except Exception as error:
             return fail(error)
-        return self._write(_store, *row)
+        return self._published(self._write(_store, *row))
 
     def create(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
         """See :meth:`IBackend.create`."""
@@ -329,7 +356,7 @@ class SQLiteBackend:
             row = (check_key(key), check_value(value), expires_to_epoch(expires))
         except Exception as error:
             return fail(error)
-        return self._write(_create, *row)
+        return self._published(self._write(_create, *row))
 
     def update(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
         """See :meth:`IBackend.update`."""
@@ -337,7 +364,7 @@ class SQLiteBackend:
             row = (check_key(key), check_value(value), expires_to_epoch(expires))
         except Exception as error:
             return fail(error)
-        return self._write(_update, *row)
+        return self._published(self._write(_update, *row))
 
     def compare_and_swap(
         self, key: str, expected: bytes, value: bytes, expires: datetime | None = None
@@ -348,7 +375,7 @@ class SQLiteBackend:
             expected = check_value(expected)
         except Exception as error:
             return fail(error)
-        return self._write(_compare_and_swap, *row, expected)
+        return self._published(self._write(_compare_and_swap, *row, expected))
 
     def delete(self, key: str) -> Deferred[None]:
         """See :meth:`IBackend.delete`."""
@@ -356,7 +383,7 @@ class SQLiteBackend:
             check_key(key)
         except Exception as error:
             return fail(error)
-        return self._write(_delete, key)
+        return self._published(self._write(_delete, key)).addCallback(lambda _: None)
 
     def get_range(self, prefix: str, limit: int | None = None) -> Deferred[list[Item]]:
         """See :meth:`IBackend.get_range`."""
@@ -373,7 +400,7 @@ class SQLiteBackend:
             check_prefix(prefix)
         except Exception as error:
             return fail(error)
-        return self._write(_delete_range, prefix)
+        return self._published(self._write(_delete_range, prefix))
 
     def close(self) -> Deferred[None]:
         """Close the file and stop the thread once queued calls are done.
@@ -381,6 +408,7 @@ class SQLiteBackend:
         Calls made after ``close`` fail; closing twice is harmless.
         """
         if self._close_result is None:
+            self._fanout.close_all("the storage backend closed")
             self._close_result = self._begin_close()
         waiter: Deferred[None] = Deferred()
 
@@ -421,6 +449,21 @@ class SQLiteBackend:
 # -- the statements, run on the database thread ----------------------------
 
 
+@attrs.frozen
+class _Deleted:
+    """What a delete committed: ``(key, revision)`` of each deleted live key."""
+
+    count: int
+    keys: tuple[tuple[str, int], ...]
+
+
+def _next_revision(connection: sqlite3.Connection) -> int:
+    (revision,) = connection.execute(
+        "UPDATE revision_counter SET value = value + 1 WHERE id = 1 RETURNING value"
+    ).fetchone()
+    return int(revision)
+
+
 def _row_to_item(key: str, value: bytes, expires: float | None, revision: int) -> Item:
     return Item(key, bytes(value), epoch_to_expires(expires), revision)
 
@@ -453,9 +496,7 @@ def _live_value(connection: sqlite3.Connection, key: str, now: float) -> bytes |
 def _store(
     connection: sqlite3.Connection, now: float, key: str, value: bytes, expires: float | None
 ) -> Item:
-    (revision,) = connection.execute(
-        "UPDATE revision_counter SET value = value + 1 WHERE id = 1 RETURNING value"
-    ).fetchone()
+    revision = _next_revision(connection)
     connection.execute(
         "INSERT INTO items (key, value, expires, revision) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (key) DO UPDATE SET"
@@ -506,10 +547,11 @@ def _compare_and_swap(
     return _store(connection, now, key, value, expires)
 
 
-def _delete(connection: sqlite3.Connection, now: float, key: str) -> None:
+def _delete(connection: sqlite3.Connection, now: float, key: str) -> _Deleted:
     row = connection.execute("DELETE FROM items WHERE key = ? RETURNING expires", (key,)).fetchone()
     if row is None or not is_live(row[0], now):
         raise NotFound("item not found")  # rolls back: an expired row stays for the purge
+    return _Deleted(1, ((key, _next_revision(connection)),))
 
 
 def _range_condition(prefix: str) -> tuple[str, tuple[str, ...]]:
@@ -531,10 +573,14 @@ def _get_range(
     return [_row_to_item(*row) for row in rows]
 
 
-def _delete_range(connection: sqlite3.Connection, now: float, prefix: str) -> int:
+def _delete_range(connection: sqlite3.Connection, now: float, prefix: str) -> _Deleted:
     condition, parameters = _range_condition(prefix)
-    (live,) = connection.execute(
-        f"SELECT count(*) FROM items WHERE {condition} AND {_LIVE}", (*parameters, now)
-    ).fetchone()
+    live = [
+        key
+        for (key,) in connection.execute(
+            f"SELECT key FROM items WHERE {condition} AND {_LIVE} ORDER BY key",
+            (*parameters, now),
+        )
+    ]
     connection.execute(f"DELETE FROM items WHERE {condition}", parameters)
-    return int(live)
+    return _Deleted(len(live), tuple((key, _next_revision(connection)) for key in live))

@@ -57,8 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     scp.add_argument("-r", action="store_true", help="copy directories")
     scp.add_argument("paths", nargs="+")
     from edgeaccess.audit.cli import add_edge_play
+    from edgeaccess.kube.cli import add_edge_kube
 
     add_edge_play(sub)
+    add_edge_kube(sub)
+    from edgeaccess.apps.cli import add_edge_apps
+
+    add_edge_apps(sub)
     return p
 
 
@@ -83,6 +88,13 @@ def _main(argv) -> int:
     if args.command == "login":
         return _login(args, home)
     if args.command == "logout":
+        from edgeaccess.kube.cli import remove_kube_logins
+
+        for name in remove_kube_logins(home):
+            sys.stdout.write(f"Removed kubeconfig context {name}.\n")
+        import shutil
+
+        shutil.rmtree(home / "apps", ignore_errors=True)  # app certificates (edge apps)
         if profiles.remove(home):
             sys.stdout.write(f"Logged out (removed the keys and certificates in {home}).\n")
         else:
@@ -134,7 +146,17 @@ def _main(argv) -> int:
             cli.print_table(["Cluster", "Kind", "Status"],
                             [[c["name"], c["kind"], c["status"]] for c in clusters])
         return 0
+    if args.command == "kube":
+        from edgeaccess.kube.cli import run_edge_kube
+
+        if args.kube_command != "credentials":
+            _check_valid(profile)
+        return run_edge_kube(args, home, profile, _client(home, profile))
     _check_valid(profile)
+    if args.command == "apps":
+        from edgeaccess.apps.cli import run_edge_apps
+
+        return run_edge_apps(args, home, profile, _client(home, profile))
     if args.command == "play":
         from edgeaccess.audit.cli import run_edge_play
 

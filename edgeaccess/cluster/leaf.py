@@ -146,7 +146,7 @@ class LeafTrust:
             return None
 
     async def states(self) -> list[dict]:
-        return [json.loads(i.value) for i in await self.auth.backend.get_range(STATE_PREFIX)]
+        return [json.loads(i.value) for i in await self.auth._range(STATE_PREFIX)]
 
     async def node_trust(self) -> list[dict]:
         """What leaf nodes need: each enabled root's user CA and role map."""
@@ -158,8 +158,21 @@ class LeafLinks(service.MultiService):
     """One reverse tunnel to each enabled root cluster."""
 
     def __init__(self, trust: LeafTrust, local_router, reactor, rng=None,
-                 heartbeat_interval: float = 30.0) -> None:
+                 heartbeat_interval: float = 30.0, control=None, kube=None,
+                 apps=None) -> None:
+        """
+        :param control: the proxy's control plane (``root_control(root,
+            data)``, ``root_gone(root)``): what each root pushes down our
+            tunnel is relayed to our nodes.
+        :param kube: this proxy's :class:`~edgeaccess.kube.proxy.KubeProxy`
+            (serves ``kube:NAME`` channels from a root), or None.
+        :param apps: the :class:`~edgeaccess.apps.sessions.AppGateway` (apps
+            of this leaf), or None.
+        """
         super().__init__()
+        self.control = control
+        self.kube = kube
+        self.apps = apps
         self.trust = trust
         trust.links = self
         self.router = local_router
@@ -188,6 +201,8 @@ class LeafLinks(service.MultiService):
         for name, (fingerprint, agent) in list(self.agents.items()):
             if name not in states or _fingerprint(states[name]) != fingerprint:
                 del self.agents[name]
+                if self.control is not None:
+                    self.control.root_gone(name)
                 _log.info("closing the tunnel to root cluster {root}", root=name)
                 await defer.maybeDeferred(agent.disownServiceParent)
         for name, state in states.items():
@@ -219,7 +234,9 @@ class LeafLinks(service.MultiService):
             inventory=Inventory(name=self.trust.auth.cluster_name),
             clock=self.reactor, rng=self.rng,
             accept_channel=lambda kind, target: self._accept(root, kind, target),
-            heartbeat_interval=self.heartbeat_interval, max_channels=1024)
+            heartbeat_interval=self.heartbeat_interval, max_channels=1024,
+            on_control=(None if self.control is None
+                        else lambda data: self.control.root_control(root, data)))
         agent.setServiceParent(self)
         _log.info("dialing root cluster {root} at {addr}", root=root,
                   addr=state["tunnel_addr"])
@@ -234,8 +251,17 @@ class LeafLinks(service.MultiService):
         if kind != "cluster":
             raise errors.AccessDenied(f"{kind} channels are not served by a leaf proxy")
         if target == "web":
-            return EdgeSite(LeafInternalAPI(self.trust, root).app.resource())
+            return EdgeSite(LeafInternalAPI(self.trust, root, self.kube,
+                                            apps=self.apps).app.resource())
         what, _, name = target.partition(":")
+        if what == "kube" and name and self.kube is not None:
+            _log.info("serving Kubernetes cluster {name} to root cluster {root}",
+                      name=name, root=root)
+            return self.kube.forwarded_factory(root)
+        if what == "app" and name and self.apps is not None:
+            from edgeaccess.apps.service import relayed_app_factory
+
+            return relayed_app_factory(self.apps, self.trust, root, name)
         if what != "ssh" or not name:
             raise errors.NotFound(f"no such target {target!r}")
         cluster = self.trust.auth.cluster_name
@@ -264,15 +290,41 @@ class LeafInternalAPI:
 
     app = Klein()
 
-    def __init__(self, trust: LeafTrust, root: str) -> None:
+    def __init__(self, trust: LeafTrust, root: str, kube=None, apps=None) -> None:
         self.trust = trust
         self.root = root
+        self.kube = kube
+        self.apps = apps
 
     @app.handle_errors(Exception)
     def _errors(self, request, failure):
         from edgeaccess import httpapi
 
         return httpapi.error_response(request, failure)
+
+    async def _checker(self, request):
+        from edgeaccess.identity import rbac
+
+        raw = request.getHeader(b"x-edge-identity") or b"{}"
+        try:
+            identity = json.loads(raw)
+            remote_roles = [r for r in identity.get("roles", []) if isinstance(r, str)]
+            traits = identity.get("traits") or {}
+        except (ValueError, AttributeError):
+            raise errors.BadRequest("malformed forwarded identity")
+        state = await self.trust.state(self.root)
+        if state is None or not state.get("enabled"):
+            raise errors.AccessDenied(f"cluster {self.root} is not trusted")
+        local = map_roles(state["role_map"], remote_roles)
+        return rbac.AccessChecker(await self.trust.auth.get_roles(local), traits)
+
+    @app.route("/v1/apps", methods=["GET"])
+    async def apps_list(self, request):
+        """The apps of this leaf the root's user may reach (the leaf's roles, mapped)."""
+        from edgeaccess.httpapi import json_response
+
+        checker = await self._checker(request)
+        return json_response(request, self.apps.local_apps(checker) if self.apps else [])
 
     @app.route("/v1/nodes", methods=["GET"])
     async def nodes(self, request):
@@ -294,3 +346,27 @@ class LeafInternalAPI:
         checker = rbac.AccessChecker(await auth.get_roles(local), traits)
         nodes = [n for n in await auth.list_nodes() if checker.can_access_node(n["labels"])]
         return json_response(request, nodes)
+
+
+@LeafInternalAPI.app.route("/v1/kube/clusters", methods=["GET"])
+async def _leaf_kube_clusters(self, request):
+    """The leaf's Kubernetes clusters a root's user may reach (its mapped roles)."""
+    from edgeaccess.httpapi import json_response
+    from edgeaccess.kube.listing import allowed_kube_clusters
+    from edgeaccess.pki import x509ca
+
+    raw = request.getHeader(b"x-edge-identity") or b"{}"
+    try:
+        forwarded = json.loads(raw)
+        remote_roles = [r for r in forwarded.get("roles", []) if isinstance(r, str)]
+        traits = forwarded.get("traits") or {}
+        name = str(forwarded.get("name") or forwarded.get("user") or "")
+    except (ValueError, AttributeError):
+        raise errors.BadRequest("malformed forwarded identity")
+    state = await self.trust.state(self.root)
+    if state is None or not state.get("enabled"):
+        raise errors.AccessDenied(f"cluster {self.root} is not trusted")
+    local = map_roles(state["role_map"], remote_roles)
+    identity = x509ca.Identity(kind="user", name=name or "root-user", cluster=self.root,
+                               roles=tuple(local), traits=dict(traits))
+    return json_response(request, allowed_kube_clusters(self.kube, identity))

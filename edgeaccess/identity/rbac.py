@@ -91,6 +91,7 @@ def _expand_conditions(conditions: RoleConditions, traits: Traits) -> RoleCondit
         logins=_expand_all(conditions.logins, traits),
         node_labels=_expand_labels(conditions.node_labels, traits),
         kubernetes_groups=_expand_all(conditions.kubernetes_groups, traits),
+        kubernetes_users=_expand_all(conditions.kubernetes_users, traits),
         kubernetes_labels=_expand_labels(conditions.kubernetes_labels, traits),
         app_labels=_expand_labels(conditions.app_labels, traits),
         rules=conditions.rules,
@@ -217,17 +218,27 @@ class AccessChecker:
         :param kube_labels: if given, only roles that allow a cluster with these labels
             contribute their groups (and an empty list is returned if the cluster is denied).
         """
+        return self._kubernetes_values("kubernetes_groups", kube_labels)
+
+    def kubernetes_users(self, kube_labels: Mapping[str, str] | None = None) -> list[str]:
+        """Kubernetes users to impersonate: allowed by some role, denied by none.
+
+        :param kube_labels: as for :meth:`kubernetes_groups`.
+        """
+        return self._kubernetes_values("kubernetes_users", kube_labels)
+
+    def _kubernetes_values(self, field: str, kube_labels: Mapping[str, str] | None) -> list[str]:
         if kube_labels is not None and not self.can_access_kube(kube_labels):
             return []
-        denied = {group for _n, deny in self._deny for group in deny.kubernetes_groups}
-        groups: list[str] = []
+        denied = {value for _n, deny in self._deny for value in getattr(deny, field)}
+        values: list[str] = []
         for _name, allow in self._allow:
             if kube_labels is not None and not match_labels(allow.kubernetes_labels, kube_labels):
                 continue
-            for group in allow.kubernetes_groups:
-                if group not in denied and group not in groups:
-                    groups.append(group)
-        return groups
+            for value in getattr(allow, field):
+                if value not in denied and value not in values:
+                    values.append(value)
+        return values
 
     def can_access_app(self, labels: Mapping[str, str]) -> bool:
         """True if some role allows an app with ``labels`` and none denies it."""

@@ -185,6 +185,7 @@ class RoleConditions:
     logins: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     node_labels: dict[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_labels)
     kubernetes_groups: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    kubernetes_users: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     kubernetes_labels: dict[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_labels)
     app_labels: dict[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_labels)
     rules: tuple[Rule, ...] = attrs.field(default=(), converter=_rules)
@@ -224,7 +225,8 @@ class Role:
 
 _OPTION_FIELDS = ("max_session_ttl", "port_forwarding", "forward_agent", "record_session")
 _CONDITION_FIELDS = (
-    "logins", "node_labels", "kubernetes_groups", "kubernetes_labels", "app_labels", "rules",
+    "logins", "node_labels", "kubernetes_groups", "kubernetes_users", "kubernetes_labels",
+    "app_labels", "rules",
 )
 
 
@@ -342,6 +344,9 @@ def _parse_conditions(fields: _Fields, value: object, path: str) -> RoleConditio
         kubernetes_groups=fields.string_list(
             spec.get("kubernetes_groups"), f"{path}.kubernetes_groups"
         ),
+        kubernetes_users=fields.string_list(
+            spec.get("kubernetes_users"), f"{path}.kubernetes_users"
+        ),
         kubernetes_labels=fields.labels(spec.get("kubernetes_labels"), f"{path}.kubernetes_labels"),
         app_labels=fields.labels(spec.get("app_labels"), f"{path}.app_labels"),
         rules=fields.rules(spec.get("rules"), f"{path}.rules"),
@@ -408,6 +413,8 @@ def _conditions_to_dict(conditions: RoleConditions) -> dict[str, Any]:
         out["node_labels"] = _labels_to_dict(conditions.node_labels)
     if conditions.kubernetes_groups:
         out["kubernetes_groups"] = list(conditions.kubernetes_groups)
+    if conditions.kubernetes_users:
+        out["kubernetes_users"] = list(conditions.kubernetes_users)
     if conditions.kubernetes_labels:
         out["kubernetes_labels"] = _labels_to_dict(conditions.kubernetes_labels)
     if conditions.app_labels:

@@ -22,7 +22,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from edgeaccess import __version__, clusterclient, errors
+from edgeaccess.controlplane import state as cstate
+from edgeaccess.controlplane.sessions import LiveSessions
+from edgeaccess.controlplane.state import PersistedControlState
 from edgeaccess.httpclient import pin_of_pem
+from edgeaccess.identity import locks as lockdocs
 from edgeaccess.node.authorizer import RoleAuthorizer
 from edgeaccess.node.identity import NodeIdentity
 from edgeaccess.pki import keys
@@ -56,8 +60,18 @@ class NodeService(service.MultiService):
                  ca_pin: str | None, nodename: str, labels: dict, listen,
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
-                 connect_cluster=None) -> None:
+                 connect_cluster=None, kube=None, serve_ssh: bool = True,
+                 apps=()) -> None:
+        """
+        :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
+            publish (``--kube-cluster``), or None.
+        :param serve_ssh: False for a node that serves no SSH (``--no-ssh``).
+        :param apps: the web apps to publish (``--app``).
+        """
         super().__init__()
+        self.kube = kube
+        self.serve_ssh = serve_ssh
+        self.kube_agent = None
         if connect_cluster is None:
             connect_cluster = functools.partial(clusterclient.connect, reactor)
         self._connect_cluster = connect_cluster
@@ -78,8 +92,10 @@ class NodeService(service.MultiService):
         self.env_allow = tuple(env_allow)
         self.rng = rng or random.SystemRandom()
         self.identity: NodeIdentity | None = None
-        self.roles: dict[str, dict] = {}
-        self.trusted: list[dict] = []
+        self.control: PersistedControlState | None = None
+        #: Live SSH connections, ended by locks (the seam other session kinds use too).
+        self.sessions: LiveSessions | None = None
+        self.control_link = None
         self.factory = None
         self.port = None
         self._running = False
@@ -88,6 +104,20 @@ class NodeService(service.MultiService):
         self.agent = None
         self.tunnel_addrs: list[str] = []
         self._tunnel_attempts = 0
+        #: The web apps this node publishes (:class:`~edgeaccess.apps.agent.AppAgent`).
+        self.apps = None
+        if apps:
+            from edgeaccess.apps.agent import AppAgent
+
+            self.apps = AppAgent(list(apps), reactor)
+
+    @property
+    def roles(self) -> dict[str, dict]:
+        return self.control.roles if self.control is not None else {}
+
+    @property
+    def trusted(self) -> list[dict]:
+        return self.control.trusted if self.control is not None else []
 
     # --- lifecycle -------------------------------------------------------
 
@@ -144,7 +174,7 @@ class NodeService(service.MultiService):
             if self.identity.name != self.nodename:
                 _log.warn("--nodename {given} differs from the joined name {name}; "
                           "keeping {name}", given=self.nodename, name=self.identity.name)
-        self._load_role_cache()
+        self._load_control_state()
         await self._start_ssh()
         while self._running:
             try:
@@ -280,19 +310,54 @@ class NodeService(service.MultiService):
         self.audit.shipper.setServiceParent(self)
         authorizer = self.audit.guard(RoleAuthorizer(
             self.identity.cluster, lambda: self.roles, lambda: self.labels, self.reactor,
-            user_cas=lambda: self.identity.user_ca_lines,
+            user_cas=self._own_user_cas, lock_check=self._check_locks,
             trusted_clusters=lambda: self.trusted))
+        self.sessions = LiveSessions(self.identity.cluster)
+        self.control.subscribe(self._control_changed)
         self.factory = make_node_ssh_factory(
             self.identity.ssh_key, self.identity.host_certificate,
             self._trusted_user_cas, authorizer,
             self.identity.name, self.reactor, env_allow=self.env_allow,
-            observer=self.audit.observer, reactor=self.reactor)
+            observer=self.audit.observer, reactor=self.reactor,
+            sessions=self.sessions, node_ids=[self.identity.uuid])
+        if self.kube is not None:
+            await self._start_kube()
         if self.identity.mode == "tunnel":
             await self._start_tunnel()
+            return
+        if self.apps is not None:
+            _log.warn("web apps are served through a reverse tunnel only: join through the "
+                      "proxy's web address to publish {apps}", apps=", ".join(self.apps.apps))
+        self._start_control_stream()
+        if not self.serve_ssh:
+            _log.info("node {name} serves no SSH (--no-ssh)", name=self.identity.name)
             return
         self.port = await self._listen(self.factory)
         _log.info("node {name} SSH service listening on {addr}", name=self.identity.name,
                   addr=self.port.getHost())
+
+    # --- Kubernetes ----------------------------------------------------------
+
+    async def _start_kube(self) -> None:
+        from edgeaccess.kube.agent import KubeAgent, make_decider
+        from edgeaccess.pki import x509ca
+
+        name, labels, config = self.kube
+        if self.identity.mode != "tunnel":
+            raise errors.BadRequest(
+                "--kube-cluster needs the reverse tunnel: give --auth-server the proxy's "
+                "web address (HOST:3080)")
+        ca_certs = x509ca.load_certificates_pem(self.identity.ca_pem.encode())
+        self.kube_agent = KubeAgent(
+            name=name, labels=labels, config=config, reactor=self.reactor,
+            decide=make_decider(cluster_name=self.identity.cluster,
+                                role_documents=lambda: self.roles,
+                                trusted_clusters=lambda: self.trusted),
+            ca_certs=lambda: ca_certs, cluster_name=self.identity.cluster)
+        await self.kube_agent.start()
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.kube_agent.stop)
+        _log.info("node {node} publishes Kubernetes cluster {name} ({server})",
+                  node=self.identity.name, name=name, server=config.server)
 
     # --- reverse tunnel ----------------------------------------------------
 
@@ -370,10 +435,14 @@ class NodeService(service.MultiService):
         self.factory.doStart()
         self.agent = TunnelAgent(
             endpoint_factory=endpoint_factory,
-            inventory=Inventory(name=self.identity.name, labels=dict(self.labels)),
+            inventory=Inventory(
+                name=self.identity.name, labels=dict(self.labels),
+                kube_clusters=(self.kube[0],) if self.kube else (),
+                kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
+                apps=self.apps.inventory() if self.apps else ()),
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
-            max_channels=256)
+            on_control=self._control_pushed, max_channels=256)
         self._dials_since_up = 0
         watch()
         self.agent.setServiceParent(self)
@@ -400,7 +469,17 @@ class NodeService(service.MultiService):
             self.tunnel_addrs = [addr]
 
     def _accept_channel(self, kind: str, target: str):
-        """The node checks every channel the proxy opens: only its own SSH."""
+        """The node checks every channel the proxy opens: its own SSH, its
+        Kubernetes cluster, its apps."""
+        if kind == "kube" and self.kube_agent is not None:
+            if target != self.kube_agent.name:
+                raise errors.NotFound(f"node {self.identity.name} serves no Kubernetes "
+                                      f"cluster {target}")
+            return self.kube_agent.channel_factory()
+        if kind == "app" and self.apps is not None:
+            return self.apps.accept(target)
+        if kind == "ssh" and not self.serve_ssh:
+            raise errors.AccessDenied(f"node {self.identity.name} serves no SSH")
         if kind != "ssh":
             raise errors.AccessDenied(f"node {self.identity.name} serves no {kind} channels")
         if target not in (self.identity.uuid, self.identity.name):
@@ -423,26 +502,85 @@ class NodeService(service.MultiService):
                   "address": self._address(), "labels": self.labels,
                   "version": __version__}
         await client.post_json("/v1/nodes/heartbeat", record)
-        answer = await client.get_json("/v1/nodes/roles")
-        roles = {d["metadata"]["name"]: d for d in answer.get("roles", [])
-                 if isinstance(d, dict) and isinstance(d.get("metadata"), dict)}
-        if roles != self.roles:
-            self.roles = roles
-            keys.write_public(self.data_dir / "roles.json",
-                              json.dumps(roles, sort_keys=True).encode())
-            _log.info("role cache updated: {roles}", roles=sorted(roles))
-        trusted = [t for t in answer.get("trusted_clusters") or [] if isinstance(t, dict)]
-        if trusted != self.trusted:
-            self.trusted = trusted
-            keys.write_public(self.data_dir / "trusted_clusters.json",
-                              json.dumps(trusted, sort_keys=True).encode())
-            _log.info("trusted root clusters: {names}",
-                      names=sorted(t.get("name") for t in trusted) or "none")
-        user_cas = answer.get("ssh_user_ca") or []
-        if user_cas and user_cas != self.identity.user_ca_lines:
-            self.identity.user_ca_lines = list(user_cas)
-            self.identity.save(self.data_dir)
+        # Roles, CAs, trusted roots and locks are pushed (the tunnel or the
+        # /v1/watch stream, each new link starting with the whole state);
+        # the heartbeat is liveness only. The safety net: while no push link
+        # is up, the heartbeat re-reads them too.
+        if not self._control_link_up():
+            await self._resync(client)
         await self._renew_if_needed(client)
+
+    async def _resync(self, client) -> None:
+        answer = await client.get_json("/v1/nodes/roles")
+        if not self._control_link_up():
+            self._apply_control(cstate.init_message(resync_state(answer)), "re-read")
+
+    # --- the pushed control state -------------------------------------------
+
+    def _load_control_state(self) -> None:
+        self.control = PersistedControlState(self.data_dir, self.reactor)
+        # A node upgraded from role polling starts from what it had.
+        self.control.seed(_read_json(self.data_dir / "roles.json", {}),
+                          _read_json(self.data_dir / "trusted_clusters.json", []),
+                          self.identity.user_ca_lines)
+
+    def _control_link_up(self) -> bool:
+        if self.identity.mode == "tunnel":
+            tunnel = self.agent.tunnel if self.agent is not None else None
+            return tunnel is not None and self.control.synced
+        return self.control_link is not None and self.control_link.connected
+
+    def _control_pushed(self, data: bytes) -> None:
+        """A control message from the proxy, over the tunnel."""
+        try:
+            message = cstate.decode(data)
+        except errors.EdgeError as error:
+            _log.warn("ignoring a malformed control message: {error}", error=error)
+            return
+        self._apply_control(message, "tunnel")
+
+    def _apply_control(self, message: dict, source: str) -> None:
+        roots_before = sorted(t["name"] for t in self.trusted)
+        try:
+            changed = self.control.apply(message)
+        except errors.EdgeError as error:
+            _log.warn("ignoring a control message from the {source}: {error}",
+                      source=source, error=error)
+            return
+        if message.get("type") == "init":
+            _log.info("control state from the {source}: roles {roles}, {locks} locks, "
+                      "trusted roots {roots}", source=source, roles=sorted(self.roles),
+                      locks=len(self.control.locks),
+                      roots=sorted(t["name"] for t in self.trusted) or "none")
+        elif changed:
+            _log.info("control update from the {source}: {changes}", source=source,
+                      changes=", ".join(f"{k} {n}" for k, n in changed))
+        roots = sorted(t["name"] for t in self.trusted)
+        if roots != roots_before:
+            _log.info("trusted root clusters: {names}", names=roots or "none")
+
+    def _control_changed(self, state, changed) -> None:
+        """Locks come into force on live sessions at once."""
+        if any(kind in ("lock", "*") for kind, _ in changed):
+            self.sessions.enforce(self.control.locks, self.reactor.seconds())
+
+    def _check_locks(self, identity) -> None:
+        lock = lockdocs.matching_lock(
+            self.control.locks, self.reactor.seconds(), user=identity.username,
+            user_cluster=identity.cluster, local_cluster=self.identity.cluster,
+            node_names=(self.identity.name, self.identity.uuid))
+        if lock is not None:
+            raise lockdocs.refusal(lock)
+
+    def _start_control_stream(self) -> None:
+        """LAN mode: one long-lived GET /v1/watch to the auth API."""
+        from edgeaccess.controlplane.stream import ControlStreamClient
+
+        self.control_link = ControlStreamClient(
+            lambda on_line: self.cluster_client.stream_lines("/v1/watch", on_line),
+            lambda message: self._apply_control(message, "stream"),
+            self.reactor, rng=self.rng)
+        self.control_link.setServiceParent(self)
 
     async def _renew_if_needed(self, client) -> None:
         now = datetime.fromtimestamp(self.reactor.seconds(), timezone.utc)
@@ -468,23 +606,37 @@ class NodeService(service.MultiService):
             ssh_key, self.identity.host_certificate)
         _log.info("certificates renewed, valid until {until}", until=answer["valid_before"])
 
-    def _load_role_cache(self) -> None:
-        try:
-            self.roles = json.loads((self.data_dir / "roles.json").read_text())
-        except (FileNotFoundError, ValueError):
-            self.roles = {}
-        try:
-            self.trusted = json.loads((self.data_dir / "trusted_clusters.json").read_text())
-        except (FileNotFoundError, ValueError):
-            self.trusted = []
+    def _own_user_cas(self) -> list[str]:
+        """This cluster's user CAs: as pushed, else as joined."""
+        return list(self.control.user_cas or self.identity.user_ca_lines)
 
     def _trusted_user_cas(self) -> list[str]:
         """This cluster's user CAs and those of root clusters it trusts (the
         authorizer then checks each certificate's CA against its cluster)."""
-        found = list(self.identity.user_ca_lines)
+        found = self._own_user_cas()
         for trusted in self.trusted:
             found += [l for l in trusted.get("ssh_user_ca", []) if isinstance(l, str)]
         return found
+
+
+def resync_state(answer: dict) -> dict:
+    """The control state in a ``/v1/nodes/roles`` answer (the safety net)."""
+    roles = {d["metadata"]["name"]: d for d in answer.get("roles", [])
+             if isinstance(d, dict) and isinstance(d.get("metadata"), dict)
+             and isinstance(d["metadata"].get("name"), str)}
+    trusted = {t["name"]: t for t in answer.get("trusted_clusters") or []
+               if isinstance(t, dict) and isinstance(t.get("name"), str)}
+    locks = {l["id"]: l for l in answer.get("locks") or []
+             if isinstance(l, dict) and isinstance(l.get("id"), str)}
+    return {"roles": roles, "ssh_user_ca": list(answer.get("ssh_user_ca") or []),
+            "trusted_clusters": trusted, "locks": locks}
+
+
+def _read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return default
 
 
 def _exit_failed() -> None:

@@ -37,6 +37,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Runs the edgeaccess node agent: joins a cluster with a token once, then "
                 "serves SSH to the cluster's users with certificates only.")
+    optFlags = [
+        ["no-ssh", None, "serve no SSH (e.g. a node that only publishes Kubernetes)"],
+    ]
     optParameters = [
         ["data-dir", "d", None, "directory for the node's identity"],
         ["auth-server", None, None, "auth service HOST:3025 (or the proxy's HOST:3080)"],
@@ -50,8 +53,29 @@ class Options(usage.Options):
          "the auth service sees when listening on every interface)"],
         ["heartbeat-interval", None, "30", "seconds between heartbeats"],
         ["env-allow", None, "", "extra client environment variables to accept (comma list)"],
+        ["kube-cluster", None, None, "publish a Kubernetes API as this cluster name"],
+        ["kubeconfig", None, None, "kubeconfig with the agent's credential for --kube-cluster"],
+        ["kube-labels", None, "", "labels of the Kubernetes cluster, key=value,key=value"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["app"] = []
+
+    def opt_app(self, value: str) -> None:
+        """publish a web app: name=N,uri=URL[,labels=k:v;k:v][,rewrite_host=H][,ca=FILE]
+        (repeatable; served through the reverse tunnel)"""
+        from edgeaccess import errors
+        from edgeaccess.apps.spec import parse_app
+
+        try:
+            app = parse_app(value)
+        except errors.EdgeError as e:
+            raise usage.UsageError(str(e))
+        if any(a.name == app.name for a in self["app"]):
+            raise usage.UsageError(f"app {app.name} given twice")
+        self["app"].append(app)
 
     def postOptions(self) -> None:
         if self["config"]:
@@ -70,6 +94,16 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         self["labels"] = parse_labels(self["labels"]) if isinstance(self["labels"], str) \
             else {str(k): str(v) for k, v in (self["labels"] or {}).items()}
+        self["kube-labels"] = parse_labels(self["kube-labels"]) \
+            if isinstance(self["kube-labels"], str) \
+            else {str(k): str(v) for k, v in (self["kube-labels"] or {}).items()}
+        if bool(self["kube-cluster"]) != bool(self["kubeconfig"]):
+            raise usage.UsageError("--kube-cluster and --kubeconfig go together")
+        if self["kube-cluster"]:
+            try:
+                validate_resource_name(self["kube-cluster"], "kube cluster")
+            except errors.EdgeError as e:
+                raise usage.UsageError(str(e))
         try:
             self["heartbeat-interval"] = float(self["heartbeat-interval"])
         except ValueError:
@@ -96,9 +130,17 @@ def makeService(options, reactor=None):
     advertise = options["advertise-addr"] or f"{host}:{port}"
     endpoint = listen_endpoint(reactor, listen_addr, 3022)
     env_allow = [e.strip() for e in (options["env-allow"] or "").split(",") if e.strip()]
+    kube = None
+    if options["kube-cluster"]:
+        from edgeaccess.kube.kubeconfig import load_agent_config
+
+        kube = (options["kube-cluster"], options["kube-labels"],
+                load_agent_config(options["kubeconfig"]))
     return NodeService(
+        kube=kube, serve_ssh=not options["no-ssh"],
         data_dir=Path(options["data-dir"]).absolute(),
         auth_server=options["auth-server"], token=options["token"],
         ca_pin=options["ca-pin"], nodename=options["nodename"], labels=options["labels"],
         listen=endpoint.listen, advertise_addr=advertise, reactor=reactor,
-        heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow)
+        heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow,
+        apps=options.get("app") or [])

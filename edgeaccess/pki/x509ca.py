@@ -27,7 +27,9 @@ from edgeaccess.pki.keys import generate_private_key
 #: enterprise arc; 59999 is unassigned, used here as a private number).
 IDENTITY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59999.1.1")
 
-KINDS = ("user", "node", "proxy", "admin", "cluster")
+#: ``app``: a user's certificate for one app session (``uuid`` = the session id),
+#: accepted only on that app's host by the app proxy.
+KINDS = ("user", "node", "proxy", "admin", "cluster", "app")
 
 #: Kinds that serve TLS (the proxy's web port, auth API and tunnel port).
 #: Their certificates are server-only (EKU serverAuth), so a proxy's

@@ -23,12 +23,14 @@ from twisted.conch.ssh.connection import (
 )
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeaccess.errors import AccessDenied
 from edgeaccess.pki.sshca import UserIdentity
 from edgeaccess.proxy.interfaces import IRouter
 from edgeaccess.ssh.certauth import (
@@ -92,20 +94,56 @@ class AllowAllAuthorizer:
         return succeed(SessionPermissions(port_forwarding=True, roles=identity.roles))
 
 
+@implementer(IAuthorizer)
+class LockAuthorizer:
+    """Refuses users that a lock in force targets (the node checks again).
+
+    :param check: ``(identity) -> None``, raising ``AccessDenied`` with the
+        lock's message for a locked user.
+    """
+
+    def __init__(self, check: Callable[[UserIdentity], None]) -> None:
+        self._check = check
+
+    def authorize(
+        self, identity: UserIdentity, login: str, peer_address: str
+    ) -> Deferred[SessionPermissions]:
+        try:
+            self._check(identity)
+        except AccessDenied as error:
+            return fail(error)
+        return succeed(SessionPermissions(port_forwarding=True, roles=identity.roles))
+
+
 class ProxyAvatar(ConchUser):
-    """A user connected to the proxy: may only open ``direct-tcpip`` channels."""
+    """A user connected to the proxy: may only open ``direct-tcpip`` channels.
+
+    :param target_check: ``(host, user) -> None`` raising ``AccessDenied``
+        for a target the proxy refuses (a locked node).
+    """
 
     def __init__(
         self,
         verified: VerifiedCertificate,
         permissions: SessionPermissions,
         router: IRouter,
+        target_check: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__()
         self.verified = verified
         self.permissions = permissions
         self.username = verified.identity.username
         self._router = router
+        self._target_check = target_check
+        #: The registration with the proxy's live sessions (locks end it).
+        self.live_session = None
+
+    def terminate(self, message: str) -> None:
+        """End the user's connection to the proxy, saying why."""
+        transport = getattr(getattr(self, "conn", None), "transport", None)
+        if transport is not None:
+            transport.sendDisconnect(
+                DISCONNECT_BY_APPLICATION, f"edgeaccess: {message}".encode("utf-8", "replace"))
 
     def lookupChannel(self, channelType, windowSize, maxPacket, data):
         """Route ``direct-tcpip`` to a node; refuse everything else."""
@@ -131,6 +169,8 @@ class ProxyAvatar(ConchUser):
         routed: list[Any] = []  # the endpoint, once the router answered
 
         def connect():
+            if self._target_check is not None:
+                self._target_check(host, self.username)
             # The client's port is ignored: the router knows the node's.
             # The user's address goes along to a tunnelled node (its audit
             # events, its certificate source-address checks).
@@ -178,7 +218,9 @@ class ProxyAvatar(ConchUser):
         return 0
 
     def logout(self) -> None:
-        """Nothing to release: channels close with the connection."""
+        """Channels close with the connection; the session registration goes."""
+        if self.live_session is not None:
+            self.live_session.unregister()
 
 
 class ProxySSHFactory(SSHFactory):
@@ -210,6 +252,8 @@ def make_proxy_ssh_factory(
     *,
     authorizer: IAuthorizer | None = None,
     portal: Portal | None = None,
+    sessions=None,
+    target_check: Callable[[str, str], None] | None = None,
 ) -> ProxySSHFactory:
     """Build the proxy's SSH server factory.
 
@@ -224,6 +268,9 @@ def make_proxy_ssh_factory(
     :param authorizer: may refuse users at the proxy (e.g. locks); default
         lets every verified certificate holder jump.
     :param portal: replaces the certificate portal entirely (tests).
+    :param sessions: :class:`~edgeaccess.controlplane.sessions.LiveSessions`
+        every connection registers with (a lock ends it).
+    :param target_check: refuses targets (a locked node) before routing.
     """
     public_keys, private_keys = host_keys(host_key, host_certificate)
     if portal is None:
@@ -232,9 +279,14 @@ def make_proxy_ssh_factory(
             if callable(trusted_user_ca_keys)
             else (lambda keys=tuple(trusted_user_ca_keys): keys)
         )
-        realm = CertificateRealm(
-            authorizer or AllowAllAuthorizer(),
-            lambda verified, permissions: ProxyAvatar(verified, permissions, router),
-        )
+        def avatar(verified, permissions):
+            user = ProxyAvatar(verified, permissions, router, target_check)
+            if sessions is not None:
+                user.live_session = sessions.register(
+                    user=verified.identity.username, cluster=verified.identity.cluster,
+                    kind="proxy-ssh", terminate=user.terminate)
+            return user
+
+        realm = CertificateRealm(authorizer or AllowAllAuthorizer(), avatar)
         portal = Portal(realm, [ProxyCertificateChecker(trusted, clock)])
     return ProxySSHFactory(public_keys, private_keys, portal, clock)

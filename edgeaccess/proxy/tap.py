@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -42,6 +43,9 @@ _log = Logger()
 
 SERVICE_CERT_TTL = timedelta(days=30)
 
+#: A DNS name the proxy's certificate may carry (a leftmost ``*.`` allowed).
+_HOST_NAME = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
+
 
 class Options(usage.Options):
     """Command line of ``twistd edgeproxy``."""
@@ -58,9 +62,19 @@ class Options(usage.Options):
         ["tunnel-listen", None, "0.0.0.0:3024", "reverse tunnel listen address"],
         ["auth-listen", None, "0.0.0.0:3025", "auth API listen address (mutual TLS)"],
         ["kube-listen", None, "0.0.0.0:3026", "Kubernetes proxy listen address"],
+        ["diag-listen", None, None,
+         "HOST:PORT of the diagnostics address (plain HTTP: /metrics, /healthz, /readyz); "
+         "off by default, e.g. 127.0.0.1:3000"],
         ["tunnel-public-addr", None, None,
          "HOST:PORT nodes should dial for the tunnel (default: public host and the "
          "tunnel port), e.g. a load balancer in front of several proxies"],
+        ["server-names", None, None,
+         "comma-separated further host names and addresses clients dial the proxy at "
+         "(its certificate names them; --public-addr, --tunnel-public-addr and the "
+         "listen hosts are always named)"],
+        ["apps-domain", None, None,
+         "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
+         "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -81,6 +95,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
+        for name in (self["server-names"] or "").split(","):
+            name = name.strip().strip("[]")
+            if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
+                raise usage.UsageError(f"--server-names: {name!r} is not a host name or address")
 
 
 class _Listener(service.Service):
@@ -163,6 +181,17 @@ def _load_or_create_key(path: Path):
     return key
 
 
+def _load_or_create_web_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if path.exists():
+        return load_pem_private_key(path.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    keys.write_secret(path, keys.private_key_pem(key))
+    return key
+
+
 class ProxyComponents:
     """The proxy's finished parts (kept for tests and tac files)."""
 
@@ -213,13 +242,26 @@ def makeService(options, reactor=None) -> service.MultiService:
     if options["tunnel-public-addr"]:
         # Users' TLS routing (ProxyCommand s_client) verifies this name.
         listen_hosts.add(split_addr(options["tunnel-public-addr"], 3024)[0])
+    listen_hosts |= {n.strip().strip("[]") for n in (options["server-names"] or "").split(",")
+                     if n.strip()}
     dns = sorted({h for h in {public_host, "localhost", cluster} | listen_hosts
                   if not is_ip(h)})
+    apps_domain = (options["apps-domain"] or public_host).lower().rstrip(".")
+    if not is_ip(apps_domain):
+        # Apps are reached at https://NAME.<apps domain> (edgeaccess.apps).
+        dns += [f"*.{apps_domain}"] + ([apps_domain] if apps_domain not in dns else [])
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
     proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
     proxy_cert = authority.sign_tls(
         proxy_key.public_key(),
+        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
+        now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
+    # Browsers (Chromium's BoringSSL) offer no Ed25519 signature scheme: the
+    # web port's certificate has an ECDSA P-256 key (same CA, same names).
+    web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
+    web_cert = authority.sign_tls(
+        web_key.public_key(),
         x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
         now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
     host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
@@ -239,7 +281,13 @@ def makeService(options, reactor=None) -> service.MultiService:
             if listener.port is not None:
                 found[name] = f"{public_host}:{listener.port.getHost().port}"
         if options["tunnel-public-addr"]:
-            found["tunnel"] = options["tunnel-public-addr"]
+            tunnel_host, _, tunnel_port = options["tunnel-public-addr"].rpartition(":")
+            if (not tunnel_port.isdigit() or not tunnel_host) and "tunnel" in found:
+                # A host alone: that host and the port the tunnel server is bound to.
+                found["tunnel"] = (f"{options['tunnel-public-addr']}:"
+                                   f"{found['tunnel'].rpartition(':')[2]}")
+            else:
+                found["tunnel"] = options["tunnel-public-addr"]
         found.setdefault("web", f"{public_host}:{public_port}")
         found.setdefault("ssh", f"{public_host}:3023")
         return found
@@ -248,12 +296,31 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    web = ProxyWeb(auth, addresses, public_host, clusters)
-    web_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    # The live control plane: the cache every read comes from, the push to
+    # every node and leaf (edgeaccess.controlplane), locks at the proxy.
+    from edgeaccess.controlplane.proxy import ProxyControlPlane
+
+    control = ProxyControlPlane(auth, backend, reactor, tunnels.registry,
+                                lambda: [authority.user_ca_public_line])
+    control.setServiceParent(top)
+    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
+                       leaf_trust, top)
+    web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
+                   ui=_web_ui(reactor, auth, router, clusters, addresses))
+    web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
+    from edgeaccess.apps.service import build as build_app_access
+
+    # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
+    apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
+                            public_host=apps_domain, web_addr=lambda: addresses()["web"],
+                            site=EdgeSite(web.resource()), reactor=reactor)
+    apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        EdgeSite(web.resource()), on_listening)
+        apps.factory, on_listening)
 
     api = AuthAPI(auth)
     auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -262,8 +329,13 @@ def makeService(options, reactor=None) -> service.MultiService:
         "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
         EdgeSite(api.resource()), on_listening)
 
-    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
-    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
+    # kubectl offers h2 and http/1.1: without an ALPN answer OpenSSL aborts.
+    kube_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
+                                      client_certificates="required", alpn=[b"http/1.1"])
+    listeners["kube"] = _Listener(
+        "kube", listen_endpoint(reactor, options["kube-listen"], 3026, kube_options,
+                                backlog=1024),
+        kube.factory(), on_listening)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
     tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
@@ -278,16 +350,31 @@ def makeService(options, reactor=None) -> service.MultiService:
     # Freed handshake state of a burst of agents goes back to the system.
     HeapTrimmer(reactor).setServiceParent(top)
 
+    from edgeaccess.proxy.sshproxy import LockAuthorizer
+
     ssh_factory = make_proxy_ssh_factory(
-        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor)
-    LeafLinks(leaf_trust, router, reactor).setServiceParent(top)
+        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor,
+        authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
+        target_check=control.check_target)
+    LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
+              apps=apps.gateway).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening)
 
+    if options["diag-listen"]:
+        from edgeaccess import diag
+
+        registry = diag.make_registry(diag.EdgeCollector(cluster, tunnels.registry.connected))
+        ready = lambda: all(l.port is not None for l in listeners.values())  # noqa: E731
+        listeners["diag"] = _Listener(
+            "diag", listen_endpoint(reactor, options["diag-listen"], 3000),
+            EdgeSite(diag.DiagResource(registry, ready)), on_listening)
+
     for listener in listeners.values():
         listener.setServiceParent(top)
     top.auth = auth
+    top.control = control
     return top
 
 
@@ -343,6 +430,38 @@ class _TunnelShutdown(service.Service):
     def stopService(self):
         super().stopService()
         return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
+
+
+def _web_ui(reactor, auth, router, clusters, addresses):
+    """The web UI: sessions in the backend, terminals through the router."""
+    from edgeaccess.web.app import WebUI
+    from edgeaccess.web.sessions import WebSessionStore, lock_check_for
+    from edgeaccess.web.terminal import TerminalOpener
+
+    has_locks = callable(getattr(auth, "list_locks", None))
+    return WebUI(auth, WebSessionStore(auth, reactor, lock_check=lock_check_for(auth)),
+                 opener=TerminalOpener(auth, router, clusters, reactor),
+                 clusters=clusters, addresses=addresses, clock=reactor,
+                 lock_source=auth if has_locks else None)
+
+
+def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_trust, top):
+    """The Kubernetes proxy (3026): local clusters from the tunnels' inventories,
+    leaves' through their tunnels; roles from a cache refreshed every second."""
+    from edgeaccess.cluster.trusted import map_roles
+    from edgeaccess.kube.proxy import KubeDirectory, KubeProxy, RoleCache, RoleCacheService
+
+    roles = RoleCache(auth, reactor)
+    RoleCacheService(roles).setServiceParent(top)
+
+    def leaf_roles(root, remote_roles):
+        links = leaf_trust.links
+        state = links.current.get(root) if links is not None else None
+        return map_roles(state["role_map"], remote_roles) if state else []
+
+    return KubeProxy(cluster_name=cluster, directory=KubeDirectory(registry), roles=roles,
+                     router=router, audit=audit, reactor=reactor, leaf_roles=leaf_roles,
+                     known_leaf=lambda name: name in clusters.known)
 
 
 def _router(reactor, auth, cluster, registry, clusters):

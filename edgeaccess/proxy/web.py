@@ -34,12 +34,17 @@ class ProxyWeb:
 
     app = Klein()
 
-    def __init__(self, auth, addresses, public_host: str, clusters=None) -> None:
+    def __init__(self, auth, addresses, public_host: str, clusters=None, ui=None,
+                 kube=None) -> None:
         self.auth = auth
+        #: :class:`~edgeaccess.kube.proxy.KubeProxy` (``edge kube ls``)
+        self.kube = kube
         self.addresses = addresses
         self.public_host = public_host
         #: :class:`~edgeaccess.cluster.root.RootClusters` (leaves trusting us)
         self.clusters = clusters
+        #: :class:`~edgeaccess.web.app.WebUI`: ``/`` and ``/web/...``
+        self.ui = ui
 
     def resource(self):
         return self.app.resource()
@@ -50,6 +55,8 @@ class ProxyWeb:
 
     @app.route("/", methods=["GET"])
     def index(self, request):
+        if self.ui is not None:
+            return self.ui.index(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         name = html.escape(self.auth.cluster_name)
         addr = html.escape(self.addresses()["web"])
@@ -178,6 +185,36 @@ class ProxyWeb:
                                          identity.traits)
             nodes = [n for n in nodes if checker.can_access_node(n["labels"])]
         return json_response(request, nodes)
+
+    @app.route("/web/", branch=True)
+    def web_ui(self, request):
+        """The web UI (:mod:`edgeaccess.web.app`)."""
+        if self.ui is None:
+            raise errors.NotFound("this proxy has no web UI")
+        return self.ui.resource()
+
+    @app.route("/v1/kube/clusters", methods=["GET"])
+    async def kube_clusters(self, request):
+        """Kubernetes clusters the calling user's roles allow (``edge kube ls``)."""
+        from edgeaccess.kube.listing import allowed_kube_clusters
+
+        identity = self._user(request)
+        return json_response(request, allowed_kube_clusters(self.kube, identity))
+
+    @app.route("/v1/clusters/<name>/kube", methods=["GET"])
+    async def leaf_kube_clusters(self, request, name):
+        from edgeaccess.cluster.root import leaf_request
+
+        identity = self._user(request)
+        if name == self.auth.cluster_name:
+            return await self.kube_clusters(request)
+        if self.clusters is None or name not in self.clusters.known:
+            raise errors.NotFound(f"cluster {name} not found")
+        tunnel = self.clusters.tunnels.get(name)
+        if tunnel is None:
+            raise errors.ClusterOffline(f"cluster {name} is offline")
+        return json_response(request, await leaf_request(
+            self.auth._reactor, tunnel, "/v1/kube/clusters", identity))
 
     # --- signup: the one-time link printed by `edgectl users add` -----------
 

@@ -84,6 +84,8 @@ def make_node_ssh_factory(
     observer: ISessionObserver | None = None,
     reactor=None,
     new_session_id: Callable[[], str] | None = None,
+    sessions=None,
+    node_ids: Iterable[str] = (),
 ) -> NodeSSHFactory:
     """Build the node's SSH server factory.
 
@@ -102,6 +104,9 @@ def make_node_ssh_factory(
     :param reactor: ``IReactorProcess``/``IReactorTCP`` for sessions and
         forwarding; defaults to ``clock``.
     :param new_session_id: makes session ids (random UUIDs by default).
+    :param sessions: a :class:`~edgeaccess.controlplane.sessions.LiveSessions`
+        each connection registers with, so that a lock ends it.
+    :param node_ids: this node's other names for locks (its UUID).
     """
     observer = observer or NullSessionObserver()
     reactor = reactor if reactor is not None else clock
@@ -119,7 +124,7 @@ def make_node_ssh_factory(
             peer=verified.peer_address,
             node=node_name,
         )
-        return NodeUser(
+        user = NodeUser(
             verified,
             permissions,
             passwd=passwd,
@@ -129,6 +134,12 @@ def make_node_ssh_factory(
             observer=observer,
             new_session_id=new_session_id,
         )
+        if sessions is not None:
+            user.live_session = sessions.register(
+                user=verified.identity.username, cluster=verified.identity.cluster,
+                node=node_name, node_id=next(iter(node_ids), None), kind="ssh",
+                terminate=user.terminate)
+        return user
 
     portal = Portal(
         CertificateRealm(authorizer, avatar_factory),

@@ -37,6 +37,7 @@ from twisted.conch.interfaces import (
 )
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh import session as conch_session
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.conch.unix import SSHSessionForUnixConchUser
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
@@ -211,8 +212,30 @@ class NodeUser(ConchUser):
             target_description=f"{host}:{port}",
         )
 
+    #: The registration with the node's live sessions (locks end it).
+    live_session = None
+
+    def terminate(self, message: str) -> None:
+        """End this connection now, telling the user why: the message is
+        written to every open session channel (the user's terminal) and
+        sent as the SSH disconnect reason."""
+        conn = getattr(self, "conn", None)
+        if conn is None:
+            return
+        line = f"\r\nedgeaccess: {message}\r\n".encode("utf-8", "replace")
+        for channel in list(conn.channels.values()):
+            if isinstance(channel, conch_session.SSHSession):
+                try:
+                    channel.write(line)
+                except Exception:
+                    _log.failure("could not tell the user why the session ends")
+        conn.transport.sendDisconnect(
+            DISCONNECT_BY_APPLICATION, f"edgeaccess: {message}".encode("utf-8", "replace"))
+
     def logout(self) -> None:
         """Called when the connection ends."""
+        if self.live_session is not None:
+            self.live_session.unregister()
         _log.info(
             "SSH connection of {user} as {login} from {peer} ended",
             user=self.identity.username,
@@ -265,6 +288,26 @@ class NodeSessionChannel(conch_session.SSHSession):
 
     _audit_wait: Deferred | None = None
     _eof_while_waiting = False
+    _gave_up = False
+    #: Most client bytes held while the audit events are written (Conch
+    #: reopens the window regardless, so a stalled disk must not let a client
+    #: fill the node's memory): past it the session is refused.
+    max_held_bytes = 16 * 1024 * 1024
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._audit_wait is not None and not self._gave_up:
+            if len(self.buf) + len(data) > self.max_held_bytes:
+                self._gave_up = True
+                self.buf = b""
+                _log.warn("session refused: the client sent more than {n} bytes while "
+                          "its audit events were being written", n=self.max_held_bytes)
+                self._refuse_start(AccessDenied(
+                    "the node's audit spool is too slow: the session was closed"))
+                self._close_refused()
+                return
+        if self._gave_up:
+            return
+        super().dataReceived(data)
 
     def _after_audit(self, waiting: Deferred, attach: Callable[[], int]) -> int:
         """Attach the program once ``waiting`` fired (the session's audit
@@ -279,7 +322,8 @@ class NodeSessionChannel(conch_session.SSHSession):
 
         def ready(_) -> None:
             self._audit_wait = None
-            if self.conn is None or self.session is not None and self.session.closed_early:
+            if (self.conn is None or self._gave_up
+                    or self.session is not None and self.session.closed_early):
                 return
             if not attach():
                 self._close_refused()
@@ -292,6 +336,8 @@ class NodeSessionChannel(conch_session.SSHSession):
 
         def refused(failure) -> None:
             self._audit_wait = None
+            if self._gave_up:
+                return
             self._refuse_start(failure.value)
             self._close_refused()
 
@@ -300,6 +346,8 @@ class NodeSessionChannel(conch_session.SSHSession):
         return 1
 
     def _close_refused(self) -> None:
+        if self.session is not None:
+            self.session.closed_early = True  # a start still waiting won't run
         if self.conn is None:
             return
         self.conn.sendRequest(self, b"exit-status", struct.pack(">L", 255))

@@ -38,15 +38,18 @@ from edgeaccess.tunnel.channels import ChannelAcceptor
 from edgeaccess.tunnel.connection import TunnelConnection
 from edgeaccess.tunnel.interfaces import ITunnel
 from edgeaccess.tunnel.protocol import (
+    CONTROL_CAPABILITY,
     DEFAULT_WINDOW,
     FAST_DATA_CAPABILITY,
     PROTOCOL_VERSION,
     PROXY_COMMANDS,
     PROXY_OPENABLE_KINDS,
+    ControlUpdate,
     Discover,
     Heartbeat,
     Hello,
     Inventory,
+    ProtocolViolation,
     Reconnect,
     check_delay,
     check_proxies,
@@ -54,6 +57,9 @@ from edgeaccess.tunnel.protocol import (
 )
 
 _log = Logger()
+
+#: Largest control message an agent assembles from ControlUpdate pieces.
+MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
 
 @implementer(ITunnel)
@@ -81,6 +87,7 @@ class AgentTunnelProtocol(TunnelConnection):
         window: int = DEFAULT_WINDOW,
         max_channels: int = 1024,
         on_discover: Callable[[list[str]], None] | None = None,
+        on_control: Callable[[bytes], None] | None = None,
     ) -> None:
         super().__init__(
             clock=clock,
@@ -90,6 +97,9 @@ class AgentTunnelProtocol(TunnelConnection):
             max_channels=max_channels,
         )
         self.inventory = inventory
+        self._on_control = on_control
+        self._control_pieces: list[bytes] = []
+        self._control_size = 0
         self.identity = None
         self.requested_delay: float | None = None
         self.proxy_capabilities: tuple[str, ...] = ()
@@ -108,6 +118,30 @@ class AgentTunnelProtocol(TunnelConnection):
             capabilities=self.offered_capabilities(),
             inventory=self.inventory.to_json(),
         ).addCallbacks(self._hello_answered, self._hello_refused)
+
+    def offered_capabilities(self) -> list[str]:
+        """Control pushes only for an agent that takes them."""
+        offered = super().offered_capabilities()
+        if self._on_control is None:
+            return [c for c in offered if c != CONTROL_CAPABILITY]
+        return offered
+
+    @ControlUpdate.responder
+    def _control_update(self, data: bytes, more: bool) -> dict[str, Any]:
+        self._control_size += len(data)
+        if self._control_size > MAX_CONTROL_MESSAGE:
+            raise ProtocolViolation("control message too large")
+        self._control_pieces.append(data)
+        if not more:
+            message = b"".join(self._control_pieces)
+            self._control_pieces, self._control_size = [], 0
+            if self._on_control is not None:
+                try:
+                    self._on_control(message)
+                except Exception:
+                    _log.failure("applying a control message from {peer} failed",
+                                 peer=self.mux.peer_name)
+        return {}
 
     def _hello_answered(self, answer: dict[str, Any]) -> None:
         if self.ready.called:
@@ -383,6 +417,8 @@ class TunnelAgent(Service):
     :param clock: timers; :param rng: randomness for the backoff jitter.
     :param accept_channel: decides every channel the proxy opens.
     :param on_discover: told the proxy list the proxy sends.
+    :param on_control: given each control message the proxy pushes (bytes
+        of JSON, :mod:`edgeaccess.controlplane.state`).
     """
 
     def __init__(
@@ -397,6 +433,7 @@ class TunnelAgent(Service):
         window: int = DEFAULT_WINDOW,
         max_channels: int = 1024,
         on_discover: Callable[[list[str]], None] | None = None,
+        on_control: Callable[[bytes], None] | None = None,
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
     ) -> None:
@@ -409,6 +446,7 @@ class TunnelAgent(Service):
                 window=window,
                 max_channels=max_channels,
                 on_discover=on_discover,
+                on_control=on_control,
             )
 
         self._core = _AgentCore(

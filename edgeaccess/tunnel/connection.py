@@ -419,26 +419,27 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             return
         if box.get(amp.COMMAND) == _HEARTBEAT and self._heartbeat_fast(box):
             return
-        self._check_box_shape(box)
-        # Anything raised past the checks is a fault of ours: dataReceived
-        # logs it with its traceback (and the fuzz tests fail on it).
+        if amp.ANSWER in box or amp.ERROR in box:
+            self._answer_received(box)
+            return
+        if amp.COMMAND not in box:
+            raise ProtocolViolation("box without a command or an answer")
+        # Anything raised from here is a fault of ours: dataReceived logs it
+        # with its traceback (and the fuzz tests fail on it).
         super().ampBoxReceived(box)
 
-    def _check_box_shape(self, box: amp.AmpBox) -> None:
-        """What AMP's dispatcher assumes of a box, checked in its order: the
-        answer or error to a question we asked, else a command."""
-        if amp.ANSWER in box:
-            tag = box[amp.ANSWER]
-        elif amp.ERROR in box:
-            tag = box[amp.ERROR]
-            if amp.ERROR_CODE not in box or amp.ERROR_DESCRIPTION not in box:
-                raise ProtocolViolation("malformed error box")
-        elif amp.COMMAND in box:
-            return
-        else:
-            raise ProtocolViolation("box without a command or an answer")
-        if tag not in self._outstandingRequests:
-            raise ProtocolViolation("answer to no question")
+    def _answer_received(self, box: amp.AmpBox) -> None:
+        """An answer or error box (AMP reads ``_answer`` first, then
+        ``_error``): it must answer a question we asked."""
+        if amp.ANSWER not in box and (amp.ERROR_CODE not in box
+                                      or amp.ERROR_DESCRIPTION not in box):
+            raise ProtocolViolation("malformed error box")
+        try:
+            # AMP's dispatcher pops the question by tag before anything else
+            # (the answer's parsing runs in the caller's Deferred).
+            super().ampBoxReceived(box)
+        except KeyError:
+            raise ProtocolViolation("answer to no question") from None
 
     def _heartbeat_fast(self, box: amp.AmpBox) -> bool:
         """Answer a well-formed Heartbeat from an accepted peer without the

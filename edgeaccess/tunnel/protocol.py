@@ -34,8 +34,13 @@ PROTOCOL_VERSION = 1
 ALPN_PROTOCOL = b"edge-tunnel/1"
 #: Data and WindowAdjust as fast frames between boxes (see :mod:`edgeaccess.tunnel.framing`).
 FAST_DATA_CAPABILITY = "fast-data/1"
+#: The proxy pushes the control state (:class:`ControlUpdate`).
+CONTROL_CAPABILITY = "control/1"
 #: Capabilities this implementation announces in ``Hello``.
-CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY)
+CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY,
+                CONTROL_CAPABILITY)
+#: Largest piece of a control message in one ControlUpdate box.
+MAX_CONTROL_PIECE = 48 * 1024
 
 #: Every channel kind, and who may open which.
 CHANNEL_KINDS = frozenset({"ssh", "kube", "app", "auth", "cluster"})
@@ -64,6 +69,8 @@ MAX_PROXIES = 64
 MAX_RECONNECT_DELAY = 3600.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+#: A ``Host`` value: a name or address and an optional port ("" allowed).
+_HOST = re.compile(r"^[A-Za-z0-9._\[\]:-]{0,262}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 
 
@@ -171,11 +178,13 @@ def check_proxies(proxies: list[str]) -> list[str]:
 
 @attrs.frozen
 class App:
-    """An application a node serves: name, URI and labels."""
+    """An application a node serves: name, URI, labels, and the ``Host`` it wants."""
 
     name: str
     uri: str = ""
     labels: dict[str, str] = attrs.field(factory=dict, hash=False)
+    #: ``Host`` header the app gets ("": the host of its URI).
+    rewrite_host: str = ""
 
 
 @attrs.frozen
@@ -186,6 +195,8 @@ class Inventory:
     labels: dict[str, str] = attrs.field(factory=dict, hash=False)
     kube_clusters: tuple[str, ...] = ()
     apps: tuple[App, ...] = ()
+    #: Labels of each Kubernetes cluster (``--kube-labels``), by name.
+    kube_labels: dict[str, dict[str, str]] = attrs.field(factory=dict, hash=False)
 
     def to_json(self) -> str:
         """Serialize for the ``Hello`` command."""
@@ -194,8 +205,10 @@ class Inventory:
                 "name": self.name,
                 "labels": self.labels,
                 "kube_clusters": list(self.kube_clusters),
+                "kube_labels": self.kube_labels,
                 "apps": [
-                    {"name": a.name, "uri": a.uri, "labels": a.labels} for a in self.apps
+                    {"name": a.name, "uri": a.uri, "labels": a.labels,
+                     "rewrite_host": a.rewrite_host} for a in self.apps
                 ],
             },
             sort_keys=True,
@@ -218,6 +231,11 @@ class Inventory:
         kube = data.get("kube_clusters", [])
         if not isinstance(kube, list) or len(kube) > 256:
             raise BadRequest("invalid kube_clusters")
+        kube_labels_in = data.get("kube_labels", {})
+        if not isinstance(kube_labels_in, dict) or len(kube_labels_in) > 256:
+            raise BadRequest("invalid kube_labels")
+        kube_labels = {_check_name(k, "kube cluster name"): _check_labels(v)
+                       for k, v in kube_labels_in.items()}
         apps_in = data.get("apps", [])
         if not isinstance(apps_in, list) or len(apps_in) > 256:
             raise BadRequest("invalid apps")
@@ -226,13 +244,17 @@ class Inventory:
             if not isinstance(item, dict):
                 raise BadRequest("invalid app")
             uri = item.get("uri", "")
-            if not isinstance(uri, str) or len(uri) > 2048:
+            if not isinstance(uri, str) or len(uri) > 2048 or any(ord(c) <= 32 for c in uri):
                 raise BadRequest("invalid app uri")
+            rewrite_host = item.get("rewrite_host", "")
+            if not isinstance(rewrite_host, str) or not _HOST.match(rewrite_host):
+                raise BadRequest("invalid app rewrite_host")
             apps.append(
                 App(
                     name=_check_name(item.get("name"), "app name"),
                     uri=uri,
                     labels=_check_labels(item.get("labels", {})),
+                    rewrite_host=rewrite_host,
                 )
             )
         return cls(
@@ -240,6 +262,7 @@ class Inventory:
             labels=labels,
             kube_clusters=tuple(_check_name(k, "kube cluster name") for k in kube),
             apps=tuple(apps),
+            kube_labels=kube_labels,
         )
 
 
@@ -356,6 +379,17 @@ class Reconnect(TunnelCommand):
     errors = {BadRequest: b"BAD_REQUEST"}
 
 
+class ControlUpdate(amp.Command):
+    """Proxy -> agent: a piece of one control message (JSON, see
+    :mod:`edgeaccess.controlplane.state`); ``more`` says another piece of the
+    same message follows. Not answered: messages keep their order on the
+    one connection, and a tunnel lost mid-message loses only that message
+    (the next tunnel starts with a fresh init)."""
+
+    arguments = [(b"data", amp.String()), (b"more", amp.Boolean())]
+    requiresAnswer = False
+
+
 # -- data commands (not answered; ordered with each other on the one connection)
 
 
@@ -388,5 +422,6 @@ AGENT_COMMANDS = frozenset(
 #: Commands a proxy may send to an agent.
 PROXY_COMMANDS = frozenset(
     c.commandName
-    for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile)
+    for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile,
+              ControlUpdate)
 )

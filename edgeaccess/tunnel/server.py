@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime, ITransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -29,11 +30,14 @@ from edgeaccess.tunnel.connection import TunnelConnection
 from edgeaccess.tunnel.interfaces import ITunnel, ITunnelRegistry
 from edgeaccess.tunnel.liveness import LivenessMonitor
 from edgeaccess.tunnel.protocol import (
+    CONTROL_CAPABILITY,
+    MAX_CONTROL_PIECE,
     AGENT_COMMANDS,
     AGENT_OPENABLE_KINDS,
     DEFAULT_WINDOW,
     FAST_DATA_CAPABILITY,
     PROTOCOL_VERSION,
+    ControlUpdate,
     Discover,
     Heartbeat,
     Hello,
@@ -158,13 +162,15 @@ class ServerTunnelProtocol(TunnelConnection):
     def _register(self) -> None:
         if self._is_lost:
             return
-        # The handshake's flights are long gone by now: an idle tunnel need
-        # not keep the TLS buffers they grew (~5 KiB of each of 10,000).
-        shrink_tls_buffers(self.transport)
         self.server.registry.register(self)
         proxies = self.server.proxies()
         if proxies:
             self.send_discover(proxies)
+        # The handshake's flights are long gone by now, and what registering
+        # wrote (the control init, Discover) is encrypted and handed to TCP:
+        # an idle tunnel need not keep the TLS buffers they grew (~5 KiB of
+        # each of 10,000).
+        shrink_tls_buffers(self.transport)
 
     @Heartbeat.responder
     def _heartbeat(self) -> dict[str, Any]:
@@ -179,6 +185,18 @@ class ServerTunnelProtocol(TunnelConnection):
         """Tell the agent every proxy address of the cluster."""
         return self.call(Discover, proxies=list(proxies)).addErrback(self._ignore)
 
+    @property
+    def takes_control(self) -> bool:
+        """Whether the agent asked for control pushes in Hello."""
+        return CONTROL_CAPABILITY in self.capabilities
+
+    def send_control(self, message: bytes) -> None:
+        """Push one control message (in pieces of at most 48 KiB)."""
+        if self._is_lost or self._dropping or self.transport is None:
+            return
+        # The same bytes go to every tunnel: serialized once, written to each.
+        self.transport.write(control_boxes(message))
+
     def request_reconnect(self, delay: float = 0.0, reason: str = "proxy moving") -> Deferred[Any]:
         """Ask the agent to close this tunnel and dial again after ``delay`` seconds."""
         return self.call(Reconnect, delay=float(delay), reason=reason).addErrback(self._ignore)
@@ -192,6 +210,26 @@ SERVER_TUNNEL_ATTRIBUTES = (
 # At import, before any burst of agents makes tunnels in bulk: each idle
 # tunnel then keeps only its values (see edgeaccess.memory).
 share_instance_attributes(ServerTunnelProtocol, SERVER_TUNNEL_ATTRIBUTES)
+
+
+_last_control: tuple[bytes, bytes] = (b"", b"")
+
+
+def control_boxes(message: bytes) -> bytes:
+    """The serialized ``ControlUpdate`` boxes carrying ``message`` (the last
+    message's are kept: a broadcast serializes once for 10,000 tunnels)."""
+    global _last_control
+    if _last_control[0] is message or _last_control[0] == message:
+        return _last_control[1]
+    view = memoryview(message)
+    boxes = []
+    for start in range(0, max(len(view), 1), MAX_CONTROL_PIECE):
+        more = start + MAX_CONTROL_PIECE < len(view)
+        boxes.append(amp.AmpBox(_command=ControlUpdate.commandName,
+                                data=bytes(view[start:start + MAX_CONTROL_PIECE]),
+                                more=b"True" if more else b"False").serialize())
+    _last_control = (message, b"".join(boxes))
+    return _last_control[1]
 
 
 def _shared_strings(inventory: Inventory, identity: Identity) -> Inventory:

@@ -481,3 +481,33 @@ def test_status_has_the_ca_pin(auth, authority):
     status = auth.status()
     assert status["cluster_name"] == CLUSTER
     assert status["ca_pin"] == x509ca.ca_pin(authority.tls_ca_cert)
+
+
+def test_a_locked_user_gets_no_certificate_until_the_lock_goes(auth, audit):
+    add_user(auth, "alice")
+    lock = resolve(auth.create_lock({"user": "alice"}, message="incident 7",
+                                    created_by="admin:admin"))
+    with pytest.raises(errors.AccessDenied, match="incident 7"):
+        _login(auth)
+    refused = [e for e in audit.named("user.login") if e.get("lock_id") == lock["id"]]
+    assert refused and refused[0]["success"] is False
+    assert audit.named("lock.created")[0]["target"] == {"user": "alice"}
+    resolve(auth.delete_lock(lock["id"], deleted_by="admin:admin"))
+    assert _login(auth).username == "alice"
+    assert audit.named("lock.deleted")[0]["lock_id"] == lock["id"]
+
+
+def test_locks_are_validated_listed_and_expire(auth, clock):
+    with pytest.raises(errors.BadRequest):
+        resolve(auth.create_lock({"team": "x"}))
+    with pytest.raises(errors.BadRequest):
+        resolve(auth.create_lock({"user": "a"}, ttl=timedelta(0)))
+    short = resolve(auth.create_lock({"node": "web1"}, ttl=timedelta(seconds=10)))
+    forever = resolve(auth.create_lock({"user": "bob"}))
+    assert {l["id"] for l in resolve(auth.list_locks())} == {short["id"], forever["id"]}
+    clock.advance(10)
+    assert [l["id"] for l in resolve(auth.list_locks())] == [forever["id"]]
+    with pytest.raises(errors.NotFound):
+        resolve(auth.delete_lock(short["id"]))
+    with pytest.raises(errors.NotFound):
+        resolve(auth.delete_lock("../../users/alice"))

@@ -190,3 +190,28 @@ def test_requests_within_the_limits_still_work_and_pipeline(auth) -> None:
     ping = b"GET /v1/ping?" + b"q" * 4000 + b" HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 30_000 + b"\r\n\r\n"
     answer = _serve(auth, ping + ping)
     assert answer.count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize("raw", [
+    b"NONSENSE\r\n\r\n",                                   # no method, path, version
+    b"GET /v1/ping HTTP/1.1\r\nNo-Colon-Here\r\n\r\n",         # header without ':'
+    b"GET /v1/ping HTTP/1.1\r\nX\x00Bad: v\r\n\r\n",            # invalid header name
+    b"POST /v1/login HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 13\r\n\r\n",
+    b"POST /v1/login HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+], ids=["request-line", "header-line", "header-name", "two-lengths", "bad-chunk"])
+def test_malformed_requests_are_a_json_400(auth, raw, log_levels) -> None:
+    status, error = _status_and_error(_serve(auth, raw))
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert error == {"code": "bad_request", "message": "malformed HTTP request"}
+    assert _loud(log_levels) == []
+
+
+def test_with_the_reach_off_a_malformed_request_gets_twisteds_bare_400(auth) -> None:
+    from edgeaccess import internals
+
+    internals.switch_off("http-bad-request", "test")
+    try:
+        answer = _serve(auth, b"NONSENSE\r\n\r\n")
+    finally:
+        internals.reset("http-bad-request")
+    assert answer == b"HTTP/1.1 400 Bad Request\r\n\r\n"

@@ -278,3 +278,25 @@ def test_heartbeat_from_a_user_certificate_is_refused(api):
     user = x509ca.Identity(kind="user", name="web1", cluster=CLUSTER)
     code, body = _call(api(user), "POST", f"{AUTH}/v1/nodes/heartbeat", {"name": "web1"})
     assert code == 403
+
+
+def test_locks_over_the_auth_api_for_editors_only(api, auth):
+    admin = api(ADMIN)
+    code, lock = _call(admin, "POST", f"{AUTH}/v1/locks",
+                       {"target": {"user": "alice"}, "ttl": "1h", "message": "incident"})
+    assert code == 201 and lock["target"] == {"user": "alice"} and lock["expires"]
+    assert lock["created_by"] == "admin:admin"
+    code, listed = _call(admin, "GET", f"{AUTH}/v1/locks")
+    assert code == 200 and [l["id"] for l in listed] == [lock["id"]]
+    code, body = _call(admin, "POST", f"{AUTH}/v1/locks", {"target": {"user": "a", "node": "b"}})
+    assert code == 400 and body["error"]["code"] == "bad_request"
+    user = api(x509ca.Identity(kind="user", name="bob", cluster=CLUSTER, roles=("access",)))
+    code, body = _call(user, "POST", f"{AUTH}/v1/locks", {"target": {"user": "alice"}})
+    assert code == 403
+    node = api(x509ca.Identity(kind="node", name="n1", cluster=CLUSTER, uuid="u1"))
+    code, _ = _call(node, "DELETE", f"{AUTH}/v1/locks/{lock['id']}")
+    assert code == 403
+    code, _ = _call(admin, "DELETE", f"{AUTH}/v1/locks/{lock['id']}")
+    assert code == 200
+    code, body = _call(admin, "DELETE", f"{AUTH}/v1/locks/{lock['id']}")
+    assert code == 404

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from edgeaccess.backend.interfaces import CompareFailed, IBackend, Item
+from edgeaccess.backend.watch import WatchClosed
 from edgeaccess.errors import AlreadyExists, BadRequest, EdgeError, NotFound
 
 
@@ -379,3 +380,114 @@ class BackendContract:
         with pytest.raises(EdgeError):
             await backend.get("/a")
         await backend.close()  # closing twice is harmless
+
+    # -- watch -----------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_watch_starts_with_init(self, backend) -> None:
+        await backend.put("/roles/a", b"1")
+        watcher = backend.watch(["/roles/"])
+        event = await watcher.next()
+        assert (event.type, event.key, event.item) == ("init", "", None)
+        watcher.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_watch_delivers_puts_and_deletes_in_commit_order(self, backend) -> None:
+        watcher = backend.watch(["/roles/", "/locks/"])
+        assert (await watcher.next()).type == "init"
+        a1 = await backend.put("/roles/a", b"1")
+        await backend.put("/users/x", b"not watched")
+        lock = await backend.create("/locks/l1", b"l", expiring_in(backend.clock, 60))
+        a2 = await backend.update("/roles/a", b"2")
+        await backend.delete("/roles/a")
+        await put_all(backend, "/roles/b", "/roles/c")
+        assert await backend.delete_range("/roles/") == 2
+        events = [await watcher.next() for _ in range(7)]
+        assert [(e.type, e.key) for e in events] == [
+            ("put", "/roles/a"), ("put", "/locks/l1"), ("put", "/roles/a"),
+            ("delete", "/roles/a"), ("put", "/roles/b"), ("put", "/roles/c"),
+            ("delete", "/roles/b"),
+        ]
+        assert events[0].item == a1 and events[2].item == a2
+        assert events[1].item == lock and events[1].item.expires == lock.expires
+        revisions = [e.revision for e in events] + [(await watcher.next()).revision]
+        assert revisions == sorted(set(revisions))
+        assert events[3].revision > a2.revision  # a delete draws a revision too
+        watcher.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_pending_next_is_fired_by_the_next_commit(self, backend) -> None:
+        watcher = backend.watch([""])
+        await watcher.next()
+        pending = watcher.next()
+        assert not pending.called
+        await backend.put("/x", b"1")
+        assert (await pending).key == "/x"
+        watcher.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_every_watcher_gets_every_matching_event(self, backend) -> None:
+        first, second = backend.watch(["/a/"]), backend.watch(["/a/x"])
+        await first.next(), await second.next()
+        await put_all(backend, "/a/x", "/a/y")
+        assert [(await first.next()).key, (await first.next()).key] == ["/a/x", "/a/y"]
+        assert (await second.next()).key == "/a/x"
+        assert second.pending() == []
+        first.close(), second.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_overflow_closes_the_watch_and_drops_the_backlog(self, backend) -> None:
+        watcher = backend.watch(["/n/"], backlog=3)
+        await put_all(backend, "/n/1", "/n/2", "/n/3")  # init + 3 > backlog
+        assert watcher.closed_reason is not None and "overflow" in watcher.closed_reason
+        with pytest.raises(WatchClosed):
+            await watcher.next()  # not even the queued events: there is a gap
+        assert await watcher.when_closed() == watcher.closed_reason
+
+    @pytest_twisted.ensureDeferred
+    async def test_after_a_gap_a_new_watch_and_a_reread_give_the_current_state(self, backend) -> None:
+        watcher = backend.watch(["/n/"], backlog=2)
+        await put_all(backend, "/n/1", "/n/2", "/n/3")
+        await backend.delete("/n/2")
+        with pytest.raises(WatchClosed):
+            await watcher.next()
+        # The consumer's recipe: watch again, wait for init, then re-read.
+        again = backend.watch(["/n/"])
+        assert (await again.next()).type == "init"
+        state = {i.key: i for i in await backend.get_range("/n/")}
+        await backend.put("/n/4", b"4")
+        event = await again.next()
+        state[event.key] = event.item
+        assert sorted(state) == ["/n/1", "/n/3", "/n/4"]
+        again.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_closing_the_backend_closes_its_watchers(self, backend) -> None:
+        watcher = backend.watch([""])
+        await watcher.next()
+        pending = watcher.next()
+        await backend.close()
+        with pytest.raises(WatchClosed):
+            await pending
+        with pytest.raises(EdgeError):
+            backend.watch([""])
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_consumer_close_fails_its_pending_next(self, backend) -> None:
+        watcher = backend.watch([""])
+        await watcher.next()
+        pending = watcher.next()
+        watcher.close()
+        with pytest.raises(WatchClosed):
+            await pending
+        await backend.put("/x", b"after")
+        with pytest.raises(WatchClosed):
+            await watcher.next()
+
+    def test_watch_refuses_a_bare_string_or_no_prefix(self, backend) -> None:
+        with pytest.raises(BadRequest):
+            backend.watch("/roles/")
+        with pytest.raises(BadRequest):
+            backend.watch([])
+        with pytest.raises(BadRequest):
+            backend.watch([""], backlog=0)

@@ -9,6 +9,7 @@ minimal input, which the report carries.
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 
 import attrs
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis import seed as hypothesis_seed
 
 from tests.fuzz.targets import TARGETS, Misbehaved
@@ -48,6 +50,8 @@ def deadline(seconds: float) -> Iterator[None]:
 @attrs.define
 class Report:
     target: str
+    #: hypothesis examples, and inputs checked (each example and its mutants)
+    examples: int = 0
     inputs: int = 0
     seconds: float = 0.0
     crashes: int = 0
@@ -58,21 +62,17 @@ class Report:
         return attrs.asdict(self)
 
 
-def run_target(name: str, *, inputs: int, seed: int = 0,
+def run_target(name: str, *, inputs: int, seed: int = 0, mutants: int = 0,
                per_input_deadline: float = DEFAULT_DEADLINE, shrink: bool = True) -> Report:
-    """Feed target ``name`` ``inputs`` generated inputs (reproducible from ``seed``)."""
+    """Feed target ``name`` about ``inputs`` inputs (reproducible from ``seed``):
+    hypothesis examples, each followed by ``mutants`` byte-level variants of it."""
     target = TARGETS[name]
     check = target.make()
     report = Report(target=name)
 
     phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
 
-    @hypothesis_seed(seed)
-    @settings(max_examples=inputs, database=None, deadline=None, phases=phases,
-              suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
-              derandomize=False, print_blob=False)
-    @given(target.strategy())
-    def one(value: Any) -> None:
+    def one_input(value: Any) -> None:
         report.inputs += 1
         started = time.perf_counter()
         with LoudLog() as loud, deadline(per_input_deadline):
@@ -80,6 +80,18 @@ def run_target(name: str, *, inputs: int, seed: int = 0,
         report.slowest_input_s = max(report.slowest_input_s, time.perf_counter() - started)
         if loud.events:
             raise Misbehaved(loud.describe())
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=max(1, -(-inputs // (mutants + 1))), database=None, deadline=None,
+              phases=phases, suppress_health_check=list(HealthCheck),
+              report_multiple_bugs=False, derandomize=False, print_blob=False)
+    @given(target.strategy(), st.integers(0, 2**32 - 1))
+    def one(value: Any, mutation_seed: int) -> None:
+        report.examples += 1
+        one_input(value)
+        rng = random.Random(mutation_seed)
+        for _ in range(mutants):
+            one_input(target.mutate(value, rng))
 
     started = time.perf_counter()
     try:

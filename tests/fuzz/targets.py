@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import random
 import string
 import struct
 import tempfile
@@ -81,11 +82,15 @@ class Target:
 
     :ivar strategy: builds the hypothesis strategy of one input.
     :ivar make: builds the world once and returns ``check(value)``.
+    :ivar mutate: ``mutate(value, rng)``: a byte-level variant of a generated
+        input (the runner checks several per hypothesis example: generating
+        is most of the cost of an input).
     """
 
     name: str
     strategy: Callable[[], st.SearchStrategy]
     make: Callable[[], Callable[[Any], None]]
+    mutate: Callable[[Any, random.Random], Any]
 
 
 # --- inputs shared by several targets ----------------------------------------------
@@ -116,6 +121,28 @@ def _mutated(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
         return bytes(data)
 
     return build()
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with one to four random byte-level edits (flips, cuts,
+    insertions, duplications, interesting bytes)."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        at = rng.randrange(len(out) + 1)
+        if op == 0 and out:
+            out[min(at, len(out) - 1)] ^= 1 << rng.randrange(8)
+        elif op == 1 and out:
+            out[min(at, len(out) - 1)] = rng.choice((0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+        elif op == 2:
+            del out[at:at + rng.randint(1, 16)]
+        elif op == 3:
+            out[at:at] = rng.randbytes(rng.randint(1, 16))
+        elif op == 4:
+            out[at:at] = out[at:at + rng.randint(1, 64)]
+        else:
+            del out[at:]
+    return bytes(out)
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -777,11 +804,42 @@ def _make_yaml() -> Callable[[bytes], None]:
     return check
 
 
+# --- mutants of generated inputs ------------------------------------------------------------
+
+def _mutate_stream(value: dict, rng: random.Random) -> dict:
+    return {**value, "well_formed": False, "stream": mutate_bytes(value["stream"], rng),
+            "cuts": [rng.randrange(len(value["stream"]) + 2) for _ in range(rng.randrange(4))]}
+
+
+def _mutate_cert(value: dict, rng: random.Random) -> dict:
+    blob = value.get("blob")
+    if blob is None:
+        blob = _signed_blob(_cert_world(), value["fields"]) or b""
+    mutant = {k: v for k, v in value.items() if k != "fields"}
+    mutant.update(mode="mutated", blob=mutate_bytes(blob, rng))
+    return mutant
+
+
+def _mutate_http(value: dict, rng: random.Random) -> dict:
+    body = value["body"]
+    if rng.random() < 0.5:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data:
+            key = rng.choice(sorted(data))
+            data[key] = rng.choice([None, True, 0, -1, 2**64, 1.5, "", "x" * 1000, [], {},
+                                    [None], {"": None}, "../../etc", "\u0000", "8h"])
+            return {**value, "body": json.dumps(data).encode()}
+    return {**value, "body": mutate_bytes(body, rng)}
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("amp", _amp_input, _make_amp),
-    Target("frames", _frame_input, _make_frames),
-    Target("ssh-cert", lambda: _cert_input(_cert_world().seeds), _make_ssh_cert),
-    Target("ssh-key", lambda: _mutated(_key_seeds()), _make_ssh_key),
-    Target("http", _http_input, _make_http),
-    Target("yaml", _yaml_input, _make_yaml),
+    Target("amp", _amp_input, _make_amp, _mutate_stream),
+    Target("frames", _frame_input, _make_frames, _mutate_stream),
+    Target("ssh-cert", lambda: _cert_input(_cert_world().seeds), _make_ssh_cert, _mutate_cert),
+    Target("ssh-key", lambda: _mutated(_key_seeds()), _make_ssh_key, mutate_bytes),
+    Target("http", _http_input, _make_http, _mutate_http),
+    Target("yaml", _yaml_input, _make_yaml, mutate_bytes),
 ]}

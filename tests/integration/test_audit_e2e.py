@@ -11,10 +11,12 @@ place. The tamper test stops the module's proxy, so it runs last.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -34,6 +36,19 @@ def search(proxy, *args):
 
 def start_node(proxy, base, name):
     return join_node(proxy, base, name, labels="env=test")[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fsync_watch(tmp_path_factory):
+    """Every Python process of this module (the proxy, the nodes) records the
+    fsyncs made on its reactor thread (tests/integration/fsynccheck)."""
+    directory = tmp_path_factory.mktemp("fsync-watch")
+    here = str(Path(__file__).parent / "fsynccheck")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(
+            p for p in (here, os.environ.get("PYTHONPATH")) if p))
+        patch.setenv("EDGE_TEST_FSYNC_DIR", str(directory))
+        yield directory
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +200,18 @@ def test_a_node_killed_mid_session_delivers_its_spool_when_restarted(
         assert len(search(proxy, "--session", session_id)) == 2
     finally:
         node2.stop()
+
+
+def test_no_audit_file_is_fsynced_on_a_reactor_thread(fsync_watch, proxy, node):
+    """After the sessions above (exec, recorded interactive, a node killed and
+    restarted), neither the proxy nor any node fsync'd audit files on its
+    reactor thread. The watch is live: joining fsyncs the node's identity
+    files there (not audit I/O; rare), and it sees those."""
+    stacks = [stack for log in fsync_watch.glob("fsync-*.log")
+              for stack in log.read_text().split("\n====\n") if stack.strip()]
+    assert any("edgeaccess/pki/keys.py" in stack for stack in stacks), stacks[:3]
+    on_reactor = [stack for stack in stacks if "edgeaccess/audit/" in stack]
+    assert on_reactor == [], on_reactor[0]
 
 
 def test_sql_tampering_makes_verify_fail_and_name_the_place(proxy, users):

@@ -10,10 +10,28 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import urllib.request
 
 import pytest
 
+from edgeaccess.devcluster import ProxyProcess
+
 DEADLINE = 20.0
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    """This module's proxy, with the diagnostics address on (off by default)."""
+    base = tmp_path_factory.mktemp("proxy")
+    process = ProxyProcess(base / "proxy", base / "proxy.log", cluster="http-errors",
+                           extra_args=["--diag-listen", "127.0.0.1:0"])
+    try:
+        process.start()
+    except Exception:
+        process.kill()
+        pytest.fail(f"proxy did not start; log:\n{process.log()[-4000:]}")
+    yield process
+    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +84,33 @@ def test_oversized_requests_get_an_answer(proxy, tls_context, port_name) -> None
 
 
 def test_unknown_path_and_wrong_method_on_the_web_port(proxy, tls_context) -> None:
-    for path in (b"/web/login", b"/metrics"):
+    for path in (b"/v1/nothing", b"/metrics"):
         answer = _exchange(proxy, tls_context, "web",
                            b"GET %s HTTP/1.0\r\nHost: x\r\n\r\n" % path)
         assert _status(answer) == b"HTTP/1.0 404 Not Found"
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "not_found"
+    # The web UI's pages (/web/...) answer a browser with an HTML page.
+    answer = _exchange(proxy, tls_context, "web", b"GET /web/nothing HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert _status(answer) == b"HTTP/1.0 404 Not Found"
+    assert b"text/html" in answer.partition(b"\r\n\r\n")[0]
     answer = _exchange(proxy, tls_context, "web",
                        b"PUT /v1/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                        b"Connection: close\r\n\r\n")
     assert _status(answer) == b"HTTP/1.1 405 Method Not Allowed"
     assert b"\r\nAllow: GET, HEAD\r\n" in answer
+
+
+def test_metrics_are_on_the_diagnostics_address_only(proxy, tls_context) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['diag']}/metrics",
+                                timeout=DEADLINE) as response:
+        text = response.read().decode()
+    assert 'edgeaccess_tunnels_connected{kind="node"} 0.0' in text
+    assert "process_resident_memory_bytes" in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['diag']}/readyz",
+                                timeout=DEADLINE) as response:
+        assert response.status == 200
+    answer = _exchange(proxy, tls_context, "web", b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert _status(answer) == b"HTTP/1.0 404 Not Found"
 
 
 def test_none_of_it_left_a_traceback(proxy, tls_context) -> None:

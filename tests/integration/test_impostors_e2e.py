@@ -27,8 +27,7 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -253,36 +252,24 @@ def test_a_joining_node_sends_no_token(world, holder, tmp_path):
         node.log()[-3000:]
 
 
-_SPOOL_SCRIPT = """
-import json, sys
-from pathlib import Path
-from twisted.internet import defer, task
-from edgeaccess.audit.diskwriter import DiskWriter
-from edgeaccess.audit.spool import Spool
-
-async def main(reactor, directory, op, arg):
-    writer = DiskWriter(reactor)
-    writer.start()
-    spool = await Spool.open(Path(directory), writer)
-    if op == "append":
-        await spool.append_event(json.loads(arg))
-        print("[]")
-    else:
-        print(json.dumps(spool.pending_events()))
-    await spool.close()
-    await writer.stop()
-
-task.react(lambda reactor: defer.ensureDeferred(main(reactor, *sys.argv[1:])))
-"""
+def _done(d):
+    """The result of a Deferred that has fired (the inline disk writer's)."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the spool did not complete inline"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
 
 
-def spool_call(directory, op, event=None):
-    """Append to or read a stopped node's spool, through the spool's own code
-    (its writer needs a reactor: a short process of its own)."""
-    out = subprocess.run([sys.executable, "-c", _SPOOL_SCRIPT, str(directory), op,
-                          json.dumps(event)], check=True, capture_output=True, text=True,
-                         timeout=60).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _open_spool(directory: Path):
+    """The node's audit spool, opened from the test (the node is stopped)."""
+    from twisted.internet.task import Clock
+
+    from edgeaccess.audit.diskwriter import InlineDiskWriter
+    from edgeaccess.audit.spool import Spool
+
+    return _done(Spool.open(directory, InlineDiskWriter(Clock())))
 
 
 def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
@@ -298,9 +285,11 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     meta["auth_server"] = world.web
     (node.data_dir / "identity.json").write_text(json.dumps(meta))
     secret_event = "ev-must-not-leak-" + holder
-    spool_call(node.data_dir / "audit-spool", "append", {
+    spool = _open_spool(node.data_dir / "audit-spool")
+    _done(spool.append_event({
         "id": secret_event, "event": "session.start", "cluster": "impostors",
-        "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()})
+        "node": "n3", "user": "alice", "time": datetime.now(timezone.utc).isoformat()}))
+    _done(spool.close())
     node.start()
     try:
         def settled():
@@ -316,7 +305,9 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
     assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
-    assert secret_event in [e["id"] for e in spool_call(node.data_dir / "audit-spool", "pending")]
+    spool = _open_spool(node.data_dir / "audit-spool")
+    assert secret_event in [e["id"] for e in spool.pending_events()]
+    _done(spool.close())
 
 
 def test_the_tunnel_agent_sends_nothing(world, holder, tmp_path):
@@ -410,3 +401,36 @@ spec:
     finally:
         leaf.edgectl("rm", "trusted_cluster/impostors")
     assert world.tunnel_impostor.received == b""
+
+
+def _served_certificate(addr: str):
+    from cryptography import x509 as cx509
+
+    host, _, port = addr.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        with context.wrap_socket(raw) as conn:
+            return cx509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+
+
+def test_the_proxy_signs_its_server_certificate_at_every_start(world):
+    """Server-only, kind proxy of its cluster, naming what it is dialled at;
+    a restart with another --server-names is named at once (an existing data
+    dir gets the current shape without any step)."""
+    from cryptography import x509 as cx509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    world.proxy.stop()
+    world.proxy.extra_args += ["--server-names", "proxy.impostors.test,10.1.2.3"]
+    world.proxy.start()
+    for port in ("web", "auth", "tunnel"):
+        cert = _served_certificate(world.proxy.runtime()["listen"][port])
+        assert x509ca.extended_key_usages(cert) == {ExtendedKeyUsageOID.SERVER_AUTH}
+        identity = x509ca.identity_from_certificate(cert)
+        assert (identity.kind, identity.cluster) == ("proxy", "impostors")
+        sans = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
+        assert {"proxy.impostors.test", "localhost"} <= set(sans.get_values_for_type(cx509.DNSName))
+        assert {"127.0.0.1", "10.1.2.3"} <= {str(a) for a in sans.get_values_for_type(
+            cx509.IPAddress)}

@@ -33,7 +33,7 @@ from edgeaccess.pki import keys
 from edgeaccess.pki.sshca import issue_user_certificate
 from edgeaccess.ssh.certauth import CertificateCredentials
 
-from nodekit import InMemoryCluster, role
+from nodekit import InMemoryCluster
 
 
 START = 1_800_000_000.0
@@ -129,7 +129,7 @@ def refused(result) -> str:
 
 
 def test_joining_pins_the_ca_and_keeps_a_client_only_identity(node, cluster, data_dir):
-    calls = [c for c in cluster.calls if c[1] != "/v1/nodes/roles"]
+    calls = [c for c in cluster.calls if c[1] not in ("/v1/nodes/roles", "/v1/watch")]
     assert calls[:4] == [("GET", "/v1/cluster/ca"), ("GET", "/v1/cluster/ca"),
                          ("POST", "/v1/join"), ("POST", "/v1/nodes/heartbeat")]
     saved = NodeIdentity.load(data_dir)
@@ -146,13 +146,13 @@ def test_the_first_heartbeat_lists_the_node_and_caches_its_roles(node, cluster, 
     assert listed["address"] == "127.0.0.1:40022"  # the kernel-chosen port, not :0
     assert listed["labels"] == {"env": "dev"}
     assert "dev" in node.roles
-    cached = json.loads((data_dir / "roles.json").read_text())
+    cached = json.loads((data_dir / "control.json").read_text())["roles"]
     assert cached["dev"]["spec"]["allow"]["node_labels"] == {"env": "dev"}
     interface, avatar, logout = login(node, cluster.authority.ssh_user_ca)
     assert avatar.permissions.roles == ("dev",)
 
 
-def test_a_role_change_applies_after_the_next_heartbeat_without_new_certificates(
+def test_without_a_push_link_a_role_change_applies_at_the_next_heartbeat(
         node, cluster, reactor):
     ca = cluster.authority.ssh_user_ca
     assert not isinstance(login(node, ca), Failure)
@@ -199,8 +199,8 @@ def test_a_user_ca_sent_with_the_roles_is_trusted_and_kept(node, cluster, reacto
     cluster.authority.ssh_user_ca = new_ca  # the auth service now signs with another CA
     reactor.advance(INTERVAL)
     assert not isinstance(login(node, new_ca), Failure)
-    saved = NodeIdentity.load(data_dir)
-    assert saved.user_ca_lines == [keys.public_key_openssh(new_ca).decode()]
+    saved = json.loads((data_dir / "control.json").read_text())
+    assert saved["ssh_user_ca"] == [keys.public_key_openssh(new_ca).decode()]
 
 
 def test_certificates_are_renewed_when_a_third_of_their_life_is_left(node, cluster, reactor,

@@ -114,3 +114,57 @@ def test_unknown_login_is_refused():
     with pytest.raises(AccessDenied, match="login no-such-login-x does not exist on node n1"):
         lookup_login("no-such-login-x", "n1")
     assert lookup_login("root", "n1").pw_uid == 0
+
+
+class _Connection:
+    """What a session channel calls on its SSH connection, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def sendRequest(self, channel, kind, data, wantReply=0):  # noqa: N802
+        self.calls.append(("request", kind))
+
+    def sendExtendedData(self, channel, kind, data):  # noqa: N802
+        self.calls.append(("stderr", data))
+
+    def sendClose(self, channel):  # noqa: N802
+        self.calls.append(("close",))
+
+
+class _SlowAudit:
+    """An observer whose session.start is not durable yet (a stalled disk)."""
+
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.durable = Deferred()
+
+    def session_started(self, session, kind):
+        return self.durable
+
+    def exec_started(self, session, command):
+        return None
+
+
+def test_a_client_cannot_fill_memory_while_its_session_waits_for_the_audit():
+    avatar = _avatar()
+    avatar.observer = _SlowAudit()
+    spawned = []
+    channel = NodeSessionChannel(avatar=avatar)
+    channel.conn = _Connection()
+    channel.remoteWindowLeft = channel.remoteMaxPacket = 1 << 20
+    channel._session._spawn = lambda *args: spawned.append(args)
+    channel._session._environment = lambda: {}  # (no TCP transport here)
+    channel.max_held_bytes = 1000
+    assert channel.requestReceived(b"exec", NS(b"cat")) == 1  # accepted; the program waits
+    channel.dataReceived(b"x" * 600)
+    assert channel.conn.calls == [] and channel.buf == b"x" * 600  # held
+    channel.dataReceived(b"y" * 600)  # past the bound: refused, nothing kept
+    assert channel.buf == b""
+    assert ("request", b"exit-status") in channel.conn.calls
+    assert any(call[0] == "stderr" and b"too slow" in call[1] for call in channel.conn.calls)
+    assert channel.conn.calls[-1] == ("close",)
+    channel.dataReceived(b"z" * 10)
+    avatar.observer.durable.callback(None)  # the disk came back: too late
+    assert spawned == [] and channel.client is None and channel.buf == b""

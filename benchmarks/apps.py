@@ -1,0 +1,244 @@
+"""``python -m benchmarks apps``: web app access against the app itself and a C path.
+
+The app is an ``nginx`` serving ``/small`` (3 bytes) and a 256 MiB file. Three
+routes to it, measured in one run:
+
+- ``direct``: the app's own port;
+- ``edge``: the proxy's web port (TLS with the app certificate, SNI
+  ``bench.edge.localhost``) -> reverse tunnel -> a tunnelled node -> the app;
+- ``c-path``: ``nginx`` as TLS reverse proxy (client certificate required,
+  keep-alive upstream) -> a ``stunnel4`` client/server pair (TLS 1.3, mutual
+  certificates: the tunnel's stand-in) -> the app.
+
+``wrk`` cannot present client certificates, so on both TLS routes it talks
+plain HTTP to a local ``stunnel4`` client that opens the TLS connection with
+the app certificate (the same extra hop on both). Request rate and latency
+come from ``wrk --latency`` (``-c 1``: latency; ``-c 16``: rate); the download
+from ``curl`` (its own TLS, app certificate). One JSON line per result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from benchmarks._tunnel_env import MIB, cpu_seconds, emit, free_port, wait_port
+from edgeaccess.devcluster import ProxyProcess, join_node, run_edge, stop_process
+
+PUBLIC_HOST = "edge.localhost"
+APP = "bench"
+
+
+def _nginx(directory: Path, name: str, server: str) -> subprocess.Popen:
+    conf = directory / f"{name}.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {directory / name}.pid;
+error_log {directory / name}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  client_body_temp_path {directory}/{name}-body;
+  proxy_temp_path {directory}/{name}-proxy;
+  fastcgi_temp_path {directory}/{name}-fcgi;
+  uwsgi_temp_path {directory}/{name}-uwsgi;
+  scgi_temp_path {directory}/{name}-scgi;
+  {server}
+}}
+""")
+    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)],
+                            stderr=open(directory / f"{name}.log", "wb"))
+
+
+def _stunnel(directory: Path, name: str, lines: list[str]) -> subprocess.Popen:
+    conf = directory / f"{name}.conf"
+    conf.write_text("\n".join(["foreground = yes", "pid =", "debug = 3",
+                               "sslVersionMin = TLSv1.3", *lines, ""]))
+    return subprocess.Popen(["stunnel4", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=open(directory / f"{name}.log", "wb"))
+
+
+def _identity(proxy: ProxyProcess, directory: Path, label: str, identity, names=()) -> Path:
+    from edgeaccess.pki import keys, x509ca
+
+    ca_dir = proxy.data_dir / "ca"
+    ca_key = keys.load_private_key((ca_dir / "tls_ca.key").read_bytes())
+    ca_cert = x509ca.load_certificate_pem((ca_dir / "tls_ca.crt").read_bytes())
+    key = keys.generate_private_key()
+    cert = x509ca.issue_identity_certificate(
+        ca_key, ca_cert, key.public_key(), identity, now=datetime.now(timezone.utc),
+        ttl=timedelta(hours=6), dns_names=names)
+    keys.write_secret(directory / f"{label}.key", keys.private_key_pem(key))
+    keys.write_public(directory / f"{label}.crt", x509ca.certificate_pem(cert))
+    return directory / label
+
+
+def _wrk(url: str, connections: int, seconds: int, host: str) -> dict:
+    result = subprocess.run(["wrk", "--latency", "-t", "1", "-c", str(connections), "-d",
+                             f"{seconds}s", "-H", f"Host: {host}", url],
+                            capture_output=True, text=True,
+                            timeout=seconds + 60)
+    out = result.stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    if rate is None or p50 is None:
+        raise RuntimeError(f"wrk failed: {out} {result.stderr}")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p50.group(2)]
+    return {"requests_per_s": float(rate.group(1)), "p50_ms": float(p50.group(1)) * scale,
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def _download(url: str, extra: list[str]) -> float:
+    result = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}",
+                             *extra, url], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"curl {url} failed: {result.stderr}")
+    return float(result.stdout) / MIB
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks apps")
+    parser.add_argument("--seconds", type=int, default=8, help="wrk duration per run")
+    parser.add_argument("--download", default=256, type=int, help="MiB to download")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-apps-") as tmp:
+        base = Path(tmp)
+        os.chmod(base, 0o755)  # nginx's workers read the app's files
+        processes: list[subprocess.Popen] = []
+        proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster="bench",
+                             extra_args=["--public-addr", PUBLIC_HOST,
+                                         "--tunnel-public-addr", "127.0.0.1"])
+        node = None
+        try:
+            proxy.start()
+            web = proxy.runtime()["listen"]["web"]
+            www = base / "www"
+            www.mkdir()
+            with open(www / "big.bin", "wb") as f:
+                f.truncate(args.download * MIB)
+            app_port = free_port()
+            processes.append(_nginx(base, "app", f"""
+  server {{ listen 127.0.0.1:{app_port}; root {www};
+           location = /small {{ return 200 "ok\\n"; }} }}"""))
+            wait_port(app_port, 10, "app nginx", processes[-1])
+            node, _ = join_node(proxy, base, "appnode", tunnel=True, auth_server=web,
+                                extra_args=["--heartbeat-interval", "30", "--app",
+                                            f"name={APP},uri=http://127.0.0.1:{app_port}"])
+            password = "bench-apps-password-1"
+            proxy.add_user("bench", password, roles=("access",))
+            home = base / "home"
+            for command in (["login", "--proxy", web, "--user", "bench", "--password-stdin",
+                             "--ca-pin", proxy.pin()], ["apps", "login", APP]):
+                result = run_edge(home, *command, input=password + "\n")
+                if result.returncode != 0:
+                    raise RuntimeError(f"edge {command[0]} failed: {result.stderr}")
+            config = json.loads(run_edge(home, "apps", "config", APP, "--format", "json").stdout)
+
+            from edgeaccess.pki import x509ca
+
+            ca = str(proxy.data_dir / "ca" / "tls_ca.crt")
+            server = _identity(proxy, base, "cpath-server",
+                               x509ca.Identity(kind="proxy", name="cpath", cluster="bench"),
+                               (f"{APP}.{PUBLIC_HOST}", "localhost"))
+            tunnel_server = _identity(proxy, base, "tunnel-server",
+                                      x509ca.Identity(kind="proxy", name="t", cluster="bench"),
+                                      ("localhost",))
+            tunnel_client = _identity(proxy, base, "tunnel-client",
+                                      x509ca.Identity(kind="node", name="t", cluster="bench",
+                                                      uuid="t"))
+            # The C path: nginx TLS reverse proxy -> stunnel client -> stunnel server -> app.
+            s_server, s_client, c_nginx = free_port(), free_port(), free_port()
+            processes.append(_stunnel(base, "tunnel-server", [
+                f"CAfile = {ca}", "verifyChain = yes", "[t]", f"accept = 127.0.0.1:{s_server}",
+                f"connect = 127.0.0.1:{app_port}", f"cert = {tunnel_server}.crt",
+                f"key = {tunnel_server}.key"]))
+            processes.append(_stunnel(base, "tunnel-client", [
+                f"CAfile = {ca}", "verifyChain = yes", "[t]", "client = yes",
+                f"accept = 127.0.0.1:{s_client}", f"connect = 127.0.0.1:{s_server}",
+                f"cert = {tunnel_client}.crt", f"key = {tunnel_client}.key"]))
+            processes.append(_nginx(base, "cpath", f"""
+  upstream tunnel {{ server 127.0.0.1:{s_client}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{c_nginx} ssl;
+           ssl_protocols TLSv1.3;
+           ssl_certificate {server}.crt; ssl_certificate_key {server}.key;
+           ssl_client_certificate {ca}; ssl_verify_client on;
+           location / {{ proxy_pass http://tunnel; proxy_http_version 1.1;
+                        proxy_set_header Connection ""; proxy_buffering off; }} }}"""))
+            # wrk speaks plain HTTP to a stunnel client holding the app certificate.
+            fronts = {}
+            for name, target in (("edge", int(web.rpartition(":")[2])), ("c-path", c_nginx)):
+                port = free_port()
+                processes.append(_stunnel(base, f"front-{name}", [
+                    f"CAfile = {ca}", "verifyChain = yes", f"checkHost = {APP}.{PUBLIC_HOST}",
+                    "[f]", "client = yes", f"accept = 127.0.0.1:{port}",
+                    f"connect = 127.0.0.1:{target}", f"sni = {APP}.{PUBLIC_HOST}",
+                    f"cert = {config['cert']}", f"key = {config['key']}"]))
+                fronts[name] = port
+            for port in (s_server, s_client, c_nginx, *fronts.values()):
+                wait_port(port, 10, f"port {port}")
+            urls = {"direct": f"http://127.0.0.1:{app_port}",
+                    "edge": f"http://127.0.0.1:{fronts['edge']}",
+                    "c-path": f"http://127.0.0.1:{fronts['c-path']}"}
+            # Warm up every route (connections, JWT signing, caches).
+            # The Host the app host's users send (the proxy refuses any other).
+            host = f"{APP}.{PUBLIC_HOST}:{web.rpartition(':')[2]}"
+            for url in urls.values():
+                _wrk(url + "/small", 4, 1, host)
+            results: dict[str, dict] = {name: {} for name in urls}
+            for name, url in urls.items():
+                latency = _wrk(url + "/small", 1, args.seconds, host)
+                before = {p: cpu_seconds(p) for p in (proxy.process.pid, node.process.pid)}
+                rate = _wrk(url + "/small", 16, args.seconds, host)
+                used = {p: cpu_seconds(p) - before[p] for p in before}
+                requests = rate["requests_per_s"] * args.seconds
+                results[name] = {"p50_ms": latency["p50_ms"],
+                                 "requests_per_s": rate["requests_per_s"],
+                                 "errors": latency["non_2xx"] + rate["non_2xx"],
+                                 "socket_errors": rate["socket_errors"]}
+                if name == "edge":
+                    results[name]["proxy_cpu_us_per_request"] = round(
+                        used[proxy.process.pid] / requests * 1e6, 1)
+                    results[name]["node_cpu_us_per_request"] = round(
+                        used[node.process.pid] / requests * 1e6, 1)
+            port = c_nginx
+            curl_tls = ["--cacert", ca, "--cert", config["cert"], "--key", config["key"]]
+            results["direct"]["download_mib_s"] = _download(
+                f"http://127.0.0.1:{app_port}/big.bin", [])
+            results["edge"]["download_mib_s"] = _download(f"{config['url']}/big.bin", curl_tls)
+            results["c-path"]["download_mib_s"] = _download(
+                f"https://{APP}.{PUBLIC_HOST}:{port}/big.bin", curl_tls)
+            for name, result in results.items():
+                emit({"benchmark": "apps", "path": name, **result})
+            direct, edge, cpath = results["direct"], results["edge"], results["c-path"]
+            emit({"benchmark": "apps", "summary": True,
+                  "edge_added_p50_ms": round(edge["p50_ms"] - direct["p50_ms"], 3),
+                  "c_path_added_p50_ms": round(cpath["p50_ms"] - direct["p50_ms"], 3),
+                  "edge_rate_vs_c_path": round(edge["requests_per_s"] / cpath["requests_per_s"], 3),
+                  "edge_download_mib_s": round(edge["download_mib_s"], 1),
+                  "goals": {"added_p50_ms": "<= 1", "rate_vs_c_path": ">= 0.7",
+                            "download_mib_s": ">= 150"}})
+        finally:
+            for process in reversed(processes):
+                stop_process(process)
+            if node is not None:
+                node.stop()
+            proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,173 @@
+"""Kubernetes access through the proxy and a tunnelled agent, against the API stand-in directly.
+
+``python -m benchmarks kube [--requests N] [--seconds S] [--exec-mib M]``
+starts the world of the end-to-end tests (tests/kube_world.py: the API
+stand-in, a proxy, a kube-only node with a reverse tunnel, user bob), then
+measures, each way in the same run (directly against the stand-in with a
+``system:masters`` client certificate, and through proxy + tunnel + agent with
+bob's certificate):
+
+- latency: ``N`` sequential ``GET .../pods/web-1`` on one keep-alive
+  connection; p50/p99 and the difference (the added latency);
+- throughput: 50 concurrent keep-alive clients for ``S`` seconds (requests/s);
+- new sessions/s: a new TLS connection per request, 10 at a time;
+- exec: ``kubectl exec web-1 -- head -c M MiB /dev/zero`` to /dev/null (MiB/s).
+
+Prints one JSON object per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+POD_PATH = "/api/v1/namespaces/default/pods/web-1"
+
+
+def _context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def _request(reader, writer, host: str, path: str) -> int:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
+                 .encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def _latency(target, count: int) -> list[float]:
+    host, port, prefix, context = target
+    reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    times = []
+    for i in range(count + 20):
+        started = time.perf_counter()
+        code = await _request(reader, writer, host, prefix + POD_PATH)
+        assert code == 200, code
+        if i >= 20:
+            times.append(time.perf_counter() - started)
+    writer.close()
+    return times
+
+
+async def _throughput(target, clients: int, seconds: float) -> float:
+    host, port, prefix, context = target
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client():
+        nonlocal done
+        reader, writer = await asyncio.open_connection(host, port, ssl=context)
+        while time.perf_counter() < stop:
+            await _request(reader, writer, host, prefix + POD_PATH)
+            done += 1
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / (time.perf_counter() - started)
+
+
+async def _sessions(target, parallel: int, seconds: float) -> float:
+    host, port, prefix, context = target
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client():
+        nonlocal done
+        while time.perf_counter() < stop:
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
+            await _request(reader, writer, host, prefix + POD_PATH)
+            writer.close()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(parallel)))
+    return done / (time.perf_counter() - started)
+
+
+def _exec_mib_s(kubectl_env: dict, mib: int) -> float:
+    from tests.kube_world import KUBECTL
+
+    started = time.perf_counter()
+    with open(os.devnull, "wb") as sink:
+        subprocess.run([KUBECTL, "exec", "web-1", "--", "head", "-c", str(mib * 1024 * 1024),
+                        "/dev/zero"], env=kubectl_env, stdout=sink, check=True, timeout=600)
+    return mib / (time.perf_counter() - started)
+
+
+def _pct(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks kube")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--exec-mib", type=int, default=256)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests import kube_standin
+    from tests.kube_world import start_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        world = start_world(Path(tmp), cluster="bench", users={"bob": ("kube-editor",)})
+        try:
+            pki = world.standin.pki
+            home = world.home("bob")
+            server = next(line.split("server: ")[1] for line in
+                          (home / "kubeconfig").read_text().splitlines() if "server: " in line)
+            hostport = server.split("//")[1].split("/")[0]
+            direct = ("127.0.0.1", world.standin.port, "",
+                      _context(pki["ca"], pki["admin_cert"], pki["admin_key"]))
+            proxied = ("127.0.0.1", int(hostport.split(":")[1]), "/k8s/standin",
+                       _context(str(home / "ca.pem"), str(home / "tls.crt"),
+                                str(home / "tls.key")))
+            results = []
+            lat = {}
+            for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+                times = asyncio.run(_latency(target, args.requests))
+                lat[name] = times
+                results.append({"figure": "latency", "path": name, "requests": len(times),
+                                "p50_ms": 1000 * statistics.median(times),
+                                "p99_ms": 1000 * _pct(times, 0.99)})
+            results.append({"figure": "added latency", "p50_ms": 1000 * (
+                statistics.median(lat["proxy+tunnel"]) - statistics.median(lat["direct"])),
+                "p99_ms": 1000 * (_pct(lat["proxy+tunnel"], 0.99) - _pct(lat["direct"], 0.99))})
+            for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+                results.append({"figure": "throughput, 50 keep-alive clients", "path": name,
+                                "requests_per_s": asyncio.run(
+                                    _throughput(target, 50, args.seconds))})
+            for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+                results.append({"figure": "new sessions/s (TLS connection per request, 10 "
+                                          "in parallel)", "path": name,
+                                "sessions_per_s": asyncio.run(
+                                    _sessions(target, 10, args.seconds))})
+            direct_config = kube_standin.write_kubeconfig(
+                Path(tmp) / "direct-kubeconfig", world.standin.port, pki, user="admin")
+            for name, env in (("direct", {**os.environ, "KUBECONFIG": str(direct_config)}),
+                              ("proxy+tunnel", world.env("bob"))):
+                results.append({"figure": f"exec stream of {args.exec_mib} MiB", "path": name,
+                                "mib_per_s": _exec_mib_s(env, args.exec_mib)})
+            for result in results:
+                print(json.dumps(result), flush=True)
+        finally:
+            world.stop()
+    return 0

@@ -1,0 +1,396 @@
+"""A streaming reader for a stream of HTTP/1.1 messages (requests or responses).
+
+The app proxy rewrites message heads and passes bodies on as they arrive:
+nothing here buffers a body. :class:`MessageReader` is fed bytes and calls
+its handler with each parsed :class:`Head`, then with the body's bytes as
+they were on the wire (chunked framing included, so the far side gets the
+same framing), then once at the end of each message.
+
+Requests are read strictly (RFC 9112): one ``Transfer-Encoding: chunked``
+or one ``Content-Length``, never both (request smuggling), no obsolete line
+folding, token header names, a bounded head. Anything else raises
+:class:`BadMessage` with the status to answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+#: Largest message head (request or status line and every header).
+MAX_HEAD = 64 * 1024
+#: Most header fields in one head.
+MAX_HEADERS = 128
+#: Longest chunk-size line (with extensions) or trailer line.
+MAX_CHUNK_LINE = 4096
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TARGET = re.compile(rb"^[\x21-\x7e]+$")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+#: Framing kinds a head can announce.
+NO_BODY = "none"
+LENGTH = "length"
+CHUNKED = "chunked"
+UNTIL_CLOSE = "close"
+
+
+class BadMessage(Exception):
+    """A malformed or refused message: ``status`` is what to answer (4xx/5xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Head:
+    """A request line or status line and the header fields, in wire order.
+
+    For a request ``start`` is ``(method, target, version)``; for a response
+    ``(version, status, reason)``. Header names keep their case; lookups
+    ignore it.
+    """
+
+    __slots__ = ("start", "headers")
+
+    def __init__(self, start: tuple[bytes, bytes, bytes], headers: list[tuple[bytes, bytes]]):
+        self.start = start
+        self.headers = headers
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (any case), or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        name = name.lower()
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def tokens(self, name: bytes) -> set[bytes]:
+        """The comma-separated tokens of every ``name`` header, lowercased."""
+        found = set()
+        for value in self.get_all(name):
+            found.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        return found
+
+    def remove(self, name: bytes) -> None:
+        name = name.lower()
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != name]
+
+    def remove_if(self, predicate) -> None:
+        """Drop every header whose lowercased name ``predicate`` accepts."""
+        self.headers = [(k, v) for k, v in self.headers if not predicate(k.lower())]
+
+    def set(self, name: bytes, value: bytes) -> None:
+        """Replace every ``name`` header by one with ``value``."""
+        self.remove(name)
+        self.headers.append((name, value))
+
+    def serialize(self) -> bytes:
+        lines = [b" ".join(self.start)]
+        lines += [k + b": " + v for k, v in self.headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    # requests
+    @property
+    def method(self) -> bytes:
+        return self.start[0]
+
+    @property
+    def target(self) -> bytes:
+        return self.start[1]
+
+    # responses
+    @property
+    def status(self) -> int:
+        return int(self.start[1])
+
+
+def parse_head(raw: bytes, *, request: bool) -> Head:
+    """Parse a head (without its final empty line).
+
+    :raises BadMessage: 400 for anything malformed (502 is the caller's
+        choice for a response).
+    """
+    lines = raw.split(b"\r\n")
+    start_line = lines[0]
+    if request:
+        parts = start_line.split(b" ")
+        if len(parts) != 3:
+            raise BadMessage(400, "malformed request line")
+        method, target, version = parts
+        if not _TOKEN.match(method) or not _TARGET.match(target):
+            raise BadMessage(400, "malformed request line")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise BadMessage(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        start = (method, target, version)
+    else:
+        version, _, rest = start_line.partition(b" ")
+        status, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status) != 3 \
+                or not status.isdigit() or _BAD_VALUE.search(reason):
+            raise BadMessage(400, "malformed status line")
+        start = (version, status, reason)
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        if not line:
+            raise BadMessage(400, "empty header line")
+        if line[:1] in (b" ", b"\t"):
+            raise BadMessage(400, "obsolete header line folding")
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise BadMessage(400, "malformed header field")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise BadMessage(400, "control character in a header value")
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS:
+            raise BadMessage(431, "too many header fields")
+    return Head(start, headers)
+
+
+def _content_length(head: Head) -> int | None:
+    values = head.get_all(b"content-length")
+    if not values:
+        return None
+    found = {v.strip() for value in values for v in value.split(b",")}
+    if len(found) != 1:
+        raise BadMessage(400, "conflicting Content-Length")
+    (text,) = found
+    if not text.isdigit() or len(text) > 18:
+        raise BadMessage(400, "malformed Content-Length")
+    return int(text)
+
+
+def request_framing(head: Head) -> tuple[str, int]:
+    """How a request's body is delimited: ``(kind, length)``."""
+    codings = head.get_all(b"transfer-encoding")
+    if codings:
+        if head.get_all(b"content-length"):
+            raise BadMessage(400, "both Transfer-Encoding and Content-Length")
+        if head.start[2] == b"HTTP/1.0":
+            raise BadMessage(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if [c.strip().lower() for v in codings for c in v.split(b",")] != [b"chunked"]:
+            raise BadMessage(501, "only the chunked transfer coding is supported")
+        return CHUNKED, 0
+    length = _content_length(head)
+    if length:
+        return LENGTH, length
+    return NO_BODY, 0
+
+
+def response_framing(head: Head, request_method: bytes | None) -> tuple[str, int]:
+    """How a response's body is delimited, given the method it answers."""
+    status = head.status
+    if request_method == b"HEAD" or 100 <= status < 200 or status in (204, 304):
+        return NO_BODY, 0
+    codings = head.get_all(b"transfer-encoding")
+    if codings:
+        last = [c.strip().lower() for v in codings for c in v.split(b",")][-1]
+        return (CHUNKED, 0) if last == b"chunked" else (UNTIL_CLOSE, 0)
+    length = _content_length(head)
+    if length is not None:
+        return (LENGTH, length) if length else (NO_BODY, 0)
+    return UNTIL_CLOSE, 0
+
+
+class MessageHandler(Protocol):
+    def message_head(self, head: Head) -> tuple[str, int]:
+        """A head was read; answer its framing (:func:`request_framing`...)."""
+
+    def message_body(self, data: bytes) -> None:
+        """Body bytes as on the wire (chunked framing included)."""
+
+    def message_end(self) -> None:
+        """The message's body (if any) is complete."""
+
+
+# reader states
+_HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _RAW, _HELD = range(9)
+
+
+class MessageReader:
+    """Feeds a stream of messages to a handler.
+
+    :param request: parse requests (else responses).
+    :param handler: a :class:`MessageHandler`.
+
+    After a head whose framing the handler answers, the body is passed on
+    in pieces as it arrives. :meth:`hold` stops parsing at the end of the
+    current message (bytes received meanwhile are kept) until
+    :meth:`release` (parse on) or :meth:`switch_to_raw` (every further
+    byte goes to ``handler.raw``: an upgraded connection).
+    """
+
+    def __init__(self, *, request: bool, handler, max_head: int = MAX_HEAD) -> None:
+        self._request = request
+        self._handler = handler
+        self._max_head = max_head
+        self._state = _HEAD
+        self._buffer = b""
+        self._remaining = 0
+        self._hold_after_message = False
+        self.in_message = False
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; raises :class:`BadMessage` on a malformed message."""
+        state = self._state
+        if state == _RAW:
+            self._handler.raw(data)
+            return
+        if state == _HELD:
+            self._buffer += data
+            return
+        if state in (_BODY, _CHUNK_DATA) and not self._buffer and len(data) <= self._remaining:
+            # The common case of a bulk transfer: the whole piece is body.
+            self._remaining -= len(data)
+            self._handler.message_body(data)
+            if self._remaining == 0:
+                self._after_body_piece()
+                if self._state != _HELD and self._buffer:
+                    self._run()
+            return
+        if state == _UNTIL_CLOSE:
+            self._handler.message_body(data)
+            return
+        self._buffer += data
+        self._run()
+
+    def _after_body_piece(self) -> None:
+        if self._state == _BODY:
+            self._end_message()
+        else:
+            self._state = _CHUNK_CRLF
+
+    def _run(self) -> None:
+        while self._buffer:
+            state = self._state
+            if state == _HEAD:
+                if not self._read_head():
+                    return
+            elif state in (_BODY, _CHUNK_DATA):
+                piece = self._buffer[: self._remaining]
+                self._buffer = self._buffer[len(piece):]
+                self._remaining -= len(piece)
+                self._handler.message_body(piece)
+                if self._remaining == 0:
+                    self._after_body_piece()
+            elif state == _CHUNK_SIZE:
+                line = self._line()
+                if line is None:
+                    return
+                size_text = line.split(b";", 1)[0].strip(b" \t")
+                if not _HEX.match(size_text):
+                    raise BadMessage(400, "malformed chunk size")
+                self._handler.message_body(line + b"\r\n")
+                self._remaining = int(size_text, 16)
+                self._state = _CHUNK_DATA if self._remaining else _TRAILER
+            elif state == _CHUNK_CRLF:
+                if len(self._buffer) < 2:
+                    return
+                if self._buffer[:2] != b"\r\n":
+                    raise BadMessage(400, "malformed chunk")
+                self._buffer = self._buffer[2:]
+                self._handler.message_body(b"\r\n")
+                self._state = _CHUNK_SIZE
+            elif state == _TRAILER:
+                line = self._line()
+                if line is None:
+                    return
+                self._handler.message_body(line + b"\r\n")
+                if not line:
+                    self._end_message()
+            elif state == _UNTIL_CLOSE:
+                data, self._buffer = self._buffer, b""
+                self._handler.message_body(data)
+            elif state == _RAW:
+                data, self._buffer = self._buffer, b""
+                self._handler.raw(data)
+            else:  # _HELD
+                return
+
+    def _line(self) -> bytes | None:
+        end = self._buffer.find(b"\r\n")
+        if end == -1:
+            if len(self._buffer) > MAX_CHUNK_LINE:
+                raise BadMessage(400, "chunk line too long")
+            return None
+        if end > MAX_CHUNK_LINE:
+            raise BadMessage(400, "chunk line too long")
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+        return line
+
+    def _read_head(self) -> bool:
+        if self._request:
+            # RFC 9112 2.2: ignore empty lines before a request line.
+            stripped = self._buffer.lstrip(b"\r\n")
+            if not stripped:
+                self._buffer = b""
+                return False
+            self._buffer = stripped
+        end = self._buffer.find(b"\r\n\r\n")
+        if end == -1:
+            if len(self._buffer) > self._max_head:
+                raise BadMessage(431, "request head too large" if self._request
+                                 else "response head too large")
+            return False
+        if end > self._max_head:
+            raise BadMessage(431, "message head too large")
+        raw, self._buffer = self._buffer[:end], self._buffer[end + 4:]
+        head = parse_head(raw, request=self._request)
+        self.in_message = True
+        kind, length = self._handler.message_head(head)
+        if kind == NO_BODY:
+            self._end_message()
+        elif kind == LENGTH:
+            self._state, self._remaining = _BODY, length
+        elif kind == CHUNKED:
+            self._state = _CHUNK_SIZE
+        else:
+            self._state = _UNTIL_CLOSE
+        return True
+
+    def _end_message(self) -> None:
+        self.in_message = False
+        if self._hold_after_message:
+            self._hold_after_message = False
+            self._state = _HELD
+        else:
+            self._state = _HEAD
+        self._handler.message_end()
+
+    def hold(self) -> None:
+        """Stop parsing once the current message ends (at once between messages)."""
+        if self.in_message:
+            self._hold_after_message = True
+        elif self._state == _HEAD:
+            self._state = _HELD
+
+    def release(self) -> None:
+        """Parse on after :meth:`hold`."""
+        self._hold_after_message = False
+        if self._state == _HELD:
+            self._state = _HEAD
+            if self._buffer:
+                self._run()
+
+    def switch_to_raw(self) -> None:
+        """Every further byte (and those kept while held) goes to ``handler.raw``."""
+        self._state = _RAW
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            self._handler.raw(data)
+
+    def eof(self) -> bool:
+        """The stream ended: True if that ended a close-delimited body cleanly."""
+        if self._state == _UNTIL_CLOSE:
+            self._state = _HEAD
+            self.in_message = False
+            self._handler.message_end()
+            return True
+        return not self.in_message

@@ -1,0 +1,643 @@
+"""The proxy side of app access, on the web port.
+
+:class:`WebPortFactory` sits in front of the web UI's ``Site``: once the TLS
+handshake is done, a connection whose server name (SNI) is
+``NAME.<public host>`` is an app connection (:class:`AppProxyProtocol`);
+any other goes to the web UI and API unchanged.
+
+An app connection is authorised once, when it starts (the app certificate's
+session, the app, the user's roles), then every request is checked again
+(``Host`` must be the app's host, the session must still be valid and the
+roles must still allow the app), rewritten (client copies of
+``Edge-Jwt-Assertion`` and ``X-Forwarded-*`` dropped; ``Host``,
+``X-Forwarded-For/-Host/-Proto`` and a fresh ``Edge-Jwt-Assertion`` set) and
+forwarded on one channel to the app's node, which keeps one keep-alive
+connection to the app for it. Bodies stream both ways with backpressure and
+are never buffered whole; after a ``101 Switching Protocols`` the connection
+is spliced byte for byte (WebSocket). Responses get their ``Location``
+rewritten when it points at the app's own URI.
+
+Errors are HTML pages with a clear status: unknown app 404, no or wrong
+certificate 401/403, forged ``Host`` 421, head too large 431, the app
+unreachable 502, no answer 504; each also gets one log line.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import deque
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocolFactory, IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeaccess import errors
+from edgeaccess.apps import http1
+from edgeaccess.apps.jwt import HEADER as JWT_HEADER
+
+_log = Logger()
+
+#: A request head must be complete this long after the connection is idle
+#: between requests (slow-loris); the app must start answering within this.
+HEAD_TIMEOUT = 30.0
+RESPONSE_TIMEOUT = 60.0
+#: An idle keep-alive connection (no byte either way) is closed after this.
+IDLE_TIMEOUT = 300.0
+#: Longest leaf-relay preamble (a forwarded identity, one JSON line).
+MAX_PREAMBLE = 16 * 1024
+
+_DROPPED_PREFIXES = (b"x-forwarded-",)
+_DROPPED = frozenset({b"edge-jwt-assertion", b"forwarded", b"x-real-ip"})
+
+
+def _dropped(name: bytes) -> bool:
+    return name in _DROPPED or name.startswith(_DROPPED_PREFIXES)
+
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 421: "Misdirected Request",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
+
+def error_page(status: int, message: str) -> bytes:
+    """A complete ``Connection: close`` response with an HTML page saying ``message``."""
+    reason = _REASONS.get(status, "Error")
+    body = (f"<!doctype html><html><head><meta charset=utf-8><title>{status} {reason}"
+            f"</title></head><body><h1>{status} {reason}</h1><p>{html.escape(message)}</p>"
+            "<p><small>edgeaccess app proxy</small></p></body></html>\n").encode("utf-8")
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/html; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\ncache-control: no-store\r\n"
+            "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def status_for(error: BaseException) -> int:
+    if isinstance(error, errors.NodeOffline | errors.ClusterOffline):
+        return 502
+    if isinstance(error, errors.EdgeError):
+        return error.http_status
+    return 502
+
+
+@attrs.define
+class AppAccess:
+    """What an authorised app connection needs.
+
+    :ivar check: ``check() -> EdgeError | None``, run for every request.
+    :ivar relay_preamble: when set, the connection is relayed raw to a leaf
+        cluster's proxy after this line (the leaf proxy does the HTTP work).
+    """
+
+    app: str
+    user: str
+    endpoint: Any
+    expected_hosts: frozenset[str] = frozenset()
+    public_origin: str = ""
+    app_uri: str = ""
+    upstream_host: bytes = b""
+    client_ip: str = ""
+    assertion: Callable[[], bytes] | None = None
+    check: Callable[[], BaseException | None] = lambda: None
+    relay_preamble: bytes | None = None
+    on_close: list = attrs.Factory(list)
+
+
+def app_origin(uri: str) -> str:
+    """``scheme://host[:port]`` of an app URI, lowercased (for Location rewrites)."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+class _Upstream(Protocol):
+    """The proxy's end of the channel to the app (or to a leaf's proxy)."""
+
+    def __init__(self, owner: AppProxyProtocol) -> None:
+        self.owner = owner
+
+    def dataReceived(self, data: bytes) -> None:
+        self.owner.upstream_data(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.owner.upstream_lost(reason)
+
+
+class _RequestSide:
+    def __init__(self, owner: AppProxyProtocol) -> None:
+        self.owner = owner
+
+    def message_head(self, head: http1.Head):
+        return self.owner.request_head(head)
+
+    def message_body(self, data: bytes) -> None:
+        self.owner.upstream_write(data)
+
+    def message_end(self) -> None:
+        self.owner.request_end()
+
+    def raw(self, data: bytes) -> None:
+        self.owner.upstream_write(data)
+
+
+class _ResponseSide:
+    def __init__(self, owner: AppProxyProtocol) -> None:
+        self.owner = owner
+
+    def message_head(self, head: http1.Head):
+        return self.owner.response_head(head)
+
+    def message_body(self, data: bytes) -> None:
+        self.owner.client_write(data)
+
+    def message_end(self) -> None:
+        self.owner.client_write(b"")
+        self.owner.response_end()
+
+    def raw(self, data: bytes) -> None:
+        self.owner.client_write(data)
+
+
+class AppProxyProtocol(Protocol):
+    """One user connection to an app.
+
+    :param authorize: ``authorize(protocol, preamble) -> Deferred[AppAccess]``
+        (errors are EdgeErrors shown to the user); ``preamble`` is the first
+        line received when ``needs_preamble`` (a leaf relay), else None.
+    :param clock: ``IReactorTime`` for the timeouts.
+    """
+
+    def __init__(self, authorize, clock, *, needs_preamble: bool = False,
+                 description: str = "") -> None:
+        self._authorize = authorize
+        self.clock = clock
+        self.needs_preamble = needs_preamble
+        self.description = description
+        self.access: AppAccess | None = None
+        self.upstream = None
+        self._pending: list[bytes] = []
+        self._preamble = b""
+        self._upstream_pending: list[bytes] | None = None
+        self._connecting = False
+        self._methods: deque = deque()
+        self._upgrade_requested = False
+        self._raw = False
+        self._closing = False
+        self._error: tuple[int, str] | None = None
+        self._sent_response_head = False
+        self._interim = False
+        self._head_out: bytes | None = None
+        self._last_activity = 0.0
+        self._timer = None
+        self._waiting_since: float | None = None
+        self.requests = 0
+        self.client_reader = http1.MessageReader(request=True, handler=_RequestSide(self))
+        self.upstream_reader = http1.MessageReader(request=False, handler=_ResponseSide(self))
+
+    # --- start --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        _tune(self.transport, self.clock)
+        self._last_activity = self.clock.seconds()
+        self._timer = self.clock.callLater(HEAD_TIMEOUT, self._check_timeouts)
+        if not self.needs_preamble:
+            self._start_authorize(None)
+
+    def _start_authorize(self, preamble: bytes | None) -> None:
+        self.transport.pauseProducing()
+        d = defer.maybeDeferred(self._authorize, self, preamble)
+        d.addCallbacks(self._authorized, self._refused)
+
+    def _authorized(self, access: AppAccess) -> None:
+        if self._closing:
+            for hook in access.on_close:
+                hook(self)
+            return
+        self.access = access
+        pending, self._pending = self._pending, []
+        if access.relay_preamble is not None:
+            self._raw = True
+            self._connect_upstream()
+            self.upstream_write(access.relay_preamble)
+        else:
+            self.transport.resumeProducing()
+        for data in pending:
+            self._client_data(data)
+
+    def _refused(self, failure: Failure) -> None:
+        error = failure.value
+        status = status_for(error)
+        message = str(error) if isinstance(error, errors.EdgeError) else \
+            "the app proxy failed (see its log)"
+        if not isinstance(error, errors.EdgeError):
+            _log.failure("app connection {what} failed", failure, what=self.description)
+        else:
+            _log.info("app connection refused ({status}) {what}: {why}", status=status,
+                      what=self.description, why=message)
+        self.transport.resumeProducing()
+        self._send_error(status, message)
+
+    # --- the user's side ----------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self.clock.seconds()
+        if self.needs_preamble and self.access is None and not self._closing:
+            if self._preamble is not None and not self._pending:
+                self._preamble += data
+                line, sep, rest = self._preamble.partition(b"\n")
+                if not sep:
+                    if len(self._preamble) > MAX_PREAMBLE:
+                        self._send_error(400, "malformed relay preamble")
+                    return
+                self._preamble = None
+                if rest:
+                    self._pending.append(rest)
+                self._start_authorize(line)
+                return
+        if self.access is None:
+            self._pending.append(data)
+            return
+        self._client_data(data)
+
+    def _client_data(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._raw:
+            self.upstream_write(data)
+            return
+        try:
+            self.client_reader.feed(data)
+        except http1.BadMessage as e:
+            _log.info("app {app}: bad request from {client}: {why}", app=self.access.app,
+                      client=self.access.client_ip, why=e.message)
+            self._fail(e.status, e.message)
+        except errors.EdgeError as e:
+            _log.info("app {app}: request refused for {user}: {why}", app=self.access.app,
+                      user=self.access.user, why=e)
+            self._fail(status_for(e), str(e))
+
+    def request_head(self, head: http1.Head):
+        access = self.access
+        host = (head.get(b"host") or b"").decode("latin-1").lower()
+        if host not in access.expected_hosts:
+            raise http1.BadMessage(421, f"this connection is for {access.app}; "
+                                   f"the request names host {host[:100]!r}")
+        if head.method == b"CONNECT":
+            raise http1.BadMessage(405, "CONNECT is not served")
+        refused = access.check()
+        if refused is not None:
+            raise refused
+        framing = http1.request_framing(head)
+        upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
+        head.remove_if(_dropped)
+        head.set(b"Host", access.upstream_host)
+        head.headers.append((b"X-Forwarded-For", access.client_ip.encode("ascii")))
+        head.headers.append((b"X-Forwarded-Host", host.encode("latin-1")))
+        head.headers.append((b"X-Forwarded-Proto", b"https"))
+        if access.assertion is not None:
+            head.headers.append((JWT_HEADER, access.assertion()))
+        self._methods.append(head.method)
+        self.requests += 1
+        if self._waiting_since is None:
+            self._waiting_since = self.clock.seconds()
+        if upgrade:
+            self._upgrade_requested = True
+            self.client_reader.hold()
+        if self.upstream is None and not self._connecting:
+            self._connect_upstream()
+        self.upstream_write(head.serialize())
+        return framing
+
+    def request_end(self) -> None:
+        pass
+
+    # --- the app's side -----------------------------------------------------
+
+    def _connect_upstream(self) -> None:
+        self._connecting = True
+        self._upstream_pending = []
+        self.transport.pauseProducing()
+        try:
+            d = self.access.endpoint.connect(Factory.forProtocol(lambda: _Upstream(self)))
+        except Exception as e:  # a route refused at once
+            d = defer.fail(e)
+        d.addCallbacks(self._upstream_connected, self._upstream_failed)
+
+    def _upstream_connected(self, upstream: _Upstream) -> None:
+        self._connecting = False
+        if self._closing:
+            upstream.transport.loseConnection()
+            return
+        self.upstream = upstream
+        pending, self._upstream_pending = self._upstream_pending, None
+        for data in pending:
+            upstream.transport.write(data)
+        # Each side's buffer pauses the other side's reading.
+        upstream.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(upstream.transport, True)
+        self.transport.resumeProducing()
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._connecting = False
+        error = failure.value
+        _log.info("app {app} unreachable for {user}: {why}", app=self.access.app,
+                  user=self.access.user, why=error)
+        if isinstance(error, errors.NotFound):
+            self._send_error(404, str(error))
+        elif isinstance(error, errors.EdgeError) and not isinstance(
+                error, errors.NodeOffline | errors.ClusterOffline):
+            self._send_error(status_for(error), str(error))
+        else:
+            self._send_error(502, f"app {self.access.app} is unreachable: "
+                                  f"{failure.getErrorMessage()}")
+
+    def upstream_write(self, data: bytes) -> None:
+        if self._upstream_pending is not None:
+            self._upstream_pending.append(data)
+        elif self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(data)
+
+    def upstream_data(self, data: bytes) -> None:
+        self._last_activity = self.clock.seconds()
+        if self._closing:
+            return
+        if self._raw:
+            self.client_write(data)
+            return
+        try:
+            self.upstream_reader.feed(data)
+            self.client_write(b"")  # a head whose body is still to come
+        except http1.BadMessage as e:
+            _log.warn("app {app} answered garbage: {why}", app=self.access.app, why=e.message)
+            if self._sent_response_head:
+                self._close()
+            else:
+                self._send_error(502, f"app {self.access.app} sent an invalid response "
+                                      f"({e.message})")
+
+    def response_head(self, head: http1.Head):
+        status = head.status
+        method = self._methods[0] if self._methods else None
+        if method is None:
+            raise http1.BadMessage(502, "a response nobody asked for")
+        self._waiting_since = None
+        location = head.get(b"location")
+        if location is not None and self.access.app_uri:
+            text = location.decode("latin-1")
+            origin = app_origin(self.access.app_uri)
+            if text.lower().startswith(origin) and text[len(origin):len(origin) + 1] in ("", "/", "?", "#"):
+                head.set(b"Location", (self.access.public_origin + text[len(origin):]
+                                       ).encode("latin-1"))
+        self._sent_response_head = True
+        # Sent with the first body bytes (one TLS record and TCP write, not two).
+        self._head_out = head.serialize()
+        self._interim = 100 <= status < 200 and status != 101
+        if status == 101:
+            if not self._upgrade_requested:
+                raise http1.BadMessage(502, "101 without an upgrade request")
+            self.client_write(b"")
+            self._switch_to_raw()
+            return http1.NO_BODY, 0
+        return http1.response_framing(head, method)
+
+    def client_write(self, data: bytes) -> None:
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            data = head + data
+        if data:
+            self.transport.write(data)
+
+    def _switch_to_raw(self) -> None:
+        self._raw = True
+        self._methods.clear()
+        _log.debug("app {app}: upgraded connection for {user}", app=self.access.app,
+                   user=self.access.user)
+        self.client_reader.switch_to_raw()
+        self.upstream_reader.switch_to_raw()
+
+    def response_end(self) -> None:
+        if self._raw:
+            return
+        if self._interim:
+            # 100 Continue and friends: the final response is still to come.
+            self._interim = False
+            self._sent_response_head = False
+            return
+        if self._methods:
+            self._methods.popleft()
+        self._sent_response_head = False
+        if self._methods:
+            self._waiting_since = self.clock.seconds()
+        if self._upgrade_requested and not self._raw:
+            # Refused upgrade: go on with HTTP.
+            self._upgrade_requested = False
+            self.client_reader.release()
+        if self._error is not None and not self._methods:
+            status, message = self._error
+            self._send_error(status, message)
+
+    def upstream_lost(self, reason: Failure) -> None:
+        self.upstream = None
+        if self._closing:
+            return
+        if not self._raw and self.upstream_reader.in_message and self.upstream_reader.eof():
+            pass  # a close-delimited body ended
+        if not self._raw and self._methods and not self._sent_response_head:
+            self._send_error(502, f"app {self.access.app} closed the connection without "
+                                  "answering")
+            return
+        self._close()
+
+    # --- errors, timeouts, the end ----------------------------------------------
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer ``status`` once the responses already on their way are sent."""
+        self.transport.pauseProducing()
+        if self._methods:
+            self._error = (status, message)
+            self.client_reader.hold()
+        else:
+            self._send_error(status, message)
+
+    def _send_error(self, status: int, message: str) -> None:
+        if self._closing:
+            return
+        if self._sent_response_head:
+            self._close()
+            return
+        self.transport.write(error_page(status, message))
+        self._close()
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.transport.loseConnection()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def close_for(self, reason: str) -> None:
+        """End this connection at once (the session ended, a lock)."""
+        _log.info("closing an app connection to {app} of {user}: {why}",
+                  app=getattr(self.access, "app", "?"), user=getattr(self.access, "user", "?"),
+                  why=reason)
+        self._close()
+
+    def _check_timeouts(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        now = self.clock.seconds()
+        if self._waiting_since is not None and not self._raw and \
+                now - self._waiting_since >= RESPONSE_TIMEOUT:
+            _log.info("app {app} did not answer within {t}s", app=self.access.app,
+                      t=RESPONSE_TIMEOUT)
+            self._send_error(504, f"app {self.access.app} did not answer in time")
+            return
+        idle = now - self._last_activity
+        limit = IDLE_TIMEOUT
+        if self.access is None or (not self._methods and not self._raw
+                                   and self.client_reader.in_message is False
+                                   and self.requests == 0):
+            limit = HEAD_TIMEOUT
+        if idle >= limit:
+            if self.access is None or self.requests == 0:
+                self._send_error(408, "no complete request in time")
+            else:
+                self._close()
+            return
+        self._timer = self.clock.callLater(min(limit - idle, RESPONSE_TIMEOUT) + 0.5,
+                                           self._check_timeouts)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+        if self.access is not None:
+            for hook in self.access.on_close:
+                hook(self)
+
+
+def _tune(transport, clock, fast_tls: bool = True) -> None:
+    """Small requests and responses go out at once (TCP_NODELAY); a TLS
+    transport reads and writes in large pieces (``edgeaccess.tunnel.fasttls``)."""
+    from edgeaccess.tunnel.fasttls import install_fast_tls
+
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except Exception:  # not a socket (a tunnel channel, a test transport)
+            pass
+    if fast_tls:
+        install_fast_tls(transport, clock)
+
+
+def parse_preamble(line: bytes) -> dict:
+    """The leaf-relay preamble: one JSON object line."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        raise errors.BadRequest("malformed relay preamble") from None
+    if not isinstance(data, dict):
+        raise errors.BadRequest("malformed relay preamble")
+    return data
+
+
+class _Dispatch(Protocol):
+    """Decides, after the TLS handshake, whether a web-port connection is an
+    app connection (SNI ``NAME.<public host>``) or the web UI's."""
+
+    def __init__(self, factory: WebPortFactory, addr) -> None:
+        self.factory = factory
+        self.addr = addr
+        self.inner: Protocol | None = None
+        self._idle = None
+
+    def connectionMade(self) -> None:
+        # A connection that never sends a byte is closed (the UI's and the
+        # app proxy's own timeouts start with the first request).
+        self._idle = self.factory.clock.callLater(HEAD_TIMEOUT, self._silent)
+
+    def _silent(self) -> None:
+        self._idle = None
+        if self.inner is None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is None:
+            if self._idle is not None and self._idle.active():
+                self._idle.cancel()
+            self._idle = None
+            self.inner = self.factory.choose(self.transport, self.addr)
+            if self.inner is None:
+                self.transport.loseConnection()
+                return
+            self.inner.makeConnection(self.transport)
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+
+
+def server_name(transport) -> str | None:
+    """The TLS server name (SNI) the client asked for, lowercased, or None."""
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    try:
+        name = get_handle().get_servername()
+    except Exception:
+        return None
+    if not name:
+        return None
+    return name.decode("ascii", "replace").lower().rstrip(".")
+
+
+@implementer(IProtocolFactory, IProtocolNegotiationFactory)
+class WebPortFactory(Factory):
+    """The web port's protocol factory (wrapped in TLS by the endpoint).
+
+    :param site: the web UI's ``Site``.
+    :param gateway: an :class:`~edgeaccess.apps.sessions.AppGateway`, whose
+        ``app_name_for(server_name)`` says whether a name is an app host and
+        ``authorize(protocol, preamble)`` authorises its connections.
+    """
+
+    def __init__(self, site, gateway, clock) -> None:
+        self.site = site
+        self.gateway = gateway
+        self.clock = clock
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr):
+        return _Dispatch(self, addr)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: HTTP/1.1 only (Twisted refuses a handshake offering nothing in common)."""
+        return [b"http/1.1"]
+
+    def choose(self, transport, addr) -> Protocol | None:
+        name = server_name(transport)
+        if name is not None and self.gateway.app_name_for(name) is not None:
+            return AppProxyProtocol(self.gateway.authorize, self.clock,
+                                    description=f"to {name} from {getattr(addr, 'host', '?')}")
+        return self.site.buildProtocol(addr)

@@ -1,0 +1,83 @@
+"""Composition of app access on a proxy (called by ``edgeaccess.proxy.tap``)."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from edgeaccess import errors
+from edgeaccess.apps.api import AppsAPI, WebRouting
+from edgeaccess.apps.jwt import AppSigningKeys
+from edgeaccess.apps.proxy import AppProxyProtocol, WebPortFactory
+from edgeaccess.apps.sessions import AppGateway, AppIndex, AppSessions
+
+_log = Logger()
+
+
+class _LoadKeys(service.Service):
+    """Loads (on a new cluster: creates) the assertion keys at start."""
+
+    def __init__(self, keys: AppSigningKeys) -> None:
+        self.keys = keys
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self.keys.load())
+        d.addErrback(lambda f: _log.failure("cannot load the app assertion keys", f))
+
+
+class AppAccessParts:
+    """What :func:`build` made: the web port's factory, the gateway, a service to start."""
+
+    def __init__(self, factory, gateway, service_) -> None:
+        self.factory = factory
+        self.gateway = gateway
+        self.service = service_
+
+
+def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor) -> AppAccessParts:
+    """Put app access in front of the web UI's ``site`` (its resource is wrapped).
+
+    :param registry: the tunnel server's registry (tunnelled nodes and their apps).
+    :param clusters: :class:`~edgeaccess.cluster.root.RootClusters` (leaves).
+    """
+    from edgeaccess.cluster.root import leaf_request
+
+    keys = AppSigningKeys(auth.backend, auth.cluster_name, reactor)
+    sessions = AppSessions(auth.backend, reactor, auth._emit)
+    gateway = AppGateway(auth=auth, index=AppIndex(registry), sessions=sessions, keys=keys,
+                         public_host=public_host, web_addr=web_addr, clock=reactor,
+                         leaf_tunnel=lambda name: clusters.tunnels.get(name))
+
+    async def ask_leaf(cluster, path, identity):
+        tunnel = clusters.tunnels.get(cluster)
+        if tunnel is None:
+            raise errors.ClusterOffline(f"cluster {cluster} is offline")
+        return await leaf_request(reactor, tunnel, path, identity)
+
+    api = AppsAPI(gateway, leaf_request=ask_leaf, leaf_known=lambda name: name in clusters.known)
+    site.resource = WebRouting(site.resource, api)
+    return AppAccessParts(WebPortFactory(site, gateway, reactor), gateway, _LoadKeys(keys))
+
+
+def relayed_app_factory(gateway: AppGateway, trust, root: str, app: str):
+    """For a leaf proxy: the factory of a ``cluster`` channel ``app:NAME`` from root ``root``."""
+    from edgeaccess.cluster.trusted import map_roles
+
+    async def mapped_roles(root_name, remote_roles):
+        state = await trust.state(root_name)
+        if state is None or not state.get("enabled"):
+            raise errors.AccessDenied(f"cluster {root_name} is not trusted")
+        return map_roles(state["role_map"], remote_roles)
+
+    authorize = gateway.relayed_authorizer(root, mapped_roles)
+
+    def build_protocol():
+        protocol = AppProxyProtocol(authorize, gateway.clock, needs_preamble=True,
+                                    description=f"to {app} relayed by cluster {root}")
+        protocol.app_name = app
+        return protocol
+
+    return Factory.forProtocol(build_protocol)

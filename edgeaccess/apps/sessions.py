@@ -1,0 +1,484 @@
+"""App sessions, the apps this proxy can reach, and who may open which connection.
+
+An app session is what ``edge apps login N`` creates: a record in the backend
+(``/app_sessions/ID``, expiring with it) and a client certificate of kind
+``app`` whose uuid is the session id. The proxy accepts that certificate on
+``N.<public host>`` only, and only while the session exists: ``edge apps
+logout`` deletes it and closes its open connections (WebSockets included).
+
+:class:`AppGateway` answers the web port's two questions: is this server
+name an app host (:meth:`AppGateway.app_name_for`), and may this connection
+reach it (:meth:`AppGateway.authorize`, and per request ``AppAccess.check``).
+Apps of a leaf cluster are relayed to the leaf's proxy through its tunnel,
+which checks them against its own roles (mapped from the user's) and signs
+the assertion with its own key (:meth:`AppGateway.relayed_authorizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from edgeaccess import errors, tls
+from edgeaccess.apps.proxy import AppAccess, parse_preamble, server_name
+from edgeaccess.apps.spec import _APP_NAME
+from edgeaccess.identity import rbac
+from edgeaccess.pki import x509ca
+
+_log = Logger()
+
+SESSIONS_PREFIX = "/app_sessions/"
+#: Per-request checks use what was read at most this long ago (seconds).
+RECHECK = 1.0
+#: Longest app session (also capped by the user's own certificate).
+MAX_APP_SESSION = timedelta(hours=12)
+
+
+class AppIndex:
+    """The apps announced by the nodes whose reverse tunnel is up here.
+
+    :param registry: the tunnel server's ``TunnelRegistry``.
+    """
+
+    def __init__(self, registry) -> None:
+        self._by_name: dict[str, tuple[Any, Any]] = {}
+        registry.subscribe(self._up, self._down)
+        for tunnel in registry.connected():
+            self._up(tunnel)
+
+    def _up(self, tunnel) -> None:
+        identity, inventory = tunnel.identity, tunnel.inventory
+        if identity is None or identity.kind != "node" or inventory is None:
+            return
+        for app in inventory.apps:
+            if not _APP_NAME.match(app.name):
+                _log.warn("node {node} announces app {app!r}: not a valid app name; ignored",
+                          node=identity.name, app=app.name[:64])
+                continue
+            previous = self._by_name.get(app.name)
+            if previous is not None and previous[0] is not tunnel:
+                _log.warn("app {app} is announced by node {node} and by node {other}; "
+                          "the newest ({node}) serves it", app=app.name, node=identity.name,
+                          other=previous[0].identity.name)
+            self._by_name[app.name] = (tunnel, app)
+
+    def _down(self, tunnel) -> None:
+        for name, (holder, _app) in list(self._by_name.items()):
+            if holder is tunnel:
+                del self._by_name[name]
+
+    def find(self, name: str):
+        """``(tunnel, App)`` of app ``name``, or None."""
+        return self._by_name.get(name)
+
+    def all(self) -> list:
+        return sorted(self._by_name.values(), key=lambda entry: entry[1].name)
+
+
+def app_record(tunnel, app, public_url: str, cluster: str) -> dict:
+    return {"name": app.name, "uri": app.uri, "labels": dict(app.labels),
+            "node": tunnel.identity.name, "cluster": cluster, "public_addr": public_url}
+
+
+class AppSessions:
+    """App sessions in the backend, with a short-lived cache for per-request checks.
+
+    :param backend: an ``IBackend``; :param clock: ``IReactorTime``;
+    :param emit: ``emit(event_type, **fields)`` for audit events.
+    """
+
+    def __init__(self, backend, clock, emit) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.emit = emit
+        self._cache: dict[str, tuple[float, dict | None]] = {}
+        self._live: dict[str, set] = {}
+        self._refreshing: dict[str, defer.Deferred] = {}
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+
+    async def create(self, *, user: str, roles, traits, app: str, cluster: str,
+                     expires: datetime, remote_addr: str) -> dict:
+        record = {"id": secrets.token_hex(16), "user": user, "roles": list(roles),
+                  "traits": dict(traits), "app": app, "cluster": cluster,
+                  "created": self._now().isoformat(), "expires": expires.isoformat(),
+                  "remote_addr": remote_addr}
+        await self.backend.put(SESSIONS_PREFIX + record["id"],
+                               json.dumps(record, sort_keys=True).encode(), expires=expires)
+        self._cache[record["id"]] = (self.clock.seconds(), record)
+        self.emit("app.session.start", user=user, app=app, app_cluster=cluster,
+                  session_id=record["id"], remote_addr=remote_addr, success=True)
+        _log.info("app session {id} started: {user} to app {app} (cluster {cluster}) "
+                  "from {addr}", id=record["id"][:8], user=user, app=app, cluster=cluster,
+                  addr=remote_addr)
+        return record
+
+    async def get(self, session_id: str) -> dict | None:
+        """The session, read from the backend now (None: ended or expired)."""
+        if not isinstance(session_id, str) or len(session_id) != 32 or \
+                not all(c in "0123456789abcdef" for c in session_id):
+            return None
+        try:
+            item = await self.backend.get(SESSIONS_PREFIX + session_id)
+            record = json.loads(item.value)
+        except errors.NotFound:
+            record = None
+        self._cache[session_id] = (self.clock.seconds(), record)
+        return record
+
+    def current(self, session_id: str) -> dict | None:
+        """The cached session (read again in the background when older than RECHECK)."""
+        now = self.clock.seconds()
+        checked, record = self._cache.get(session_id, (0.0, None))
+        if now - checked > RECHECK and session_id not in self._refreshing:
+            d = defer.Deferred.fromCoroutine(self.get(session_id))
+            self._refreshing[session_id] = d
+
+            def done(result):
+                self._refreshing.pop(session_id, None)
+                if result is None:
+                    self.close_connections(session_id, "the app session ended")
+                return None
+
+            d.addCallbacks(done, lambda f: (self._refreshing.pop(session_id, None),
+                                            _log.failure("app session check failed", f)))
+        if record is not None and datetime.fromisoformat(record["expires"]) <= self._now():
+            return None
+        return record
+
+    async def of_user(self, user: str) -> list[dict]:
+        found = []
+        for item in await self.backend.get_range(SESSIONS_PREFIX):
+            record = json.loads(item.value)
+            if record.get("user") == user:
+                found.append(record)
+        return found
+
+    async def end(self, record: dict, reason: str, remote_addr: str = "") -> None:
+        try:
+            await self.backend.delete(SESSIONS_PREFIX + record["id"])
+        except errors.NotFound:
+            pass
+        self._cache[record["id"]] = (self.clock.seconds(), None)
+        self.close_connections(record["id"], reason)
+        self.emit("app.session.end", user=record["user"], app=record["app"],
+                  app_cluster=record["cluster"], session_id=record["id"],
+                  remote_addr=remote_addr or None, reason=reason)
+        _log.info("app session {id} of {user} to app {app} ended: {why}",
+                  id=record["id"][:8], user=record["user"], app=record["app"], why=reason)
+
+    def attach(self, session_id: str, connection) -> None:
+        self._live.setdefault(session_id, set()).add(connection)
+
+    def detach(self, session_id: str, connection) -> None:
+        live = self._live.get(session_id)
+        if live is not None:
+            live.discard(connection)
+            if not live:
+                del self._live[session_id]
+
+    def close_connections(self, session_id: str, reason: str) -> None:
+        for connection in list(self._live.pop(session_id, ())):
+            connection.close_for(reason)
+
+
+class _Checker:
+    """Whether roles still allow an app, read again at most every RECHECK seconds."""
+
+    def __init__(self, load_roles, roles, traits, labels, clock) -> None:
+        self._load_roles = load_roles
+        self._roles = list(roles)
+        self._traits = traits
+        self._labels = labels
+        self._clock = clock
+        self._checked = -RECHECK
+        self._allowed = False
+        self._loading = None
+
+    async def refresh(self) -> bool:
+        checker = rbac.AccessChecker(await self._load_roles(self._roles), self._traits)
+        self._allowed = checker.can_access_app(self._labels)
+        self._checked = self._clock.seconds()
+        return self._allowed
+
+    def allowed(self) -> bool:
+        if self._clock.seconds() - self._checked > RECHECK and self._loading is None:
+            self._loading = defer.Deferred.fromCoroutine(self.refresh())
+
+            def done(result):
+                self._loading = None
+                return None
+
+            self._loading.addCallbacks(done, lambda f: (done(None), _log.failure(
+                "app access check failed", f)))
+        return self._allowed
+
+
+class AppGateway:
+    """The app side of one proxy.
+
+    :param auth: the :class:`~edgeaccess.auth.service.AuthServer`.
+    :param index: :class:`AppIndex`; :param sessions: :class:`AppSessions`;
+    :param keys: :class:`~edgeaccess.apps.jwt.AppSigningKeys`.
+    :param public_host: the host part of ``--public-addr``.
+    :param web_addr: ``() -> "host:port"`` users reach the web port at.
+    :param leaf_tunnel: ``(cluster) -> tunnel | None`` for trusted leaf clusters.
+    :param endpoint_for: ``(tunnel, kind, target, source) -> endpoint``.
+    """
+
+    def __init__(self, *, auth, index: AppIndex, sessions: AppSessions, keys, public_host: str,
+                 web_addr: Callable[[], str], clock, leaf_tunnel=None,
+                 endpoint_for=None) -> None:
+        self.auth = auth
+        self.cluster = auth.cluster_name
+        self.index = index
+        self.sessions = sessions
+        self.keys = keys
+        self.public_host = public_host.lower().rstrip(".")
+        self._suffix = "." + self.public_host
+        self.web_addr = web_addr
+        self.clock = clock
+        self.leaf_tunnel = leaf_tunnel or (lambda cluster: None)
+        if endpoint_for is None:
+            from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
+
+            endpoint_for = TunnelChannelEndpoint
+        self.endpoint_for = endpoint_for
+        self._role_cache: dict[tuple, tuple[float, list]] = {}
+
+    async def _roles(self, names) -> list:
+        """Role objects, read from the backend at most every RECHECK seconds per set
+        (every connection of a session checks them again each second)."""
+        key = tuple(names)
+        cached = self._role_cache.get(key)
+        now = self.clock.seconds()
+        if cached is not None and now - cached[0] <= RECHECK:
+            return cached[1]
+        roles = await self.auth.get_roles(list(names))
+        if len(self._role_cache) > 1000:
+            self._role_cache.clear()
+        self._role_cache[key] = (now, roles)
+        return roles
+
+    # --- names ------------------------------------------------------------
+
+    def app_name_for(self, name: str | None) -> str | None:
+        """The app ``name`` (a server name or ``Host`` without port) addresses, or None."""
+        if not name or not name.endswith(self._suffix):
+            return None
+        label = name[: -len(self._suffix)]
+        return label if _APP_NAME.match(label) else None
+
+    def _port(self) -> int:
+        _host, _, port = self.web_addr().rpartition(":")
+        return int(port) if port.isdigit() else 443
+
+    def public_origin(self, app: str) -> str:
+        port = self._port()
+        return f"https://{app}.{self.public_host}" + ("" if port == 443 else f":{port}")
+
+    def expected_hosts(self, app: str) -> frozenset[str]:
+        host = f"{app}.{self.public_host}"
+        port = self._port()
+        return frozenset({f"{host}:{port}"} | ({host} if port == 443 else set()))
+
+    def host_is_app(self, host: bytes | None) -> bool:
+        """Whether a ``Host`` header names an app host (the UI refuses those)."""
+        if not host:
+            return False
+        name = host.decode("latin-1").lower().rsplit(":", 1)[0] if not host.startswith(b"[") \
+            else ""
+        return self.app_name_for(name) is not None
+
+    # --- listing ------------------------------------------------------------
+
+    def local_apps(self, checker) -> list[dict]:
+        return [app_record(tunnel, app, self.public_origin(app.name), self.cluster)
+                for tunnel, app in self.index.all() if checker.can_access_app(app.labels)]
+
+    # --- authorising connections ----------------------------------------------
+
+    def authorize(self, protocol, preamble) -> defer.Deferred:
+        """For :class:`~edgeaccess.apps.proxy.AppProxyProtocol` on the web port."""
+        return defer.Deferred.fromCoroutine(self._authorize_tls(protocol))
+
+    async def _authorize_tls(self, protocol) -> AppAccess:
+        transport = protocol.transport
+        name = self.app_name_for(server_name(transport))
+        if name is None:
+            raise errors.NotFound("no such app")
+        peer = transport.getPeer()
+        client_ip = getattr(peer, "host", "") or ""
+        identity = tls.peer_identity(transport)
+        unknown = errors.NotFound(f"there is no app named {name} in cluster {self.cluster}")
+        if identity is None:
+            if self.index.find(name) is None:
+                raise unknown
+            raise errors.AuthenticationFailed(
+                f"app {name} needs an app certificate: run `edge apps login {name}` and use "
+                f"the files `edge apps config {name}` names")
+        if identity.kind != "app" or identity.cluster != self.cluster:
+            raise errors.AccessDenied(
+                f"this is not an app certificate for {name} (run `edge apps login {name}`)")
+        session = await self.sessions.get(identity.uuid or "")
+        if session is None or session.get("user") != identity.name:
+            raise errors.AccessDenied(
+                f"your app session has ended: run `edge apps login {name}` again")
+        if session["app"] != name:
+            if self.index.find(name) is None:
+                raise unknown
+            _log.warn("app certificate of {user} for app {app} used on app {other} from {addr}",
+                      user=identity.name, app=session["app"], other=name, addr=client_ip)
+            raise errors.AccessDenied(
+                f"this certificate is for app {session['app']}, not {name}")
+        session_id = session["id"]
+
+        def attach(access: AppAccess) -> AppAccess:
+            self.sessions.attach(session_id, protocol)
+            access.on_close.append(lambda p: self.sessions.detach(session_id, p))
+            return access
+
+        source = _source(peer)
+        if session["cluster"] != self.cluster:
+            tunnel = self.leaf_tunnel(session["cluster"])
+            if tunnel is None:
+                raise errors.ClusterOffline(f"cluster {session['cluster']} is offline")
+            preamble = json.dumps({
+                "app": name, "user": identity.name, "roles": list(session["roles"]),
+                "traits": session["traits"], "cluster": self.cluster, "session": session_id,
+                "hosts": sorted(self.expected_hosts(name)),
+                "origin": self.public_origin(name), "client_ip": client_ip,
+            }, sort_keys=True).encode() + b"\n"
+            return attach(AppAccess(
+                app=name, user=identity.name,
+                endpoint=self.endpoint_for(tunnel, "cluster", f"app:{name}", source=source),
+                client_ip=client_ip, relay_preamble=preamble))
+        found = self.index.find(name)
+        if found is None:
+            raise errors.NotFound(f"app {name} is not available: no node of cluster "
+                                  f"{self.cluster} serves it now")
+        tunnel, app = found
+        checker = _Checker(self._roles, session["roles"], session["traits"],
+                           app.labels, self.clock)
+        if not await checker.refresh():
+            raise errors.AccessDenied(f"your roles do not allow app {name}")
+
+        def check() -> BaseException | None:
+            if self.sessions.current(session_id) is None:
+                return errors.AccessDenied(
+                    f"your app session has ended: run `edge apps login {name}` again")
+            if not checker.allowed():
+                return errors.AccessDenied(f"your roles no longer allow app {name}")
+            return None
+
+        return attach(self._access(
+            app, tunnel, user=identity.name, roles=session["roles"], session=session_id,
+            hosts=self.expected_hosts(name), origin=self.public_origin(name),
+            client_ip=client_ip, source=source, check=check))
+
+    def _access(self, app, tunnel, *, user, roles, session, hosts, origin, client_ip,
+                source, check) -> AppAccess:
+        keys = self.keys
+        roles = list(roles)
+
+        def assertion() -> bytes:
+            return keys.assertion(user=user, roles=roles, audience=app.uri, session=session)
+
+        upstream = app.rewrite_host or urlsplit(app.uri).netloc
+        return AppAccess(
+            app=app.name, user=user,
+            endpoint=self.endpoint_for(tunnel, "app", app.name, source=source),
+            expected_hosts=frozenset(hosts), public_origin=origin, app_uri=app.uri,
+            upstream_host=upstream.encode("idna"), client_ip=client_ip,
+            assertion=assertion, check=check)
+
+    def relayed_authorizer(self, root: str, mapped_roles):
+        """For app connections a trusted root cluster relays through its tunnel.
+
+        :param mapped_roles: ``async (root, remote_roles) -> local role names``
+            (the trust's role map; raises AccessDenied when the trust is gone).
+        """
+
+        async def authorize(protocol, preamble: bytes) -> AppAccess:
+            data = parse_preamble(preamble)
+            user, remote = data.get("user"), data.get("roles")
+            hosts, origin = data.get("hosts"), data.get("origin")
+            traits = data.get("traits") or {}
+            client_ip = data.get("client_ip") or ""
+            if not isinstance(user, str) or not isinstance(remote, list) or \
+                    not isinstance(hosts, list) or not isinstance(origin, str) or \
+                    not isinstance(traits, dict) or not isinstance(client_ip, str):
+                raise errors.BadRequest("malformed relay preamble")
+            # The app is the channel's target, not anything the preamble says.
+            name = getattr(protocol, "app_name", None)
+            found = self.index.find(name) if isinstance(name, str) else None
+            if found is None:
+                raise errors.NotFound(f"app {name} is not available in cluster {self.cluster}")
+            tunnel, app = found
+            local = await mapped_roles(root, [r for r in remote if isinstance(r, str)])
+
+            async def load_roles(names):
+                return await self._roles(await mapped_roles(root, remote))
+
+            checker = _Checker(lambda _names: load_roles(_names), local, traits, app.labels,
+                               self.clock)
+            if not await checker.refresh():
+                raise errors.AccessDenied(f"your roles do not allow app {name} of cluster "
+                                          f"{self.cluster}")
+
+            def check() -> BaseException | None:
+                if not checker.allowed():
+                    return errors.AccessDenied(f"your roles no longer allow app {name}")
+                return None
+
+            source = _source(protocol.transport.getPeer())
+            return self._access(
+                app, tunnel, user=user, roles=local, session=str(data.get("session") or ""),
+                hosts=[str(h).lower() for h in hosts], origin=origin, client_ip=client_ip,
+                source=source, check=check)
+
+        return authorize
+
+    # --- issuing app certificates ------------------------------------------------
+
+    async def issue(self, *, identity, user_cert_expires: datetime, app: str, cluster: str,
+                    public_key_pem: str, remote_addr: str) -> dict:
+        """An app session and its certificate (the caller checked the app is allowed)."""
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            public_key = serialization.load_pem_public_key(public_key_pem.encode("ascii"))
+        except (ValueError, TypeError, UnicodeError):
+            raise errors.BadRequest("tls_public_key is not a PEM public key")
+        now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+        expires = min(user_cert_expires, now + MAX_APP_SESSION)
+        if expires <= now:
+            raise errors.CertificateInvalid("your certificate has expired: run edge login")
+        record = await self.sessions.create(
+            user=identity.name, roles=identity.roles, traits=identity.traits, app=app,
+            cluster=cluster, expires=expires, remote_addr=remote_addr)
+        cert = self.auth.authority.sign_tls(
+            public_key, x509ca.Identity(kind="app", name=identity.name, cluster=self.cluster,
+                                        roles=tuple(identity.roles),
+                                        traits=dict(identity.traits), uuid=record["id"]),
+            now=now, ttl=expires - now)
+        return {"certificate": x509ca.certificate_pem(cert).decode("ascii"),
+                "session_id": record["id"], "app": app, "cluster": cluster,
+                "url": self.public_origin(app), "valid_before": expires.isoformat(),
+                "tls_ca": self.auth.authority.tls_ca_pem}
+
+
+def _source(peer) -> str | None:
+    from edgeaccess.tunnel.protocol import format_source
+
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None or port is None:
+        return None
+    return format_source(host, port)

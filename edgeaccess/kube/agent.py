@@ -1,0 +1,558 @@
+"""The Kubernetes agent on a node: ``kube`` channels in, the API with the agent's credential out.
+
+Each ``kube`` channel the proxy opens carries HTTP/1.1 requests of one
+user connection. For every request the agent
+
+1. reads who the user is: the user's X.509 certificate the proxy forwards
+   (``Edge-User-Certificate``, verified here against the cluster CA), or, for
+   a user of a trusted root cluster, the identity its own proxy asserts
+   (``Edge-Identity``; the tunnel is mutually authenticated);
+2. decides again, with the roles it caches, which user and groups the
+   request may reach the API as (``--as``/``--as-group`` included), and
+   answers a ``Status`` 403 itself when nothing is allowed;
+3. drops every credential and impersonation header the client sent, adds
+   its own credential and ``Impersonate-User``/``Impersonate-Group``, and
+   writes the request to its connection to the API (one per channel,
+   reused for every request of that channel, kept for the next channel when
+   the user leaves);
+4. relays the answer back; a ``101 Switching Protocols`` (exec, attach,
+   port-forward over WebSocket or SPDY) turns both directions into a plain
+   byte splice.
+
+The API being down, or answering garbage, gets a ``Status`` error (502/503)
+that never includes the agent's credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timezone
+from typing import Callable
+
+from cryptography import x509
+from twisted.internet import defer, ssl, threads
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from edgeaccess import errors
+from edgeaccess.kube import http1
+from edgeaccess.kube.access import Impersonation
+from edgeaccess.kube.kubeconfig import (
+    AgentConfig,
+    Credential,
+    read_static_credential,
+    run_exec_plugin,
+)
+from edgeaccess.pki import x509ca
+
+_log = Logger()
+
+#: Header names (lowercase) the client may not send on to the API.
+_STRIPPED_PREFIXES = (b"impersonate-", b"edge-")
+_STRIPPED = {b"authorization", b"proxy-authorization", b"host", b"connection", b"keep-alive",
+             b"proxy-connection", b"te", b"trailer"}
+#: Queued bytes towards the API before the channel is paused.
+_HIGH_WATER = 1024 * 1024
+#: Idle API connections kept for new channels.
+_POOL_SIZE = 16
+_CERT_CACHE = 512
+
+
+class UserIdentity:
+    """Who a request is for, as the agent established it."""
+
+    __slots__ = ("name", "cluster", "roles", "traits")
+
+    def __init__(self, name: str, cluster: str, roles, traits) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.roles = tuple(roles)
+        self.traits = dict(traits or {})
+
+
+class KubeAgent:
+    """Publishes one Kubernetes API through the node's tunnel.
+
+    :param name: the Kubernetes cluster's name in edgeaccess.
+    :param labels: its labels (``--kube-labels``).
+    :param config: what the kubeconfig said (server, CA, credential).
+    :param decide: ``decide(identity, kube_labels, as_user, as_groups) ->
+        Impersonation``; raises AccessDenied (the node's roles).
+    :param ca_certs: callable returning the cluster CA certificates user
+        certificates must chain to.
+    :param cluster_name: this node's cluster.
+    """
+
+    def __init__(self, *, name: str, labels: dict[str, str], config: AgentConfig, reactor,
+                 decide: Callable[..., Impersonation], ca_certs: Callable[[], list],
+                 cluster_name: str) -> None:
+        self.name = name
+        self.labels = dict(labels)
+        self.config = config
+        self.reactor = reactor
+        self.decide = decide
+        self.ca_certs = ca_certs
+        self.cluster_name = cluster_name
+        self.credential: Credential | None = None
+        self._refresh_call = None
+        self._tls_options = None
+        self._pool: list[_APIConnection] = []
+        self._certs: dict[bytes, tuple[x509.Certificate, x509ca.Identity]] = {}
+
+    # --- credential ------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        """Read the credential (and keep an exec plugin's fresh)."""
+        return defer.Deferred.fromCoroutine(self._refresh())
+
+    def stop(self) -> None:
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        for connection in self._pool:
+            connection.transport.loseConnection()
+        self._pool = []
+
+    async def _refresh(self) -> None:
+        config = self.config
+        try:
+            if config.exec_plugin is not None:
+                credential = await threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), run_exec_plugin,
+                    config.exec_plugin)
+            else:
+                credential = await threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), read_static_credential, config)
+            self._set_credential(credential)
+            delay = 300.0 if config.token_file else None
+            if credential.expires is not None:
+                delay = max(5.0, (credential.expires - self.reactor.seconds()) * 0.8)
+        except (errors.EdgeError, OSError) as e:
+            _log.error("Kubernetes agent {name}: no credential for the API: {reason}",
+                       name=self.name, reason=e)
+            delay = 10.0
+        if delay is not None:
+            self._refresh_call = self.reactor.callLater(
+                delay, lambda: defer.Deferred.fromCoroutine(self._refresh()))
+
+    def _set_credential(self, credential: Credential) -> None:
+        changed = self.credential is None or \
+            (credential.cert_pem, credential.key_pem) != (self.credential.cert_pem,
+                                                         self.credential.key_pem)
+        self.credential = credential
+        if changed:
+            self._tls_options = self._make_tls_options(credential)
+            for connection in self._pool:
+                connection.transport.loseConnection()
+            self._pool = []
+
+    def _make_tls_options(self, credential: Credential):
+        if not self.config.tls:
+            return None
+        client_cert = None
+        if credential.cert_pem and credential.key_pem:
+            client_cert = ssl.PrivateCertificate.loadPEM(
+                credential.key_pem.decode() + "\n" + credential.cert_pem.decode())
+        hostname = self.config.tls_server_name or self.config.host
+        if self.config.insecure:
+            options = ssl.CertificateOptions(
+                privateKey=client_cert.privateKey.original if client_cert else None,
+                certificate=client_cert.original if client_cert else None)
+            return options
+        trust = ssl.Certificate.loadPEM(self.config.ca_pem) if self.config.ca_pem else None
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust, clientCertificate=client_cert)
+
+    # --- users -----------------------------------------------------------------
+
+    def identify(self, head: http1.Head) -> UserIdentity:
+        """The user of a request (see the module docstring).
+
+        :raises errors.AccessDenied: no verifiable identity.
+        """
+        cert_header = head.get(b"edge-user-certificate")
+        if cert_header:
+            cert, identity = self._verified(cert_header)
+            now = datetime.fromtimestamp(self.reactor.seconds(), timezone.utc)
+            if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+                raise errors.AccessDenied("your certificate has expired: run edge login")
+            if identity.kind != "user":
+                raise errors.AccessDenied("only user certificates reach Kubernetes")
+            return UserIdentity(identity.name, identity.cluster, identity.roles,
+                                identity.traits)
+        asserted = head.get(b"edge-identity")
+        if asserted:
+            try:
+                data = json.loads(asserted)
+                identity = UserIdentity(str(data["user"]), str(data["cluster"]),
+                                        [str(r) for r in data.get("roles") or []],
+                                        data.get("traits") or {})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise errors.AccessDenied("malformed identity from the proxy") from None
+            if identity.cluster == self.cluster_name:
+                # This cluster's users always come with their certificate.
+                raise errors.AccessDenied("a user of this cluster needs a certificate")
+            return identity
+        raise errors.AccessDenied("no user identity on the request")
+
+    def _verified(self, header: bytes):
+        found = self._certs.get(header)
+        if found is not None:
+            return found
+        try:
+            cert = x509.load_der_x509_certificate(base64.b64decode(header, validate=True))
+        except ValueError:
+            raise errors.AccessDenied("malformed user certificate") from None
+        for ca in self.ca_certs():
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, Exception):
+                continue
+            break
+        else:
+            raise errors.AccessDenied("the user certificate is not from this cluster's CA")
+        try:
+            identity = x509ca.identity_from_certificate(cert)
+        except ValueError:
+            raise errors.AccessDenied("the user certificate holds no identity") from None
+        if len(self._certs) >= _CERT_CACHE:
+            self._certs.clear()
+        self._certs[header] = (cert, identity)
+        return cert, identity
+
+    # --- connections to the API ----------------------------------------------------
+
+    def connect_api(self, factory) -> defer.Deferred:
+        endpoint = HostnameEndpoint(self.reactor, self.config.host, self.config.port, timeout=10)
+        if self._tls_options is not None:
+            endpoint = wrapClientTLS(self._tls_options, endpoint)
+        return endpoint.connect(factory)
+
+    def take_pooled(self) -> _APIConnection | None:
+        while self._pool:
+            connection = self._pool.pop()
+            if connection.connected and connection.reusable:
+                return connection
+        return None
+
+    def give_back(self, connection: _APIConnection) -> None:
+        if connection.reusable and connection.connected and len(self._pool) < _POOL_SIZE:
+            connection.channel = None
+            connection.transport.resumeProducing()
+            self._pool.append(connection)
+        else:
+            connection.transport.loseConnection()
+
+    def forget(self, connection: _APIConnection) -> None:
+        if connection in self._pool:
+            self._pool.remove(connection)
+
+    def channel_factory(self) -> Factory:
+        agent = self
+
+        class _Factory(Factory):
+            def buildProtocol(self, addr):
+                return AgentChannel(agent)
+
+        return _Factory()
+
+    def api_headers(self, imp: Impersonation) -> list[tuple[bytes, bytes]]:
+        """The agent's credential and the impersonation headers."""
+        headers = [(b"Host", f"{self.config.host}:{self.config.port}".encode())]
+        credential = self.credential
+        if credential is not None and credential.token:
+            headers.append((b"Authorization", b"Bearer " + credential.token.encode()))
+        headers.append((b"Impersonate-User", imp.user.encode()))
+        headers += [(b"Impersonate-Group", group.encode()) for group in imp.groups]
+        return headers
+
+
+def no_delay(transport) -> None:
+    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP: a
+    head and a body written apart must not wait for a delayed ACK."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except Exception:  # not a socket (a tunnel channel, a test transport)
+        pass
+
+
+def _keep_header(name: bytes) -> bool:
+    lower = name.lower()
+    return lower not in _STRIPPED and not lower.startswith(_STRIPPED_PREFIXES)
+
+
+class AgentChannel(Protocol):
+    """One ``kube`` channel: requests from the proxy, answers from the API."""
+
+    def __init__(self, agent: KubeAgent) -> None:
+        self.agent = agent
+        self.reader = http1.MessageReader(True, self)
+        self.api: _APIConnection | None = None
+        self._connecting: defer.Deferred | None = None
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._local_answer = False
+        self._upgrade = False
+        self._method = b"GET"
+        self._lost = False
+        self._paused = False
+        #: A request went to the API and its answer has not ended yet.
+        self._in_flight = False
+
+    # --- from the proxy ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.reader.feed(data)
+        except http1.HTTPError as e:
+            _log.info("Kubernetes agent {name}: bad request from the proxy: {reason}",
+                      name=self.agent.name, reason=e)
+            self._answer(e.status, f"bad request: {e}", close=True)
+
+    def message_head(self, head: http1.Head, raw: bytes) -> None:
+        self._method = head.method
+        self._upgrade = head.wants_upgrade
+        self._local_answer = False
+        try:
+            user = self.agent.identify(head)
+            imp = self.agent.decide(user, self.agent.name, self.agent.labels,
+                                    (head.get(b"impersonate-user") or b"").decode(
+                                        "utf-8", "replace") or None,
+                                    [g.decode("utf-8", "replace")
+                                     for g in head.get_all(b"impersonate-group")])
+        except errors.AccessDenied as e:
+            _log.info("Kubernetes agent {name}: refused {method} {path}: {reason}",
+                      name=self.agent.name, method=head.method.decode("latin-1"),
+                      path=head.target[:200].decode("latin-1"), reason=e)
+            self._local_answer = True
+            self._answer(403, str(e))
+            return
+        if self.agent.credential is None:
+            self._local_answer = True
+            self._answer(503, f"the agent of Kubernetes cluster {self.agent.name} has no "
+                              "credential for its API (see the node's log)")
+            return
+        headers = [(k, v) for k, v in head.headers if _keep_header(k)]
+        headers += self.agent.api_headers(imp)
+        if self._upgrade:
+            headers.append((b"Connection", b"Upgrade"))
+        out = http1.Head(head.start, headers, True)
+        self._in_flight = True
+        self._to_api(out.serialize())
+
+    def message_body(self, data: bytes) -> None:
+        if not self._local_answer:
+            self._to_api(data)
+
+    def message_end(self) -> None:
+        if self._local_answer:
+            self._local_answer = False
+            self.reader.release()
+
+    def _answer(self, code: int, message: str, close: bool = False) -> None:
+        if self.transport is not None:
+            self.transport.write(http1.status_response(code, message, close=close))
+            if close:
+                self.transport.loseConnection()
+
+    # --- towards the API -----------------------------------------------------------
+
+    def _to_api(self, data: bytes) -> None:
+        if self.api is not None and self.api.connected:
+            self.api.transport.write(data)
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > _HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        if self._connecting is None:
+            pooled = self.agent.take_pooled()
+            if pooled is not None:
+                self._attach(pooled)
+                return
+            self._connecting = self.agent.connect_api(Factory.forProtocol(_APIConnection))
+            self._connecting.addCallbacks(self._attach, self._api_unreachable)
+
+    def _attach(self, api: _APIConnection) -> None:
+        self._connecting = None
+        if self._lost:
+            self.agent.give_back(api)
+            return
+        self.api = api
+        api.channel = self
+        api.reader = http1.MessageReader(False, api, request_method=lambda: self._method)
+        # Backpressure both ways, as a splice does; through shims, so that
+        # the end of one side does not abort the other (a pooled connection).
+        api.transport.registerProducer(ProducerShim(self.transport), True)
+        self.transport.registerProducer(ProducerShim(api.transport), True)
+        queue, self._queue, self._queued = self._queue, [], 0
+        if queue:
+            api.transport.write(b"".join(queue))
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _api_unreachable(self, failure) -> None:
+        self._connecting = None
+        self._queue, self._queued = [], 0
+        _log.warn("Kubernetes agent {name}: the API at {server} is unreachable: {reason}",
+                  name=self.agent.name, server=self.agent.config.server,
+                  reason=failure.getErrorMessage())
+        self._answer(503, f"the Kubernetes API of cluster {self.agent.name} is unreachable",
+                     close=True)
+
+    # --- answers from the API --------------------------------------------------------
+
+    def api_head(self, head: http1.Head, raw: bytes) -> None:
+        if head.code == 101 and self._upgrade:
+            self.transport.write(raw)
+            self.reader.switch_to_raw()
+            return
+        self.transport.write(raw)
+
+    def api_body(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def api_end(self) -> None:
+        self._in_flight = False
+        self.reader.release()
+
+    def api_garbage(self, error: http1.HTTPError, head_sent: bool) -> None:
+        _log.warn("Kubernetes agent {name}: the API answered garbage: {reason}",
+                  name=self.agent.name, reason=error)
+        if not head_sent:
+            self._answer(502, f"the Kubernetes API of cluster {self.agent.name} sent an "
+                              "invalid answer", close=True)
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def api_lost(self, clean_end: bool) -> None:
+        self.api = None
+        if self._lost:
+            return
+        if clean_end or self.reader.raw:
+            self.transport.loseConnection()
+        elif not self.reader.idle:
+            self._answer(502, f"the Kubernetes API of cluster {self.agent.name} closed the "
+                              "connection", close=True)
+
+    def connectionLost(self, reason) -> None:
+        self._lost = True
+        api, self.api = self.api, None
+        if api is not None:
+            api.transport.unregisterProducer()
+            if self.reader.raw or self._in_flight or not api.reader.idle:
+                # Mid-request or mid-answer: the connection cannot serve another user.
+                api.transport.loseConnection()
+            else:
+                self.agent.give_back(api)
+
+
+class ProducerShim:
+    """Pauses and resumes a transport for a consumer, but never stops it."""
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _APIConnection(Protocol):
+    """One connection to the API server; serves the channel it is attached to."""
+
+    def __init__(self) -> None:
+        self.channel: AgentChannel | None = None
+        self.reader: http1.MessageReader | None = None
+        self.connected = False
+        self.reusable = True
+        self._head_sent = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        no_delay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.channel is None or self.reader is None:
+            # Nothing was asked: an idle pooled connection talking is broken.
+            self.reusable = False
+            self.transport.loseConnection()
+            return
+        try:
+            self.reader.feed(data)
+        except http1.HTTPError as e:
+            self.reusable = False
+            channel = self.channel
+            self.transport.loseConnection()
+            channel.api_garbage(e, self._head_sent)
+
+    def message_head(self, head: http1.Head, raw: bytes) -> None:
+        self._head_sent = True
+        if b"close" in head.tokens(b"connection") or head.code == 101:
+            self.reusable = False
+        self.channel.api_head(head, raw)
+
+    def message_body(self, data: bytes) -> None:
+        if self.channel is not None:
+            self.channel.api_body(data)
+
+    def message_end(self) -> None:
+        self._head_sent = False
+        if self.channel is not None:
+            self.channel.api_end()
+        if not self.reusable:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        self.reusable = False
+        clean = self.reader.finish() if self.reader is not None else False
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.api_lost(clean)
+
+
+def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],
+                 trusted_clusters: Callable[[], list]) -> Callable[..., Impersonation]:
+    """The node's decision for a request: its cached roles (mapped for a root's users)."""
+    from edgeaccess.cluster.trusted import map_roles
+    from edgeaccess.identity import rbac, roles
+    from edgeaccess.kube.access import impersonation
+
+    def decide(user: UserIdentity, kube_name: str, kube_labels, as_user,
+               as_groups) -> Impersonation:
+        names = list(user.roles)
+        if user.cluster != cluster_name:
+            for trusted in trusted_clusters():
+                if trusted.get("name") == user.cluster:
+                    names = map_roles(trusted.get("role_map", []), user.roles)
+                    break
+            else:
+                raise errors.AccessDenied(f"users of cluster {user.cluster} are not accepted")
+        documents = role_documents()
+        found = []
+        for name in names:
+            doc = documents.get(name)
+            if doc is None:
+                continue
+            try:
+                found.append(roles.parse_role(doc))
+            except errors.EdgeError:
+                continue
+        if not found:
+            raise errors.AccessDenied(f"none of the roles {names} exist here")
+        checker = rbac.AccessChecker(found, user.traits)
+        return impersonation(checker, user.name, kube_name, kube_labels, as_user=as_user,
+                             as_groups=as_groups)
+
+    return decide

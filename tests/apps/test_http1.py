@@ -1,0 +1,147 @@
+"""The streaming HTTP/1.1 reader: framing, limits, smuggling refusals, holds."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeaccess.apps import http1
+
+
+class Recorder:
+    def __init__(self, request: bool = True, method: bytes = b"GET") -> None:
+        self.events: list = []
+        self.request = request
+        self.method = method
+
+    def message_head(self, head):
+        self.events.append(("head", head.start, list(head.headers)))
+        if self.request:
+            return http1.request_framing(head)
+        return http1.response_framing(head, self.method)
+
+    def message_body(self, data):
+        if self.events and self.events[-1][0] == "body":
+            self.events[-1] = ("body", self.events[-1][1] + data)
+        else:
+            self.events.append(("body", data))
+
+    def message_end(self):
+        self.events.append(("end",))
+
+    def raw(self, data):
+        self.events.append(("raw", data))
+
+
+def feed(data: bytes, request: bool = True, pieces: int = 1) -> list:
+    recorder = Recorder(request)
+    reader = http1.MessageReader(request=request, handler=recorder)
+    step = max(1, len(data) // pieces)
+    for i in range(0, len(data), step):
+        reader.feed(data[i:i + step])
+    return recorder.events
+
+
+def test_requests_with_length_and_chunked_bodies_are_passed_on_as_framed():
+    stream = (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+              b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"3;ext=1\r\nabc\r\n0\r\nTrailer: t\r\n\r\n"
+              b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+    for pieces in (1, 7, len(stream)):
+        events = feed(stream, pieces=pieces)
+        assert [e[0] for e in events] == ["head", "body", "end", "head", "body", "end",
+                                          "head", "end"]
+        assert events[1] == ("body", b"hello")
+        assert events[4] == ("body", b"3;ext=1\r\nabc\r\n0\r\nTrailer: t\r\n\r\n")
+        assert events[6][1] == (b"GET", b"/c", b"HTTP/1.1")
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"GET  / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * (70 * 1024) + b"\r\n\r\n", 431),
+])
+def test_malformed_or_smuggling_requests_are_refused(head, status):
+    with pytest.raises(http1.BadMessage) as caught:
+        feed(head)
+    assert caught.value.status == status
+
+
+def test_a_head_without_end_is_refused_once_too_large():
+    recorder = Recorder()
+    reader = http1.MessageReader(request=True, handler=recorder)
+    reader.feed(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(http1.BadMessage) as caught:
+        for _ in range(100):
+            reader.feed(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+    assert caught.value.status == 431
+
+
+def test_response_framing_depends_on_the_request():
+    recorder = Recorder(request=False, method=b"HEAD")
+    reader = http1.MessageReader(request=False, handler=recorder)
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert recorder.events[-1] == ("end",)  # a HEAD response has no body
+    recorder = Recorder(request=False)
+    reader = http1.MessageReader(request=False, handler=recorder)
+    reader.feed(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+    assert recorder.events[-1] == ("body", b"until close")
+    assert reader.eof() is True
+    assert recorder.events[-1] == ("end",)
+
+
+def test_hold_keeps_bytes_until_released_or_switched_to_raw():
+    recorder = Recorder()
+    reader = http1.MessageReader(request=True, handler=recorder)
+    reader.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    reader.hold()
+    reader.feed(b"\x81\x05hello")
+    assert [e[0] for e in recorder.events] == ["head", "end"]
+    reader.switch_to_raw()
+    reader.feed(b"more")
+    assert recorder.events[-2:] == [("raw", b"\x81\x05hello"), ("raw", b"more")]
+    recorder = Recorder()
+    reader = http1.MessageReader(request=True, handler=recorder)
+    reader.feed(b"GET /a HTTP/1.1\r\n\r\n")
+    reader.hold()
+    reader.feed(b"GET /b HTTP/1.1\r\n\r\n")
+    assert len([e for e in recorder.events if e[0] == "head"]) == 1
+    reader.release()
+    assert len([e for e in recorder.events if e[0] == "head"]) == 2
+
+
+def test_header_rewriting_helpers():
+    head = http1.parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n"
+                            b"edge-jwt-assertion: x", request=True)
+    head.remove_if(lambda name: name.startswith(b"x-forwarded-") or name == b"edge-jwt-assertion")
+    head.set(b"Host", b"b")
+    assert head.serialize() == b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000), st.integers(min_value=1, max_value=50))
+def test_arbitrary_bytes_never_crash_the_reader(data, pieces):
+    try:
+        feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + data, pieces=pieces)
+        feed(data, pieces=pieces)
+        feed(data, request=False, pieces=pieces)
+    except http1.BadMessage:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=8), st.integers(1, 40))
+def test_chunked_bodies_pass_through_unchanged(chunks, pieces):
+    body = b"".join(b"%x\r\n" % len(c) + c + b"\r\n" for c in chunks) + b"0\r\n\r\n"
+    events = feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
+                  pieces=pieces)
+    assert events[1] == ("body", body)
+    assert events[-1] == ("end",)

@@ -1,0 +1,293 @@
+"""Web application access end to end: a real proxy whose public host is
+``edge.localhost``, a node behind a reverse tunnel publishing apps (the demo
+app, one that misbehaves, one that is down), ``edge apps``, curl with app
+certificates (verified strictly against the cluster CA, names under
+``*.edge.localhost``), and a WebSocket client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeaccess.devcluster import join_node, run_edge, stop_process, wait_for
+from tests.apps.appkit import (
+    PUBLIC_HOST,
+    WebSocketClient,
+    app_login,
+    curl,
+    edge_login,
+    start_bad_app,
+    start_demo_app,
+    start_proxy,
+    tls_socket,
+    web_listen,
+    web_port,
+)
+
+ROLE = """\
+kind: role
+version: v1
+metadata: {name: webonly}
+spec:
+  allow: {app_labels: {team: web}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("apps")
+    proxy = start_proxy(base, "apps")
+    demo = bad = node = None
+    try:
+        demo, demo_port = start_demo_app(proxy)
+        bad, bad_port = start_bad_app()
+        apps = [f"name=demo,uri=http://127.0.0.1:{demo_port},labels=team:web",
+                f"name=secret,uri=http://127.0.0.1:{demo_port},labels=team:ops",
+                f"name=bad,uri=http://127.0.0.1:{bad_port},labels=team:web",
+                "name=down,uri=http://127.0.0.1:1,labels=team:web"]
+        node, _ = join_node(proxy, base, "appnode", tunnel=True, auth_server=web_listen(proxy),
+                            extra_args=[a for app in apps for a in ("--app", app)])
+        role = base / "role.yaml"
+        role.write_text(ROLE)
+        proxy.edgectl("create", "-f", str(role))
+        proxy.add_user("alice", "alice-password-1", roles=("access",))
+        proxy.add_user("bob", "bob-password-1", roles=("webonly",))
+        alice = edge_login(proxy, base / "alice", "alice", "alice-password-1")
+        bob = edge_login(proxy, base / "bob", "bob", "bob-password-1")
+        yield {"proxy": proxy, "alice": alice, "bob": bob, "demo_port": demo_port,
+               "base": base, "node": node}
+    finally:
+        if node is not None:
+            node.stop()
+        stop_process(demo)
+        stop_process(bad)
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def demo(cluster):
+    """alice's app certificate for ``demo``."""
+    return app_login(cluster["alice"], "demo")
+
+
+def whoami(config, *args) -> dict:
+    result = curl(config, "/api/whoami", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_apps_ls_lists_what_the_roles_allow(cluster):
+    result = run_edge(cluster["alice"], "apps", "ls", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    apps = {a["name"]: a for a in json.loads(result.stdout)}
+    assert set(apps) == {"demo", "secret", "bad", "down"}
+    port = web_port(cluster["proxy"])
+    assert apps["demo"]["public_addr"] == f"https://demo.{PUBLIC_HOST}:{port}"
+    assert apps["demo"]["labels"] == {"team": "web"}
+    result = run_edge(cluster["bob"], "apps", "ls", "--format", "json")
+    assert sorted(a["name"] for a in json.loads(result.stdout)) == ["bad", "demo", "down"]
+
+
+def test_curl_with_app_certificate_reaches_app_with_verified_identity(cluster, demo):
+    assert demo["url"] == f"https://demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
+    answer = whoami(demo)
+    assert answer["verified"] is True, answer
+    claims = answer["claims"]
+    assert claims["sub"] == claims["username"] == "alice"
+    assert claims["roles"] == ["access"]
+    assert claims["iss"] == "apps"
+    assert claims["aud"] == f"http://127.0.0.1:{cluster['demo_port']}"
+    assert claims["nbf"] <= claims["iat"] < claims["exp"] <= claims["iat"] + 600
+    headers = answer["headers"]
+    assert headers["X-Forwarded-For"] == ["127.0.0.1"]
+    assert headers["X-Forwarded-Proto"] == ["https"]
+    assert headers["X-Forwarded-Host"] == [demo["url"].removeprefix("https://")]
+    assert headers["Host"] == [f"127.0.0.1:{cluster['demo_port']}"]
+
+
+def test_forged_identity_headers_are_dropped(demo):
+    answer = whoami(demo, "-H", "Edge-Jwt-Assertion: forged.token.here",
+                    "-H", "X-Forwarded-For: 203.0.113.9", "-H", "X-Forwarded-User: admin",
+                    "-H", "x-forwarded-proto: http")
+    assert answer["verified"] is True
+    headers = {k.lower(): v for k, v in answer["headers"].items()}
+    assert len(headers["edge-jwt-assertion"]) == 1
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["https"]
+    assert "x-forwarded-user" not in headers
+
+
+def test_5mb_post_streams_both_ways_byte_exact(cluster, demo, tmp_path):
+    body = os.urandom(5 * 1024 * 1024)
+    source = tmp_path / "body.bin"
+    source.write_bytes(body)
+    out = tmp_path / "out.bin"
+    result = curl(demo, "/api/echo", "--data-binary", f"@{source}", "-o", str(out),
+                  "-D", "-", "-H", "content-type: application/octet-stream")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == body
+    assert f"x-body-sha256: {hashlib.sha256(body).hexdigest()}" in result.stdout.decode().lower()
+    # Chunked request body too (curl streams it from stdin).
+    result = subprocess.run(
+        ["curl", "-sS", "--cacert", demo["ca"], "--cert", demo["cert"], "--key", demo["key"],
+         "-H", "transfer-encoding: chunked", "--data-binary", "@-", demo["url"] + "/api/echo"],
+        input=body, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == body
+
+
+def test_download_streams(demo, tmp_path):
+    size = 64 * 1024 * 1024 + 17
+    out = tmp_path / "big.bin"
+    result = curl(demo, f"/api/bytes/{size}", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size == size
+    expected = (bytes(range(256)) * 256)
+    with out.open("rb") as f:
+        assert f.read(len(expected)) == expected
+
+
+def test_websocket_echo_through_the_proxy(cluster, demo):
+    host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
+    sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", demo)
+    try:
+        ws = WebSocketClient(sock, host)
+        ws.send_text("hello app")
+        assert ws.receive() == "hello app"
+        blob = os.urandom(300 * 1024)
+        ws.send_bytes(blob)
+        assert ws.receive() == blob
+    finally:
+        sock.close()
+
+
+def test_redirect_to_the_apps_own_uri_is_rewritten(demo):
+    result = curl(demo, "/api/redirect", "-D", "-", "-o", "/dev/null")
+    head = result.stdout.decode()
+    assert " 302 " in head.splitlines()[0]
+    assert f"location: {demo['url']}/api/landed".lower() in head.lower()
+    result = curl(demo, "/api/redirect", "-L")
+    assert result.stdout == b"landed\n"
+
+
+def test_user_without_matching_app_labels_is_refused(cluster, tmp_path):
+    result = run_edge(cluster["bob"], "apps", "login", "secret")
+    assert result.returncode != 0
+    assert "secret" in result.stderr and "not allow" in result.stderr
+    # bob's certificate for demo does not open secret.
+    bob_demo = app_login(cluster["bob"], "demo")
+    assert whoami(bob_demo)["claims"]["roles"] == ["webonly"]
+    url = bob_demo["url"].replace("://demo.", "://secret.")
+    result = curl(bob_demo, "/api/whoami", "-i", url=url)
+    text = result.stdout.decode()
+    assert text.startswith("HTTP/1.1 403"), text
+    assert "this certificate is for app demo, not secret" in text
+    assert "certificate of bob for app demo used on app secret" in cluster["proxy"].log()
+
+
+def test_unknown_app_and_missing_certificate_get_clear_pages(cluster, demo):
+    port = web_port(cluster["proxy"])
+    base = ["curl", "-sS", "-i", "--cacert", demo["ca"]]
+    result = subprocess.run(base + [f"https://nope.{PUBLIC_HOST}:{port}/"],
+                            capture_output=True, timeout=30)
+    assert result.stdout.startswith(b"HTTP/1.1 404"), result.stdout
+    assert b"no app named nope" in result.stdout
+    result = subprocess.run(base + [f"https://demo.{PUBLIC_HOST}:{port}/"],
+                            capture_output=True, timeout=30)
+    assert result.stdout.startswith(b"HTTP/1.1 401"), result.stdout
+    assert b"edge apps login demo" in result.stdout
+    # A user's own certificate is no app certificate.
+    home = cluster["alice"]
+    result = subprocess.run(base + ["--cert", str(home / "tls.crt"), "--key",
+                                    str(home / "tls.key"), f"https://demo.{PUBLIC_HOST}:{port}/"],
+                            capture_output=True, timeout=30)
+    assert result.stdout.startswith(b"HTTP/1.1 403"), result.stdout
+
+
+def test_forged_host_is_refused(cluster, demo):
+    port = web_port(cluster["proxy"])
+    result = curl(demo, "/api/whoami", "-i", "-H", f"Host: secret.{PUBLIC_HOST}:{port}")
+    assert result.stdout.startswith(b"HTTP/1.1 421"), result.stdout
+    # An app host on a connection made for the web UI.
+    result = subprocess.run(
+        ["curl", "-sS", "-i", "--cacert", demo["ca"], "-H", f"Host: demo.{PUBLIC_HOST}:{port}",
+         f"https://{PUBLIC_HOST}:{port}/v1/ping"], capture_output=True, timeout=30)
+    assert result.stdout.startswith(b"HTTP/1.1 421"), result.stdout
+    # The web UI itself still answers on the public host.
+    result = subprocess.run(["curl", "-sS", "--cacert", demo["ca"],
+                             f"https://{PUBLIC_HOST}:{port}/v1/ping"],
+                            capture_output=True, timeout=30)
+    assert json.loads(result.stdout)["cluster_name"] == "apps"
+
+
+def test_huge_header_is_refused(demo):
+    result = curl(demo, "/api/whoami", "-i", "-H", "X-Big: " + "a" * 70000)
+    assert result.stdout.startswith(b"HTTP/1.1 431"), result.stdout[:200]
+
+
+def test_bad_apps_get_clear_errors_and_nothing_else_is_affected(cluster):
+    bad = app_login(cluster["alice"], "bad")
+    result = curl(bad, "/garbage", "-i")
+    assert result.stdout.startswith(b"HTTP/1.1 502"), result.stdout
+    assert b"invalid response" in result.stdout
+    result = curl(bad, "/midbody", "-o", "/dev/null")
+    assert result.returncode != 0  # curl: transfer closed with outstanding data
+    assert curl(bad, "/fine").stdout == b"ok\n"
+    down = app_login(cluster["alice"], "down")
+    result = curl(down, "/", "-i")
+    assert result.stdout.startswith(b"HTTP/1.1 502"), result.stdout
+    assert b"app down is unreachable from its node" in result.stdout
+    assert "app bad answered garbage" in cluster["proxy"].log()
+    assert "app down is unreachable" in cluster["node"].log()
+
+
+def test_logout_ends_access_and_closes_websockets(cluster):
+    home = cluster["base"] / "carol"
+    cluster["proxy"].add_user("carol", "carol-password-1", roles=("access",))
+    edge_login(cluster["proxy"], home, "carol", "carol-password-1")
+    config = app_login(home, "demo")
+    # Keep copies: logout deletes the files, and a copy must be refused too.
+    kept = home / "kept"
+    kept.mkdir()
+    for name in ("cert", "key"):
+        copy = kept / Path(config[name]).name
+        copy.write_bytes(Path(config[name]).read_bytes())
+        config[name] = str(copy)
+    host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
+    sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", config)
+    try:
+        ws = WebSocketClient(sock, host)
+        ws.send_text("before")
+        assert ws.receive() == "before"
+        result = run_edge(home, "apps", "logout", "demo")
+        assert result.returncode == 0, result.stderr
+        assert "demo" in result.stdout
+        sock.settimeout(10)
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            ws.send_text("after")
+            ws.receive()
+    finally:
+        sock.close()
+    result = curl(config, "/api/whoami", "-i")
+    assert result.stdout.startswith(b"HTTP/1.1 403"), result.stdout
+    assert b"session has ended" in result.stdout
+
+
+def test_app_sessions_are_audited(cluster, demo):
+    def found():
+        events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start")
+        return [e for e in events if e.get("user") == "alice" and e.get("app") == "demo"]
+
+    events = wait_for(found, 20, "app.session.start of alice")
+    assert events[0]["remote_addr"] == "127.0.0.1"
+    assert events[0]["success"] is True
+    ended = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.end")
+    assert any(e.get("user") == "carol" and e.get("app") == "demo" for e in ended)
