@@ -356,11 +356,17 @@ class Spool:
 
         return self._writer.submit(append).addCallback(durable)
 
-    def pending_events(self, limit: int = 500) -> list[dict]:
-        """The oldest ``limit`` durable events not yet acknowledged."""
+    def pending_events(self, limit: int = 500, max_bytes: int | None = None) -> list[dict]:
+        """The oldest ``limit`` durable events not yet acknowledged, and no
+        more of them than fit in ``max_bytes`` of spooled JSON (always at
+        least one: a single event is bounded by the spool itself)."""
         found = []
-        for _, event in self._events.values():
+        size = 0
+        for line, event in self._events.values():
             if len(found) >= limit:
+                break
+            size += len(line)
+            if max_bytes is not None and found and size > max_bytes:
                 break
             found.append(event)
         return found

@@ -39,6 +39,10 @@ _log = Logger()
 #: (disk I/O on the receiving reactor thread).
 CHUNK_BYTES = 96 * 1024
 EVENT_BATCH = 200
+#: Spooled bytes of events per request: under the same in-memory body limit,
+#: and far under the auth API's 256 KiB body limit (200 events of up to
+#: 16 KiB each would not be, and that batch would be refused for ever).
+EVENT_BATCH_BYTES = 64 * 1024
 #: Meta fields sent with a recording's bytes (the rest comes from the
 #: node's certificate).
 _META_QUERY = ("user", "login", "started")
@@ -214,7 +218,7 @@ class SpoolShipper(service.Service):
     async def ship_once(self) -> None:
         """Deliver everything spooled now; raises on the first failure."""
         while True:
-            batch = self.spool.pending_events(EVENT_BATCH)
+            batch = self.spool.pending_events(EVENT_BATCH, max_bytes=EVENT_BATCH_BYTES)
             if not batch:
                 break
             acknowledged = await self.uploader.send_events(batch)

@@ -299,3 +299,19 @@ task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     cast = (tmp_path / "recordings" / "s1.cast").read_bytes()
     assert len(cast) == found["length"] and cast.endswith(b'"]\n')
     assert all(json.loads(line) for line in cast.splitlines())
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_events_are_capped_by_bytes_so_a_batch_fits_a_request(tmp_path, writer):
+    from edgeaccess.audit.uploader import EVENT_BATCH, EVENT_BATCH_BYTES
+
+    spool = await Spool.open(tmp_path, writer)
+    big = "x" * 12_000  # 200 of these would be ~2.4 MB, over the API's body limit
+    for n in range(EVENT_BATCH):
+        await spool.append_event({**event(n), "command": big})
+    batch = spool.pending_events(EVENT_BATCH, max_bytes=EVENT_BATCH_BYTES)
+    assert 1 <= len(batch) < EVENT_BATCH
+    assert len(json.dumps(batch)) <= EVENT_BATCH_BYTES + 16_000
+    assert [e["id"] for e in batch] == [f"e{n}" for n in range(len(batch))]  # oldest first
+    # One event larger than the cap still goes (alone), never stuck.
+    assert len(spool.pending_events(EVENT_BATCH, max_bytes=10)) == 1
