@@ -11,7 +11,8 @@ chunked (``--chunk`` inputs each, seeds ``S``, ``S+1``, ...) so its
 bookkeeping of explored inputs stays small. Prints one
 JSON object per target: inputs, seconds, inputs per second, crashes (an
 exception other than the documented validation errors, an error logged with
-a traceback, or an input past ``--deadline`` seconds) and the first crash
+a traceback, or an input using more than ``--deadline`` seconds of CPU) and
+the first crash
 with its shrunk input. Exits non-zero if anything crashed.
 """
 
@@ -50,7 +51,7 @@ def _worker(target: str, inputs: int, seed: int, chunk: int, deadline: float,
             "hypothesis_examples": examples, "mutants_per_example": mutants,
             "seconds": round(seconds, 1),
             "inputs_per_s": round(done / seconds, 1) if seconds else None,
-            "crashes": 0 if crash is None else 1, "slowest_input_s": round(slowest, 4),
+            "crashes": 0 if crash is None else 1, "slowest_input_cpu_s": round(slowest, 4),
             "seed": seed, "chunk": chunk, "deadline_s": deadline, "crash": crash}
 
 
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=5_000)
     parser.add_argument("--deadline", type=float, default=5.0,
-                        help="seconds one input may take before it counts as a hang")
+                        help="CPU seconds one input may use before it counts as a hang")
     parser.add_argument("--mutants", type=int, default=19,
                         help="byte-level variants checked after each hypothesis example")
     parser.add_argument("--jobs", type=int, default=2)

@@ -44,6 +44,8 @@ def read_json(request) -> dict:
         data = json.loads(body or b"{}")
     except ValueError:
         raise errors.BadRequest("request body is not valid JSON")
+    except RecursionError:  # json's scanner recurses per nesting level
+        raise errors.BadRequest("request body is nested too deeply")
     if not isinstance(data, dict):
         raise errors.BadRequest("request body must be a JSON object")
     return data

@@ -34,7 +34,8 @@ lives here too, behind thin call sites elsewhere:
 - ``http-bad-request``: Twisted's answer to a malformed HTTP request
   (:func:`answer_bad_requests`). Off: Twisted's bare 400 (no JSON error body).
 - ``conch-host-cert``: Conch's client ECDH reply handler and its key set-up
-  (:class:`HostCertificateClientMixin`). Off: web terminals are refused.
+  (:class:`HostCertificateClientMixin`, for the web terminal's client to a
+  node with a host certificate). Off: web terminals are refused.
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take

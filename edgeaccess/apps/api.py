@@ -132,6 +132,48 @@ class AppsAPI:
                 ended.append(record["app"])
         return json_response(request, {"ended": sorted(ended)})
 
+    @app.route("/web/launch/<name>", methods=["GET"])
+    async def launch(self, request, name):
+        """The browser flow: the app host sent a browser without an app cookie here.
+
+        With a web session (else: the login page), an app session tied to it
+        is created and the browser goes back to the app host with it; the
+        app host checks the launch's state cookie and sets its own cookie.
+        """
+        from urllib.parse import quote, urlencode
+
+        from edgeaccess.apps.proxy import _safe_path
+
+        store = self.gateway.web_sessions
+        if store is None:
+            raise errors.NotFound("the browser flow needs the web UI")
+        name = check_app_name(name)
+        state = (request.args.get(b"state") or [b""])[0].decode("ascii", "replace")
+        path = _safe_path((request.args.get(b"path") or [b"/"])[0].decode("utf-8", "replace"))
+        if not state or len(state) > 64 or not state.replace("-", "").replace("_", "").isalnum():
+            raise errors.BadRequest("malformed launch state")
+        session = await store.from_request(request)
+        if session is None:
+            request.redirect(b"/")
+            return b""
+        found = self.gateway.index.find(name)
+        if found is None:
+            raise errors.NotFound(f"there is no app named {name} in cluster "
+                                  f"{self.auth.cluster_name}")
+        checker = await store.checker_for(session)
+        if not checker.can_access_app(found[1].labels):
+            _log.info("app launch refused: {user} to app {app}", user=session.user, app=name)
+            raise errors.AccessDenied(f"your roles do not allow app {name}")
+        token, _record = await self.gateway.sessions.create_web(
+            web_session=session, app=name, cluster=self.auth.cluster_name,
+            remote_addr=httpapi.remote_addr(request))
+        target = self.gateway.public_origin(name) + "/__edge/launch?" + urlencode(
+            {"state": state, "token": token, "path": path}, quote_via=quote)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.redirect(target.encode("ascii"))
+        return b""
+
     @app.route("/.well-known/jwks.json", methods=["GET"])
     def jwks(self, request):
         request.setHeader(b"cache-control", b"public, max-age=60")
@@ -141,7 +183,7 @@ class AppsAPI:
         return json.dumps(self.gateway.keys.jwks(), sort_keys=True).encode() + b"\n"
 
 
-_API_PREFIXES = (b"/v1/apps", b"/.well-known/jwks.json")
+_API_PREFIXES = (b"/v1/apps", b"/.well-known/jwks.json", b"/web/launch/")
 
 
 class WebRouting(Resource):

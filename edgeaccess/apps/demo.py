@@ -210,8 +210,8 @@ def _websocket():
 
 def make_site(jwks_url=None, jwks_ca=None, audience=None) -> server.Site:
     jwks = _JWKS(jwks_url, jwks_ca, audience)
-    root = _Whoami(jwks, page=True)
-    root.isLeaf = False
+    root = resource.Resource()
+    root.putChild(b"", _Whoami(jwks, page=True))
     api = resource.Resource()
     api.putChild(b"whoami", _Whoami(jwks, page=False))
     api.putChild(b"echo", _Echo())

@@ -87,6 +87,67 @@ def status_for(error: BaseException) -> int:
     return 502
 
 
+#: The browser's app cookie (host-only: ``__Host-``) and the launch state cookie.
+APP_COOKIE = "__Host-edge-app"
+STATE_COOKIE = "__Host-edge-app-state"
+#: The app host's own path where a launch ends (never forwarded to the app).
+LAUNCH_PATH = b"/__edge/launch"
+
+
+@attrs.define
+class BrowserLaunch:
+    """A browser connection's app cookie check and where to launch from.
+
+    :ivar session_for: ``(cookie token | None) -> app session record | None``.
+    :ivar launcher: the proxy's launch URL for this app (on the web UI's host).
+    """
+
+    session_for: Callable[[str | None], dict | None]
+    launcher: str
+
+
+class _Respond(Exception):
+    """A request the proxy answers itself (``response``: a whole response)."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
+
+def _cookies(head: http1.Head) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for value in head.get_all(b"cookie"):
+        for part in value.decode("latin-1").split(";"):
+            name, sep, text = part.strip().partition("=")
+            if sep and name not in found:
+                found[name] = text
+    return found
+
+
+def _strip_edge_cookies(head: http1.Head) -> None:
+    kept = []
+    for value in head.get_all(b"cookie"):
+        kept += [p.strip() for p in value.decode("latin-1").split(";")
+                 if p.strip() and not p.strip().startswith("__Host-edge-")]
+    head.remove(b"cookie")
+    if kept:
+        head.headers.append((b"Cookie", "; ".join(kept).encode("latin-1")))
+
+
+def _redirect(location: str, cookies: list[str]) -> bytes:
+    lines = ["HTTP/1.1 302 Found", f"Location: {location}", "Content-Length: 0",
+             "Cache-Control: no-store", "Connection: close"]
+    lines += [f"Set-Cookie: {c}" for c in cookies]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _safe_path(path: str) -> str:
+    """A local path to return to (no scheme, no other host): else ``/``."""
+    if not path.startswith("/") or path.startswith("//") or path.startswith("/\\") or \
+            any(ord(c) < 33 for c in path) or len(path) > 2048:
+        return "/"
+    return path
+
+
 @attrs.define
 class AppAccess:
     """What an authorised app connection needs.
@@ -108,6 +169,8 @@ class AppAccess:
     check: Callable[[], BaseException | None] = lambda: None
     relay_preamble: bytes | None = None
     on_close: list = attrs.Factory(list)
+    #: set for a browser (no client certificate): sessions by cookie, launches
+    browser: BrowserLaunch | None = None
 
 
 def app_origin(uri: str) -> str:
@@ -189,7 +252,7 @@ class AppProxyProtocol(Protocol):
         self._upgrade_requested = False
         self._raw = False
         self._closing = False
-        self._error: tuple[int, str] | None = None
+        self._error: bytes | None = None
         self._sent_response_head = False
         self._interim = False
         self._head_out: bytes | None = None
@@ -281,6 +344,8 @@ class AppProxyProtocol(Protocol):
             _log.info("app {app}: request refused for {user}: {why}", app=self.access.app,
                       user=self.access.user, why=e)
             self._fail(status_for(e), str(e))
+        except _Respond as answer:
+            self._answer(answer.response)
 
     def request_head(self, head: http1.Head):
         access = self.access
@@ -290,6 +355,8 @@ class AppProxyProtocol(Protocol):
                                    f"the request names host {host[:100]!r}")
         if head.method == b"CONNECT":
             raise http1.BadMessage(405, "CONNECT is not served")
+        if access.browser is not None:
+            self._browser_request(head, access.browser)
         refused = access.check()
         if refused is not None:
             raise refused
@@ -316,6 +383,43 @@ class AppProxyProtocol(Protocol):
 
     def request_end(self) -> None:
         pass
+
+    # --- browsers: the app cookie and the launch ---------------------------------
+
+    def _browser_request(self, head: http1.Head, browser: BrowserLaunch) -> None:
+        """Let a request with a valid app cookie through; answer launches."""
+        from urllib.parse import parse_qs, quote, urlencode
+
+        cookies = _cookies(head)
+        path, _, query = head.target.partition(b"?")
+        if path == LAUNCH_PATH:
+            import hmac
+
+            params = parse_qs(query.decode("latin-1"))
+            state = (params.get("state") or [""])[0]
+            token = (params.get("token") or [""])[0]
+            if not state or not hmac.compare_digest(state, cookies.get(STATE_COOKIE, "")):
+                raise errors.AccessDenied("this app launch did not start in this browser "
+                                          "(state mismatch); open the app again")
+            if browser.session_for(token) is None:
+                raise errors.AccessDenied("this app launch has expired; open the app again")
+            target = _safe_path((params.get("path") or ["/"])[0])
+            raise _Respond(_redirect(target, [
+                f"{APP_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax",
+                f"{STATE_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"]))
+        if browser.session_for(cookies.get(APP_COOKIE)) is None:
+            if head.method not in (b"GET", b"HEAD"):
+                raise errors.AuthenticationFailed(
+                    "open this app in the browser first (no valid app session)")
+            import secrets
+
+            state = secrets.token_urlsafe(16)
+            query_text = urlencode({"state": state,
+                                    "path": _safe_path(head.target.decode("latin-1"))},
+                                   quote_via=quote)
+            raise _Respond(_redirect(f"{browser.launcher}?{query_text}", [
+                f"{STATE_COOKIE}={state}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=300"]))
+        _strip_edge_cookies(head)
 
     # --- the app's side -----------------------------------------------------
 
@@ -440,8 +544,7 @@ class AppProxyProtocol(Protocol):
             self._upgrade_requested = False
             self.client_reader.release()
         if self._error is not None and not self._methods:
-            status, message = self._error
-            self._send_error(status, message)
+            self._send_raw(self._error)
 
     def upstream_lost(self, reason: Failure) -> None:
         self.upstream = None
@@ -459,20 +562,27 @@ class AppProxyProtocol(Protocol):
 
     def _fail(self, status: int, message: str) -> None:
         """Answer ``status`` once the responses already on their way are sent."""
+        self._answer(error_page(status, message))
+
+    def _answer(self, response: bytes) -> None:
+        """Send ``response`` (then close) once the responses on their way are sent."""
         self.transport.pauseProducing()
         if self._methods:
-            self._error = (status, message)
+            self._error = response
             self.client_reader.hold()
         else:
-            self._send_error(status, message)
+            self._send_raw(response)
 
     def _send_error(self, status: int, message: str) -> None:
+        self._send_raw(error_page(status, message))
+
+    def _send_raw(self, response: bytes) -> None:
         if self._closing:
             return
         if self._sent_response_head:
             self._close()
             return
-        self.transport.write(error_page(status, message))
+        self.transport.write(response)
         self._close()
 
     def _close(self) -> None:

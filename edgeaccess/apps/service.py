@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from edgeaccess import errors
@@ -16,16 +17,30 @@ from edgeaccess.apps.sessions import AppGateway, AppIndex, AppSessions
 _log = Logger()
 
 
-class _LoadKeys(service.Service):
-    """Loads (on a new cluster: creates) the assertion keys at start."""
+class _AppService(service.Service):
+    """Loads (on a new cluster: creates) the assertion keys at start; ends the
+    app connections of locked users every second."""
 
-    def __init__(self, keys: AppSigningKeys) -> None:
+    def __init__(self, keys: AppSigningKeys, gateway: AppGateway, clock) -> None:
         self.keys = keys
+        self.gateway = gateway
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = clock
+
+    def _sweep(self):
+        return defer.Deferred.fromCoroutine(self.gateway.sweep()).addErrback(
+            lambda f: _log.failure("app lock sweep failed", f))
 
     def startService(self) -> None:
         super().startService()
         d = defer.Deferred.fromCoroutine(self.keys.load())
         d.addErrback(lambda f: _log.failure("cannot load the app assertion keys", f))
+        self._sweeper.start(1.0, now=False)
+
+    def stopService(self):
+        if self._sweeper.running:
+            self._sweeper.stop()
+        return super().stopService()
 
 
 class AppAccessParts:
@@ -37,19 +52,24 @@ class AppAccessParts:
         self.service = service_
 
 
-def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor) -> AppAccessParts:
+def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor,
+          web_sessions=None, ui_host: str | None = None) -> AppAccessParts:
     """Put app access in front of the web UI's ``site`` (its resource is wrapped).
 
     :param registry: the tunnel server's registry (tunnelled nodes and their apps).
     :param clusters: :class:`~edgeaccess.cluster.root.RootClusters` (leaves).
+    :param web_sessions: the web UI's session store: browsers without an app
+        certificate launch the app through it (None: app certificates only).
+    :param ui_host: the web UI's host name (the launcher's), default ``public_host``.
     """
     from edgeaccess.cluster.root import leaf_request
 
     keys = AppSigningKeys(auth.backend, auth.cluster_name, reactor)
-    sessions = AppSessions(auth.backend, reactor, auth._emit)
+    sessions = AppSessions(auth.backend, reactor, auth._emit, web_sessions=web_sessions)
     gateway = AppGateway(auth=auth, index=AppIndex(registry), sessions=sessions, keys=keys,
                          public_host=public_host, web_addr=web_addr, clock=reactor,
-                         leaf_tunnel=lambda name: clusters.tunnels.get(name))
+                         leaf_tunnel=lambda name: clusters.tunnels.get(name),
+                         web_sessions=web_sessions, ui_host=ui_host)
 
     async def ask_leaf(cluster, path, identity):
         tunnel = clusters.tunnels.get(cluster)
@@ -59,7 +79,8 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
 
     api = AppsAPI(gateway, leaf_request=ask_leaf, leaf_known=lambda name: name in clusters.known)
     site.resource = WebRouting(site.resource, api)
-    return AppAccessParts(WebPortFactory(site, gateway, reactor), gateway, _LoadKeys(keys))
+    return AppAccessParts(WebPortFactory(site, gateway, reactor), gateway,
+                          _AppService(keys, gateway, reactor))
 
 
 def relayed_app_factory(gateway: AppGateway, trust, root: str, app: str):

@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from edgeaccess import errors, tls
-from edgeaccess.apps.proxy import AppAccess, parse_preamble, server_name
+from edgeaccess.apps.proxy import AppAccess, BrowserLaunch, parse_preamble, server_name
 from edgeaccess.apps.spec import _APP_NAME
 from edgeaccess.identity import rbac
 from edgeaccess.pki import x509ca
@@ -93,7 +93,8 @@ class AppSessions:
     :param emit: ``emit(event_type, **fields)`` for audit events.
     """
 
-    def __init__(self, backend, clock, emit) -> None:
+    def __init__(self, backend, clock, emit, web_sessions=None) -> None:
+        self.web_sessions = web_sessions
         self.backend = backend
         self.clock = clock
         self.emit = emit
@@ -119,6 +120,38 @@ class AppSessions:
                   "from {addr}", id=record["id"][:8], user=user, app=app, cluster=cluster,
                   addr=remote_addr)
         return record
+
+    async def create_web(self, *, web_session, app: str, cluster: str,
+                         remote_addr: str) -> tuple[str, dict]:
+        """An app session for a browser, tied to ``web_session`` (it ends with it).
+
+        Returns ``(cookie token, record)``; the record's id is a digest of the
+        token, which is never stored.
+        """
+        token = secrets.token_urlsafe(32)
+        record = {"id": web_token_id(token), "user": web_session.user,
+                  "roles": list(web_session.roles), "traits": dict(web_session.traits),
+                  "app": app, "cluster": cluster, "web_session": web_session.id,
+                  "created": self._now().isoformat(),
+                  "expires": web_session.expires.isoformat(), "remote_addr": remote_addr}
+        await self.backend.put(SESSIONS_PREFIX + record["id"],
+                               json.dumps(record, sort_keys=True).encode(),
+                               expires=web_session.expires)
+        self._cache[record["id"]] = (self.clock.seconds(), record)
+        if hasattr(web_session, "id") and self.web_sessions is not None:
+            def web_session_ended(reason: str) -> None:
+                defer.Deferred.fromCoroutine(
+                    self.end(record, f"web session ended ({reason})")).addErrback(
+                    lambda f: _log.failure("ending app session failed", f))
+
+            self.web_sessions.on_end(web_session.id, web_session_ended)
+        self.emit("app.session.start", user=record["user"], app=app, app_cluster=cluster,
+                  session_id=record["id"], remote_addr=remote_addr, success=True,
+                  method="web")
+        _log.info("app session {id} started from web session: {user} to app {app} from "
+                  "{addr}", id=record["id"][:8], user=record["user"], app=app,
+                  addr=remote_addr)
+        return token, record
 
     async def get(self, session_id: str) -> dict | None:
         """The session, read from the backend now (None: ended or expired)."""
@@ -189,6 +222,13 @@ class AppSessions:
             connection.close_for(reason)
 
 
+def web_token_id(token: str) -> str:
+    """The app session id a browser's app cookie token names."""
+    import hashlib
+
+    return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()[:32]
+
+
 class _Checker:
     """Whether roles still allow an app, read again at most every RECHECK seconds."""
 
@@ -235,8 +275,12 @@ class AppGateway:
 
     def __init__(self, *, auth, index: AppIndex, sessions: AppSessions, keys, public_host: str,
                  web_addr: Callable[[], str], clock, leaf_tunnel=None,
-                 endpoint_for=None) -> None:
+                 endpoint_for=None, web_sessions=None, ui_host: str | None = None) -> None:
         self.auth = auth
+        #: the web UI's :class:`~edgeaccess.web.sessions.WebSessionStore` (browser flow)
+        self.web_sessions = web_sessions
+        #: the web UI's host (the launcher's), default the apps' domain
+        self.ui_host = (ui_host or public_host).lower()
         self.cluster = auth.cluster_name
         self.index = index
         self.sessions = sessions
@@ -252,6 +296,38 @@ class AppGateway:
             endpoint_for = TunnelChannelEndpoint
         self.endpoint_for = endpoint_for
         self._role_cache: dict[tuple, tuple[float, list]] = {}
+        self._locks: tuple[float, list] | None = None
+
+    # --- locks --------------------------------------------------------------
+
+    async def refresh_locks(self) -> None:
+        list_locks = getattr(self.auth, "list_locks", None)
+        if callable(list_locks):
+            self._locks = (self.clock.seconds(), await list_locks())
+
+    def lock_message(self, user: str) -> str | None:
+        """Why ``user`` (of this cluster) is locked, from the locks read last, or None."""
+        if self._locks is None:
+            return None
+        from edgeaccess.identity import locks
+
+        lock = locks.matching_lock(self._locks[1], self.clock.seconds(), user=user,
+                                   user_cluster=self.cluster, local_cluster=self.cluster)
+        if lock is None:
+            return None
+        return lock.get("message") or f"lock {lock.get('id', '')}"
+
+    async def sweep(self) -> None:
+        """Read the locks again and end the open app connections of locked users
+        (run every second: a lock ends sessions within 2 s)."""
+        await self.refresh_locks()
+        for session_id in list(self.sessions._live):
+            record = self.sessions.current(session_id)
+            if record is None:
+                continue
+            message = self.lock_message(record["user"])
+            if message is not None:
+                self.sessions.close_connections(session_id, f"locked: {message}")
 
     async def _roles(self, names) -> list:
         """Role objects, read from the backend at most every RECHECK seconds per set
@@ -321,6 +397,8 @@ class AppGateway:
         if identity is None:
             if self.index.find(name) is None:
                 raise unknown
+            if self.web_sessions is not None:
+                return self._browser_access(protocol, name, client_ip, _source(peer))
             raise errors.AuthenticationFailed(
                 f"app {name} needs an app certificate: run `edge apps login {name}` and use "
                 f"the files `edge apps config {name}` names")
@@ -331,6 +409,10 @@ class AppGateway:
         if session is None or session.get("user") != identity.name:
             raise errors.AccessDenied(
                 f"your app session has ended: run `edge apps login {name}` again")
+        await self.refresh_locks()
+        locked = self.lock_message(identity.name)
+        if locked is not None:
+            raise errors.AccessDenied(f"you are locked out: {locked}")
         if session["app"] != name:
             if self.index.find(name) is None:
                 raise unknown
@@ -374,6 +456,9 @@ class AppGateway:
             if self.sessions.current(session_id) is None:
                 return errors.AccessDenied(
                     f"your app session has ended: run `edge apps login {name}` again")
+            locked = self.lock_message(identity.name)
+            if locked is not None:
+                return errors.AccessDenied(f"you are locked out: {locked}")
             if not checker.allowed():
                 return errors.AccessDenied(f"your roles no longer allow app {name}")
             return None
@@ -382,6 +467,67 @@ class AppGateway:
             app, tunnel, user=identity.name, roles=session["roles"], session=session_id,
             hosts=self.expected_hosts(name), origin=self.public_origin(name),
             client_ip=client_ip, source=source, check=check))
+
+    def launcher_url(self, app: str) -> str:
+        port = self._port()
+        return f"https://{self.ui_host}" + ("" if port == 443 else f":{port}") + \
+            f"/web/launch/{app}"
+
+    def _browser_access(self, protocol, name: str, client_ip: str, source) -> AppAccess:
+        """A browser's connection: each request names its app session by cookie."""
+        found = self.index.find(name)
+        tunnel, app = found
+        state: dict = {"checker": None, "session": None}
+        gateway = self
+
+        def session_for(token: str | None):
+            """The valid app session of this app a cookie token names, or None."""
+            if not token:
+                return None
+            session_id = web_token_id(token)
+            record = gateway.sessions.current(session_id)
+            if record is None or record.get("app") != name or \
+                    record.get("cluster") != gateway.cluster or "web_session" not in record:
+                return None
+            if state["session"] is None or state["session"]["id"] != session_id:
+                state["session"] = record
+                state["checker"] = _Checker(gateway._roles, record["roles"],
+                                            record["traits"], app.labels, gateway.clock)
+                state["checker"]._allowed = True  # checked by the launcher just now
+                state["checker"]._checked = gateway.clock.seconds()
+                gateway.sessions.attach(session_id, protocol)
+            return record
+
+        def check() -> BaseException | None:
+            record = state["session"]
+            if record is None or gateway.sessions.current(record["id"]) is None:
+                return errors.AccessDenied(f"your session for app {name} has ended")
+            locked = gateway.lock_message(record["user"])
+            if locked is not None:
+                return errors.AccessDenied(f"you are locked out: {locked}")
+            if not state["checker"].allowed():
+                return errors.AccessDenied(f"your roles no longer allow app {name}")
+            return None
+
+        def assertion() -> bytes:
+            record = state["session"]
+            return gateway.keys.assertion(user=record["user"], roles=record["roles"],
+                                          audience=app.uri, session=record["id"])
+
+        access = self._access(app, tunnel, user="(browser)", roles=(), session="",
+                              hosts=self.expected_hosts(name),
+                              origin=self.public_origin(name), client_ip=client_ip,
+                              source=source, check=check)
+        access.assertion = assertion
+        access.browser = BrowserLaunch(session_for=session_for,
+                                       launcher=self.launcher_url(name))
+
+        def detach(p):
+            if state["session"] is not None:
+                gateway.sessions.detach(state["session"]["id"], p)
+
+        access.on_close.append(detach)
+        return access
 
     def _access(self, app, tunnel, *, user, roles, session, hosts, origin, client_ip,
                 source, check) -> AppAccess:

@@ -244,6 +244,10 @@ def parse_documents(text: str | bytes) -> list[dict[str, Any]]:
             documents.append(doc)
     except yaml.YAMLError as error:
         raise _yaml_error(error) from None
+    except (ValueError, OverflowError) as error:  # PyYAML's scanner: chr() of a \U escape
+        raise BadResource(f"invalid YAML: {error}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise BadResource("invalid YAML: collections nested too deeply") from None
     finally:
         loader.dispose()
     if not documents:

@@ -319,7 +319,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
     apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
                             public_host=apps_domain, web_addr=lambda: addresses()["web"],
-                            site=EdgeSite(web.resource()), reactor=reactor)
+                            site=EdgeSite(web.resource()), reactor=reactor,
+                            web_sessions=getattr(web.ui, "sessions", None),
+                            ui_host=public_host)
     apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),

@@ -149,6 +149,13 @@ def parse_certificate_blob(algorithm: bytes, blob: bytes) -> ssh.SSHCertificate:
         raise CertificateInvalid("malformed certificate")
     if not isinstance(cert, ssh.SSHCertificate):
         raise CertificateInvalid("not a certificate")
+    try:
+        # cryptography parses the CA and subject keys only when asked: a
+        # corrupt one must be refused here, not raise later in a check.
+        cert.signature_key()
+        cert.public_key()
+    except Exception:
+        raise CertificateInvalid("malformed certificate (its keys do not parse)")
     return cert
 
 

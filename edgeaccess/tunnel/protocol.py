@@ -222,7 +222,7 @@ class Inventory:
         """
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise BadRequest("inventory is not JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("inventory is not an object")

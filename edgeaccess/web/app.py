@@ -208,7 +208,8 @@ class WebUI:
             token, session = await self.sessions.login(
                 username=user, password=password, connector=connector,
                 remote_addr=httpapi.remote_addr(request), user_agent=agent)
-        except errors.AccountLocked as e:
+        except (errors.AccountLocked, errors.AccessDenied) as e:
+            # Too many failures, or a lock (its message is for the user).
             return await self._login_form(request, error=str(e), user=user,
                                           connector=connector, code=403)
         except (errors.AuthenticationFailed, errors.BadRequest):
@@ -365,13 +366,14 @@ class WebUI:
         checker = context.pop("checker")
         if name.endswith(".cast"):
             session_id = name[:-len(".cast")]
-            info, data = records.read_recording(self.auth, session, checker, session_id)
+            info, data = await records.read_recording(self.auth, session, checker,
+                                                      session_id)
             r.security_headers(request)
             request.setHeader(b"content-type", b"application/x-asciicast")
             request.setHeader(b"content-disposition",
                               f'attachment; filename="{session_id}.cast"'.encode())
             return data
-        info, _ = records.read_recording(self.auth, session, checker, name, data=False)
+        info, _ = await records.read_recording(self.auth, session, checker, name, data=False)
         return r.render(request, "player.html", csp=r.PLAYER_CSP, title="Recording",
                         session_id=name, info=info, **context)
 

@@ -1,5 +1,8 @@
 """Recordings and the audit log for the web UI (no HTTP routing here).
 
+The recording store answers with Deferreds (its file I/O runs on the disk
+writer's thread); listing checks each listed session's recording.
+
 Who sees what is the audit API's rule (:mod:`edgeaccess.audit.http`):
 recordings of one's own sessions always; everyone's with the ``session``
 rules (``auditor``); the audit log with the ``event`` rules.
@@ -35,7 +38,7 @@ async def list_recordings(auth, user: str | None) -> list[dict]:
             continue
         try:
             check_session_id(session_id)
-            available = store is not None and bool(store.info(session_id))
+            available = store is not None and bool(await store.info(session_id))
         except errors.EdgeError:
             available = False
         if event.get("kind") == "exec" and not available:
@@ -46,14 +49,14 @@ async def list_recordings(auth, user: str | None) -> list[dict]:
     return found
 
 
-def read_recording(auth, session, checker, session_id: str, *, data: bool = True):
+async def read_recording(auth, session, checker, session_id: str, *, data: bool = True):
     """``(info, cast bytes or None)`` of a recording the session may read."""
     check_session_id(session_id)
     store = _audit(auth).recordings
     if store is None:
         raise errors.NotFound("recordings are not kept on this proxy")
     try:
-        info = store.info(session_id)
+        info = await store.info(session_id)
     except errors.NotFound:
         info = None
     own = info is not None and info.get("user") == session.user and info.get(
@@ -63,7 +66,7 @@ def read_recording(auth, session, checker, session_id: str, *, data: bool = True
                                   f"session {session_id}")
     if info is None:
         raise errors.NotFound(f"no recording of session {session_id}")
-    return info, (store.read(session_id) if data else None)
+    return info, ((await store.read(session_id)) if data else None)
 
 
 def _filters(request) -> dict:

@@ -164,3 +164,24 @@ def test_a_leaf_relays_its_roots_user_locks_to_its_nodes():
     leaf.control.root_gone("root")
     leaf.settle(pump)
     assert at_leaf_node.state.locks == []
+
+
+def test_nothing_secret_is_pushed():
+    import json as jsonlib
+
+    world = ProxyWorld()
+    agent, server, pump, received = world.agent()
+    state = {"name": "root", "enabled": True, "ssh_user_ca": ["ssh-ed25519 AAAA root"],
+             "role_map": [{"remote": "access", "local": ["access"]}],
+             "tunnel_key": "-----BEGIN PRIVATE KEY----- secret", "ca_pin": "sha256:00",
+             "cluster_certificate": "cert", "root_tls_ca": "ca"}
+    world.backend.put("/trusted_state/root", jsonlib.dumps(state).encode())
+    connector = {"kind": "ldap_connector", "version": "v1", "metadata": {"name": "corp"},
+                 "spec": {"bind_password": "hunter2"}}
+    world.backend.put("/resources/ldap_connector/corp",
+                      jsonlib.dumps(connector).encode())
+    world.settle(pump)
+    pushed = jsonlib.dumps(received.messages) + world.control.publisher.init_bytes().decode()
+    assert "secret" not in pushed and "hunter2" not in pushed and "cluster_certificate" not in pushed
+    assert received.state.trusted == [{"name": "root", "ssh_user_ca": ["ssh-ed25519 AAAA root"],
+                                       "role_map": [{"remote": "access", "local": ["access"]}]}]

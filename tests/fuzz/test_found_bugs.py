@@ -95,3 +95,48 @@ def test_answers_and_errors_are_checked_in_amps_order(box) -> None:
     loud.assert_quiet()
     assert transport.disconnecting
     assert server.closed_reason in ("answer to no question", "malformed error box")
+
+
+def test_deeply_nested_json_bodies_are_400() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b""])
+    request.content = __import__("io").BytesIO(b"[" * 100_000)
+    with pytest.raises(errors.BadRequest, match="nested too deeply"):
+        httpapi.read_json(request)
+
+
+def test_a_deeply_nested_inventory_is_a_bad_request() -> None:
+    from edgeaccess.tunnel.protocol import Inventory
+
+    with pytest.raises(errors.BadRequest):
+        Inventory.from_json("[" * 60_000)
+
+
+@pytest.mark.parametrize("text", [
+    b'kind: role\nmetadata: {name: "\\U00110000"}\n',   # an escape beyond Unicode: chr() fails
+    b'kind: role\nmetadata: {name: "\\UFFFFFFFF"}\n',   # beyond a C int: OverflowError
+    b"[" * 5000,                                           # the composer recurses per level
+    b"a: " + b"{a: " * 3000,
+], ids=["escape-beyond-unicode", "escape-beyond-c-int", "nested-lists", "nested-maps"])
+def test_yaml_that_pyyaml_chokes_on_is_a_bad_resource(text: bytes) -> None:
+    with pytest.raises(errors.BadResource, match="invalid YAML"):
+        resources.parse_resources(text)
+
+
+def test_a_certificate_with_a_corrupt_ca_key_is_refused_as_malformed() -> None:
+    import random
+
+    from tests.fuzz.targets import TARGETS
+
+    fields = {"user": True, "key_id": b"\x00" * 7, "principals": [b""],
+              "valid_after": 1_799_999_940, "valid_before": 1_800_003_600,
+              "extensions": {}, "critical": {}, "signer": "ca"}
+    value = {"mode": "fields", "login": "root", "peer": "127.0.0.1", "algorithm": None,
+             "signature": None, "fields": fields}
+    # The mutants the fuzzer found: one cuts the CA key's point short, which
+    # cryptography parses only when asked (ValueError in verification).
+    target = TARGETS["ssh-cert"]
+    check, rng = target.make(), random.Random(34)
+    for _ in range(19):
+        check(target.mutate(value, rng))  # raises on anything but CertificateInvalid/AccessDenied

@@ -200,10 +200,10 @@ def test_unknown_app_and_missing_certificate_get_clear_pages(cluster, demo):
                             capture_output=True, timeout=30)
     assert result.stdout.startswith(b"HTTP/1.1 404"), result.stdout
     assert b"no app named nope" in result.stdout
-    result = subprocess.run(base + [f"https://demo.{PUBLIC_HOST}:{port}/"],
+    # No certificate, not a GET: a program is told to log in to the app.
+    result = subprocess.run(base + ["-X", "POST", f"https://demo.{PUBLIC_HOST}:{port}/"],
                             capture_output=True, timeout=30)
     assert result.stdout.startswith(b"HTTP/1.1 401"), result.stdout
-    assert b"edge apps login demo" in result.stdout
     # A user's own certificate is no app certificate.
     home = cluster["alice"]
     result = subprocess.run(base + ["--cert", str(home / "tls.crt"), "--key",
@@ -281,6 +281,31 @@ def test_logout_ends_access_and_closes_websockets(cluster):
     assert b"session has ended" in result.stdout
 
 
+def test_a_lock_ends_open_app_connections_and_refuses_new_ones(cluster):
+    home = cluster["base"] / "dave"
+    cluster["proxy"].add_user("dave", "dave-password-1", roles=("access",))
+    edge_login(cluster["proxy"], home, "dave", "dave-password-1")
+    config = app_login(home, "demo")
+    host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
+    sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", config)
+    try:
+        ws = WebSocketClient(sock, host)
+        ws.send_text("before the lock")
+        assert ws.receive() == "before the lock"
+        locked_at = time.monotonic()  # edgectl's own start-up included
+        cluster["proxy"].edgectl("lock", "--user", "dave", "--message", "incident 7")
+        sock.settimeout(15)
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            ws.receive()
+        print(f"\nMEASURED lock -> app WebSocket closed: {time.monotonic() - locked_at:.2f} s")
+    finally:
+        sock.close()
+    assert "of dave: locked: incident 7" in cluster["proxy"].log()
+    result = curl(config, "/api/whoami", "-i")
+    assert result.stdout.startswith(b"HTTP/1.1 403"), result.stdout
+    assert b"incident 7" in result.stdout
+
+
 def test_app_sessions_are_audited(cluster, demo):
     def found():
         events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start")
@@ -291,3 +316,100 @@ def test_app_sessions_are_audited(cluster, demo):
     assert events[0]["success"] is True
     ended = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.end")
     assert any(e.get("user") == "carol" and e.get("app") == "demo" for e in ended)
+
+
+# --- the browser flow (Chromium driven by Playwright) ---------------------------------
+
+CHROMIUM = "/usr/lib/chromium/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def _ws_echo_script(url: str) -> str:
+    return f"""() => new Promise((resolve) => {{
+        const ws = new WebSocket({json.dumps(url)});
+        window.appSocket = ws;
+        window.appSocketClosed = false;
+        ws.onclose = () => {{ window.appSocketClosed = true; }};
+        ws.onopen = () => ws.send("from the browser");
+        ws.onmessage = (m) => resolve(m.data);
+        ws.onerror = () => resolve("error");
+    }})"""
+
+
+def test_browser_launches_the_app_through_the_web_session(cluster, browser):
+    port = web_port(cluster["proxy"])
+    ui = f"https://{PUBLIC_HOST}:{port}"
+    app = f"https://demo.{PUBLIC_HOST}:{port}"
+    # The cluster CA is not in Chromium's store here: certificate errors are
+    # ignored for the page loads (curl checks the names strictly above).
+    context = browser.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.goto(ui + "/")
+        page.fill("#user", "alice")
+        page.fill("#password", "alice-password-1")
+        page.click("#login")
+        page.wait_for_selector("#logout")
+        # No app cookie: app host -> launcher (web session) -> app host -> the page.
+        page.goto(app + "/?from=browser")
+        try:
+            page.wait_for_selector("#hello", timeout=15000)
+        except Exception:
+            raise AssertionError(f"the app page did not come: at {page.url}: "
+                                 f"{page.inner_text('body')[:500]}")
+        assert page.inner_text("#hello") == "Hello alice"
+        assert page.inner_text("#verified") == "verified: true"
+        assert page.url == app + "/?from=browser"
+        (cookie,) = [c for c in context.cookies(app) if c["name"] == "__Host-edge-app"]
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["domain"] == f"demo.{PUBLIC_HOST}"
+        assert not [c for c in context.cookies(f"https://secret.{PUBLIC_HOST}:{port}")
+                    if c["name"].startswith("__Host-edge-app")]  # host-only
+        # The app never sees the proxy's cookies.
+        answer = json.loads(page.evaluate("fetch('/api/whoami').then(r => r.text())"))
+        assert "__Host-edge" not in json.dumps(answer["headers"])
+        assert answer["claims"]["username"] == "alice"
+        assert page.evaluate(_ws_echo_script(f"wss://demo.{PUBLIC_HOST}:{port}/ws")) == \
+            "from the browser"
+        # Logging out of the web UI ends the app session: the WebSocket closes
+        # and the next page load goes back to the login form.
+        ui_page = context.new_page()
+        ui_page.goto(ui + "/web/")
+        ui_page.click("#logout")
+        ui_page.wait_for_selector("#login-form")
+        wait_for(lambda: page.evaluate("window.appSocketClosed"), 15,
+                 "the app WebSocket closed after logout")
+        page.goto(app + "/api/whoami")
+        page.wait_for_selector("#login-form")
+        assert page.url.startswith(ui)
+    finally:
+        context.close()
+    assert any(e.get("method") == "web" and e.get("user") == "alice" for e in
+               cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start"))
+
+
+def test_browser_launch_refuses_a_state_it_did_not_set(cluster, demo):
+    port = web_port(cluster["proxy"])
+    result = subprocess.run(
+        ["curl", "-sS", "-i", "--cacert", demo["ca"],
+         f"https://demo.{PUBLIC_HOST}:{port}/__edge/launch?state=abc&token=xyz&path=/"],
+        capture_output=True, timeout=30)
+    assert result.stdout.startswith(b"HTTP/1.1 403"), result.stdout
+    assert b"state mismatch" in result.stdout
+    # Without a cookie a browser is sent to the launcher with a state cookie.
+    result = subprocess.run(
+        ["curl", "-sS", "-i", "--cacert", demo["ca"], f"https://demo.{PUBLIC_HOST}:{port}/x"],
+        capture_output=True, timeout=30)
+    head = result.stdout.decode()
+    assert head.startswith("HTTP/1.1 302")
+    assert f"Location: https://{PUBLIC_HOST}:{port}/web/launch/demo?state=" in head
+    assert "Set-Cookie: __Host-edge-app-state=" in head and "HttpOnly" in head

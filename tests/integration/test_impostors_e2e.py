@@ -274,11 +274,12 @@ def _open_spool(directory: Path):
 
 def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_path):
     node, _ = join_node(world.proxy, tmp_path, "n3", timeout=DEADLINE)
-    # Listed means the heartbeat went through; the role fetch follows it.
-    wait_for((node.data_dir / "roles.json").exists, DEADLINE, "the node's role cache",
-             node.process)
+    # Listed means the heartbeat went through; the control state (roles,
+    # CAs, locks) follows it and is kept in control.json.
+    control = node.data_dir / "control.json"
+    wait_for(control.exists, DEADLINE, "the node's control state", node.process)
     node.stop()
-    roles_before = (node.data_dir / "roles.json").read_text()
+    control_before = control.read_text()
     # The node's auth address now leads to the impostor (DNS or address
     # taken over); an audit event is waiting in its spool.
     meta = json.loads((node.data_dir / "identity.json").read_text())
@@ -304,7 +305,7 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
         node.stop()
     assert world.web_impostor.paths() == []
     assert not world.web_impostor.secret_seen(secret_event)
-    assert (node.data_dir / "roles.json").read_text() == roles_before  # no say over roles
+    assert control.read_text() == control_before  # no say over roles, CAs or locks
     spool = _open_spool(node.data_dir / "audit-spool")
     assert secret_event in [e["id"] for e in spool.pending_events()]
     _done(spool.close())

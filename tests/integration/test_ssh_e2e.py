@@ -246,7 +246,8 @@ def test_a_role_change_applies_at_the_node_without_a_new_login(proxy, nodes, tmp
 
     result = wait_for(refused, 20, "the node to apply the changed role", interval=0.3)
     assert "no role allows access to a node with env=dev" in text(result)
-    assert "role cache updated" in nodes["dev"].log()
+    # Pushed to the node (its /v1/watch stream), not fetched at a heartbeat.
+    assert "control update from the stream: role shifting" in nodes["dev"].log()
     # Same certificate as before the change, still naming the role.
     assert (home / "key-cert.pub").read_bytes() == certificate
     cert = sshca.load_certificate(certificate)

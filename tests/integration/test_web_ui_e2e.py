@@ -341,6 +341,26 @@ def test_logout_ends_an_open_terminal(world, context):
     assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
 
 
+def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
+    world.root.add_user("lockme", PASSWORD, roles=("access",), logins=("root",))
+    ctx = browser.new_context(ignore_https_errors=True)
+    try:
+        page = ctx.new_page()
+        log_in(page, world, user="lockme")
+        open_terminal(page, world, "root@tnode.root")
+        run(page, "echo before-lock", "before-lock")
+        started = time.monotonic()
+        world.root.edgectl("lock", "--user", "lockme", "--ttl", "10m",
+                           "--message", "maintenance window")
+        page.wait_for_selector("#term-status.closed", timeout=10000)
+        print(f"\nMEASURED lock to closed web terminal: {time.monotonic() - started:.2f} s")
+        assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
+        log_in(page, world, user="lockme")
+        assert "maintenance window" in page.inner_text("#login-error")
+    finally:
+        ctx.close()
+
+
 # --- recordings and audit --------------------------------------------------------------
 
 def test_recording_list_player_and_download(world, context, shots):

@@ -250,3 +250,30 @@ def test_audit_time_range_type_and_user_filters_and_paging(auth, clock, ui):
     resp, body = browser.get("/web/audit.json?type=exec&user=carol")
     events = json.loads(body)
     assert len(events) == 30 and {e["user"] for e in events} == {"carol"}
+
+
+def test_editor_locks_a_user_from_the_admin_page_and_their_session_ends(auth, clock):
+    from edgeaccess.web.sessions import lock_check_for
+
+    ui = WebUI(auth, WebSessionStore(auth, clock, lock_check=lock_check_for(auth)),
+               opener=None, clusters=None, addresses=lambda: {"web": HOST}, clock=clock,
+               lock_source=auth)
+    resource = ProxyWeb(auth, lambda: {"web": HOST, "ssh": "x:3023"}, "proxy.example",
+                        None, ui=ui).resource()
+    add_user(auth, "alice")
+    add_user(auth, "ed", roles=("editor",))
+    alice, ed = Browser(resource), Browser(resource)
+    log_in(alice)
+    log_in(ed, "ed")
+    _, body = ed.get("/web/admin/locks")
+    resp, _ = ed.post("/web/admin/locks/add", {"csrf": csrf_of(body), "kind": "user",
+                                               "name": "alice", "ttl": "1h",
+                                               "message": "<b>maintenance</b>"})
+    assert resp.code == 303
+    _, body = ed.get("/web/admin/locks")
+    assert "user alice" in body and "&lt;b&gt;maintenance&lt;/b&gt;" in body
+    assert alice.get("/web/")[0].code == 303  # her session ended
+    lock_id = re.search(r'name="id" value="([0-9a-f]+)"', body).group(1)
+    assert ed.post("/web/admin/locks/rm", {"csrf": csrf_of(body), "id": lock_id})[0].code == 303
+    resp, _ = log_in(alice)
+    assert resp.code == 303
