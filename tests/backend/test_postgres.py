@@ -1,6 +1,6 @@
 """PostgresBackend against the shared contract, on a real PostgreSQL 15.
 
-The test session starts its own throw-away server (``pgserver``); each
+The test session starts its own throw-away server (``edgeaccess.devpostgres``); each
 test gets a fresh database. Fault tests restart that server
 (``pg_ctl restart -m fast|immediate``) under an open watch, so they use a
 server of their own.
@@ -22,7 +22,7 @@ from edgeaccess.backend.watch import WatchClosed
 from edgeaccess.errors import BadRequest, EdgeError
 
 from .contract import BackendContract
-from .pgserver import BIN, PostgresServer
+from edgeaccess.devpostgres import BIN, PostgresServer
 
 pytestmark = pytest.mark.skipif(not os.path.exists(BIN), reason="PostgreSQL 15 is not installed")
 

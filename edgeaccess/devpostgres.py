@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL 15 server for tests, on 127.0.0.1.
+"""A throw-away PostgreSQL 15 server for tests and demos, on 127.0.0.1 (like devcluster).
 
 ``initdb`` into a fresh temporary directory (as the ``postgres`` user when
 running as root: PostgreSQL refuses to run as root), ``pg_ctl start`` on a
