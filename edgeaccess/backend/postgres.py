@@ -178,6 +178,10 @@ class PostgresBackend:
     :param max_threads: size of the query thread pool (= connections).
     :param retry_for: seconds a call keeps retrying lost connections.
     :param log_retention: seconds the change log keeps a row.
+    :param feed_tick: seconds between the LISTEN connection's liveness
+        queries; no answer within one more tick counts as a lost
+        connection (a frozen server sends nothing, and TCP keepalives
+        stay silent).
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class PostgresBackend:
         retry_for: float = 30.0,
         purge_interval: float = 60.0,
         log_retention: float = 600.0,
+        feed_tick: float = 10.0,
     ) -> None:
         if reactor is None:
             if IReactorFromThreads.providedBy(clock):
@@ -204,6 +209,7 @@ class PostgresBackend:
         self._retry_for = retry_for
         self._purge_interval = purge_interval
         self._log_retention = log_retention
+        self._feed_tick = feed_tick
         self._last_purge: float | None = None
         self._pool: ThreadPool | None = None
         self._started: Deferred[None] | None = None
@@ -275,7 +281,8 @@ class PostgresBackend:
         connection = getattr(self._local, "connection", None)
         if connection is not None and not connection.closed:
             return connection
-        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                     application_name="edgeaccess")
         self._local.connection = connection
         with self._connections_lock:
             self._connections.append(connection)
@@ -364,7 +371,8 @@ class PostgresBackend:
         return deferToThreadPool(self._reactor, self._ensure_pool(), self._open_listener).addCallback(opened)
 
     def _open_listener(self) -> tuple[psycopg.Connection, int]:
-        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                     application_name="edgeaccess-listen")
         try:
             connection.execute(f"LISTEN {CHANNEL}")
             (revision,) = connection.execute("SELECT value FROM revision_counter WHERE id = 1").fetchone()
@@ -613,7 +621,34 @@ class _Listener:
         self._connection = connection
         self._fd = os.dup(connection.pgconn.socket)
         self._stopped = False
-        backend._reactor.addReader(self)
+        self._reactor = backend._reactor
+        self._awaiting_since: float | None = None
+        connection.pgconn.nonblocking = 1
+        self._reactor.addReader(self)
+        self._tick_call = self._reactor.callLater(backend._feed_tick, self._tick)
+
+    def _tick(self) -> None:
+        """Ask the server something; no answer by the next tick means it is gone."""
+        self._tick_call = None
+        if self._stopped:
+            return
+        now = self._reactor.seconds()
+        if self._awaiting_since is not None:
+            self._lost(f"no answer from the database for {now - self._awaiting_since:.0f} s")
+            return
+        pgconn = self._connection.pgconn
+        try:
+            pgconn.send_query(b"SELECT 1")
+            pgconn.flush()
+        except psycopg.Error as error:
+            self._lost(str(error).strip() or "connection lost")
+            return
+        self._awaiting_since = now
+        self._tick_call = self._reactor.callLater(self._backend._feed_tick, self._tick)
+
+    def _lost(self, reason: str) -> None:
+        self.stop()
+        self._backend._listener_lost(reason)
 
     def fileno(self) -> int:
         return -1 if self._stopped else self._fd
@@ -628,9 +663,12 @@ class _Listener:
             if pgconn.status != psycopg.pq.ConnStatus.OK:
                 raise psycopg.OperationalError("the connection is not open")
         except psycopg.Error as error:
-            self.stop()
-            self._backend._listener_lost(str(error).strip() or "connection lost")
+            self._lost(str(error).strip() or "connection lost")
             return
+        while not pgconn.is_busy():
+            if pgconn.get_result() is None:
+                break
+            self._awaiting_since = None  # the liveness query answered
         while (notify := pgconn.notifies()) is not None:
             if notify.relname.decode() == CHANNEL:
                 self._backend._notified(notify.extra.decode("utf-8", "replace"))
@@ -643,6 +681,9 @@ class _Listener:
     def stop(self) -> None:
         if self._stopped:
             return
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = None
         self._backend._reactor.removeReader(self)
         self._stopped = True
         os.close(self._fd)

@@ -9,6 +9,7 @@ server of their own.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import psycopg
@@ -156,3 +157,30 @@ async def test_a_database_restart_closes_the_watch_and_writes_resume(restart_ser
 
 async def _watch(backend):
     return backend.watch(["/roles/"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_database_closes_the_watch(pg_server, clock) -> None:
+    """SIGSTOP the server process behind the LISTEN connection: nothing arrives,
+    no error either; the liveness tick notices and the watch closes."""
+    backend = await PostgresBackend(pg_server.create_database(), clock, reactor,
+                                    feed_tick=0.5).start()
+    with psycopg.connect(backend.url, autocommit=True) as probe:
+        pids = {pid for (pid,) in probe.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'edgeaccess-listen'")}
+    assert len(pids) == 1
+    (pid,) = pids
+    try:
+        watcher = backend.watch([""])
+        assert (await watcher.next()).type == "init"
+        await deferLater(reactor, 1.2, lambda: None)  # ticks answered: still open
+        assert watcher.closed_reason is None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            reason = await watcher.when_closed().addTimeout(15, reactor)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert "no answer" in reason
+    finally:
+        await backend.close()
