@@ -123,7 +123,9 @@ class ProxyProcess(_Process):
         return self
 
     def _presets_ready(self) -> bool:
-        return "created preset role" in self.log() or "loaded certificate" in self.log()
+        log = self.log()
+        # A proxy sharing a PostgreSQL backend finds the presets made by another.
+        return "created preset role" in log or "loaded certificate" in log or "preset roles ready" in log
 
     def runtime(self) -> dict:
         return json.loads((self.data_dir / "runtime.json").read_text())

@@ -132,6 +132,7 @@ class AuthServer(UserAccounts, LockAdmin):
                 _log.info("created preset role {role}", role=name)
             except errors.AlreadyExists:
                 pass
+        _log.info("preset roles ready")
 
     # --- resources (roles, connectors, trusted clusters) -----------------
 

@@ -130,7 +130,10 @@ def backend_from_url(
       ``data_dir``): SQLite at that path;
     - ``"memory:"``: an in-memory backend (tests, demos; lost on exit).
 
-    ``postgresql://`` is recognized but not available yet. The SQLite
+    - ``"postgresql://USER:PASS@HOST:PORT/DB[?sslmode=...]"``: PostgreSQL,
+      shared by several proxies (libpq URL syntax and options).
+
+    The SQLite
     database file is created (mode 0600) when the backend is first used.
 
     :param clock: decides expiry.
@@ -156,5 +159,9 @@ def backend_from_url(
             path = os.path.join(os.fspath(data_dir), path)
         return SQLiteBackend(path, clock, reactor)
     if scheme in ("postgres", "postgresql"):
-        raise BadRequest("the PostgreSQL backend is not available in this version")
-    raise BadRequest(f"unknown backend URL scheme {parts.scheme!r} (use sqlite: or memory:)")
+        from edgeaccess.backend.postgres import PostgresBackend
+
+        if not parts.hostname and "host=" not in parts.query:
+            raise BadRequest("a PostgreSQL URL needs a host: postgresql://USER:PASS@HOST:PORT/DB")
+        return PostgresBackend(url, clock, reactor)
+    raise BadRequest(f"unknown backend URL scheme {parts.scheme!r} (use sqlite:, memory: or postgresql:)")

@@ -175,6 +175,10 @@ class WatchFanout:
         self._watchers[watcher] = None
         return watcher
 
+    def has_watchers(self) -> bool:
+        """Whether anyone is watching (drivers skip reading their change log if not)."""
+        return bool(self._watchers)
+
     def forget(self, watcher: Watcher) -> None:
         self._watchers.pop(watcher, None)
 

@@ -156,6 +156,9 @@ class _BackendService(service.Service):
         self.clusters = clusters
 
     async def _start(self) -> None:
+        start = getattr(self.backend, "start", None)
+        if start is not None:  # opens (migrates) the database before the bootstrap
+            await start()
         await self.auth.bootstrap()
         await self.clusters.load()
 

@@ -49,7 +49,7 @@ def test_memory_url_gives_a_memory_backend(clock: Clock) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql://edge:s3cret@db.example/edge", "PostgreSQL backend is not available"),
+        ("postgresql://edge:s3cret@/edge", "needs a host"),
         ("redis://localhost", "unknown backend URL scheme 'redis'"),
         ("sqlite://host/path.db", "no host"),
     ],
@@ -58,6 +58,16 @@ def test_unusable_urls_are_refused_without_echoing_them(url, message, clock: Clo
     with pytest.raises(BadRequest, match=message) as caught:
         backend_from_url(url, clock, tmp_path)
     assert "s3cret" not in str(caught.value)
+
+
+def test_postgresql_url_gives_a_postgres_backend_without_connecting(clock: Clock) -> None:
+    from edgeaccess.backend.postgres import PostgresBackend, redact
+
+    url = "postgresql://edge:s3cret@db.example:5433/edge?sslmode=verify-full"
+    backend = backend_from_url(url, clock, None)
+    assert isinstance(backend, PostgresBackend)
+    assert backend.clock is clock
+    assert "s3cret" not in redact(url) and "db.example:5433" in redact(url)
 
 
 def test_relative_sqlite_path_needs_a_data_directory(clock: Clock) -> None:

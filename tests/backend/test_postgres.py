@@ -1,0 +1,186 @@
+"""PostgresBackend against the shared contract, on a real PostgreSQL 15.
+
+The test session starts its own throw-away server (``edgeaccess.devpostgres``); each
+test gets a fresh database. Fault tests restart that server
+(``pg_ctl restart -m fast|immediate``) under an open watch, so they use a
+server of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psycopg
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
+
+from edgeaccess.backend.postgres import PostgresBackend
+from edgeaccess.backend.watch import WatchClosed
+from edgeaccess.errors import BadRequest, EdgeError
+
+from .contract import BackendContract
+from edgeaccess.devpostgres import BIN, PostgresServer
+
+pytestmark = pytest.mark.skipif(not os.path.exists(BIN), reason="PostgreSQL 15 is not installed")
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def pg_backend(pg_server: PostgresServer, clock: Clock):
+    backend = await PostgresBackend(pg_server.create_database(), clock, reactor).start()
+    yield backend
+    await backend.close()
+
+
+class TestPostgresBackend(BackendContract):
+    """The PostgreSQL driver passes the whole contract."""
+
+    @pytest.fixture
+    def backend(self, pg_backend: PostgresBackend) -> PostgresBackend:
+        return pg_backend
+
+
+async def eventually(condition, what: str, timeout: float = 30.0):
+    """Poll ``condition`` (a coroutine function) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = await condition()
+        except EdgeError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_with_nul_are_refused(pg_backend: PostgresBackend) -> None:
+    with pytest.raises(BadRequest):
+        await pg_backend.put("/a\x00b", b"x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_proxy_sees_writes_through_the_watch(pg_server, clock) -> None:
+    url = pg_server.create_database()
+    first = await PostgresBackend(url, clock, reactor).start()
+    second = await PostgresBackend(url, clock, reactor).start()
+    try:
+        watcher = second.watch(["/roles/"])
+        assert (await watcher.next()).type == "init"
+        written = await first.put("/roles/a", b"1")
+        await first.delete("/roles/a")
+        put, delete = await watcher.next(), await watcher.next()
+        assert put.item == written
+        assert (delete.type, delete.key) == ("delete", "/roles/a")
+        assert delete.revision > written.revision
+        assert await second.get_range("/roles/") == []
+        watcher.close()
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reopening_keeps_data_and_schema(pg_server, clock) -> None:
+    url = pg_server.create_database()
+    first = await PostgresBackend(url, clock, reactor).start()
+    kept = await first.put("/users/alice", b"alice")
+    await first.close()
+    second = await PostgresBackend(url, clock, reactor).start()
+    try:
+        assert await second.get("/users/alice") == kept
+        assert (await second.put("/users/bob", b"b")).revision > kept.revision
+    finally:
+        await second.close()
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_foreign_database_is_refused(pg_server, clock) -> None:
+    url = pg_server.create_database()
+    with psycopg.connect(url) as connection:
+        connection.execute("CREATE TABLE payroll (id integer)")
+    with pytest.raises(EdgeError, match="not an edgeaccess database"):
+        await PostgresBackend(url, clock, reactor).start()
+
+
+# -- faults: the database restarts under an open watch ----------------------
+
+
+@pytest.fixture(scope="module")
+def restart_server():
+    server = PostgresServer(durable=True)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest_twisted.ensureDeferred
+async def test_a_database_restart_closes_the_watch_and_writes_resume(restart_server, clock, mode) -> None:
+    url = restart_server.create_database()
+    backend = await PostgresBackend(url, clock, reactor).start()
+    try:
+        before = await backend.put("/roles/a", b"before")
+        watcher = backend.watch(["/roles/"])
+        assert (await watcher.next()).type == "init"
+        pending = watcher.next()
+        restart_server.restart(mode)
+        with pytest.raises(WatchClosed):
+            await pending
+        # A write after the restart succeeds (its connection is re-made).
+        after = await backend.put("/roles/b", b"after")
+        assert after.revision > before.revision
+        # The next watch comes once the feed reconnected; its consumer re-reads.
+        again = await eventually(lambda: _watch(backend), "the change feed to reconnect")
+        assert (await again.next()).type == "init"
+        assert [i.key for i in await backend.get_range("/roles/")] == ["/roles/a", "/roles/b"]
+        third = await backend.put("/roles/c", b"3")
+        event = await again.next()
+        assert event.item == third
+        again.close()
+    finally:
+        await backend.close()
+
+
+async def _watch(backend):
+    return backend.watch(["/roles/"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_database_closes_the_watch(pg_server, clock) -> None:
+    """SIGSTOP the server process behind the LISTEN connection: nothing arrives,
+    no error either; the liveness tick notices and the watch closes."""
+    backend = await PostgresBackend(pg_server.create_database(), clock, reactor,
+                                    feed_tick=0.5).start()
+    with psycopg.connect(backend.url, autocommit=True) as probe:
+        pids = {pid for (pid,) in probe.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'edgeaccess-listen'")}
+    assert len(pids) == 1
+    (pid,) = pids
+    try:
+        watcher = backend.watch([""])
+        assert (await watcher.next()).type == "init"
+        await deferLater(reactor, 1.2, lambda: None)  # ticks answered: still open
+        assert watcher.closed_reason is None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            reason = await watcher.when_closed().addTimeout(15, reactor)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert "no answer" in reason
+    finally:
+        await backend.close()
