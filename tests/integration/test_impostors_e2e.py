@@ -277,8 +277,10 @@ def test_a_joined_node_sends_no_heartbeat_and_no_audit_event(world, holder, tmp_
     # Listed means the heartbeat went through; the control state (roles,
     # CAs, locks) follows it and is kept in control.json.
     control = node.data_dir / "control.json"
-    wait_for(control.exists, DEADLINE, "the node's control state", node.process)
-    node.stop()
+    try:
+        wait_for(control.exists, DEADLINE, "the node's control state", node.process)
+    finally:
+        node.stop()
     control_before = control.read_text()
     # The node's auth address now leads to the impostor (DNS or address
     # taken over); an audit event is waiting in its spool.
