@@ -153,6 +153,14 @@ class World:
         self.proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster="impostors",
                                   extra_args=["--tunnel-public-addr",
                                               f"127.0.0.1:{self.tunnel_impostor.port}"])
+        self.web_impostor = None
+        try:
+            self._start(base, ca_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, base: Path, ca_dir: Path) -> None:
         self.proxy.start()
         self.pin = self.proxy.pin()
         ca_pem = (self.proxy.data_dir / "ca" / "tls_ca.crt").read_text()
@@ -191,8 +199,9 @@ class World:
 
     def close(self) -> None:
         self.proxy.stop()
-        self.web_impostor.close()
-        self.tunnel_impostor.close()
+        for impostor in (self.web_impostor, self.tunnel_impostor):
+            if impostor is not None:
+                impostor.close()
 
 
 @pytest.fixture(scope="module")
