@@ -123,9 +123,14 @@ def main(argv: list[str]) -> int:
     try:
         proxy.start()
         proxy.add_user("bench", PASSWORD, roles=("access",), logins=("root",))
+        # Node records go straight into the stopped proxy's SQLite file: the
+        # running proxy reads nodes from its watch-fed cache, which sees only
+        # writes made through the backend.
+        proxy.stop()
+        _add_nodes(proxy, args.nodes)
+        proxy.start()
         nodes.append(join_node(proxy, base, "tnode", tunnel=True, labels="env=dev")[0])
         nodes.append(join_node(proxy, base, "lannode", labels="env=dev")[0])
-        _add_nodes(proxy, args.nodes)
         url = f"https://{proxy.addr('web')}"
         results = []
         with sync_playwright() as p:
