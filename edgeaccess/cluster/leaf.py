@@ -302,20 +302,25 @@ class LeafInternalAPI:
 
         return httpapi.error_response(request, failure)
 
-    async def _checker(self, request):
-        from edgeaccess.identity import rbac
-
+    async def _forwarded(self, request) -> tuple[dict, list[str], dict]:
+        """The root's user as its proxy forwards it (``x-edge-identity``):
+        ``(identity, local roles mapped from its root roles, traits)``."""
         raw = request.getHeader(b"x-edge-identity") or b"{}"
         try:
             identity = json.loads(raw)
             remote_roles = [r for r in identity.get("roles", []) if isinstance(r, str)]
             traits = identity.get("traits") or {}
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise errors.BadRequest("malformed forwarded identity")
         state = await self.trust.state(self.root)
         if state is None or not state.get("enabled"):
             raise errors.AccessDenied(f"cluster {self.root} is not trusted")
-        local = map_roles(state["role_map"], remote_roles)
+        return identity, map_roles(state["role_map"], remote_roles), traits
+
+    async def _checker(self, request):
+        from edgeaccess.identity import rbac
+
+        _, local, traits = await self._forwarded(request)
         return rbac.AccessChecker(await self.trust.auth.get_roles(local), traits)
 
     @app.route("/v1/apps", methods=["GET"])
@@ -329,22 +334,10 @@ class LeafInternalAPI:
     @app.route("/v1/nodes", methods=["GET"])
     async def nodes(self, request):
         from edgeaccess.httpapi import json_response
-        from edgeaccess.identity import rbac
 
-        raw = request.getHeader(b"x-edge-identity") or b"{}"
-        try:
-            identity = json.loads(raw)
-            remote_roles = [r for r in identity.get("roles", []) if isinstance(r, str)]
-            traits = identity.get("traits") or {}
-        except (ValueError, AttributeError):
-            raise errors.BadRequest("malformed forwarded identity")
-        state = await self.trust.state(self.root)
-        if state is None or not state.get("enabled"):
-            raise errors.AccessDenied(f"cluster {self.root} is not trusted")
-        local = map_roles(state["role_map"], remote_roles)
-        auth = self.trust.auth
-        checker = rbac.AccessChecker(await auth.get_roles(local), traits)
-        nodes = [n for n in await auth.list_nodes() if checker.can_access_node(n["labels"])]
+        checker = await self._checker(request)
+        nodes = [n for n in await self.trust.auth.list_nodes()
+                 if checker.can_access_node(n["labels"])]
         return json_response(request, nodes)
 
 
@@ -355,18 +348,8 @@ async def _leaf_kube_clusters(self, request):
     from edgeaccess.kube.listing import allowed_kube_clusters
     from edgeaccess.pki import x509ca
 
-    raw = request.getHeader(b"x-edge-identity") or b"{}"
-    try:
-        forwarded = json.loads(raw)
-        remote_roles = [r for r in forwarded.get("roles", []) if isinstance(r, str)]
-        traits = forwarded.get("traits") or {}
-        name = str(forwarded.get("name") or forwarded.get("user") or "")
-    except (ValueError, AttributeError):
-        raise errors.BadRequest("malformed forwarded identity")
-    state = await self.trust.state(self.root)
-    if state is None or not state.get("enabled"):
-        raise errors.AccessDenied(f"cluster {self.root} is not trusted")
-    local = map_roles(state["role_map"], remote_roles)
+    forwarded, local, traits = await self._forwarded(request)
+    name = str(forwarded.get("name") or forwarded.get("user") or "")
     identity = x509ca.Identity(kind="user", name=name or "root-user", cluster=self.root,
                                roles=tuple(local), traits=dict(traits))
     return json_response(request, allowed_kube_clusters(self.kube, identity))
