@@ -38,7 +38,9 @@ async def node_renew(auth, request):
     data = read_json(request)
     result = auth.renew_node(
         identity, field(data, "ssh_public_key"), field(data, "tls_public_key"),
-        field(data, "addresses", list, required=False, default=[]))
+        field(data, "addresses", list, required=False, default=[]),
+        agent_server=field(data, "agent_server", bool, required=False, default=False),
+        remote_addr=httpapi.remote_addr(request))
     return json_response(request, result)
 
 
@@ -287,6 +289,7 @@ def add_node_routes(app: Klein) -> None:
             tls_public_key=field(data, "tls_public_key"),
             addresses=field(data, "addresses", list, required=False, default=[]),
             remote_addr=httpapi.remote_addr(request),
+            agent_server=field(data, "agent_server", bool, required=False, default=False),
         )
         return json_response(request, result)
 

@@ -16,6 +16,7 @@ Storage layout (JSON values)::
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid as uuidlib
 from datetime import datetime, timedelta, timezone
@@ -268,8 +269,13 @@ class AuthServer(UserAccounts, LockAdmin):
 
     async def join_node(self, *, token: str, name: str, ssh_public_key: str,
                         tls_public_key: str, uuid: str | None = None,
-                        addresses=(), remote_addr: str = "") -> dict:
-        """Admit a node with a join token: sign its host and TLS certificates."""
+                        addresses=(), remote_addr: str = "",
+                        agent_server: bool = False) -> dict:
+        """Admit a node with a join token: sign its host and TLS certificates.
+
+        :param agent_server: the node listens for the proxy (``--agent-listen``):
+            sign it a server certificate too (see :meth:`_sign_node`).
+        """
         try:
             await self.check_token(token, "node")
         except errors.TokenInvalid as e:
@@ -284,7 +290,8 @@ class AuthServer(UserAccounts, LockAdmin):
             uuidlib.UUID(node_uuid)
         except ValueError:
             raise errors.BadRequest("uuid is not a UUID")
-        result = self._sign_node(node_uuid, name, ssh_public_key, tls_public_key, addresses)
+        result = self._sign_node(node_uuid, name, ssh_public_key, tls_public_key, addresses,
+                                 agent_server=agent_server, remote_addr=remote_addr)
         _log.info("node {name} ({uuid}) joined from {addr}", name=name, uuid=node_uuid,
                   addr=remote_addr)
         self._emit("node.join", node=name, node_id=node_uuid, success=True,
@@ -292,14 +299,23 @@ class AuthServer(UserAccounts, LockAdmin):
         return result
 
     def renew_node(self, identity: x509ca.Identity, ssh_public_key: str,
-                   tls_public_key: str, addresses=()) -> dict:
+                   tls_public_key: str, addresses=(), *, agent_server: bool = False,
+                   remote_addr: str = "") -> dict:
         """Re-sign a joined node's certificates (same name and uuid)."""
         if identity.kind != "node" or not identity.uuid:
             raise errors.AccessDenied("only nodes renew node certificates")
         return self._sign_node(identity.uuid, identity.name, ssh_public_key,
-                               tls_public_key, addresses)
+                               tls_public_key, addresses, agent_server=agent_server,
+                               remote_addr=remote_addr)
 
-    def _sign_node(self, node_uuid, name, ssh_public_key, tls_public_key, addresses) -> dict:
+    def _sign_node(self, node_uuid, name, ssh_public_key, tls_public_key, addresses, *,
+                   agent_server: bool = False, remote_addr: str = "") -> dict:
+        """The node's certificates: SSH host, TLS client and, for a node that
+        listens for the proxy (``agent_server``), a TLS *server* certificate
+        with the same key (kind ``node``, EKU serverAuth only) naming the
+        addresses it gave and the one it called from: the proxy dials one of
+        them and checks it is this node (docs/security.md, "Who trusts whom").
+        """
         ssh_key = _load_public_key(ssh_public_key, "ssh_public_key")
         tls_key = _load_pem_public_key(tls_public_key, "tls_public_key")
         now = self.now()
@@ -312,7 +328,15 @@ class AuthServer(UserAccounts, LockAdmin):
         identity = x509ca.Identity(kind="node", name=name, cluster=self.cluster_name,
                                    uuid=node_uuid)
         tls_cert = self.authority.sign_tls(tls_key, identity, now=now, ttl=NODE_CERT_TTL)
+        server: dict = {}
+        if agent_server:
+            dns, ips = _server_names([*extra, remote_addr])
+            server_cert = self.authority.sign_tls(
+                tls_key, identity, now=now, ttl=NODE_CERT_TTL, dns_names=dns,
+                ip_addresses=ips, usage="server")
+            server["tls_server_certificate"] = x509ca.certificate_pem(server_cert).decode("ascii")
         return {
+            **server,
             "uuid": node_uuid,
             "name": name,
             "cluster_name": self.cluster_name,
@@ -365,6 +389,8 @@ class AuthServer(UserAccounts, LockAdmin):
             "version": str(record.get("version", ""))[:32],
             "last_heartbeat": _iso(now),
         }
+        if record.get("agent") is not None:
+            stored["agent"] = _agent_record(record["agent"], identity.name, remote_addr)
         await self.backend.put(f"/nodes/{identity.uuid}", _dumps(stored),
                                expires=now + NODE_TTL)
         return stored
@@ -407,6 +433,54 @@ class AuthServer(UserAccounts, LockAdmin):
             "ssh_user_ca": [self.authority.user_ca_public_line],
             "ssh_host_ca": [self.authority.host_ca_public_line],
         }
+
+
+def _agent_record(agent, node_name: str, remote_addr: str) -> dict:
+    """The LAN agent a direct node announces in its heartbeat (``--agent-listen``):
+    ``{"address": "host:port", "inventory": {...}}`` with the inventory
+    checked as a tunnel's ``Hello`` is (its Kubernetes clusters and apps)."""
+    from edgeaccess.tunnel.protocol import Inventory
+
+    if not isinstance(agent, dict):
+        raise errors.BadRequest("agent must be an object")
+    address = agent.get("address")
+    if not isinstance(address, str) or len(address) > 256:
+        raise errors.BadRequest("agent address must be host:port")
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.BadRequest("agent address must be host:port")
+    if host in ("", "0.0.0.0", "[::]", "::") and remote_addr:
+        host = f"[{remote_addr}]" if ":" in remote_addr else remote_addr
+    inventory = Inventory.from_json(json.dumps(agent.get("inventory")))
+    if inventory.name != node_name:
+        raise errors.AccessDenied("a node can only announce its own agent")
+    return {"address": f"{host}:{port}", "inventory": json.loads(inventory.to_json())}
+
+
+def _server_names(hosts) -> tuple[list[str], list[str]]:
+    """``(dns_names, ip_addresses)`` of a node's server certificate: the
+    well-formed ones among ``hosts`` (addresses a node gives, the one it
+    called from); wildcards and anything else are left out."""
+    import ipaddress
+    import re
+
+    dns: list[str] = []
+    ips: list[str] = []
+    for host in hosts:
+        if not isinstance(host, str):
+            continue
+        host = host.strip().strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            if re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})"
+                            r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*", host) \
+                    and host.lower() not in dns:
+                dns.append(host.lower())
+            continue
+        if not address.is_unspecified and str(address) not in ips:
+            ips.append(str(address))
+    return dns, ips
 
 
 def _display_dict(doc: dict) -> dict:

@@ -30,6 +30,9 @@ class NodeIdentity:
     ca_pem: str
     user_ca_lines: list
     valid_before: str
+    #: The server certificate of the agent port (``--agent-listen``; same
+    #: key as ``tls_certificate``), for a LAN node that serves Kubernetes or apps.
+    tls_server_certificate: str | None = None
 
     @property
     def host_certificate(self):
@@ -46,6 +49,8 @@ class NodeIdentity:
         keys.write_secret(directory / "tls.key", keys.private_key_pem(self.tls_key))
         keys.write_public(directory / "tls.crt", self.tls_certificate.encode())
         keys.write_public(directory / "ca.pem", self.ca_pem.encode())
+        if self.tls_server_certificate:
+            keys.write_public(directory / "tls-server.crt", self.tls_server_certificate.encode())
         keys.write_public(directory / "ssh_user_ca.pub",
                           "\n".join(self.user_ca_lines).encode() + b"\n")
         meta = {"uuid": self.uuid, "name": self.name, "cluster": self.cluster,
@@ -72,8 +77,16 @@ class NodeIdentity:
             user_ca_lines=[l for l in (directory / "ssh_user_ca.pub").read_text().splitlines()
                            if l.strip()],
             valid_before=meta["valid_before"],
+            tls_server_certificate=_read_optional(directory / "tls-server.crt"),
         )
 
     def tls_identity(self) -> x509ca.Identity:
         return x509ca.identity_from_certificate(
             x509ca.load_certificate_pem(self.tls_certificate.encode()))
+
+
+def _read_optional(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None

@@ -61,12 +61,18 @@ class NodeService(service.MultiService):
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
                  connect_cluster=None, kube=None, serve_ssh: bool = True,
-                 apps=()) -> None:
+                 apps=(), agent_listen=None, agent_advertise: str | None = None) -> None:
         """
         :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
             publish (``--kube-cluster``), or None.
         :param serve_ssh: False for a node that serves no SSH (``--no-ssh``).
         :param apps: the web apps to publish (``--app``).
+        :param agent_listen: ``(factory) -> Deferred[port]`` starting the agent
+            port (``--agent-listen``) where the proxy dials a LAN node that
+            publishes Kubernetes or apps (:mod:`edgeaccess.node.lanagent`);
+            None: no agent port.
+        :param agent_advertise: ``HOST:PORT`` the proxy dials for it (port 0:
+            the port bound).
         """
         super().__init__()
         self.kube = kube
@@ -98,6 +104,10 @@ class NodeService(service.MultiService):
         self.control_link = None
         self.factory = None
         self.port = None
+        self._agent_listen = agent_listen
+        self.agent_advertise = agent_advertise
+        #: The agent port, once listening (LAN nodes with Kubernetes or apps).
+        self.agent_port = None
         self._running = False
         self._failures = 0
         self._sleeping = None
@@ -140,8 +150,10 @@ class NodeService(service.MultiService):
             self._main.cancel()
         if self.agent is not None and self.factory is not None:
             d.addCallback(lambda _: self.factory.doStop())
-        if self.port is not None:
-            return defer.gatherResults([defer.maybeDeferred(self.port.stopListening), d])
+        ports = [p for p in (self.port, self.agent_port) if p is not None]
+        if ports:
+            return defer.gatherResults(
+                [*(defer.maybeDeferred(p.stopListening) for p in ports), d])
         return d
 
     def _fatal(self, failure) -> None:
@@ -266,14 +278,16 @@ class NodeService(service.MultiService):
             "uuid": node_uuid,
             "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
             "tls_public_key": _pem_public(tls_key),
-            "addresses": [] if mode == "tunnel" else _advertised_hosts(self.advertise_addr),
+            "addresses": [] if mode == "tunnel" else self._advertised_hosts(),
+            "agent_server": mode != "tunnel" and self.serves_agent,
         })
         identity = NodeIdentity(
             uuid=answer["uuid"], name=answer["name"], cluster=answer["cluster_name"],
             auth_server=self.auth_server, mode=mode, ssh_key=ssh_key,
             ssh_certificate=answer["ssh_host_certificate"], tls_key=tls_key,
             tls_certificate=answer["tls_certificate"], ca_pem=answer["tls_ca"],
-            user_ca_lines=answer["ssh_user_ca"], valid_before=answer["valid_before"])
+            user_ca_lines=answer["ssh_user_ca"], valid_before=answer["valid_before"],
+            tls_server_certificate=answer.get("tls_server_certificate"))
         identity.save(self.data_dir)
         _log.info("joined cluster {cluster} as node {name} ({uuid}) in {mode} mode",
                   cluster=identity.cluster, name=identity.name, uuid=identity.uuid,
@@ -325,10 +339,8 @@ class NodeService(service.MultiService):
         if self.identity.mode == "tunnel":
             await self._start_tunnel()
             return
-        if self.apps is not None:
-            _log.warn("web apps are served through a reverse tunnel only: join through the "
-                      "proxy's web address to publish {apps}", apps=", ".join(self.apps.apps))
         self._start_control_stream()
+        await self._start_agent_port()
         if not self.serve_ssh:
             _log.info("node {name} serves no SSH (--no-ssh)", name=self.identity.name)
             return
@@ -343,10 +355,6 @@ class NodeService(service.MultiService):
         from edgeaccess.pki import x509ca
 
         name, labels, config = self.kube
-        if self.identity.mode != "tunnel":
-            raise errors.BadRequest(
-                "--kube-cluster needs the reverse tunnel: give --auth-server the proxy's "
-                "web address (HOST:3080)")
         ca_certs = x509ca.load_certificates_pem(self.identity.ca_pem.encode())
         self.kube_agent = KubeAgent(
             name=name, labels=labels, config=config, reactor=self.reactor,
@@ -436,11 +444,7 @@ class NodeService(service.MultiService):
         self.factory.doStart()
         self.agent = TunnelAgent(
             endpoint_factory=endpoint_factory,
-            inventory=Inventory(
-                name=self.identity.name, labels=dict(self.labels),
-                kube_clusters=(self.kube[0],) if self.kube else (),
-                kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
-                apps=self.apps.inventory() if self.apps else ()),
+            inventory=self._inventory(),
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
             on_control=self._control_pushed, max_channels=256)
@@ -449,6 +453,72 @@ class NodeService(service.MultiService):
         self.agent.setServiceParent(self)
         _log.info("node {name} reachable through a reverse tunnel to {addr}",
                   name=self.identity.name, addr=self.tunnel_addrs[0])
+
+    def _inventory(self):
+        """What this node announces: to a proxy in ``Hello`` (tunnel and agent
+        port), in its heartbeat for a LAN node's agent port."""
+        from edgeaccess.tunnel.protocol import Inventory
+
+        return Inventory(
+            name=self.identity.name, labels=dict(self.labels),
+            kube_clusters=(self.kube[0],) if self.kube else (),
+            kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
+            apps=self.apps.inventory() if self.apps else ())
+
+    # --- the agent port (LAN nodes) ------------------------------------------
+
+    @property
+    def serves_agent(self) -> bool:
+        """Whether this node listens for the proxy's kube and app channels."""
+        return self._agent_listen is not None and (
+            self.kube is not None or self.apps is not None)
+
+    async def _start_agent_port(self) -> None:
+        """LAN mode with Kubernetes or apps: listen for the proxy on the agent
+        port (mutual TLS, proxies of this cluster only)."""
+        if not self.serves_agent or self.agent_port is not None:
+            return
+        if self._agent_listen is None:
+            return
+        if not self.identity.tls_server_certificate:
+            # Joined before agent ports existed: the next renewal brings the
+            # server certificate; the heartbeat renews at once for it.
+            _log.warn("node {name} has no server certificate for its agent port yet; "
+                      "asking for one", name=self.identity.name)
+            return
+        from edgeaccess.node.lanagent import (
+            AgentServerTLS, LanAgentFactory, agent_server_factory)
+        from edgeaccess.pki import x509ca
+
+        def credentials():
+            identity = self.identity
+            cached = getattr(self, "_agent_credentials", None)
+            if cached is None or cached[0] != identity.tls_server_certificate:
+                cached = self._agent_credentials = (
+                    identity.tls_server_certificate,
+                    (identity.tls_key,
+                     x509ca.load_certificate_pem(identity.tls_server_certificate.encode()),
+                     x509ca.load_certificates_pem(identity.ca_pem.encode())))
+            return cached[1]
+
+        factory = LanAgentFactory(
+            clock=self.reactor, inventory=self._inventory, accept_channel=self._accept_channel,
+            heartbeat_interval=self.heartbeat_interval)
+        self.agent_port = await self._agent_listen(
+            agent_server_factory(factory, AgentServerTLS(credentials, self.identity.cluster)))
+        served = ([f"Kubernetes cluster {self.kube[0]}"] if self.kube else []) + \
+            ([f"apps {', '.join(self.apps.apps)}"] if self.apps else [])
+        _log.info("node {name} agent port listening on {addr} for the proxy ({served})",
+                  name=self.identity.name, addr=self.agent_port.getHost(),
+                  served="; ".join(served))
+
+    def _agent_address(self) -> str | None:
+        if self.agent_port is None or not self.agent_advertise:
+            return None
+        host, _, port = self.agent_advertise.rpartition(":")
+        if port == "0":
+            port = str(self.agent_port.getHost().port)
+        return f"{host}:{port}"
 
     async def _ask_tunnel_addr(self) -> str:
         ping = await self.cluster_client.get_json("/v1/ping")
@@ -502,6 +572,10 @@ class NodeService(service.MultiService):
         record = {"name": self.identity.name, "uuid": self.identity.uuid,
                   "address": self._address(), "labels": self.labels,
                   "version": __version__}
+        agent_address = self._agent_address()
+        if agent_address is not None:
+            record["agent"] = {"address": agent_address,
+                               "inventory": json.loads(self._inventory().to_json())}
         await client.post_json("/v1/nodes/heartbeat", record)
         # Roles, CAs, trusted roots and locks are pushed (the tunnel or the
         # /v1/watch stream, each new link starting with the whole state);
@@ -583,10 +657,14 @@ class NodeService(service.MultiService):
             self.reactor, rng=self.rng)
         self.control_link.setServiceParent(self)
 
+    def _wants_agent_server(self) -> bool:
+        return self.identity.mode != "tunnel" and self.serves_agent
+
     async def _renew_if_needed(self, client) -> None:
         now = datetime.fromtimestamp(self.reactor.seconds(), timezone.utc)
         left = self.identity.valid_before_datetime() - now
-        if left > NODE_CERT_TTL * RENEW_FRACTION:
+        missing = self._wants_agent_server() and not self.identity.tls_server_certificate
+        if left > NODE_CERT_TTL * RENEW_FRACTION and not missing:
             return
         ssh_key = keys.generate_private_key()
         tls_key = keys.generate_private_key()
@@ -594,18 +672,30 @@ class NodeService(service.MultiService):
             "ssh_public_key": keys.public_key_openssh(ssh_key).decode(),
             "tls_public_key": _pem_public(tls_key),
             "addresses": [] if self.identity.mode == "tunnel"
-            else _advertised_hosts(self.advertise_addr)})
+            else self._advertised_hosts(),
+            "agent_server": self._wants_agent_server()})
         self.identity.ssh_key = ssh_key
         self.identity.ssh_certificate = answer["ssh_host_certificate"]
         self.identity.tls_key = tls_key
         self.identity.tls_certificate = answer["tls_certificate"]
         self.identity.valid_before = answer["valid_before"]
+        self.identity.tls_server_certificate = answer.get("tls_server_certificate")
         self.identity.save(self.data_dir)
+        if missing:
+            await self._start_agent_port()
         from edgeaccess.ssh.hostkeys import host_keys
 
         self.factory.publicKeys, self.factory.privateKeys = host_keys(
             ssh_key, self.identity.host_certificate)
         _log.info("certificates renewed, valid until {until}", until=answer["valid_before"])
+
+    def _advertised_hosts(self) -> list[str]:
+        """The hosts a direct node is dialled at (its SSH and agent ports):
+        in its host certificate's principals and its agent server certificate."""
+        hosts = _advertised_hosts(self.advertise_addr)
+        if self.serves_agent and self.agent_advertise:
+            hosts += [h for h in _advertised_hosts(self.agent_advertise) if h not in hosts]
+        return hosts
 
     def _own_user_cas(self) -> list[str]:
         """This cluster's user CAs: as pushed, else as joined."""

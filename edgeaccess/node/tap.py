@@ -10,6 +10,7 @@ from edgeaccess import internals
 from edgeaccess.config import apply_config_file, listen_endpoint
 from edgeaccess.httpclient import split_addr
 from edgeaccess.memory import tune_for_streaming
+from edgeaccess.node.lanagent import AGENT_PORT
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -56,6 +57,12 @@ class Options(usage.Options):
         ["kube-cluster", None, None, "publish a Kubernetes API as this cluster name"],
         ["kubeconfig", None, None, "kubeconfig with the agent's credential for --kube-cluster"],
         ["kube-labels", None, "", "labels of the Kubernetes cluster, key=value,key=value"],
+        ["agent-listen", None, None,
+         "where a LAN node that publishes Kubernetes or apps listens for the proxy "
+         "(mutual TLS; default: the SSH listen host, port 3027)"],
+        ["agent-advertise-addr", None, None,
+         "HOST:PORT the proxy dials for the agent port (default: the advertised SSH host "
+         "with the agent port)"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
 
@@ -65,7 +72,7 @@ class Options(usage.Options):
 
     def opt_app(self, value: str) -> None:
         """publish a web app: name=N,uri=URL[,labels=k:v;k:v][,rewrite_host=H][,ca=FILE]
-        (repeatable; served through the reverse tunnel)"""
+        (repeatable)"""
         from edgeaccess import errors
         from edgeaccess.apps.spec import parse_app
 
@@ -97,6 +104,12 @@ class Options(usage.Options):
         self["kube-labels"] = parse_labels(self["kube-labels"]) \
             if isinstance(self["kube-labels"], str) \
             else {str(k): str(v) for k, v in (self["kube-labels"] or {}).items()}
+        for addr in ("agent-listen", "agent-advertise-addr"):
+            if self[addr] and not str(self[addr]).isdigit():
+                try:
+                    split_addr(str(self[addr]), AGENT_PORT)
+                except errors.EdgeError as e:
+                    raise usage.UsageError(f"--{addr}: {e}")
         if bool(self["kube-cluster"]) != bool(self["kubeconfig"]):
             raise usage.UsageError("--kube-cluster and --kubeconfig go together")
         if self["kube-cluster"]:
@@ -130,6 +143,16 @@ def makeService(options, reactor=None):
     advertise = options["advertise-addr"] or f"{host}:{port}"
     endpoint = listen_endpoint(reactor, listen_addr, 3022)
     env_allow = [e.strip() for e in (options["env-allow"] or "").split(",") if e.strip()]
+    # The agent port (LAN nodes publishing Kubernetes or apps): the SSH
+    # listen host and port 3027 unless told otherwise.
+    # (an ephemeral SSH port, as tests use, makes it ephemeral too).
+    agent_addr = options["agent-listen"] or _host_port(host, AGENT_PORT if port else 0)
+    agent_host, agent_port = split_addr(agent_addr if not agent_addr.isdigit()
+                                        else _host_port(host, int(agent_addr)), AGENT_PORT)
+    advertised_host = advertise.rpartition(":")[0].strip("[]")
+    agent_advertise = options["agent-advertise-addr"] or _host_port(
+        advertised_host if agent_host in (host, "0.0.0.0", "::") else agent_host, agent_port)
+    agent_endpoint = listen_endpoint(reactor, _host_port(agent_host, agent_port), AGENT_PORT)
     kube = None
     if options["kube-cluster"]:
         from edgeaccess.kube.kubeconfig import load_agent_config
@@ -143,4 +166,9 @@ def makeService(options, reactor=None):
         ca_pin=options["ca-pin"], nodename=options["nodename"], labels=options["labels"],
         listen=endpoint.listen, advertise_addr=advertise, reactor=reactor,
         heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow,
-        apps=options.get("app") or [])
+        apps=options.get("app") or [], agent_listen=agent_endpoint.listen,
+        agent_advertise=agent_advertise)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

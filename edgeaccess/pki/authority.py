@@ -98,10 +98,10 @@ class CertificateAuthority:
     # --- signing -----------------------------------------------------------
 
     def sign_tls(self, public_key, identity: x509ca.Identity, *, now, ttl,
-                 dns_names=(), ip_addresses=()) -> x509.Certificate:
+                 dns_names=(), ip_addresses=(), usage: str | None = None) -> x509.Certificate:
         return x509ca.issue_identity_certificate(
             self.tls_ca_key, self.tls_ca_cert, public_key, identity,
-            now=now, ttl=ttl, dns_names=dns_names, ip_addresses=ip_addresses,
+            now=now, ttl=ttl, dns_names=dns_names, ip_addresses=ip_addresses, usage=usage,
         )
 
     def sign_host(self, public_key, *, host_id: str, principals, now: datetime,

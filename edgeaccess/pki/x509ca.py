@@ -132,14 +132,24 @@ def issue_identity_certificate(
     ttl: timedelta,
     dns_names=(),
     ip_addresses=(),
+    usage: str | None = None,
 ) -> x509.Certificate:
     """Sign a certificate for ``identity``.
 
     Server kinds (:data:`SERVER_KINDS`) get EKU serverAuth and the names
     and addresses they are dialled at (``dns_names``, ``ip_addresses``) in
     the SAN; every other kind gets EKU clientAuth and no SAN.
+
+    :param usage: ``"server"`` or ``"client"`` overrides the kind's usage,
+        for the two exceptions of the LAN agent link (docs/security.md, "Who
+        trusts whom"): a node's *server* certificate for its agent port
+        (``--agent-listen``, the proxy dials it) and a proxy's *client*
+        certificate (what the proxy presents there). Either certificate
+        still carries one usage only.
     """
-    server = identity.kind in SERVER_KINDS
+    if usage not in (None, "server", "client"):
+        raise ValueError(f"unknown certificate usage {usage!r}")
+    server = identity.kind in SERVER_KINDS if usage is None else usage == "server"
     if not server and (dns_names or ip_addresses):
         raise ValueError(f"a {identity.kind} certificate names no hosts")
     subject = x509.Name(
