@@ -32,6 +32,7 @@ from edgeaccess.pki.authority import CertificateAuthority
 from edgeaccess.cluster.leaf import LeafLinks, LeafTrust
 from edgeaccess.cluster.root import RootClusters
 from edgeaccess.proxy.router import Router
+from edgeaccess.proxy.lanagents import CombinedRegistry, LanAgentDirectory, LanAgentPool
 from edgeaccess.proxy.sshproxy import make_proxy_ssh_factory
 from edgeaccess.proxy.tlsrouting import ALPN_SSH, tls_routing_factory
 from edgeaccess.proxy.web import ProxyWeb
@@ -308,7 +309,22 @@ def makeService(options, reactor=None) -> service.MultiService:
                                 lambda: [authority.user_ca_public_line])
     control.setServiceParent(top)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
-    kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
+    # LAN nodes' Kubernetes and app agents, dialled on demand (the proxy's
+    # client certificate: docs/security.md, "Who trusts whom"), beside the
+    # tunnelled agents for the kube directory and the app index.
+    proxy_client_cert = authority.sign_tls(
+        proxy_key.public_key(),
+        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
+        now=now, ttl=SERVICE_CERT_TTL, usage="client")
+    lan_agents = LanAgentDirectory(
+        control.cache,
+        LanAgentPool(reactor=reactor, cluster=cluster,
+                     ca_certs=lambda: [authority.tls_ca_cert],
+                     credentials=lambda: (proxy_key, proxy_client_cert)),
+        reactor)
+    lan_agents.setServiceParent(top)
+    agents = CombinedRegistry(tunnels.registry, lan_agents)
+    kube = _kube_proxy(reactor, auth, audit, cluster, agents, router, clusters,
                        leaf_trust, top, control)
     web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
@@ -317,7 +333,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
-    apps = build_app_access(auth=auth, registry=tunnels.registry, clusters=clusters,
+    apps = build_app_access(auth=auth, registry=agents, clusters=clusters,
                             public_host=apps_domain, web_addr=lambda: addresses()["web"],
                             site=EdgeSite(web.resource()), reactor=reactor,
                             web_sessions=getattr(web.ui, "sessions", None),
