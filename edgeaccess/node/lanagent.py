@@ -95,16 +95,18 @@ class AgentServerTLS:
                 return bool(ok)
             peer = tls_protocol.transport.getPeer() if tls_protocol.transport else None
             address = getattr(peer, "host", "?")
-            if not ok:
-                _log.warn("agent port: refused {addr}: its certificate does not verify "
-                          "against the cluster CA (X.509 error {error})", addr=address,
-                          error=error_number)
-                return False
             try:
+                # Even when OpenSSL refused it (e.g. a server-only certificate:
+                # "unsupported purpose"), to say what the client really is.
                 check_proxy_client(certificate.to_cryptography(), self.cluster)
             except Exception as e:  # never raise into OpenSSL's callback
                 _log.warn("agent port: refused {addr}: it presented {what}", addr=address,
                           what=e)
+                return False
+            if not ok:
+                _log.warn("agent port: refused {addr}: its certificate does not verify "
+                          "against the cluster CA (X.509 error {error})", addr=address,
+                          error=error_number)
                 return False
             return True
 
