@@ -117,11 +117,15 @@ class LanAgentPool:
     :param connect_timeout: seconds for TCP, TLS and ``Hello`` together.
     :param endpoint_for: ``(host, port) -> endpoint`` (tests: in memory);
         default TLS over TCP as described in the module docstring.
+    :param identity_for: ``(transport) -> Identity | None``, who the
+        connected agent is; default: its verified server certificate's
+        identity, if of this cluster.
     """
 
     def __init__(self, *, reactor, cluster: str, ca_certs: Callable[[], list],
                  credentials: Callable[[], tuple], connect_timeout: float = 10.0,
-                 heartbeat_interval: float = 30.0, endpoint_for=None) -> None:
+                 heartbeat_interval: float = 30.0, endpoint_for=None,
+                 identity_for=None) -> None:
         self.reactor = reactor
         self.cluster = cluster
         self._ca_certs = ca_certs
@@ -131,7 +135,7 @@ class LanAgentPool:
         # The tunnel server's parts: no channels from the node (accept_channel
         # None), nothing to Discover, the heartbeat answered, silence dropped.
         self.factory = TunnelServerFactory(
-            clock=reactor, identity_for=self._identity_for,
+            clock=reactor, identity_for=identity_for or self._identity_for,
             heartbeat_interval=heartbeat_interval, max_channels=1024)
         self.factory.registry.subscribe(self._up, self._down)
         self._connections: dict[str, LanTunnelProtocol] = {}
