@@ -112,11 +112,14 @@ def test_a_server_that_is_another_node_is_refused_and_dropped():
     other = Identity(kind="node", name="lan-1", cluster="root",
                      uuid="6f1d7c1e-0000-4000-8000-000000000002")
     world = World(peer=other)
+    registered: list = []
+    world.pool.factory.registry.subscribe(registered.append, lambda t: None)
     result = world.open()
     world.settle()
     assert result[0].check(NodeOffline), result
     assert world.pool.connections() == []
     assert world.acceptor.requests == []  # no channel reached it
+    assert registered == []  # its Hello was refused, not accepted and then dropped
     assert world.endpoint.servers[0]._is_lost
 
 
