@@ -14,6 +14,7 @@ def main(argv: list[str]) -> int:
     scenarios["fuzz"] = "benchmarks.fuzz"  # docs/security.md "Fuzzing"
     scenarios["kube"] = "benchmarks.kube"  # docs/performance.md "Kubernetes access"
     scenarios["apps"] = "benchmarks.apps"  # docs/performance.md "Web applications"
+    scenarios["lan-agents"] = "benchmarks.lan_agents"  # docs/performance.md "LAN agents"
     scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")
         "tunnel-throughput": "benchmarks.tunnel_throughput",
         "tunnel-latency": "benchmarks.tunnel_latency",
