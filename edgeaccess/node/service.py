@@ -478,8 +478,6 @@ class NodeService(service.MultiService):
         port (mutual TLS, proxies of this cluster only)."""
         if not self.serves_agent or self.agent_port is not None:
             return
-        if self._agent_listen is None:
-            return
         if not self.identity.tls_server_certificate:
             # Joined before agent ports existed: the next renewal brings the
             # server certificate; the heartbeat renews at once for it.
@@ -490,16 +488,17 @@ class NodeService(service.MultiService):
             AgentServerTLS, LanAgentFactory, agent_server_factory)
         from edgeaccess.pki import x509ca
 
+        loaded: dict[str, tuple] = {}
+
         def credentials():
+            # Parsed once per certificate: a renewal applies from the next connection.
             identity = self.identity
-            cached = getattr(self, "_agent_credentials", None)
-            if cached is None or cached[0] != identity.tls_server_certificate:
-                cached = self._agent_credentials = (
-                    identity.tls_server_certificate,
-                    (identity.tls_key,
-                     x509ca.load_certificate_pem(identity.tls_server_certificate.encode()),
-                     x509ca.load_certificates_pem(identity.ca_pem.encode())))
-            return cached[1]
+            pem = identity.tls_server_certificate
+            if pem not in loaded:
+                loaded.clear()
+                loaded[pem] = (identity.tls_key, x509ca.load_certificate_pem(pem.encode()),
+                               x509ca.load_certificates_pem(identity.ca_pem.encode()))
+            return loaded[pem]
 
         factory = LanAgentFactory(
             clock=self.reactor, inventory=self._inventory, accept_channel=self._accept_channel,

@@ -160,6 +160,10 @@ class LanAgentPool:
         """The live connections."""
         return list(self._connections.values())
 
+    def current(self, uuid: str) -> LanTunnelProtocol | None:
+        """The live connection to node ``uuid``, if there is one."""
+        return self._connections.get(uuid)
+
     def connection(self, uuid: str, address: str) -> Deferred[LanTunnelProtocol]:
         """The connection to node ``uuid``'s agent at ``address`` (dialled if
         there is none); fails with NodeOffline when it cannot be made."""
@@ -293,7 +297,7 @@ class LanAgent:
         self.pool.close(self.identity.uuid, reason)
 
     def when_lost(self) -> Deferred:
-        connection = self.pool._connections.get(self.identity.uuid)
+        connection = self.pool.current(self.identity.uuid)
         return connection.when_lost() if connection is not None else succeed(None)
 
 
