@@ -437,3 +437,23 @@ def test_a_server_that_is_not_the_node_gets_nothing(world):
         assert "refused the agent at" in log and "not node" in log
     finally:
         world.edge("bob", "kube", "login", "standin")
+
+
+# --- the pool follows the node ---------------------------------------------------------
+
+
+def test_a_restarted_node_is_dialled_again_at_its_new_agent_address(world):
+    """Runs last: stops and restarts the LAN node (its agent port is ephemeral, so it
+    comes back elsewhere); meanwhile kubectl gets a clear 503, then works again."""
+    before = _agent_port(world)
+    world.node.stop()
+    down = world.kubectl("bob", "get", "pods", "--request-timeout", "20s")
+    assert down.returncode != 0 and "ServiceUnavailable" in down.stderr, down.stderr
+    world.node.start()
+    wait_for(lambda: _agent_port(world) != before, 60, "the new agent address",
+             world.node.process, interval=0.5)
+    again = wait_for(lambda: (r := world.kubectl("bob", "get", "pods")).returncode == 0 and r,
+                     60, "kubectl through the restarted node", interval=0.5)
+    assert "web-1" in again.stdout
+    log = (world.base / "proxy.log").read_text()
+    assert log.count("connected to the agent of node lan-agent") == 2
