@@ -51,6 +51,9 @@ class NodeIdentity:
         keys.write_public(directory / "ca.pem", self.ca_pem.encode())
         if self.tls_server_certificate:
             keys.write_public(directory / "tls-server.crt", self.tls_server_certificate.encode())
+        else:
+            # No longer issued (the node stopped serving an agent port): no stale copy.
+            (directory / "tls-server.crt").unlink(missing_ok=True)
         keys.write_public(directory / "ssh_user_ca.pub",
                           "\n".join(self.user_ca_lines).encode() + b"\n")
         meta = {"uuid": self.uuid, "name": self.name, "cluster": self.cluster,

@@ -444,11 +444,16 @@ def test_a_server_that_is_not_the_node_gets_nothing(world):
 
 def test_a_restarted_node_is_dialled_again_at_its_new_agent_address(world):
     """Runs last: stops and restarts the LAN node (its agent port is ephemeral, so it
-    comes back elsewhere); meanwhile kubectl gets a clear 503, then works again."""
+    comes back elsewhere); meanwhile kubectl gets a clear 503, then works again. The node
+    comes back without its server certificate, as one joined before agent ports existed:
+    it renews at its first heartbeat and opens the port then."""
     before = _agent_port(world)
+    dialled = (world.base / "proxy.log").read_text().count(
+        "connected to the agent of node lan-agent")
     world.node.stop()
     down = world.kubectl("bob", "get", "pods", "--request-timeout", "20s")
     assert down.returncode != 0 and "ServiceUnavailable" in down.stderr, down.stderr
+    (_node_dir(world, "lan-agent") / "tls-server.crt").unlink()
     world.node.start()
     wait_for(lambda: _agent_port(world) != before, 60, "the new agent address",
              world.node.process, interval=0.5)
@@ -456,4 +461,7 @@ def test_a_restarted_node_is_dialled_again_at_its_new_agent_address(world):
                      60, "kubectl through the restarted node", interval=0.5)
     assert "web-1" in again.stdout
     log = (world.base / "proxy.log").read_text()
-    assert log.count("connected to the agent of node lan-agent") == 2
+    assert log.count("connected to the agent of node lan-agent") == dialled + 1
+    node_log = (world.base / "lan-agent.log").read_text()
+    assert "has no server certificate for its agent port yet" in node_log
+    assert (_node_dir(world, "lan-agent") / "tls-server.crt").exists()
