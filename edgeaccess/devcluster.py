@@ -98,6 +98,8 @@ class ProxyProcess(_Process):
     cluster: str = "example"
     ports: dict = attrs.Factory(dict)
     extra_args: list = attrs.Factory(list)
+    #: Extra environment (e.g. EDGE_CA_KEY, the key every proxy of a cluster shares).
+    env: dict = attrs.Factory(dict)
 
     @property
     def data_dir(self) -> Path:
@@ -114,7 +116,7 @@ class ProxyProcess(_Process):
             "--cluster-name", self.cluster, "--public-addr", "127.0.0.1",
             "--web-listen", listen["web"], "--ssh-listen", listen["ssh"],
             "--auth-listen", listen["auth"], "--tunnel-listen", listen["tunnel"],
-            "--kube-listen", listen["kube"], *self.extra_args])
+            "--kube-listen", listen["kube"], *self.extra_args], env=self.env)
         wait_for(runtime.exists, timeout, "proxy runtime.json", self.process)
         info = self.runtime()
         wait_for(lambda: self._presets_ready(), timeout, "preset roles", self.process)

@@ -1,7 +1,10 @@
-"""The cluster's certificate authorities on disk.
+"""The cluster's certificate authorities.
 
-Created on the first start under ``DATA_DIR/ca`` (private keys mode 0600)
-and reused afterwards. Only the auth service holds these keys.
+The proxy keeps them in the backend, shared by every proxy of the cluster
+(``edgeaccess.pki.castore``). :meth:`CertificateAuthority.load_or_create`
+is the older layout, files under ``DATA_DIR/ca`` (private keys mode
+0600): still read, to import a data directory written before. Only the
+auth service holds these keys.
 """
 
 from __future__ import annotations
@@ -29,6 +32,29 @@ class CertificateAuthority:
     tls_ca_cert: x509.Certificate
 
     # --- loading -----------------------------------------------------------
+
+    @classmethod
+    def pending(cls, cluster_name: str) -> "CertificateAuthority":
+        """A CA set to be filled in at start (:meth:`adopt`) from the backend.
+
+        Built before the reactor runs, so the services holding it are
+        composed at once; nothing signs before the proxy's start-up has
+        loaded the CAs (its listeners wait for that).
+        """
+        return cls(cluster_name, None, None, None, None)
+
+    @property
+    def loaded(self) -> bool:
+        return self.tls_ca_cert is not None
+
+    def adopt(self, other: "CertificateAuthority") -> None:
+        """Take the keys of ``other`` (the set loaded from the backend)."""
+        if other.cluster_name != self.cluster_name:
+            raise ValueError(f"CAs of cluster {other.cluster_name!r}, not {self.cluster_name!r}")
+        self.ssh_user_ca = other.ssh_user_ca
+        self.ssh_host_ca = other.ssh_host_ca
+        self.tls_ca_key = other.tls_ca_key
+        self.tls_ca_cert = other.tls_ca_cert
 
     @classmethod
     def load_or_create(cls, directory: Path, cluster_name: str, now: datetime):

@@ -184,3 +184,33 @@ async def test_a_frozen_database_closes_the_watch(pg_server, clock) -> None:
         assert "no answer" in reason
     finally:
         await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_proxies_starting_at_once_share_one_ca_set(pg_server, clock, tmp_path) -> None:
+    """Two first starts on an empty database: create() decides, both load one set."""
+    import base64
+    from datetime import datetime, timezone
+
+    from twisted.internet import defer
+
+    from edgeaccess.pki import castore
+
+    url = pg_server.create_database()
+    backends = [await PostgresBackend(url, clock, reactor).start() for _ in range(2)]
+    secret = base64.b64encode(os.urandom(32)).decode()
+    now = datetime.now(timezone.utc)
+    try:
+        loaded = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(castore.load_or_create_authority(
+                backend, "example", now,
+                castore.CAKeySource.from_options(None, {castore.CA_KEY_ENV: secret},
+                                                 tmp_path / f"p{index}")))
+            for index, backend in enumerate(backends)])
+        assert loaded[0].fingerprints() == loaded[1].fingerprints()
+        assert loaded[0].pin == loaded[1].pin
+        items = await backends[0].get_range("/authorities/")
+        assert [item.key for item in items] == [castore.AUTHORITIES_KEY]
+    finally:
+        for backend in backends:
+            await backend.close()
