@@ -132,6 +132,24 @@ class ProxyProcess(_Process):
     def runtime(self) -> dict:
         return json.loads((self.data_dir / "runtime.json").read_text())
 
+    def authority(self):
+        """The cluster's CAs, private keys included (tests that forge, benchmarks
+        that simulate nodes): read from the embedded backend with the CA key
+        in the data dir (the proxy keeps them nowhere else)."""
+        import sqlite3
+
+        from edgeaccess.pki import castore
+
+        database = sqlite3.connect(f"file:{self.data_dir / 'backend.sqlite3'}?mode=ro", uri=True)
+        try:
+            (value,) = database.execute("SELECT value FROM items WHERE key = ?",
+                                        (castore.AUTHORITIES_KEY,)).fetchone()
+        finally:
+            database.close()
+        key = castore.parse_ca_key((self.data_dir / castore.DEFAULT_KEY_FILE).read_text(),
+                                   "the CA key file")
+        return castore.open_authority(bytes(value), self.cluster, key)
+
     def addr(self, name: str) -> str:
         return self.runtime()["addresses"][name]
 

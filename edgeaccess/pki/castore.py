@@ -291,6 +291,21 @@ def _open(record: dict, key: bytes) -> dict[str, tuple[object, object]]:
     return loaded
 
 
+def open_authority(value: bytes, cluster: str, key: bytes) -> CertificateAuthority:
+    """The CAs in a stored CA set ``value`` (pure: tools and tests that read
+    a backend themselves, e.g. :meth:`edgeaccess.devcluster.ProxyProcess.authority`)."""
+    record = _decode(value, cluster)
+    return _authority_from(cluster, _open(record, _check_key(record, CAKeySource(key, "the key"))))
+
+
+def write_public_copies(directory: Path, authority: CertificateAuthority) -> None:
+    """Public copies of the CAs for tools (``curl --cacert DIR/tls_ca.crt``,
+    ``@cert-authority`` lines): rewritten at each start, never read back."""
+    keys.write_public(directory / "tls_ca.crt", authority.tls_ca_pem.encode())
+    keys.write_public(directory / "ssh_user_ca.pub", authority.user_ca_public_line.encode() + b"\n")
+    keys.write_public(directory / "ssh_host_ca.pub", authority.host_ca_public_line.encode() + b"\n")
+
+
 # --- load or create ----------------------------------------------------------------
 
 

@@ -348,9 +348,11 @@ def makeService(options, reactor=None) -> service.MultiService:
         authority.adopt(await castore.load_or_create_authority(
             backend, cluster, now, ca_key, legacy=legacy_cas, write_key=write_key))
         certificates.issue(authority, _now())
-        # The admin identity edgectl uses on this host.
+        # The admin identity edgectl uses on this host, and public copies of the CAs.
         await deferToThreadPool(reactor, pool, _write_admin_identity, data_dir, authority,
                                 _now())
+        await deferToThreadPool(reactor, pool, castore.write_public_copies, data_dir / "ca",
+                                authority)
 
     _BackendService(backend, auth, clusters, load_authority, startup,
                     reactor).setServiceParent(top)

@@ -85,7 +85,8 @@ def test_two_proxies_started_at_once_share_one_ca_set(proxies):
     logs = first.log() + second.log()
     assert logs.count("created certificate authorities of cluster pg-e2e") == 1
     assert "loaded certificate authorities of cluster pg-e2e from the backend" in logs
-    assert not (first.data_dir / "ca").exists() and not (second.data_dir / "ca").exists()
+    for process in proxies:
+        assert not (process.data_dir / "ca" / "tls_ca.key").exists()
 
 
 def test_a_user_created_through_one_proxy_logs_in_through_the_other(proxies, tmp_path):
