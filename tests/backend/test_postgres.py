@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
-from edgeaccess.backend.postgres import PostgresBackend
+from edgeaccess.backend.postgres import PostgresBackend, load_migrations
 from edgeaccess.backend.watch import WatchClosed
 from edgeaccess.errors import BadRequest, EdgeError
 
@@ -105,7 +105,8 @@ async def test_reopening_keeps_data_and_schema(pg_server, clock) -> None:
     finally:
         await second.close()
     with psycopg.connect(url) as connection:
-        assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        latest = connection.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        assert latest == len(load_migrations()) == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -164,7 +165,7 @@ async def test_a_frozen_database_closes_the_watch(pg_server, clock) -> None:
     """SIGSTOP the server process behind the LISTEN connection: nothing arrives,
     no error either; the liveness tick notices and the watch closes."""
     backend = await PostgresBackend(pg_server.create_database(), clock, reactor,
-                                    feed_tick=0.5).start()
+                                    feed_tick=0.5, feed_timeout=1.0).start()
     with psycopg.connect(backend.url, autocommit=True) as probe:
         pids = {pid for (pid,) in probe.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
@@ -214,3 +215,108 @@ async def test_two_proxies_starting_at_once_share_one_ca_set(pg_server, clock, t
     finally:
         for backend in backends:
             await backend.close()
+
+
+# -- change feed hygiene: only watched prefixes, only changed values notify --
+
+
+class _Notifications:
+    """A LISTEN connection of its own, counting what the trigger sends."""
+
+    def __init__(self, url: str) -> None:
+        self.connection = psycopg.connect(url, autocommit=True)
+        self.connection.execute("LISTEN edgeaccess_changes")
+
+    def keys(self) -> list[str]:
+        import json as _json
+
+        self.connection.execute("SELECT 1")  # reads what arrived meanwhile
+        return [_json.loads(n.payload)["key"] for n in self.connection.notifies(timeout=0.2)]
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_watched_prefixes_and_changed_values_notify(pg_server, clock) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    url = pg_server.create_database()
+    writer = await PostgresBackend(url, clock, reactor).start()
+    watching = await PostgresBackend(url, clock, reactor, feed_tick=0.2).start()
+    listen = _Notifications(url)
+    try:
+        watcher = watching.watch(["/nodes/"])
+        assert (await watcher.next()).type == "init"
+        await eventually(lambda: _registered(url, "/nodes/"), "the prefix to be registered")
+        expires = datetime.fromtimestamp(clock.seconds(), timezone.utc) + timedelta(minutes=5)
+        await writer.put("/audit/events/1", b"unwatched")
+        first = await writer.put("/nodes/n1", b"v1", expires)
+        # A heartbeat: same value, the expiry moved.
+        beat = await writer.put("/nodes/n1", b"v1", expires + timedelta(seconds=30))
+        changed = await writer.put("/nodes/n1", b"v2", expires + timedelta(seconds=60))
+        await writer.delete("/nodes/n1")
+        assert listen.keys() == ["/nodes/n1", "/nodes/n1", "/nodes/n1"]  # put, put v2, delete
+        # Every change still reaches the watcher, the quiet one included, in order.
+        seen = [await watcher.next() for _ in range(4)]
+        assert [(e.type, e.revision) for e in seen] == [
+            ("put", first.revision), ("put", beat.revision), ("put", changed.revision),
+            ("delete", changed.revision + 1)]
+        assert seen[1].item.expires == beat.expires
+        # The quiet write alone (nothing notifies): the poll brings it.
+        quiet = await writer.put("/nodes/n2", b"x", expires)
+        await watcher.next()
+        again = await writer.put("/nodes/n2", b"x", expires + timedelta(seconds=5))
+        assert listen.keys() == ["/nodes/n2"]
+        event = await watcher.next().addTimeout(10, reactor)
+        assert event.revision == again.revision > quiet.revision
+    finally:
+        listen.close()
+        await writer.close()
+        await watching.close()
+
+
+async def _registered(url: str, prefix: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as connection:
+        return bool(connection.execute("SELECT 1 FROM watched_prefixes WHERE prefix = %s",
+                                       (prefix,)).fetchone())
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest_twisted.ensureDeferred
+async def test_a_cache_misses_nothing_written_by_another_proxy_across_a_restart(
+        restart_server, clock, mode) -> None:
+    """Proxy A's cache across a database restart: what proxy B writes while
+    A's feed is down is there once A's watch resumes (it re-reads)."""
+    from edgeaccess.controlplane.cache import ControlCache
+
+    url = restart_server.create_database()
+    a = await PostgresBackend(url, clock, reactor).start()
+    b = await PostgresBackend(url, clock, reactor).start()
+    cache = ControlCache(a, reactor, prefixes=["/resources/"], retry_delay=0.1)
+    cache.startService()
+    try:
+        await eventually(lambda: _succeed(cache.ready), "the cache to load")
+        await b.put("/resources/role/before", b"1")
+        await eventually(lambda: _succeed(cache.get("/resources/role/before")), "before")
+        generation = cache.generation
+        restart_server.restart(mode)
+        # Written at once by B (its calls retry until the server is back),
+        # while A's change feed is still down or reconnecting.
+        await b.put("/resources/role/during", b"2")
+        await b.put("/resources/role/before", b"changed")
+        await eventually(lambda: _succeed(cache.get("/resources/role/during")), "during",
+                         timeout=60)
+        await eventually(lambda: _succeed(
+            cache.get("/resources/role/before").value == b"changed"), "the change", timeout=60)
+        assert cache.generation > generation, "the watch was restarted (re-read)"
+        await b.put("/resources/role/after", b"3")
+        await eventually(lambda: _succeed(cache.get("/resources/role/after")), "after")
+    finally:
+        cache.stopService()
+        await a.close()
+        await b.close()
+
+
+async def _succeed(value):
+    return value
