@@ -320,3 +320,60 @@ async def test_a_cache_misses_nothing_written_by_another_proxy_across_a_restart(
 
 async def _succeed(value):
     return value
+
+
+# -- the audit chain with several writers ------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_proxies_appending_at_once_keep_one_verifiable_chain(pg_server) -> None:
+    """Two proxies' audit logs on one database, emitting and ingesting at the
+    same time: one chain, every event once, verify passes; a broken link is
+    still found."""
+    import json as _json
+
+    from twisted.internet import defer
+
+    from edgeaccess.audit.log import AuditLog, event_key
+
+    url = pg_server.create_database()
+    backends = [await PostgresBackend(url, reactor, reactor).start() for _ in range(2)]
+    logs = [AuditLog(backend, "example", reactor) for backend in backends]
+    assert all(log._atomic for log in logs), "PostgreSQL appends in one transaction"
+    try:
+        def node_batch(proxy: int, batch: int) -> list[dict]:
+            return [{"id": f"n{proxy}-{batch}-{i}", "event": "exec", "cluster": "example",
+                     "time": "2026-12-02T12:00:00Z", "user": "alice", "login": "root",
+                     "command": "true", "success": True} for i in range(20)]
+
+        async def proxy(index: int) -> None:
+            log = logs[index]
+            work = [log.emit("user.login", user=f"p{index}-{i}", success=True)
+                    for i in range(60)]
+            for batch in range(5):
+                work.append(defer.Deferred.fromCoroutine(
+                    log.ingest(node_batch(index, batch), node_name=f"node{index}")))
+            # A redelivered batch (an acknowledgement lost) is stored once.
+            work.append(defer.Deferred.fromCoroutine(
+                log.ingest(node_batch(index, 0), node_name=f"node{index}")))
+            results = await defer.gatherResults(work)
+            assert all(result for result in results)
+
+        await defer.gatherResults([defer.Deferred.fromCoroutine(proxy(i)) for i in range(2)])
+        records = await logs[1].records()
+        ids = [record["event"]["id"] for record in records]
+        assert len(ids) == len(set(ids)) == 2 * (60 + 5 * 20)
+        assert [record["seq"] for record in records] == list(range(1, len(records) + 1))
+        result = await logs[0].verify()
+        assert result.ok, result.problems
+        assert result.head_seq == len(records)
+        # Alter one event behind the chain's back: verify names it.
+        tampered = dict(records[41])
+        tampered["event"] = {**tampered["event"], "user": "mallory"}
+        await backends[0].put(event_key(42), _json.dumps(tampered).encode())
+        broken = await logs[1].verify()
+        assert not broken.ok and broken.problems[0].seq == 42
+        assert broken.problems[0].kind == "altered"
+    finally:
+        for backend in backends:
+            await backend.close()
