@@ -919,7 +919,23 @@ def _atomic_update(connection, revisions: _Revisions, now: float, compute) -> An
         revision = revisions.next()
         items.append((key, value, None, revision))
         changes.append((revision, "put", key, value, None, now, False))
-    if items:
+    if len({key for key, _, _, _ in items}) == len(items):
+        # One statement each for all the rows (a round trip per row is most
+        # of the cost of a large batch).
+        if items:
+            keys_, values, _, revisions_ = zip(*items)
+            connection.execute(
+                "INSERT INTO items (key, value, expires, revision)"
+                " SELECT k, v, NULL, r FROM unnest(%s::text[], %s::bytea[], %s::bigint[])"
+                " AS t(k, v, r) ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " expires = excluded.expires, revision = excluded.revision",
+                (list(keys_), list(values), list(revisions_)))
+            connection.execute(
+                "INSERT INTO changes (revision, op, key, value, expires, written_at, quiet)"
+                " SELECT r, 'put', k, v, NULL, %s, false"
+                " FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS t(r, k, v)",
+                (now, list(revisions_), list(keys_), list(values)))
+    else:
         with connection.cursor() as cursor:
             cursor.executemany(_UPSERT_ITEM, items)
             cursor.executemany(_INSERT_CHANGE, changes)
