@@ -168,17 +168,19 @@ def unseal(key: bytes, cluster: str, name: str, sealed: dict) -> bytes:
 class CAKind:
     """How one named CA is made and stored.
 
-    :ivar generate: ``(cluster, now) -> (private_key, public_text)``.
+    :ivar generate: ``(cluster, now, entries) -> (private_key, public_text)``;
+        ``entries`` are the CAs made or loaded so far, ``name -> (private_key,
+        public_text)`` (the web CA is made from the X.509 CA).
     :ivar private_bytes: the private key's stored (then sealed) form.
     :ivar load: ``(private_bytes, public_text) -> (private_key, public_object)``.
     """
 
-    generate: Callable[[str, datetime], tuple[object, str]]
+    generate: Callable[[str, datetime, Mapping], tuple[object, str]]
     private_bytes: Callable[[object], bytes]
     load: Callable[[bytes, str], tuple[object, object]]
 
 
-def _ssh_generate(cluster: str, now: datetime) -> tuple[object, str]:
+def _ssh_generate(cluster: str, now: datetime, entries: Mapping) -> tuple[object, str]:
     key = keys.generate_private_key()
     return key, keys.public_key_openssh(key).decode()
 
@@ -190,7 +192,7 @@ def _ssh_load(private: bytes, public: str) -> tuple[object, object]:
     return key, public
 
 
-def _tls_generate(cluster: str, now: datetime) -> tuple[object, str]:
+def _tls_generate(cluster: str, now: datetime, entries: Mapping) -> tuple[object, str]:
     key, cert = x509ca.create_ca(cluster, now)
     return key, x509ca.certificate_pem(cert).decode()
 
@@ -203,32 +205,58 @@ def _tls_load(private: bytes, public: str) -> tuple[object, object]:
     return key, cert
 
 
-#: Every CA of a cluster, by name. One more CA is one more entry here (and
-#: a field of CertificateAuthority): sets without it get it on next start.
+def _web_generate(cluster: str, now: datetime, entries: Mapping) -> tuple[object, str]:
+    tls_cert = x509ca.load_certificate_pem(entries["tls"][1].encode())
+    key, cert = x509ca.create_web_ca(tls_cert, now)
+    return key, x509ca.certificate_pem(cert).decode()
+
+
+#: Every CA of a cluster, by name, in the order they are made (the web CA
+#: after the X.509 CA it is made from). One more CA is one more entry here
+#: (and a field of CertificateAuthority): sets without it get it on the next
+#: start.
 CA_KINDS: dict[str, CAKind] = {
     "ssh_user": CAKind(_ssh_generate, keys.private_key_openssh, _ssh_load),
     "ssh_host": CAKind(_ssh_generate, keys.private_key_openssh, _ssh_load),
     "tls": CAKind(_tls_generate, keys.private_key_pem, _tls_load),
+    "web": CAKind(_web_generate, keys.private_key_pem, _tls_load),
 }
 
 
 def _authority_from(cluster: str, loaded: Mapping[str, tuple[object, object]]) -> CertificateAuthority:
-    return CertificateAuthority(
+    authority = CertificateAuthority(
         cluster_name=cluster,
         ssh_user_ca=loaded["ssh_user"][0],
         ssh_host_ca=loaded["ssh_host"][0],
         tls_ca_key=loaded["tls"][0],
         tls_ca_cert=loaded["tls"][1],
     )
+    if "web" in loaded:
+        authority.web_ca_key, authority.web_ca_cert = loaded["web"]
+        if authority.web_ca_cert.subject != authority.tls_ca_cert.subject:
+            raise CASetError("the web CA in the backend is not the web CA of its X.509 CA")
+    return authority
 
 
 def _entries_of(authority: CertificateAuthority) -> dict[str, tuple[object, str]]:
     """``name -> (private_key, public_text)`` of an authority read from files."""
-    return {
+    entries = {
         "ssh_user": (authority.ssh_user_ca, authority.user_ca_public_line),
         "ssh_host": (authority.ssh_host_ca, authority.host_ca_public_line),
         "tls": (authority.tls_ca_key, authority.tls_ca_pem),
     }
+    if authority.web_ca_cert is not None:
+        entries["web"] = (authority.web_ca_key, authority.web_ca_pem)
+    return entries
+
+
+def _complete(cluster: str, now: datetime, entries: dict) -> dict:
+    """``entries`` with every kind of CA it lacks made, in order."""
+    made = {}
+    for name, kind in CA_KINDS.items():
+        if name not in entries and name not in made:
+            made[name] = kind.generate(cluster, now, {**entries, **made})
+    return made
 
 
 # --- the record ------------------------------------------------------------------
@@ -304,6 +332,8 @@ def write_public_copies(directory: Path, authority: CertificateAuthority) -> Non
     keys.write_public(directory / "tls_ca.crt", authority.tls_ca_pem.encode())
     keys.write_public(directory / "ssh_user_ca.pub", authority.user_ca_public_line.encode() + b"\n")
     keys.write_public(directory / "ssh_host_ca.pub", authority.host_ca_public_line.encode() + b"\n")
+    if authority.web_ca_pem is not None:
+        keys.write_public(directory / "web_ca.crt", authority.web_ca_pem.encode())
 
 
 # --- load or create ----------------------------------------------------------------
@@ -340,7 +370,9 @@ async def load_or_create_authority(
             loaded = _open(record, key)
             missing = [name for name in CA_KINDS if name not in loaded]
             if missing:
-                entries = {name: CA_KINDS[name].generate(cluster, now) for name in missing}
+                have = {name: (private, record["cas"][name]["public"])
+                        for name, (private, _public) in loaded.items()}
+                entries = _complete(cluster, now, have)
                 if not await _add_cas(backend, item.value, record, key, entries):
                     continue  # another proxy changed the set: read it again
                 loaded.update({name: CA_KINDS[name].load(CA_KINDS[name].private_bytes(p), pub)
@@ -358,7 +390,8 @@ async def load_or_create_authority(
                                  f"{legacy.cluster_name!r}, not {cluster!r}")
             entries = _entries_of(legacy)
         else:
-            entries = {name: kind.generate(cluster, now) for name, kind in CA_KINDS.items()}
+            entries = {}
+        entries.update(_complete(cluster, now, entries))
         key, created_file = key_source.key, None
         if key is None:
             key = secrets.token_bytes(_KEY_BYTES)
@@ -429,4 +462,15 @@ def read_legacy_authority(directory: Path, cluster: str) -> CertificateAuthority
     existing = (directory / "cluster_name").read_text().strip()
     if existing != cluster:
         raise CASetError(f"{directory} holds the CAs of cluster {existing!r}, not {cluster!r}")
-    return CertificateAuthority.load_or_create(directory, cluster, datetime.now())
+    authority = CertificateAuthority(
+        cluster_name=cluster,
+        ssh_user_ca=keys.load_private_key((directory / "ssh_user_ca").read_bytes()),
+        ssh_host_ca=keys.load_private_key((directory / "ssh_host_ca").read_bytes()),
+        tls_ca_key=keys.load_private_key((directory / "tls_ca.key").read_bytes()),
+        tls_ca_cert=x509ca.load_certificate_pem((directory / "tls_ca.crt").read_bytes()),
+    )
+    if (directory / "web_ca.crt").exists() and (directory / "web_ca.key").exists():
+        # A data dir that already had a web CA keeps it (browsers trust it).
+        authority.web_ca_key = keys.load_private_key((directory / "web_ca.key").read_bytes())
+        authority.web_ca_cert = x509ca.load_certificate_pem((directory / "web_ca.crt").read_bytes())
+    return authority

@@ -77,6 +77,8 @@ class Options(usage.Options):
          "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
          "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
+        ["backend-pool", None, None,
+         "connections (and query threads) of a PostgreSQL backend (default 4)"],
         ["ca-key-file", None, None,
          "file holding the key that seals the cluster's CA private keys in the backend "
          "(every proxy of a cluster needs the same; default: $EDGE_CA_KEY, else "
@@ -103,6 +105,9 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
+        pool = self["backend-pool"]
+        if pool is not None and (not str(pool).isdigit() or not 1 <= int(pool) <= 64):
+            raise usage.UsageError("--backend-pool: a number of connections from 1 to 64")
         for name in (self["server-names"] or "").split(","):
             name = name.strip().strip("[]")
             if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
@@ -207,22 +212,20 @@ class _BackendService(service.Service):
         self._reactor = reactor
 
     async def _start(self) -> None:
-        start = getattr(self.backend, "start", None)
-        if start is not None:  # opens (migrates) the database before the bootstrap
-            await start()
-        if self._load_authority is not None:
-            try:
+        try:
+            start = getattr(self.backend, "start", None)
+            if start is not None:  # opens (migrates) the database before the bootstrap
+                await start()
+            if self._load_authority is not None:
                 await self._load_authority()
-            except Exception as error:
-                from edgeaccess.pki.castore import CAKeyError, CASetError
-
-                if isinstance(error, (CAKeyError, CASetError)):
-                    _log.critical("cannot start: {error}", error=error)
-                else:
-                    _log.failure("cannot start: the cluster's CAs could not be loaded")
-                if self._reactor is not None and self._reactor.running:
-                    self._reactor.stop()
-                return
+        except Exception as error:
+            if isinstance(error, errors.EdgeError):
+                _log.critical("cannot start: {error}", error=error)
+            else:
+                _log.failure("cannot start: the cluster's CAs could not be loaded")
+            if self._reactor is not None and self._reactor.running:
+                self._reactor.stop()
+            return
         if self._startup is not None:
             self._startup.ready()
         await self.auth.bootstrap()
@@ -271,6 +274,7 @@ class _ProxyCertificates:
 
     proxy_key = web_key = host_key = None
     proxy_cert = web_cert = host_cert = None
+    web_chain: list = []
     public_host = cluster = ""
     dns_names: list = []
     ip_addresses: list = []
@@ -280,7 +284,7 @@ class _ProxyCertificates:
         self.proxy_cert = authority.sign_tls(
             self.proxy_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
             dns_names=self.dns_names, ip_addresses=self.ip_addresses)
-        self.web_cert = authority.sign_tls(
+        self.web_cert, self.web_chain = authority.sign_web(
             self.web_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
             dns_names=self.dns_names, ip_addresses=self.ip_addresses)
         self.host_cert = authority.sign_host(
@@ -323,7 +327,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=4, name="edgeproxy-crypto")
     _ThreadPoolService(pool).setServiceParent(top)
-    backend = backend_from_url(options["backend"], reactor, str(data_dir), reactor)
+    backend = backend_from_url(options["backend"], reactor, str(data_dir), reactor,
+                               pool_size=int(options["backend-pool"] or 0) or None)
     from edgeaccess.identity import kinds  # noqa: F401  (registers resource kinds)
 
     from edgeaccess.audit.log import AuditLog
@@ -375,8 +380,9 @@ def makeService(options, reactor=None) -> service.MultiService:
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
     # Each proxy has its own keys; the shared CAs certify them at start.
     certificates.proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
-    # Browsers (Chromium's BoringSSL) offer no Ed25519 signature scheme: the
-    # web port's certificate has an ECDSA P-256 key (same CA, same names).
+    # Browsers (Chromium's BoringSSL) verify no Ed25519 signature: the web
+    # port's certificate has an ECDSA P-256 key (same names) signed by the
+    # web CA, sent with the web CA's link to the X.509 CA (edgeaccess.pki).
     certificates.web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
     certificates.host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
     certificates.public_host, certificates.cluster = public_host, cluster
@@ -420,7 +426,8 @@ def makeService(options, reactor=None) -> service.MultiService:
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     def web_options():
         return tls.server_options(certificates.web_key, certificates.web_cert,
-                                  [authority.tls_ca_cert], client_certificates="optional")
+                                  [authority.tls_ca_cert], chain=certificates.web_chain,
+                                  client_certificates="optional")
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).

@@ -78,7 +78,7 @@ def test_first_start_creates_the_cas_and_a_restart_reuses_them(tmp_path):
         # The CAs are in the backend, sealed with the CA key made beside it.
         assert stat.S_IMODE((fresh.data_dir / "ca.key").stat().st_mode) == 0o600
         assert sorted(p.name for p in (fresh.data_dir / "ca").iterdir()) == [
-            "ssh_host_ca.pub", "ssh_user_ca.pub", "tls_ca.crt"], "public copies only"
+            "ssh_host_ca.pub", "ssh_user_ca.pub", "tls_ca.crt", "web_ca.crt"], "public copies only"
         assert stat.S_IMODE((fresh.data_dir / "admin" / "identity.pem").stat().st_mode) == 0o600
         pin = fresh.pin()
         admin_chain = (fresh.data_dir / "admin" / "identity.pem").read_bytes()

@@ -100,7 +100,7 @@ async def test_private_keys_are_sealed_in_the_backend(backend_factory, tmp_path)
     raw = authority.tls_ca_key.private_bytes_raw()
     assert raw not in stored and base64.b64encode(raw) not in stored
     record = json.loads(stored)
-    assert sorted(record["cas"]) == ["ssh_host", "ssh_user", "tls"]
+    assert sorted(record["cas"]) == ["ssh_host", "ssh_user", "tls", "web"]
     assert record["cluster"] == "example"
 
 
@@ -251,7 +251,7 @@ async def test_a_new_kind_of_ca_is_added_to_an_existing_set(backend_factory, tmp
     monkeypatch.setattr(castore, "CA_KINDS", kinds)
     await load_or_create_authority(backend, "example", NOW, key_source)
     record = json.loads((await backend.get(AUTHORITIES_KEY)).value)
-    assert sorted(record["cas"]) == ["extra", "ssh_host", "ssh_user", "tls"]
+    assert sorted(record["cas"]) == ["extra", "ssh_host", "ssh_user", "tls", "web"]
     again = await load_or_create_authority(backend, "example", NOW, key_source)
     assert again.loaded
 
@@ -271,3 +271,40 @@ def test_the_key_file_option_wins_and_must_exist(tmp_path):
     assert CAKeySource.from_options(None, env, tmp_path).key == b"\x03" * 32
     with pytest.raises(CAKeyError, match="cannot read the CA key file"):
         CAKeySource.from_options(str(tmp_path / "missing"), {}, tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_web_ca_is_shared_and_linked_to_the_x509_ca(backend_factory, tmp_path):
+    key_source = source(tmp_path)
+    first = await load_or_create_authority(backend_factory(), "example", NOW, key_source)
+    second = await load_or_create_authority(backend_factory(), "example", NOW, key_source)
+    assert first.web_ca_cert is not None
+    assert first.web_ca_cert == second.web_ca_cert
+    assert first.web_ca_cert.subject == first.tls_ca_cert.subject
+    assert first.web_ca_link == second.web_ca_link  # derived alike on every proxy
+    assert "web_ca" in first.fingerprints()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_set_without_a_web_ca_gets_one(backend_factory, tmp_path):
+    backend = backend_factory()
+    key_source = source(tmp_path)
+    before = await load_or_create_authority(backend, "example", NOW, key_source)
+    record = json.loads((await backend.get(AUTHORITIES_KEY)).value)
+    del record["cas"]["web"]
+    await backend.put(AUTHORITIES_KEY, json.dumps(record, sort_keys=True).encode())
+    after = await load_or_create_authority(backend, "example", NOW, key_source)
+    assert after.web_ca_cert is not None and after.web_ca_cert != before.web_ca_cert
+    assert after.pin == before.pin
+    again = await load_or_create_authority(backend, "example", NOW, key_source)
+    assert again.web_ca_cert == after.web_ca_cert
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_old_data_directorys_web_ca_is_kept(backend_factory, tmp_path):
+    old = CertificateAuthority.load_or_create(tmp_path / "data" / "ca", "example", NOW)
+    assert old.web_ca_cert is not None
+    legacy = castore.read_legacy_authority(tmp_path / "data" / "ca", "example")
+    imported = await load_or_create_authority(backend_factory(), "example", NOW,
+                                              source(tmp_path, "data"), legacy=legacy)
+    assert imported.web_ca_cert == old.web_ca_cert
