@@ -275,6 +275,9 @@ class _ProxyCertificates:
 
     proxy_key = web_key = host_key = None
     proxy_cert = web_cert = host_cert = None
+    #: The proxy's client certificate (same key as ``proxy_cert``): what it
+    #: presents at LAN nodes' agent ports (docs/security.md, "Who trusts whom").
+    client_cert = None
     web_chain: list = []
     public_host = cluster = ""
     dns_names: list = []
@@ -285,6 +288,9 @@ class _ProxyCertificates:
         self.proxy_cert = authority.sign_tls(
             self.proxy_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
             dns_names=self.dns_names, ip_addresses=self.ip_addresses)
+        self.client_cert = authority.sign_tls(
+            self.proxy_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
+            usage="client")
         self.web_cert, self.web_chain = authority.sign_web(
             self.web_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
             dns_names=self.dns_names, ip_addresses=self.ip_addresses)
@@ -424,15 +430,11 @@ def makeService(options, reactor=None) -> service.MultiService:
     # LAN nodes' Kubernetes and app agents, dialled on demand (the proxy's
     # client certificate: docs/security.md, "Who trusts whom"), beside the
     # tunnelled agents for the kube directory and the app index.
-    proxy_client_cert = authority.sign_tls(
-        proxy_key.public_key(),
-        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
-        now=now, ttl=SERVICE_CERT_TTL, usage="client")
     lan_agents = LanAgentDirectory(
         control.cache,
         LanAgentPool(reactor=reactor, cluster=cluster,
                      ca_certs=lambda: [authority.tls_ca_cert],
-                     credentials=lambda: (proxy_key, proxy_client_cert)),
+                     credentials=lambda: (certificates.proxy_key, certificates.client_cert)),
         reactor)
     lan_agents.setServiceParent(top)
     agents = CombinedRegistry(tunnels.registry, lan_agents)

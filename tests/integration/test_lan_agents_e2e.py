@@ -23,12 +23,14 @@ import ssl
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import attrs
 import pytest
 
 from edgeaccess.devcluster import NodeProcess, ProxyProcess, run_edge, stop_process, wait_for
+from edgeaccess.pki.authority import CertificateAuthority
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 from tests import kube_standin  # noqa: E402
@@ -136,6 +138,10 @@ def world(tmp_path_factory):
     # apps are at NAME.edge.localhost (curl resolves it).
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster="lan-agents",
                          extra_args=["--apps-domain", PUBLIC_HOST])
+    # The cluster's CAs made here (the proxy imports a data dir's CA files), so
+    # that the tests can issue certificates of the real CA to impostors.
+    authority = CertificateAuthority.load_or_create(
+        proxy.data_dir / "ca", "lan-agents", datetime.now(timezone.utc))
     proxy.start()
     standin = demo = node = victim = impostor = None
     try:
@@ -176,7 +182,8 @@ def world(tmp_path_factory):
         for user in ("bob", "alice"):
             result = world.edge(user, "kube", "login", "standin")
             assert result.returncode == 0, result.stderr
-        world.extra = {"demo_port": demo_port, "victim": victim, "impostor": impostor}
+        world.extra = {"demo_port": demo_port, "victim": victim, "impostor": impostor,
+                       "authority": authority}
         yield world
     finally:
         for process in (node, victim):
@@ -348,14 +355,10 @@ def _dial_agent_port(port: int, cert: Path, key: Path, ca: Path) -> bytes | str:
 
 
 def _issue(world, identity, usage: str | None, path: Path) -> tuple[Path, Path]:
-    """A certificate of the real cluster CA (read from the proxy's data dir)."""
-    from datetime import datetime, timedelta, timezone
-
+    """A certificate of the real cluster CA."""
     from edgeaccess.pki import keys, x509ca
-    from edgeaccess.pki.authority import CertificateAuthority
 
-    authority = CertificateAuthority.load_or_create(
-        world.proxy.data_dir / "ca", world.proxy.cluster, datetime.now(timezone.utc))
+    authority = world.extra["authority"]
     key = keys.generate_private_key()
     cert = authority.sign_tls(key.public_key(), identity, now=datetime.now(timezone.utc),
                               ttl=timedelta(hours=1), usage=usage,
