@@ -174,7 +174,8 @@ class Channel:
         self._granted_out = 0
         #: The reason our CloseChannel gave (sent again on a new tunnel).
         self.close_reason: str | None = None
-        #: Why the channel was lost (set when it closes), for the protocol's owner.
+        #: Why a resumable channel was lost (its outage outlasted the budget,
+        #: the peer no longer held it...): audited as the session's end.
         self.lost_reason: str | None = None
 
     def __repr__(self) -> str:
@@ -461,8 +462,6 @@ class Channel:
         if self._closed:
             return
         self._closed = True
-        if self.lost_reason is None and not failure.check(ConnectionDone):
-            self.lost_reason = failure.getErrorMessage()
         self.connected = False
         self.disconnecting = True
         self._outgoing.clear()
