@@ -122,6 +122,10 @@ class ChannelMux:
         #: Channels closed by us, kept until the peer acknowledges the close
         #: (resumable only: the close and the bytes before it may be lost).
         self._closing_channels: dict[int, Channel] = {}
+        #: The channels held when the current tunnel attached: only they are
+        #: reconciled by resume() (those opened on the new tunnel meanwhile
+        #: are new to both ends).
+        self._resumable_ids: set[int] = set()
         self._accept = accept
         self._peer_openable_kinds = peer_openable_kinds
         self._peer_may_assert_source = peer_may_assert_source
@@ -395,11 +399,13 @@ class ChannelMux:
         """A new tunnel carries this multiplexer; nothing is sent on the
         session's channels until :meth:`resume` (the budget still runs)."""
         self.wire = wire
+        self._resumable_ids = {*self._channels, *self._closing_channels}
 
     def states(self, only: set[int] | None = None) -> list[ChannelState]:
         """Our account of every channel to re-attach (or of those in ``only``)."""
         found = [*self._channels.values(), *self._closing_channels.values()]
-        return [c.state() for c in found if only is None or c.id in only]
+        wanted = self._resumable_ids if only is None else self._resumable_ids & only
+        return [c.state() for c in found if c.id in wanted]
 
     def resume(self, peer_states: list[ChannelState]) -> None:
         """Re-attach every channel the peer still holds from its account;
@@ -411,7 +417,10 @@ class ChannelMux:
         self.detached_since = None
         self.sending_paused = self._transport_paused
         peer = {state.channel: state for state in peer_states}
+        resumable, self._resumable_ids = self._resumable_ids, set()
         for channel_id, channel in list(self._closing_channels.items()):
+            if channel_id not in resumable:
+                continue
             state = peer.get(channel_id)
             if state is None:
                 # The peer has it closed (our close arrived; its answer did not).
@@ -426,6 +435,8 @@ class ChannelMux:
                 channel.close_reason = "resume refused"
             self._send_close(channel)
         for channel_id, channel in list(self._channels.items()):
+            if channel_id not in resumable:
+                continue
             state = peer.get(channel_id)
             if state is None:
                 del self._channels[channel_id]

@@ -453,3 +453,28 @@ def test_an_idle_tunnel_keeps_the_slow_heartbeat() -> None:
     assert tunnel._liveness_period == 30.0
     world.open()
     assert tunnel._liveness_period == 2.0
+
+
+def test_a_channel_opened_on_the_new_tunnel_before_the_accounts_is_left_alone() -> None:
+    world = World()
+    user, node = world.open()
+    world.cut()
+    world.clock.advance(world.agent.last_delay)
+    # Deliver the agent's Hello only; the proxy answers and registers the
+    # tunnel, and a user opens a channel before the agent's account arrives.
+    pump = world.pumps.pumps[-1]
+    hello = pump.clientIO.getOutBuffer()
+    pump.server.dataReceived(hello)
+    answer = pump.serverIO.getOutBuffer()
+    pump.client.dataReceived(answer)  # the agent now sends ResumeChannels
+    world.clock.advance(0)
+    fresh = Collecting()
+    pump.server.connect_channel("ssh", "node-1", fresh)
+    # The proxy's OpenChannel reaches the agent before its account does.
+    world.settle()
+    assert fresh.built and "lost" not in fresh.built[0].events
+    fresh.built[0].transport.write(b"new")
+    user.transport.write(b"old")
+    world.settle()
+    assert bytes(world.acceptor.protocols[-1].received) == b"new"
+    assert bytes(node.received) == b"old"
