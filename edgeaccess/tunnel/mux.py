@@ -15,12 +15,15 @@ from twisted.python.failure import Failure
 
 from edgeaccess.errors import AccessDenied, BadRequest, EdgeError, NodeOffline, NotFound
 from edgeaccess.tunnel.channels import Channel, ChannelAcceptor, ChannelWire
+from edgeaccess.tunnel.framing import MAX_FAST_FRAME
+from edgeaccess.tunnel.scheduler import SendScheduler, priority_enabled
 from edgeaccess.tunnel.protocol import (
     DEFAULT_WINDOW,
     MAX_CHANNEL_ID,
     MAX_FRAME,
     ProtocolViolation,
     check_kind,
+    check_priority,
     check_reason,
     check_source,
     check_target,
@@ -43,6 +46,8 @@ class ChannelMux:
         proxy; a source from anyone else refuses the channel.
     :param window: our receive window per channel.
     :param max_channels: channels open at once (memory <= channels * window).
+    :param scheduler: the send order of the channels (default: priority on
+        unless ``EDGE_TUNNEL_PRIORITY=off``; see :mod:`edgeaccess.tunnel.scheduler`).
     """
 
     #: The largest data frame accepted (raised when fast frames are on).
@@ -62,8 +67,12 @@ class ChannelMux:
         local_name: str = "local",
         peer_name: str = "peer",
         peer_may_assert_source: bool = False,
+        scheduler: SendScheduler | None = None,
     ) -> None:
         self.wire = wire
+        if scheduler is None:
+            scheduler = SendScheduler(MAX_FAST_FRAME, enabled=priority_enabled())
+        self.scheduler = scheduler
         self.window = check_window(window)
         self.max_channels = max_channels
         self.local_name = local_name
@@ -238,6 +247,14 @@ class ChannelMux:
         if channel is not None:
             channel._eof_from_peer()
 
+    def priority_received(self, channel_id: int, priority: str) -> None:
+        """A ChannelPriority box arrived: send our data on that channel as
+        the peer classed it (it sees what the channel carries, e.g. a PTY)."""
+        check_priority(priority)
+        channel = self._known(channel_id)
+        if channel is not None:
+            channel.set_priority(priority, tell_peer=False)
+
     def close_received(self, channel_id: int, reason: str) -> None:
         """A CloseChannel box arrived (unknown ids are ignored: closes may cross)."""
         channel = self._channels.pop(channel_id, None)
@@ -262,14 +279,25 @@ class ChannelMux:
     def pause_sending(self) -> None:
         """The tunnel's transport is full: pause every channel's producer."""
         self.sending_paused = True
+        self.scheduler.pause()
         for channel in list(self._channels.values()):
             channel._update_producer()
 
     def resume_sending(self) -> None:
         """The tunnel's transport drained: send queued data, resume producers."""
         self.sending_paused = False
+        scheduler = self.scheduler
+        if not scheduler.enabled:
+            scheduler.paused = False
+            for channel in list(self._channels.values()):
+                channel._flush()
+            return
+        # Highest priority first: the scheduler picks from every queue,
+        # then producers that the full transport paused may write again.
+        scheduler.resume()
         for channel in list(self._channels.values()):
-            channel._flush()
+            if not self.sending_paused:
+                channel._sent_all()
 
     def tunnel_lost(self, failure: Failure) -> None:
         """The tunnel is gone: every channel is lost."""
