@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
+from edgeaccess.tunnel.interfaces import IPrioritizedTransport
 from edgeaccess.tunnel.protocol import ProtocolViolation, parse_source
 from edgeaccess.tunnel.scheduler import BULK, PRIORITIES
 
@@ -100,7 +101,7 @@ class TunnelAddress:
         return parse_source(self.source)[1]
 
 
-@implementer(ITransport, IPushProducer, IConsumer)
+@implementer(ITransport, IPushProducer, IConsumer, IPrioritizedTransport)
 class Channel:
     """One channel: a transport for the protocol on this end.
 

@@ -44,6 +44,7 @@ __all__ = [
     "MIN_PIECE",
     "PRIORITIES",
     "SendScheduler",
+    "prioritize",
     "priority_enabled",
 ]
 
@@ -71,6 +72,24 @@ def priority_enabled(environ: dict[str, str] | None = None) -> bool:
     """
     value = (os.environ if environ is None else environ).get(PRIORITY_ENV, "on")
     return value.strip().lower() not in ("off", "0", "no", "false")
+
+
+def prioritize(transport: object, priority: str = INTERACTIVE) -> bool:
+    """Class what ``transport`` carries as ``priority`` if it is a tunnel
+    channel (:class:`~edgeaccess.tunnel.interfaces.IPrioritizedTransport`);
+    any other transport (TCP to a LAN node) is left alone. Returns whether
+    it was one.
+
+    Called where a session is seen to be interactive: the node's SSH server
+    on ``pty-req`` (for ``ssh -J`` and web terminals alike), the kube proxy
+    on ``exec``/``attach`` with a TTY.
+    """
+    from edgeaccess.tunnel.interfaces import IPrioritizedTransport
+
+    if not IPrioritizedTransport.providedBy(transport):
+        return False
+    transport.set_priority(priority)  # type: ignore[attr-defined]
+    return True
 
 
 class Schedulable(TypingProtocol):
