@@ -20,9 +20,12 @@ already handed to TLS and TCP cannot be reordered. The tunnel therefore
 keeps its TCP socket's unsent bytes small (``TCP_NOTSENT_LOWAT``, see
 :func:`edgeaccess.tunnel.connection.TunnelConnection.tune_send_path`), is
 paused by its transport as soon as the kernel refuses anything, and the
-scheduler sends small pieces while the transport pushes back (growing them
-again, up to a full frame, while everything it writes is taken at once):
-on loopback, where the kernel takes everything, frames stay large.
+scheduler sends small pieces (:data:`MIN_PIECE`) while the transport pushes
+back, growing them up to a full frame only once the transport has taken
+:data:`GROW_AFTER` bytes without pushing back: on loopback, where the
+kernel takes everything, frames stay large; on a slow link a keystroke
+waits behind one small piece, the kernel's unsent allowance and the link's
+own queue.
 
 With ``enabled=False`` (``EDGE_TUNNEL_PRIORITY=off``) channels send as they
 did before this module existed: each channel flushes its whole queue the
@@ -41,6 +44,7 @@ __all__ = [
     "BULK_QUANTUM",
     "INTERACTIVE",
     "INTERACTIVE_BURST",
+    "GROW_AFTER",
     "MIN_PIECE",
     "PRIORITIES",
     "SendScheduler",
@@ -59,6 +63,10 @@ BULK_QUANTUM = 16 * 1024
 INTERACTIVE_BURST = 64 * 1024
 #: The smallest piece sent while the transport pushes back.
 MIN_PIECE = 4 * 1024
+#: Bytes the transport must take without pushing back before pieces grow:
+#: right after the transport drained, a slow link's kernel takes its unsent
+#: allowance at once too, which says nothing about the link's speed.
+GROW_AFTER = 64 * 1024
 
 #: The environment variable that turns priority (and the short send path) off.
 PRIORITY_ENV = "EDGE_TUNNEL_PRIORITY"
@@ -133,6 +141,7 @@ class SendScheduler:
         self.paused = False
         self._flush = flush
         self._piece = max_piece
+        self._taken = 0  # bytes sent since the transport last pushed back
         self._interactive: deque[Schedulable] = deque()
         self._bulk: deque[Schedulable] = deque()
         self._pumping = False
@@ -142,7 +151,11 @@ class SendScheduler:
     def pause(self) -> None:
         """The transport is full: send nothing until :meth:`resume`; pieces shrink."""
         self.paused = True
-        self._piece = self.min_piece
+        if self._taken < GROW_AFTER:
+            self._piece = self.min_piece
+        else:  # a fast link that filled up for a moment: keep large pieces
+            self._piece = max(self.min_piece, self._piece // 2)
+        self._taken = 0
 
     def resume(self) -> None:
         """The transport drained: send what is queued, by priority."""
@@ -257,9 +270,11 @@ class SendScheduler:
         sent = channel._send_piece(min(limit, self._piece))
         if self._flush is not None:
             self._flush()
-        if not self.paused and self._piece < self.max_piece:
-            # Everything written so far was taken at once: larger pieces.
-            self._piece = min(self.max_piece, self._piece * 2)
+        if not self.paused:
+            self._taken += sent
+            if self._taken >= GROW_AFTER and self._piece < self.max_piece:
+                # The transport keeps taking everything: larger pieces.
+                self._piece = min(self.max_piece, self._piece * 2)
         return sent
 
     def _leave(self, channel: Schedulable) -> None:

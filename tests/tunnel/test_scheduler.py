@@ -19,6 +19,7 @@ from edgeaccess.tunnel import fasttls
 from edgeaccess.tunnel.scheduler import (
     BULK,
     BULK_QUANTUM,
+    GROW_AFTER,
     INTERACTIVE,
     INTERACTIVE_BURST,
     MIN_PIECE,
@@ -190,9 +191,11 @@ def test_pieces_shrink_while_the_transport_pushes_back_and_grow_again() -> None:
     tunnel.channels[0].write(b"p" * 500_000)
     tunnel.resume()
     sizes = [size for _, size in tunnel.arrivals]
-    # In memory the transport takes everything: pieces double from the
-    # smallest up to whole frames.
-    assert sizes[0] == MIN_PIECE and sizes[1] == 2 * MIN_PIECE
+    # In memory the transport takes everything: small pieces until it has
+    # taken GROW_AFTER bytes, then they double up to whole frames.
+    small = GROW_AFTER // MIN_PIECE
+    assert sizes[:small] == [MIN_PIECE] * small
+    assert sizes[small] == 2 * MIN_PIECE and sizes[small + 1] == 4 * MIN_PIECE
     assert max(sizes) > 64 * 1024 and sum(sizes) == 500_000
 
 
@@ -364,19 +367,32 @@ def test_scheduler_pieces_follow_the_transport() -> None:
     channel = FakeChannel("a", 100_000)
     channel.log = log
 
+    refuse_at = {3}
+
     def send_piece(limit: int) -> int:
         size = FakeChannel._send_piece(channel, limit)
-        if len(log) == 3:
-            scheduler.pause()  # the kernel refused part of the third piece
+        if len(log) in refuse_at:
+            scheduler.pause()  # the kernel refused part of this piece
         return size
 
+    channel.left = 400_000
     channel._send_piece = send_piece  # type: ignore[method-assign]
     scheduler.pause()
     scheduler.ready(channel)
     assert log == []  # paused: queued only
     scheduler.resume()
-    assert [size for _, size in log] == [MIN_PIECE, 2 * MIN_PIECE, 4 * MIN_PIECE]
+    # A slow link: small pieces, each run of them ends in a push-back.
+    assert [size for _, size in log] == [MIN_PIECE] * 3
     assert scheduler.piece == MIN_PIECE and len(flushes) == 3
+    # A fast one: past GROW_AFTER taken at once, pieces double; a short
+    # push-back then only halves them.
+    refuse_at.add(3 + GROW_AFTER // MIN_PIECE + 3)
+    scheduler.resume()
+    sizes = [size for _, size in log[3:]]
+    grown = GROW_AFTER // MIN_PIECE
+    assert sizes[:grown] == [MIN_PIECE] * grown
+    assert sizes[grown:grown + 3] == [2 * MIN_PIECE, 4 * MIN_PIECE, 8 * MIN_PIECE]
+    assert scheduler.piece == 4 * MIN_PIECE  # halved at the push-back
     scheduler.resume()
     assert channel.left == 0 and channel.drained == 1
 
