@@ -56,6 +56,7 @@ from edgeaccess.ssh.interfaces import (
     SessionPermissions,
 )
 from edgeaccess.ssh.process import SessionProcessProtocol
+from edgeaccess.tunnel.scheduler import prioritize
 
 _log = Logger()
 
@@ -449,6 +450,9 @@ class NodeSession(SSHSessionForUnixConchUser):
         self.modes = modes
         master, slave = pty.openpty()
         self.ptyTuple = (master, slave, os.ttyname(slave))
+        # A terminal: its keystrokes and echo go ahead of bulk data on the
+        # tunnel that carries this connection (the proxy is told too).
+        prioritize(self.avatar.conn.transport.transport)
 
     # -- starting the program
 

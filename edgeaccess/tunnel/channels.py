@@ -46,7 +46,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
+from edgeaccess.tunnel.interfaces import IPrioritizedTransport
 from edgeaccess.tunnel.protocol import ChannelState, ProtocolViolation, parse_source
+from edgeaccess.tunnel.scheduler import BULK, PRIORITIES
 
 if TYPE_CHECKING:
     from edgeaccess.tunnel.mux import ChannelMux
@@ -67,6 +69,7 @@ class ChannelWire(TypingProtocol):
     def send_data(self, channel: int, data: bytes | memoryview) -> None: ...
     def send_window_adjust(self, channel: int, credit: int) -> None: ...
     def send_eof(self, channel: int) -> None: ...
+    def send_priority(self, channel: int, priority: str) -> None: ...
     def send_close(self, channel: int, reason: str) -> Deferred[Any]:
         """Fires True once the peer answered, False if the tunnel failed first."""
     def send_open(
@@ -107,14 +110,25 @@ class TunnelAddress:
         return parse_source(self.source)[1]
 
 
-@implementer(ITransport, IPushProducer, IConsumer)
+@implementer(ITransport, IPushProducer, IConsumer, IPrioritizedTransport)
 class Channel:
     """One channel: a transport for the protocol on this end.
 
     States (flags rather than a machine, as each direction closes on its
     own): opening (no protocol yet) -> open -> write side shut and/or EOF
     received -> closed. Created only by :class:`ChannelMux`.
+
+    :attr:`priority` (``"interactive"`` or ``"bulk"``) is the class the
+    tunnel's :class:`~edgeaccess.tunnel.scheduler.SendScheduler` sends this
+    channel's data in; :meth:`set_priority` changes it (and tells the peer).
     """
+
+    #: The send class (:data:`~edgeaccess.tunnel.scheduler.PRIORITIES`).
+    priority = BULK
+    # The scheduler's per-channel state (see SendScheduler).
+    _scheduled = False
+    _deficit = 0
+    _burst = 0
 
     def __init__(
         self,
@@ -268,6 +282,13 @@ class Channel:
     def _can_send(self) -> bool:
         return self._send_credit > 0 and not self._mux.sending_paused
 
+    def _sendable(self) -> bool:
+        """Queued bytes and credit for some of them (the scheduler asks)."""
+        return (
+            bool(self._outgoing) and self._send_credit > 0
+            and not self._closed and self._remote_close is None
+        )
+
     def _flush(self) -> None:
         if self._closed or self._remote_close is not None:
             return
@@ -276,27 +297,45 @@ class Channel:
             # end of file or the close, which must follow the data.
             self._update_producer()
             return
-        max_frame = self._mux.max_frame_out
-        retain = self._mux.resumable
-        while self._outgoing and self._can_send():
-            chunk = self._outgoing[0]
-            size = min(len(chunk), self._send_credit, max_frame)
-            if size == len(chunk):
-                self._outgoing.popleft()
-                piece = chunk
-            else:
-                # Views keep large writes from being copied per frame (the
-                # wire copies each piece once, into its frame or box).
-                view = memoryview(chunk)
-                self._outgoing[0] = view[size:]
-                piece = view[:size]
-            self._outgoing_size -= size
-            self._send_credit -= size
-            self._sent_total += size
-            if retain:
-                self._retained.append(piece)
-                self._retained_size += size
-            self._mux.wire.send_data(self.id, piece)
+        if self._outgoing and self._send_credit > 0:
+            # The tunnel's scheduler sends it now or, behind higher
+            # priorities or a full transport, later (then it calls _sent_all).
+            self._mux.scheduler.ready(self)
+            if self._scheduled or self._closed:
+                return
+        self._sent_all()
+
+    def _send_piece(self, limit: int) -> int:
+        """Send one frame of at most ``limit`` bytes from the queue; return its size."""
+        chunk = self._outgoing[0]
+        size = min(len(chunk), self._send_credit, self._mux.max_frame_out, limit)
+        if size <= 0:
+            return 0
+        if size == len(chunk):
+            self._outgoing.popleft()
+            piece = chunk
+        else:
+            # Views keep large writes from being copied per frame (the
+            # wire copies each piece once, into its frame or box).
+            view = memoryview(chunk)
+            self._outgoing[0] = view[size:]
+            piece = view[:size]
+        self._outgoing_size -= size
+        self._send_credit -= size
+        self._sent_total += size
+        if self._mux.resumable:
+            self._retained.append(piece)
+            self._retained_size += size
+        self._mux.wire.send_data(self.id, piece)
+        return size
+
+    def _sent_all(self) -> None:
+        """What follows sending: close or end of file once drained, the producer."""
+        if self._closed or self._remote_close is not None:
+            return
+        if self._mux.detached:
+            self._update_producer()
+            return
         if not self._outgoing:
             if self._close_after_flush:
                 self._finish_local_close("done", Failure(ConnectionDone()))
@@ -309,6 +348,19 @@ class Channel:
                 self._maybe_both_shut()
                 return
         self._update_producer()
+
+    def set_priority(self, priority: str, *, tell_peer: bool = True) -> None:
+        """Send this channel's data as ``priority`` (``"interactive"`` or
+        ``"bulk"``) from now on; the peer is told too (it classes its own
+        sends on this channel the same way), if it understands it."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
+        if priority == self.priority or self._closed:
+            return
+        self.priority = priority
+        self._mux.scheduler.reclassed(self)
+        if tell_peer:
+            self._mux.wire.send_priority(self.id, priority)
 
     def _update_producer(self) -> None:
         producer = self._producer
@@ -468,6 +520,7 @@ class Channel:
         self._outgoing_size = 0
         self._incoming.clear()
         self._incoming_size = 0
+        self._mux.scheduler.forget(self)
         producer, self._producer = self._producer, None
         if producer is not None:
             try:

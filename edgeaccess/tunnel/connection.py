@@ -46,6 +46,8 @@ from edgeaccess.tunnel.protocol import (
     MAX_FRAME,
     RESUME_CAPABILITY,
     ChannelState,
+    PRIORITY_CAPABILITY,
+    ChannelPriority,
     CloseChannel,
     Data,
     EndOfFile,
@@ -55,7 +57,12 @@ from edgeaccess.tunnel.protocol import (
     WindowAdjust,
     check_channel_id,
 )
-from edgeaccess.tunnel.fasttls import install_fast_tls
+from edgeaccess.tunnel.fasttls import (
+    flush_gathered_writes,
+    install_fast_tls,
+    shorten_send_path,
+)
+from edgeaccess.tunnel.scheduler import SendScheduler, priority_enabled
 
 _log = Logger()
 
@@ -242,6 +249,8 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         :meth:`resume_received`)."""
         self._mux = mux
         mux.attach(self)
+        # The scheduler hands gathered writes to this tunnel's socket now.
+        mux.scheduler._flush = self._flush_writes
         mux.max_frame_in = mux.max_frame_out = MAX_FAST_FRAME if self._fast_out else MAX_FRAME
         self._resume_pending = True
 
@@ -278,6 +287,8 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
 
     def _new_mux(self) -> ChannelMux:
         accept, window, max_channels = self._channel_settings()
+        scheduler = SendScheduler(MAX_FAST_FRAME, enabled=priority_enabled(),
+                                  flush=self._flush_writes)
         mux = ChannelMux(
             self,
             initiator=self.initiator,
@@ -288,6 +299,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             max_channels=max_channels,
             local_name=self._local_name,
             peer_name=self.peer_name,
+            scheduler=scheduler,
         )
         if self._fast_out:
             mux.max_frame_in = MAX_FAST_FRAME
@@ -368,6 +380,10 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             # I/O is for, and an idle tunnel keeps the stock methods (and
             # no 256 KiB read buffer).
             install_fast_tls(self.transport, self.clock)
+            if self.mux.scheduler.enabled:
+                # What TLS and TCP hold cannot be reordered: keep it short
+                # so the scheduler's order is the order on the wire.
+                shorten_send_path(self.transport)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._is_lost = True
@@ -632,6 +648,11 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         self.mux.window_adjust_received(check_channel_id(channel), credit)
         return {}
 
+    @ChannelPriority.responder
+    def _channel_priority(self, channel: int, priority: str) -> dict:
+        self.mux.priority_received(check_channel_id(channel), priority)
+        return {}
+
     @EndOfFile.responder
     def _end_of_file(self, channel: int) -> dict:
         self.mux.eof_received(check_channel_id(channel))
@@ -670,6 +691,23 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
 
     def send_eof(self, channel: int) -> None:
         self._send(amp.AmpBox(_command=b"EndOfFile", channel=b"%d" % channel))
+
+    def send_priority(self, channel: int, priority: str) -> None:
+        if PRIORITY_CAPABILITY in self._agreed_capabilities():
+            self._send(amp.AmpBox(_command=b"ChannelPriority", channel=b"%d" % channel,
+                                  priority=priority.encode("ascii")))
+
+    def _agreed_capabilities(self) -> tuple[str, ...]:
+        """What both ends offered in ``Hello`` (the proxy's ``capabilities``,
+        the agent's ``proxy_capabilities``: the proxy answers with the
+        intersection)."""
+        return getattr(self, "capabilities", None) or getattr(self, "proxy_capabilities", ())
+
+    def _flush_writes(self) -> None:
+        """Hand small writes gathered by the fast TLS transport to TCP now
+        (the scheduler's pieces reach the socket one by one)."""
+        if self.transport is not None and not self._is_lost:
+            flush_gathered_writes(self.transport)
 
     def send_close(self, channel: int, reason: str) -> Deferred[bool]:
         return self.call(CloseChannel, channel=channel, reason=reason).addCallbacks(

@@ -32,6 +32,8 @@ Measured effect: ``docs/performance.md``, "Tunnel data path, second round".
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -39,8 +41,16 @@ from twisted.internet.interfaces import IReactorTime
 from edgeaccess import internals
 from edgeaccess.internals import FLUSH_AT, READ_BATCH, TCP_READ_SIZE, WRITE_CHUNK
 
-__all__ = ["FLUSH_AT", "READ_BATCH", "TCP_READ_SIZE", "WRITE_CHUNK", "eager_tcp_writes",
-           "install_fast_tls"]
+__all__ = ["FLUSH_AT", "NOTSENT_LOWAT", "READ_BATCH", "TCP_READ_SIZE", "WRITE_CHUNK",
+           "eager_tcp_writes", "flush_gathered_writes", "install_fast_tls", "shorten_send_path"]
+
+#: Unsent bytes the kernel keeps for a tunnel socket with priority on
+#: (``TCP_NOTSENT_LOWAT``; ``EDGE_TUNNEL_NOTSENT_LOWAT`` overrides it).
+#: Bytes sent but not yet acknowledged are not limited by it, so a fast
+#: link keeps its throughput; on a slow one a keystroke waits behind at most
+#: this much in the kernel (measured: docs/performance.md, "Unstable links").
+NOTSENT_LOWAT = 8 * 1024
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux >= 3.12
 
 
 def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
@@ -57,3 +67,45 @@ def eager_tcp_writes(transport: Any) -> bool:
     """Large reads and eager writes on a Twisted TCP transport (see the module
     docstring). Returns whether ``transport`` was one."""
     return internals.eager_tcp_writes(transport)
+
+
+def flush_gathered_writes(transport: Any) -> None:
+    """Hand what a fast TLS transport gathered of small writes to TCP now."""
+    internals.flush_gathered_writes(transport)
+
+
+def notsent_lowat() -> int:
+    """The ``TCP_NOTSENT_LOWAT`` tunnels use (0: the kernel's default)."""
+    value = os.environ.get("EDGE_TUNNEL_NOTSENT_LOWAT")
+    if value is None:
+        return NOTSENT_LOWAT
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return NOTSENT_LOWAT
+
+
+def shorten_send_path(transport: Any) -> dict[str, bool]:
+    """Keep what a tunnel's TLS transport holds below its scheduler short.
+
+    The TCP socket keeps at most :func:`notsent_lowat` unsent bytes
+    (``TCP_NOTSENT_LOWAT``, set through the socket API on
+    ``transport.getHandle()``), and the transport's producer is paused as
+    soon as the socket refuses anything (:func:`edgeaccess.internals.limit_tcp_send_buffer`),
+    so queued data waits in the channels' queues, where priority applies.
+    Returns which of the two took effect.
+    """
+    done = {"notsent_lowat": False, "send_limit": False}
+    tcp = getattr(transport, "transport", None)
+    lowat = notsent_lowat()
+    handle = getattr(tcp, "getHandle", None)
+    if lowat and handle is not None:
+        try:
+            sock = handle()
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, lowat)
+            done["notsent_lowat"] = True
+        except (AttributeError, OSError, TypeError):
+            pass  # not a TCP socket (a test transport), or not Linux
+    if tcp is not None:
+        done["send_limit"] = internals.limit_tcp_send_buffer(tcp, 0)
+    return done

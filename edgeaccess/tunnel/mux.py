@@ -24,6 +24,8 @@ from twisted.python.failure import Failure
 
 from edgeaccess.errors import AccessDenied, BadRequest, EdgeError, NodeOffline, NotFound
 from edgeaccess.tunnel.channels import Channel, ChannelAcceptor, ChannelWire
+from edgeaccess.tunnel.framing import MAX_FAST_FRAME
+from edgeaccess.tunnel.scheduler import SendScheduler, priority_enabled
 from edgeaccess.tunnel.protocol import (
     DEFAULT_WINDOW,
     MAX_CHANNEL_ID,
@@ -31,6 +33,7 @@ from edgeaccess.tunnel.protocol import (
     ChannelState,
     ProtocolViolation,
     check_kind,
+    check_priority,
     check_reason,
     check_source,
     check_target,
@@ -80,6 +83,8 @@ class ChannelMux:
         proxy; a source from anyone else refuses the channel.
     :param window: our receive window per channel.
     :param max_channels: channels open at once (memory <= channels * window).
+    :param scheduler: the send order of the channels (default: priority on
+        unless ``EDGE_TUNNEL_PRIORITY=off``; see :mod:`edgeaccess.tunnel.scheduler`).
     """
 
     #: The largest data frame accepted (raised when fast frames are on).
@@ -99,8 +104,12 @@ class ChannelMux:
         local_name: str = "local",
         peer_name: str = "peer",
         peer_may_assert_source: bool = False,
+        scheduler: SendScheduler | None = None,
     ) -> None:
         self.wire = wire
+        if scheduler is None:
+            scheduler = SendScheduler(MAX_FAST_FRAME, enabled=priority_enabled())
+        self.scheduler = scheduler
         self.window = check_window(window)
         self.max_channels = max_channels
         self.local_name = local_name
@@ -296,6 +305,14 @@ class ChannelMux:
         if channel is not None:
             channel._eof_from_peer()
 
+    def priority_received(self, channel_id: int, priority: str) -> None:
+        """A ChannelPriority box arrived: send our data on that channel as
+        the peer classed it (it sees what the channel carries, e.g. a PTY)."""
+        check_priority(priority)
+        channel = self._known(channel_id)
+        if channel is not None:
+            channel.set_priority(priority, tell_peer=False)
+
     def close_received(self, channel_id: int, reason: str) -> None:
         """A CloseChannel box arrived (unknown ids are ignored: closes may cross)."""
         self._closing_channels.pop(channel_id, None)
@@ -344,6 +361,7 @@ class ChannelMux:
         """The tunnel's transport is full: pause every channel's producer."""
         self._transport_paused = True
         self.sending_paused = True
+        self.scheduler.pause()
         for channel in list(self._channels.values()):
             channel._update_producer()
 
@@ -353,8 +371,18 @@ class ChannelMux:
         self.sending_paused = self.detached
         if self.detached:
             return
+        scheduler = self.scheduler
+        if not scheduler.enabled:
+            scheduler.paused = False
+            for channel in list(self._channels.values()):
+                channel._flush()
+            return
+        # Highest priority first: the scheduler picks from every queue,
+        # then producers that the full transport paused may write again.
+        scheduler.resume()
         for channel in list(self._channels.values()):
-            channel._flush()
+            if not self.sending_paused:
+                channel._sent_all()
 
     # -- resumption ------------------------------------------------------
 
@@ -374,6 +402,7 @@ class ChannelMux:
         self.detached = True
         self.sending_paused = True
         self._transport_paused = False
+        self.scheduler.pause()
         self.wire = DETACHED_WIRE
         self._generation += 1
         self._accepting.clear()
@@ -451,8 +480,11 @@ class ChannelMux:
                 channel._expire(f"resume refused: {lie}")
                 self._closing.add(channel_id)
                 self._send_close_refused(channel_id)
+        # What was written meanwhile goes out through the scheduler, after
+        # the bytes sent again above.
         for channel in list(self._channels.values()):
             channel._flush()
+        self.resume_sending()
 
     def _send_close_refused(self, channel_id: int) -> None:
         def answered(_: object) -> None:

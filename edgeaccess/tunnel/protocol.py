@@ -28,6 +28,7 @@ from edgeaccess.errors import (
     NodeOffline,
     NotFound,
 )
+from edgeaccess.tunnel.scheduler import PRIORITIES
 
 #: The one protocol version this code speaks.
 PROTOCOL_VERSION = 1
@@ -46,8 +47,10 @@ RESUME_CAPABILITY = "resume/1"
 #: refuse a Hello with an argument it does not know).
 RESUME_SESSION_PREFIX = "resume-session/"
 #: Capabilities this implementation announces in ``Hello``.
+#: ``ChannelPriority`` is understood (see :mod:`edgeaccess.tunnel.scheduler`).
+PRIORITY_CAPABILITY = "priority/1"
 CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY,
-                CONTROL_CAPABILITY, RESUME_CAPABILITY)
+                CONTROL_CAPABILITY, PRIORITY_CAPABILITY, RESUME_CAPABILITY)
 #: Largest piece of a control message in one ControlUpdate box.
 MAX_CONTROL_PIECE = 48 * 1024
 
@@ -218,6 +221,13 @@ class ChannelStates(amp.Argument):
 def check_reason(reason: str) -> str:
     """Truncate a peer-given reason and strip control characters (it is logged)."""
     return "".join(c if ord(c) >= 32 else "?" for c in reason[:MAX_REASON_LENGTH])
+
+
+def check_priority(priority: str) -> str:
+    """A channel priority from the peer must be one we know."""
+    if priority not in PRIORITIES:
+        raise ProtocolViolation(f"unknown channel priority {priority[:32]!r}")
+    return priority
 
 
 def check_delay(delay: float) -> float:
@@ -501,15 +511,25 @@ class EndOfFile(TunnelCommand):
     requiresAnswer = False
 
 
+class ChannelPriority(TunnelCommand):
+    """The sender classed a channel (``interactive`` or ``bulk``, e.g. the
+    node saw a PTY requested): the receiver sends its own data on that
+    channel in the same class. Only to a peer that offered
+    :data:`PRIORITY_CAPABILITY`."""
+
+    arguments = [(b"channel", amp.Integer()), (b"priority", amp.Unicode())]
+    requiresAnswer = False
+
+
 #: Commands an agent may send to a proxy.
 AGENT_COMMANDS = frozenset(
     c.commandName
     for c in (Hello, Heartbeat, OpenChannel, CloseChannel, Data, WindowAdjust, EndOfFile,
-              ResumeChannels)
+              ChannelPriority, ResumeChannels)
 )
 #: Commands a proxy may send to an agent.
 PROXY_COMMANDS = frozenset(
     c.commandName
     for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile,
-              ControlUpdate, ResumeChannels)
+              ControlUpdate, ChannelPriority, ResumeChannels)
 )
