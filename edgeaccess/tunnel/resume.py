@@ -123,6 +123,11 @@ class SessionTable:
                 and not previous._lost:
             previous.expire("the node started a new tunnel session")
 
+    def discard(self, peer: Hashable, mux: ChannelMux) -> None:
+        """``mux`` ended with its tunnel (nothing to resume): forget it."""
+        if self._by_peer.get(peer) is mux:
+            del self._by_peer[peer]
+
     def detached(self, peer: Hashable, mux: ChannelMux) -> bool:
         """``mux``'s tunnel is lost: keep it for the budget (False if it is
         not ``peer``'s current session: its channels are lost)."""

@@ -120,6 +120,10 @@ class ServerTunnelProtocol(TunnelConnection):
                 self.server.registry.unregister(self)
         finally:
             super().connectionLost(reason)
+            mux = self._mux
+            if mux is not None and mux._lost and self.identity is not None:
+                # It ended with its tunnel (nothing held): nothing to resume.
+                self.server.sessions.discard(self._session_key(), mux)
 
     def _accept_from_agent(self, kind: str, target: str) -> Any:
         if self.server.accept_channel is None or self.identity is None:
@@ -158,8 +162,7 @@ class ServerTunnelProtocol(TunnelConnection):
         self.capabilities = tuple(offered[c] for c in capabilities[:64] if c in offered)
         if FAST_DATA_CAPABILITY in self.capabilities:
             self.use_fast_data()
-        sessions = [c[len(RESUME_SESSION_PREFIX):] for c in capabilities[:64]
-                    if c.startswith(RESUME_SESSION_PREFIX)]
+        sessions = [c for c in capabilities[:64] if c.startswith(RESUME_SESSION_PREFIX)]
         resumed = self._start_session(sessions[0] if len(sessions) == 1 else None)
         _log.info("tunnel up from {peer}", peer=self.peer_name)
         # Registered after this answer is on its way (the answer is written
@@ -167,7 +170,8 @@ class ServerTunnelProtocol(TunnelConnection):
         self.clock.callLater(0, self._register)
         answer: dict[str, Any] = {
             "protocol_version": PROTOCOL_VERSION,
-            "capabilities": list(self.capabilities),
+            "capabilities": [c for c in self.capabilities
+                             if not c.startswith(RESUME_SESSION_PREFIX)],
             "heartbeat_interval": float(self.heartbeat_interval),
         }
         if self.resume_negotiated:
@@ -193,28 +197,42 @@ class ServerTunnelProtocol(TunnelConnection):
         assert identity is not None
         return (identity.kind, identity.cluster, identity.name, identity.uuid or "")
 
-    def _start_session(self, session: str | None) -> bool:
+    def _start_session(self, offered: str | None) -> bool:
         """With resumption agreed: re-attach the agent's session if this
-        proxy holds it for this very identity (True), else start it anew."""
+        proxy holds it for this very identity (True), else start it anew
+        (its multiplexer is made with the first channel: an idle tunnel
+        keeps none)."""
         if RESUME_CAPABILITY not in self.capabilities:
             return False
-        if session is None:
+        if offered is None:
             # Offered resumption but named no session: nothing to resume to.
             self.capabilities = tuple(c for c in self.capabilities if c != RESUME_CAPABILITY)
             return False
-        check_session_id(session)
-        key = self._session_key()
-        held = self.server.sessions.adopt(key, session, self)
+        session = check_session_id(offered[len(RESUME_SESSION_PREFIX):])
+        # Kept among the capabilities: no attribute more per idle tunnel.
+        self.capabilities = (*self.capabilities, offered)
+        held = self.server.sessions.adopt(self._session_key(), session, self)
         if held is not None:
             _log.info("{peer} resumes its session of {count} channels", peer=self.peer_name,
                       count=len(held.channels))
             self._adopt_mux(held)
             return True
-        mux = self.mux
-        mux.session_id = session
-        mux.resumable = True
-        self.server.sessions.register(key, mux)
         return False
+
+    def _session_id(self) -> str | None:
+        for capability in self.capabilities:
+            if capability.startswith(RESUME_SESSION_PREFIX):
+                return capability[len(RESUME_SESSION_PREFIX):]
+        return None
+
+    def _new_mux(self) -> ChannelMux:
+        mux = super()._new_mux()
+        session = self._session_id() if self.identity is not None else None
+        if session is not None and not self._is_lost:
+            mux.session_id = session
+            mux.resumable = True
+            self.server.sessions.register(self._session_key(), mux)
+        return mux
 
     def resume_received(self, channels: list[ChannelState]) -> None:
         """The agent's account: answer with ours, then send again what it lacks."""
@@ -234,6 +252,7 @@ class ServerTunnelProtocol(TunnelConnection):
         if not mux.session_id or self.identity is None:
             return False
         return self.server.sessions.detached(self._session_key(), mux)
+
 
     def _channels_opened(self) -> None:
         if self.resume_negotiated and self.busy:

@@ -478,3 +478,19 @@ def test_a_channel_opened_on_the_new_tunnel_before_the_accounts_is_left_alone() 
     world.settle()
     assert bytes(world.acceptor.protocols[-1].received) == b"new"
     assert bytes(node.received) == b"old"
+
+
+def test_an_idle_resumable_tunnel_holds_no_multiplexer_on_the_proxy() -> None:
+    world = World()
+    server = world.server
+    assert server.resume_negotiated and server._mux is None
+    assert set(vars(server)) <= set(__import__(
+        "edgeaccess.tunnel.server", fromlist=["x"]).SERVER_TUNNEL_ATTRIBUTES)
+    # A session that ends with its tunnel (no channel held) is forgotten.
+    user, node = world.open()
+    user.transport.loseConnection()
+    world.settle()
+    world.cut()
+    world.redial()
+    assert world.factory.sessions.detached_count() == 0
+    assert world.server._mux is None
