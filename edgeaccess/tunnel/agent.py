@@ -574,4 +574,16 @@ class TunnelAgent(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._machine.stop()
+        stopping = self._machine.stop()
+        resume = self.resume
+        if resume is None:
+            return stopping
+
+        def end_the_session(result: object) -> object:
+            # Stopping is no outage: the channels end now, not after the budget.
+            mux = resume.mux
+            if mux is not None and not mux._lost:
+                mux.expire("the node is stopping")
+            return result
+
+        return stopping.addBoth(end_the_session)

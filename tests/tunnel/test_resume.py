@@ -494,3 +494,12 @@ def test_an_idle_resumable_tunnel_holds_no_multiplexer_on_the_proxy() -> None:
     world.redial()
     assert world.factory.sessions.detached_count() == 0
     assert world.server._mux is None
+
+
+def test_stopping_the_agent_ends_its_channels_at_once() -> None:
+    world = World()
+    user, node = world.open()
+    world.agent.stopService()
+    world.settle()
+    assert node.transport.lost_reason == "the node is stopping"
+    assert "lost" in node.events
