@@ -466,6 +466,8 @@ class Channel:
     def _maybe_grant(self) -> None:
         if self._paused or self._closed or self._eof_received or self._remote_close:
             return
+        if self._mux.detached:
+            return  # granted once re-attached (the peer may not hold the channel)
         if self._unacked >= self._grant_threshold:
             credit, self._unacked = self._unacked, 0
             self._recv_allowed += credit

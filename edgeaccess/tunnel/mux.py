@@ -484,6 +484,7 @@ class ChannelMux:
         # the bytes sent again above.
         for channel in list(self._channels.values()):
             channel._flush()
+            channel._maybe_grant()
         self.resume_sending()
 
     def _send_close_refused(self, channel_id: int) -> None:

@@ -503,3 +503,20 @@ def test_stopping_the_agent_ends_its_channels_at_once() -> None:
     world.settle()
     assert node.transport.lost_reason == "the node is stopping"
     assert "lost" in node.events
+
+
+def test_credit_for_what_was_taken_while_detached_is_granted_after_the_resume() -> None:
+    world = World(window=16 * 1024)
+    user, node = world.open()
+    node.transport.pauseProducing()  # the node's program reads nothing for now
+    user.transport.write(payload(40_000, 9))
+    world.settle()
+    assert len(node.received) == 0 and user.transport.send_credit == 0
+    world.endpoint.refuse = True
+    world.cut()
+    node.transport.resumeProducing()  # it reads the window while the link is down
+    assert len(node.received) == 16 * 1024
+    world.endpoint.refuse = False
+    world.clock.advance(1.0)
+    world.settle()
+    assert bytes(node.received) == payload(40_000, 9)
