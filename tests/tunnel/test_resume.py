@@ -147,7 +147,7 @@ def test_a_channel_survives_a_cut_with_data_in_flight_both_ways() -> None:
     fast=st.booleans(),
     eof=st.booleans(),
 )
-def test_no_byte_is_lost_repeated_or_reordered_whereever_the_cuts_fall(
+def test_no_byte_is_lost_repeated_or_reordered_wherever_the_cuts_fall(
         up: int, down: int, cuts: list, window: int, fast: bool, eof: bool) -> None:
     world = World(window=window, fast=fast)
     user, node = world.open()
@@ -287,8 +287,9 @@ def _with_session(build: Any, session: str) -> Any:
 
 
 def test_a_newer_tunnel_takes_the_session_from_one_the_proxy_still_thinks_alive() -> None:
-    """A black hole: the agent gives up its tunnel, the proxy never heard of
-    it; the agent's next tunnel (maybe from a new address) takes over."""
+    """A black hole, or NAT rebinding: the agent gives up its tunnel (or its
+    address changed), the proxy never heard of it; the agent's next tunnel,
+    from a new address, takes the session over."""
     world = World()
     user, node = world.open()
     old_pump = world.pumps.pumps.pop()
