@@ -236,6 +236,9 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
         if typist is not None:
             typist.close()
         node.stop()
+        if os.environ.get("LP_KEEP"):
+            import shutil
+            shutil.copy(node.log_path, os.environ["LP_KEEP"])
 
 
 def run(modes: list[str], keys: int, file_size: int, rate_kbit: int, delay_ms: float,

@@ -440,7 +440,8 @@ def test_short_send_path_sets_notsent_lowat_and_pauses_when_the_socket_refuses()
     try:
         tls_like = type("TLS", (), {"transport": connection})()
         assert fasttls.eager_tcp_writes(connection)
-        assert fasttls.shorten_send_path(tls_like) == {"notsent_lowat": True, "send_limit": True}
+        path = fasttls.shorten_send_path(tls_like)
+        assert path.applied == {"notsent_lowat": True, "send_limit": True, "unsent_check": True}
         value = connection.socket.getsockopt(socket.IPPROTO_TCP, fasttls._TCP_NOTSENT_LOWAT)
         assert value == fasttls.NOTSENT_LOWAT
         producer = Membrane()
@@ -466,8 +467,8 @@ def test_short_send_path_falls_back_without_the_reach(monkeypatch: pytest.Monkey
         connection, theirs, reactor = tcp_pair()
         try:
             tls_like = type("TLS", (), {"transport": connection})()
-            assert fasttls.shorten_send_path(tls_like) == {
-                "notsent_lowat": True, "send_limit": False}
+            assert fasttls.shorten_send_path(tls_like).applied == {
+                "notsent_lowat": True, "send_limit": False, "unsent_check": False}
             assert "_isSendBufferFull" not in vars(connection)
         finally:
             connection.socket.close()
