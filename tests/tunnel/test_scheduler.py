@@ -486,3 +486,41 @@ def test_notsent_lowat_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fasttls.notsent_lowat() == fasttls.NOTSENT_LOWAT
 
 
+
+
+def test_the_kernel_s_unsent_bytes_pause_the_transport_until_it_is_writable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel appends to its last segment past TCP_NOTSENT_LOWAT: what it
+    # holds unsent is asked after each piece, and at the limit the transport
+    # waits for writability as if its own buffer were full.
+    events: list[str] = []
+
+    class Producer:
+        def pauseProducing(self) -> None:
+            events.append("pause")
+
+        def resumeProducing(self) -> None:
+            events.append("resume")
+
+        def stopProducing(self) -> None:
+            pass
+
+    connection, theirs, reactor = tcp_pair()
+    try:
+        tls_like = type("TLS", (), {"transport": connection})()
+        path = fasttls.shorten_send_path(tls_like)
+        connection.registerProducer(Producer(), True)
+        unsent = {"bytes": 0}
+        monkeypatch.setattr(fasttls, "_unsent", lambda fd: unsent["bytes"])
+        path.after_write()
+        assert events == []  # nothing unsent: keep sending
+        unsent["bytes"] = fasttls.NOTSENT_LOWAT
+        path.after_write()
+        assert events == ["pause"] and connection in reactor.getWriters()
+        path.after_write()
+        assert events == ["pause"]  # paused once
+        connection.doWrite()  # the socket is writable again
+        assert events == ["pause", "resume"] and connection not in reactor.getWriters()
+    finally:
+        connection.socket.close()
+        theirs.close()
