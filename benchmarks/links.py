@@ -25,6 +25,15 @@ the short send path; ``on@N`` the same with ``EDGE_TUNNEL_NOTSENT_LOWAT=N``
 (``on@0``: priority, but the kernel's default unsent limit). Only the node's
 side changes: in a download, the proxy's side carries keystrokes and window
 credits only. The goal: busy p95 <= 2x idle p95.
+
+3. ``resume`` (with resumable channels, issue 17 item 1; ``--resume-sessions
+   N``, 0 to skip): a command printing a counter every 100 ms and N idle
+   interactive sessions through a fresh node's tunnel; the link is cut
+   (every connection through it reset, new ones refused) for ``--outage``
+   seconds and restored. Results: seconds from the link's return to the next
+   line of output (goal <= 2 s), whether the output is whole and in order,
+   how many idle sessions still echo, and RSS per channel (proxy and node)
+   with the sessions open and while the link is down, over the RSS before.
 """
 
 from __future__ import annotations
