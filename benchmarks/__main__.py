@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     scenarios["control-plane"] = "benchmarks.control_plane"  # docs/performance.md
     scenarios["webui"] = "benchmarks.webui"  # docs/performance.md "Web UI"
     scenarios["links"] = "benchmarks.links"  # docs/performance.md "Unstable links"
+    scenarios["links-resume"] = "benchmarks.resume_memory"  # docs/performance.md "Resumable channels"
     scenarios["backend-postgres"] = "benchmarks.backend_postgres"  # docs/performance.md
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)

@@ -616,7 +616,21 @@ class NodeSession(SSHSessionForUnixConchUser):
                     exit_status = os.WEXITSTATUS(status)
                 elif os.WIFSIGNALED(status):
                     exit_signal = _signal_name(os.WTERMSIG(status))
-            self.avatar.observer.session_ended(self.info, exit_status, exit_signal)
+            reason = self._lost_reason()
+            if reason is None:
+                self.avatar.observer.session_ended(self.info, exit_status, exit_signal)
+            else:
+                self.avatar.observer.session_ended(self.info, exit_status, exit_signal,
+                                                   reason=reason)
+
+    def _lost_reason(self) -> str | None:
+        """Why the connection under the session was lost, if it says
+        (a tunnel channel whose outage outlasted its budget does)."""
+        try:
+            reason = self.avatar.conn.transport.transport.lost_reason
+        except AttributeError:
+            return None
+        return reason if isinstance(reason, str) and reason else None
 
 
 def _signal_name(number: int) -> str:
