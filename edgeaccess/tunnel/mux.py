@@ -57,7 +57,7 @@ class _DetachedWire:
         pass
 
     def send_priority(self, channel: int, priority: str) -> None:
-        pass  # the class is kept on both ends across the re-attach
+        pass  # a class set while detached stays this end's own
 
     def send_close(self, channel: int, reason: str) -> Deferred[Any]:
         return succeed(False)
