@@ -52,7 +52,7 @@ __all__ = ["FLUSH_AT", "NOTSENT_LOWAT", "READ_BATCH", "TCP_READ_SIZE", "WRITE_CH
 #: Bytes sent but not yet acknowledged are not limited by it, so a fast
 #: link keeps its throughput; on a slow one a keystroke waits behind at most
 #: this much in the kernel (measured: docs/performance.md, "Unstable links").
-NOTSENT_LOWAT = 8 * 1024
+NOTSENT_LOWAT = 4 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux >= 3.12
 
 
