@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -198,6 +199,17 @@ class LinkLab:
             raise RuntimeError(f"the link relay did not start: {line!r}")
         self.ports = dict(mapping)
 
+    def cut(self) -> None:
+        """Cut the link: every connection through it is reset, new ones are
+        refused, until :meth:`restore`."""
+        assert self._relay is not None
+        self._relay.send_signal(signal.SIGUSR1)
+
+    def restore(self) -> None:
+        """The link is back."""
+        assert self._relay is not None
+        self._relay.send_signal(signal.SIGUSR2)
+
     def close(self) -> None:
         if self._relay is not None and self._relay.poll() is None:
             try:
@@ -327,6 +339,7 @@ class _Half(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
+        _outage.live.add(transport)
         self.line.source = transport
         self.peer_line.out = transport
         # What this side sends waits here, not in a deep buffer: past 16 KiB
@@ -358,12 +371,36 @@ class _Half(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc) -> None:  # type: ignore[override]
+        _outage.live.discard(self.transport)
         self.line.finish()
+
+
+class _Outage:
+    """SIGUSR1 cuts every relayed connection (reset) and refuses new ones;
+    SIGUSR2 restores the link."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.live: set[asyncio.Transport] = set()
+
+    def cut(self) -> None:
+        self.down = True
+        for transport in list(self.live):
+            transport.abort()
+        self.live.clear()
+
+    def restore(self) -> None:
+        self.down = False
+
+
+_outage = _Outage()
 
 
 async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
                  rate: float | None, netns: str | None) -> None:
     loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, _outage.cut)
+    loop.add_signal_handler(signal.SIGUSR2, _outage.restore)
     servers = []
     root = "/proc/self/ns/net"
     root_fd = os.open(root, os.O_RDONLY)
@@ -381,6 +418,10 @@ async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
     async def accept_loop(listener: socket.socket, target: int) -> None:
         while True:
             conn, _ = await loop.sock_accept(listener)
+            if _outage.down:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # reset: the link is cut
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if rate:
                 # Shaping in user space: a small receive window, so the

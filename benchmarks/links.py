@@ -25,6 +25,15 @@ the short send path; ``on@N`` the same with ``EDGE_TUNNEL_NOTSENT_LOWAT=N``
 (``on@0``: priority, but the kernel's default unsent limit). Only the node's
 side changes: in a download, the proxy's side carries keystrokes and window
 credits only. The goal: busy p95 <= 2x idle p95.
+
+3. ``resume`` (with resumable channels, issue 17 item 1; ``--resume-sessions
+   N``, 0 to skip): a command printing a counter every 100 ms and N idle
+   interactive sessions through a fresh node's tunnel; the link is cut
+   (every connection through it reset, new ones refused) for ``--outage``
+   seconds and restored. Results: seconds from the link's return to the next
+   line of output (goal <= 2 s), whether the output is whole and in order,
+   how many idle sessions still echo, and RSS per channel (proxy and node)
+   with the sessions open and while the link is down, over the RSS before.
 """
 
 from __future__ import annotations
@@ -236,10 +245,122 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
         if typist is not None:
             typist.close()
         node.stop()
+        if os.environ.get("LP_KEEP"):
+            import shutil
+            shutil.copy(node.log_path, os.environ["LP_KEEP"])
+
+
+class Printer:
+    """A command on the node printing a counter every 100 ms; lines as they arrive."""
+
+    SCRIPT = ("i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done")
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(argv + [self.SCRIPT], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        bufsize=0)
+        self.lines: list[tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                self.lines.append((time.monotonic(), int(line)))
+            except ValueError:
+                pass
+
+    def wait_lines(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the printer session gave {len(self.lines)} lines")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        stop_process(self.process, 5)
+
+
+def _measure_resume(proxy: BenchProxy, lab: LinkLab, base: Path, home: Path, login: str,
+                    web_port: int, sessions: int, outage: float) -> dict:
+    """Cut the link for ``outage`` seconds under a running command and
+    ``sessions`` idle interactive sessions: time from the link's return to
+    output flowing again, the output's integrity, memory while down."""
+    from benchmarks._tunnel_env import rss_kib
+
+    name = "slow-resume"
+    node = LabNode(base / name, base / f"{name}.log", name=name,
+                   auth_server=f"{lab.dial_host}:{web_port}", token=proxy.node_token(),
+                   ca_pin=proxy.pin(), extra_args=["--heartbeat-interval", "30"])
+    node.lab, node.env = lab, {"EDGE_TUNNEL_PRIORITY": "on"}
+    node.start()
+    printer = None
+    idle: list[Typist] = []
+    try:
+        node.wait_listed(proxy, timeout=120.0)
+        target = f"{login}@{name}.{proxy.cluster}"
+        ssh = ["ssh", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes"]
+        time.sleep(2.0)
+        rss_base = (rss_kib(proxy.pid), rss_kib(node.process.pid))
+        for _ in range(sessions):
+            idle.append(Typist(ssh + ["-tt", target, "exec cat > /dev/null"]))
+        for typist in idle:
+            typist.keystroke(timeout=120.0)
+        printer = Printer(ssh + [target])
+        printer.wait_lines(10, 120.0)
+        time.sleep(1.0)
+        rss_up = (rss_kib(proxy.pid), rss_kib(node.process.pid))
+        lab.cut()
+        cut_at = time.monotonic()
+        time.sleep(min(outage, 5.0))
+        rss_down = (rss_kib(proxy.pid), rss_kib(node.process.pid))
+        time.sleep(max(0.0, outage - (time.monotonic() - cut_at)))
+        before = len(printer.lines)
+        lab.restore()
+        restored_at = time.monotonic()
+        deadline = restored_at + 60.0
+        while len(printer.lines) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if len(printer.lines) == before:
+            raise RuntimeError("no output within 60 s of the link's return")
+        flowing_at = printer.lines[before][0]
+        time.sleep(2.0)
+        numbers = [n for _, n in printer.lines]
+        whole = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        alive = sum(1 for typist in idle if _still_echoes(typist))
+        per = max(1, sessions + 1)
+        return {
+            "benchmark": "links", "case": "resume", "outage_s": outage,
+            "restored_to_output_s": round(flowing_at - restored_at, 2),
+            "goal_met": flowing_at - restored_at <= 2.0,
+            "output_whole_and_in_order": whole,
+            "lines_after_restore": len(numbers) - before,
+            "idle_sessions": sessions, "idle_sessions_alive": alive,
+            "proxy_kib_per_channel_up": round((rss_up[0] - rss_base[0]) / per, 1),
+            "node_kib_per_channel_up": round((rss_up[1] - rss_base[1]) / per, 1),
+            "proxy_kib_per_channel_down": round((rss_down[0] - rss_base[0]) / per, 1),
+            "node_kib_per_channel_down": round((rss_down[1] - rss_base[1]) / per, 1),
+            "shaping": lab.shaping,
+        }
+    finally:
+        if printer is not None:
+            printer.close()
+        for typist in idle:
+            typist.close()
+        node.stop()
+
+
+def _still_echoes(typist: Typist) -> bool:
+    try:
+        typist.keystroke(timeout=20.0)
+        return True
+    except (TimeoutError, RuntimeError, OSError):
+        return False
 
 
 def run(modes: list[str], keys: int, file_size: int, rate_kbit: int, delay_ms: float,
-        lab_mode: str, emit_result=emit) -> list[dict]:
+        lab_mode: str, emit_result=emit, resume_sessions: int = 0,
+        outage: float = 10.0) -> list[dict]:
     results = []
     rng = random.Random(17)
     with tempfile.TemporaryDirectory(prefix="edgeaccess-links-bench-") as tmp:
@@ -272,6 +393,12 @@ def run(modes: list[str], keys: int, file_size: int, rate_kbit: int, delay_ms: f
                     measured.update(rate_kbit=rate_kbit, rtt_ms=2 * delay_ms)
                     results.append(measured)
                     emit_result(measured)
+                if resume_sessions:
+                    measured = _measure_resume(proxy, lab, base, home, login, web_relay,
+                                               resume_sessions, outage)
+                    measured.update(rate_kbit=rate_kbit, rtt_ms=2 * delay_ms)
+                    results.append(measured)
+                    emit_result(measured)
             finally:
                 proxy.stop()
     return results
@@ -287,10 +414,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate-kbit", type=int, default=1000)
     parser.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay")
     parser.add_argument("--lab", default="auto", choices=("auto", "netns", "relay"))
+    parser.add_argument("--resume-sessions", type=int, default=_RESUME_DEFAULT,
+                        help="idle sessions held across the cut (0: no resume case)")
+    parser.add_argument("--outage", type=float, default=10.0, help="seconds the link is cut")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     for mode in modes:
         if mode.partition("@")[0] not in ("on", "off"):
             parser.error(f"unknown mode {mode!r}")
-    run(modes, args.keys, parse_size(args.file_size), args.rate_kbit, args.delay_ms, args.lab)
+    run(modes, args.keys, parse_size(args.file_size), args.rate_kbit, args.delay_ms, args.lab,
+        resume_sessions=args.resume_sessions, outage=args.outage)
     return 0
+
+
+def _resumable() -> bool:
+    from edgeaccess.tunnel import protocol
+
+    return hasattr(protocol, "RESUME_CAPABILITY")
+
+
+#: The resume case needs resumable channels (issue 17, item 1).
+_RESUME_DEFAULT = 20 if _resumable() else 0

@@ -641,12 +641,42 @@ def _probe_tcp_send_limit() -> str | None:
     from twisted.internet.testing import MemoryReactor
 
     probe = FileDescriptor(reactor=MemoryReactor())
-    missing = _missing(probe, _TCP_INTERNALS + ("_isSendBufferFull", "_maybePauseProducer"))
+    missing = _missing(probe, _TCP_INTERNALS + _TCP_PRODUCER_INTERNALS)
     if missing:
         return f"FileDescriptor without {', '.join(missing)}"
     if "_isSendBufferFull" not in inspect.getsource(FileDescriptor._maybePauseProducer):
         return "FileDescriptor._maybePauseProducer no longer asks _isSendBufferFull"
+    if "producerPaused" not in inspect.getsource(FileDescriptor.doWrite):
+        return "FileDescriptor.doWrite no longer resumes a paused producer"
     return None
+
+
+_TCP_PRODUCER_INTERNALS = ("_isSendBufferFull", "_maybePauseProducer", "producerPaused",
+                           "streamingProducer", "producer", "startWriting")
+
+
+def pause_until_writable_possible(tcp: Any) -> bool:
+    """Whether :func:`pause_until_writable` may be used on ``tcp``."""
+    return (
+        isinstance(tcp, FileDescriptor)
+        and all(hasattr(tcp, name) for name in _TCP_INTERNALS + _TCP_PRODUCER_INTERNALS)
+        and available("tcp-send-limit")
+    )
+
+
+def pause_until_writable(tcp: Any) -> bool:
+    """Pause ``tcp``'s streaming producer as a full write buffer does, until
+    the socket is writable again (Twisted's ``doWrite`` then resumes it, as
+    after draining its buffer). Returns whether it paused."""
+    producer = tcp.producer
+    if producer is None or not tcp.streamingProducer or tcp.producerPaused:
+        return False
+    if not tcp.connected or tcp.disconnecting:
+        return False
+    tcp.producerPaused = True
+    producer.pauseProducing()
+    tcp.startWriting()
+    return True
 
 
 def limit_tcp_send_buffer(tcp: Any, limit: int) -> bool:

@@ -358,6 +358,8 @@ class Channel:
         if priority == self.priority or self._closed:
             return
         self.priority = priority
+        _log.info("{channel} of {peer} is sent as {priority}", channel=self,
+                  peer=self._mux.peer_name, priority=priority)
         self._mux.scheduler.reclassed(self)
         if tell_peer:
             self._mux.wire.send_priority(self.id, priority)

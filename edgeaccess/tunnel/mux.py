@@ -56,6 +56,9 @@ class _DetachedWire:
     def send_eof(self, channel: int) -> None:
         pass
 
+    def send_priority(self, channel: int, priority: str) -> None:
+        pass  # a class set while detached stays this end's own
+
     def send_close(self, channel: int, reason: str) -> Deferred[Any]:
         return succeed(False)
 

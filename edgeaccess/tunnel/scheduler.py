@@ -148,6 +148,10 @@ class SendScheduler:
 
     # -- the transport -------------------------------------------------------
 
+    def set_flush(self, flush) -> None:
+        """Call ``flush`` after each piece from now on (see the constructor)."""
+        self._flush = flush
+
     def pause(self) -> None:
         """The transport is full: send nothing until :meth:`resume`; pieces shrink."""
         self.paused = True

@@ -440,7 +440,8 @@ def test_short_send_path_sets_notsent_lowat_and_pauses_when_the_socket_refuses()
     try:
         tls_like = type("TLS", (), {"transport": connection})()
         assert fasttls.eager_tcp_writes(connection)
-        assert fasttls.shorten_send_path(tls_like) == {"notsent_lowat": True, "send_limit": True}
+        path = fasttls.shorten_send_path(tls_like)
+        assert path.applied == {"notsent_lowat": True, "send_limit": True, "unsent_check": True}
         value = connection.socket.getsockopt(socket.IPPROTO_TCP, fasttls._TCP_NOTSENT_LOWAT)
         assert value == fasttls.NOTSENT_LOWAT
         producer = Membrane()
@@ -466,8 +467,8 @@ def test_short_send_path_falls_back_without_the_reach(monkeypatch: pytest.Monkey
         connection, theirs, reactor = tcp_pair()
         try:
             tls_like = type("TLS", (), {"transport": connection})()
-            assert fasttls.shorten_send_path(tls_like) == {
-                "notsent_lowat": True, "send_limit": False}
+            assert fasttls.shorten_send_path(tls_like).applied == {
+                "notsent_lowat": True, "send_limit": False, "unsent_check": False}
             assert "_isSendBufferFull" not in vars(connection)
         finally:
             connection.socket.close()
@@ -485,3 +486,41 @@ def test_notsent_lowat_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fasttls.notsent_lowat() == fasttls.NOTSENT_LOWAT
 
 
+
+
+def test_the_kernel_s_unsent_bytes_pause_the_transport_until_it_is_writable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel appends to its last segment past TCP_NOTSENT_LOWAT: what it
+    # holds unsent is asked after each piece, and at the limit the transport
+    # waits for writability as if its own buffer were full.
+    events: list[str] = []
+
+    class Producer:
+        def pauseProducing(self) -> None:
+            events.append("pause")
+
+        def resumeProducing(self) -> None:
+            events.append("resume")
+
+        def stopProducing(self) -> None:
+            pass
+
+    connection, theirs, reactor = tcp_pair()
+    try:
+        tls_like = type("TLS", (), {"transport": connection})()
+        path = fasttls.shorten_send_path(tls_like)
+        connection.registerProducer(Producer(), True)
+        unsent = {"bytes": 0}
+        monkeypatch.setattr(fasttls, "_unsent", lambda fd: unsent["bytes"])
+        path.after_write()
+        assert events == []  # nothing unsent: keep sending
+        unsent["bytes"] = fasttls.NOTSENT_LOWAT
+        path.after_write()
+        assert events == ["pause"] and connection in reactor.getWriters()
+        path.after_write()
+        assert events == ["pause"]  # paused once
+        connection.doWrite()  # the socket is writable again
+        assert events == ["pause", "resume"] and connection not in reactor.getWriters()
+    finally:
+        connection.socket.close()
+        theirs.close()
