@@ -250,7 +250,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         self._mux = mux
         mux.attach(self)
         # The scheduler hands gathered writes to this tunnel's socket now.
-        mux.scheduler._flush = self._flush_writes
+        mux.scheduler.set_flush(self._flush_writes)
         mux.max_frame_in = mux.max_frame_out = MAX_FAST_FRAME if self._fast_out else MAX_FRAME
         self._resume_pending = True
 
