@@ -264,6 +264,23 @@ class WebUI:
         if selected not in {c["name"] for c in clusters}:
             selected = self.auth.cluster_name
         query = r.query_value(request, "q", limit=200).strip()
+        # The node list and every section at once: a leaf is asked for each
+        # over its tunnel, and those round trips should not add up.
+        from twisted.internet import defer
+
+        async def section_of(provider) -> ResourceSection | None:
+            try:
+                return await provider(session, checker, selected)
+            except errors.EdgeError as e:
+                return ResourceSection(id=getattr(provider, "section_id", "extra"),
+                                       title=getattr(provider, "section_title", ""),
+                                       columns=(), rows=(),
+                                       error=f"cannot list them in {selected}: {e}")
+            except Exception:
+                _log.failure("a resources page section failed")
+                return None
+
+        pending = [defer.Deferred.fromCoroutine(section_of(p)) for p in self.resource_sections]
         error = None
         try:
             nodes = await self._nodes(session, checker, selected)
@@ -271,17 +288,8 @@ class WebUI:
             nodes, error = [], f"cannot list the nodes of {selected}: {e}"
         nodes = [n for n in nodes if _matches(n, query)]
         sections = []
-        for provider in self.resource_sections:
-            try:
-                section = await provider(session, checker, selected)
-            except errors.EdgeError as e:
-                section = ResourceSection(id=getattr(provider, "section_id", "extra"),
-                                          title=getattr(provider, "section_title", ""),
-                                          columns=(), rows=(),
-                                          error=f"cannot list them in {selected}: {e}")
-            except Exception:
-                _log.failure("a resources page section failed")
-                continue
+        for d in pending:
+            section = await d
             if section is not None:
                 sections.append(attrs.evolve(section, rows=tuple(
                     row for row in section.rows if _matches(row.as_filterable(), query))))
