@@ -307,6 +307,13 @@ def test_apps_and_kube_clusters_the_roles_allow_are_listed_and_filtered(world, c
     assert XSS in kube.inner_text()  # the label, as text
     assert page.evaluate("window.__xss") is None
     page.screenshot(path=str(shots / "resources.png"), full_page=True)
+    # The app host is on the web certificate (*.edge.localhost) the browser
+    # verifies; the launch comes back to it (the app itself listens nowhere).
+    launched = page.context.new_page()
+    response = launched.goto(link.get_attribute("href"))
+    assert launched.url.startswith(f"https://grafana.edge.localhost:{port}/"), launched.url
+    assert response is not None and response.status in (502, 503, 504), response.status
+    launched.close()
     # The label filter applies to every section.
     page.fill("#filter", "team=web")
     page.click("#filters button")
@@ -373,6 +380,16 @@ def test_phone_sized_pages_do_not_overflow(world, browser, shots):
         assert page.evaluate("[...document.querySelectorAll('section.extra .scroll')]"
                              ".every(e => e.scrollWidth <= e.clientWidth + 1)")
         page.screenshot(path=str(shots / "nodes-phone.png"), full_page=True)
+        # Every other page fits the phone's width too (wide tables scroll in their box).
+        page.context.clear_cookies()
+        log_in(page, world, user="audrey")
+        page.wait_for_selector("#nodes")
+        for path in ("/web/sessions", "/web/recordings", "/web/audit",
+                     "/web/ssh/root@tnode.root"):
+            page.goto(world.url + path)
+            assert page.evaluate(
+                "document.documentElement.scrollWidth <= window.innerWidth + 1"), path
+            page.screenshot(path=str(shots / f"phone-{path.split('/')[2]}.png"))
     finally:
         ctx.close()
 
