@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 from twisted.logger import Logger
 
 from edgeaccess import errors
+from edgeaccess.apps.spec import check_app_name
 from edgeaccess.web.app import ResourceRow, ResourceSection
 
 _log = Logger()
@@ -67,6 +68,13 @@ def app_section(gateway, leaf_request: LeafRequest | None):
             apps = await _from_leaf(leaf_request, cluster, "/v1/apps", session)
         rows = []
         for app in sorted(apps, key=lambda a: a["name"]):
+            try:
+                check_app_name(app["name"])
+            except errors.BadRequest:
+                # A leaf's answer: the name becomes part of a link's host.
+                _log.warn("cluster {cluster} lists an app named {name!r}: not a valid app "
+                          "name; not shown", cluster=cluster, name=app["name"][:64])
+                continue
             # The root serves a leaf's apps under its own host too.
             url = gateway.public_origin(app["name"]) + "/"
             rows.append(ResourceRow(name=app["name"], labels=_labels(app.get("labels")),

@@ -93,7 +93,7 @@ def world(auth, clock, monkeypatch):
                                "prod-k8s": {"env": "prod"}})))
     leaf = Leaf({
         "/v1/apps": [{"name": "leafapp", "labels": {"team": "web"}, "uri": "http://x"},
-                     {"name": 7}, "junk"],
+                     {"name": 7}, "junk", {"name": "evil.example/#"}, {"name": XSS}],
         "/v1/kube/clusters": [{"name": "leaf-k8s", "labels": {"env": "dev"},
                                "problem": XSS}],
         "/v1/nodes": [],
@@ -174,6 +174,7 @@ def test_a_selected_leaf_is_asked_as_the_user_and_its_answer_checked(auth, world
     _, body = browser.get("/web/?cluster=leaf")
     assert rows(body, "apps") == ["leafapp"]  # malformed entries dropped
     assert 'href="https://leafapp.proxy.example:3080/"' in body
+    assert "evil.example" not in body  # a name that would make the link another site's
     assert rows(body, "kube") == ["leaf-k8s"]
     assert "edge kube login leaf-k8s --cluster leaf" in body
     asked = {(path, identity.name, identity.roles) for _, path, identity in leaf.asked}
