@@ -3,11 +3,14 @@ trusts it), a tunnelled node and a LAN node in the root, a tunnelled node in
 the leaf, and Debian's Chromium driven by Playwright (never a downloaded
 browser).
 
-Covered: login right and wrong, the node list (labels with ``<script>``
-rendered as text), web terminals to a tunnelled node and to a leaf node
-(DOM and recording), resize reaching the PTY, recording playback and
-download, audit filters and export, CSRF and cross-origin WebSocket refused,
-logout ending an open terminal, a phone-sized page. Every page is
+Covered: the web port verified by the browser (and refused untrusted), login
+right and wrong, the node list (labels with ``<script>`` rendered as text),
+apps and Kubernetes clusters the roles allow (filter, leaf, launch link),
+web terminals to a tunnelled node and to a leaf node (DOM and recording),
+resize reaching the PTY, recording playback and download, audit filters and
+export, CSRF and cross-origin WebSocket refused, no CSP violation on any
+page, logout, a lock and a password change ending an open terminal,
+phone-sized pages. Every page is
 screenshotted into the test's temp dir (``EDGE_SCREENSHOTS=DIR`` writes them
 there instead, e.g. ``docs/images``).
 
