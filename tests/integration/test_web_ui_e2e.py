@@ -392,6 +392,12 @@ def test_phone_sized_pages_do_not_overflow(world, browser, shots):
             page.goto(world.url + path)
             assert page.evaluate(
                 "document.documentElement.scrollWidth <= window.innerWidth + 1"), path
+            if "/ssh/" in path:
+                # The whole terminal is on screen (its last row is where you type).
+                page.wait_for_selector("#term-status.connected", timeout=30000)
+                bottom = page.evaluate("document.querySelector('#terminal')"
+                                       ".getBoundingClientRect().bottom")
+                assert bottom <= page.evaluate("window.innerHeight") + 1, bottom
             page.screenshot(path=str(shots / f"phone-{path.split('/')[2]}.png"))
     finally:
         ctx.close()
