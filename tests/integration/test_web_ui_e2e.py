@@ -650,6 +650,11 @@ def test_state_changes_without_the_csrf_token_are_refused(world, context):
                                      headers={"origin": "https://evil.example"},
                                      max_redirects=0)
     assert other_origin.status == 403
+    port = world.root.addr("web").rpartition(":")[2]
+    from_an_app = page.request.post(world.url + "/web/logout", form={"csrf": token},
+                                    headers={"origin": f"https://grafana.edge.localhost:{port}"},
+                                    max_redirects=0)
+    assert from_an_app.status == 403
     assert page.request.get(world.url + "/web/", max_redirects=0).status == 200
 
 
@@ -677,6 +682,10 @@ def test_cross_origin_websocket_upgrades_are_refused(world, context):
     page.wait_for_selector("#nodes")
     cookie = [c for c in context.cookies() if c["name"] == "__Host-edge-session"][0]["value"]
     assert " 403 " in _upgrade(world, cookie, "https://evil.example") + " "
+    # An app's page is same-site (the browser sends the Lax cookie along) but
+    # another origin: refused too.
+    port = world.root.addr("web").rpartition(":")[2]
+    assert " 403 " in _upgrade(world, cookie, f"https://grafana.edge.localhost:{port}") + " "
     assert " 403 " in _upgrade(world, cookie, None) + " "
     assert " 101 " in _upgrade(world, cookie, world.url) + " "
     assert _upgrade(world, "not-a-session-token-at-all", world.url).split()[1] in ("401", "403")
