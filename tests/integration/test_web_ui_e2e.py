@@ -328,7 +328,10 @@ def test_apps_and_kube_clusters_the_roles_allow_are_listed_and_filtered(world, c
     assert page.locator('#apps tr[data-name="leafapp"]').count() == 1
     assert page.locator('#apps tr[data-name="leafapp"] a').get_attribute("href") == \
         f"https://leafapp.edge.localhost:{port}/"
+    # The leaf answered (it has no Kubernetes cluster), it did not fail.
     assert page.locator("#kube tr[data-name]").count() == 0
+    assert page.locator("#section-kube .error").count() == 0
+    assert "No Kubernetes clusters you may reach" in page.inner_text("#section-kube")
 
 
 def test_a_role_limited_user_sees_only_the_apps_and_clusters_it_allows(world, browser):
