@@ -29,6 +29,7 @@ from urllib.parse import quote
 import attrs
 from klein import Klein
 from markupsafe import Markup, escape
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource as web_resource
 from twisted.web import static
@@ -266,8 +267,6 @@ class WebUI:
         query = r.query_value(request, "q", limit=200).strip()
         # The node list and every section at once: a leaf is asked for each
         # over its tunnel, and those round trips should not add up.
-        from twisted.internet import defer
-
         async def section_of(provider) -> ResourceSection | None:
             try:
                 return await provider(session, checker, selected)
