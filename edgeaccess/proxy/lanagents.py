@@ -134,9 +134,11 @@ class LanAgentPool:
         self._endpoint_for = endpoint_for or self._tls_endpoint
         # The tunnel server's parts: no channels from the node (accept_channel
         # None), nothing to Discover, the heartbeat answered, silence dropped.
+        # No resumable channels (yet): on a tunnel the agent redials and its
+        # channels re-attach; here the proxy is the one that dials.
         self.factory = TunnelServerFactory(
             clock=reactor, identity_for=identity_for or self._identity_for,
-            heartbeat_interval=heartbeat_interval, max_channels=1024)
+            heartbeat_interval=heartbeat_interval, max_channels=1024, resume_budget=0.0)
         self.factory.registry.subscribe(self._up, self._down)
         self._connections: dict[str, LanTunnelProtocol] = {}
         self._pending: dict[str, list[Deferred]] = {}
