@@ -44,11 +44,15 @@ was never probed is probed at its first use. ``conch-session`` has no stock
 path (the session code is built on those methods): its failure stops the
 daemon with the reason rather than breaking sessions later.
 
-One reach cannot live here: ``edgeaccess/client/tlsroute.py`` runs as a
-standalone script (``python -I -S``, nothing imported from the package) and
-uses CPython's ``_ssl`` context objects directly; it falls back to the
-public ``ssl`` module itself when they differ (tests/client/test_tlsroute.py
-runs both paths).
+- ``cpython-tls-route``: CPython's ``_ssl`` context objects (``_SSLContext``,
+  ``_wrap_bio``) and ``_socket`` in the TLS-routing ``ProxyCommand``
+  (:func:`tls_route_stock_argument`). Its code cannot live here: the script
+  (:mod:`edgeaccess.client.tlsroute`) runs standalone (``python -I -S``,
+  nothing of the package importable), so its one marked block holds the code
+  and :func:`~edgeaccess.client.tlsroute.private_shape_problem` the probe this
+  registry runs. Off: ``edge`` writes ``--stock`` into the ``ProxyCommand``
+  (``ssl`` and ``socket`` only, ~10 ms more a start); the script also falls
+  back to ``ssl`` by itself when the private context API differs at run time.
 """
 
 from __future__ import annotations
@@ -717,6 +721,25 @@ def _probe_conch_session() -> str | None:
     problems += [f"SFTPServerForUnixConchUser.{n} missing"
                  for n in _missing(SFTPServerForUnixConchUser, ("_absPath", "_getAttrs"))]
     return "; ".join(problems) or None
+
+
+# -- cpython-tls-route: _ssl's private context and _socket in the TLS-routing ProxyCommand --
+
+
+@_reach("cpython-tls-route",
+        "the TLS-routing ProxyCommand uses ssl and socket (--stock: a slower start)")
+def _probe_tls_route() -> str | None:
+    if sys.implementation.name != "cpython":
+        return f"{sys.implementation.name} is not CPython"
+    from edgeaccess.client import tlsroute
+
+    return tlsroute.private_shape_problem()
+
+
+def tls_route_stock_argument() -> list[str]:
+    """What the TLS-routing ``ProxyCommand`` gets appended: ``--stock``
+    when the ``cpython-tls-route`` reach is off."""
+    return [] if available("cpython-tls-route") else ["--stock"]
 
 
 # -- cpython-shared-keys: instances of a class share one table of attribute names -----------
