@@ -48,9 +48,8 @@ daemon with the reason rather than breaking sessions later.
   ``_wrap_bio``) and ``_socket`` in the TLS-routing ``ProxyCommand``
   (:func:`tls_route_stock_argument`). Its code cannot live here: the script
   (:mod:`edgeaccess.client.tlsroute`) runs standalone (``python -I -S``,
-  nothing of the package importable), so its one marked block holds the code
-  and :func:`~edgeaccess.client.tlsroute.private_shape_problem` the probe this
-  registry runs. Off: ``edge`` writes ``--stock`` into the ``ProxyCommand``
+  nothing of the package importable), so its one marked block holds the code;
+  the probe here drives that code to a ClientHello in memory. Off: ``edge`` writes ``--stock`` into the ``ProxyCommand``
   (``ssl`` and ``socket`` only, ~10 ms more a start); the script also falls
   back to ``ssl`` by itself when the private context API differs at run time.
 """
@@ -726,14 +725,48 @@ def _probe_conch_session() -> str | None:
 # -- cpython-tls-route: _ssl's private context and _socket in the TLS-routing ProxyCommand --
 
 
+#: What tlsroute.py uses of ``_socket``.
+TLS_ROUTE_SOCKET_NAMES = ("socket", "getaddrinfo", "inet_pton", "AF_INET", "AF_INET6",
+                          "SOCK_STREAM", "IPPROTO_TCP", "TCP_NODELAY")
+TLS_ROUTE_SOCKET_METHODS = ("settimeout", "connect", "setsockopt", "recv", "recv_into",
+                            "sendall", "close")
+
+
 @_reach("cpython-tls-route",
         "the TLS-routing ProxyCommand uses ssl and socket (--stock: a slower start)")
 def _probe_tls_route() -> str | None:
     if sys.implementation.name != "cpython":
         return f"{sys.implementation.name} is not CPython"
+    import _socket
+    import _ssl
+
     from edgeaccess.client import tlsroute
 
-    return tlsroute.private_shape_problem()
+    missing = [n for n in TLS_ROUTE_SOCKET_NAMES if not hasattr(_socket, n)]
+    missing += [f"socket.{n}" for n in TLS_ROUTE_SOCKET_METHODS
+                if not hasattr(_socket.socket, n)]
+    missing += [n for n in ("PROTO_TLSv1_3", "MemoryBIO", "SSLWantReadError",
+                            "SSLZeroReturnError") if not hasattr(_ssl, n)]
+    if missing:
+        return "_socket/_ssl lack " + ", ".join(missing)
+    # The script's own private client: a ClientHello with our name and ALPN.
+    incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+
+    def setup(context: Any) -> None:
+        context.minimum_version = _ssl.PROTO_TLSv1_3
+
+    try:
+        client = tlsroute._private_client(setup, "edge-probe/1", "probe.invalid",
+                                          incoming, outgoing)
+        client.do_handshake()
+    except _ssl.SSLWantReadError:
+        hello = outgoing.read()
+        if b"probe.invalid" not in hello or b"edge-probe/1" not in hello:
+            return "the ClientHello lacks the server name or the ALPN"
+        return None
+    except (AttributeError, TypeError, ValueError) as error:
+        return f"_ssl's private context API differs: {error}"
+    return "the handshake did not wait for the server"
 
 
 def tls_route_stock_argument() -> list[str]:

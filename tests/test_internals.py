@@ -182,9 +182,8 @@ def _force_misfit(monkeypatch, reach: str) -> None:
     elif reach == "glibc-malloc":
         monkeypatch.setattr(internals, "_libc_function", lambda *args: None)
     elif reach == "cpython-tls-route":
-        from edgeaccess.client import tlsroute
-
-        monkeypatch.setattr(tlsroute, "SOCKET_NAMES", tlsroute.SOCKET_NAMES + ("_gone",))
+        monkeypatch.setattr(internals, "TLS_ROUTE_SOCKET_NAMES",
+                            internals.TLS_ROUTE_SOCKET_NAMES + ("_gone",))
     elif reach == "cpython-shared-keys":
         monkeypatch.setattr(internals.sys, "implementation",
                             type("Implementation", (), {"name": "other"})())

@@ -22,27 +22,27 @@ every connection and waits for it. ``-I -S`` and CPython's C modules
 without the ~13 ms their enums cost to import; ``_thread`` is the documented
 low-level threading API) keep the start at ~10 ms instead of ~21.
 
-That use of ``_ssl``/``_socket`` is the ``cpython-tls-route`` reach of
-:mod:`edgeaccess.internals`, which cannot hold its code (nothing of the
-package can be imported here): the code is the block marked below, the
-registry entry and the start-up probe (:func:`private_shape_problem`) are
-there. Where the probe fails, ``edge`` writes ``--stock`` into the
-``ProxyCommand`` and this script uses only ``ssl`` and ``socket``; where the
+That use is the ``cpython-tls-route`` reach of :mod:`edgeaccess.internals`
+(its probe is there; its code is the block marked below: nothing of the
+package is importable here). Where the probe fails, ``edge`` writes
+``--stock`` into the ``ProxyCommand``: ``ssl`` and ``socket`` only. Where the
 private context API differs at run time anyway (another CPython since the
-profile was written), it falls back to ``ssl`` itself.
+profile was written), ``ssl``'s context is used.
 """
 
 from __future__ import annotations
 
+# The cpython-tls-route reach (edgeaccess.internals): CPython's private C modules
+# (_ssl's _SSLContext, _wrap_bio, _set_alpn_protocols; _socket's objects), as
+# _net and _tls until use_stock_modules() swaps in socket and ssl.
+import _socket as _net
+import _ssl as _tls
 import _thread
 import fcntl
 import os
 import sys
 
-# -- the cpython-tls-route reach (edgeaccess.internals): CPython's private C modules ----------
-import _socket as _net  # socket.socket's base, its functions and constants
-import _ssl as _tls  # _SSLContext, _wrap_bio, _set_alpn_protocols
-
+# -- the cpython-tls-route reach ------------------------------------------------------------
 #: Whether the private C modules are in use (:func:`use_stock_modules` clears it).
 _private = True
 #: TLS 1.3 as ``_SSLContext.minimum_version`` takes it.
@@ -69,43 +69,6 @@ def _private_client(context_setup, alpn: str, server_name: str, incoming, outgoi
     context._set_alpn_protocols(bytes([len(name)]) + name)
     return context._wrap_bio(incoming, outgoing, False, server_name, owner=None, session=None)
 
-
-#: What this script uses of ``_socket`` (the probe checks them).
-SOCKET_NAMES = ("socket", "getaddrinfo", "inet_pton", "AF_INET", "AF_INET6", "SOCK_STREAM",
-                "IPPROTO_TCP", "TCP_NODELAY")
-SOCKET_METHODS = ("settimeout", "connect", "setsockopt", "recv", "recv_into", "sendall",
-                  "close")
-
-
-def private_shape_problem() -> str | None:
-    """The probe of the reach: None when ``_ssl``'s private context makes a
-    ClientHello with our server name and ALPN over memory BIOs and
-    ``_socket`` has what the relay calls, else what differs."""
-    import _socket
-    import _ssl
-
-    missing = [n for n in SOCKET_NAMES if not hasattr(_socket, n)]
-    missing += [f"socket.{n}" for n in SOCKET_METHODS if not hasattr(_socket.socket, n)]
-    missing += [n for n in ("PROTO_TLSv1_3", "MemoryBIO", "SSLWantReadError",
-                            "SSLZeroReturnError") if not hasattr(_ssl, n)]
-    if missing:
-        return "_socket/_ssl lack " + ", ".join(missing)
-    incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
-
-    def setup(context) -> None:
-        context.minimum_version = _ssl.PROTO_TLSv1_3
-
-    try:
-        tls = _private_client(setup, "edge-probe/1", "probe.invalid", incoming, outgoing)
-        tls.do_handshake()
-    except _ssl.SSLWantReadError:
-        hello = outgoing.read()
-        if b"probe.invalid" not in hello or b"edge-probe/1" not in hello:
-            return "the ClientHello lacks the server name or the ALPN"
-        return None
-    except (AttributeError, TypeError, ValueError) as error:
-        return f"_ssl's private context API differs: {error}"
-    return "the handshake did not wait for the server"
 
 # -- end of the reach ----------------------------------------------------------------------
 

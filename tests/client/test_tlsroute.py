@@ -292,15 +292,18 @@ def test_the_stock_path_relays_without_the_private_modules(pki, stock: bool) -> 
 def test_the_probe_reports_a_changed_private_context(monkeypatch) -> None:
     import _ssl
 
-    assert tlsroute.private_shape_problem() is None
+    from edgeaccess import internals
+
+    probe = internals._REACHES["cpython-tls-route"].probe
+    assert probe() is None
     class Renamed:  # another CPython's context, without the private methods
         def __init__(self, protocol: int) -> None:
             self.protocol = protocol
 
     monkeypatch.setattr(_ssl, "_SSLContext", Renamed)
-    assert "private context API differs" in tlsroute.private_shape_problem()
+    assert "private context API differs" in probe()
     monkeypatch.delattr(_ssl, "PROTO_TLSv1_3")
-    assert "lack PROTO_TLSv1_3" in tlsroute.private_shape_problem()
+    assert "lack PROTO_TLSv1_3" in probe()
 
 
 def test_the_proxycommand_edge_writes_with_the_reach_off_connects(pki, monkeypatch,
@@ -313,7 +316,8 @@ def test_the_proxycommand_edge_writes_with_the_reach_off_connects(pki, monkeypat
     from edgeaccess import internals
     from edgeaccess.client.profile import render_tls_routing_command
 
-    monkeypatch.setattr(tlsroute, "SOCKET_NAMES", tlsroute.SOCKET_NAMES + ("_gone",))
+    monkeypatch.setattr(internals, "TLS_ROUTE_SOCKET_NAMES",
+                        internals.TLS_ROUTE_SOCKET_NAMES + ("_gone",))
     internals.reset("cpython-tls-route")
     try:
         server = TLSServer(pki, "echo", echo_size=8)
