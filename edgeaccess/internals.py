@@ -40,6 +40,15 @@ lives here too, behind thin call sites elsewhere:
 - ``conch-host-cert``: Conch's client ECDH reply handler and its key set-up
   (:class:`HostCertificateClientMixin`, for the web terminal's client to a
   node with a host certificate). Off: web terminals are refused.
+- ``cpython-tls-route``: CPython's ``_ssl`` context (``_SSLContext``,
+  ``_wrap_bio``, ``_set_alpn_protocols``) and ``_socket`` in the TLS-routing
+  ``ProxyCommand`` (:func:`tls_route_stock_argument`). Its code cannot live
+  here: :mod:`edgeaccess.client.tlsroute` runs standalone (``python -I -S``,
+  nothing of the package importable), so one marked block there holds it; the
+  probe here drives that block to a ClientHello in memory. Off: ``edge``
+  writes ``--stock`` into the ``ProxyCommand`` (``ssl`` and ``socket`` only,
+  ~10 ms more CPU a start); the script also takes ``ssl``'s context by itself
+  when the private context API differs at run time.
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take
@@ -47,15 +56,6 @@ the stock code path, and one warning says which reach and why. A reach that
 was never probed is probed at its first use. ``conch-session`` has no stock
 path (the session code is built on those methods): its failure stops the
 daemon with the reason rather than breaking sessions later.
-
-- ``cpython-tls-route``: CPython's ``_ssl`` context objects (``_SSLContext``,
-  ``_wrap_bio``) and ``_socket`` in the TLS-routing ``ProxyCommand``
-  (:func:`tls_route_stock_argument`). Its code cannot live here: the script
-  (:mod:`edgeaccess.client.tlsroute`) runs standalone (``python -I -S``,
-  nothing of the package importable), so its one marked block holds the code;
-  the probe here drives that code to a ClientHello in memory. Off: ``edge`` writes ``--stock`` into the ``ProxyCommand``
-  (``ssl`` and ``socket`` only, ~10 ms more a start); the script also falls
-  back to ``ssl`` by itself when the private context API differs at run time.
 """
 
 from __future__ import annotations

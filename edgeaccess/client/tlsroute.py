@@ -32,9 +32,6 @@ profile was written), ``ssl``'s context is used.
 
 from __future__ import annotations
 
-# The cpython-tls-route reach (edgeaccess.internals): CPython's private C modules
-# (_ssl's _SSLContext, _wrap_bio, _set_alpn_protocols; _socket's objects), as
-# _net and _tls until use_stock_modules() swaps in socket and ssl.
 import _socket as _net
 import _ssl as _tls
 import _thread
@@ -42,7 +39,10 @@ import fcntl
 import os
 import sys
 
-# -- the cpython-tls-route reach ------------------------------------------------------------
+# -- the cpython-tls-route reach (edgeaccess.internals) --------------------------------------
+# The C modules as _net and _tls (the same functions, constants and exception
+# classes socket and ssl export) until use_stock_modules() swaps in socket and
+# ssl; _private_client is the only use of _ssl's private context API.
 #: Whether the private C modules are in use (:func:`use_stock_modules` clears it).
 _private = True
 #: TLS 1.3 as ``_SSLContext.minimum_version`` takes it.
