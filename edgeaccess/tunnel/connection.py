@@ -250,7 +250,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         self._mux = mux
         mux.attach(self)
         # The scheduler hands gathered writes to this tunnel's socket now.
-        mux.scheduler._flush = self._flush_writes
+        mux.scheduler.set_flush(self._flush_writes)
         mux.max_frame_in = mux.max_frame_out = MAX_FAST_FRAME if self._fast_out else MAX_FRAME
         self._resume_pending = True
 
@@ -394,6 +394,9 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         self._liveness_call = None
         mux = self._mux
         if mux is not None:
+            # The send path of this connection's transport: a detached
+            # session must not keep the dead transport alive through it.
+            mux.scheduler.set_flush(None)
             if not (mux.resumable and mux.held and not mux._lost and self._detach_mux(mux)):
                 mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
             else:
