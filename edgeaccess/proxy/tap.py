@@ -443,6 +443,12 @@ def makeService(options, reactor=None) -> service.MultiService:
                             web_sessions=getattr(web.ui, "sessions", None),
                             ui_host=public_host)
     apps.service.setServiceParent(top)
+    if web.ui is not None:
+        from edgeaccess.web import sections
+
+        ask_leaf = sections.leaf_asker(clusters, reactor)
+        web.ui.resource_sections += [sections.app_section(apps.gateway, ask_leaf),
+                                     sections.kube_section(kube, ask_leaf, cluster)]
     listeners["web"] = _Listener(
         "web", lambda: listen_endpoint(reactor, options["web-listen"], 3080, web_options()),
         lambda: apps.factory, on_listening, startup)

@@ -142,6 +142,10 @@ class TcpRelay:
         self._flowing.set()
         #: New connections are reset (after cut_all(hold=True)) until resume().
         self._refusing = False
+        #: The address new upstream connections come from (None: the
+        #: kernel's choice); change it to move the "client" to a new address
+        #: (NAT rebinding: the server sees a new IP and port).
+        self.source_host: str | None = None
         self.accepted = 0
         self.forwarded = 0
 
@@ -197,7 +201,8 @@ class TcpRelay:
             target = self._resolve_target()
             if target is None:
                 raise OSError("no target")
-            upstream = socket.create_connection(target, timeout=10)
+            source = (self.source_host, 0) if self.source_host else None
+            upstream = socket.create_connection(target, timeout=10, source_address=source)
             upstream.settimeout(None)
         except OSError:
             _reset(downstream)
@@ -214,6 +219,18 @@ class TcpRelay:
         threading.Thread(target=pair.pump, args=(upstream, downstream),
                          name="tcprelay-up", daemon=True).start()
         pair.pump(downstream, upstream)
+
+    def upstream_sources(self) -> set[str]:
+        """The source addresses of the open relayed connections, as the server sees them."""
+        with self._lock:
+            pairs = [p for p in self._pairs if not p.closed]
+        found = set()
+        for pair in pairs:
+            try:
+                found.add(pair.upstream.getsockname()[0])
+            except OSError:
+                pass
+        return found
 
     def active(self) -> int:
         """How many relayed connections are open now."""

@@ -10,7 +10,8 @@ the proxy are never touched. The scenarios only wait, so they all run at
 once, in threads started by the module fixture; each test checks one of
 them:
 
-- ``cut`` link, a 30 s cut: a running command's output arrives whole and in
+- ``cut`` link, a 30 s cut after which the node's tunnel comes from another
+  address (NAT rebinding): a running command's output arrives whole and in
   order and ssh exits 0; an interactive session survives (and stays one
   audited, recorded session); scp of 50 MB is byte-exact;
 - ``stall`` link, a 30 s black hole: the same command and interactive session;
@@ -95,6 +96,8 @@ class Link:
         self.outage_started = time.monotonic()
         if kind == "cut":
             assert self.relay.cut_all(hold=True) >= 1
+            # The node comes back from another address (NAT rebinding).
+            self.relay.source_host = "127.0.0.2"
         else:
             self.relay.stall_all()
         self.stopping.wait(seconds)
@@ -280,6 +283,14 @@ def test_an_interactive_session_survives_an_outage_as_one_audited_session(
 
     cast = wait_for(recording, 30, f"the recording of {session_id}", interval=0.3)
     assert cast.index("before-42") < cast.index("during-48") < cast.index("after-54")
+
+
+def test_after_the_cut_the_node_resumed_from_a_new_address(outcomes, links):
+    outcome(outcomes, "cut.stream", links)  # resumed whole (checked above)
+    # Every connection through the relay now comes from 127.0.0.2: the
+    # proxy saw the node's tunnel arrive from a new IP and port.
+    assert links["cut"].relay.upstream_sources() == {"127.0.0.2"}
+    assert "resumes its session" in links["cut"].proxy.log()
 
 
 def test_scp_of_50_mib_across_a_cut_is_byte_exact(outcomes, links):
