@@ -171,6 +171,9 @@ class AppAccess:
     on_close: list = attrs.Factory(list)
     #: set for a browser (no client certificate): sessions by cookie, launches
     browser: BrowserLaunch | None = None
+    #: ``(method, target, status) -> None`` when requests are audited
+    #: (``edgeaccess.apps.requestaudit``), else None
+    audit_request: Callable[[bytes, bytes, int], None] | None = None
 
 
 def app_origin(uri: str) -> str:
@@ -249,6 +252,8 @@ class AppProxyProtocol(Protocol):
         self._upstream_pending: list[bytes] | None = None
         self._connecting = False
         self._methods: deque = deque()
+        #: request targets awaiting their status, when requests are audited
+        self._targets: deque | None = None
         self._upgrade_requested = False
         self._raw = False
         self._closing = False
@@ -351,14 +356,21 @@ class AppProxyProtocol(Protocol):
         access = self.access
         host = (head.get(b"host") or b"").decode("latin-1").lower()
         if host not in access.expected_hosts:
+            self._audit_refusal(head, 421)
             raise http1.BadMessage(421, f"this connection is for {access.app}; "
                                    f"the request names host {host[:100]!r}")
         if head.method == b"CONNECT":
+            self._audit_refusal(head, 405)
             raise http1.BadMessage(405, "CONNECT is not served")
         if access.browser is not None:
-            self._browser_request(head, access.browser)
+            try:
+                self._browser_request(head, access.browser)
+            except errors.EdgeError as e:
+                self._audit_refusal(head, status_for(e))
+                raise
         refused = access.check()
         if refused is not None:
+            self._audit_refusal(head, status_for(refused))
             raise refused
         framing = http1.request_framing(head)
         upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
@@ -370,6 +382,10 @@ class AppProxyProtocol(Protocol):
         if access.assertion is not None:
             head.headers.append((JWT_HEADER, access.assertion()))
         self._methods.append(head.method)
+        if access.audit_request is not None:
+            if self._targets is None:
+                self._targets = deque()
+            self._targets.append(head.target)
         self.requests += 1
         if self._waiting_since is None:
             self._waiting_since = self.clock.seconds()
@@ -383,6 +399,19 @@ class AppProxyProtocol(Protocol):
 
     def request_end(self) -> None:
         pass
+
+    def _audit_unanswered(self, status: int) -> None:
+        """The requests the app never answered (the proxy answers ``status``)."""
+        if self._targets:
+            for method, target in zip(list(self._methods), self._targets):
+                self.access.audit_request(method, target, status)
+            self._targets.clear()
+
+    def _audit_refusal(self, head: http1.Head, status: int) -> None:
+        """A request the proxy refused itself, when requests are audited."""
+        audit = self.access.audit_request
+        if audit is not None:
+            audit(head.method, head.target, status)
 
     # --- browsers: the app cookie and the launch ---------------------------------
 
@@ -450,6 +479,8 @@ class AppProxyProtocol(Protocol):
     def _upstream_failed(self, failure: Failure) -> None:
         self._connecting = False
         error = failure.value
+        self._audit_unanswered(status_for(error) if isinstance(error, errors.EdgeError)
+                               else 502)
         _log.info("app {app} unreachable for {user}: {why}", app=self.access.app,
                   user=self.access.user, why=error)
         if isinstance(error, errors.NotFound):
@@ -491,6 +522,8 @@ class AppProxyProtocol(Protocol):
         if method is None:
             raise http1.BadMessage(502, "a response nobody asked for")
         self._waiting_since = None
+        if self._targets and (status >= 200 or status == 101):
+            self.access.audit_request(method, self._targets.popleft(), status)
         location = head.get(b"location")
         if location is not None and self.access.app_uri:
             text = location.decode("latin-1")
@@ -521,6 +554,8 @@ class AppProxyProtocol(Protocol):
     def _switch_to_raw(self) -> None:
         self._raw = True
         self._methods.clear()
+        if self._targets:
+            self._targets.clear()
         _log.debug("app {app}: upgraded connection for {user}", app=self.access.app,
                    user=self.access.user)
         self.client_reader.switch_to_raw()
@@ -553,6 +588,7 @@ class AppProxyProtocol(Protocol):
         if not self._raw and self.upstream_reader.in_message and self.upstream_reader.eof():
             pass  # a close-delimited body ended
         if not self._raw and self._methods and not self._sent_response_head:
+            self._audit_unanswered(502)
             self._send_error(502, f"app {self.access.app} closed the connection without "
                                   "answering")
             return
@@ -609,6 +645,7 @@ class AppProxyProtocol(Protocol):
                 now - self._waiting_since >= RESPONSE_TIMEOUT:
             _log.info("app {app} did not answer within {t}s", app=self.access.app,
                       t=RESPONSE_TIMEOUT)
+            self._audit_unanswered(504)
             self._send_error(504, f"app {self.access.app} did not answer in time")
             return
         idle = now - self._last_activity

@@ -75,6 +75,9 @@ class Options(usage.Options):
         ["apps-domain", None, None,
          "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
          "public host; needs a wildcard DNS record)"],
+        ["app-request-audit", None, None,
+         "audit every request to web apps as app.request events: '*' for every app, "
+         "or app names separated by commas (default: off; sessions are always audited)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -95,6 +98,12 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
+        from edgeaccess.apps.requestaudit import parse_selection
+
+        try:
+            parse_selection(self["app-request-audit"])
+        except errors.EdgeError as e:
+            raise usage.UsageError(f"--app-request-audit: {e}")
         for name in (self["server-names"] or "").split(","):
             name = name.strip().strip("[]")
             if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
@@ -314,6 +323,7 @@ def makeService(options, reactor=None) -> service.MultiService:
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
+    from edgeaccess.apps.requestaudit import parse_selection
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
@@ -321,7 +331,9 @@ def makeService(options, reactor=None) -> service.MultiService:
                             public_host=apps_domain, web_addr=lambda: addresses()["web"],
                             site=EdgeSite(web.resource()), reactor=reactor,
                             web_sessions=getattr(web.ui, "sessions", None),
-                            ui_host=public_host)
+                            ui_host=public_host,
+                            request_audit_apps=parse_selection(
+                                options.get("app-request-audit")))
     apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
