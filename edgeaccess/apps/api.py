@@ -99,6 +99,8 @@ class AppsAPI:
         name = check_app_name(field(data, "app"))
         cluster = field(data, "cluster", required=False) or self.auth.cluster_name
         public_key = field(data, "tls_public_key")
+        ttl = field(data, "ttl", required=False)
+        ttl = httpapi.parse_duration(ttl) if ttl is not None else None
         if cluster == self.auth.cluster_name:
             apps = await self._local_apps(identity)
         else:
@@ -116,7 +118,7 @@ class AppsAPI:
         answer = await self.gateway.issue(
             identity=identity, user_cert_expires=cert.not_valid_after_utc.astimezone(timezone.utc),
             app=name, cluster=cluster, public_key_pem=public_key,
-            remote_addr=httpapi.remote_addr(request))
+            remote_addr=httpapi.remote_addr(request), ttl=ttl)
         return json_response(request, answer)
 
     @app.route("/v1/apps/logout", methods=["POST"])

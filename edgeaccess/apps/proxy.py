@@ -510,6 +510,7 @@ class AppProxyProtocol(Protocol):
             self.client_write(b"")  # a head whose body is still to come
         except http1.BadMessage as e:
             _log.warn("app {app} answered garbage: {why}", app=self.access.app, why=e.message)
+            self._audit_unanswered(502)
             if self._sent_response_head:
                 self._close()
             else:

@@ -739,8 +739,12 @@ class AppGateway:
     # --- issuing app certificates ------------------------------------------------
 
     async def issue(self, *, identity, user_cert_expires: datetime, app: str, cluster: str,
-                    public_key_pem: str, remote_addr: str) -> dict:
-        """An app session and its certificate (the caller checked the app is allowed)."""
+                    public_key_pem: str, remote_addr: str, ttl: timedelta | None = None) -> dict:
+        """An app session and its certificate (the caller checked the app is allowed).
+
+        :param ttl: the session's lifetime asked for (capped by the user's
+            certificate and :data:`MAX_APP_SESSION`).
+        """
         from cryptography.hazmat.primitives import serialization
 
         try:
@@ -749,6 +753,10 @@ class AppGateway:
             raise errors.BadRequest("tls_public_key is not a PEM public key")
         now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
         expires = min(user_cert_expires, now + MAX_APP_SESSION)
+        if ttl is not None:
+            if ttl < MIN_APP_SESSION:
+                raise errors.BadRequest("an app session lasts at least 1s")
+            expires = min(expires, now + ttl)
         if expires <= now:
             raise errors.CertificateInvalid("your certificate has expired: run edge login")
         record = await self.sessions.create(
