@@ -53,6 +53,38 @@ IDLE_TIMEOUT = 300.0
 #: Longest leaf-relay preamble (a forwarded identity, one JSON line).
 MAX_PREAMBLE = 16 * 1024
 
+
+@attrs.frozen
+class AppTimeouts:
+    """How long an app connection waits (seconds; ``twistd edgeproxy --app-timeouts``).
+
+    :ivar head: for a request head, and for the next piece of a request body
+        the client stopped sending (slow clients: 408);
+    :ivar response: for the app's answer once a request is complete (504);
+    :ivar idle: a keep-alive connection with no byte either way is closed.
+    """
+
+    head: float = HEAD_TIMEOUT
+    response: float = RESPONSE_TIMEOUT
+    idle: float = IDLE_TIMEOUT
+
+    @classmethod
+    def parse(cls, text: str | None) -> AppTimeouts:
+        """``head=30s,response=1m,idle=5m`` (any of them; the rest keep their defaults)."""
+        from edgeaccess.httpapi import parse_duration
+
+        values = {}
+        for part in filter(None, (p.strip() for p in (text or "").split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or name not in ("head", "response", "idle") or name in values:
+                raise errors.BadRequest(f"invalid app timeout {part[:40]!r} (use e.g. "
+                                        "head=30s,response=60s,idle=5m)")
+            seconds = parse_duration(value.strip()).total_seconds()
+            if seconds < 1:
+                raise errors.BadRequest(f"app timeout {name} must be at least 1s")
+            values[name] = seconds
+        return cls(**values)
+
 _DROPPED_PREFIXES = (b"x-forwarded-",)
 _DROPPED = frozenset({b"edge-jwt-assertion", b"forwarded", b"x-real-ip"})
 
@@ -240,9 +272,10 @@ class AppProxyProtocol(Protocol):
     """
 
     def __init__(self, authorize, clock, *, needs_preamble: bool = False,
-                 description: str = "") -> None:
+                 description: str = "", timeouts: AppTimeouts | None = None) -> None:
         self._authorize = authorize
         self.clock = clock
+        self.timeouts = timeouts or _DEFAULT_TIMEOUTS
         self.needs_preamble = needs_preamble
         self.description = description
         self.access: AppAccess | None = None
@@ -262,6 +295,8 @@ class AppProxyProtocol(Protocol):
         self._interim = False
         self._head_out: bytes | None = None
         self._last_activity = 0.0
+        #: when the user's side last sent a byte (a stalled request body)
+        self._client_activity = 0.0
         self._timer = None
         self._waiting_since: float | None = None
         self.requests = 0
@@ -272,8 +307,8 @@ class AppProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         _tune(self.transport, self.clock)
-        self._last_activity = self.clock.seconds()
-        self._timer = self.clock.callLater(HEAD_TIMEOUT, self._check_timeouts)
+        self._last_activity = self._client_activity = self.clock.seconds()
+        self._timer = self.clock.callLater(self.timeouts.head, self._check_timeouts)
         if not self.needs_preamble:
             self._start_authorize(None)
 
@@ -314,7 +349,7 @@ class AppProxyProtocol(Protocol):
     # --- the user's side ----------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_activity = self.clock.seconds()
+        self._last_activity = self._client_activity = self.clock.seconds()
         if self.needs_preamble and self.access is None and not self._closing:
             if self._preamble is not None and not self._pending:
                 self._preamble += data
@@ -387,8 +422,6 @@ class AppProxyProtocol(Protocol):
                 self._targets = deque()
             self._targets.append(head.target)
         self.requests += 1
-        if self._waiting_since is None:
-            self._waiting_since = self.clock.seconds()
         if upgrade:
             self._upgrade_requested = True
             self.client_reader.hold()
@@ -398,7 +431,13 @@ class AppProxyProtocol(Protocol):
         return framing
 
     def request_end(self) -> None:
-        pass
+        # The app has all of the request: its answer is due from now (a long
+        # upload is not the app being slow).
+        if self._waiting_since is None and self._methods:
+            now = self._waiting_since = self.clock.seconds()
+            timer = self._timer
+            if timer is not None and timer.getTime() > now + self.timeouts.response + 0.5:
+                timer.reset(self.timeouts.response + 0.5)  # a short --app-timeouts
 
     def _audit_unanswered(self, status: int) -> None:
         """The requests the app never answered (the proxy answers ``status``)."""
@@ -641,28 +680,38 @@ class AppProxyProtocol(Protocol):
         self._timer = None
         if self._closing:
             return
+        timeouts = self.timeouts
         now = self.clock.seconds()
         if self._waiting_since is not None and not self._raw and \
-                now - self._waiting_since >= RESPONSE_TIMEOUT:
+                now - self._waiting_since >= timeouts.response:
             _log.info("app {app} did not answer within {t}s", app=self.access.app,
-                      t=RESPONSE_TIMEOUT)
+                      t=timeouts.response)
             self._audit_unanswered(504)
             self._send_error(504, f"app {self.access.app} did not answer in time")
             return
+        if self.access is not None and not self._raw and self.client_reader.in_message \
+                and now - self._client_activity >= timeouts.head:
+            _log.info("app {app}: the request body from {client} stalled for {t}s",
+                      app=self.access.app, client=self.access.client_ip, t=timeouts.head)
+            self._audit_unanswered(408)
+            self._send_error(408, "the rest of the request body did not arrive in time")
+            return
         idle = now - self._last_activity
-        limit = IDLE_TIMEOUT
+        limit = timeouts.idle
         if self.access is None or (not self._methods and not self._raw
                                    and self.client_reader.in_message is False
                                    and self.requests == 0):
-            limit = HEAD_TIMEOUT
+            limit = timeouts.head
         if idle >= limit:
             if self.access is None or self.requests == 0:
+                _log.info("app connection {what}: no complete request within {t}s",
+                          what=self.description, t=limit)
                 self._send_error(408, "no complete request in time")
             else:
                 self._close()
             return
-        self._timer = self.clock.callLater(min(limit - idle, RESPONSE_TIMEOUT) + 0.5,
-                                           self._check_timeouts)
+        self._timer = self.clock.callLater(
+            min(limit - idle, timeouts.response, timeouts.head) + 0.5, self._check_timeouts)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closing = True
@@ -674,6 +723,9 @@ class AppProxyProtocol(Protocol):
         if self.access is not None:
             for hook in self.access.on_close:
                 hook(self)
+
+
+_DEFAULT_TIMEOUTS = AppTimeouts()
 
 
 def _tune(transport, clock, fast_tls: bool = True) -> None:
@@ -715,7 +767,7 @@ class _Dispatch(Protocol):
     def connectionMade(self) -> None:
         # A connection that never sends a byte is closed (the UI's and the
         # app proxy's own timeouts start with the first request).
-        self._idle = self.factory.clock.callLater(HEAD_TIMEOUT, self._silent)
+        self._idle = self.factory.clock.callLater(self.factory.timeouts.head, self._silent)
 
     def _silent(self) -> None:
         self._idle = None
@@ -765,10 +817,11 @@ class WebPortFactory(Factory):
         ``authorize(protocol, preamble)`` authorises its connections.
     """
 
-    def __init__(self, site, gateway, clock) -> None:
+    def __init__(self, site, gateway, clock, timeouts: AppTimeouts | None = None) -> None:
         self.site = site
         self.gateway = gateway
         self.clock = clock
+        self.timeouts = timeouts or _DEFAULT_TIMEOUTS
 
     def doStart(self) -> None:
         self.site.doStart()
@@ -787,5 +840,6 @@ class WebPortFactory(Factory):
         name = server_name(transport)
         if name is not None and self.gateway.app_name_for(name) is not None:
             return AppProxyProtocol(self.gateway.authorize, self.clock,
-                                    description=f"to {name} from {getattr(addr, 'host', '?')}")
+                                    description=f"to {name} from {getattr(addr, 'host', '?')}",
+                                    timeouts=self.timeouts)
         return self.site.buildProtocol(addr)

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from edgeaccess import errors
 from edgeaccess.apps.api import AppsAPI, WebRouting
 from edgeaccess.apps.jwt import AppSigningKeys
-from edgeaccess.apps.proxy import AppProxyProtocol, WebPortFactory
+from edgeaccess.apps.proxy import AppProxyProtocol, AppTimeouts, WebPortFactory
 from edgeaccess.apps.requestaudit import RequestAudit
 from edgeaccess.apps.sessions import AppGateway, AppIndex, AppSessions
 
@@ -77,7 +77,8 @@ class AppAccessParts:
 
 def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor,
           web_sessions=None, ui_host: str | None = None,
-          request_audit_apps: frozenset[str] | None = frozenset()) -> AppAccessParts:
+          request_audit_apps: frozenset[str] | None = frozenset(),
+          timeouts: AppTimeouts | None = None) -> AppAccessParts:
     """Put app access in front of the web UI's ``site`` (its resource is wrapped).
 
     :param registry: the tunnel server's registry (tunnelled nodes and their apps).
@@ -87,6 +88,7 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
     :param ui_host: the web UI's host name (the launcher's), default ``public_host``.
     :param request_audit_apps: the apps whose requests are audited (``app.request``;
         None: every app; empty: none, the default).
+    :param timeouts: the app connections' :class:`~edgeaccess.apps.proxy.AppTimeouts`.
     """
     from edgeaccess.cluster.root import leaf_request
 
@@ -109,7 +111,8 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
 
     api = AppsAPI(gateway, leaf_request=ask_leaf, leaf_known=lambda name: name in clusters.known)
     site.resource = WebRouting(site.resource, api)
-    return AppAccessParts(WebPortFactory(site, gateway, reactor), gateway,
+    gateway.timeouts = timeouts or AppTimeouts()
+    return AppAccessParts(WebPortFactory(site, gateway, reactor, gateway.timeouts), gateway,
                           _AppService(keys, gateway, reactor, request_audit))
 
 
@@ -127,7 +130,8 @@ def relayed_app_factory(gateway: AppGateway, trust, root: str, app: str):
 
     def build_protocol():
         protocol = AppProxyProtocol(authorize, gateway.clock, needs_preamble=True,
-                                    description=f"to {app} relayed by cluster {root}")
+                                    description=f"to {app} relayed by cluster {root}",
+                                    timeouts=gateway.timeouts)
         protocol.app_name = app
         return protocol
 

@@ -26,7 +26,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from edgeaccess import errors, tls
-from edgeaccess.apps.proxy import AppAccess, BrowserLaunch, parse_preamble, server_name
+from edgeaccess.apps.proxy import (
+    AppAccess,
+    AppTimeouts,
+    BrowserLaunch,
+    parse_preamble,
+    server_name,
+)
 from edgeaccess.apps.requestaudit import request_fields
 from edgeaccess.apps.spec import _APP_NAME
 from edgeaccess.identity import rbac
@@ -385,6 +391,8 @@ class AppGateway:
         self._role_cache: dict[tuple, tuple[float, list]] = {}
         self._locks: tuple[float, list] | None = None
         self._scanned = -SCAN_INTERVAL
+        #: the app connections' timeouts (set by ``edgeaccess.apps.service.build``)
+        self.timeouts = AppTimeouts()
 
     # --- locks --------------------------------------------------------------
 

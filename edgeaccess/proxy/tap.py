@@ -78,6 +78,9 @@ class Options(usage.Options):
         ["app-request-audit", None, None,
          "audit every request to web apps as app.request events: '*' for every app, "
          "or app names separated by commas (default: off; sessions are always audited)"],
+        ["app-timeouts", None, None,
+         "web app connections: head=30s (request head, stalled request body), "
+         "response=60s (the app's answer), idle=5m (keep-alive); e.g. response=5m"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
@@ -104,6 +107,12 @@ class Options(usage.Options):
             parse_selection(self["app-request-audit"])
         except errors.EdgeError as e:
             raise usage.UsageError(f"--app-request-audit: {e}")
+        from edgeaccess.apps.proxy import AppTimeouts
+
+        try:
+            AppTimeouts.parse(self["app-timeouts"])
+        except errors.EdgeError as e:
+            raise usage.UsageError(f"--app-timeouts: {e}")
         for name in (self["server-names"] or "").split(","):
             name = name.strip().strip("[]")
             if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
@@ -323,6 +332,7 @@ def makeService(options, reactor=None) -> service.MultiService:
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
                                      client_certificates="optional")
+    from edgeaccess.apps.proxy import AppTimeouts
     from edgeaccess.apps.requestaudit import parse_selection
     from edgeaccess.apps.service import build as build_app_access
 
@@ -333,7 +343,8 @@ def makeService(options, reactor=None) -> service.MultiService:
                             web_sessions=getattr(web.ui, "sessions", None),
                             ui_host=public_host,
                             request_audit_apps=parse_selection(
-                                options.get("app-request-audit")))
+                                options.get("app-request-audit")),
+                            timeouts=AppTimeouts.parse(options.get("app-timeouts")))
     apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
         "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),

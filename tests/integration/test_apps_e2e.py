@@ -32,6 +32,9 @@ from tests.apps.appkit import (
     web_port,
 )
 
+#: The proxy's --app-timeouts response=... here (the default is 60 s).
+SLOW_APP_TIMEOUT = 5
+
 ROLE = """\
 kind: role
 version: v1
@@ -45,7 +48,8 @@ spec:
 def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("apps")
     # Requests to demo and bad are audited (app.request), those to secret not.
-    proxy = start_proxy(base, "apps", "--app-request-audit", "demo,bad")
+    proxy = start_proxy(base, "apps", "--app-request-audit", "demo,bad",
+                        "--app-timeouts", f"response={SLOW_APP_TIMEOUT}s")
     demo = bad = node = None
     try:
         demo, demo_port = start_demo_app(proxy)
@@ -248,6 +252,23 @@ def test_bad_apps_get_clear_errors_and_nothing_else_is_affected(cluster):
     assert b"app down is unreachable from its node" in result.stdout
     assert "app bad answered garbage" in cluster["proxy"].log()
     assert "app down is unreachable" in cluster["node"].log()
+
+
+def test_a_slow_app_gets_a_504_and_nothing_else_waits(cluster):
+    bad = app_login(cluster["alice"], "bad")
+    slow = subprocess.Popen(
+        ["curl", "-sS", "-i", "--max-time", "60", "--cacert", bad["ca"], "--cert", bad["cert"],
+         "--key", bad["key"], bad["url"] + "/slow"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        # Meanwhile the same app answers other requests.
+        assert curl(bad, "/fine").stdout == b"ok\n"
+        out, err = slow.communicate(timeout=60)
+    finally:
+        stop_process(slow)
+    assert out.startswith(b"HTTP/1.1 504"), (out, err)
+    assert b"app bad did not answer in time" in out
+    assert f"app bad did not answer within {float(SLOW_APP_TIMEOUT)}s" in cluster["proxy"].log()
 
 
 def test_logout_ends_access_and_closes_websockets(cluster):
