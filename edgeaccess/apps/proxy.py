@@ -138,6 +138,12 @@ class BrowserLaunch:
     launcher: str
 
 
+class RetryOnNewConnection(Exception):
+    """Raised by ``BrowserLaunch.session_for``: this request carries another app
+    session than the one the connection is bound to; the browser is sent to
+    make it again on a new connection (a 307 to the same path, then close)."""
+
+
 class _Respond(Exception):
     """A request the proxy answers itself (``response``: a whole response)."""
 
@@ -165,8 +171,8 @@ def _strip_edge_cookies(head: http1.Head) -> None:
         head.headers.append((b"Cookie", "; ".join(kept).encode("latin-1")))
 
 
-def _redirect(location: str, cookies: list[str]) -> bytes:
-    lines = ["HTTP/1.1 302 Found", f"Location: {location}", "Content-Length: 0",
+def _redirect(location: str, cookies: list[str], status: str = "302 Found") -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"Location: {location}", "Content-Length: 0",
              "Cache-Control: no-store", "Connection: close"]
     lines += [f"Set-Cookie: {c}" for c in cookies]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -410,7 +416,8 @@ class AppProxyProtocol(Protocol):
         framing = http1.request_framing(head)
         upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
         head.remove_if(_dropped)
-        head.set(b"Host", access.upstream_host)
+        # (no upstream_host: a leaf's proxy is next, it checks the Host itself)
+        head.set(b"Host", access.upstream_host or host.encode("latin-1"))
         head.headers.append((b"X-Forwarded-For", access.client_ip.encode("ascii")))
         head.headers.append((b"X-Forwarded-Host", host.encode("latin-1")))
         head.headers.append((b"X-Forwarded-Proto", b"https"))
@@ -475,7 +482,12 @@ class AppProxyProtocol(Protocol):
             raise _Respond(_redirect(target, [
                 f"{APP_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax",
                 f"{STATE_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"]))
-        if browser.session_for(cookies.get(APP_COOKIE)) is None:
+        try:
+            record = browser.session_for(cookies.get(APP_COOKIE))
+        except RetryOnNewConnection:
+            raise _Respond(_redirect(_safe_path(head.target.decode("latin-1")), [],
+                                     status="307 Temporary Redirect")) from None
+        if record is None:
             if head.method not in (b"GET", b"HEAD"):
                 raise errors.AuthenticationFailed(
                     "open this app in the browser first (no valid app session)")

@@ -100,6 +100,7 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
     gateway = AppGateway(auth=auth, index=AppIndex(registry), sessions=sessions, keys=keys,
                          public_host=public_host, web_addr=web_addr, clock=reactor,
                          leaf_tunnel=lambda name: clusters.tunnels.get(name),
+                         leaf_names=lambda: sorted(clusters.tunnels),
                          web_sessions=web_sessions, ui_host=ui_host,
                          request_audit=request_audit)
 

@@ -30,6 +30,7 @@ from edgeaccess.apps.proxy import (
     AppAccess,
     AppTimeouts,
     BrowserLaunch,
+    RetryOnNewConnection,
     parse_preamble,
     server_name,
 )
@@ -366,8 +367,10 @@ class AppGateway:
     def __init__(self, *, auth, index: AppIndex, sessions: AppSessions, keys, public_host: str,
                  web_addr: Callable[[], str], clock, leaf_tunnel=None,
                  endpoint_for=None, web_sessions=None, ui_host: str | None = None,
-                 request_audit=None) -> None:
+                 request_audit=None, leaf_names=None) -> None:
         self.auth = auth
+        #: ``() -> [names]`` of the leaf clusters whose tunnel is up here
+        self.leaf_names = leaf_names or (lambda: [])
         #: :class:`~edgeaccess.apps.requestaudit.RequestAudit`, or None (off)
         self.request_audit = request_audit
         #: the web UI's :class:`~edgeaccess.web.sessions.WebSessionStore` (browser flow)
@@ -520,7 +523,8 @@ class AppGateway:
         identity = tls.peer_identity(transport)
         unknown = errors.NotFound(f"there is no app named {name} in cluster {self.cluster}")
         if identity is None:
-            if self.index.find(name) is None:
+            if self.index.find(name) is None and not (self.web_sessions is not None
+                                                      and self.leaf_names()):
                 raise unknown
             if self.web_sessions is not None:
                 return self._browser_access(protocol, name, client_ip, _source(peer))
@@ -601,11 +605,47 @@ class AppGateway:
             f"/web/launch/{app}"
 
     def _browser_access(self, protocol, name: str, client_ip: str, source) -> AppAccess:
-        """A browser's connection: each request names its app session by cookie."""
+        """A browser's connection: each request names its app session by cookie.
+
+        The session says which cluster runs the app: this one (requests are
+        checked, rewritten and signed here), or a leaf (requests are checked
+        against the session here, then relayed to the leaf's proxy through its
+        tunnel after a forwarded identity; the leaf checks its mapped roles,
+        sets ``Host``/``X-Forwarded-*`` and signs with its own key). The
+        first session a connection carries binds it: a request with another
+        one is sent to a new connection.
+        """
         found = self.index.find(name)
-        tunnel, app = found
+        tunnel, app = found if found is not None else (None, None)
         state: dict = {"checker": None, "session": None}
         gateway = self
+        hosts = self.expected_hosts(name)
+        origin = self.public_origin(name)
+
+        def bind_local(record) -> None:
+            state["checker"] = _Checker(gateway._roles, record["roles"], record["traits"],
+                                        app.labels, gateway.clock)
+            state["checker"]._allowed = True  # checked by the launcher just now
+            state["checker"]._checked = gateway.clock.seconds()
+
+        def bind_leaf(record) -> bool:
+            leaf = gateway.leaf_tunnel(record["cluster"])
+            if leaf is None:
+                return False
+            preamble = json.dumps({
+                "app": name, "user": record["user"], "roles": list(record["roles"]),
+                "traits": record["traits"], "cluster": gateway.cluster,
+                "session": record["id"], "hosts": sorted(hosts), "origin": origin,
+                "client_ip": client_ip,
+            }, sort_keys=True).encode() + b"\n"
+            access.endpoint = _PreambleEndpoint(
+                gateway.endpoint_for(leaf, "cluster", f"app:{name}", source=source), preamble)
+            # The leaf's proxy rewrites and signs: the request keeps its Host
+            # (which the leaf checks against ``hosts``) and gets no assertion here.
+            access.upstream_host = b""
+            access.app_uri = ""
+            access.assertion = None
+            return True
 
         def session_for(token: str | None):
             """The valid app session of this app a cookie token names, or None."""
@@ -613,15 +653,27 @@ class AppGateway:
                 return None
             session_id = web_token_id(token)
             record = gateway.sessions.current(session_id)
-            if record is None or record.get("app") != name or \
-                    record.get("cluster") != gateway.cluster or "web_session" not in record:
+            if record is None or record.get("app") != name or "web_session" not in record:
                 return None
-            if state["session"] is None or state["session"]["id"] != session_id:
+            if record.get("cluster") == gateway.cluster:
+                if found is None:
+                    return None
+            elif gateway.leaf_tunnel(record.get("cluster")) is None:
+                return None
+            bound = state["session"]
+            if bound is None:
+                if record["cluster"] == gateway.cluster:
+                    bind_local(record)
+                elif not bind_leaf(record):
+                    return None
                 state["session"] = record
-                state["checker"] = _Checker(gateway._roles, record["roles"],
-                                            record["traits"], app.labels, gateway.clock)
-                state["checker"]._allowed = True  # checked by the launcher just now
-                state["checker"]._checked = gateway.clock.seconds()
+                gateway.sessions.attach(session_id, protocol)
+            elif bound["id"] != session_id:
+                if bound["cluster"] != gateway.cluster or record["cluster"] != gateway.cluster:
+                    raise RetryOnNewConnection()
+                gateway.sessions.detach(bound["id"], protocol)
+                bind_local(record)
+                state["session"] = record
                 gateway.sessions.attach(session_id, protocol)
             return record
 
@@ -632,27 +684,35 @@ class AppGateway:
             locked = gateway.lock_message(record["user"])
             if locked is not None:
                 return errors.AccessDenied(f"you are locked out: {locked}")
-            if not state["checker"].allowed():
+            checker = state["checker"]
+            if checker is not None and not checker.allowed():
                 return errors.AccessDenied(f"your roles no longer allow app {name}")
-            return None
-
-        def assertion() -> bytes:
-            record = state["session"]
-            return gateway.keys.assertion(user=record["user"], roles=record["roles"],
-                                          audience=app.uri, session=record["id"])
+            return None  # (a leaf's app: the leaf checks its roles on each request)
 
         def current(field: str):
             record = state["session"]
             return record.get(field) if record is not None else None
 
-        access = self._access(app, tunnel, user="(browser)", roles=(), session="",
-                              hosts=self.expected_hosts(name),
-                              origin=self.public_origin(name), client_ip=client_ip,
-                              source=source, check=check,
-                              audit_request=self._request_auditor(
-                                  name, lambda: current("user"), lambda: current("id"),
-                                  client_ip))
-        access.assertion = assertion
+        if found is not None:
+            access = self._access(app, tunnel, user="(browser)", roles=(), session="",
+                                  hosts=hosts, origin=origin, client_ip=client_ip,
+                                  source=source, check=check,
+                                  audit_request=self._request_auditor(
+                                      name, lambda: current("user"), lambda: current("id"),
+                                      client_ip))
+
+            def assertion() -> bytes:
+                record = state["session"]
+                return gateway.keys.assertion(user=record["user"], roles=record["roles"],
+                                              audience=app.uri, session=record["id"])
+
+            access.assertion = assertion
+        else:
+            # Only a leaf can serve it (bind_leaf sets the route); the leaf audits
+            # its requests.
+            access = AppAccess(app=name, user="(browser)", endpoint=None,
+                               expected_hosts=frozenset(hosts), public_origin=origin,
+                               client_ip=client_ip, check=check)
         access.browser = BrowserLaunch(session_for=session_for,
                                        launcher=self.launcher_url(name))
 
@@ -779,6 +839,22 @@ class AppGateway:
                 "session_id": record["id"], "app": app, "cluster": cluster,
                 "url": self.public_origin(app), "valid_before": expires.isoformat(),
                 "tls_ca": self.auth.authority.tls_ca_pem}
+
+
+class _PreambleEndpoint:
+    """An endpoint whose connections start with ``preamble`` (a leaf relay's
+    forwarded identity), written before anything the protocol writes."""
+
+    def __init__(self, endpoint, preamble: bytes) -> None:
+        self.endpoint = endpoint
+        self.preamble = preamble
+
+    def connect(self, factory):
+        def connected(protocol):
+            protocol.transport.write(self.preamble)
+            return protocol
+
+        return self.endpoint.connect(factory).addCallback(connected)
 
 
 def _source(peer) -> str | None:

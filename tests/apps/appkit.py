@@ -12,10 +12,49 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edgeaccess.devcluster import ProxyProcess, run_edge, stop_process
 
 PUBLIC_HOST = "edge.localhost"
 TESTS = Path(__file__).resolve().parent
+
+
+CHROMIUM = "/usr/lib/chromium/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (import this fixture into a module)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def web_login(page, ui: str, user: str, password: str) -> None:
+    """Log in to the web UI at ``ui`` in ``page``."""
+    page.goto(ui + "/")
+    page.fill("#user", user)
+    page.fill("#password", password)
+    page.click("#login")
+    page.wait_for_selector("#logout")
+
+
+def ws_echo_script(url: str) -> str:
+    """Page script: open a WebSocket to ``url``, echo once; ``window.appSocketClosed``."""
+    return f"""() => new Promise((resolve) => {{
+        const ws = new WebSocket({json.dumps(url)});
+        window.appSocket = ws;
+        window.appSocketClosed = false;
+        ws.onclose = () => {{ window.appSocketClosed = true; }};
+        ws.onopen = () => ws.send("from the browser");
+        ws.onmessage = (m) => resolve(m.data);
+        ws.onerror = () => resolve("error");
+    }})"""
 
 
 def start_proxy(base: Path, cluster: str, *extra: str) -> ProxyProcess:

@@ -22,6 +22,7 @@ from tests.apps.appkit import (
     PUBLIC_HOST,
     WebSocketClient,
     app_login,
+    browser,  # noqa: F401  (a fixture)
     curl,
     edge_login,
     start_bad_app,
@@ -30,6 +31,7 @@ from tests.apps.appkit import (
     tls_socket,
     web_listen,
     web_port,
+    ws_echo_script,
 )
 
 #: The proxy's --app-timeouts response=... here (the default is 60 s).
@@ -340,32 +342,6 @@ def test_app_sessions_are_audited(cluster, demo):
 
 # --- the browser flow (Chromium driven by Playwright) ---------------------------------
 
-CHROMIUM = "/usr/lib/chromium/chromium"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed")
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-def _ws_echo_script(url: str) -> str:
-    return f"""() => new Promise((resolve) => {{
-        const ws = new WebSocket({json.dumps(url)});
-        window.appSocket = ws;
-        window.appSocketClosed = false;
-        ws.onclose = () => {{ window.appSocketClosed = true; }};
-        ws.onopen = () => ws.send("from the browser");
-        ws.onmessage = (m) => resolve(m.data);
-        ws.onerror = () => resolve("error");
-    }})"""
-
-
 def test_browser_launches_the_app_through_the_web_session(cluster, browser):
     port = web_port(cluster["proxy"])
     ui = f"https://{PUBLIC_HOST}:{port}"
@@ -398,7 +374,7 @@ def test_browser_launches_the_app_through_the_web_session(cluster, browser):
         answer = json.loads(page.evaluate("fetch('/api/whoami').then(r => r.text())"))
         assert "__Host-edge" not in json.dumps(answer["headers"])
         assert answer["claims"]["username"] == "alice"
-        assert page.evaluate(_ws_echo_script(f"wss://demo.{PUBLIC_HOST}:{port}/ws")) == \
+        assert page.evaluate(ws_echo_script(f"wss://demo.{PUBLIC_HOST}:{port}/ws")) == \
             "from the browser"
         # Logging out of the web UI ends the app session: the WebSocket closes
         # and the next page load goes back to the login form.
