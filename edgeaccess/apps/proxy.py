@@ -637,9 +637,14 @@ class AppProxyProtocol(Protocol):
         self.upstream = None
         if self._closing:
             return
-        if not self._raw and self.upstream_reader.in_message and self.upstream_reader.eof():
-            pass  # a close-delimited body ended
+        if not self._raw and self.upstream_reader.in_message and \
+                not self.upstream_reader.eof():  # (eof: a close-delimited body ended)
+            _log.info("app {app} closed the connection in the middle of a response to "
+                      "{user}: the response is cut off", app=self.access.app,
+                      user=self.access.user)
         if not self._raw and self._methods and not self._sent_response_head:
+            _log.info("app {app} closed the connection without answering {user}",
+                      app=self.access.app, user=self.access.user)
             self._audit_unanswered(502)
             self._send_error(502, f"app {self.access.app} closed the connection without "
                                   "answering")

@@ -235,9 +235,12 @@ def test_forged_host_is_refused(cluster, demo):
     assert json.loads(result.stdout)["cluster_name"] == "apps"
 
 
-def test_huge_header_is_refused(demo):
+def test_huge_header_is_refused(cluster, demo):
     result = curl(demo, "/api/whoami", "-i", "-H", "X-Big: " + "a" * 70000)
     assert result.stdout.startswith(b"HTTP/1.1 431"), result.stdout[:200]
+    assert "app demo: bad request from 127.0.0.1: message head too large" in \
+        cluster["proxy"].log()
+    assert whoami(demo)["verified"] is True  # nothing else is affected
 
 
 def test_bad_apps_get_clear_errors_and_nothing_else_is_affected(cluster):
@@ -253,6 +256,8 @@ def test_bad_apps_get_clear_errors_and_nothing_else_is_affected(cluster):
     assert result.stdout.startswith(b"HTTP/1.1 502"), result.stdout
     assert b"app down is unreachable from its node" in result.stdout
     assert "app bad answered garbage" in cluster["proxy"].log()
+    assert "app bad closed the connection in the middle of a response" in \
+        cluster["proxy"].log()
     assert "app down is unreachable" in cluster["node"].log()
 
 
