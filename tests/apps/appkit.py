@@ -20,19 +20,18 @@ PUBLIC_HOST = "edge.localhost"
 TESTS = Path(__file__).resolve().parent
 
 
-CHROMIUM = "/usr/lib/chromium/chromium"
+def browser_trusting_web_ca(proxy: ProxyProcess, tmp_path_factory):
+    """Debian's Chromium (Playwright) trusting ``proxy``'s web CA and nothing else
+    of ours: the app hosts' certificates are verified, no error is ignored.
+    A generator for a module fixture (``yield from``)."""
+    from tests import browser as chromium
 
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's Chromium driven by Playwright (import this fixture into a module)."""
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed")
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
+    missing = chromium.available()
+    if missing:
+        pytest.skip(missing)
+    with chromium.browser_trusting(tmp_path_factory.mktemp("nss"),
+                                   [chromium.web_ca_of(proxy)]) as browser:
+        yield browser
 
 
 def web_login(page, ui: str, user: str, password: str) -> None:

@@ -22,7 +22,7 @@ from tests.apps.appkit import (
     PUBLIC_HOST,
     WebSocketClient,
     app_login,
-    browser,  # noqa: F401  (a fixture)
+    browser_trusting_web_ca,
     curl,
     edge_login,
     start_bad_app,
@@ -347,13 +347,19 @@ def test_app_sessions_are_audited(cluster, demo):
 
 # --- the browser flow (Chromium driven by Playwright) ---------------------------------
 
+
+@pytest.fixture(scope="module")
+def browser(cluster, tmp_path_factory):
+    """Chromium that verifies the web port's certificate (the cluster's web CA)."""
+    yield from browser_trusting_web_ca(cluster["proxy"], tmp_path_factory)
+
+
 def test_browser_launches_the_app_through_the_web_session(cluster, browser):
     port = web_port(cluster["proxy"])
     ui = f"https://{PUBLIC_HOST}:{port}"
     app = f"https://demo.{PUBLIC_HOST}:{port}"
-    # The cluster CA is not in Chromium's store here: certificate errors are
-    # ignored for the page loads (curl checks the names strictly above).
-    context = browser.new_context(ignore_https_errors=True)
+    # Chromium trusts the cluster's web CA only; no certificate error is ignored.
+    context = browser.new_context()
     try:
         page = context.new_page()
         page.goto(ui + "/")
@@ -396,6 +402,19 @@ def test_browser_launches_the_app_through_the_web_session(cluster, browser):
         context.close()
     assert any(e.get("method") == "web" and e.get("user") == "alice" for e in
                cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start"))
+
+
+def test_a_browser_that_does_not_trust_the_web_ca_refuses_the_app_host(cluster, browser,
+                                                                         tmp_path):
+    from tests import browser as chromium
+
+    untrusting = chromium.launch(browser.browser_type, chromium.nss_home(tmp_path, []))
+    try:
+        page = untrusting.new_page()
+        with pytest.raises(Exception, match="ERR_CERT_AUTHORITY_INVALID"):
+            page.goto(f"https://demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}/")
+    finally:
+        untrusting.close()
 
 
 def test_browser_launch_refuses_a_state_it_did_not_set(cluster, demo):

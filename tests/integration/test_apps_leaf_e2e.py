@@ -16,7 +16,7 @@ from edgeaccess.devcluster import ProxyProcess, join_node, run_edge, stop_proces
 from tests.apps.appkit import (
     PUBLIC_HOST,
     app_login,
-    browser,  # noqa: F401  (a fixture)
+    browser_trusting_web_ca,
     curl,
     edge_login,
     start_demo_app,
@@ -97,6 +97,13 @@ def clusters(tmp_path_factory):
         root.stop()
 
 
+
+@pytest.fixture(scope="module")
+def browser(clusters, tmp_path_factory):
+    """Chromium that verifies the web port's certificate (the cluster's web CA)."""
+    yield from browser_trusting_web_ca(clusters["root"], tmp_path_factory)
+
+
 def test_leaf_apps_are_listed_through_the_root(clusters):
     result = run_edge(clusters["alice"], "apps", "ls", "--cluster", "leaf", "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -135,7 +142,7 @@ def test_browser_reaches_a_leaf_app_through_the_roots_web_session(clusters, brow
     port = web_port(root)
     ui = f"https://{PUBLIC_HOST}:{port}"
     app = f"https://leafapp.{PUBLIC_HOST}:{port}"
-    context = browser.new_context(ignore_https_errors=True)
+    context = browser.new_context()
     try:
         page = context.new_page()
         web_login(page, ui, "alice", "alice-password-1")
@@ -183,7 +190,7 @@ def test_browser_reaches_a_leaf_app_through_the_roots_web_session(clusters, brow
 def test_browser_launch_of_a_leaf_app_the_user_may_not_reach_is_refused(clusters, browser):
     root = clusters["root"]
     port = web_port(root)
-    context = browser.new_context(ignore_https_errors=True)
+    context = browser.new_context()
     try:
         page = context.new_page()
         web_login(page, f"https://{PUBLIC_HOST}:{port}", "bob", "bob-password-1")
