@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     lrm = locks.add_parser("rm", help="remove a lock")
     lrm.add_argument("lock_id", metavar="ID")
 
-    apps = sub.add_parser("apps", help="web app access: the keys app identities are "
-                                       "signed with").add_subparsers(
+    apps = sub.add_parser("apps", help="web apps: list or rotate the key that signs app "
+                                       "identities (JWT)").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     apps.add_parser("jwt-keys", help="list the keys in the JWKS (kid, signing or retired)")
     apps.add_parser("rotate-jwt-key",
