@@ -128,7 +128,7 @@ class AppSessions:
 
     # --- ending on their own: expiry, the web session -----------------------
 
-    def _expire_at(self, record: dict) -> None:
+    def expire_at(self, record: dict) -> None:
         """End ``record`` when it expires (a timer, not the next request)."""
         if record["id"] in self._timers:
             return
@@ -153,6 +153,22 @@ class AppSessions:
 
         self._following[record["id"]] = self.web_sessions.on_end(web_session,
                                                                  web_session_ended)
+
+    async def web_session_gone(self, record: dict) -> str | None:
+        """For the scan: why the web session a browser's app session was launched
+        from is gone, when this proxy does not follow it (another proxy created
+        the app session), else None."""
+        web_session = record.get("web_session")
+        if not isinstance(web_session, str) or record["id"] in self._following or \
+                self.web_sessions is None:
+            return None
+        from edgeaccess.web.sessions import PREFIX as WEB_SESSIONS
+
+        try:
+            await self.backend.get(WEB_SESSIONS + web_session)
+        except errors.NotFound:
+            return "web session ended (logged out or expired)"
+        return None
 
     def _run(self, coroutine) -> None:
         defer.Deferred.fromCoroutine(coroutine).addErrback(
@@ -181,7 +197,7 @@ class AppSessions:
                                json.dumps(record, sort_keys=True).encode(),
                                expires=expires + EXPIRY_GRACE)
         self._cache[record["id"]] = (self.clock.seconds(), record)
-        self._expire_at(record)
+        self.expire_at(record)
         self.emit("app.session.start", user=user, app=app, app_cluster=cluster,
                   session_id=record["id"], remote_addr=remote_addr, success=True)
         _log.info("app session {id} started: {user} to app {app} (cluster {cluster}) "
@@ -206,7 +222,7 @@ class AppSessions:
                                json.dumps(record, sort_keys=True).encode(),
                                expires=web_session.expires + EXPIRY_GRACE)
         self._cache[record["id"]] = (self.clock.seconds(), record)
-        self._expire_at(record)
+        self.expire_at(record)
         self.follow_web_session(record)
         self.emit("app.session.start", user=record["user"], app=app, app_cluster=cluster,
                   session_id=record["id"], remote_addr=remote_addr, success=True,
@@ -426,7 +442,8 @@ class AppGateway:
         """
         await self.refresh_locks()
         now = self.clock.seconds()
-        if now - self._scanned >= SCAN_INTERVAL:
+        full = now - self._scanned >= SCAN_INTERVAL
+        if full:
             self._scanned = now
             records = await self.sessions.all()
         else:
@@ -434,12 +451,13 @@ class AppGateway:
                        if r is not None]
         for record in records:
             reason = await self.end_reason(record)
+            if reason is None and full:
+                reason = await self.sessions.web_session_gone(record)
             if reason is not None:
                 await self.sessions.end(record, reason)
             else:
                 # Sessions another proxy started (or this one before a restart).
-                self.sessions._expire_at(record)
-                self.sessions.follow_web_session(record)
+                self.sessions.expire_at(record)
 
     async def end_reason(self, record: dict) -> str | None:
         """Why app session ``record`` is over (expired, locked, roles), or None."""

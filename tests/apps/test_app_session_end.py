@@ -194,3 +194,22 @@ async def test_the_record_outlives_expiry_only_by_the_grace():
     assert item.expires == datetime.fromtimestamp(START + 10, timezone.utc) + \
         app_sessions.EXPIRY_GRACE
     assert app_sessions.EXPIRY_GRACE <= timedelta(minutes=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browser_session_of_a_proxy_that_is_gone_ends_with_its_web_session():
+    from edgeaccess.web.sessions import PREFIX
+
+    clock, backend, first, _g, _a, _events = world(web_sessions=FakeWebSessions())
+    await backend.put(PREFIX + "w" * 32, b"{}")
+    _token, record = await first.create_web(web_session=WebSession(clock, 3600), app="demo",
+                                            cluster="prod", remote_addr="192.0.2.7")
+    first.stop()
+    _c, _b, second, gateway, _auth, events = world(backend=backend, clock=clock,
+                                                   web_sessions=FakeWebSessions())
+    await gateway.sweep()
+    assert ends(events) == []  # the web session is still there
+    await backend.delete(PREFIX + "w" * 32)  # logged out through another proxy
+    clock.advance(app_sessions.SCAN_INTERVAL)
+    await gateway.sweep()
+    assert ends(events) == [("carol", "web session ended (logged out or expired)")]
