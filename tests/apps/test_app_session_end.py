@@ -213,3 +213,64 @@ async def test_a_browser_session_of_a_proxy_that_is_gone_ends_with_its_web_sessi
     clock.advance(app_sessions.SCAN_INTERVAL)
     await gateway.sweep()
     assert ends(events) == [("carol", "web session ended (logged out or expired)")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browser_connection_to_a_leaf_app_is_relayed_with_its_sessions_identity():
+    """No app of that name here, a session for the leaf's: each request is checked
+    against the root's session, then relayed (Host kept, no assertion, the
+    proxy's cookies removed) after one forwarded-identity line; a request
+    with another session goes to a new connection."""
+    import json
+
+    from twisted.internet import defer
+    from twisted.internet.testing import StringTransport
+
+    from edgeaccess.apps.proxy import AppProxyProtocol
+    from tests.apps.test_app_proxy_protocol import FakeEndpoint
+
+    web = FakeWebSessions()
+    clock, backend, sessions, gateway, _auth, _events = world(web_sessions=web)
+    routes = []
+    endpoint = FakeEndpoint()
+
+    def endpoint_for(tunnel, kind, target, source=None):
+        routes.append((tunnel, kind, target))
+        return endpoint
+
+    gateway.endpoint_for = endpoint_for
+    gateway.leaf_tunnel = lambda name: "leaf-tunnel" if name == "leaf" else None
+    gateway.leaf_names = lambda: ["leaf"]
+    tokens = []
+    for n in range(2):
+        session = WebSession(clock, 3600)
+        session.id = str(n) * 32
+        token, _record = await sessions.create_web(web_session=session, app="leafapp",
+                                                   cluster="leaf", remote_addr="192.0.2.7")
+        tokens.append(token)
+    holder = []
+    protocol = AppProxyProtocol(lambda p, preamble: defer.succeed(holder[0]), clock)
+    holder.append(gateway._browser_access(protocol, "leafapp", "192.0.2.7", None))
+    client = StringTransport()
+    protocol.makeConnection(client)
+    protocol.dataReceived(b"GET /page HTTP/1.1\r\nHost: leafapp.edge.example\r\n"
+                          b"Cookie: a=1; __Host-edge-app=" + tokens[0].encode() +
+                          b"\r\nEdge-Jwt-Assertion: forged\r\n\r\n")
+    assert routes == [("leaf-tunnel", "cluster", "app:leafapp")]
+    preamble, _, request = endpoint.transport.value().partition(b"\n")
+    forwarded = json.loads(preamble)
+    assert (forwarded["user"], forwarded["cluster"], forwarded["client_ip"]) == (
+        "carol", "prod", "192.0.2.7")
+    assert forwarded["hosts"] == ["leafapp.edge.example", "leafapp.edge.example:443"]
+    assert request.startswith(b"GET /page HTTP/1.1\r\n")
+    assert b"\r\nHost: leafapp.edge.example\r\n" in request  # the leaf checks it
+    assert b"__Host-edge" not in request and b"forged" not in request
+    assert b"Cookie: a=1\r\n" in request
+    endpoint.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.value().endswith(b"ok")
+    protocol.dataReceived(b"GET /other HTTP/1.1\r\nHost: leafapp.edge.example\r\n"
+                          b"Cookie: __Host-edge-app=" + tokens[1].encode() + b"\r\n\r\n")
+    answer = client.value().split(b"ok", 1)[1]
+    assert answer.startswith(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /other\r\n")
+    assert client.disconnecting
+    assert endpoint.transport.value().count(b"GET ") == 1
