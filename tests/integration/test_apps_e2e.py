@@ -333,6 +333,36 @@ def test_a_lock_ends_open_app_connections_and_refuses_new_ones(cluster):
     assert b"incident 7" in result.stdout
 
 
+def test_a_role_change_ends_the_app_sessions_it_no_longer_allows(cluster):
+    base, proxy = cluster["base"], cluster["proxy"]
+    role = base / "webtemp.yaml"
+    role.write_text(ROLE.replace("webonly", "webtemp"))
+    proxy.edgectl("create", "-f", str(role))
+    proxy.add_user("frank", "frank-password-1", roles=("webtemp",))
+    home = edge_login(proxy, base / "frank", "frank", "frank-password-1")
+    config = app_login(home, "demo")
+    host = f"demo.{PUBLIC_HOST}:{web_port(proxy)}"
+    sock = tls_socket(proxy, f"demo.{PUBLIC_HOST}", config)
+    try:
+        ws = WebSocketClient(sock, host)
+        ws.send_text("allowed")
+        assert ws.receive() == "allowed"
+        role.write_text(ROLE.replace("webonly", "webtemp").replace("team: web", "team: ops"))
+        proxy.edgectl("create", "-f", str(role), "--force")
+        ws.wait_closed(15)
+    finally:
+        sock.close()
+
+    def ended():
+        return [e for e in proxy.edgectl_json("audit", "search", "--type", "app.session.end")
+                if e.get("user") == "frank"]
+
+    (event,) = wait_for(ended, 20, "app.session.end of frank")
+    assert event["reason"] == "roles changed: they no longer allow app demo"
+    result = curl(config, "/api/whoami", "-i")
+    assert result.stdout.startswith(b"HTTP/1.1 403"), result.stdout
+
+
 def test_app_sessions_are_audited(cluster, demo):
     def found():
         events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start")
