@@ -32,7 +32,11 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocolFactory, IProtocolNegotiationFactory
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -233,6 +237,29 @@ class _Upstream(Protocol):
         self.owner.upstream_lost(reason)
 
 
+@implementer(IPushProducer)
+class _UserSide:
+    """The user's connection as the producer the app's side pauses (its buffer
+    is full): it notes that the app is the one holding a request body back,
+    which is then no stalled client (see ``_check_timeouts``)."""
+
+    def __init__(self, owner: AppProxyProtocol) -> None:
+        self.owner = owner
+
+    def pauseProducing(self) -> None:
+        self.owner.held_by_app = True
+        self.owner.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        owner = self.owner
+        owner.held_by_app = False
+        owner._client_activity = owner.clock.seconds()
+        owner.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.owner.transport.stopProducing()
+
+
 class _RequestSide:
     def __init__(self, owner: AppProxyProtocol) -> None:
         self.owner = owner
@@ -303,6 +330,8 @@ class AppProxyProtocol(Protocol):
         self._last_activity = 0.0
         #: when the user's side last sent a byte (a stalled request body)
         self._client_activity = 0.0
+        #: the app's side paused reading from the user (its buffer is full)
+        self.held_by_app = False
         self._timer = None
         self._waiting_since: float | None = None
         self.requests = 0
@@ -523,7 +552,7 @@ class AppProxyProtocol(Protocol):
         for data in pending:
             upstream.transport.write(data)
         # Each side's buffer pauses the other side's reading.
-        upstream.transport.registerProducer(self.transport, True)
+        upstream.transport.registerProducer(_UserSide(self), True)
         self.transport.registerProducer(upstream.transport, True)
         self.transport.resumeProducing()
 
@@ -707,7 +736,7 @@ class AppProxyProtocol(Protocol):
             self._send_error(504, f"app {self.access.app} did not answer in time")
             return
         if self.access is not None and not self._raw and self.client_reader.in_message \
-                and now - self._client_activity >= timeouts.head:
+                and not self.held_by_app and now - self._client_activity >= timeouts.head:
             _log.info("app {app}: the request body from {client} stalled for {t}s",
                       app=self.access.app, client=self.access.client_ip, t=timeouts.head)
             self._audit_unanswered(408)

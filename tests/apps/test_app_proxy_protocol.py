@@ -129,6 +129,22 @@ def test_a_stalled_request_body_is_a_408_but_a_long_upload_is_no_504():
     assert client.disconnecting and endpoint.transport.disconnecting
 
 
+def test_an_app_that_reads_a_body_slowly_is_no_stalled_client():
+    protocol, client, endpoint, clock = connection()
+    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: demo.edge.localhost:3080\r\n"
+                          b"Content-Length: 1000\r\n\r\n" + b"x" * 100)
+    endpoint.transport.producer.pauseProducing()  # the app's side is full
+    assert client.producerState == "paused"
+    clock.advance(HEAD_TIMEOUT * 2)
+    assert client.value() == b""  # waiting for the app is no stalled client
+    endpoint.transport.producer.resumeProducing()
+    assert client.producerState == "producing"
+    clock.advance(HEAD_TIMEOUT - 1)
+    assert client.value() == b""
+    clock.advance(HEAD_TIMEOUT)  # now the client is the one silent
+    assert client.value().startswith(b"HTTP/1.1 408")
+
+
 def test_the_response_timeout_starts_when_the_request_is_complete():
     protocol, client, endpoint, clock = connection()
     protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: demo.edge.localhost:3080\r\n"
