@@ -35,7 +35,7 @@ from tests.apps.appkit import (
 )
 
 #: The proxy's --app-timeouts response=... here (the default is 60 s).
-SLOW_APP_TIMEOUT = 5
+SLOW_APP_TIMEOUT = 8
 
 ROLE = """\
 kind: role
@@ -497,14 +497,14 @@ def test_an_expiring_app_session_ends_on_time_with_its_connections(cluster):
     home = cluster["base"] / "erin"
     cluster["proxy"].add_user("erin", "erin-password-1", roles=("access",))
     edge_login(cluster["proxy"], home, "erin", "erin-password-1")
-    config = app_login(home, "demo", ttl="4s")
+    config = app_login(home, "demo", ttl="10s")
     host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
     sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", config)
     try:
         ws = WebSocketClient(sock, host)
         ws.send_text("while valid")
         assert ws.receive() == "while valid"
-        ws.wait_closed(20)  # nothing is sent: the expiry timer closes it
+        ws.wait_closed(30)  # nothing is sent: the expiry timer closes it
     finally:
         sock.close()
 
