@@ -25,7 +25,7 @@ from edgeaccess.httpapi import EdgeSite
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
-from edgeaccess.config import apply_config_file, listen_endpoint
+from edgeaccess.config import apply_config_file, listen_endpoint, parse_seconds
 from edgeaccess.httpclient import is_ip, split_addr
 from edgeaccess.memory import HeapTrimmer, share_tcp_server_attributes, tune_for_streaming
 from edgeaccess.pki import keys, x509ca
@@ -83,6 +83,9 @@ class Options(usage.Options):
          "web app connections: head=30s (request head, stalled request body), "
          "response=60s (the app's answer), idle=5m (keep-alive); e.g. response=5m"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
+        ["resume-budget", None, "60s",
+         "how long a tunnelled node's channels (users' SSH sessions...) are held "
+         "through a tunnel outage, e.g. 60s or 2m; 0 turns resumption off"],
         ["backend-pool", None, None,
          "connections (and query threads) of a PostgreSQL backend (default 4)"],
         ["ca-key-file", None, None,
@@ -109,6 +112,8 @@ class Options(usage.Options):
             validate_resource_name(self["cluster-name"], "cluster")
         except errors.EdgeError as e:
             raise usage.UsageError(str(e))
+        self["resume-budget"] = parse_seconds(self["resume-budget"], "resume-budget",
+                                              high=3600.0)
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
         pool = self["backend-pool"]
@@ -429,7 +434,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters,
+                             resume_budget=options.get("resume-budget", 60.0))
     # The live control plane: the cache every read comes from, the push to
     # every node and leaf (edgeaccess.controlplane), locks at the proxy.
     from edgeaccess.controlplane.proxy import ProxyControlPlane
@@ -460,6 +466,12 @@ def makeService(options, reactor=None) -> service.MultiService:
                                 options.get("app-request-audit")),
                             timeouts=AppTimeouts.parse(options.get("app-timeouts")))
     apps.service.setServiceParent(top)
+    if web.ui is not None:
+        from edgeaccess.web import sections
+
+        ask_leaf = sections.leaf_asker(clusters, reactor)
+        web.ui.resource_sections += [sections.app_section(apps.gateway, ask_leaf),
+                                     sections.kube_section(kube, ask_leaf, cluster)]
     listeners["web"] = _Listener(
         "web", lambda: listen_endpoint(reactor, options["web-listen"], 3080, web_options()),
         lambda: apps.factory, on_listening, startup)
@@ -528,7 +540,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     return top
 
 
-def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
+def _tunnel_server(reactor, auth, addresses, clusters,
+                   resume_budget: float = 60.0) -> TunnelServerFactory:
     """The reverse-tunnel server: nodes behind NAT dial in and are listed
     (address ``tunnel``) while their tunnel is up; leaf clusters that trust
     this cluster dial in with a ``cluster`` identity."""
@@ -546,7 +559,7 @@ def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
     tunnels = TunnelServerFactory(
         clock=reactor, identity_for=identity_for,
         proxies=lambda: [addresses()["tunnel"]] if "tunnel" in addresses() else [],
-        max_channels=256)
+        max_channels=256, resume_budget=resume_budget)
 
     def connected(tunnel) -> None:
         identity = tunnel.identity
