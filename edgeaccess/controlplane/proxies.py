@@ -164,7 +164,12 @@ class ProxyMembership(Service):
         self._withdrawn = True
         if self._own is None:
             return succeed(None)
-        writing = self._writing if self._writing is not None else succeed(None)
+        # At once, not after a refresh still on its way: the backend may be
+        # closing already, and it lets calls under way finish but takes no
+        # new ones. (Writers are serialized in the database; the refresh,
+        # sent first, commits first. Were it not so, the record would live
+        # on for its TTL, as a killed proxy's does.)
+        writing: Deferred[None] = succeed(None)
 
         def delete(_: object) -> Deferred[Any]:
             return self.backend.delete(self.key)
@@ -176,7 +181,7 @@ class ProxyMembership(Service):
             else:
                 _log.info("proxy {id} withdrew from the cluster", id=self.proxy_id)
 
-        deleting = writing.addBoth(lambda _: None).addCallback(delete)
+        deleting = writing.addCallback(delete)
         return deleting.addBoth(done)
 
     # -- the record -----------------------------------------------------------

@@ -151,11 +151,13 @@ class _BackendService(service.Service):
     """Closes the backend at shutdown (after ``before_close``: last writes
     such as this proxy's record deleted); runs the auth bootstrap at start."""
 
-    def __init__(self, backend, auth, clusters) -> None:
+    def __init__(self, backend, auth, clusters, reactor) -> None:
         self.backend = backend
         self.auth = auth
         self.clusters = clusters
+        self.reactor = reactor
         self.before_close: list = []
+        self._last_writes = None
 
     async def _start(self) -> None:
         start = getattr(self.backend, "start", None)
@@ -166,13 +168,21 @@ class _BackendService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        # Ahead of the backend's own shutdown trigger (a PostgreSQL backend
+        # closes itself "before shutdown"; it lets calls under way finish).
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._begin_last_writes)
         d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(lambda f: _log.failure("bootstrap failed", f))
 
+    def _begin_last_writes(self):
+        if self._last_writes is None:
+            self._last_writes = defer.DeferredList(
+                [defer.maybeDeferred(f) for f in self.before_close], consumeErrors=True)
+        return self._last_writes
+
     def stopService(self):
         super().stopService()
-        last = defer.DeferredList([defer.maybeDeferred(f) for f in self.before_close],
-                                  consumeErrors=True)
+        last = self._begin_last_writes()
         return last.addCallback(lambda _: self.backend.close())
 
 
@@ -241,7 +251,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     leaf_trust = LeafTrust(auth, reactor)
     auth.resource_hooks["trusted_cluster"] = leaf_trust
     auth.leaf_trust = leaf_trust
-    backend_service = _BackendService(backend, auth, clusters)
+    backend_service = _BackendService(backend, auth, clusters, reactor)
     backend_service.setServiceParent(top)
 
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
