@@ -151,6 +151,10 @@ def failover(base: Path, rounds: int) -> None:
         emit({"benchmark": "ha", "case": "graceful-stop", "stop_s": round(stop_s, 2),
               "stop_begun_to_dropped_by_survivor_s": round(time.monotonic() - stopping, 2),
               "ssh_via_survivor_ok": _ssh_ok(home_a, host)})
+    except Exception:
+        for process in started:
+            print(f"--- {process.log_path.name}:\n{process.log()[-3000:]}", flush=True)
+        raise
     finally:
         for process in reversed(started):
             process.stop()
