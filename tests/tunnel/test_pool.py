@@ -253,3 +253,17 @@ def test_an_agent_whose_stop_never_ends_does_not_hold_the_slot() -> None:
     assert done == []  # waits for the hanging stop
     hanging.callback(None)
     assert done == [None]
+
+
+def test_a_graceful_stop_staggers_the_reconnect_advice() -> None:
+    cluster = Cluster("a")
+    endpoint = cluster.endpoints["a:3024"]
+    agents = [TunnelAgent(endpoint_factory=lambda: endpoint, inventory=Inventory(name="node-1"),
+                          clock=cluster.clock, rng=TopRandom()) for _ in range(4)]
+    for agent in agents:
+        agent.startService()
+    cluster.settle()
+    assert len(cluster.servers["a:3024"]._live) == 4
+    cluster.servers["a:3024"].shutdown(delay=1.0, spread=2.0)
+    cluster.settle()
+    assert sorted(agent.last_delay for agent in agents) == [1.0, 1.5, 2.0, 2.5]
