@@ -235,7 +235,7 @@ async def propagation(reactor, proxies: int, samples: int) -> None:
 
 async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
                concurrency: int, settle: float) -> None:
-    from twisted.internet.defer import gatherResults
+    from twisted.internet.defer import Deferred, gatherResults
 
     from benchmarks.tunnel_idle import Fleet, cpu_rate_until_quiet, sleep
     from edgeaccess.devpostgres import PostgresServer
@@ -267,7 +267,7 @@ async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
         fleets = [first, second]
         rss_before = [rss_kib(pid) for pid in pids]
         cpu_before, start = [cpu_seconds(pid) for pid in pids], time.monotonic()
-        await gatherResults([fleet.ramp(nodes) for fleet in fleets])
+        await gatherResults([Deferred.fromCoroutine(fleet.ramp(nodes)) for fleet in fleets])
         ramp_s = time.monotonic() - start
         emit({"benchmark": "ha", "case": "ramp", "nodes": nodes, "proxies": 2,
               "seconds": round(ramp_s, 1),
