@@ -99,6 +99,13 @@ class ProxyMembership(Service):
         self._writing: Deferred[Any] | None = None
         self._failing = False
         self._withdrawn = False
+        #: When this proxy's record was last written, and since when its
+        #: writes have gone through without a failure (clock seconds).
+        self._written_at: float | None = None
+        #: Peers' record expiry (clock seconds), and ids whose record was deleted.
+        self._expires: dict[str, float] = {}
+        self._deleted: set[str] = set()
+        self._healthy_since: float | None = None
         #: The last list told to on_change (None: not known yet).
         self.known: list[str] | None = None
         self._peers: dict[str, dict[str, str]] = {}
@@ -115,6 +122,8 @@ class ProxyMembership(Service):
             parsed = parse_record(item.value)
             if parsed is not None and item.key == PROXY_PREFIX + parsed["id"]:
                 found[parsed["id"]] = parsed
+                if item.expires is not None:
+                    self._expires[parsed["id"]] = item.expires.timestamp()
         if self._own is not None and not self._withdrawn:
             found[self.proxy_id] = self._own
         return [found[key] for key in sorted(found)]
@@ -124,11 +133,25 @@ class ProxyMembership(Service):
         peers are known (a node told only of this proxy would drop the others)."""
         return list(self.known or [])
 
-    def _current(self) -> list[str] | None:
+    def _may_drop(self) -> bool:
+        """Whether an expired record means a dead proxy: only while this
+        proxy's own writes go through, and have for a whole TTL. When the
+        database is away every record ages alike; dropping the others then
+        would tell every node to drop its tunnels to live proxies."""
+        now = self.clock.seconds()
+        return (self._written_at is not None and self._healthy_since is not None
+                and now - self._written_at <= self.heartbeat + self.ttl / 2
+                and now - self._healthy_since >= self.ttl)
+
+    def _live_peers(self) -> dict[str, dict[str, str]] | None:
         if self._own is None or not self.cache.covers(PROXY_PREFIX):
             return None
-        others = [r["tunnel_addr"] for r in self.records() if r["id"] != self.proxy_id]
-        return list(dict.fromkeys([self._own["tunnel_addr"], *others]))
+        peers = {r["id"]: r for r in self.records()}
+        if not self._may_drop():
+            for proxy_id, record in self._peers.items():
+                if proxy_id not in self._deleted:
+                    peers.setdefault(proxy_id, record)
+        return peers
 
     # -- service --------------------------------------------------------------
 
@@ -211,6 +234,10 @@ class ProxyMembership(Service):
                           addr=own["tunnel_addr"])
             if self._failing:
                 _log.info("proxy record {key} written again", key=self.key)
+            now = self.clock.seconds()
+            if self._failing or self._healthy_since is None:
+                self._healthy_since = now
+            self._written_at = now
             self._failing = False
             self._check()
 
@@ -233,16 +260,28 @@ class ProxyMembership(Service):
     # -- the others -----------------------------------------------------------
 
     def _cache_changed(self, key: str, item: Any) -> None:
-        if key.startswith(PROXY_PREFIX):
-            self._check()
+        if not key.startswith(PROXY_PREFIX):
+            return
+        proxy_id = key[len(PROXY_PREFIX):]
+        if item is not None:
+            self._deleted.discard(proxy_id)
+        elif self._expires.get(proxy_id, 0.0) > self.clock.seconds():
+            # Gone before its expiry: deleted by a proxy that withdrew (not
+            # a record aged out while the database was away).
+            self._deleted.add(proxy_id)
+        self._check()
 
     def _check(self) -> None:
         if not self.running:
             return
-        current = self._current()
-        if current is None or current == self.known:
+        peers = self._live_peers()
+        if peers is None:
             return
-        peers = {r["id"]: r for r in self.records()}
+        others = [r["tunnel_addr"] for r in peers.values() if r["id"] != self.proxy_id]
+        current = list(dict.fromkeys([self._own["tunnel_addr"], *others]))
+        if current == self.known:
+            self._peers = peers
+            return
         for proxy_id in sorted(peers.keys() - self._peers.keys()):
             if proxy_id != self.proxy_id:
                 _log.info("proxy {id} joined, tunnel address {addr}", id=proxy_id,

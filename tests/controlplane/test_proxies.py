@@ -129,3 +129,31 @@ def test_a_failing_backend_is_retried_without_losing_the_record():
     assert a.membership.tunnel_addresses() == ["a:3024"]
     item = backend.get(PROXY_PREFIX + "id-a").result
     assert item.expires.timestamp() > clock.seconds()
+
+
+def test_while_the_database_is_away_nobody_is_dropped():
+    # Every record ages alike while no proxy can write: dropping the others
+    # would make every node drop its tunnels to live proxies.
+    clock, backend = world()
+    a = Proxy(backend, clock, "a").start()
+    b = Proxy(backend, clock, "b").start()
+    clock.advance(6.0)
+    assert a.heard[-1] == ["a:3024", "b:3024"]
+    from twisted.internet.defer import fail
+
+    from edgeaccess.errors import EdgeError
+
+    real_put = backend.put
+    backend.put = lambda *args, **kwargs: fail(EdgeError("database away"))
+    for _ in range(60):  # 15 s away
+        clock.advance(0.25)
+    assert a.heard[-1] == ["a:3024", "b:3024"] and b.heard[-1] == ["b:3024", "a:3024"]
+    backend.put = real_put
+    for _ in range(40):  # back: the records are rewritten before anyone may drop
+        clock.advance(0.25)
+    assert a.heard[-1] == ["a:3024", "b:3024"] and b.heard[-1] == ["b:3024", "a:3024"]
+    # And a proxy that really died is still dropped afterwards.
+    b.kill()
+    for _ in range(20):
+        clock.advance(0.25)
+    assert a.heard[-1] == ["a:3024"]
