@@ -24,10 +24,11 @@ Each case prints one JSON line per result, with its baseline from the same run:
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -233,13 +234,20 @@ async def propagation(reactor, proxies: int, samples: int) -> None:
 # -- idle tunnels ----------------------------------------------------------------------
 
 
+def _connected(statuses: list[Path]) -> list[int]:
+    found = []
+    for status in statuses:
+        try:
+            found.append(json.loads(status.read_text())["connected"])
+        except (FileNotFoundError, ValueError, KeyError):
+            found.append(0)
+    return found
+
+
 async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
                concurrency: int, settle: float) -> None:
-    from twisted.internet.defer import Deferred, gatherResults
-
-    from benchmarks.tunnel_idle import Fleet, cpu_rate_until_quiet, sleep
+    from benchmarks.tunnel_idle import cpu_rate_until_quiet, sleep
     from edgeaccess.devpostgres import PostgresServer
-    from edgeaccess.httpclient import split_addr
 
     server = PostgresServer()
     proxies: list[BenchProxy] = []
@@ -258,16 +266,22 @@ async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
         baseline = [round(100 * (cpu_seconds(pid) - c) / span, 2) for pid, c in zip(pids, cpu0)]
         emit({"benchmark": "ha", "case": "idle-baseline", "nodes": 0, "proxies": 2,
               "proxy_cpu_pct": baseline, "proxy_rss_kib": [rss_kib(pid) for pid in pids]})
-        # One set of node identities; each node dials both proxies (as a
-        # node's agent pool does), each proxy checks the same certificates.
-        first = Fleet(reactor, proxies[0], nodes, concurrency)
-        second = copy.copy(first)
-        second.host, second.port = split_addr(proxies[1].addr("tunnel"), 3024)
-        second.agents, second._made = [], 0
-        fleets = [first, second]
+        # Each proxy's agents from a process of their own (a process holds
+        # at most ~20,000 descriptors here); the node identities differ
+        # between the two fleets, which costs the proxies the same.
         rss_before = [rss_kib(pid) for pid in pids]
         cpu_before, start = [cpu_seconds(pid) for pid in pids], time.monotonic()
-        await gatherResults([Deferred.fromCoroutine(fleet.ramp(nodes)) for fleet in fleets])
+        statuses = [base / f"fleet-{i}.json" for i in range(len(proxies))]
+        for proxy, status in zip(proxies, statuses):
+            fleets.append(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks._ha_fleet", str(proxy.data_dir),
+                 proxy.addr("tunnel"), CLUSTER, str(nodes), str(concurrency), str(status)],
+                stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + 1800
+        while _connected(statuses) != [nodes] * len(proxies):
+            if time.monotonic() > deadline or any(f.poll() is not None for f in fleets):
+                raise RuntimeError(f"agents connected: {_connected(statuses)} of {nodes}")
+            await sleep(reactor, 0.5)
         ramp_s = time.monotonic() - start
         emit({"benchmark": "ha", "case": "ramp", "nodes": nodes, "proxies": 2,
               "seconds": round(ramp_s, 1),
@@ -286,7 +300,7 @@ async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
         span = time.monotonic() - t0
         emit({"benchmark": "ha", "case": "idle", "nodes": nodes, "proxies": 2,
               "heartbeat_s": heartbeat, "window_s": round(span, 1),
-              "connected_at_end": [fleet.connected() for fleet in fleets],
+              "connected_at_end": _connected(statuses),
               "proxy_cpu_pct": [round(100 * (cpu_seconds(pid) - c) / span, 2)
                                 for pid, c in zip(pids, cpu0)],
               "proxy_rss_kib": [rss_kib(pid) for pid in pids]})
@@ -294,7 +308,13 @@ async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
         for proxy in proxies:
             proxy.kill()  # the agents would only redial stopping proxies
         for fleet in fleets:
-            await fleet.stop()
+            fleet.terminate()
+        for fleet in fleets:
+            try:
+                fleet.wait(60)
+            except subprocess.TimeoutExpired:
+                fleet.kill()
+                fleet.wait()
         server.stop()
 
 
@@ -327,9 +347,9 @@ def main(argv: list[str]) -> int:
         reactor_cases = [c for c in cases if c in ("propagation", "idle")]
         if reactor_cases:
             if "idle" in reactor_cases:
-                limit = raise_fd_limit(2 * args.nodes + 2048)
-                if limit < 2 * args.nodes + 100:
-                    parser.error(f"fd limit {limit} is too low for {args.nodes} nodes x 2")
+                limit = raise_fd_limit(args.nodes + 2048)
+                if limit < args.nodes + 100:
+                    parser.error(f"fd limit {limit} is too low for {args.nodes} nodes")
             quiet_logs()
 
             async def run(reactor) -> None:
