@@ -39,7 +39,8 @@ CHECK_INTERVAL = 0.25
 
 #: What a record may hold, each a short string (validated on read: a record
 #: is written by another process).
-RECORD_FIELDS = ("id", "cluster", "tunnel_addr", "web_addr", "ssh_addr", "version", "started")
+RECORD_FIELDS = ("id", "cluster", "tunnel_addr", "web_addr", "ssh_addr", "version", "started",
+                 "refreshed")
 
 
 def parse_record(value: bytes) -> dict[str, str] | None:
@@ -218,10 +219,11 @@ class ProxyMembership(Service):
         now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
         own = {name: str(fields.get(name, "")) for name in RECORD_FIELDS}
         own["id"] = self.proxy_id
-        if self._own is None:
-            own["started"] = now.isoformat()
-        else:
-            own["started"] = self._own["started"]
+        own["started"] = now.isoformat() if self._own is None else self._own["started"]
+        # A new value each time: the write is an event every proxy's cache
+        # gets at once (a write that only moved the expiry would reach them
+        # on the change feed's next poll at best: too late for a 4 s TTL).
+        own["refreshed"] = now.isoformat()
         value = json.dumps(own, sort_keys=True).encode()
         writing = self._writing = self.backend.put(self.key, value,
                                                    expires=now + timedelta(seconds=self.ttl))
