@@ -288,6 +288,12 @@ class ProxyMembership(Service):
             if proxy_id != self.proxy_id:
                 _log.info("proxy {id} joined, tunnel address {addr}", id=proxy_id,
                           addr=peers[proxy_id]["tunnel_addr"])
+                if peers[proxy_id]["tunnel_addr"] == self._own["tunnel_addr"]:
+                    # A balancer's address given as --tunnel-public-addr:
+                    # nodes then keep one tunnel, not one per proxy.
+                    _log.warn("proxy {id} announces this proxy's tunnel address {addr}: "
+                              "give each proxy its own --tunnel-public-addr",
+                              id=proxy_id, addr=self._own["tunnel_addr"])
         for proxy_id in sorted(self._peers.keys() - peers.keys()):
             if proxy_id != self.proxy_id:
                 _log.info("proxy {id} left, tunnel address {addr}", id=proxy_id,

@@ -114,6 +114,10 @@ class TunnelAgentPool(Service):
 
     def add(self, address: str) -> None:
         """Keep a tunnel to ``address`` too (no-op if there is one already)."""
+        slot = self._slots.get(address)
+        if slot is not None:
+            slot.retiring = False
+            return
         self._add(address, spread=self.tunnel is not None)
 
     def set_proxies(self, addresses: Iterable[str]) -> None:
