@@ -1,11 +1,11 @@
 """One load-generator process for ``benchmarks ha --cases idle``: N idle agents to one proxy.
 
-``python -m benchmarks._ha_fleet DATA_DIR TUNNEL_ADDR CLUSTER NODES CONCURRENCY STATUS_FILE``
+``python -m benchmarks._ha_fleet BACKEND_URL CA_KEY_FILE TUNNEL_ADDR CLUSTER NODES CONCURRENCY STATUS_FILE``
 
 A process holds at most ~20,000 descriptors here (the hard limit cannot be
 raised), so each proxy's 10,000 tunnels come from a process of their own.
-Node certificates are issued from the proxy's CA (``DATA_DIR/ca``) as in
-``tunnel-idle``; the process writes ``{"connected": N}`` to STATUS_FILE every
+Node certificates are issued from the cluster's CA, read from the shared
+PostgreSQL backend with the CA key, as in ``tunnel-idle``; the process writes ``{"connected": N}`` to STATUS_FILE every
 0.5 s and runs until SIGTERM.
 """
 
@@ -20,10 +20,11 @@ from benchmarks.tunnel_idle import Fleet, quiet_logs, raise_fd_limit, run_reacto
 
 
 class _Proxy:
-    """What :class:`Fleet` reads of a proxy."""
+    """What :class:`Fleet` reads of a proxy: its tunnel address and the CAs."""
 
-    def __init__(self, data_dir: str, tunnel_addr: str, cluster: str) -> None:
-        self.data_dir = Path(data_dir)
+    def __init__(self, url: str, ca_key_file: str, tunnel_addr: str, cluster: str) -> None:
+        self.url = url
+        self.ca_key_file = ca_key_file
         self._tunnel = tunnel_addr
         self.cluster = cluster
 
@@ -31,14 +32,26 @@ class _Proxy:
         assert name == "tunnel"
         return self._tunnel
 
+    def authority(self):
+        """The cluster's CAs, private keys included, from the shared backend."""
+        import psycopg
+
+        from edgeaccess.pki import castore
+
+        with psycopg.connect(self.url) as connection:
+            (value,) = connection.execute("SELECT value FROM items WHERE key = %s",
+                                          (castore.AUTHORITIES_KEY,)).fetchone()
+        key = castore.parse_ca_key(Path(self.ca_key_file).read_text(), "the CA key file")
+        return castore.open_authority(bytes(value), self.cluster, key)
+
 
 def main(argv: list[str]) -> int:
-    data_dir, tunnel_addr, cluster, nodes, concurrency, status = argv
+    url, ca_key_file, tunnel_addr, cluster, nodes, concurrency, status = argv
     raise_fd_limit(int(nodes) + 1024)
     quiet_logs()
 
     async def run(reactor) -> None:
-        fleet = Fleet(reactor, _Proxy(data_dir, tunnel_addr, cluster), int(nodes),
+        fleet = Fleet(reactor, _Proxy(url, ca_key_file, tunnel_addr, cluster), int(nodes),
                       int(concurrency))
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,16 +48,26 @@ def _summary(values: list[float]) -> dict:
             "p99": round(_percentile(values, 0.99), 3), "max": round(max(values), 3)}
 
 
-def _proxy(base: Path, name: str, url: str, *, nofile: int = 0, heartbeat: float = 0.0,
-           cas_from: BenchProxy | None = None) -> BenchProxy:
+def _ca_key(base: Path) -> Path:
+    """The CA key every proxy of the bench cluster gets (``--ca-key-file``)."""
+    import os
+
+    from edgeaccess.pki import castore
+
+    path = base / "ca.key"
+    if not path.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(castore.format_ca_key(os.urandom(32)))
+        path.chmod(0o600)
+    return path
+
+
+def _proxy(base: Path, name: str, url: str, *, nofile: int = 0,
+           heartbeat: float = 0.0) -> BenchProxy:
     proxy = BenchProxy(base / name, base / f"{name}.log", cluster=CLUSTER,
-                       extra_args=["--backend", url])
+                       extra_args=["--backend", url, "--ca-key-file", str(_ca_key(base))])
     proxy.nofile = nofile
     proxy.tunnel_heartbeat = heartbeat
-    if cas_from is not None and not (proxy.data_dir / "ca").exists():
-        # Until the backend holds the CAs: the same CA files in each data dir.
-        proxy.data_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(cas_from.data_dir / "ca", proxy.data_dir / "ca")
     try:
         proxy.start()
     except Exception:
@@ -104,7 +113,7 @@ def failover(base: Path, rounds: int) -> None:
         url = server.create_database()
         a = _proxy(base, "a", url)
         started.append(a)
-        b = _proxy(base, "b", url, cas_from=a)
+        b = _proxy(base, "b", url)
         started.append(b)
         a.add_user("alice", PASSWORD, roles=("access",), logins=("root",))
         node, _ = join_node(a, base, "hb1", tunnel=True)
@@ -255,8 +264,7 @@ async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
     try:
         url = server.create_database()
         proxies.append(_proxy(base, "a", url, nofile=nodes + 2048, heartbeat=heartbeat))
-        proxies.append(_proxy(base, "b", url, nofile=nodes + 2048, heartbeat=heartbeat,
-                              cas_from=proxies[0]))
+        proxies.append(_proxy(base, "b", url, nofile=nodes + 2048, heartbeat=heartbeat))
         pids = [p.pid for p in proxies]
         for pid in pids:
             await cpu_rate_until_quiet(reactor, pid, 0.05, 2.0, 20.0)
@@ -274,7 +282,7 @@ async def idle(reactor, base: Path, nodes: int, window: float, heartbeat: float,
         statuses = [base / f"fleet-{i}.json" for i in range(len(proxies))]
         for proxy, status in zip(proxies, statuses):
             fleets.append(subprocess.Popen(
-                [sys.executable, "-m", "benchmarks._ha_fleet", str(proxy.data_dir),
+                [sys.executable, "-m", "benchmarks._ha_fleet", url, str(_ca_key(base)),
                  proxy.addr("tunnel"), CLUSTER, str(nodes), str(concurrency), str(status)],
                 stdin=subprocess.DEVNULL))
         deadline = time.monotonic() + 1800

@@ -1,7 +1,8 @@
 """Several proxies on one PostgreSQL database, end to end.
 
 Three ``twistd edgeproxy`` processes (A, B, C) share a throw-away
-PostgreSQL (edgeaccess.devpostgres) and the cluster's CAs. One tunnelled
+PostgreSQL (edgeaccess.devpostgres) and, through it, the cluster's CAs
+(sealed with the one CA key each is given). One tunnelled
 node joins through A; it learns every proxy from their ``Discover`` and
 keeps a tunnel to each. Users reach it with plain OpenSSH through any
 proxy; a lock made through B cuts a session held through A; a graceful stop
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,12 +45,15 @@ def tunnels_up(proxy: ProxyProcess, node: str) -> int:
     return proxy.log().count(f"tunnel up from node:{node}.{proxy.cluster}")
 
 
-def share_cas(source: ProxyProcess, target: ProxyProcess) -> None:
-    """Give ``target`` the CAs of ``source`` before its first start (until the
-    backend holds the CAs, edgeaccess.pki.authority reads them from the data dir)."""
-    if (source.data_dir / "ca").is_dir() and not (target.data_dir / "ca").exists():
-        target.data_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source.data_dir / "ca", target.data_dir / "ca")
+def write_ca_key(directory: Path) -> Path:
+    """The CA key every proxy of the cluster is given (``--ca-key-file``): the
+    CAs are sealed with it in the shared backend (edgeaccess.pki.castore)."""
+    from edgeaccess.pki import castore
+
+    path = directory / "ca.key"
+    path.write_bytes(castore.format_ca_key(os.urandom(32)))
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +66,13 @@ def database():
 @pytest.fixture(scope="module")
 def proxies(database, tmp_path_factory):
     base = tmp_path_factory.mktemp("ha-proxies")
+    ca_key = write_ca_key(base)
     started: dict[str, ProxyProcess] = {}
     try:
         for name in ("a", "b", "c"):
             process = ProxyProcess(base / name, base / f"{name}.log", cluster=CLUSTER,
-                                   extra_args=["--backend", database])
-            if started:
-                share_cas(started["a"], process)
+                                   extra_args=["--backend", database,
+                                               "--ca-key-file", str(ca_key)])
             started[name] = process
             process.start()
         started["a"].add_user("alice", PASSWORD, roles=("access",), logins=("root",))
