@@ -61,12 +61,14 @@ class NodeService(service.MultiService):
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
                  connect_cluster=None, kube=None, serve_ssh: bool = True,
-                 apps=(), proxy_spread: float = 3.0) -> None:
+                 apps=(), resume_budget: float = 60.0, proxy_spread: float = 3.0) -> None:
         """
         :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
             publish (``--kube-cluster``), or None.
         :param serve_ssh: False for a node that serves no SSH (``--no-ssh``).
         :param apps: the web apps to publish (``--app``).
+        :param resume_budget: seconds the tunnel's channels outlive a tunnel
+            outage (``--resume-budget``; 0: they end with the tunnel).
         :param proxy_spread: a proxy learnt of while a tunnel is up is dialed
             after a random wait of up to this many seconds (no herd).
         """
@@ -91,6 +93,7 @@ class NodeService(service.MultiService):
         self.advertise_addr = advertise_addr
         self.reactor = reactor
         self.heartbeat_interval = heartbeat_interval
+        self.resume_budget = resume_budget
         self.env_allow = tuple(env_allow)
         self.rng = rng or random.SystemRandom()
         self.identity: NodeIdentity | None = None
@@ -438,7 +441,8 @@ class NodeService(service.MultiService):
                 clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
                 heartbeat_interval=self.heartbeat_interval,
                 on_discover=lambda addresses: self.agent.set_proxies(addresses),
-                on_control=self._control_pushed, max_channels=256)
+                on_control=self._control_pushed, max_channels=256,
+                resume_budget=self.resume_budget)
 
         def tunnel_up(addr, tunnel) -> None:
             dials_since_up[addr] = 0
