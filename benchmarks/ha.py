@@ -144,6 +144,7 @@ def failover(base: Path, rounds: int) -> None:
         _wait(lambda: _ssh_ok(home_a, host), 30, "ssh through A")
         killed = time.monotonic()
         a.kill()
+        joined = _count(a, " joined, tunnel address ")
         a.start()
         restarted = time.monotonic() - killed
         _wait(lambda: _ssh_ok(home_a, host), 60, "ssh through the restarted A")
@@ -152,7 +153,10 @@ def failover(base: Path, rounds: int) -> None:
               "proxy_restart_s": round(restarted, 2),
               "kill9_to_session_s": round(time.monotonic() - killed, 2)})
         # Graceful stop: the survivor drops the stopped proxy at once (its
-        # record is deleted, not left to expire).
+        # record is deleted, not left to expire). The restarted A first has
+        # to know B (ssh through A may work before A has registered: the
+        # node redialed it by itself).
+        _wait(lambda: _count(a, " joined, tunnel address ") > joined, 30, "A to know B")
         left = _count(a, " left, tunnel address ")
         stopping = time.monotonic()
         b.stop()
