@@ -377,3 +377,29 @@ async def test_two_proxies_appending_at_once_keep_one_verifiable_chain(pg_server
     finally:
         for backend in backends:
             await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_change_log_is_purged_by_revision_after_its_retention(pg_server, clock) -> None:
+    url = pg_server.create_database()
+    backend = await PostgresBackend(url, clock, reactor, purge_interval=60,
+                                    log_retention=600).start()
+
+    def logged() -> list[int]:
+        with psycopg.connect(url, autocommit=True) as connection:
+            return [r for (r,) in connection.execute(
+                "SELECT revision FROM changes ORDER BY revision").fetchall()]
+
+    try:
+        first = await backend.put("/a", b"1")
+        clock.advance(300)
+        second = await backend.put("/b", b"2")
+        assert logged() == [first.revision, second.revision]  # within the retention
+        clock.advance(301)
+        third = await backend.put("/c", b"3")
+        assert logged() == [second.revision, third.revision]
+        clock.advance(601)
+        fourth = await backend.put("/d", b"4")
+        assert logged() == [fourth.revision]
+    finally:
+        await backend.close()
