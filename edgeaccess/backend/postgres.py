@@ -424,7 +424,7 @@ class PostgresBackend:
         if self._fetching or self._wanted <= self._last:
             return
         self._fetching = True
-        fetched = self._run(_read_changes, self._last)
+        fetched = self._run(_read_changes, self._last, self._fanout.prefixes())
         fetched.addCallbacks(self._deliver, self._fetch_failed)
 
     def _deliver(self, rows: list[tuple]) -> None:
@@ -437,6 +437,13 @@ class PostgresBackend:
                 self._last = revision
                 continue
             self._last = revision
+            if op == "put" and value is None:
+                # Not under a watched prefix when the log was read (its value
+                # was left in the database: audit appends, sessions). A
+                # watcher that came meanwhile and wants it must re-read.
+                if self._fanout.matches(key):
+                    self._feed_gap(f"a watcher of {key[:100]!r} started while the log was read")
+                continue
             if op == "put":
                 self._fanout.put(Item(key, bytes(value), epoch_to_expires(expires), revision))
             else:
@@ -906,11 +913,14 @@ def _delete_range(connection, revisions, now, prefix: str) -> int:
     return len(live)
 
 
-def _read_changes(connection, after: int) -> list[tuple]:
+def _read_changes(connection, after: int, prefixes: list[str]) -> list[tuple]:
+    # Values only of keys some watcher of this process follows: a proxy does
+    # not pull every audit event through its change feed.
     return connection.execute(
-        "SELECT revision, op, key, value, expires FROM changes WHERE revision > %s"
-        " ORDER BY revision LIMIT 1000",
-        (after,),
+        "SELECT revision, op, key, CASE WHEN EXISTS (SELECT 1 FROM unnest(%s::text[])"
+        " AS p(prefix) WHERE starts_with(key, prefix)) THEN value END, expires"
+        " FROM changes WHERE revision > %s ORDER BY revision LIMIT 1000",
+        (prefixes, after),
     ).fetchall()
 
 

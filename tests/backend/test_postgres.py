@@ -403,3 +403,29 @@ async def test_the_change_log_is_purged_by_revision_after_its_retention(pg_serve
         assert logged() == [fourth.revision]
     finally:
         await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_feed_reads_only_the_values_someone_watches(pg_server, clock) -> None:
+    from edgeaccess.backend import postgres
+
+    url = pg_server.create_database()
+    backend = await PostgresBackend(url, clock, reactor).start()
+    try:
+        await backend.put("/audit/events/1", b"big event")
+        await backend.put("/nodes/n1", b"node")
+        with psycopg.connect(url, autocommit=True) as connection:
+            rows = postgres._read_changes(connection, 0, ["/nodes/"])
+        assert [(key, value) for _, _, key, value, _ in rows] == [
+            ("/audit/events/1", None), ("/nodes/n1", b"node")]
+        # The watcher still sees its key, and revisions stay contiguous.
+        watcher = backend.watch(["/nodes/"])
+        assert (await watcher.next()).type == "init"
+        await backend.put("/audit/events/2", b"another")
+        item = await backend.put("/nodes/n2", b"second")
+        event = await watcher.next()
+        assert (event.key, event.item.value, event.revision) == ("/nodes/n2", b"second",
+                                                                 item.revision)
+        assert watcher.closed_reason is None
+    finally:
+        await backend.close()
