@@ -225,13 +225,20 @@ class _Notifications:
 
     def __init__(self, url: str) -> None:
         self.connection = psycopg.connect(url, autocommit=True)
+        self._received: list[str] = []
+        self.connection.add_notify_handler(lambda notify: self._received.append(notify.payload))
         self.connection.execute("LISTEN edgeaccess_changes")
 
     def keys(self) -> list[str]:
+        """The keys notified since the last call (a query reads what arrived)."""
         import json as _json
 
-        self.connection.execute("SELECT 1")  # reads what arrived meanwhile
-        return [_json.loads(n.payload)["key"] for n in self.connection.notifies(timeout=0.2)]
+        deadline = time.monotonic() + 1.0  # what is sent at commit may lag a little
+        while time.monotonic() < deadline:
+            self.connection.execute("SELECT 1")
+            time.sleep(0.05)
+        received, self._received = self._received, []
+        return [_json.loads(payload)["key"] for payload in received]
 
     def close(self) -> None:
         self.connection.close()
