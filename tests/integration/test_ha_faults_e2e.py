@@ -8,7 +8,8 @@ a node joined through A listens on the LAN, so either proxy routes to it.
   recorded through A plays through B (``edge play``).
 - ``pg_ctl restart -m fast`` and then ``-m immediate`` while logins (HTTP,
   to A and B in turn) and SSH sessions (OpenSSH, through A and B in turn)
-  keep coming: afterwards logins, sessions and audit work, ``edgectl audit
+  keep coming, and one session stays open through B: it keeps working;
+  afterwards logins, sessions and audit work, ``edgectl audit
   verify`` passes, and every event that was acknowledged is there, once:
   one ``user.login`` per login answered, one ``exec`` per command that ran.
 """
@@ -195,6 +196,11 @@ class _Traffic:
 def test_database_restarts_mid_traffic_lose_nothing_acknowledged(cluster, homes, server):
     a, b = cluster["a"], cluster["b"]
     before = len(search(a, "--type", "user.login", "--user", "alice"))
+    # A session held open through B across both restarts.
+    held = pexpect.spawn("ssh", ["-tt", "-F", str(homes["b"] / "ssh_config"),
+                                 f"root@db1.{CLUSTER}"], timeout=60, encoding="utf-8")
+    held.sendline("echo held-$((40+2))")
+    held.expect("held-42")
     traffic = _Traffic(cluster, homes)
     traffic.start()
     try:
@@ -203,8 +209,13 @@ def test_database_restarts_mid_traffic_lose_nothing_acknowledged(cluster, homes,
             server.restart(mode)
             restarted = time.monotonic()
             traffic.wait_for_progress(restarted)
+            held.sendline(f"echo still-$((1+1))-{mode}")
+            held.expect(f"still-2-{mode}")
     finally:
         traffic.finish()
+        held.sendline("exit")
+        held.expect(pexpect.EOF)
+        held.close()
     print(f"logins answered {len(traffic.logins)} (errors {traffic.login_errors}), "
           f"commands run {len(traffic.commands)} (errors {traffic.command_errors})")
     assert traffic.logins and traffic.commands
