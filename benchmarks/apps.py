@@ -113,6 +113,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks apps")
     parser.add_argument("--seconds", type=int, default=8, help="wrk duration per run")
     parser.add_argument("--download", default=256, type=int, help="MiB to download")
+    parser.add_argument("--request-audit", action="store_true",
+                        help="the proxy audits every app request (--app-request-audit '*')")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-apps-") as tmp:
         base = Path(tmp)
@@ -120,7 +122,9 @@ def main(argv: list[str]) -> int:
         processes: list[subprocess.Popen] = []
         proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster="bench",
                              extra_args=["--public-addr", PUBLIC_HOST,
-                                         "--tunnel-public-addr", "127.0.0.1"])
+                                         "--tunnel-public-addr", "127.0.0.1",
+                                         *(["--app-request-audit", "*"]
+                                           if args.request_audit else [])])
         node = None
         try:
             proxy.start()
@@ -221,7 +225,9 @@ def main(argv: list[str]) -> int:
             results["c-path"]["download_mib_s"] = _download(
                 f"https://{APP}.{PUBLIC_HOST}:{port}/big.bin", curl_tls)
             for name, result in results.items():
-                emit({"benchmark": "apps", "path": name, **result})
+                emit({"benchmark": "apps", "path": name, **result,
+                      **({"request_audit": True} if args.request_audit and name == "edge"
+                         else {})})
             direct, edge, cpath = results["direct"], results["edge"], results["c-path"]
             emit({"benchmark": "apps", "summary": True,
                   "edge_added_p50_ms": round(edge["p50_ms"] - direct["p50_ms"], 3),

@@ -12,9 +12,11 @@ lives here too, behind thin call sites elsewhere:
 - ``eager-tcp``: Twisted's TCP write buffer (:func:`send_if_idle`,
   :func:`eager_tcp_writes`). Off: writes wait for the next reactor turn.
 - ``tcp-send-limit``: Twisted's TCP write-buffer test (``_isSendBufferFull``,
-  :func:`limit_tcp_send_buffer`). Off: a tunnel's producer is paused only past
-  Twisted's ``bufferSize`` (bytes queued there cannot be reordered by the
-  tunnel's priority scheduler).
+  :func:`limit_tcp_send_buffer`) and its paused-producer state
+  (``producerPaused``, resumed by ``doWrite``: :func:`pause_until_writable`).
+  Off: a tunnel's producer is paused only past Twisted's ``bufferSize`` (bytes
+  queued there and in the kernel cannot be reordered by the tunnel's priority
+  scheduler).
 - ``amp-lean-init``: what ``amp.AMP.__init__`` sets (:func:`init_amp`). Off:
   ``amp.AMP.__init__`` itself (~0.5 KB more a tunnel). (The read-through
   ``_transportPeer``/``_transportHost`` of

@@ -76,6 +76,12 @@ class Options(usage.Options):
         ["apps-domain", None, None,
          "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
          "public host; needs a wildcard DNS record)"],
+        ["app-request-audit", None, None,
+         "audit every request to web apps as app.request events: '*' for every app, "
+         "or app names separated by commas (default: off; sessions are always audited)"],
+        ["app-timeouts", None, None,
+         "web app connections: head=30s (request head, stalled request body), "
+         "response=60s (the app's answer), idle=5m (keep-alive); e.g. response=5m"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["resume-budget", None, "60s",
          "how long a tunnelled node's channels (users' SSH sessions...) are held "
@@ -113,6 +119,18 @@ class Options(usage.Options):
         pool = self["backend-pool"]
         if pool is not None and (not str(pool).isdigit() or not 1 <= int(pool) <= 64):
             raise usage.UsageError("--backend-pool: a number of connections from 1 to 64")
+        from edgeaccess.apps.requestaudit import parse_selection
+
+        try:
+            parse_selection(self["app-request-audit"])
+        except errors.EdgeError as e:
+            raise usage.UsageError(f"--app-request-audit: {e}")
+        from edgeaccess.apps.proxy import AppTimeouts
+
+        try:
+            AppTimeouts.parse(self["app-timeouts"])
+        except errors.EdgeError as e:
+            raise usage.UsageError(f"--app-timeouts: {e}")
         for name in (self["server-names"] or "").split(","):
             name = name.strip().strip("[]")
             if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
@@ -434,6 +452,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         return tls.server_options(certificates.web_key, certificates.web_cert,
                                   [authority.tls_ca_cert], chain=certificates.web_chain,
                                   client_certificates="optional")
+    from edgeaccess.apps.proxy import AppTimeouts
+    from edgeaccess.apps.requestaudit import parse_selection
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
@@ -441,7 +461,10 @@ def makeService(options, reactor=None) -> service.MultiService:
                             public_host=apps_domain, web_addr=lambda: addresses()["web"],
                             site=EdgeSite(web.resource()), reactor=reactor,
                             web_sessions=getattr(web.ui, "sessions", None),
-                            ui_host=public_host)
+                            ui_host=public_host,
+                            request_audit_apps=parse_selection(
+                                options.get("app-request-audit")),
+                            timeouts=AppTimeouts.parse(options.get("app-timeouts")))
     apps.service.setServiceParent(top)
     if web.ui is not None:
         from edgeaccess.web import sections
