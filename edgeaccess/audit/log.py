@@ -11,7 +11,10 @@ On a backend with transactions shared by several proxies
 with every writer of every proxy: read the head, chain the events after
 it, index their ids, move the head. Events waiting while one transaction
 runs go together in the next one (group commit), so several proxies
-appending at once never retry and many events share one commit.
+appending at once never retry and many events share one commit. Events
+emitted here that the backend refuses (an outage longer than its own
+retries) stay queued and are tried again with backoff; a node's batch
+fails at once instead (the node keeps it and sends it again).
 
 Elsewhere (SQLite, whose writers are one process) appending is atomic
 without a transaction: the event's key is taken with ``create()`` (which
