@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from edgeaccess.devcluster import join_node, run_edge, stop_process, wait_for
 from tests.apps.appkit import (
@@ -506,7 +507,12 @@ def test_app_sessions_end_on_expiry_and_on_a_role_change_with_their_connections(
     events = wait_for(ended, 20, "app.session.end of alice and bob")
     assert events["alice"]["reason"] == "expired" and events["alice"]["app"] == "secret"
     assert events["bob"]["reason"] == "roles changed: they no longer allow app demo"
-    # The app certificate expired with its session: the handshake refuses it.
+    # The app certificate expires with its session (its notAfter may trail the
+    # session's expiry by the moments the CLI took to fetch it): once past it,
+    # the handshake refuses it.
+    not_after = x509.load_pem_x509_certificate(
+        Path(expiring["cert"]).read_bytes()).not_valid_after_utc.timestamp()
+    wait_for(lambda: time.time() > not_after + 1, 30, "the app certificate's notAfter")
     result = curl(expiring, "/api/whoami", "-i")
     assert result.returncode != 0 and b"certificate expired" in result.stderr, result
     result = curl(bob, "/api/whoami", "-i")
