@@ -151,10 +151,19 @@ def main(argv: list[str]) -> int:
             results.append({"figure": "added latency", "p50_ms": 1000 * (
                 statistics.median(lat["proxy+tunnel"]) - statistics.median(lat["direct"])),
                 "p99_ms": 1000 * (_pct(lat["proxy+tunnel"], 0.99) - _pct(lat["direct"], 0.99))})
+            from benchmarks._tunnel_env import cpu_seconds
+
+            pids = {"proxy": world.proxy.process.pid, "agent": world.node.process.pid,
+                    "standin": world.standin.process.pid}
             for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+                before = {k: cpu_seconds(p) for k, p in pids.items()}
+                started = time.perf_counter()
+                rate = asyncio.run(_throughput(target, 50, args.seconds))
+                done = rate * (time.perf_counter() - started)
                 results.append({"figure": "throughput, 50 keep-alive clients", "path": name,
-                                "requests_per_s": asyncio.run(
-                                    _throughput(target, 50, args.seconds))})
+                                "requests_per_s": rate, "cpu_us_per_request": {
+                                    k: round((cpu_seconds(p) - before[k]) / done * 1e6, 1)
+                                    for k, p in pids.items()}})
             for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
                 results.append({"figure": "new sessions/s (TLS connection per request, 10 "
                                           "in parallel)", "path": name,
@@ -164,8 +173,13 @@ def main(argv: list[str]) -> int:
                 Path(tmp) / "direct-kubeconfig", world.standin.port, pki, user="admin")
             for name, env in (("direct", {**os.environ, "KUBECONFIG": str(direct_config)}),
                               ("proxy+tunnel", world.env("bob"))):
+                before = {k: cpu_seconds(p) for k, p in pids.items()}
+                rate = _exec_mib_s(env, args.exec_mib)
                 results.append({"figure": f"exec stream of {args.exec_mib} MiB", "path": name,
-                                "mib_per_s": _exec_mib_s(env, args.exec_mib)})
+                                "mib_per_s": rate, "cpu_ms_per_mib": {
+                                    k: round((cpu_seconds(p) - before[k]) / args.exec_mib
+                                             * 1e3, 2) for k, p in pids.items()}})
+            results.append({"figure": "load average", "loadavg": os.getloadavg()})
             for result in results:
                 print(json.dumps(result), flush=True)
         finally:

@@ -38,8 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from edgeaccess import errors
-from edgeaccess.apps import http1
+from edgeaccess import errors, httpwire
 from edgeaccess.apps.jwt import HEADER as JWT_HEADER
 
 _log = Logger()
@@ -113,7 +112,7 @@ class _Respond(Exception):
         self.response = response
 
 
-def _cookies(head: http1.Head) -> dict[str, str]:
+def _cookies(head: httpwire.Head) -> dict[str, str]:
     found: dict[str, str] = {}
     for value in head.get_all(b"cookie"):
         for part in value.decode("latin-1").split(";"):
@@ -123,7 +122,7 @@ def _cookies(head: http1.Head) -> dict[str, str]:
     return found
 
 
-def _strip_edge_cookies(head: http1.Head) -> None:
+def _strip_edge_cookies(head: httpwire.Head) -> None:
     kept = []
     for value in head.get_all(b"cookie"):
         kept += [p.strip() for p in value.decode("latin-1").split(";")
@@ -196,7 +195,7 @@ class _RequestSide:
     def __init__(self, owner: AppProxyProtocol) -> None:
         self.owner = owner
 
-    def message_head(self, head: http1.Head):
+    def message_head(self, head: httpwire.Head, raw: bytes):
         return self.owner.request_head(head)
 
     def message_body(self, data: bytes) -> None:
@@ -213,8 +212,11 @@ class _ResponseSide:
     def __init__(self, owner: AppProxyProtocol) -> None:
         self.owner = owner
 
-    def message_head(self, head: http1.Head):
-        return self.owner.response_head(head)
+    def message_head(self, head: httpwire.Head, raw: bytes):
+        return self.owner.response_head(head, raw)
+
+    def interim(self, head: httpwire.Head, raw: bytes) -> None:
+        self.owner.response_interim(raw)
 
     def message_body(self, data: bytes) -> None:
         self.owner.client_write(data)
@@ -254,14 +256,13 @@ class AppProxyProtocol(Protocol):
         self._closing = False
         self._error: bytes | None = None
         self._sent_response_head = False
-        self._interim = False
         self._head_out: bytes | None = None
         self._last_activity = 0.0
         self._timer = None
         self._waiting_since: float | None = None
         self.requests = 0
-        self.client_reader = http1.MessageReader(request=True, handler=_RequestSide(self))
-        self.upstream_reader = http1.MessageReader(request=False, handler=_ResponseSide(self))
+        self.client_reader = httpwire.MessageReader(request=True, handler=_RequestSide(self))
+        self.upstream_reader = httpwire.MessageReader(request=False, handler=_ResponseSide(self))
 
     # --- start --------------------------------------------------------------
 
@@ -336,7 +337,7 @@ class AppProxyProtocol(Protocol):
             return
         try:
             self.client_reader.feed(data)
-        except http1.BadMessage as e:
+        except httpwire.BadMessage as e:
             _log.info("app {app}: bad request from {client}: {why}", app=self.access.app,
                       client=self.access.client_ip, why=e.message)
             self._fail(e.status, e.message)
@@ -347,20 +348,20 @@ class AppProxyProtocol(Protocol):
         except _Respond as answer:
             self._answer(answer.response)
 
-    def request_head(self, head: http1.Head):
+    def request_head(self, head: httpwire.Head):
         access = self.access
         host = (head.get(b"host") or b"").decode("latin-1").lower()
         if host not in access.expected_hosts:
-            raise http1.BadMessage(421, f"this connection is for {access.app}; "
+            raise httpwire.BadMessage(421, f"this connection is for {access.app}; "
                                    f"the request names host {host[:100]!r}")
         if head.method == b"CONNECT":
-            raise http1.BadMessage(405, "CONNECT is not served")
+            raise httpwire.BadMessage(405, "CONNECT is not served")
         if access.browser is not None:
             self._browser_request(head, access.browser)
         refused = access.check()
         if refused is not None:
             raise refused
-        framing = http1.request_framing(head)
+        framing = httpwire.request_framing(head)
         upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
         head.remove_if(_dropped)
         head.set(b"Host", access.upstream_host)
@@ -386,7 +387,7 @@ class AppProxyProtocol(Protocol):
 
     # --- browsers: the app cookie and the launch ---------------------------------
 
-    def _browser_request(self, head: http1.Head, browser: BrowserLaunch) -> None:
+    def _browser_request(self, head: httpwire.Head, browser: BrowserLaunch) -> None:
         """Let a request with a valid app cookie through; answer launches."""
         from urllib.parse import parse_qs, quote, urlencode
 
@@ -477,7 +478,7 @@ class AppProxyProtocol(Protocol):
         try:
             self.upstream_reader.feed(data)
             self.client_write(b"")  # a head whose body is still to come
-        except http1.BadMessage as e:
+        except httpwire.BadMessage as e:
             _log.warn("app {app} answered garbage: {why}", app=self.access.app, why=e.message)
             if self._sent_response_head:
                 self._close()
@@ -485,11 +486,18 @@ class AppProxyProtocol(Protocol):
                 self._send_error(502, f"app {self.access.app} sent an invalid response "
                                       f"({e.message})")
 
-    def response_head(self, head: http1.Head):
+    def response_interim(self, raw: bytes) -> None:
+        """100 Continue and friends: passed on; the final response is still to come."""
+        if not self._methods:
+            raise httpwire.BadMessage(502, "a response nobody asked for")
+        self.client_write(raw)
+
+    def response_head(self, head: httpwire.Head, raw: bytes):
         status = head.status
         method = self._methods[0] if self._methods else None
         if method is None:
-            raise http1.BadMessage(502, "a response nobody asked for")
+            raise httpwire.BadMessage(502, "a response nobody asked for")
+        framing = httpwire.response_framing(head, method)
         self._waiting_since = None
         location = head.get(b"location")
         if location is not None and self.access.app_uri:
@@ -498,17 +506,16 @@ class AppProxyProtocol(Protocol):
             if text.lower().startswith(origin) and text[len(origin):len(origin) + 1] in ("", "/", "?", "#"):
                 head.set(b"Location", (self.access.public_origin + text[len(origin):]
                                        ).encode("latin-1"))
+                raw = head.serialize()
         self._sent_response_head = True
         # Sent with the first body bytes (one TLS record and TCP write, not two).
-        self._head_out = head.serialize()
-        self._interim = 100 <= status < 200 and status != 101
+        self._head_out = raw
         if status == 101:
             if not self._upgrade_requested:
-                raise http1.BadMessage(502, "101 without an upgrade request")
+                raise httpwire.BadMessage(502, "101 without an upgrade request")
             self.client_write(b"")
             self._switch_to_raw()
-            return http1.NO_BODY, 0
-        return http1.response_framing(head, method)
+        return framing
 
     def client_write(self, data: bytes) -> None:
         head = self._head_out
@@ -528,11 +535,6 @@ class AppProxyProtocol(Protocol):
 
     def response_end(self) -> None:
         if self._raw:
-            return
-        if self._interim:
-            # 100 Continue and friends: the final response is still to come.
-            self._interim = False
-            self._sent_response_head = False
             return
         if self._methods:
             self._methods.popleft()

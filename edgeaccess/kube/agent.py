@@ -36,8 +36,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from edgeaccess import errors
-from edgeaccess.kube import http1
+from edgeaccess import errors, httpwire
 from edgeaccess.kube.access import Impersonation
 from edgeaccess.kube.kubeconfig import (
     AgentConfig,
@@ -45,6 +44,7 @@ from edgeaccess.kube.kubeconfig import (
     read_static_credential,
     run_exec_plugin,
 )
+from edgeaccess.kube.status import status_response
 from edgeaccess.pki import x509ca
 
 _log = Logger()
@@ -175,7 +175,7 @@ class KubeAgent:
 
     # --- users -----------------------------------------------------------------
 
-    def identify(self, head: http1.Head) -> UserIdentity:
+    def identify(self, head: httpwire.Head) -> UserIdentity:
         """The user of a request (see the module docstring).
 
         :raises errors.AccessDenied: no verifiable identity.
@@ -299,7 +299,7 @@ class AgentChannel(Protocol):
 
     def __init__(self, agent: KubeAgent) -> None:
         self.agent = agent
-        self.reader = http1.MessageReader(True, self)
+        self.reader = httpwire.MessageReader(request=True, handler=self)
         self.api: _APIConnection | None = None
         self._connecting: defer.Deferred | None = None
         self._queue: list[bytes] = []
@@ -318,12 +318,15 @@ class AgentChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             self.reader.feed(data)
-        except http1.HTTPError as e:
+        except httpwire.BadMessage as e:
             _log.info("Kubernetes agent {name}: bad request from the proxy: {reason}",
                       name=self.agent.name, reason=e)
             self._answer(e.status, f"bad request: {e}", close=True)
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        # One request at a time: the next one waits until this answer is out.
+        self.reader.hold()
+        framing = httpwire.request_framing(head)
         self._method = head.method
         self._upgrade = head.wants_upgrade
         self._local_answer = False
@@ -343,19 +346,20 @@ class AgentChannel(Protocol):
                       path=head.target[:200].decode("latin-1"), reason=e)
             self._local_answer = True
             self._answer(403, str(e))
-            return
+            return framing
         if self.agent.credential is None:
             self._local_answer = True
             self._answer(503, f"the agent of Kubernetes cluster {self.agent.name} has no "
                               "credential for its API (see the node's log)")
-            return
+            return framing
         headers = [(k, v) for k, v in head.headers if _keep_header(k)]
         headers += self.agent.api_headers(imp)
         if self._upgrade:
             headers.append((b"Connection", b"Upgrade"))
-        out = http1.Head(head.start, headers, True)
+        out = httpwire.Head(head.start, headers)
         self._in_flight = True
         self._to_api(out.serialize())
+        return framing
 
     def _register(self, user: UserIdentity) -> None:
         sessions = self.agent.sessions()
@@ -379,6 +383,10 @@ class AgentChannel(Protocol):
         if not self._local_answer:
             self._to_api(data)
 
+    def raw(self, data: bytes) -> None:
+        """The client's bytes after a ``101``."""
+        self._to_api(data)
+
     def message_end(self) -> None:
         if self._local_answer:
             self._local_answer = False
@@ -386,7 +394,7 @@ class AgentChannel(Protocol):
 
     def _answer(self, code: int, message: str, close: bool = False) -> None:
         if self.transport is not None:
-            self.transport.write(http1.status_response(code, message, close=close))
+            self.transport.write(status_response(code, message, close=close))
             if close:
                 self.transport.loseConnection()
 
@@ -416,7 +424,7 @@ class AgentChannel(Protocol):
             return
         self.api = api
         api.channel = self
-        api.reader = http1.MessageReader(False, api, request_method=lambda: self._method)
+        api.reader = httpwire.MessageReader(request=False, handler=api)
         # Backpressure both ways, as a splice does; through shims, so that
         # the end of one side does not abort the other (a pooled connection).
         api.transport.registerProducer(ProducerShim(self.transport), True)
@@ -439,8 +447,8 @@ class AgentChannel(Protocol):
 
     # --- answers from the API --------------------------------------------------------
 
-    def api_head(self, head: http1.Head, raw: bytes) -> None:
-        if head.code == 101 and self._upgrade:
+    def api_head(self, head: httpwire.Head, raw: bytes) -> None:
+        if head.status == 101 and self._upgrade:
             self.transport.write(raw)
             self.reader.switch_to_raw()
             return
@@ -453,7 +461,7 @@ class AgentChannel(Protocol):
         self._in_flight = False
         self.reader.release()
 
-    def api_garbage(self, error: http1.HTTPError, head_sent: bool) -> None:
+    def api_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
         _log.warn("Kubernetes agent {name}: the API answered garbage: {reason}",
                   name=self.agent.name, reason=error)
         if not head_sent:
@@ -508,7 +516,7 @@ class _APIConnection(Protocol):
 
     def __init__(self) -> None:
         self.channel: AgentChannel | None = None
-        self.reader: http1.MessageReader | None = None
+        self.reader: httpwire.MessageReader | None = None
         self.connected = False
         self.reusable = True
         self._head_sent = False
@@ -525,19 +533,33 @@ class _APIConnection(Protocol):
             return
         try:
             self.reader.feed(data)
-        except http1.HTTPError as e:
+        except httpwire.BadMessage as e:
             self.reusable = False
             channel = self.channel
             self.transport.loseConnection()
             channel.api_garbage(e, self._head_sent)
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
+    def interim(self, head: httpwire.Head, raw: bytes) -> None:
+        """100 Continue and friends: passed on, the answer follows."""
+        self.channel.api_body(raw)
+
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        framing = httpwire.response_framing(head, self.channel._method)
         self._head_sent = True
-        if b"close" in head.tokens(b"connection") or head.code == 101:
+        status = head.status
+        if status == 101 or b"close" in head.tokens(b"connection"):
             self.reusable = False
         self.channel.api_head(head, raw)
+        if status == 101:
+            # The stream is upgraded: every further byte is passed on as it is.
+            self.reader.switch_to_raw()
+        return framing
 
     def message_body(self, data: bytes) -> None:
+        if self.channel is not None:
+            self.channel.api_body(data)
+
+    def raw(self, data: bytes) -> None:
         if self.channel is not None:
             self.channel.api_body(data)
 
@@ -551,7 +573,7 @@ class _APIConnection(Protocol):
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.reusable = False
-        clean = self.reader.finish() if self.reader is not None else False
+        clean = self.reader.eof() if self.reader is not None else False
         channel, self.channel = self.channel, None
         if channel is not None:
             channel.api_lost(clean)

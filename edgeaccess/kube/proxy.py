@@ -38,9 +38,10 @@ from zope.interface import implementer
 
 from edgeaccess import errors, tls
 from edgeaccess.identity import rbac, roles as roles_module
-from edgeaccess.kube import http1
+from edgeaccess import httpwire
 from edgeaccess.kube.access import RequestInfo, impersonation, request_info, split_cluster
 from edgeaccess.kube.agent import ProducerShim, no_delay
+from edgeaccess.kube.status import status_response
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import format_source
 
@@ -194,7 +195,7 @@ class ProxyConnection(Protocol):
     def __init__(self, proxy: KubeProxy, forwarded_from: str | None) -> None:
         self.proxy = proxy
         self.forwarded_from = forwarded_from
-        self.reader = http1.MessageReader(True, self)
+        self.reader = httpwire.MessageReader(request=True, handler=self)
         self.user: _User | None = None
         self.remote_addr = ""
         self.upstream: _Upstream | None = None
@@ -239,7 +240,7 @@ class ProxyConnection(Protocol):
                           cert_b64=base64.b64encode(der))
         return self.user
 
-    def _forwarded_user(self, head: http1.Head) -> _User:
+    def _forwarded_user(self, head: httpwire.Head) -> _User:
         """A root's user, as the root proxy forwarded it on its tunnel."""
         try:
             data = json.loads(head.get(b"edge-identity") or b"")
@@ -266,7 +267,7 @@ class ProxyConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             self.reader.feed(data)
-        except http1.HTTPError as e:
+        except httpwire.BadMessage as e:
             _log.info("kube proxy: bad request from {addr}: {reason}", addr=self.remote_addr,
                       reason=e)
             self._local(e.status, str(e), close=True)
@@ -280,7 +281,10 @@ class ProxyConnection(Protocol):
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        # One request at a time: the next one waits until this answer is out.
+        self.reader.hold()
+        framing = httpwire.request_framing(head)
         self._body_size = 0
         self._local_answer = False
         self.tap = None
@@ -298,6 +302,7 @@ class ProxyConnection(Protocol):
                       reason=e)
             self._local_answer = True
             self._local(code, str(e))
+        return framing
 
     def _check_locks(self, user: _User) -> None:
         """Refuse a locked user; register the connection so a lock ends it later."""
@@ -318,7 +323,7 @@ class ProxyConnection(Protocol):
             else:
                 self.transport.abortConnection()
 
-    def _route_request(self, head: http1.Head) -> None:
+    def _route_request(self, head: httpwire.Head) -> None:
         if head.target.startswith(LEAF_PREFIX):
             if self.forwarded_from is not None:
                 raise errors.BadRequest("a leaf does not route to further leaves")
@@ -336,7 +341,7 @@ class ProxyConnection(Protocol):
             identity = json.dumps({"user": user.name, "cluster": user.cluster,
                                    "roles": user.roles, "traits": user.traits}).encode()
             headers.append((b"Edge-Identity", identity))
-            out = http1.Head((head.method, b"/k8s/" + remainder, head.start[2]), headers, True)
+            out = httpwire.Head((head.method, b"/k8s/" + remainder, head.start[2]), headers)
             self._send(("leaf", leaf_name, name), out)
             return
         name, path = split_cluster(head.target)
@@ -364,7 +369,7 @@ class ProxyConnection(Protocol):
             headers.append((b"Edge-User-Certificate", user.cert_b64))
         if user.asserted is not None:
             headers.append((b"Edge-Identity", user.asserted))
-        out = http1.Head((head.method, path, head.start[2]), headers, True)
+        out = httpwire.Head((head.method, path, head.start[2]), headers)
         if head.wants_upgrade:
             from edgeaccess.kube.sessions import tap_for
 
@@ -372,7 +377,7 @@ class ProxyConnection(Protocol):
         self._send(("local", name), out)
 
     @staticmethod
-    def _client_headers(head: http1.Head) -> list[tuple[bytes, bytes]]:
+    def _client_headers(head: httpwire.Head) -> list[tuple[bytes, bytes]]:
         kept = []
         for key, value in head.headers:
             lower = key.lower()
@@ -384,17 +389,20 @@ class ProxyConnection(Protocol):
     def message_body(self, data: bytes) -> None:
         if self._local_answer:
             return
-        if not self.reader.raw:
-            self._body_size += len(data)
-            if self._body_size > MAX_BODY:
-                _log.info("kube proxy: request body from {addr} over {max} bytes",
-                          addr=self.remote_addr, max=MAX_BODY)
-                self._local_answer = True
-                self._drop_upstream()
-                self._local(413, f"the request body is larger than {MAX_BODY} bytes",
-                            close=True)
-                return
-        elif self.tap is not None:
+        self._body_size += len(data)
+        if self._body_size > MAX_BODY:
+            _log.info("kube proxy: request body from {addr} over {max} bytes",
+                      addr=self.remote_addr, max=MAX_BODY)
+            self._local_answer = True
+            self._drop_upstream()
+            self._local(413, f"the request body is larger than {MAX_BODY} bytes",
+                        close=True)
+            return
+        self._to_upstream(data)
+
+    def raw(self, data: bytes) -> None:
+        """The client's bytes after a ``101`` (exec, attach, port-forward)."""
+        if self.tap is not None:
             self.tap.from_client(data)
         self._to_upstream(data)
 
@@ -406,13 +414,13 @@ class ProxyConnection(Protocol):
     def _local(self, code: int, message: str, close: bool = False) -> None:
         if self.transport is None or self._lost:
             return
-        self.transport.write(http1.status_response(code, message, close=close))
+        self.transport.write(status_response(code, message, close=close))
         if close:
             self.transport.loseConnection()
 
     # --- upstream (the agent's channel) --------------------------------------------
 
-    def _send(self, key: tuple, head: http1.Head) -> None:
+    def _send(self, key: tuple, head: httpwire.Head) -> None:
         if self._upstream_key is not None and self._upstream_key != key:
             # kubectl keeps one connection per server URL: another cluster
             # on the same connection gets a channel of its own.
@@ -456,9 +464,7 @@ class ProxyConnection(Protocol):
             return
         self.upstream = upstream
         upstream.connection = self
-        upstream.reader = http1.MessageReader(False, upstream,
-                                              request_method=lambda: self.current["method"]
-                                              if self.current else b"GET")
+        upstream.reader = httpwire.MessageReader(request=False, handler=upstream)
         upstream.transport.registerProducer(ProducerShim(self.transport), True)
         self.transport.registerProducer(ProducerShim(upstream.transport), True)
         queue, self._queue, self._queued = self._queue, [], 0
@@ -492,26 +498,33 @@ class ProxyConnection(Protocol):
             upstream.transport.loseConnection()
         self._upstream_key = None
 
-    def upstream_head(self, head: http1.Head, raw: bytes) -> None:
+    def upstream_head(self, head: httpwire.Head, raw: bytes) -> None:
         self.transport.write(raw)
+        status = head.status
         if self.current is not None and "code" not in self.current:
-            self.current["code"] = head.code
-            self._audit(head.code)
-        if head.code == 101 and self.current is not None:
+            self.current["code"] = status
+            self._audit(status)
+        if status == 101 and self.current is not None:
             self.reader.switch_to_raw()
             if self.tap is not None:
                 self.tap.started(head)
 
     def upstream_body(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def upstream_raw(self, data: bytes) -> None:
         if self.tap is not None and self.reader.raw:
             self.tap.from_server(data)
         self.transport.write(data)
+
+    def request_method(self) -> bytes:
+        return self.current["method"] if self.current else b"GET"
 
     def upstream_end(self) -> None:
         self.current = None
         self.reader.release()
 
-    def upstream_garbage(self, error: http1.HTTPError, head_sent: bool) -> None:
+    def upstream_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
         _log.warn("kube proxy: the agent answered garbage: {reason}", reason=error)
         if not head_sent:
             self._local(502, "the Kubernetes agent sent an invalid answer", close=True)
@@ -574,7 +587,7 @@ class _Upstream(Protocol):
 
     def __init__(self) -> None:
         self.connection: ProxyConnection | None = None
-        self.reader: http1.MessageReader | None = None
+        self.reader: httpwire.MessageReader | None = None
         self._head_sent = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -583,20 +596,34 @@ class _Upstream(Protocol):
             return
         try:
             self.reader.feed(data)
-        except http1.HTTPError as e:
+        except httpwire.BadMessage as e:
             connection = self.connection
             self.connection = None
             self.transport.loseConnection()
             connection.upstream = None
             connection.upstream_garbage(e, self._head_sent)
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
+    def interim(self, head: httpwire.Head, raw: bytes) -> None:
+        """100 Continue and friends: passed on, the answer follows."""
+        self.connection.upstream_body(raw)
+
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        connection = self.connection
+        framing = httpwire.response_framing(head, connection.request_method())
         self._head_sent = True
-        self.connection.upstream_head(head, raw)
+        connection.upstream_head(head, raw)
+        if head.status == 101:
+            # The stream is upgraded: every further byte is passed on as it is.
+            self.reader.switch_to_raw()
+        return framing
 
     def message_body(self, data: bytes) -> None:
         if self.connection is not None:
             self.connection.upstream_body(data)
+
+    def raw(self, data: bytes) -> None:
+        if self.connection is not None:
+            self.connection.upstream_raw(data)
 
     def message_end(self) -> None:
         self._head_sent = False
@@ -604,7 +631,7 @@ class _Upstream(Protocol):
             self.connection.upstream_end()
 
     def connectionLost(self, reason) -> None:
-        clean = self.reader.finish() if self.reader is not None else False
+        clean = self.reader.eof() if self.reader is not None else False
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.upstream_lost(clean)

@@ -1,4 +1,5 @@
-"""The streaming HTTP/1.1 reader: framing, limits, smuggling refusals, holds."""
+"""The streaming HTTP/1.1 reader of the Kubernetes and app relays (edgeaccess.httpwire):
+framing, limits, smuggling refusals, holds, interim answers, upgrades."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeaccess.apps import http1
+from edgeaccess import httpwire as http1
+from edgeaccess.kube.status import status_response
 
 
 class Recorder:
@@ -15,7 +17,9 @@ class Recorder:
         self.request = request
         self.method = method
 
-    def message_head(self, head):
+    def message_head(self, head, raw):
+        assert raw.endswith(b"\r\n\r\n") and http1.parse_head(raw[:-4], self.request).start \
+            == head.start
         self.events.append(("head", head.start, list(head.headers)))
         if self.request:
             return http1.request_framing(head)
@@ -67,6 +71,12 @@ def test_requests_with_length_and_chunked_bodies_are_passed_on_as_framed():
     (b"GET / HTTP/2.0\r\n\r\n", 505),
     (b"GET  / HTTP/1.1\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
+    (b"GET /\x7f HTTP/1.1\r\nX: \x01\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX: a\nb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 130 + b"\r\n", 431),
     (b"GET / HTTP/1.1\r\nX: " + b"a" * (70 * 1024) + b"\r\n\r\n", 431),
 ])
 def test_malformed_or_smuggling_requests_are_refused(head, status):
@@ -145,3 +155,95 @@ def test_chunked_bodies_pass_through_unchanged(chunks, pieces):
                   pieces=pieces)
     assert events[1] == ("body", body)
     assert events[-1] == ("end",)
+
+
+def test_a_held_reader_keeps_the_next_request_until_released():
+    """The Kubernetes relays answer one request at a time: they hold the reader
+    in each head and release it when the answer is out."""
+    class Holding(Recorder):
+        reader = None
+
+        def message_head(self, head, raw):
+            self.reader.hold()
+            return super().message_head(head, raw)
+
+    wire = (b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+            b"PATCH /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=y\r\nabc\r\n0\r\nTrailer: 1\r\n\r\n")
+    for step in (len(wire), 1):
+        recorder = Holding()
+        reader = recorder.reader = http1.MessageReader(request=True, handler=recorder)
+        for i in range(0, len(wire), step):
+            reader.feed(wire[i:i + step])
+        assert [e[0] for e in recorder.events] == ["head", "body", "end"]
+        assert reader.idle is False  # the next request is buffered
+        reader.release()
+        assert recorder.events[3][1] == (b"PATCH", b"/b", b"HTTP/1.1")
+        assert recorder.events[4] == ("body", b"3;x=y\r\nabc\r\n0\r\nTrailer: 1\r\n\r\n")
+        assert recorder.events[5] == ("end",)
+        reader.release()
+        assert reader.idle
+
+
+def test_too_much_data_behind_a_held_request_is_refused():
+    recorder = Recorder()
+    reader = http1.MessageReader(request=True, handler=recorder, max_head=1024)
+    reader.feed(b"GET / HTTP/1.1\r\n\r\n")
+    reader.hold()
+    with pytest.raises(http1.BadMessage) as caught:
+        for _ in range(10):
+            reader.feed(b"x" * 1000)
+    assert caught.value.status == 400
+
+
+def test_interim_answers_go_to_the_handler_and_an_upgrade_switches_to_raw():
+    class Upgrading(Recorder):
+        reader = None
+
+        def interim(self, head, raw):
+            self.events.append(("interim", raw))
+
+        def message_head(self, head, raw):
+            framing = super().message_head(head, raw)
+            if head.status == 101:
+                self.reader.switch_to_raw()
+            return framing
+
+    recorder = Upgrading(request=False)
+    reader = recorder.reader = http1.MessageReader(request=False, handler=recorder)
+    reader.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n"
+                b"Upgrade: websocket\r\n\r\n\x81\x00raw")
+    assert recorder.events[0] == ("interim", b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert recorder.events[1][1] == (b"HTTP/1.1", b"101", b"Switching Protocols")
+    assert recorder.events[2:] == [("raw", b"\x81\x00raw")]  # no end: the stream goes on
+    assert reader.raw
+    reader.feed(b"more")
+    assert recorder.events[-1] == ("raw", b"more")
+
+
+@pytest.mark.parametrize("wire", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+    b"HTTP/2 200 OK\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+])
+def test_malformed_or_ambiguous_responses_are_refused(wire):
+    with pytest.raises(http1.BadMessage):
+        feed(wire, request=False)
+
+
+def test_a_response_with_another_last_coding_is_read_until_close():
+    events = feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
+                  request=False)
+    assert events[-1] == ("body", b"abc")
+
+
+def test_a_status_answer_is_a_kubernetes_status_object():
+    import json
+
+    raw = status_response(403, "no", close=True)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 Forbidden") and b"Connection: close" in head
+    assert json.loads(body) == {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Failure", "message": "no", "reason": "Forbidden",
+                                "code": 403}
