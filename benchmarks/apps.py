@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks apps")
     parser.add_argument("--seconds", type=int, default=8, help="wrk duration per run")
     parser.add_argument("--download", default=256, type=int, help="MiB to download")
+    parser.add_argument("--only", choices=("direct", "edge", "c-path"), action="append",
+                        help="measure only these routes (repeatable; default: all three)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record py-spy profiles of the proxy and node during the edge "
+                             "rate run into DIR (py-spy on PATH or beside python)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-apps-") as tmp:
         base = Path(tmp)
@@ -200,9 +206,22 @@ def main(argv: list[str]) -> int:
                 _wrk(url + "/small", 4, 1, host)
             results: dict[str, dict] = {name: {} for name in urls}
             for name, url in urls.items():
+                if args.only and name not in args.only:
+                    continue
                 latency = _wrk(url + "/small", 1, args.seconds, host)
+                spies = []
+                if args.profile and name == "edge":
+                    spies = [subprocess.Popen(
+                        [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                         "record", "-r", "250", "-d", str(args.seconds), "-f", "raw",
+                         "-o", str(Path(args.profile) / f"apps-{who}.txt"), "-p", str(pid)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        for who, pid in (("proxy", proxy.process.pid),
+                                         ("node", node.process.pid))]
                 before = {p: cpu_seconds(p) for p in (proxy.process.pid, node.process.pid)}
                 rate = _wrk(url + "/small", 16, args.seconds, host)
+                for spy in spies:
+                    spy.wait()
                 used = {p: cpu_seconds(p) - before[p] for p in before}
                 requests = rate["requests_per_s"] * args.seconds
                 results[name] = {"p50_ms": latency["p50_ms"],
@@ -216,13 +235,17 @@ def main(argv: list[str]) -> int:
                         used[node.process.pid] / requests * 1e6, 1)
             port = c_nginx
             curl_tls = ["--cacert", ca, "--cert", config["cert"], "--key", config["key"]]
-            results["direct"]["download_mib_s"] = _download(
-                f"http://127.0.0.1:{app_port}/big.bin", [])
-            results["edge"]["download_mib_s"] = _download(f"{config['url']}/big.bin", curl_tls)
-            results["c-path"]["download_mib_s"] = _download(
-                f"https://{APP}.{PUBLIC_HOST}:{port}/big.bin", curl_tls)
+            downloads = {"direct": (f"http://127.0.0.1:{app_port}/big.bin", []),
+                         "edge": (f"{config['url']}/big.bin", curl_tls),
+                         "c-path": (f"https://{APP}.{PUBLIC_HOST}:{port}/big.bin", curl_tls)}
+            for name, (url, extra) in downloads.items():
+                if not args.only or name in args.only:
+                    results[name]["download_mib_s"] = _download(url, extra)
             for name, result in results.items():
                 emit({"benchmark": "apps", "path": name, **result})
+            emit({"benchmark": "apps", "loadavg": os.getloadavg()})
+            if args.only:
+                return 0
             direct, edge, cpath = results["direct"], results["edge"], results["c-path"]
             emit({"benchmark": "apps", "summary": True,
                   "edge_added_p50_ms": round(edge["p50_ms"] - direct["p50_ms"], 3),

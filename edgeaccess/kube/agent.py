@@ -46,6 +46,7 @@ from edgeaccess.kube.kubeconfig import (
 )
 from edgeaccess.kube.status import status_response
 from edgeaccess.pki import x509ca
+from edgeaccess.tunnel.fasttls import install_fast_tls
 
 _log = Logger()
 
@@ -520,12 +521,17 @@ class _APIConnection(Protocol):
         self.connected = False
         self.reusable = True
         self._head_sent = False
+        self._tuned = False
 
     def connectionMade(self) -> None:
         self.connected = True
         no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._tuned:
+            # After the handshake (an https API): TLS in large pieces.
+            self._tuned = True
+            install_fast_tls(self.transport)
         if self.channel is None or self.reader is None:
             # Nothing was asked: an idle pooled connection talking is broken.
             self.reusable = False
@@ -586,6 +592,24 @@ def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],
     from edgeaccess.identity import rbac, roles
     from edgeaccess.kube.access import impersonation
 
+    # Parsed roles and built checkers, reused while the role documents are the
+    # same objects (the node replaces a document when it changes).
+    parsed: dict[str, tuple[dict, object]] = {}
+    checkers: dict[tuple, tuple[tuple, rbac.AccessChecker]] = {}
+
+    def parse(name: str, doc: dict):
+        cached = parsed.get(name)
+        if cached is not None and cached[0] is doc:
+            return cached[1]
+        try:
+            role = roles.parse_role(doc)
+        except errors.EdgeError:
+            role = None
+        if len(parsed) > 4096:
+            parsed.clear()
+        parsed[name] = (doc, role)
+        return role
+
     def decide(user: UserIdentity, kube_name: str, kube_labels, as_user,
                as_groups) -> Impersonation:
         names = list(user.roles)
@@ -602,14 +626,19 @@ def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],
             doc = documents.get(name)
             if doc is None:
                 continue
-            try:
-                found.append(roles.parse_role(doc))
-            except errors.EdgeError:
-                continue
+            role = parse(name, doc)
+            if role is not None:
+                found.append(role)
         if not found:
             raise errors.AccessDenied(f"none of the roles {names} exist here")
-        checker = rbac.AccessChecker(found, user.traits)
-        return impersonation(checker, user.name, kube_name, kube_labels, as_user=as_user,
+        key = (user.name, user.cluster, tuple(names), json.dumps(user.traits, sort_keys=True))
+        cached = checkers.get(key)
+        if cached is None or len(cached[0]) != len(found) or \
+                any(a is not b for a, b in zip(cached[0], found)):
+            if len(checkers) > 4096:
+                checkers.clear()
+            cached = checkers[key] = (tuple(found), rbac.AccessChecker(found, user.traits))
+        return impersonation(cached[1], user.name, kube_name, kube_labels, as_user=as_user,
                              as_groups=as_groups)
 
     return decide

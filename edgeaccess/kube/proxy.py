@@ -36,13 +36,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from edgeaccess import errors, tls
+from edgeaccess import errors, httpwire, tls
+from edgeaccess.audit.batch import BatchingEmitter
 from edgeaccess.identity import rbac, roles as roles_module
-from edgeaccess import httpwire
 from edgeaccess.kube.access import RequestInfo, impersonation, request_info, split_cluster
 from edgeaccess.kube.agent import ProducerShim, no_delay
 from edgeaccess.kube.status import status_response
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
+from edgeaccess.tunnel.fasttls import install_fast_tls
 from edgeaccess.tunnel.protocol import format_source
 
 _log = Logger()
@@ -95,6 +96,9 @@ class RoleCache:
     def __init__(self, auth, clock, interval: float = 1.0) -> None:
         self._auth = auth
         self.roles: dict[str, roles_module.Role] = {}
+        #: Moves on when the roles change (checkers built before are stale then).
+        self.generation = 0
+        self._documents: list | None = None
         self._loop = LoopingCall(lambda: defer.Deferred.fromCoroutine(self.refresh())
                                  .addErrback(lambda f: _log.failure("role cache refresh", f)))
         self._loop.clock = clock
@@ -108,17 +112,29 @@ class RoleCache:
             self._loop.stop()
 
     async def refresh(self) -> None:
+        documents = await self._auth.all_roles()
+        if documents == self._documents:
+            return
         found = {}
-        for doc in await self._auth.all_roles():
+        for doc in documents:
             try:
                 role = roles_module.parse_role(doc)
             except errors.EdgeError:
                 continue
             found[role.name] = role
         self.roles = found
+        self._documents = documents
+        self.generation += 1
 
     def checker(self, names, traits) -> rbac.AccessChecker:
         return rbac.AccessChecker([self.roles[n] for n in names if n in self.roles], traits)
+
+    def checker_for(self, user) -> rbac.AccessChecker:
+        """``user``'s checker, built once per connection and role change."""
+        cached = user.checker
+        if cached is None or cached[0] != self.generation:
+            cached = user.checker = (self.generation, self.checker(user.roles, user.traits))
+        return cached[1]
 
 
 class KubeProxy:
@@ -151,6 +167,8 @@ class KubeProxy:
         self.known_leaf = known_leaf or (lambda name: False)
         self.check_user = check_user
         self.sessions = sessions
+        # kube.request is emitted per request: appended in batches (group commit).
+        self._emitter = BatchingEmitter(audit, reactor) if audit is not None else None
 
     def factory(self) -> Factory:
         """For the TLS listener on 3026."""
@@ -161,8 +179,8 @@ class KubeProxy:
         return _ConnectionFactory(self, forwarded_from=root)
 
     def emit(self, event: str, **fields) -> None:
-        if self.audit is not None:
-            self.audit.emit(event, **fields)
+        if self._emitter is not None:
+            self._emitter.emit(event, **fields)
 
 
 class _ConnectionFactory(Factory):
@@ -186,6 +204,8 @@ class _User:
         self.cert_b64 = cert_b64
         #: What is sent on to a leaf (root users' identity).
         self.asserted = asserted
+        #: ``(role generation, AccessChecker)``: see :meth:`RoleCache.checker_for`.
+        self.checker = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -211,6 +231,7 @@ class ProxyConnection(Protocol):
         self.current: dict[str, Any] | None = None
         self.tap = None
         self.live_session = None
+        self._tuned = False
 
     # --- connection ----------------------------------------------------------
 
@@ -265,6 +286,10 @@ class ProxyConnection(Protocol):
     # --- requests --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._tuned:
+            # After the handshake: TLS records read and written in large pieces.
+            self._tuned = True
+            install_fast_tls(self.transport, self.proxy.reactor)
         try:
             self.reader.feed(data)
         except httpwire.BadMessage as e:
@@ -356,7 +381,7 @@ class ProxyConnection(Protocol):
             raise errors.NotFound(f"Kubernetes cluster {name} not found in cluster "
                                   f"{self.proxy.cluster_name}")
         _tunnel, labels = found
-        checker = self.proxy.roles.checker(user.roles, user.traits)
+        checker = self.proxy.roles.checker_for(user)
         as_user = (head.get(b"impersonate-user") or b"").decode("utf-8", "replace") or None
         as_groups = [g.decode("utf-8", "replace") for g in head.get_all(b"impersonate-group")]
         imp = impersonation(checker, user.name, name, labels, as_user=as_user,
