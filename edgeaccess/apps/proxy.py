@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from edgeaccess import errors, httpwire
 from edgeaccess.apps.jwt import HEADER as JWT_HEADER
+from edgeaccess.proxy.splice import tune_transport
 
 _log = Logger()
 
@@ -267,7 +268,7 @@ class AppProxyProtocol(Protocol):
     # --- start --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        _tune(self.transport, self.clock)
+        tune_transport(self.transport, self.clock)
         self._last_activity = self.clock.seconds()
         self._timer = self.clock.callLater(HEAD_TIMEOUT, self._check_timeouts)
         if not self.needs_preamble:
@@ -638,21 +639,6 @@ class AppProxyProtocol(Protocol):
         if self.access is not None:
             for hook in self.access.on_close:
                 hook(self)
-
-
-def _tune(transport, clock, fast_tls: bool = True) -> None:
-    """Small requests and responses go out at once (TCP_NODELAY); a TLS
-    transport reads and writes in large pieces (``edgeaccess.tunnel.fasttls``)."""
-    from edgeaccess.tunnel.fasttls import install_fast_tls
-
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except Exception:  # not a socket (a tunnel channel, a test transport)
-            pass
-    if fast_tls:
-        install_fast_tls(transport, clock)
 
 
 def parse_preamble(line: bytes) -> dict:

@@ -46,7 +46,7 @@ from edgeaccess.kube.kubeconfig import (
 )
 from edgeaccess.kube.status import status_response
 from edgeaccess.pki import x509ca
-from edgeaccess.tunnel.fasttls import install_fast_tls
+from edgeaccess.proxy.splice import ProducerShim, no_delay, tune_transport
 
 _log = Logger()
 
@@ -278,18 +278,6 @@ class KubeAgent:
         return headers
 
 
-def no_delay(transport) -> None:
-    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP: a
-    head and a body written apart must not wait for a delayed ACK."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is None:
-        return
-    try:
-        set_no_delay(True)
-    except Exception:  # not a socket (a tunnel channel, a test transport)
-        pass
-
-
 def _keep_header(name: bytes) -> bool:
     lower = name.lower()
     return lower not in _STRIPPED and not lower.startswith(_STRIPPED_PREFIXES)
@@ -496,22 +484,6 @@ class AgentChannel(Protocol):
                 self.agent.give_back(api)
 
 
-class ProducerShim:
-    """Pauses and resumes a transport for a consumer, but never stops it."""
-
-    def __init__(self, transport) -> None:
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _APIConnection(Protocol):
     """One connection to the API server; serves the channel it is attached to."""
 
@@ -531,7 +503,7 @@ class _APIConnection(Protocol):
         if not self._tuned:
             # After the handshake (an https API): TLS in large pieces.
             self._tuned = True
-            install_fast_tls(self.transport)
+            tune_transport(self.transport)
         if self.channel is None or self.reader is None:
             # Nothing was asked: an idle pooled connection talking is broken.
             self.reusable = False

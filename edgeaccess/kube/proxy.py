@@ -40,10 +40,9 @@ from edgeaccess import errors, httpwire, tls
 from edgeaccess.audit.batch import BatchingEmitter
 from edgeaccess.identity import rbac, roles as roles_module
 from edgeaccess.kube.access import RequestInfo, impersonation, request_info, split_cluster
-from edgeaccess.kube.agent import ProducerShim, no_delay
 from edgeaccess.kube.status import status_response
+from edgeaccess.proxy.splice import ProducerShim, no_delay, tune_transport
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
-from edgeaccess.tunnel.fasttls import install_fast_tls
 from edgeaccess.tunnel.protocol import format_source
 
 _log = Logger()
@@ -289,7 +288,7 @@ class ProxyConnection(Protocol):
         if not self._tuned:
             # After the handshake: TLS records read and written in large pieces.
             self._tuned = True
-            install_fast_tls(self.transport, self.proxy.reactor)
+            tune_transport(self.transport, self.proxy.reactor)
         try:
             self.reader.feed(data)
         except httpwire.BadMessage as e:
