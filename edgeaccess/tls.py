@@ -34,17 +34,19 @@ def _x509(cert) -> crypto.X509:
 
 
 def server_options(key, cert, ca_certs, *, client_certificates: str = "none",
-                   alpn: list[bytes] | None = None):
+                   alpn: list[bytes] | None = None, chain=None):
     """Server TLS options.
 
     :param client_certificates: ``"none"``, ``"optional"`` (verified against
         ``ca_certs`` when presented: the join endpoint needs none) or
         ``"required"``.
+    :param chain: the certificates sent after ``cert`` (default: ``ca_certs``);
+        the web port sends the web CA's link (:meth:`CertificateAuthority.sign_web`).
     """
     kwargs = dict(
         privateKey=key,
         certificate=cert,
-        extraCertChain=list(ca_certs),
+        extraCertChain=list(ca_certs if chain is None else chain),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
         acceptableProtocols=alpn,
     )

@@ -188,6 +188,10 @@ def _main(argv) -> int:
             out.write(f"CA pin:    {status['ca_pin']}\n")
             for name, fp in sorted(status["fingerprints"].items()):
                 out.write(f"{name + ':':<14} {fp}\n")
+            if "web_ca" in status["fingerprints"]:
+                out.write("(browsers trust the web port with web_ca: the proxy's "
+                          "DATA_DIR/ca/web_ca.crt, also at https://PROXY:3080/v1/cluster/"
+                          "web_ca.pem; compare the fingerprint)\n")
         return 0
     if args.command == "users":
         return _users(args, client, as_json)

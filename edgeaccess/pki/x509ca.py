@@ -122,6 +122,67 @@ def create_ca(cluster_name: str, now: datetime, key=None):
     return key, cert
 
 
+def create_web_ca(ca_cert: x509.Certificate, now: datetime, key=None):
+    """The web CA of the cluster whose X.509 CA is ``ca_cert``:
+    ``(private_key, self-signed certificate)``.
+
+    Browsers verify no Ed25519 signature, so the web port's certificate is
+    signed by this ECDSA P-256 CA instead, the one certificate operators
+    install in browsers. It bears the cluster CA's subject: its link (see
+    :func:`link_web_ca`) is then *self-issued*, which the cluster CA's path
+    length 0 allows (RFC 5280, 4.2.1.9), so every client that trusts the
+    cluster CA verifies the web port too.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    return key, _web_ca_builder(ca_cert, key.public_key(), now - timedelta(minutes=1),
+                                now + CA_TTL, x509.random_serial_number()).sign(
+        key, hashes.SHA256())
+
+
+def link_web_ca(ca_key, ca_cert: x509.Certificate, web_ca_cert: x509.Certificate):
+    """The web CA's key certified by the cluster CA: the intermediate the
+    web port sends after its own certificate, for clients that trust the
+    cluster CA (``edge``, nodes, leaf proxies, curl with the cluster CA).
+
+    Derived, not stored: the same validity as the web CA and a serial
+    computed from it, and Ed25519 signs deterministically, so every proxy
+    of a cluster derives the same certificate.
+    """
+    serial = int.from_bytes(hashlib.sha256(b"edgeaccess web CA link\0" + web_ca_cert.public_bytes(
+        serialization.Encoding.DER)).digest()[:16], "big") >> 1
+    builder = _web_ca_builder(ca_cert, web_ca_cert.public_key(),
+                              web_ca_cert.not_valid_before_utc,
+                              min(web_ca_cert.not_valid_after_utc, ca_cert.not_valid_after_utc),
+                              serial)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    return builder.sign(ca_key, signature_hash(ca_key))
+
+
+def _web_ca_builder(ca_cert, public_key, not_before, not_after, serial):
+    return (
+        x509.CertificateBuilder()
+        .subject_name(ca_cert.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
 def issue_identity_certificate(
     ca_key,
     ca_cert: x509.Certificate,
@@ -175,7 +236,15 @@ def issue_identity_certificate(
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca_key, None)
+    return builder.sign(ca_key, signature_hash(ca_key))
+
+
+def signature_hash(key):
+    """The hash a CA key signs with: none for Ed25519 (it hashes itself),
+    SHA-256 for the web CA's ECDSA P-256 key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return hashes.SHA256() if isinstance(key, ec.EllipticCurvePrivateKey) else None
 
 
 def identity_from_certificate(cert: x509.Certificate) -> Identity:

@@ -260,10 +260,11 @@ def makeService(options, reactor=None) -> service.MultiService:
         proxy_key.public_key(),
         x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
         now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
-    # Browsers (Chromium's BoringSSL) offer no Ed25519 signature scheme: the
-    # web port's certificate has an ECDSA P-256 key (same CA, same names).
+    # Browsers (Chromium's BoringSSL) verify no Ed25519 signature: the web
+    # port's certificate has an ECDSA P-256 key (same names) signed by the
+    # web CA, sent with the web CA's link to the X.509 CA (edgeaccess.pki).
     web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
-    web_cert = authority.sign_tls(
+    web_cert, web_chain = authority.sign_web(
         web_key.public_key(),
         x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
         now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
@@ -313,7 +314,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
     web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
-                                     client_certificates="optional")
+                                     chain=web_chain, client_certificates="optional")
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).

@@ -100,7 +100,21 @@ class ProxyWeb:
             "tls_ca": [self.auth.authority.tls_ca_pem],
             "ssh_host_ca": status["ssh_host_ca"],
             "ca_pin": status["ca_pin"],
+            "web_ca": [pem] if (pem := self.auth.authority.web_ca_pem) else [],
         })
+
+    @app.route("/v1/cluster/web_ca.pem", methods=["GET"])
+    def web_ca(self, request):
+        """The web CA, for operators to install in browsers (compare its
+        fingerprint with ``edgectl status`` before trusting it)."""
+        pem = self.auth.authority.web_ca_pem
+        if pem is None:
+            raise errors.NotFound("this cluster has no web CA")
+        request.setHeader(b"content-type", b"application/x-pem-file")
+        request.setHeader(b"content-disposition",
+                          f'attachment; filename="{self.auth.cluster_name}-web-ca.pem"'.encode())
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return pem.encode()
 
     @app.route("/v1/login", methods=["POST"])
     async def login(self, request):

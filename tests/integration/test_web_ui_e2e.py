@@ -11,9 +11,11 @@ logout ending an open terminal, a phone-sized page. Every page is
 screenshotted into the test's temp dir (``EDGE_SCREENSHOTS=DIR`` writes them
 there instead, e.g. ``docs/images``).
 
-Chromium cannot verify the cluster's Ed25519 CA (BoringSSL has no Ed25519
-signatures), so the browser context skips certificate checks; Python's own
-client below checks the proxy against the cluster CA.
+The browser verifies the web port's certificate: it trusts the root's web CA
+(ECDSA P-256, in an NSS database of its own home, see tests/browser.py) and
+ignores no certificate error; a browser that does not trust it gets no page.
+Python's own client below checks the same port against the cluster's Ed25519
+CA (through the web CA's link).
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ from pathlib import Path
 import pytest
 
 from edgeaccess.devcluster import NodeProcess, ProxyProcess, join_node, wait_for
+from edgeaccess.pki import x509ca
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trusted_clusters_e2e import trust_yaml  # noqa: E402
 
 playwright_api = pytest.importorskip("playwright.sync_api")
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import browser as browsers  # noqa: E402  (tests/browser.py)
 
-CHROMIUM = "/usr/lib/chromium/chromium"
+CHROMIUM = browsers.CHROMIUM
 PASSWORD = "web-ui-e2e-password"
 XSS = "<script>window.__xss=1</script>"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Debian's chromium is not installed")
+pytestmark = pytest.mark.skipif(browsers.available() is not None,
+                                reason=str(browsers.available()))
 
 
 class World:
@@ -101,11 +106,11 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+def browser(world, tmp_path_factory):
+    """Chromium trusting the root's web CA (and nothing else of ours)."""
+    with browsers.browser_trusting(tmp_path_factory.mktemp("browser-home"),
+                                   [browsers.web_ca_of(world.root)]) as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +123,7 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def context(browser):
-    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
     yield ctx
     ctx.close()
 
@@ -177,6 +182,33 @@ def recording_of(world, page, proxy, user: str, marker: str) -> str:
     return wait_for(find, 30, f"a recording with {marker!r}", interval=0.3)
 
 
+# --- the web port's certificate ------------------------------------------------------
+
+def test_the_browser_verifies_the_web_port_and_refuses_it_untrusted(world, browser, tmp_path):
+    """The page loads in a browser trusting the web CA (no certificate error
+    ignored); one that trusts nothing of ours gets no page."""
+    page = browser.new_page()
+    try:
+        response = page.goto(world.url + "/")
+        assert response.ok and page.is_visible("#login-form")
+        assert response.security_details()["subjectName"] == "127.0.0.1"
+        # What an operator downloads to trust is the web CA that edgectl shows.
+        pem = page.request.get(world.url + "/v1/cluster/web_ca.pem")
+        assert pem.ok and pem.headers["content-type"] == "application/x-pem-file"
+        assert pem.text() == browsers.web_ca_of(world.root).read_text()
+        fingerprint = x509ca.fingerprint(x509ca.load_certificate_pem(pem.body()))
+        assert world.root.edgectl_json("status")["fingerprints"]["web_ca"] == fingerprint
+    finally:
+        page.close()
+    untrusting = browsers.launch(browser.browser_type, browsers.nss_home(tmp_path / "home", []))
+    try:
+        page = untrusting.new_page()
+        with pytest.raises(playwright_api.Error, match="ERR_CERT_AUTHORITY_INVALID"):
+            page.goto(world.url + "/")
+    finally:
+        untrusting.close()
+
+
 # --- login --------------------------------------------------------------------------
 
 def test_wrong_password_keeps_the_form_and_says_so(world, context, shots):
@@ -219,7 +251,7 @@ def test_script_in_user_input_and_role_text_is_inert(world, browser):
     """Node labels with ``<script>`` (which nodes' command lines refuse but a
     heartbeat could carry) are covered in tests/web/test_web_pages.py; here a
     reflected user name and an editor's role description."""
-    ctx = browser.new_context(ignore_https_errors=True)
+    ctx = browser.new_context()
     try:
         page = ctx.new_page()
         log_in(page, world, user=XSS, password="x")
@@ -240,7 +272,7 @@ def test_script_in_user_input_and_role_text_is_inert(world, browser):
 
 
 def test_phone_sized_pages_do_not_overflow(world, browser, shots):
-    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 390, "height": 844},
+    ctx = browser.new_context(viewport={"width": 390, "height": 844},
                               is_mobile=True, has_touch=True)
     try:
         page = ctx.new_page()
@@ -343,7 +375,7 @@ def test_logout_ends_an_open_terminal(world, context):
 
 def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
     world.root.add_user("lockme", PASSWORD, roles=("access",), logins=("root",))
-    ctx = browser.new_context(ignore_https_errors=True)
+    ctx = browser.new_context()
     try:
         page = ctx.new_page()
         log_in(page, world, user="lockme")
@@ -409,7 +441,7 @@ def test_audit_filters_paging_export_and_verdict(world, context, shots):
         page.click("#audit-older")
         assert "showing 51" in page.inner_text("#audit-summary")
     # Plain users have no audit page.
-    plain = context.browser.new_context(ignore_https_errors=True)
+    plain = context.browser.new_context()
     try:
         other = plain.new_page()
         log_in(other, world)
@@ -420,7 +452,7 @@ def test_audit_filters_paging_export_and_verdict(world, context, shots):
 
 def test_admin_pages_render_for_an_editor(world, browser, shots):
     world.root.add_user("ed", PASSWORD, roles=("editor",))
-    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
     try:
         page = ctx.new_page()
         log_in(page, world, user="ed")

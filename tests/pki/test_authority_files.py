@@ -11,8 +11,8 @@ from edgeaccess.pki import keys, sshca, x509ca
 from edgeaccess.pki.authority import CertificateAuthority
 
 NOW = datetime(2027, 1, 15, 8, 0, 0, tzinfo=timezone.utc)
-SECRETS = ("ssh_user_ca", "ssh_host_ca", "tls_ca.key")
-PUBLIC = ("ssh_user_ca.pub", "ssh_host_ca.pub", "tls_ca.crt", "cluster_name")
+SECRETS = ("ssh_user_ca", "ssh_host_ca", "tls_ca.key", "web_ca.key")
+PUBLIC = ("ssh_user_ca.pub", "ssh_host_ca.pub", "tls_ca.crt", "web_ca.crt", "cluster_name")
 
 
 def _mode(path) -> int:
