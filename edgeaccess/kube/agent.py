@@ -300,6 +300,7 @@ class AgentChannel(Protocol):
         self._paused = False
         #: A request went to the API and its answer has not ended yet.
         self._in_flight = False
+        self._head_out: bytes | None = None
         self.live_session = None
 
     # --- from the proxy ------------------------------------------------------------
@@ -441,12 +442,26 @@ class AgentChannel(Protocol):
             self.transport.write(raw)
             self.reader.switch_to_raw()
             return
-        self.transport.write(raw)
+        # Sent with the first body bytes: one tunnel frame for a small answer.
+        self._head_out = raw
 
     def api_body(self, data: bytes) -> None:
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            data = head + data
         self.transport.write(data)
 
+    def api_flush(self) -> None:
+        """The end of what one read from the API brought: a head whose body is
+        still to come (a watch) goes now."""
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            self.transport.write(head)
+
     def api_end(self) -> None:
+        self.api_flush()
         self._in_flight = False
         self.reader.release()
 
@@ -516,6 +531,9 @@ class _APIConnection(Protocol):
             channel = self.channel
             self.transport.loseConnection()
             channel.api_garbage(e, self._head_sent)
+            return
+        if self.channel is not None:
+            self.channel.api_flush()
 
     def interim(self, head: httpwire.Head, raw: bytes) -> None:
         """100 Continue and friends: passed on, the answer follows."""
