@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Protocol
 
+from twisted.internet.protocol import Protocol as Protocol_
+
 #: Largest message head (request or status line and every header).
 MAX_HEAD = 64 * 1024
 #: Most header fields in one head.
@@ -458,3 +460,80 @@ class MessageReader:
             self._handler.message_end()
             return True
         return False
+
+
+class AnswerReader(Protocol_):
+    """A relay's connection to the server that answers its requests.
+
+    Reads the answers (a fresh :class:`MessageReader` per :meth:`attach`)
+    and hands them to its owner, which implements ``request_method()``
+    (the method being answered), ``answer_head(head, raw)``,
+    ``answer_body(data)`` (body bytes and ``1xx`` interim answers as on the
+    wire), ``answer_raw(data)`` (after a ``101``), ``answer_end()``,
+    ``answer_flush()`` (the end of one read's worth), ``answer_garbage(error,
+    head_sent)`` (the connection is being closed and detached) and
+    ``answer_lost(clean_end)`` (``clean_end``: the close ended a body read
+    until close). After a ``101`` every byte is passed on raw.
+    """
+
+    def __init__(self) -> None:
+        self.owner = None
+        self.reader: MessageReader | None = None
+        self._head_sent = False
+
+    def attach(self, owner) -> None:
+        """Serve ``owner`` from now on (its requests are written to this transport)."""
+        self.owner = owner
+        self.reader = MessageReader(request=False, handler=self)
+        self._head_sent = False
+
+    def unasked(self, data: bytes) -> None:
+        """Bytes with nothing asked: the connection is broken."""
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.owner is None or self.reader is None:
+            self.unasked(data)
+            return
+        try:
+            self.reader.feed(data)
+        except BadMessage as e:
+            owner, self.owner = self.owner, None
+            self.transport.loseConnection()
+            owner.answer_garbage(e, self._head_sent)
+            return
+        if self.owner is not None:
+            self.owner.answer_flush()
+
+    def interim(self, head: Head, raw: bytes) -> None:
+        """100 Continue and friends: passed on, the answer follows."""
+        self.owner.answer_body(raw)
+
+    def message_head(self, head: Head, raw: bytes) -> tuple[str, int]:
+        owner = self.owner
+        framing = response_framing(head, owner.request_method())
+        self._head_sent = True
+        owner.answer_head(head, raw)
+        if head.status == 101:
+            # The stream is upgraded: every further byte is passed on as it is.
+            self.reader.switch_to_raw()
+        return framing
+
+    def message_body(self, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.answer_body(data)
+
+    def raw(self, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.answer_raw(data)
+
+    def message_end(self) -> None:
+        self._head_sent = False
+        if self.owner is not None:
+            self.owner.answer_end()
+
+    def connectionLost(self, reason) -> None:
+        clean = self.reader.eof() if self.reader is not None else False
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.answer_lost(clean)

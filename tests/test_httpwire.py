@@ -247,3 +247,82 @@ def test_a_status_answer_is_a_kubernetes_status_object():
     assert json.loads(body) == {"kind": "Status", "apiVersion": "v1", "metadata": {},
                                 "status": "Failure", "message": "no", "reason": "Forbidden",
                                 "code": 403}
+
+
+class _Owner:
+    """Records what an AnswerReader hands on."""
+
+    def __init__(self, method=b"GET") -> None:
+        self.method = method
+        self.calls: list = []
+
+    def request_method(self):
+        return self.method
+
+    def answer_head(self, head, raw):
+        self.calls.append(("head", head.status, raw))
+
+    def answer_body(self, data):
+        self.calls.append(("body", data))
+
+    def answer_raw(self, data):
+        self.calls.append(("raw", data))
+
+    def answer_end(self):
+        self.calls.append(("end",))
+
+    def answer_flush(self):
+        self.calls.append(("flush",))
+
+    def answer_garbage(self, error, head_sent):
+        self.calls.append(("garbage", error.status, head_sent))
+
+    def answer_lost(self, clean):
+        self.calls.append(("lost", clean))
+
+
+def _answer_reader(owner):
+    from twisted.internet.testing import StringTransport
+
+    reader = http1.AnswerReader()
+    reader.makeConnection(StringTransport())
+    reader.attach(owner)
+    return reader
+
+
+def test_an_answer_reader_hands_on_interim_answers_heads_bodies_and_the_end():
+    owner = _Owner()
+    reader = _answer_reader(owner)
+    reader.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                        b"\r\nok")
+    assert owner.calls == [("body", b"HTTP/1.1 100 Continue\r\n\r\n"),
+                           ("head", 200, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+                           ("body", b"ok"), ("end",), ("flush",)]
+    owner.calls.clear()
+    owner.method = b"HEAD"
+    reader.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert owner.calls == [("head", 200, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+                           ("end",), ("flush",)]
+
+
+def test_an_answer_reader_goes_raw_after_a_101_and_reports_a_clean_end():
+    owner = _Owner()
+    reader = _answer_reader(owner)
+    reader.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nabc")
+    reader.dataReceived(b"def")
+    assert owner.calls[1:] == [("raw", b"abc"), ("flush",), ("raw", b"def"), ("flush",)]
+    owner = _Owner()
+    reader = _answer_reader(owner)
+    reader.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nstream")
+    reader.connectionLost(None)
+    assert owner.calls[-2:] == [("end",), ("lost", True)]
+
+
+def test_an_answer_reader_detaches_its_owner_on_garbage():
+    owner = _Owner()
+    reader = _answer_reader(owner)
+    reader.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert owner.calls == [("garbage", 400, False)]
+    assert reader.owner is None and reader.transport.disconnecting
+    reader.connectionLost(None)
+    assert owner.calls == [("garbage", 400, False)]  # told once

@@ -248,7 +248,7 @@ class KubeAgent:
 
     def give_back(self, connection: _APIConnection) -> None:
         if connection.reusable and connection.connected and len(self._pool) < _POOL_SIZE:
-            connection.channel = None
+            connection.owner = None
             connection.transport.resumeProducing()
             self._pool.append(connection)
         else:
@@ -413,8 +413,7 @@ class AgentChannel(Protocol):
             self.agent.give_back(api)
             return
         self.api = api
-        api.channel = self
-        api.reader = httpwire.MessageReader(request=False, handler=api)
+        api.attach(self)
         # Backpressure both ways, as a splice does; through shims, so that
         # the end of one side does not abort the other (a pooled connection).
         api.transport.registerProducer(ProducerShim(self.transport), True)
@@ -437,7 +436,10 @@ class AgentChannel(Protocol):
 
     # --- answers from the API --------------------------------------------------------
 
-    def api_head(self, head: httpwire.Head, raw: bytes) -> None:
+    def request_method(self) -> bytes:
+        return self._method
+
+    def answer_head(self, head: httpwire.Head, raw: bytes) -> None:
         if head.status == 101 and self._upgrade:
             self.transport.write(raw)
             self.reader.switch_to_raw()
@@ -445,14 +447,17 @@ class AgentChannel(Protocol):
         # Sent with the first body bytes: one tunnel frame for a small answer.
         self._head_out = raw
 
-    def api_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
         head = self._head_out
         if head is not None:
             self._head_out = None
             data = head + data
         self.transport.write(data)
 
-    def api_flush(self) -> None:
+    def answer_raw(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def answer_flush(self) -> None:
         """The end of what one read from the API brought: a head whose body is
         still to come (a watch) goes now."""
         head = self._head_out
@@ -460,12 +465,16 @@ class AgentChannel(Protocol):
             self._head_out = None
             self.transport.write(head)
 
-    def api_end(self) -> None:
-        self.api_flush()
+    def answer_end(self) -> None:
+        self.answer_flush()
         self._in_flight = False
         self.reader.release()
 
-    def api_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
+    def answer_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
+        api, self.api = self.api, None
+        if api is not None:
+            api.reusable = False
+        self._head_out = None
         _log.warn("Kubernetes agent {name}: the API answered garbage: {reason}",
                   name=self.agent.name, reason=error)
         if not head_sent:
@@ -474,7 +483,7 @@ class AgentChannel(Protocol):
         elif self.transport is not None:
             self.transport.loseConnection()
 
-    def api_lost(self, clean_end: bool) -> None:
+    def answer_lost(self, clean_end: bool) -> None:
         self.api = None
         if self._lost:
             return
@@ -499,15 +508,14 @@ class AgentChannel(Protocol):
                 self.agent.give_back(api)
 
 
-class _APIConnection(Protocol):
-    """One connection to the API server; serves the channel it is attached to."""
+class _APIConnection(httpwire.AnswerReader):
+    """One connection to the API server; serves the channel attached to it
+    (``owner``), then waits in the agent's pool for the next one."""
 
     def __init__(self) -> None:
-        self.channel: AgentChannel | None = None
-        self.reader: httpwire.MessageReader | None = None
+        super().__init__()
         self.connected = False
         self.reusable = True
-        self._head_sent = False
         self._tuned = False
 
     def connectionMade(self) -> None:
@@ -519,60 +527,27 @@ class _APIConnection(Protocol):
             # After the handshake (an https API): TLS in large pieces.
             self._tuned = True
             tune_transport(self.transport)
-        if self.channel is None or self.reader is None:
-            # Nothing was asked: an idle pooled connection talking is broken.
-            self.reusable = False
-            self.transport.loseConnection()
-            return
-        try:
-            self.reader.feed(data)
-        except httpwire.BadMessage as e:
-            self.reusable = False
-            channel = self.channel
-            self.transport.loseConnection()
-            channel.api_garbage(e, self._head_sent)
-            return
-        if self.channel is not None:
-            self.channel.api_flush()
+        super().dataReceived(data)
 
-    def interim(self, head: httpwire.Head, raw: bytes) -> None:
-        """100 Continue and friends: passed on, the answer follows."""
-        self.channel.api_body(raw)
+    def unasked(self, data: bytes) -> None:
+        # An idle pooled connection talking is broken.
+        self.reusable = False
+        self.transport.loseConnection()
 
     def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
-        framing = httpwire.response_framing(head, self.channel._method)
-        self._head_sent = True
-        status = head.status
-        if status == 101 or b"close" in head.tokens(b"connection"):
+        if head.status == 101 or b"close" in head.tokens(b"connection"):
             self.reusable = False
-        self.channel.api_head(head, raw)
-        if status == 101:
-            # The stream is upgraded: every further byte is passed on as it is.
-            self.reader.switch_to_raw()
-        return framing
-
-    def message_body(self, data: bytes) -> None:
-        if self.channel is not None:
-            self.channel.api_body(data)
-
-    def raw(self, data: bytes) -> None:
-        if self.channel is not None:
-            self.channel.api_body(data)
+        return super().message_head(head, raw)
 
     def message_end(self) -> None:
-        self._head_sent = False
-        if self.channel is not None:
-            self.channel.api_end()
+        super().message_end()
         if not self.reusable:
             self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.reusable = False
-        clean = self.reader.eof() if self.reader is not None else False
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            channel.api_lost(clean)
+        super().connectionLost(reason)
 
 
 def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],

@@ -487,8 +487,7 @@ class ProxyConnection(Protocol):
             upstream.transport.loseConnection()
             return
         self.upstream = upstream
-        upstream.connection = self
-        upstream.reader = httpwire.MessageReader(request=False, handler=upstream)
+        upstream.attach(self)
         upstream.transport.registerProducer(ProducerShim(self.transport), True)
         self.transport.registerProducer(ProducerShim(upstream.transport), True)
         queue, self._queue, self._queued = self._queue, [], 0
@@ -518,11 +517,11 @@ class ProxyConnection(Protocol):
     def _drop_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.connection = None
+            upstream.owner = None
             upstream.transport.loseConnection()
         self._upstream_key = None
 
-    def upstream_head(self, head: httpwire.Head, raw: bytes) -> None:
+    def answer_head(self, head: httpwire.Head, raw: bytes) -> None:
         self.transport.write(raw)
         status = head.status
         if self.current is not None and "code" not in self.current:
@@ -533,10 +532,10 @@ class ProxyConnection(Protocol):
             if self.tap is not None:
                 self.tap.started(head)
 
-    def upstream_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def upstream_raw(self, data: bytes) -> None:
+    def answer_raw(self, data: bytes) -> None:
         if self.tap is not None and self.reader.raw:
             self.tap.from_server(data)
         self.transport.write(data)
@@ -544,18 +543,22 @@ class ProxyConnection(Protocol):
     def request_method(self) -> bytes:
         return self.current["method"] if self.current else b"GET"
 
-    def upstream_end(self) -> None:
+    def answer_end(self) -> None:
         self.current = None
         self.reader.release()
 
-    def upstream_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
+    def answer_flush(self) -> None:
+        pass  # writes to kubectl's TLS are gathered until the read ends
+
+    def answer_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
+        self.upstream = None
         _log.warn("kube proxy: the agent answered garbage: {reason}", reason=error)
         if not head_sent:
             self._local(502, "the Kubernetes agent sent an invalid answer", close=True)
         else:
             self.transport.loseConnection()
 
-    def upstream_lost(self, clean_end: bool) -> None:
+    def answer_lost(self, clean_end: bool) -> None:
         self.upstream = None
         if self._lost:
             return
@@ -580,7 +583,7 @@ class ProxyConnection(Protocol):
             self.tap = None
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.connection = None
+            upstream.owner = None
             upstream.transport.loseConnection()
         if self._connecting is not None:
             self._connecting.cancel()
@@ -606,59 +609,8 @@ class ProxyConnection(Protocol):
             root_cluster=self.forwarded_from, reason=reason)
 
 
-class _Upstream(Protocol):
+class _Upstream(httpwire.AnswerReader):
     """The proxy's end of a ``kube`` channel (or a leaf's ``cluster`` channel)."""
-
-    def __init__(self) -> None:
-        self.connection: ProxyConnection | None = None
-        self.reader: httpwire.MessageReader | None = None
-        self._head_sent = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.connection is None or self.reader is None:
-            self.transport.loseConnection()
-            return
-        try:
-            self.reader.feed(data)
-        except httpwire.BadMessage as e:
-            connection = self.connection
-            self.connection = None
-            self.transport.loseConnection()
-            connection.upstream = None
-            connection.upstream_garbage(e, self._head_sent)
-
-    def interim(self, head: httpwire.Head, raw: bytes) -> None:
-        """100 Continue and friends: passed on, the answer follows."""
-        self.connection.upstream_body(raw)
-
-    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
-        connection = self.connection
-        framing = httpwire.response_framing(head, connection.request_method())
-        self._head_sent = True
-        connection.upstream_head(head, raw)
-        if head.status == 101:
-            # The stream is upgraded: every further byte is passed on as it is.
-            self.reader.switch_to_raw()
-        return framing
-
-    def message_body(self, data: bytes) -> None:
-        if self.connection is not None:
-            self.connection.upstream_body(data)
-
-    def raw(self, data: bytes) -> None:
-        if self.connection is not None:
-            self.connection.upstream_raw(data)
-
-    def message_end(self) -> None:
-        self._head_sent = False
-        if self.connection is not None:
-            self.connection.upstream_end()
-
-    def connectionLost(self, reason) -> None:
-        clean = self.reader.eof() if self.reader is not None else False
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            connection.upstream_lost(clean)
 
 
 class RoleCacheService(service.Service):
