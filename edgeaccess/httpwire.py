@@ -43,6 +43,15 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _HEAD_END = b"\r\n\r\n"
 
+#: Reason phrases of the statuses the relays answer themselves.
+REASON_PHRASES = {
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
+    421: "Misdirected Request", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
 #: Framing kinds a head can announce.
 NO_BODY = "none"
 LENGTH = "length"

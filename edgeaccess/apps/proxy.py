@@ -61,16 +61,9 @@ def _dropped(name: bytes) -> bool:
     return name in _DROPPED or name.startswith(_DROPPED_PREFIXES)
 
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 421: "Misdirected Request",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
-
-
 def error_page(status: int, message: str) -> bytes:
     """A complete ``Connection: close`` response with an HTML page saying ``message``."""
-    reason = _REASONS.get(status, "Error")
+    reason = httpwire.REASON_PHRASES.get(status, "Error")
     body = (f"<!doctype html><html><head><meta charset=utf-8><title>{status} {reason}"
             f"</title></head><body><h1>{status} {reason}</h1><p>{html.escape(message)}</p>"
             "<p><small>edgeaccess app proxy</small></p></body></html>\n").encode("utf-8")

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 
+from edgeaccess.httpwire import REASON_PHRASES
+
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
             405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 429: "TooManyRequests",
             431: "BadRequest", 500: "InternalError", 501: "BadRequest",
             502: "InternalError", 503: "ServiceUnavailable", 504: "Timeout",
             505: "BadRequest"}
-_PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 
 
 def status_json(code: int, message: str) -> bytes:
@@ -27,7 +24,7 @@ def status_json(code: int, message: str) -> bytes:
 def status_response(code: int, message: str, *, close: bool = False) -> bytes:
     """A complete HTTP/1.1 response carrying :func:`status_json`."""
     body = status_json(code, message)
-    head = [f"HTTP/1.1 {code} {_PHRASES.get(code, 'Error')}",
+    head = [f"HTTP/1.1 {code} {REASON_PHRASES.get(code, 'Error')}",
             "Content-Type: application/json", f"Content-Length: {len(body)}",
             "Cache-Control: no-cache, private"]
     if close:
