@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     scenarios["control-plane"] = "benchmarks.control_plane"  # docs/performance.md
     scenarios["webui"] = "benchmarks.webui"  # docs/performance.md "Web UI"
     scenarios["backend-postgres"] = "benchmarks.backend_postgres"  # docs/performance.md
+    scenarios["ha-state"] = "benchmarks.ha_state"  # docs/performance.md "Several proxies"
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2

@@ -302,9 +302,8 @@ class CPath:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(d / "sshd_host_key")], check=True)
         shutil.copy(d / "jump_key.pub", d / "authorized_keys")
-        ca_dir = self.cluster.proxy.data_dir / "ca"
-        ca_key = keys.load_private_key((ca_dir / "tls_ca.key").read_bytes())
-        ca_cert = x509ca.load_certificate_pem((ca_dir / "tls_ca.crt").read_bytes())
+        authority = self.cluster.proxy.authority()
+        ca_key, ca_cert = authority.tls_ca_key, authority.tls_ca_cert
         now = datetime.now(timezone.utc)
         cluster = self.cluster.proxy.cluster
         # The TLS server side holds a server identity (EKU serverAuth, with

@@ -73,9 +73,8 @@ def _stunnel(directory: Path, name: str, lines: list[str]) -> subprocess.Popen:
 def _identity(proxy: ProxyProcess, directory: Path, label: str, identity, names=()) -> Path:
     from edgeaccess.pki import keys, x509ca
 
-    ca_dir = proxy.data_dir / "ca"
-    ca_key = keys.load_private_key((ca_dir / "tls_ca.key").read_bytes())
-    ca_cert = x509ca.load_certificate_pem((ca_dir / "tls_ca.crt").read_bytes())
+    authority = proxy.authority()
+    ca_key, ca_cert = authority.tls_ca_key, authority.tls_ca_cert
     key = keys.generate_private_key()
     cert = x509ca.issue_identity_certificate(
         ca_key, ca_cert, key.public_key(), identity, now=datetime.now(timezone.utc),

@@ -71,9 +71,8 @@ class Fleet:
         self.reactor = reactor
         self.concurrency = concurrency
         self.on_control = on_control
-        ca_dir = proxy.data_dir / "ca"
-        ca_key = keys.load_private_key((ca_dir / "tls_ca.key").read_bytes())
-        ca_cert = x509ca.load_certificate_pem((ca_dir / "tls_ca.crt").read_bytes())
+        authority = proxy.authority()
+        ca_key, ca_cert = authority.tls_ca_key, authority.tls_ca_cert
         self.host, self.port = split_addr(proxy.addr("tunnel"), 3024)
         key = keys.generate_private_key()  # one key pair, one certificate per node
         now = datetime.now(timezone.utc)

@@ -98,6 +98,8 @@ class ProxyProcess(_Process):
     cluster: str = "example"
     ports: dict = attrs.Factory(dict)
     extra_args: list = attrs.Factory(list)
+    #: Extra environment (e.g. EDGE_CA_KEY, the key every proxy of a cluster shares).
+    env: dict = attrs.Factory(dict)
 
     @property
     def data_dir(self) -> Path:
@@ -114,7 +116,7 @@ class ProxyProcess(_Process):
             "--cluster-name", self.cluster, "--public-addr", "127.0.0.1",
             "--web-listen", listen["web"], "--ssh-listen", listen["ssh"],
             "--auth-listen", listen["auth"], "--tunnel-listen", listen["tunnel"],
-            "--kube-listen", listen["kube"], *self.extra_args])
+            "--kube-listen", listen["kube"], *self.extra_args], env=self.env)
         wait_for(runtime.exists, timeout, "proxy runtime.json", self.process)
         info = self.runtime()
         wait_for(lambda: self._presets_ready(), timeout, "preset roles", self.process)
@@ -129,6 +131,24 @@ class ProxyProcess(_Process):
 
     def runtime(self) -> dict:
         return json.loads((self.data_dir / "runtime.json").read_text())
+
+    def authority(self):
+        """The cluster's CAs, private keys included (tests that forge, benchmarks
+        that simulate nodes): read from the embedded backend with the CA key
+        in the data dir (the proxy keeps them nowhere else)."""
+        import sqlite3
+
+        from edgeaccess.pki import castore
+
+        database = sqlite3.connect(f"file:{self.data_dir / 'backend.sqlite3'}?mode=ro", uri=True)
+        try:
+            (value,) = database.execute("SELECT value FROM items WHERE key = ?",
+                                        (castore.AUTHORITIES_KEY,)).fetchone()
+        finally:
+            database.close()
+        key = castore.parse_ca_key((self.data_dir / castore.DEFAULT_KEY_FILE).read_text(),
+                                   "the CA key file")
+        return castore.open_authority(bytes(value), self.cluster, key)
 
     def addr(self, name: str) -> str:
         return self.runtime()["addresses"][name]

@@ -6,13 +6,21 @@ Storage layout (JSON values)::
     /audit/ids/ID         {"seq"}: which event holds id ID (idempotent ingestion)
     /audit/head           {"seq", "hash"} of the last event
 
-Appending is atomic without a transaction: the event's key is taken with
-``create()`` (which fails if another writer took that sequence number
-first: then the tail is re-read and the append retried), and only then is
-the head moved with ``compare_and_swap``. The event keys are the truth; the
-head is where a reader starts looking, and an event written by a writer
-that died before moving the head is found (and its id indexed) by the next
-writer. Appends of one process run one at a time under a lock.
+On a backend with transactions shared by several proxies
+(``IAtomicUpdate``: PostgreSQL), an append is one transaction, serialized
+with every writer of every proxy: read the head, chain the events after
+it, index their ids, move the head. Events waiting while one transaction
+runs go together in the next one (group commit), so several proxies
+appending at once never retry and many events share one commit.
+
+Elsewhere (SQLite, whose writers are one process) appending is atomic
+without a transaction: the event's key is taken with ``create()`` (which
+fails if another writer took that sequence number first: then the tail is
+re-read and the append retried), and only then is the head moved with
+``compare_and_swap``. The event keys are the truth; the head is where a
+reader starts looking, and an event written by a writer that died before
+moving the head is found (and its id indexed) by the next writer. Appends
+of one process run one at a time under a lock.
 
 ``verify`` walks the chain and names the first broken link: an altered
 event (its content no longer matches its hash), a removed one (a gap in
@@ -34,7 +42,7 @@ from twisted.logger import Logger
 
 from edgeaccess import errors
 from edgeaccess.audit import events as ev
-from edgeaccess.backend.interfaces import CompareFailed
+from edgeaccess.backend.interfaces import CompareFailed, IAtomicUpdate
 
 _log = Logger()
 
@@ -46,6 +54,8 @@ DEFAULT_SEARCH_LIMIT = 1000
 MAX_SEARCH_LIMIT = 10000
 #: Most events one ingestion call takes.
 MAX_BATCH = 1000
+#: Most events one transaction appends (IAtomicUpdate): more wait for the next.
+MAX_TRANSACTION = 250
 
 
 def event_key(seq: int) -> str:
@@ -119,6 +129,10 @@ class AuditLog:
         self._lock = DeferredLock()
         self._tail: tuple[int, str] | None = None
         self._head_bytes: bytes | None = None
+        #: Group commit (IAtomicUpdate): (events, waiter) not yet written.
+        self._atomic = IAtomicUpdate.providedBy(backend)
+        self._queued: list[tuple[list[dict], Deferred]] = []
+        self._writing = False
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
@@ -137,7 +151,10 @@ class AuditLog:
         except errors.EdgeError as e:
             _log.error("audit event {type} not recorded: {reason}", type=event_type, reason=e)
             return Deferred.fromCoroutine(_none())
-        d = self._locked(lambda: self._append_batch([event], check_duplicates=False))
+        if self._atomic:
+            d = self._queue([event])
+        else:
+            d = self._locked(lambda: self._append_batch([event], check_duplicates=False))
         d.addCallback(lambda _: event)
 
         def failed(failure):
@@ -199,7 +216,46 @@ class AuditLog:
                 if node_id:
                     event["node_id"] = node_id
             checked.append(event)
+        if self._atomic:
+            return await self._queue(checked)
         return await self._locked(lambda: self._append_batch(checked, check_duplicates=True))
+
+    # --- one transaction per append (IAtomicUpdate) ----------------------------
+
+    def _queue(self, events: list[dict]) -> Deferred:
+        """Append ``events`` in the next transaction; fires with their ids."""
+        waiter: Deferred = Deferred()
+        self._queued.append((events, waiter))
+        if not self._writing:
+            self._write_queued()
+        return waiter
+
+    def _write_queued(self) -> None:
+        batch, count = [], 0
+        while self._queued and (not batch or count + len(self._queued[0][0]) <= MAX_TRANSACTION):
+            events, waiter = self._queued.pop(0)
+            batch.append((events, waiter))
+            count += len(events)
+        if not batch:
+            self._writing = False
+            return
+        self._writing = True
+        events = [event for part, _ in batch for event in part]
+        written = self.backend.atomic_update(lambda reader: chain_events(reader, events))
+
+        def done(result):
+            acknowledged, _tail = result
+            at = 0
+            for part, waiter in batch:
+                waiter.callback(acknowledged[at:at + len(part)])
+                at += len(part)
+
+        def failed(failure):
+            for _, waiter in batch:
+                waiter.errback(failure)
+
+        written.addCallbacks(done, failed)
+        written.addBoth(lambda _: self._write_queued())
 
     def _locked(self, action) -> Deferred:
         return self._lock.run(lambda: Deferred.fromCoroutine(action()))
@@ -360,6 +416,49 @@ class AuditLog:
 
 async def _none() -> None:
     return None
+
+
+def chain_events(reader, events: list[dict]) -> tuple[list[tuple[str, bytes]], tuple]:
+    """Chain ``events`` after the head, inside one transaction (pure: it may
+    run on a database thread, and again if the transaction is retried).
+
+    Events whose id is already indexed (a retried delivery, or a commit
+    whose answer was lost and was retried) are acknowledged, not stored
+    again. Returns the writes and ``(acknowledged ids, (seq, hash))``.
+    """
+    found = reader.get_many([HEAD_KEY] + [IDS_PREFIX + event["id"] for event in events])
+    writes: list[tuple[str, bytes]] = []
+    if HEAD_KEY in found:
+        head = json.loads(found[HEAD_KEY])
+        seq, prev_hash = int(head["seq"]), str(head["hash"])
+    else:
+        seq, prev_hash = 0, ev.GENESIS_HASH
+    # Events past the head: a writer without transactions that died before
+    # moving it (the create()-and-retry path): chain after them, indexed.
+    while True:
+        following = reader.get_many([event_key(seq + 1)]).get(event_key(seq + 1))
+        if following is None:
+            break
+        record = json.loads(following)
+        seq, prev_hash = seq + 1, str(record["hash"])
+        found[IDS_PREFIX + record["event"]["id"]] = b""
+        writes.append((IDS_PREFIX + record["event"]["id"], _dumps({"seq": seq})))
+    acknowledged, taken = [], set()
+    for event in events:
+        id_key = IDS_PREFIX + event["id"]
+        acknowledged.append(event["id"])
+        if id_key in found or id_key in taken:
+            continue
+        taken.add(id_key)
+        digest = ev.chain_hash(prev_hash, event)
+        seq += 1
+        writes.append((event_key(seq), _dumps({"seq": seq, "prev_hash": prev_hash,
+                                                "hash": digest, "event": event})))
+        writes.append((id_key, _dumps({"seq": seq})))
+        prev_hash = digest
+    if writes:
+        writes.append((HEAD_KEY, _dumps({"seq": seq, "hash": prev_hash})))
+    return writes, (acknowledged, (seq, prev_hash))
 
 
 def verify_records(items: list[tuple[str, bytes]], head: dict | None) -> VerifyResult:

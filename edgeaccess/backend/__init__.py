@@ -122,6 +122,7 @@ def backend_from_url(
     clock: IReactorTime,
     data_dir: str | os.PathLike[str] | None,
     reactor: object = None,
+    pool_size: int | None = None,
 ) -> IBackend:
     """Build (without opening) the backend named by ``url``.
 
@@ -139,6 +140,7 @@ def backend_from_url(
     :param clock: decides expiry.
     :param reactor: runs the SQLite thread hop (defaults as in
         :class:`~edgeaccess.backend.sqlite.SQLiteBackend`).
+    :param pool_size: PostgreSQL: query connections (threads); default 4.
     :raises BadRequest: for an unknown or unusable URL.
     """
     # Imported here: the drivers import the helpers above from this package.
@@ -163,5 +165,5 @@ def backend_from_url(
 
         if not parts.hostname and "host=" not in parts.query:
             raise BadRequest("a PostgreSQL URL needs a host: postgresql://USER:PASS@HOST:PORT/DB")
-        return PostgresBackend(url, clock, reactor)
+        return PostgresBackend(url, clock, reactor, max_threads=pool_size or 4)
     raise BadRequest(f"unknown backend URL scheme {parts.scheme!r} (use sqlite:, memory: or postgresql:)")

@@ -89,3 +89,29 @@ class IBackend(Interface):
 
     def close():  # -> Deferred[None]
         """Release connections and threads; open watchers close."""
+
+
+class IAtomicUpdate(Interface):
+    """Optional: several reads and writes as one transaction, serialized with
+    every other writer of the store (every proxy sharing it).
+
+    For a hash chain with several writers (``edgeaccess.audit.log``): read
+    the head, append after it, move it, all at once; no retries, and several
+    appends per transaction. Drivers whose writers are all in one process
+    may leave it out (callers then fall back to ``create``/``compare_and_swap``).
+    """
+
+    def atomic_update(compute):  # -> Deferred[result]
+        """Run ``compute(reader)`` inside one write transaction.
+
+        ``reader.get_many(keys)`` returns ``{key: value}`` of the live items
+        among ``keys``, as of this transaction (nobody else writes until it
+        ends). ``compute`` returns ``(writes, result)``: ``writes`` a list of
+        ``(key, value)`` stored in order (``put``, no expiry), then the
+        transaction commits and the Deferred fires with ``result``.
+
+        ``compute`` must be pure: it may run on another thread, and more than
+        once (a driver retries a transaction that failed to commit); an
+        exception it raises rolls everything back and fails the Deferred.
+        Writes draw revisions and reach watchers as ``put`` events.
+        """

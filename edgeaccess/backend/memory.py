@@ -25,7 +25,7 @@ from edgeaccess.backend import (
     normalize_expires,
     prefix_upper_bound,
 )
-from edgeaccess.backend.interfaces import CompareFailed, IBackend, Item
+from edgeaccess.backend.interfaces import CompareFailed, IAtomicUpdate, IBackend, Item
 from edgeaccess.backend.watch import DEFAULT_BACKLOG, WatchFanout, Watcher
 from edgeaccess.errors import AlreadyExists, EdgeError, NotFound
 
@@ -38,7 +38,7 @@ class _Stored:
     expires_epoch: float | None
 
 
-@implementer(IBackend)
+@implementer(IBackend, IAtomicUpdate)
 class MemoryBackend:
     """:class:`IBackend` held in a dict; expiry decided by ``clock.seconds()``.
 
@@ -199,6 +199,18 @@ class MemoryBackend:
         _log.debug("deleted {count} items under {prefix}", count=deleted, prefix=prefix)
         return succeed(deleted)
 
+    def atomic_update(self, compute) -> Deferred:
+        """See :meth:`IAtomicUpdate.atomic_update` (one process: nothing interleaves)."""
+        try:
+            self._check_open()
+            writes, result = compute(_MemoryReader(self))
+            checked = [(check_key(key), check_value(value)) for key, value in writes]
+            for key, value in checked:
+                self._write(key, value, None)
+        except Exception as error:
+            return fail(error)
+        return succeed(result)
+
     def watch(self, prefixes, backlog: int = DEFAULT_BACKLOG) -> Watcher:
         """See :meth:`IBackend.watch`."""
         self._check_open()
@@ -211,3 +223,18 @@ class MemoryBackend:
         self._items.clear()
         self._sorted_keys.clear()
         return succeed(None)
+
+
+class _MemoryReader:
+    """What :meth:`MemoryBackend.atomic_update` gives ``compute``."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self._backend = backend
+
+    def get_many(self, keys) -> dict[str, bytes]:
+        found = {}
+        for key in keys:
+            stored = self._backend._live(check_key(key))
+            if stored is not None:
+                found[key] = stored.item.value
+        return found

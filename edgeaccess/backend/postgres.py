@@ -65,7 +65,7 @@ from edgeaccess.backend import (
     is_live,
     prefix_upper_bound,
 )
-from edgeaccess.backend.interfaces import CompareFailed, IBackend, Item
+from edgeaccess.backend.interfaces import CompareFailed, IAtomicUpdate, IBackend, Item
 from edgeaccess.backend.watch import DEFAULT_BACKLOG, WatchFanout, Watcher
 from edgeaccess.errors import AlreadyExists, BadRequest, EdgeError, NotFound
 
@@ -165,7 +165,7 @@ class _Written:
     revision: int
 
 
-@implementer(IBackend)
+@implementer(IBackend, IAtomicUpdate)
 class PostgresBackend:
     """:class:`IBackend` on a PostgreSQL database shared by several proxies.
 
@@ -178,10 +178,13 @@ class PostgresBackend:
     :param max_threads: size of the query thread pool (= connections).
     :param retry_for: seconds a call keeps retrying lost connections.
     :param log_retention: seconds the change log keeps a row.
-    :param feed_tick: seconds between the LISTEN connection's liveness
-        queries; no answer within one more tick counts as a lost
-        connection (a frozen server sends nothing, and TCP keepalives
-        stay silent).
+    :param feed_tick: seconds between the LISTEN connection's polls: it
+        asks for the newest revision, and reads the change log when it moved
+        (quiet changes, and any notification that did not come, arrive
+        within a tick).
+    :param feed_timeout: seconds without an answer to a poll after which
+        the LISTEN connection counts as lost (a frozen server sends
+        nothing, and TCP keepalives stay silent).
     """
 
     def __init__(
@@ -193,7 +196,8 @@ class PostgresBackend:
         retry_for: float = 30.0,
         purge_interval: float = 60.0,
         log_retention: float = 600.0,
-        feed_tick: float = 10.0,
+        feed_tick: float = 1.0,
+        feed_timeout: float = 10.0,
     ) -> None:
         if reactor is None:
             if IReactorFromThreads.providedBy(clock):
@@ -210,6 +214,9 @@ class PostgresBackend:
         self._purge_interval = purge_interval
         self._log_retention = log_retention
         self._feed_tick = feed_tick
+        self._feed_timeout = max(feed_timeout, feed_tick)
+        #: Prefixes this process registered in watched_prefixes (or is registering).
+        self._registered_prefixes: set[str] = set()
         self._last_purge: float | None = None
         self._pool: ThreadPool | None = None
         self._started: Deferred[None] | None = None
@@ -483,7 +490,31 @@ class PostgresBackend:
             if self._started is None:
                 self.start()
             raise EdgeError("the database change feed is not connected yet")
-        return self._fanout.watch(prefixes, backlog)
+        watcher = self._fanout.watch(prefixes, backlog)
+        self._register_prefixes(list(prefixes))
+        return watcher
+
+    def _register_prefixes(self, prefixes: list[str]) -> None:
+        """Make writes under ``prefixes`` notify (migration 0002). Until this
+        commits they reach the watcher on the next poll: later, not lost."""
+        new = sorted({p for p in prefixes if isinstance(p, str)} - self._registered_prefixes)
+        if not new:
+            return
+        self._registered_prefixes.update(new)
+
+        def failed(failure: Any) -> None:
+            self._registered_prefixes.difference_update(new)
+            _log.warn("cannot register watched prefixes {prefixes}: {error}",
+                      prefixes=new, error=failure.value)
+
+        self._run(_register_watched, new, self.clock.seconds()).addErrback(failed)
+
+    def _polled(self, revision: int) -> None:
+        """The poll's answer: the newest committed revision."""
+        if self._fanout.has_watchers():
+            self._want(revision)
+        elif not self._catch_up:
+            self._last = max(self._last, revision)
 
     def get(self, key: str) -> Deferred[Item]:
         """See :meth:`IBackend.get`."""
@@ -530,6 +561,13 @@ class PostgresBackend:
         except Exception as error:
             return fail(error)
         return self._write(_compare_and_swap, *row, expected)
+
+    def atomic_update(self, compute: Callable[[Any], tuple[list, Any]]) -> Deferred[Any]:
+        """See :meth:`IAtomicUpdate.atomic_update`: one READ COMMITTED
+        transaction holding the revision counter's row lock, which every
+        writer of every proxy takes first, so nothing interleaves (and no
+        serialization failure needs a retry)."""
+        return self._write(_atomic_update, compute)
 
     def delete(self, key: str) -> Deferred[None]:
         """See :meth:`IBackend.delete`."""
@@ -628,17 +666,21 @@ class _Listener:
         self._tick_call = self._reactor.callLater(backend._feed_tick, self._tick)
 
     def _tick(self) -> None:
-        """Ask the server something; no answer by the next tick means it is gone."""
+        """Ask for the newest revision; no answer for ``feed_timeout`` means
+        the server is gone."""
         self._tick_call = None
         if self._stopped:
             return
         now = self._reactor.seconds()
         if self._awaiting_since is not None:
-            self._lost(f"no answer from the database for {now - self._awaiting_since:.0f} s")
+            if now - self._awaiting_since >= self._backend._feed_timeout:
+                self._lost(f"no answer from the database for {now - self._awaiting_since:.0f} s")
+                return
+            self._tick_call = self._reactor.callLater(self._backend._feed_tick, self._tick)
             return
         pgconn = self._connection.pgconn
         try:
-            pgconn.send_query(b"SELECT 1")
+            pgconn.send_query(b"SELECT value FROM revision_counter WHERE id = 1")
             pgconn.flush()
         except psycopg.Error as error:
             self._lost(str(error).strip() or "connection lost")
@@ -666,9 +708,14 @@ class _Listener:
             self._lost(str(error).strip() or "connection lost")
             return
         while not pgconn.is_busy():
-            if pgconn.get_result() is None:
+            result = pgconn.get_result()
+            if result is None:
                 break
-            self._awaiting_since = None  # the liveness query answered
+            self._awaiting_since = None  # the poll answered
+            if result.status == psycopg.pq.ExecStatus.TUPLES_OK and result.ntuples == 1:
+                value = result.get_value(0, 0)
+                if value is not None:
+                    self._backend._polled(int(value))
         while (notify := pgconn.notifies()) is not None:
             if notify.relname.decode() == CHANNEL:
                 self._backend._notified(notify.extra.decode("utf-8", "replace"))
@@ -736,12 +783,18 @@ def _in_transaction(
     return _Written(result, revisions.value)
 
 
-def _log_change(connection, revision: int, op: str, key: str, value, expires, now: float) -> None:
-    connection.execute(
-        "INSERT INTO changes (revision, op, key, value, expires, written_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (revision, op, key, value, expires, now),
-    )
+_INSERT_CHANGE = ("INSERT INTO changes (revision, op, key, value, expires, written_at, quiet)"
+                  " VALUES (%s, %s, %s, %s, %s, %s, %s)")
+_UPSERT_ITEM = ("INSERT INTO items (key, value, expires, revision) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (key) DO UPDATE SET"
+                " value = excluded.value, expires = excluded.expires, revision = excluded.revision")
+
+
+def _log_change(connection, revision: int, op: str, key: str, value, expires, now: float,
+                quiet: bool = False) -> None:
+    # quiet: the value did not change (a heartbeat moving an expiry): the
+    # trigger does not notify; listeners find it on their next tick.
+    connection.execute(_INSERT_CHANGE, (revision, op, key, value, expires, now, quiet))
 
 
 def _row_to_item(key: str, value: bytes, expires: float | None, revision: int) -> Item:
@@ -753,15 +806,16 @@ def _live_value(connection, key: str, now: float) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
-def _store(connection, revisions: _Revisions, now: float, key: str, value: bytes, expires) -> Item:
+_UNREAD = object()
+
+
+def _store(connection, revisions: _Revisions, now: float, key: str, value: bytes, expires,
+           previous=_UNREAD) -> Item:
+    if previous is _UNREAD:
+        previous = _live_value(connection, key, now)
     revision = revisions.next()
-    connection.execute(
-        "INSERT INTO items (key, value, expires, revision) VALUES (%s, %s, %s, %s)"
-        " ON CONFLICT (key) DO UPDATE SET"
-        " value = excluded.value, expires = excluded.expires, revision = excluded.revision",
-        (key, value, expires, revision),
-    )
-    _log_change(connection, revision, "put", key, value, expires, now)
+    connection.execute(_UPSERT_ITEM, (key, value, expires, revision))
+    _log_change(connection, revision, "put", key, value, expires, now, quiet=previous == value)
     return _row_to_item(key, value, expires, revision)
 
 
@@ -777,13 +831,14 @@ def _get(connection, key: str, now: float) -> Item:
 def _create(connection, revisions, now, key, value, expires) -> Item:
     if _live_value(connection, key, now) is not None:
         raise AlreadyExists("item already exists")
-    return _store(connection, revisions, now, key, value, expires)
+    return _store(connection, revisions, now, key, value, expires, None)
 
 
 def _update(connection, revisions, now, key, value, expires) -> Item:
-    if _live_value(connection, key, now) is None:
+    previous = _live_value(connection, key, now)
+    if previous is None:
         raise NotFound("item not found")
-    return _store(connection, revisions, now, key, value, expires)
+    return _store(connection, revisions, now, key, value, expires, previous)
 
 
 def _compare_and_swap(connection, revisions, now, key, value, expires, expected) -> Item:
@@ -792,7 +847,7 @@ def _compare_and_swap(connection, revisions, now, key, value, expires, expected)
         raise NotFound("item not found")
     if current != expected:
         raise CompareFailed("the item changed since it was read")
-    return _store(connection, revisions, now, key, value, expires)
+    return _store(connection, revisions, now, key, value, expires, current)
 
 
 def _delete(connection, revisions, now, key) -> None:
@@ -836,3 +891,59 @@ def _read_changes(connection, after: int) -> list[tuple]:
         " ORDER BY revision LIMIT 1000",
         (after,),
     ).fetchall()
+
+
+class _Reader:
+    """What :meth:`PostgresBackend.atomic_update` gives ``compute``: reads
+    inside the write transaction (which holds the counter lock)."""
+
+    def __init__(self, connection: psycopg.Connection, now: float) -> None:
+        self._connection = connection
+        self._now = now
+
+    def get_many(self, keys) -> dict[str, bytes]:
+        keys = [check_pg_key(key) for key in keys]
+        if not keys:
+            return {}
+        rows = self._connection.execute(
+            f"SELECT key, value FROM items WHERE key = ANY(%s) AND {_LIVE}", (keys, self._now)
+        ).fetchall()
+        return {key: bytes(value) for key, value in rows}
+
+
+def _atomic_update(connection, revisions: _Revisions, now: float, compute) -> Any:
+    writes, result = compute(_Reader(connection, now))
+    items, changes = [], []
+    for key, value in writes:
+        key, value = check_pg_key(key), check_value(value)
+        revision = revisions.next()
+        items.append((key, value, None, revision))
+        changes.append((revision, "put", key, value, None, now, False))
+    if len({key for key, _, _, _ in items}) == len(items):
+        # One statement each for all the rows (a round trip per row is most
+        # of the cost of a large batch).
+        if items:
+            keys_, values, _, revisions_ = zip(*items)
+            connection.execute(
+                "INSERT INTO items (key, value, expires, revision)"
+                " SELECT k, v, NULL, r FROM unnest(%s::text[], %s::bytea[], %s::bigint[])"
+                " AS t(k, v, r) ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " expires = excluded.expires, revision = excluded.revision",
+                (list(keys_), list(values), list(revisions_)))
+            connection.execute(
+                "INSERT INTO changes (revision, op, key, value, expires, written_at, quiet)"
+                " SELECT r, 'put', k, v, NULL, %s, false"
+                " FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS t(r, k, v)",
+                (now, list(revisions_), list(keys_), list(values)))
+    else:
+        with connection.cursor() as cursor:
+            cursor.executemany(_UPSERT_ITEM, items)
+            cursor.executemany(_INSERT_CHANGE, changes)
+    return result
+
+
+def _register_watched(connection, prefixes: list[str], now: float) -> None:
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO watched_prefixes (prefix, added_at) VALUES (%s, %s)"
+            " ON CONFLICT (prefix) DO NOTHING", [(prefix, now) for prefix in prefixes])

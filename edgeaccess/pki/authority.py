@@ -1,13 +1,16 @@
-"""The cluster's certificate authorities on disk.
+"""The cluster's certificate authorities.
 
-Created on the first start under ``DATA_DIR/ca`` (private keys mode 0600)
-and reused afterwards. Only the auth service holds these keys.
+The proxy keeps them in the backend, shared by every proxy of the cluster
+(``edgeaccess.pki.castore``). :meth:`CertificateAuthority.load_or_create`
+is the older layout, files under ``DATA_DIR/ca`` (private keys mode
+0600): still read, to import a data directory written before. Only the
+auth service holds these keys.
 
-Beside the three CAs of the contract sits the *web CA* (ECDSA P-256,
-``web_ca.key``/``web_ca.crt``): it signs only the web port's certificate,
-so that browsers, which verify no Ed25519 signature, can verify it (see
-:func:`edgeaccess.pki.x509ca.create_web_ca`). A data dir from before it
-gets one at its next start.
+Beside the three CAs of the contract sits the *web CA* (ECDSA P-256): it
+signs only the web port's certificate, so that browsers, which verify no
+Ed25519 signature, can verify it (see
+:func:`edgeaccess.pki.x509ca.create_web_ca`). A set from before it gets
+one at its next start.
 """
 
 from __future__ import annotations
@@ -40,6 +43,32 @@ class CertificateAuthority:
     _web_ca_link: x509.Certificate | None = attrs.field(default=None, init=False, repr=False)
 
     # --- loading -----------------------------------------------------------
+
+    @classmethod
+    def pending(cls, cluster_name: str) -> "CertificateAuthority":
+        """A CA set to be filled in at start (:meth:`adopt`) from the backend.
+
+        Built before the reactor runs, so the services holding it are
+        composed at once; nothing signs before the proxy's start-up has
+        loaded the CAs (its listeners wait for that).
+        """
+        return cls(cluster_name, None, None, None, None)
+
+    @property
+    def loaded(self) -> bool:
+        return self.tls_ca_cert is not None
+
+    def adopt(self, other: "CertificateAuthority") -> None:
+        """Take the keys of ``other`` (the set loaded from the backend)."""
+        if other.cluster_name != self.cluster_name:
+            raise ValueError(f"CAs of cluster {other.cluster_name!r}, not {self.cluster_name!r}")
+        self.ssh_user_ca = other.ssh_user_ca
+        self.ssh_host_ca = other.ssh_host_ca
+        self.tls_ca_key = other.tls_ca_key
+        self.tls_ca_cert = other.tls_ca_cert
+        self.web_ca_key = other.web_ca_key
+        self.web_ca_cert = other.web_ca_cert
+        self._web_ca_link = None
 
     @classmethod
     def load_or_create(cls, directory: Path, cluster_name: str, now: datetime):

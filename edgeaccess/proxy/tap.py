@@ -15,11 +15,12 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from edgeaccess import internals, tls
+from edgeaccess import errors, internals, tls
 from edgeaccess.httpapi import EdgeSite
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
@@ -76,6 +77,15 @@ class Options(usage.Options):
          "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
          "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
+        ["backend-pool", None, None,
+         "connections (and query threads) of a PostgreSQL backend (default 4)"],
+        ["ca-key-file", None, None,
+         "file holding the key that seals the cluster's CA private keys in the backend "
+         "(every proxy of a cluster needs the same; default: $EDGE_CA_KEY, else "
+         "DATA_DIR/ca.key, created by the first start)"],
+        ["recordings-dir", None, None,
+         "directory of session recordings (default DATA_DIR/recordings); proxies sharing "
+         "a backend share it too (e.g. an NFS mount), so any of them plays any recording"],
         ["config", "c", None, "YAML file with any of these options"],
     ]
 
@@ -95,24 +105,64 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
+        pool = self["backend-pool"]
+        if pool is not None and (not str(pool).isdigit() or not 1 <= int(pool) <= 64):
+            raise usage.UsageError("--backend-pool: a number of connections from 1 to 64")
         for name in (self["server-names"] or "").split(","):
             name = name.strip().strip("[]")
             if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
                 raise usage.UsageError(f"--server-names: {name!r} is not a host name or address")
 
 
-class _Listener(service.Service):
-    """Listen on an endpoint; remember the bound port."""
+class _Startup:
+    """The proxy's start-up: fires its waiters once the CAs are loaded and
+    the proxy's own certificates issued (listeners wait for it)."""
 
-    def __init__(self, name: str, endpoint, factory, on_listening) -> None:
+    def __init__(self) -> None:
+        self.done = False
+        self._waiters: list[defer.Deferred] = []
+
+    def when_ready(self) -> defer.Deferred:
+        if self.done:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def ready(self) -> None:
+        self.done = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+class _Listener(service.Service):
+    """Listen on an endpoint once the proxy is ready; remember the bound port.
+
+    ``endpoint`` and ``factory`` are zero-argument callables, called when
+    ``startup`` is ready: the TLS options need the proxy's certificates,
+    issued by the CAs loaded from the backend at start.
+    """
+
+    def __init__(self, name: str, endpoint, factory, on_listening,
+                 startup: _Startup | None = None) -> None:
         self.name = name
-        self.endpoint = endpoint
-        self.factory = factory
+        self._make_endpoint = endpoint
+        self._make_factory = factory
+        self.endpoint = None
+        self.factory = None
         self.port = None
         self._on_listening = on_listening
+        self._startup = startup
 
     def startService(self) -> None:
         super().startService()
+        ready = self._startup.when_ready() if self._startup is not None else defer.succeed(None)
+        ready.addCallback(lambda _: self._listen() if self.running else None)
+
+    def _listen(self) -> None:
+        self.endpoint = self._make_endpoint()
+        self.factory = self._make_factory()
         d = self.endpoint.listen(self.factory)
 
         def listening(port):
@@ -148,17 +198,36 @@ class _ThreadPoolService(service.Service):
 
 
 class _BackendService(service.Service):
-    """Closes the backend at shutdown; runs the auth bootstrap at start."""
+    """Closes the backend at shutdown; at start opens it, loads (or creates)
+    the cluster's CAs from it, lets the listeners start, then runs the auth
+    bootstrap. Without its CAs the proxy stops, with the reason in its log."""
 
-    def __init__(self, backend, auth, clusters) -> None:
+    def __init__(self, backend, auth, clusters, load_authority=None, startup=None,
+                 reactor=None) -> None:
         self.backend = backend
         self.auth = auth
         self.clusters = clusters
+        self._load_authority = load_authority
+        self._startup = startup
+        self._reactor = reactor
 
     async def _start(self) -> None:
-        start = getattr(self.backend, "start", None)
-        if start is not None:  # opens (migrates) the database before the bootstrap
-            await start()
+        try:
+            start = getattr(self.backend, "start", None)
+            if start is not None:  # opens (migrates) the database before the bootstrap
+                await start()
+            if self._load_authority is not None:
+                await self._load_authority()
+        except Exception as error:
+            if isinstance(error, errors.EdgeError):
+                _log.critical("cannot start: {error}", error=error)
+            else:
+                _log.failure("cannot start: the cluster's CAs could not be loaded")
+            if self._reactor is not None and self._reactor.running:
+                self._reactor.stop()
+            return
+        if self._startup is not None:
+            self._startup.ready()
         await self.auth.bootstrap()
         await self.clusters.load()
 
@@ -199,6 +268,32 @@ class ProxyComponents:
     """The proxy's finished parts (kept for tests and tac files)."""
 
 
+class _ProxyCertificates:
+    """The proxy's own keys (files in its data dir, read before the reactor
+    runs) and their certificates, issued at start by the shared CAs."""
+
+    proxy_key = web_key = host_key = None
+    proxy_cert = web_cert = host_cert = None
+    web_chain: list = []
+    public_host = cluster = ""
+    dns_names: list = []
+    ip_addresses: list = []
+
+    def issue(self, authority, now) -> None:
+        identity = x509ca.Identity(kind="proxy", name=self.public_host, cluster=self.cluster)
+        self.proxy_cert = authority.sign_tls(
+            self.proxy_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
+            dns_names=self.dns_names, ip_addresses=self.ip_addresses)
+        self.web_cert, self.web_chain = authority.sign_web(
+            self.web_key.public_key(), identity, now=now, ttl=SERVICE_CERT_TTL,
+            dns_names=self.dns_names, ip_addresses=self.ip_addresses)
+        self.host_cert = authority.sign_host(
+            self.host_key.public_key(), host_id=f"proxy.{self.cluster}",
+            principals=list(dict.fromkeys([self.public_host, self.cluster, "localhost",
+                                           "127.0.0.1"])),
+            now=now, ttl=SERVICE_CERT_TTL)
+
+
 def makeService(options, reactor=None) -> service.MultiService:
     """Compose the proxy: auth, web, SSH entry, tunnel server, auth API."""
     if reactor is None:
@@ -213,7 +308,16 @@ def makeService(options, reactor=None) -> service.MultiService:
     cluster = options["cluster-name"]
     public_host, public_port = split_addr(options["public-addr"], 3080)
     now = _now()
-    authority = CertificateAuthority.load_or_create(data_dir / "ca", cluster, now)
+    from edgeaccess.pki import castore
+
+    # The CAs live in the backend, shared by every proxy of the cluster: read
+    # at start (edgeaccess.pki.castore). What needs files is read here.
+    try:
+        ca_key = castore.CAKeySource.from_options(options["ca-key-file"], os.environ, data_dir)
+        legacy_cas = castore.read_legacy_authority(data_dir / "ca", cluster)
+    except errors.EdgeError as error:
+        raise SystemExit(f"edgeproxy: {error}")
+    authority = CertificateAuthority.pending(cluster)
 
     # Before any connection: thousands of tunnels' TCP transports then
     # share one attribute table (see edgeaccess.memory).
@@ -223,21 +327,40 @@ def makeService(options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=4, name="edgeproxy-crypto")
     _ThreadPoolService(pool).setServiceParent(top)
-    backend = backend_from_url(options["backend"], reactor, str(data_dir), reactor)
+    backend = backend_from_url(options["backend"], reactor, str(data_dir), reactor,
+                               pool_size=int(options["backend-pool"] or 0) or None)
     from edgeaccess.identity import kinds  # noqa: F401  (registers resource kinds)
 
     from edgeaccess.audit.log import AuditLog
     from edgeaccess.audit.recording import FileRecordingStore
 
+    recordings_dir = Path(options["recordings-dir"] or data_dir / "recordings").absolute()
     audit = AuditLog(backend, cluster, reactor,
-                     recordings=FileRecordingStore(data_dir / "recordings", reactor))
+                     recordings=FileRecordingStore(recordings_dir, reactor))
     auth = AuthServer(authority, backend, reactor, reactor=reactor, threadpool=pool,
                       connector_factory=kinds.login_method_factory(reactor), audit=audit)
     clusters = RootClusters(auth)
     leaf_trust = LeafTrust(auth, reactor)
     auth.resource_hooks["trusted_cluster"] = leaf_trust
     auth.leaf_trust = leaf_trust
-    _BackendService(backend, auth, clusters).setServiceParent(top)
+    startup = _Startup()
+    certificates = _ProxyCertificates()
+
+    async def load_authority() -> None:
+        def write_key(path, data):
+            return deferToThreadPool(reactor, pool, keys.write_secret, path, data)
+
+        authority.adopt(await castore.load_or_create_authority(
+            backend, cluster, now, ca_key, legacy=legacy_cas, write_key=write_key))
+        certificates.issue(authority, _now())
+        # The admin identity edgectl uses on this host, and public copies of the CAs.
+        await deferToThreadPool(reactor, pool, _write_admin_identity, data_dir, authority,
+                                _now())
+        await deferToThreadPool(reactor, pool, castore.write_public_copies, data_dir / "ca",
+                                authority)
+
+    _BackendService(backend, auth, clusters, load_authority, startup,
+                    reactor).setServiceParent(top)
 
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
     listen_hosts = {split_addr(options[k], 0)[0] for k in
@@ -255,27 +378,15 @@ def makeService(options, reactor=None) -> service.MultiService:
         dns += [f"*.{apps_domain}"] + ([apps_domain] if apps_domain not in dns else [])
     ips = sorted({"127.0.0.1", "::1"} | {h for h in listen_hosts | {public_host}
                                          if is_ip(h) and h not in ("0.0.0.0", "::")})
-    proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
-    proxy_cert = authority.sign_tls(
-        proxy_key.public_key(),
-        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
-        now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
+    # Each proxy has its own keys; the shared CAs certify them at start.
+    certificates.proxy_key = _load_or_create_key(data_dir / "proxy" / "tls.key")
     # Browsers (Chromium's BoringSSL) verify no Ed25519 signature: the web
     # port's certificate has an ECDSA P-256 key (same names) signed by the
     # web CA, sent with the web CA's link to the X.509 CA (edgeaccess.pki).
-    web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
-    web_cert, web_chain = authority.sign_web(
-        web_key.public_key(),
-        x509ca.Identity(kind="proxy", name=public_host, cluster=cluster),
-        now=now, ttl=SERVICE_CERT_TTL, dns_names=dns, ip_addresses=ips)
-    host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
-    host_cert = authority.sign_host(
-        host_key.public_key(), host_id=f"proxy.{cluster}",
-        principals=list(dict.fromkeys([public_host, cluster, "localhost", "127.0.0.1"])),
-        now=now, ttl=SERVICE_CERT_TTL)
-
-    # The admin identity edgectl uses on this host.
-    _write_admin_identity(data_dir, authority, now)
+    certificates.web_key = _load_or_create_web_key(data_dir / "proxy" / "web_tls.key")
+    certificates.host_key = _load_or_create_key(data_dir / "proxy" / "ssh_host_key")
+    certificates.public_host, certificates.cluster = public_host, cluster
+    certificates.dns_names, certificates.ip_addresses = dns, ips
 
     listeners: dict[str, _Listener] = {}
 
@@ -313,8 +424,10 @@ def makeService(options, reactor=None) -> service.MultiService:
                        leaf_trust, top, control)
     web = ProxyWeb(auth, addresses, public_host, clusters, kube=kube,
                    ui=_web_ui(reactor, auth, router, clusters, addresses))
-    web_options = tls.server_options(web_key, web_cert, [authority.tls_ca_cert],
-                                     chain=web_chain, client_certificates="optional")
+    def web_options():
+        return tls.server_options(certificates.web_key, certificates.web_cert,
+                                  [authority.tls_ca_cert], chain=certificates.web_chain,
+                                  client_certificates="optional")
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
@@ -325,57 +438,65 @@ def makeService(options, reactor=None) -> service.MultiService:
                             ui_host=public_host)
     apps.service.setServiceParent(top)
     listeners["web"] = _Listener(
-        "web", listen_endpoint(reactor, options["web-listen"], 3080, web_options),
-        apps.factory, on_listening)
+        "web", lambda: listen_endpoint(reactor, options["web-listen"], 3080, web_options()),
+        lambda: apps.factory, on_listening, startup)
 
     api = AuthAPI(auth)
-    auth_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
-                                      client_certificates="optional")
+
+    def proxy_options(client_certificates, alpn=None):
+        return tls.server_options(certificates.proxy_key, certificates.proxy_cert,
+                                  [authority.tls_ca_cert],
+                                  client_certificates=client_certificates, alpn=alpn)
+
     listeners["auth"] = _Listener(
-        "auth", listen_endpoint(reactor, options["auth-listen"], 3025, auth_options),
-        EdgeSite(api.resource()), on_listening)
+        "auth", lambda: listen_endpoint(reactor, options["auth-listen"], 3025,
+                                        proxy_options("optional")),
+        lambda: EdgeSite(api.resource()), on_listening, startup)
 
     # kubectl offers h2 and http/1.1: without an ALPN answer OpenSSL aborts.
-    kube_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
-                                      client_certificates="required", alpn=[b"http/1.1"])
+    kube_factory = kube.factory()
     listeners["kube"] = _Listener(
-        "kube", listen_endpoint(reactor, options["kube-listen"], 3026, kube_options,
-                                backlog=1024),
-        kube.factory(), on_listening)
+        "kube", lambda: listen_endpoint(reactor, options["kube-listen"], 3026,
+                                        proxy_options("required", [b"http/1.1"]),
+                                        backlog=1024),
+        lambda: kube_factory, on_listening, startup)
     # The tunnel port also serves users' SSH streams (ALPN edge-ssh/1, routed
     # by the TLS server name): the OpenSSH ProxyCommand mode of TLS routing.
-    tunnel_options = tls.server_options(proxy_key, proxy_cert, [authority.tls_ca_cert],
-                                        client_certificates="required",
-                                        alpn=[ALPN_PROTOCOL, ALPN_SSH])
+    tunnel_factory = tls_routing_factory(tunnels, router, cluster, reactor,
+                                         tunnel_alpn=ALPN_PROTOCOL)
     listeners["tunnel"] = _Listener(
-        "tunnel", listen_endpoint(reactor, options["tunnel-listen"], 3024, tunnel_options,
-                                  backlog=4096),
-        tls_routing_factory(tunnels, router, cluster, reactor, tunnel_alpn=ALPN_PROTOCOL),
-        on_listening)
+        "tunnel", lambda: listen_endpoint(reactor, options["tunnel-listen"], 3024,
+                                          proxy_options("required", [ALPN_PROTOCOL, ALPN_SSH]),
+                                          backlog=4096),
+        lambda: tunnel_factory, on_listening, startup)
     _TunnelShutdown(tunnels).setServiceParent(top)
     # Freed handshake state of a burst of agents goes back to the system.
     HeapTrimmer(reactor).setServiceParent(top)
 
     from edgeaccess.proxy.sshproxy import LockAuthorizer
 
-    ssh_factory = make_proxy_ssh_factory(
-        host_key, host_cert, lambda: [authority.ssh_user_ca.public_key()], router, reactor,
-        authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
-        target_check=control.check_target)
+    def ssh_factory():
+        return make_proxy_ssh_factory(
+            certificates.host_key, certificates.host_cert,
+            lambda: [authority.ssh_user_ca.public_key()], router, reactor,
+            authorizer=LockAuthorizer(control.check_user), sessions=control.sessions,
+            target_check=control.check_target)
+
     LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
               apps=apps.gateway).setServiceParent(top)
     listeners["ssh"] = _Listener(
-        "ssh", listen_endpoint(reactor, options["ssh-listen"], 3023),
-        ssh_factory, on_listening)
+        "ssh", lambda: listen_endpoint(reactor, options["ssh-listen"], 3023),
+        ssh_factory, on_listening, startup)
 
     if options["diag-listen"]:
         from edgeaccess import diag
 
         registry = diag.make_registry(diag.EdgeCollector(cluster, tunnels.registry.connected))
         ready = lambda: all(l.port is not None for l in listeners.values())  # noqa: E731
+        diag_site = EdgeSite(diag.DiagResource(registry, ready))
         listeners["diag"] = _Listener(
-            "diag", listen_endpoint(reactor, options["diag-listen"], 3000),
-            EdgeSite(diag.DiagResource(registry, ready)), on_listening)
+            "diag", lambda: listen_endpoint(reactor, options["diag-listen"], 3000),
+            lambda: diag_site, on_listening, startup)
 
     for listener in listeners.values():
         listener.setServiceParent(top)

@@ -11,7 +11,9 @@ from auditkit import Counter, clock, run
 from edgeaccess import errors
 from edgeaccess.audit import events as ev
 from edgeaccess.audit.log import HEAD_KEY, AuditLog, event_key
+from edgeaccess.backend.interfaces import IAtomicUpdate, IBackend
 from edgeaccess.backend.memory import MemoryBackend
+from zope.interface import implementer_only
 
 
 @pytest.fixture
@@ -19,9 +21,21 @@ def fake_clock():
     return clock()
 
 
-@pytest.fixture
-def backend(fake_clock):
-    return MemoryBackend(fake_clock)
+@implementer_only(IBackend)
+class PlainMemoryBackend(MemoryBackend):
+    """A backend without transactions (as SQLite's): appends take the
+    create()-and-retry path."""
+
+    atomic_update = None
+
+
+@pytest.fixture(params=["transactions", "create-and-retry"])
+def backend(request, fake_clock):
+    """Both append paths: one transaction per append (IAtomicUpdate, as on
+    PostgreSQL), and create()-with-retry."""
+    if request.param == "transactions":
+        return MemoryBackend(fake_clock)
+    return PlainMemoryBackend(fake_clock)
 
 
 @pytest.fixture
@@ -300,3 +314,32 @@ def test_a_wrong_prev_hash_is_caught_even_when_every_later_link_is_recomputed(lo
     result = run(log.verify())
     assert not result.ok
     assert result.problems[0].seq in (2, 3)
+
+
+def test_the_two_append_paths_are_the_ones_tested(backend, log):
+    assert log._atomic == IAtomicUpdate.providedBy(backend)
+
+
+def test_events_waiting_for_a_transaction_share_the_next_one(fake_clock):
+    """Group commit: what arrives while a transaction runs goes in the next."""
+    from twisted.internet.defer import Deferred
+
+    backend = MemoryBackend(fake_clock)
+    held: list = []
+    real = backend.atomic_update
+
+    def slow_update(compute):
+        gate = Deferred()
+        held.append(gate)
+        return gate.addCallback(lambda _: real(compute))
+
+    backend.atomic_update = slow_update
+    log = AuditLog(backend, "example", fake_clock, new_id=Counter())
+    results = [log.emit("user.login", user=f"u{i}") for i in range(5)]
+    assert len(held) == 1  # the first event's transaction is running
+    held[0].callback(None)
+    assert len(held) == 2  # the four others, together
+    held[1].callback(None)
+    assert all(run(d) for d in results)
+    assert [r["seq"] for r in run(log.records())] == [1, 2, 3, 4, 5]
+    assert run(log.verify()).ok

@@ -263,7 +263,7 @@ def source_restricted_home(proxy, alice_home, dest, source_address):
     for name in ("key", "key.pub", "known_hosts"):
         shutil.copy2(alice_home / name, dest / name)
     shutil.copy2(alice_home / "key-cert.pub", dest / "jump-cert.pub")
-    user_ca = keys.load_private_key((proxy.data_dir / "ca" / "ssh_user_ca").read_bytes())
+    user_ca = proxy.authority().ssh_user_ca
     public = keys.load_public_key_openssh((alice_home / "key.pub").read_text())
     real = sshca.user_identity_from_certificate(ssh_serialization.load_ssh_public_identity(
         (alice_home / "key-cert.pub").read_bytes()))

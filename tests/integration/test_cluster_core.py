@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import stat
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from edgeaccess.devcluster import (NodeProcess, ProcessFailed, ProxyProcess, join_node, run_edge,
                                   wait_for)
 from edgeaccess.pki import x509ca
+from edgeaccess.pki.authority import CertificateAuthority
 
 PASSWORD = "integration-pass-1"
 ROLE_YAML = """\
@@ -75,14 +75,15 @@ def test_first_start_creates_the_cas_and_a_restart_reuses_them(tmp_path):
     fresh = ProxyProcess(tmp_path / "proxy", tmp_path / "proxy.log", cluster="restarted")
     try:
         fresh.start()
-        ca_dir = fresh.data_dir / "ca"
-        for name in ("ssh_user_ca", "ssh_host_ca", "tls_ca.key"):
-            assert stat.S_IMODE((ca_dir / name).stat().st_mode) == 0o600, name
+        # The CAs are in the backend, sealed with the CA key made beside it.
+        assert stat.S_IMODE((fresh.data_dir / "ca.key").stat().st_mode) == 0o600
+        assert sorted(p.name for p in (fresh.data_dir / "ca").iterdir()) == [
+            "ssh_host_ca.pub", "ssh_user_ca.pub", "tls_ca.crt", "web_ca.crt"], "public copies only"
         assert stat.S_IMODE((fresh.data_dir / "admin" / "identity.pem").stat().st_mode) == 0o600
         pin = fresh.pin()
-        assert pin == x509ca.ca_pin(x509ca.load_certificate_pem(
-            (ca_dir / "tls_ca.crt").read_bytes()))
-        user_ca = (ca_dir / "ssh_user_ca.pub").read_text()
+        admin_chain = (fresh.data_dir / "admin" / "identity.pem").read_bytes()
+        assert pin == x509ca.ca_pin(x509ca.load_certificates_pem(admin_chain)[-1])
+        user_ca = fresh.edgectl_json("status")["ssh_user_ca"]
         fresh.add_user("bob", PASSWORD, logins=("root",))
         assert "created certificate authorities" in fresh.log()
 
@@ -91,7 +92,7 @@ def test_first_start_creates_the_cas_and_a_restart_reuses_them(tmp_path):
         fresh.start()
         assert "loaded certificate authorities of cluster restarted" in fresh.log()
         assert fresh.pin() == pin
-        assert (ca_dir / "ssh_user_ca.pub").read_text() == user_ca
+        assert fresh.edgectl_json("status")["ssh_user_ca"] == user_ca
         result = login(fresh, tmp_path / "edge", "--ca-pin", pin, user="bob")
         assert result.returncode == 0, result.stderr + fresh.log()[-3000:]
         roles = [r["metadata"]["name"] for r in fresh.edgectl_json("get", "roles")]
@@ -100,9 +101,26 @@ def test_first_start_creates_the_cas_and_a_restart_reuses_them(tmp_path):
         fresh.stop()
 
 
+def test_a_data_dir_with_ca_files_keeps_its_cas(tmp_path):
+    """The upgrade path: a data dir written when the CAs were files is imported."""
+    old = ProxyProcess(tmp_path / "old", tmp_path / "old.log", cluster="upgraded")
+    authority = CertificateAuthority.load_or_create(
+        old.data_dir / "ca", "upgraded", datetime.now(timezone.utc))
+    try:
+        old.start()
+        assert old.pin() == authority.pin
+        assert "imported the certificate authorities from the data directory" in old.log()
+        status = old.edgectl_json("status")
+        assert status["ssh_user_ca"] == [authority.user_ca_public_line]
+        assert status["ssh_host_ca"] == [authority.host_ca_public_line]
+    finally:
+        old.stop()
+
+
 def test_a_proxy_refuses_another_clusters_data_dir(proxy, tmp_path):
     other = ProxyProcess(tmp_path / "other", tmp_path / "other.log", cluster="someone-else")
-    shutil.copytree(proxy.data_dir / "ca", other.data_dir / "ca")
+    CertificateAuthority.load_or_create(other.data_dir / "ca", proxy.cluster,
+                                        datetime.now(timezone.utc))
     try:
         with pytest.raises(ProcessFailed):
             other.start()

@@ -179,7 +179,7 @@ class World:
             "user": (self.home / "tls.key", self.home / "tls.crt"),
             "node": (self.node.data_dir / "tls.key", self.node.data_dir / "tls.crt"),
         }
-        ca_key = keys.load_private_key((self.proxy.data_dir / "ca" / "tls_ca.key").read_bytes())
+        ca_key = self.proxy.authority().tls_ca_key
         ca_cert = x509ca.load_certificate_pem(ca_pem.encode())
         key, cert = issue_legacy_certificate(
             {"ca": ca_cert, "ca_key": ca_key},

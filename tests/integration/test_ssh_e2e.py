@@ -493,7 +493,7 @@ def test_a_plain_key_without_certificate_is_refused(proxy, users, nodes, tmp_pat
 
 
 def test_an_expired_certificate_is_refused_by_proxy_and_node(proxy, users, nodes, tmp_path):
-    user_ca = keys.load_private_key((proxy.data_dir / "ca" / "ssh_user_ca").read_bytes())
+    user_ca = proxy.authority().ssh_user_ca
     now = datetime.now(timezone.utc)
     expired = _forged_certificate(users["alice"], user_ca, valid_from=now - timedelta(hours=3),
                                   ttl=timedelta(hours=1), cluster=proxy.cluster)
