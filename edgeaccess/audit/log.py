@@ -174,12 +174,16 @@ class AuditLog:
             return None
 
     def append_made(self, events: list[dict]) -> Deferred:
-        """Append events of :meth:`make` as one batch (one lock, one head write).
+        """Append events of :meth:`make` as one batch (one lock and one head
+        write; one transaction on an ``IAtomicUpdate`` backend).
 
         Fires with None once they are stored, or after logging a failure:
         never with an error (see ``edgeaccess.audit.batch``).
         """
-        d = self._locked(lambda: self._append_batch(events, check_duplicates=False))
+        if self._atomic:
+            d = self._queue(list(events))
+        else:
+            d = self._locked(lambda: self._append_batch(events, check_duplicates=False))
 
         def failed(failure):
             _log.failure("{count} audit events ({first}...) could not be stored", failure,
