@@ -22,6 +22,8 @@ def main(argv: list[str]) -> int:
     })
     scenarios["control-plane"] = "benchmarks.control_plane"  # docs/performance.md
     scenarios["webui"] = "benchmarks.webui"  # docs/performance.md "Web UI"
+    scenarios["links"] = "benchmarks.links"  # docs/performance.md "Unstable links"
+    scenarios["links-resume"] = "benchmarks.resume_memory"  # docs/performance.md "Resumable channels"
     scenarios["backend-postgres"] = "benchmarks.backend_postgres"  # docs/performance.md
     scenarios["ha-state"] = "benchmarks.ha_state"  # docs/performance.md "Several proxies"
     if not argv or argv[0] not in scenarios:

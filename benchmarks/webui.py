@@ -42,7 +42,6 @@ from pathlib import Path
 
 from edgeaccess.devcluster import ProxyProcess, join_node
 
-CHROMIUM = "/usr/lib/chromium/chromium"
 PASSWORD = "bench-web-password"
 
 
@@ -115,8 +114,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--nodes", type=int, default=1000)
     args = parser.parse_args(argv)
-    from playwright.sync_api import sync_playwright
-
     base = Path(tempfile.mkdtemp(prefix="bench-webui-"))
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster="bench")
     nodes = []
@@ -133,10 +130,14 @@ def main(argv: list[str]) -> int:
         nodes.append(join_node(proxy, base, "lannode", labels="env=dev")[0])
         url = f"https://{proxy.addr('web')}"
         results = []
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            anonymous = browser.new_context(ignore_https_errors=True,
-                                            viewport={"width": 1280, "height": 800})
+        # The browser trusts the cluster's web CA and verifies the page, as a
+        # user's would (tests/browser.py: an NSS database in a home of its own).
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import browser as browsers
+
+        with browsers.browser_trusting(base / "browser-home",
+                                       [browsers.web_ca_of(proxy)]) as browser:
+            anonymous = browser.new_context(viewport={"width": 1280, "height": 800})
             # The browser's own floor in this run: a one-line page handed to
             # Chromium by Playwright (no network, no server).
             floor = []
@@ -158,8 +159,7 @@ def main(argv: list[str]) -> int:
             results.append({"measure": "login-page", "what": "first contentful paint",
                             "goal_ms": 300, **_percentiles(paints)})
 
-            ctx = browser.new_context(ignore_https_errors=True,
-                                      viewport={"width": 1280, "height": 800})
+            ctx = browser.new_context(viewport={"width": 1280, "height": 800})
             page = ctx.new_page()
             page.goto(url + "/")
             page.fill("#user", "bench")
@@ -195,7 +195,6 @@ def main(argv: list[str]) -> int:
                 results.append({"measure": measure, "what": "keystroke echo in the browser",
                                 **({"goal_p95_ms": 25} if measure == "echo-tunnel" else {}),
                                 **_percentiles(latencies)})
-            browser.close()
         load = Path("/proc/loadavg").read_text().split()[0]
         for result in results:
             print(json.dumps({**result, "loadavg": float(load)}), flush=True)

@@ -48,3 +48,24 @@ def apply_config_file(options: usage.Options, path: str, keys) -> None:
             raise usage.UsageError(f"--config {path}: unknown option {raw_key!r}")
         if options.get(key) in (None, options.defaults.get(key)):
             options[key] = value if not isinstance(value, (list, dict)) else value
+
+
+def parse_seconds(value: object, option: str, low: float = 0.0, high: float = 86400.0) -> float:
+    """Seconds from ``60``, ``60s``, ``2m`` or ``1.5`` (an option's value).
+
+    :raises usage.UsageError: naming ``--option`` unless it is a duration
+        between ``low`` and ``high`` seconds.
+    """
+    text = str(value).strip().lower()
+    scale = 1.0
+    if text.endswith("m"):
+        text, scale = text[:-1], 60.0
+    elif text.endswith("s"):
+        text = text[:-1]
+    try:
+        seconds = float(text) * scale
+    except ValueError:
+        raise usage.UsageError(f"--{option} must be a duration such as 60s or 2m") from None
+    if not low <= seconds <= high:  # also refuses nan
+        raise usage.UsageError(f"--{option} must be between {low:g}s and {high:g}s")
+    return seconds

@@ -341,8 +341,9 @@ def main(argv=None) -> int:
         print(f"""
 edgeaccess cluster {args.cluster!r} is running (logs in {base}/*.log).
 
-  web UI            https://{web}/   (user demo, password below; the browser warns about
-                    the certificate: the cluster's own CA, see docs/operations.md "Web UI")
+  web UI            https://{web}/   (user demo, password below; the browser verifies the
+                    page once it trusts the cluster's web CA {proxy.data_dir / 'ca' / 'web_ca.crt'}:
+                    certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n edge-{args.cluster} -i THAT_FILE)
   proxy web/login   https://{web}
   proxy SSH         {proxy.addr('ssh')}
   auth API          {proxy.addr('auth')}

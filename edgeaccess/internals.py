@@ -11,6 +11,10 @@ lives here too, behind thin call sites elsewhere:
   (:func:`install_fast_tls`). Off: Twisted's TLS I/O, one record per delivery.
 - ``eager-tcp``: Twisted's TCP write buffer (:func:`send_if_idle`,
   :func:`eager_tcp_writes`). Off: writes wait for the next reactor turn.
+- ``tcp-send-limit``: Twisted's TCP write-buffer test (``_isSendBufferFull``,
+  :func:`limit_tcp_send_buffer`). Off: a tunnel's producer is paused only past
+  Twisted's ``bufferSize`` (bytes queued there cannot be reordered by the
+  tunnel's priority scheduler).
 - ``amp-lean-init``: what ``amp.AMP.__init__`` sets (:func:`init_amp`). Off:
   ``amp.AMP.__init__`` itself (~0.5 KB more a tunnel). (The read-through
   ``_transportPeer``/``_transportHost`` of
@@ -620,6 +624,79 @@ def _eager_write(tcp: Any, data: bytes | memoryview) -> None:
     if sent:
         data = data[sent:]
     FileDescriptor.write(tcp, data if type(data) is bytes else bytes(data))
+
+
+def flush_gathered_writes(tls: Any) -> None:
+    """Encrypt and hand to TCP what a fast TLS transport's aggregator holds
+    (nothing for any other transport)."""
+    if "_fast_tls" in vars(tls):
+        tls._aggregator.flush()
+
+
+# -- tcp-send-limit: pause a transport's producer as soon as the socket refuses --------------
+
+
+@_reach("tcp-send-limit", "a tunnel's producer pauses only past Twisted's bufferSize")
+def _probe_tcp_send_limit() -> str | None:
+    from twisted.internet.testing import MemoryReactor
+
+    probe = FileDescriptor(reactor=MemoryReactor())
+    missing = _missing(probe, _TCP_INTERNALS + _TCP_PRODUCER_INTERNALS)
+    if missing:
+        return f"FileDescriptor without {', '.join(missing)}"
+    if "_isSendBufferFull" not in inspect.getsource(FileDescriptor._maybePauseProducer):
+        return "FileDescriptor._maybePauseProducer no longer asks _isSendBufferFull"
+    if "producerPaused" not in inspect.getsource(FileDescriptor.doWrite):
+        return "FileDescriptor.doWrite no longer resumes a paused producer"
+    return None
+
+
+_TCP_PRODUCER_INTERNALS = ("_isSendBufferFull", "_maybePauseProducer", "producerPaused",
+                           "streamingProducer", "producer", "startWriting")
+
+
+def pause_until_writable_possible(tcp: Any) -> bool:
+    """Whether :func:`pause_until_writable` may be used on ``tcp``."""
+    return (
+        isinstance(tcp, FileDescriptor)
+        and all(hasattr(tcp, name) for name in _TCP_INTERNALS + _TCP_PRODUCER_INTERNALS)
+        and available("tcp-send-limit")
+    )
+
+
+def pause_until_writable(tcp: Any) -> bool:
+    """Pause ``tcp``'s streaming producer as a full write buffer does, until
+    the socket is writable again (Twisted's ``doWrite`` then resumes it, as
+    after draining its buffer). Returns whether it paused."""
+    producer = tcp.producer
+    if producer is None or not tcp.streamingProducer or tcp.producerPaused:
+        return False
+    if not tcp.connected or tcp.disconnecting:
+        return False
+    tcp.producerPaused = True
+    producer.pauseProducing()
+    tcp.startWriting()
+    return True
+
+
+def limit_tcp_send_buffer(tcp: Any, limit: int) -> bool:
+    """Treat ``tcp``'s write buffer (a Twisted TCP transport's) as full past
+    ``limit`` queued bytes, so its streaming producer is paused as soon as
+    the socket refuses more than that (and resumed when it drained), while
+    reads keep their size (Twisted's ``bufferSize`` sets both). Returns
+    whether it did."""
+    if not isinstance(tcp, FileDescriptor) or getattr(tcp, "TLS", True):
+        return False
+    if not all(hasattr(tcp, name) for name in _TCP_INTERNALS):
+        return False
+    if not available("tcp-send-limit"):
+        return False
+    tcp._isSendBufferFull = partial(_send_buffer_full, tcp, limit)
+    return True
+
+
+def _send_buffer_full(tcp: Any, limit: int) -> bool:
+    return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen > limit
 
 
 # -- amp-lean-init: a tunnel's AMP without file descriptor passing state --------------------

@@ -155,7 +155,8 @@ class AuditingObserver:
                                     **fields))
         return _all(waits)
 
-    def session_ended(self, session: SessionInfo, exit_status, exit_signal) -> None:
+    def session_ended(self, session: SessionInfo, exit_status, exit_signal,
+                      reason: str | None = None) -> None:
         recorder = self._recorders.pop(session.session_id, None)
         if recorder is not None:
             try:
@@ -165,7 +166,8 @@ class AuditingObserver:
                              session=session.session_id)
         ended = self._emit(
             ev.SESSION_END, exit_status=exit_status, exit_signal=exit_signal,
-            reason="exited" if exit_status is not None or exit_signal else "closed",
+            reason=reason[:256] if reason else (
+                "exited" if exit_status is not None or exit_signal else "closed"),
             recorded=recorder is not None, **self._session_fields(session))
 
         def forget(_) -> None:

@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from edgeaccess.audit.recording import AsciicastWriter
+from edgeaccess.tunnel.scheduler import prioritize
 
 _log = Logger()
 
@@ -186,6 +187,9 @@ class ExecTap:
             streams: dict[int, str] = {}
             self._client = SpdyReader(streams, self._spdy_client_data)
             self._server = SpdyReader(streams, self._spdy_server_data)
+        if self.tty:
+            # A terminal: ahead of bulk data on the node's tunnel (the node is told).
+            prioritize(getattr(self.connection.upstream, "transport", None))
         if self.tty and (self._websocket or self._spdy):
             self._writer = AsciicastWriter(self._sink, self.proxy.reactor, 80, 24,
                                            title=f"{self.user.name}@{self.kube}/"

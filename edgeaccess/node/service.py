@@ -61,12 +61,14 @@ class NodeService(service.MultiService):
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
                  connect_cluster=None, kube=None, serve_ssh: bool = True,
-                 apps=()) -> None:
+                 apps=(), resume_budget: float = 60.0) -> None:
         """
         :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
             publish (``--kube-cluster``), or None.
         :param serve_ssh: False for a node that serves no SSH (``--no-ssh``).
         :param apps: the web apps to publish (``--app``).
+        :param resume_budget: seconds the tunnel's channels outlive a tunnel
+            outage (``--resume-budget``; 0: they end with the tunnel).
         """
         super().__init__()
         self.kube = kube
@@ -89,6 +91,7 @@ class NodeService(service.MultiService):
         self.advertise_addr = advertise_addr
         self.reactor = reactor
         self.heartbeat_interval = heartbeat_interval
+        self.resume_budget = resume_budget
         self.env_allow = tuple(env_allow)
         self.rng = rng or random.SystemRandom()
         self.identity: NodeIdentity | None = None
@@ -443,7 +446,8 @@ class NodeService(service.MultiService):
                 apps=self.apps.inventory() if self.apps else ()),
             clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
             heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
-            on_control=self._control_pushed, max_channels=256)
+            on_control=self._control_pushed, max_channels=256,
+            resume_budget=self.resume_budget)
         self._dials_since_up = 0
         watch()
         self.agent.setServiceParent(self)

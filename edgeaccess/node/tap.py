@@ -7,7 +7,7 @@ from pathlib import Path
 from twisted.python import usage
 
 from edgeaccess import internals
-from edgeaccess.config import apply_config_file, listen_endpoint
+from edgeaccess.config import apply_config_file, listen_endpoint, parse_seconds
 from edgeaccess.httpclient import split_addr
 from edgeaccess.memory import tune_for_streaming
 
@@ -52,6 +52,9 @@ class Options(usage.Options):
          "HOST:PORT the proxy dials (default: the SSH listen address, or the address "
          "the auth service sees when listening on every interface)"],
         ["heartbeat-interval", None, "30", "seconds between heartbeats"],
+        ["resume-budget", None, "60s",
+         "how long tunnel channels (SSH sessions...) outlive a tunnel outage, "
+         "e.g. 60s or 2m; 0 turns resumption off"],
         ["env-allow", None, "", "extra client environment variables to accept (comma list)"],
         ["kube-cluster", None, None, "publish a Kubernetes API as this cluster name"],
         ["kubeconfig", None, None, "kubeconfig with the agent's credential for --kube-cluster"],
@@ -110,6 +113,8 @@ class Options(usage.Options):
             raise usage.UsageError("--heartbeat-interval must be a number of seconds")
         if not 0.05 <= self["heartbeat-interval"] <= 3600:
             raise usage.UsageError("--heartbeat-interval must be between 0.05 and 3600")
+        self["resume-budget"] = parse_seconds(self["resume-budget"], "resume-budget",
+                                              high=3600.0)
 
 
 def makeService(options, reactor=None):
@@ -143,4 +148,5 @@ def makeService(options, reactor=None):
         ca_pin=options["ca-pin"], nodename=options["nodename"], labels=options["labels"],
         listen=endpoint.listen, advertise_addr=advertise, reactor=reactor,
         heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow,
+        resume_budget=options.get("resume-budget", 60.0),
         apps=options.get("app") or [])

@@ -25,7 +25,7 @@ from edgeaccess.httpapi import EdgeSite
 from edgeaccess.auth.api import AuthAPI
 from edgeaccess.auth.service import AuthServer
 from edgeaccess.backend import backend_from_url
-from edgeaccess.config import apply_config_file, listen_endpoint
+from edgeaccess.config import apply_config_file, listen_endpoint, parse_seconds
 from edgeaccess.httpclient import is_ip, split_addr
 from edgeaccess.memory import HeapTrimmer, share_tcp_server_attributes, tune_for_streaming
 from edgeaccess.pki import keys, x509ca
@@ -77,6 +77,9 @@ class Options(usage.Options):
          "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
          "public host; needs a wildcard DNS record)"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
+        ["resume-budget", None, "60s",
+         "how long a tunnelled node's channels (users' SSH sessions...) are held "
+         "through a tunnel outage, e.g. 60s or 2m; 0 turns resumption off"],
         ["backend-pool", None, None,
          "connections (and query threads) of a PostgreSQL backend (default 4)"],
         ["ca-key-file", None, None,
@@ -103,6 +106,8 @@ class Options(usage.Options):
             validate_resource_name(self["cluster-name"], "cluster")
         except errors.EdgeError as e:
             raise usage.UsageError(str(e))
+        self["resume-budget"] = parse_seconds(self["resume-budget"], "resume-budget",
+                                              high=3600.0)
         if not self["public-addr"]:
             self["public-addr"] = "localhost"
         pool = self["backend-pool"]
@@ -411,7 +416,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
-    tunnels = _tunnel_server(reactor, auth, addresses, clusters)
+    tunnels = _tunnel_server(reactor, auth, addresses, clusters,
+                             resume_budget=options.get("resume-budget", 60.0))
     # The live control plane: the cache every read comes from, the push to
     # every node and leaf (edgeaccess.controlplane), locks at the proxy.
     from edgeaccess.controlplane.proxy import ProxyControlPlane
@@ -437,6 +443,12 @@ def makeService(options, reactor=None) -> service.MultiService:
                             web_sessions=getattr(web.ui, "sessions", None),
                             ui_host=public_host)
     apps.service.setServiceParent(top)
+    if web.ui is not None:
+        from edgeaccess.web import sections
+
+        ask_leaf = sections.leaf_asker(clusters, reactor)
+        web.ui.resource_sections += [sections.app_section(apps.gateway, ask_leaf),
+                                     sections.kube_section(kube, ask_leaf, cluster)]
     listeners["web"] = _Listener(
         "web", lambda: listen_endpoint(reactor, options["web-listen"], 3080, web_options()),
         lambda: apps.factory, on_listening, startup)
@@ -505,7 +517,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     return top
 
 
-def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
+def _tunnel_server(reactor, auth, addresses, clusters,
+                   resume_budget: float = 60.0) -> TunnelServerFactory:
     """The reverse-tunnel server: nodes behind NAT dial in and are listed
     (address ``tunnel``) while their tunnel is up; leaf clusters that trust
     this cluster dial in with a ``cluster`` identity."""
@@ -523,7 +536,7 @@ def _tunnel_server(reactor, auth, addresses, clusters) -> TunnelServerFactory:
     tunnels = TunnelServerFactory(
         clock=reactor, identity_for=identity_for,
         proxies=lambda: [addresses()["tunnel"]] if "tunnel" in addresses() else [],
-        max_channels=256)
+        max_channels=256, resume_budget=resume_budget)
 
     def connected(tunnel) -> None:
         identity = tunnel.identity

@@ -107,10 +107,12 @@ class ISessionObserver(Interface):
         """A command is run in the session (also for ``scp``)."""
 
     def session_ended(
-        session: SessionInfo, exit_status: int | None, exit_signal: str | None
+        session: SessionInfo, exit_status: int | None, exit_signal: str | None,
+        reason: str | None = None,
     ) -> None:
         """A session channel closed; the exit status or signal of its
-        process when known."""
+        process when known, and why the connection was lost when it says
+        (e.g. ``tunnel outage exceeded 60s``; passed only when known)."""
 
     def port_forward(
         session: SessionInfo, host: str, port: int, allowed: bool
@@ -131,7 +133,7 @@ class NullSessionObserver:
     def exec_started(self, session, command) -> None:
         pass
 
-    def session_ended(self, session, exit_status, exit_signal) -> None:
+    def session_ended(self, session, exit_status, exit_signal, reason=None) -> None:
         pass
 
     def port_forward(self, session, host, port, allowed) -> None:

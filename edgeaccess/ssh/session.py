@@ -56,6 +56,7 @@ from edgeaccess.ssh.interfaces import (
     SessionPermissions,
 )
 from edgeaccess.ssh.process import SessionProcessProtocol
+from edgeaccess.tunnel.scheduler import prioritize
 
 _log = Logger()
 
@@ -449,6 +450,9 @@ class NodeSession(SSHSessionForUnixConchUser):
         self.modes = modes
         master, slave = pty.openpty()
         self.ptyTuple = (master, slave, os.ttyname(slave))
+        # A terminal: its keystrokes and echo go ahead of bulk data on the
+        # tunnel that carries this connection (the proxy is told too).
+        prioritize(self.avatar.conn.transport.transport)
 
     # -- starting the program
 
@@ -612,7 +616,21 @@ class NodeSession(SSHSessionForUnixConchUser):
                     exit_status = os.WEXITSTATUS(status)
                 elif os.WIFSIGNALED(status):
                     exit_signal = _signal_name(os.WTERMSIG(status))
-            self.avatar.observer.session_ended(self.info, exit_status, exit_signal)
+            reason = self._lost_reason()
+            if reason is None:
+                self.avatar.observer.session_ended(self.info, exit_status, exit_signal)
+            else:
+                self.avatar.observer.session_ended(self.info, exit_status, exit_signal,
+                                                   reason=reason)
+
+    def _lost_reason(self) -> str | None:
+        """Why the connection under the session was lost, if it says
+        (a tunnel channel whose outage outlasted its budget does)."""
+        try:
+            reason = self.avatar.conn.transport.transport.lost_reason
+        except AttributeError:
+            return None
+        return reason if isinstance(reason, str) and reason else None
 
 
 def _signal_name(number: int) -> str:

@@ -37,6 +37,8 @@ from edgeaccess.tunnel.backoff import UniformRandom, backoff_delay
 from edgeaccess.tunnel.channels import ChannelAcceptor
 from edgeaccess.tunnel.connection import TunnelConnection
 from edgeaccess.tunnel.interfaces import ITunnel
+from edgeaccess.tunnel.mux import ChannelMux
+from edgeaccess.tunnel.resume import ResumeSlot, new_session_id
 from edgeaccess.tunnel.protocol import (
     CONTROL_CAPABILITY,
     DEFAULT_WINDOW,
@@ -44,6 +46,9 @@ from edgeaccess.tunnel.protocol import (
     PROTOCOL_VERSION,
     PROXY_COMMANDS,
     PROXY_OPENABLE_KINDS,
+    RESUME_CAPABILITY,
+    RESUME_SESSION_PREFIX,
+    ChannelState,
     ControlUpdate,
     Discover,
     Heartbeat,
@@ -51,6 +56,7 @@ from edgeaccess.tunnel.protocol import (
     Inventory,
     ProtocolViolation,
     Reconnect,
+    ResumeChannels,
     check_delay,
     check_proxies,
     check_reason,
@@ -58,6 +64,8 @@ from edgeaccess.tunnel.protocol import (
 
 _log = Logger()
 
+#: Longest wait before redialing while channels wait for a tunnel (seconds).
+QUICK_REDIAL = 1.0
 #: Largest control message an agent assembles from ControlUpdate pieces.
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
@@ -88,6 +96,7 @@ class AgentTunnelProtocol(TunnelConnection):
         max_channels: int = 1024,
         on_discover: Callable[[list[str]], None] | None = None,
         on_control: Callable[[bytes], None] | None = None,
+        resume: ResumeSlot | None = None,
     ) -> None:
         super().__init__(
             clock=clock,
@@ -96,6 +105,13 @@ class AgentTunnelProtocol(TunnelConnection):
             window=window,
             max_channels=max_channels,
         )
+        self._resume_slot = resume
+        if resume is not None:
+            self.resume_budget = resume.budget
+            self.probe_interval = resume.probe_interval
+            waiting = resume.take()
+            if waiting is not None:
+                self._adopt_mux(waiting)
         self.inventory = inventory
         self._on_control = on_control
         self._control_pieces: list[bytes] = []
@@ -119,11 +135,19 @@ class AgentTunnelProtocol(TunnelConnection):
             inventory=self.inventory.to_json(),
         ).addCallbacks(self._hello_answered, self._hello_refused)
 
+    def _new_mux(self) -> ChannelMux:
+        mux = super()._new_mux()
+        if self.resume_budget > 0:
+            mux.session_id = new_session_id()
+        return mux
+
     def offered_capabilities(self) -> list[str]:
         """Control pushes only for an agent that takes them."""
         offered = super().offered_capabilities()
         if self._on_control is None:
-            return [c for c in offered if c != CONTROL_CAPABILITY]
+            offered = [c for c in offered if c != CONTROL_CAPABILITY]
+        if RESUME_CAPABILITY in offered:
+            offered.append(RESUME_SESSION_PREFIX + (self.mux.session_id or ""))
         return offered
 
     @ControlUpdate.responder
@@ -164,7 +188,61 @@ class AgentTunnelProtocol(TunnelConnection):
         self.proxy_capabilities = tuple(answer["capabilities"][:64])
         if self.fast_data_offered and FAST_DATA_CAPABILITY in self.proxy_capabilities:
             self.use_fast_data()
+        self._start_session(answer)
         self.ready.callback(self)
+
+    def _start_session(self, answer: dict[str, Any]) -> None:
+        """Resume the waiting session, or give up its channels and start anew."""
+        mux = self.mux
+        resumable = self.resume_budget > 0 and RESUME_CAPABILITY in self.proxy_capabilities
+        if resumable:
+            self.resume_negotiated = True
+            probe = answer.get("probe_interval")
+            if isinstance(probe, float) and math.isfinite(probe) and 0.05 <= probe <= 60.0:
+                self.probe_interval = probe
+                if self._resume_slot is not None:
+                    self._resume_slot.probe_interval = probe
+        if self._resume_pending:
+            if resumable and answer.get("resumed"):
+                _log.info("re-attaching {count} channels on the tunnel to {peer}",
+                          count=len(mux.channels), peer=mux.peer_name)
+                self.callRemote(ResumeChannels, channels=mux.states())
+                return
+            self._resume_pending = False
+            mux.expire("the proxy no longer holds the channels" if resumable
+                       else "the proxy cannot resume channels")
+            self._mux = None
+            fresh = self.mux
+            fresh.local_name, fresh.peer_name = mux.local_name, mux.peer_name
+            mux = fresh
+        mux.resumable = resumable
+
+    def resume_received(self, channels: list[ChannelState]) -> None:
+        """The proxy's account: re-attach and send again what it lacks."""
+        if not self._resume_pending or not self.ready.called:
+            raise ProtocolViolation("ResumeChannels without a session to resume")
+        self._resume_pending = False
+        mux = self.mux
+        mux.resume(channels)
+        _log.info("re-attached {count} channels on the tunnel to {peer}",
+                  count=len(mux.channels), peer=mux.peer_name)
+        self._ensure_backpressure()
+
+    def _detach_mux(self, mux: ChannelMux) -> bool:
+        slot = self._resume_slot
+        if slot is None:
+            return False
+        slot.detached(mux)
+        return True
+
+    def _channels_opened(self) -> None:
+        # Probe from now on (a cut is found in seconds, not heartbeats).
+        if not self.busy or self._liveness_period <= self.probe_interval:
+            return
+        if self._liveness_call is not None and self._liveness_call.active():
+            self._liveness_call.cancel()
+            self._silent_intervals = 0
+            self._schedule_liveness()
 
     def _hello_refused(self, failure: Failure) -> None:
         if self.ready.called:
@@ -247,6 +325,8 @@ class _AgentCore:
     base: float
     cap: float
     name: str
+    #: True while channels wait for a tunnel: redial within a second (jittered).
+    quick_redial: Callable[[], bool] = lambda: False
     failures: int = 0
     state: str = "idle"
     last_delay: float | None = None
@@ -299,6 +379,8 @@ def _make_machine() -> Callable[[_AgentCore], _Agent]:
             s.enter("waiting", delay=f"{delay:.1f} s as the proxy asked")
         else:
             delay = backoff_delay(s.failures, s.rng, s.base, s.cap)
+            if s.quick_redial():
+                delay = min(delay, s.rng.uniform(0.1, QUICK_REDIAL))
             s.failures += 1
             reason = cause.getErrorMessage() if isinstance(cause, Failure) else "tunnel lost"
             s.enter("waiting", attempt=s.failures, delay=f"{delay:.1f} s", after=reason)
@@ -436,7 +518,11 @@ class TunnelAgent(Service):
         on_control: Callable[[bytes], None] | None = None,
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
+        resume_budget: float = 0.0,
     ) -> None:
+        #: The session whose channels outlive each tunnel (None: no resumption).
+        self.resume = ResumeSlot(clock, resume_budget) if resume_budget > 0 else None
+
         def build() -> AgentTunnelProtocol:
             return AgentTunnelProtocol(
                 clock=clock,
@@ -447,8 +533,10 @@ class TunnelAgent(Service):
                 max_channels=max_channels,
                 on_discover=on_discover,
                 on_control=on_control,
+                resume=self.resume,
             )
 
+        resume = self.resume
         self._core = _AgentCore(
             endpoint_factory=endpoint_factory,
             protocol_factory=build,
@@ -457,6 +545,7 @@ class TunnelAgent(Service):
             base=backoff_base,
             cap=backoff_cap,
             name=inventory.name,
+            quick_redial=(lambda: resume.waiting) if resume is not None else (lambda: False),
         )
         self._machine = _AgentMachine(self._core)
 
@@ -485,4 +574,16 @@ class TunnelAgent(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._machine.stop()
+        stopping = self._machine.stop()
+        resume = self.resume
+        if resume is None:
+            return stopping
+
+        def end_the_session(result: object) -> object:
+            # Stopping is no outage: the channels end now, not after the budget.
+            mux = resume.mux
+            if mux is not None and not mux._lost:
+                mux.expire("the node is stopping")
+            return result
+
+        return stopping.addBoth(end_the_session)

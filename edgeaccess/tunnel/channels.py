@@ -14,6 +14,14 @@ tunnel is closed.
 
 The multiplexer (:mod:`edgeaccess.tunnel.mux`) knows nothing of AMP: it talks to the tunnel through
 the small :class:`ChannelWire` interface, so it can be driven by tests alone.
+
+Resumable channels (both ends offered ``resume/1``): each end counts the
+bytes it sent and received per direction and keeps what it sent until the
+peer's credit acknowledges it (so at most a window of it). When the tunnel
+is lost the channel stays, detached: its protocol sees nothing, its writes
+queue (producers paused). On the next tunnel the ends exchange their counts
+(:class:`~edgeaccess.tunnel.protocol.ChannelState`) and each sends again
+from the offset the other received: no byte lost, repeated or reordered.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeaccess.errors import NodeOffline
-from edgeaccess.tunnel.protocol import ProtocolViolation, parse_source
+from edgeaccess.tunnel.interfaces import IPrioritizedTransport
+from edgeaccess.tunnel.protocol import ChannelState, ProtocolViolation, parse_source
+from edgeaccess.tunnel.scheduler import BULK, PRIORITIES
 
 if TYPE_CHECKING:
     from edgeaccess.tunnel.mux import ChannelMux
@@ -59,7 +69,9 @@ class ChannelWire(TypingProtocol):
     def send_data(self, channel: int, data: bytes | memoryview) -> None: ...
     def send_window_adjust(self, channel: int, credit: int) -> None: ...
     def send_eof(self, channel: int) -> None: ...
-    def send_close(self, channel: int, reason: str) -> Deferred[None]: ...
+    def send_priority(self, channel: int, priority: str) -> None: ...
+    def send_close(self, channel: int, reason: str) -> Deferred[Any]:
+        """Fires True once the peer answered, False if the tunnel failed first."""
     def send_open(
         self, channel: int, kind: str, target: str, window: int, source: str | None = None
     ) -> Deferred[int]: ...
@@ -98,14 +110,25 @@ class TunnelAddress:
         return parse_source(self.source)[1]
 
 
-@implementer(ITransport, IPushProducer, IConsumer)
+@implementer(ITransport, IPushProducer, IConsumer, IPrioritizedTransport)
 class Channel:
     """One channel: a transport for the protocol on this end.
 
     States (flags rather than a machine, as each direction closes on its
     own): opening (no protocol yet) -> open -> write side shut and/or EOF
     received -> closed. Created only by :class:`ChannelMux`.
+
+    :attr:`priority` (``"interactive"`` or ``"bulk"``) is the class the
+    tunnel's :class:`~edgeaccess.tunnel.scheduler.SendScheduler` sends this
+    channel's data in; :meth:`set_priority` changes it (and tells the peer).
     """
+
+    #: The send class (:data:`~edgeaccess.tunnel.scheduler.PRIORITIES`).
+    priority = BULK
+    # The scheduler's per-channel state (see SendScheduler).
+    _scheduled = False
+    _deficit = 0
+    _burst = 0
 
     def __init__(
         self,
@@ -155,6 +178,19 @@ class Channel:
         self._closed = False
         # set while an OpenChannel we sent is unanswered
         self._open_result: Deferred[IProtocol] | None = None
+        # resumption: what was sent and not yet acknowledged by credit
+        # (offsets [_granted_in, _sent_total)), and the counts both ends
+        # exchange to re-attach (see ChannelState)
+        self._retained: deque[bytes | memoryview] = deque()
+        self._retained_size = 0
+        self._granted_in = 0
+        self._received_total = 0
+        self._granted_out = 0
+        #: The reason our CloseChannel gave (sent again on a new tunnel).
+        self.close_reason: str | None = None
+        #: Why a resumable channel was lost (its outage outlasted the budget,
+        #: the peer no longer held it...): audited as the session's end.
+        self.lost_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<Channel {self.id} {self.kind}:{self.target!r}>"
@@ -246,26 +282,60 @@ class Channel:
     def _can_send(self) -> bool:
         return self._send_credit > 0 and not self._mux.sending_paused
 
+    def _sendable(self) -> bool:
+        """Queued bytes and credit for some of them (the scheduler asks)."""
+        return (
+            bool(self._outgoing) and self._send_credit > 0
+            and not self._closed and self._remote_close is None
+        )
+
     def _flush(self) -> None:
         if self._closed or self._remote_close is not None:
             return
-        max_frame = self._mux.max_frame_out
-        while self._outgoing and self._can_send():
-            chunk = self._outgoing[0]
-            size = min(len(chunk), self._send_credit, max_frame)
-            if size == len(chunk):
-                self._outgoing.popleft()
-                piece = chunk
-            else:
-                # Views keep large writes from being copied per frame (the
-                # wire copies each piece once, into its frame or box).
-                view = memoryview(chunk)
-                self._outgoing[0] = view[size:]
-                piece = view[:size]
-            self._outgoing_size -= size
-            self._send_credit -= size
-            self._sent_total += size
-            self._mux.wire.send_data(self.id, piece)
+        if self._mux.detached:
+            # Nothing goes out until the channel is re-attached: not even the
+            # end of file or the close, which must follow the data.
+            self._update_producer()
+            return
+        if self._outgoing and self._send_credit > 0:
+            # The tunnel's scheduler sends it now or, behind higher
+            # priorities or a full transport, later (then it calls _sent_all).
+            self._mux.scheduler.ready(self)
+            if self._scheduled or self._closed:
+                return
+        self._sent_all()
+
+    def _send_piece(self, limit: int) -> int:
+        """Send one frame of at most ``limit`` bytes from the queue; return its size."""
+        chunk = self._outgoing[0]
+        size = min(len(chunk), self._send_credit, self._mux.max_frame_out, limit)
+        if size <= 0:
+            return 0
+        if size == len(chunk):
+            self._outgoing.popleft()
+            piece = chunk
+        else:
+            # Views keep large writes from being copied per frame (the
+            # wire copies each piece once, into its frame or box).
+            view = memoryview(chunk)
+            self._outgoing[0] = view[size:]
+            piece = view[:size]
+        self._outgoing_size -= size
+        self._send_credit -= size
+        self._sent_total += size
+        if self._mux.resumable:
+            self._retained.append(piece)
+            self._retained_size += size
+        self._mux.wire.send_data(self.id, piece)
+        return size
+
+    def _sent_all(self) -> None:
+        """What follows sending: close or end of file once drained, the producer."""
+        if self._closed or self._remote_close is not None:
+            return
+        if self._mux.detached:
+            self._update_producer()
+            return
         if not self._outgoing:
             if self._close_after_flush:
                 self._finish_local_close("done", Failure(ConnectionDone()))
@@ -278,6 +348,21 @@ class Channel:
                 self._maybe_both_shut()
                 return
         self._update_producer()
+
+    def set_priority(self, priority: str, *, tell_peer: bool = True) -> None:
+        """Send this channel's data as ``priority`` (``"interactive"`` or
+        ``"bulk"``) from now on; the peer is told too (it classes its own
+        sends on this channel the same way), if it understands it."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
+        if priority == self.priority or self._closed:
+            return
+        self.priority = priority
+        _log.info("{channel} of {peer} is sent as {priority}", channel=self,
+                  peer=self._mux.peer_name, priority=priority)
+        self._mux.scheduler.reclassed(self)
+        if tell_peer:
+            self._mux.wire.send_priority(self.id, priority)
 
     def _update_producer(self) -> None:
         producer = self._producer
@@ -315,7 +400,24 @@ class Channel:
         if credit <= 0 or self._send_credit + credit > self._peer_window:
             raise ProtocolViolation(f"invalid window adjust {credit} on channel {self.id}")
         self._send_credit += credit
+        self._granted_in += credit
+        if self._retained_size:
+            self._forget_retained(credit)
         self._flush()
+
+    def _forget_retained(self, count: int) -> None:
+        """The peer acknowledged ``count`` more bytes: drop them."""
+        retained = self._retained
+        while count > 0 and retained:
+            piece = retained[0]
+            if len(piece) <= count:
+                retained.popleft()
+                count -= len(piece)
+                self._retained_size -= len(piece)
+            else:
+                retained[0] = memoryview(piece)[count:]
+                self._retained_size -= count
+                count = 0
 
     # -- receiving -------------------------------------------------------
 
@@ -325,6 +427,7 @@ class Channel:
         if len(data) > self._recv_allowed:
             raise ProtocolViolation(f"peer exceeded the window of channel {self.id}")
         self._recv_allowed -= len(data)
+        self._received_total += len(data)
         if self._closed:
             return
         self._incoming.append(data)
@@ -365,9 +468,12 @@ class Channel:
     def _maybe_grant(self) -> None:
         if self._paused or self._closed or self._eof_received or self._remote_close:
             return
+        if self._mux.detached:
+            return  # granted once re-attached (the peer may not hold the channel)
         if self._unacked >= self._grant_threshold:
             credit, self._unacked = self._unacked, 0
             self._recv_allowed += credit
+            self._granted_out += credit
             self._mux.wire.send_window_adjust(self.id, credit)
 
     # -- closing ---------------------------------------------------------
@@ -379,6 +485,9 @@ class Channel:
     def _finish_local_close(self, reason: str, failure: Failure) -> None:
         if self._closed:
             return
+        if reason == "aborted":
+            self._retained.clear()
+            self._retained_size = 0
         if self._remote_close is None:
             self._mux._local_close(self, reason)
         self._connection_lost(failure)
@@ -415,6 +524,7 @@ class Channel:
         self._outgoing_size = 0
         self._incoming.clear()
         self._incoming_size = 0
+        self._mux.scheduler.forget(self)
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
@@ -440,6 +550,69 @@ class Channel:
         except Exception:
             _log.failure("protocol of {channel} failed; closing the channel", channel=self)
             self.abortConnection()
+
+    # -- resumption ------------------------------------------------------
+
+    def _detach(self) -> None:
+        """The tunnel is gone but the channel stays: a pending open fails."""
+        if self._open_result is not None and not self._open_result.called:
+            self._open_result.errback(NodeOffline("the tunnel closed before the channel opened"))
+
+    def state(self) -> ChannelState:
+        """This end's account of the channel, for the peer to resume from."""
+        return ChannelState(self.id, self._received_total, self._granted_out,
+                            self._eof_received)
+
+    def _resume_from(self, peer: ChannelState) -> None:
+        """Re-attached: send again what ``peer`` has not received, then carry on.
+
+        :raises ProtocolViolation: if the peer's account cannot be true (it
+            acknowledges more than was sent, or asks for bytes it had
+            acknowledged before and that are gone); the caller closes the
+            channel.
+        """
+        if peer.received > self._sent_total:
+            raise ProtocolViolation(
+                f"channel {self.id}: the peer claims {peer.received} bytes received, "
+                f"{self._sent_total} were sent")
+        if peer.granted < self._granted_in:
+            raise ProtocolViolation(
+                f"channel {self.id}: the peer resumes from offset {peer.granted}, bytes up to "
+                f"{self._granted_in} were acknowledged and are no longer held")
+        if peer.eof and not self._eof_sent:
+            raise ProtocolViolation(f"channel {self.id}: the peer claims an end of file "
+                                    f"that was never sent")
+        if peer.granted > self._granted_in:
+            self._forget_retained(peer.granted - self._granted_in)
+            self._granted_in = peer.granted
+        self._send_credit = self._peer_window + self._granted_in - self._sent_total
+        skip = peer.received - self._granted_in
+        max_frame = self._mux.max_frame_out
+        send = self._mux.wire.send_data
+        for piece in list(self._retained):
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            view = memoryview(piece)[skip:]
+            skip = 0
+            for start in range(0, len(view), max_frame):
+                send(self.id, view[start:start + max_frame])
+        if self._eof_sent and not peer.eof and self._remote_close is None:
+            self._mux.wire.send_eof(self.id)
+
+    def _expire(self, reason: str) -> None:
+        """The outage outlasted the budget: close the channel with ``reason``."""
+        self._retained.clear()
+        self._retained_size = 0
+        self.lost_reason = reason
+        if self._open_result is not None and not self._open_result.called:
+            self._open_result.errback(NodeOffline(reason))
+        self._connection_lost(Failure(ConnectionLost(reason)))
+
+    @property
+    def retained(self) -> int:
+        """Bytes sent and kept until the peer acknowledges them (resumable channels)."""
+        return self._retained_size
 
     # -- accounting for tests and statistics ------------------------------
 

@@ -35,7 +35,7 @@ from edgeaccess.tunnel.framing import (
     data_frame,
     window_adjust_frame,
 )
-from edgeaccess.tunnel.liveness import MISSED_INTERVALS, LivenessMonitor
+from edgeaccess.tunnel.liveness import MISSED_INTERVALS, PROBE_INTERVAL, LivenessMonitor
 from edgeaccess.tunnel.mux import ChannelMux, decode_remote_error
 from edgeaccess.tunnel.protocol import (
     CAPABILITIES,
@@ -43,15 +43,26 @@ from edgeaccess.tunnel.protocol import (
     FAST_DATA_CAPABILITY,
     MAX_BOX_BYTES,
     MAX_BOX_KEYS,
+    MAX_FRAME,
+    RESUME_CAPABILITY,
+    ChannelState,
+    PRIORITY_CAPABILITY,
+    ChannelPriority,
     CloseChannel,
     Data,
     EndOfFile,
     OpenChannel,
     ProtocolViolation,
+    ResumeChannels,
     WindowAdjust,
     check_channel_id,
 )
-from edgeaccess.tunnel.fasttls import install_fast_tls
+from edgeaccess.tunnel.fasttls import (
+    flush_gathered_writes,
+    install_fast_tls,
+    shorten_send_path,
+)
+from edgeaccess.tunnel.scheduler import SendScheduler, priority_enabled
 
 _log = Logger()
 
@@ -145,6 +156,17 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     _silent_intervals = 0
     _liveness_call: IDelayedCall | None = None
     _lost_waiters: list[Deferred[None]] | None = None
+    #: Seconds of outage channels survive (0: this end offers no resumption).
+    resume_budget = 0.0
+    #: Seconds between probes while resumable channels are open (agent).
+    probe_interval = PROBE_INTERVAL
+    #: Both ends offered resumption on this tunnel.
+    resume_negotiated = False
+    #: A resumed session's accounts are not exchanged yet (nothing is sent
+    #: on its channels meanwhile).
+    _resume_pending = False
+    #: The period the agent's own liveness timer runs with now.
+    _liveness_period = 0.0
     #: AMP keeps the transport's addresses only for its log lines: read when
     #: asked instead of kept (two address objects per tunnel).
     _transportPeer = _TransportAddress("getPeer")
@@ -190,9 +212,12 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
 
     def offered_capabilities(self) -> list[str]:
         """The capabilities this end announces in ``Hello``."""
-        if self.fast_data_offered:
-            return list(CAPABILITIES)
-        return [c for c in CAPABILITIES if c != FAST_DATA_CAPABILITY]
+        offered = list(CAPABILITIES)
+        if not self.fast_data_offered:
+            offered.remove(FAST_DATA_CAPABILITY)
+        if self.resume_budget <= 0:
+            offered.remove(RESUME_CAPABILITY)
+        return offered
 
     def use_fast_data(self) -> None:
         """Both ends offered fast data: read and write Data and WindowAdjust as
@@ -219,12 +244,51 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             mux = self._mux = self._new_mux()
         return mux
 
+    def _adopt_mux(self, mux: ChannelMux) -> None:
+        """Carry a detached session's multiplexer (its channels wait for
+        :meth:`resume_received`)."""
+        self._mux = mux
+        mux.attach(self)
+        # The scheduler hands gathered writes to this tunnel's socket now.
+        mux.scheduler.set_flush(self._flush_writes)
+        mux.max_frame_in = mux.max_frame_out = MAX_FAST_FRAME if self._fast_out else MAX_FRAME
+        self._resume_pending = True
+
+    def give_up_session(self) -> None:
+        """A newer tunnel of the same peer takes this one's session: close
+        this tunnel without touching the session's channels."""
+        mux, self._mux = self._mux, None
+        if mux is not None and self._producer_registered and self.transport is not None:
+            self._producer_registered = False
+            self.transport.unregisterProducer()
+        self._drop("replaced by a newer tunnel of the same session")
+
+    @property
+    def busy(self) -> bool:
+        """Whether resumable channels are open (the tunnel is probed often)."""
+        mux = self._mux
+        return mux is not None and mux.resumable and mux.held
+
+    def _detach_mux(self, mux: ChannelMux) -> bool:
+        """The tunnel is lost: keep ``mux``'s channels for the next tunnel?
+        (True if kept; the subclass knows where sessions wait.)"""
+        return False
+
+    def resume_received(self, channels: list[ChannelState]) -> None:
+        """The peer's account of a resumed session's channels (subclasses)."""
+        raise ProtocolViolation("ResumeChannels without a session to resume")
+
+    def _channels_opened(self) -> None:
+        """A channel opened: a resumable tunnel is probed from now on."""
+
     def _channel_settings(self) -> tuple[ChannelAcceptor | None, int, int]:
         """``(accept_channel, window, max_channels)`` for the multiplexer."""
         return self._mux_settings
 
     def _new_mux(self) -> ChannelMux:
         accept, window, max_channels = self._channel_settings()
+        scheduler = SendScheduler(MAX_FAST_FRAME, enabled=priority_enabled(),
+                                  flush=self._flush_writes)
         mux = ChannelMux(
             self,
             initiator=self.initiator,
@@ -235,6 +299,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             max_channels=max_channels,
             local_name=self._local_name,
             peer_name=self.peer_name,
+            scheduler=scheduler,
         )
         if self._fast_out:
             mux.max_frame_in = MAX_FAST_FRAME
@@ -262,7 +327,9 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         :param source: the user's address (``"ip:port"``) the channel is for;
             the far end reports it as the channel's peer (None: unknown).
         """
-        return self.mux.connect_channel(kind, target, factory, source=source)
+        opening = self.mux.connect_channel(kind, target, factory, source=source)
+        self._channels_opened()
+        return opening
 
     def disconnect(self, reason: str = "closing") -> None:
         """Close the tunnel (flushing what is queued)."""
@@ -313,6 +380,10 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             # I/O is for, and an idle tunnel keeps the stock methods (and
             # no 256 KiB read buffer).
             install_fast_tls(self.transport, self.clock)
+            if self.mux.scheduler.enabled:
+                # What TLS and TCP hold cannot be reordered: keep it short
+                # so the scheduler's order is the order on the wire.
+                self.mux.scheduler.set_flush(shorten_send_path(self.transport).after_write)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._is_lost = True
@@ -321,8 +392,13 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         if self._liveness_call is not None and self._liveness_call.active():
             self._liveness_call.cancel()
         self._liveness_call = None
-        if self._mux is not None:
-            self._mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
+        mux = self._mux
+        if mux is not None:
+            if not (mux.resumable and mux.held and not mux._lost and self._detach_mux(mux)):
+                mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
+            else:
+                _log.info("tunnel with {peer} lost; {count} channels wait for the next one",
+                          peer=self.peer_name, count=len(mux.channels))
         try:
             super().connectionLost(reason)
         finally:
@@ -339,7 +415,9 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             self.last_heard = self.clock.seconds()
             self._liveness.watch(self)
             return
-        self._liveness_call = self.clock.callLater(self.heartbeat_interval, self._liveness_tick)
+        period = self.probe_interval if self.busy else self.heartbeat_interval
+        self._liveness_period = period
+        self._liveness_call = self.clock.callLater(period, self._liveness_tick)
 
     def _liveness_tick(self) -> None:
         self._liveness_call = None
@@ -351,7 +429,7 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
                 _log.warn(
                     "dropping tunnel with {peer}: nothing heard for {seconds} s",
                     peer=self.peer_name,
-                    seconds=self._silent_intervals * self.heartbeat_interval,
+                    seconds=round(self._silent_intervals * self._liveness_period, 1),
                 )
                 self._drop("heartbeat timeout")
                 return
@@ -545,9 +623,14 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     ) -> Deferred[dict]:
         check_channel_id(channel)
         self._ensure_backpressure()
-        return self.mux.open_received(channel, kind, target, window, source).addCallback(
-            lambda our_window: {"window": our_window}
-        )
+        opening = self.mux.open_received(channel, kind, target, window, source)
+        self._channels_opened()
+        return opening.addCallback(lambda our_window: {"window": our_window})
+
+    @ResumeChannels.responder
+    def _resume_channels(self, channels: list[ChannelState]) -> dict:
+        self.resume_received(channels)
+        return {}
 
     @CloseChannel.responder
     def _close_channel(self, channel: int, reason: str) -> dict:
@@ -563,6 +646,11 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     @WindowAdjust.responder
     def _window_adjust(self, channel: int, credit: int) -> dict:
         self.mux.window_adjust_received(check_channel_id(channel), credit)
+        return {}
+
+    @ChannelPriority.responder
+    def _channel_priority(self, channel: int, priority: str) -> dict:
+        self.mux.priority_received(check_channel_id(channel), priority)
         return {}
 
     @EndOfFile.responder
@@ -604,8 +692,26 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
     def send_eof(self, channel: int) -> None:
         self._send(amp.AmpBox(_command=b"EndOfFile", channel=b"%d" % channel))
 
-    def send_close(self, channel: int, reason: str) -> Deferred[None]:
-        return self.call(CloseChannel, channel=channel, reason=reason).addErrback(lambda _: None)
+    def send_priority(self, channel: int, priority: str) -> None:
+        if PRIORITY_CAPABILITY in self._agreed_capabilities():
+            self._send(amp.AmpBox(_command=b"ChannelPriority", channel=b"%d" % channel,
+                                  priority=priority.encode("ascii")))
+
+    def _agreed_capabilities(self) -> tuple[str, ...]:
+        """What both ends offered in ``Hello`` (the proxy's ``capabilities``,
+        the agent's ``proxy_capabilities``: the proxy answers with the
+        intersection)."""
+        return getattr(self, "capabilities", None) or getattr(self, "proxy_capabilities", ())
+
+    def _flush_writes(self) -> None:
+        """Hand small writes gathered by the fast TLS transport to TCP now
+        (the scheduler's pieces reach the socket one by one)."""
+        if self.transport is not None and not self._is_lost:
+            flush_gathered_writes(self.transport)
+
+    def send_close(self, channel: int, reason: str) -> Deferred[bool]:
+        return self.call(CloseChannel, channel=channel, reason=reason).addCallbacks(
+            lambda _: True, lambda _: False)
 
     def send_open(
         self, channel: int, kind: str, target: str, window: int, source: str | None = None

@@ -32,6 +32,10 @@ Measured effect: ``docs/performance.md``, "Tunnel data path, second round".
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import struct
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -39,8 +43,17 @@ from twisted.internet.interfaces import IReactorTime
 from edgeaccess import internals
 from edgeaccess.internals import FLUSH_AT, READ_BATCH, TCP_READ_SIZE, WRITE_CHUNK
 
-__all__ = ["FLUSH_AT", "READ_BATCH", "TCP_READ_SIZE", "WRITE_CHUNK", "eager_tcp_writes",
-           "install_fast_tls"]
+__all__ = ["FLUSH_AT", "NOTSENT_LOWAT", "READ_BATCH", "TCP_READ_SIZE", "WRITE_CHUNK",
+           "ShortSendPath", "eager_tcp_writes", "flush_gathered_writes", "install_fast_tls",
+           "shorten_send_path"]
+
+#: Unsent bytes the kernel keeps for a tunnel socket with priority on
+#: (``TCP_NOTSENT_LOWAT``; ``EDGE_TUNNEL_NOTSENT_LOWAT`` overrides it).
+#: Bytes sent but not yet acknowledged are not limited by it, so a fast
+#: link keeps its throughput; on a slow one a keystroke waits behind at most
+#: this much in the kernel (measured: docs/performance.md, "Unstable links").
+NOTSENT_LOWAT = 4 * 1024
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux >= 3.12
 
 
 def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
@@ -57,3 +70,89 @@ def eager_tcp_writes(transport: Any) -> bool:
     """Large reads and eager writes on a Twisted TCP transport (see the module
     docstring). Returns whether ``transport`` was one."""
     return internals.eager_tcp_writes(transport)
+
+
+def flush_gathered_writes(transport: Any) -> None:
+    """Hand what a fast TLS transport gathered of small writes to TCP now."""
+    internals.flush_gathered_writes(transport)
+
+
+def notsent_lowat() -> int:
+    """The ``TCP_NOTSENT_LOWAT`` tunnels use (0: the kernel's default)."""
+    value = os.environ.get("EDGE_TUNNEL_NOTSENT_LOWAT")
+    if value is None:
+        return NOTSENT_LOWAT
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return NOTSENT_LOWAT
+
+
+class ShortSendPath:
+    """Keeps what a tunnel's TLS transport holds below its scheduler short.
+
+    * The TCP socket's unsent bytes are limited to about :func:`notsent_lowat`:
+      ``TCP_NOTSENT_LOWAT`` (set through the socket API on
+      ``transport.getHandle()``) makes the socket writable again only below
+      it; but the kernel appends to the last queued segment without that
+      check (up to 64 KiB with segmentation offload, measured: ~37 KiB taken
+      per wake-up on the link lab), so after each piece :meth:`after_write`
+      asks the kernel what it holds unsent (``SIOCOUTQNSD``) and, at the
+      limit, pauses the transport's producer until the socket is writable
+      (:func:`edgeaccess.internals.pause_until_writable`).
+    * The transport's producer is paused as soon as the socket refuses
+      anything (:func:`edgeaccess.internals.limit_tcp_send_buffer`), not
+      past Twisted's 256 KiB.
+
+    So data waits in the channels' queues, where priority applies.
+    :attr:`applied` says which parts took effect (each falls back alone).
+    """
+
+    __slots__ = ("_tls", "_tcp", "_fd", "_lowat", "applied")
+
+    def __init__(self, transport: Any) -> None:
+        self._tls = transport
+        self._tcp = tcp = getattr(transport, "transport", None)
+        self._fd = -1
+        self._lowat = lowat = notsent_lowat()
+        self.applied = {"notsent_lowat": False, "send_limit": False, "unsent_check": False}
+        handle = getattr(tcp, "getHandle", None)
+        if lowat and handle is not None:
+            try:
+                sock = handle()
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, lowat)
+                self.applied["notsent_lowat"] = True
+                fd = sock.fileno()
+                _unsent(fd)  # Linux: SIOCOUTQNSD
+                self._fd = fd
+                self.applied["unsent_check"] = internals.pause_until_writable_possible(tcp)
+            except (AttributeError, OSError, TypeError, ValueError):
+                pass  # not a TCP socket (a test transport), or not Linux
+        if tcp is not None:
+            self.applied["send_limit"] = internals.limit_tcp_send_buffer(tcp, 0)
+
+    def after_write(self) -> None:
+        """A piece was written: hand it to TCP now, and pause the transport
+        if the kernel already holds its share unsent."""
+        tls = self._tls
+        internals.flush_gathered_writes(tls)
+        if self.applied["unsent_check"]:
+            try:
+                unsent = _unsent(self._fd)
+            except OSError:
+                return
+            if unsent >= self._lowat:
+                internals.pause_until_writable(self._tcp)
+
+
+_SIOCOUTQNSD = 0x894B
+
+
+def _unsent(fd: int) -> int:
+    """Bytes the kernel holds for the socket ``fd`` not yet sent (Linux)."""
+    return struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQNSD, b"\0\0\0\0"))[0]
+
+
+def shorten_send_path(transport: Any) -> ShortSendPath:
+    """A :class:`ShortSendPath` for ``transport`` (see there)."""
+    return ShortSendPath(transport)

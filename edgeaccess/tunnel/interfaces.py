@@ -39,3 +39,12 @@ class ITunnelRegistry(Interface):
 
     def subscribe(on_connect, on_disconnect):  # type: ignore[no-untyped-def]
         """Call ``on_connect(tunnel)`` / ``on_disconnect(tunnel)``; returns an unsubscribe callable."""
+
+
+class IPrioritizedTransport(Interface):
+    """A transport whose sends are scheduled by priority (a tunnel channel)."""
+
+    priority = Attribute('"interactive" or "bulk" (edgeaccess.tunnel.scheduler).')
+
+    def set_priority(priority):  # type: ignore[no-untyped-def]
+        """Send this transport's data in ``priority`` from now on (the far end is told)."""

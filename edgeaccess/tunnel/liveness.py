@@ -6,6 +6,12 @@ stamps the time it last heard its peer, and one ``LoopingCall`` looks at
 every stamp a few times per heartbeat interval (a coarse timing wheel): a
 tunnel silent for :data:`MISSED_INTERVALS` intervals is dropped within a
 quarter interval of that deadline.
+
+A tunnel with open resumable channels is watched more closely besides
+(:class:`BusyLivenessMonitor`): its agent probes every
+:data:`PROBE_INTERVAL` seconds, so a cut or a black hole is found within
+:data:`MISSED_INTERVALS` probes and the channels move to the next tunnel
+long before their outage budget runs out.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ _log = Logger()
 MISSED_INTERVALS = 3
 #: Checks per heartbeat interval (the drop comes at most 1/CHECKS late).
 CHECKS_PER_INTERVAL = 4
+#: Seconds between the agent's probes while resumable channels are open.
+PROBE_INTERVAL = 2.0
 
 
 class Watched(TypingProtocol):
@@ -92,3 +100,14 @@ class LivenessMonitor:
         if not self._watched and self._loop is not None and self._loop.running:
             self._loop.stop()
             self._loop = None
+
+
+class BusyLivenessMonitor(LivenessMonitor):
+    """A :class:`LivenessMonitor` for tunnels with open channels, whose agents
+    probe every ``interval`` (the probe interval): a tunnel whose channels
+    all closed (``busy`` false) is forgotten at the next check."""
+
+    def check(self) -> None:
+        for tunnel in [t for t in self._watched if not getattr(t, "busy", False)]:
+            self._watched.pop(tunnel, None)
+        super().check()

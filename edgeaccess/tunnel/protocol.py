@@ -16,6 +16,7 @@ import ipaddress
 import json
 import math
 import re
+import struct
 from typing import Any
 
 import attrs
@@ -27,6 +28,7 @@ from edgeaccess.errors import (
     NodeOffline,
     NotFound,
 )
+from edgeaccess.tunnel.scheduler import PRIORITIES
 
 #: The one protocol version this code speaks.
 PROTOCOL_VERSION = 1
@@ -36,9 +38,19 @@ ALPN_PROTOCOL = b"edge-tunnel/1"
 FAST_DATA_CAPABILITY = "fast-data/1"
 #: The proxy pushes the control state (:class:`ControlUpdate`).
 CONTROL_CAPABILITY = "control/1"
+#: Channels outlive their tunnel: re-attached on the agent's next tunnel
+#: (``Hello(session)`` then :class:`ResumeChannels`, see :mod:`edgeaccess.tunnel.resume`).
+RESUME_CAPABILITY = "resume/1"
+#: With RESUME_CAPABILITY the agent also lists ``resume-session/<id>``, its
+#: resumable session (a capability string, not a new argument: a proxy
+#: without resumption ignores capabilities it does not know, but would
+#: refuse a Hello with an argument it does not know).
+RESUME_SESSION_PREFIX = "resume-session/"
 #: Capabilities this implementation announces in ``Hello``.
+#: ``ChannelPriority`` is understood (see :mod:`edgeaccess.tunnel.scheduler`).
+PRIORITY_CAPABILITY = "priority/1"
 CAPABILITIES = ("channels", "half-close", "window-adjust", FAST_DATA_CAPABILITY,
-                CONTROL_CAPABILITY)
+                CONTROL_CAPABILITY, PRIORITY_CAPABILITY, RESUME_CAPABILITY)
 #: Largest piece of a control message in one ControlUpdate box.
 MAX_CONTROL_PIECE = 48 * 1024
 
@@ -67,6 +79,10 @@ MAX_SOURCE_LENGTH = 64
 MAX_REASON_LENGTH = 1024
 MAX_PROXIES = 64
 MAX_RECONNECT_DELAY = 3600.0
+#: A resumable session's id: 32 lower-case hex digits (128 random bits).
+_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Most channel states in one ResumeChannels box (21 bytes each).
+MAX_RESUME_CHANNELS = 2048
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 #: A ``Host`` value: a name or address and an optional port ("" allowed).
@@ -151,9 +167,67 @@ def check_window(window: int) -> int:
     return window
 
 
+def check_session_id(session: str) -> str:
+    """Return ``session`` if it is a well-formed resumable session id, else raise BadRequest."""
+    if not isinstance(session, str) or not _SESSION_ID.match(session):
+        raise BadRequest("invalid session id")
+    return session
+
+
+@attrs.frozen
+class ChannelState:
+    """One end's account of a channel, exchanged to re-attach it on a new tunnel.
+
+    :ivar channel: the channel id.
+    :ivar received: bytes this end received from the peer on the channel.
+    :ivar granted: credit this end granted the peer in total (every
+        ``WindowAdjust``, including those a cut may have lost).
+    :ivar eof: whether this end received the peer's end of file.
+    """
+
+    channel: int
+    received: int
+    granted: int
+    eof: bool = False
+
+
+_STATE = struct.Struct(">IQQB")
+
+
+class ChannelStates(amp.Argument):
+    """A list of :class:`ChannelState`, packed (21 bytes each) in one AMP value,
+    so every channel of a tunnel fits in one box; checked while parsed."""
+
+    def toString(self, states: list[ChannelState]) -> bytes:
+        return b"".join(_STATE.pack(s.channel, s.received, s.granted, 1 if s.eof else 0)
+                        for s in states)
+
+    def fromString(self, data: bytes) -> list[ChannelState]:
+        if len(data) % _STATE.size or len(data) > MAX_RESUME_CHANNELS * _STATE.size:
+            raise ProtocolViolation("malformed channel states")
+        states = []
+        seen: set[int] = set()
+        for channel, received, granted, flags in _STATE.iter_unpack(data):
+            if not 1 <= channel <= MAX_CHANNEL_ID or channel in seen or flags > 1:
+                raise ProtocolViolation("malformed channel states")
+            if granted > received:
+                raise ProtocolViolation(f"channel {channel}: credit granted beyond "
+                                        f"the bytes received")
+            seen.add(channel)
+            states.append(ChannelState(channel, received, granted, bool(flags)))
+        return states
+
+
 def check_reason(reason: str) -> str:
     """Truncate a peer-given reason and strip control characters (it is logged)."""
     return "".join(c if ord(c) >= 32 else "?" for c in reason[:MAX_REASON_LENGTH])
+
+
+def check_priority(priority: str) -> str:
+    """A channel priority from the peer must be one we know."""
+    if priority not in PRIORITIES:
+        raise ProtocolViolation(f"unknown channel priority {priority[:32]!r}")
+    return priority
 
 
 def check_delay(delay: float) -> float:
@@ -317,6 +391,12 @@ class Hello(TunnelCommand):
         (b"protocol_version", amp.Integer()),
         (b"capabilities", amp.ListOf(amp.Unicode())),
         (b"heartbeat_interval", amp.Float()),
+        # With RESUME_CAPABILITY (optional: old agents ignore them, old
+        # proxies leave them out): whether the proxy still holds the session
+        # (the agent then sends ResumeChannels; if not, its channels are lost),
+        # and how often the agent probes while channels are open.
+        (b"resumed", amp.Boolean(optional=True)),
+        (b"probe_interval", amp.Float(optional=True)),
     ]
     # A refused Hello closes the tunnel once the answer is out.
     fatalErrors = {AccessDenied: b"ACCESS_DENIED", BadRequest: b"BAD_REQUEST"}
@@ -361,6 +441,23 @@ class CloseChannel(TunnelCommand):
 
     arguments = [(b"channel", amp.Integer()), (b"reason", amp.Unicode())]
     response: list = []
+
+
+class ResumeChannels(TunnelCommand):
+    """Each end's account of every channel of a resumed session.
+
+    The agent sends it once, right after a ``Hello`` answered ``resumed``;
+    the proxy sends its own back, for the channels both hold. Each end sends
+    nothing on the session's channels before it sent its account (the
+    agent: before it got the proxy's); right after it, it sends again what
+    the other has not received (from the peer's ``received`` offset) and
+    closes (locally) the channels the other no longer holds. Not answered:
+    the resent bytes follow the account on the one ordered stream. A second
+    one, or one without a resumed session, closes the tunnel.
+    """
+
+    arguments = [(b"channels", ChannelStates())]
+    requiresAnswer = False
 
 
 class Discover(TunnelCommand):
@@ -414,14 +511,25 @@ class EndOfFile(TunnelCommand):
     requiresAnswer = False
 
 
+class ChannelPriority(TunnelCommand):
+    """The sender classed a channel (``interactive`` or ``bulk``, e.g. the
+    node saw a PTY requested): the receiver sends its own data on that
+    channel in the same class. Only to a peer that offered
+    :data:`PRIORITY_CAPABILITY`."""
+
+    arguments = [(b"channel", amp.Integer()), (b"priority", amp.Unicode())]
+    requiresAnswer = False
+
+
 #: Commands an agent may send to a proxy.
 AGENT_COMMANDS = frozenset(
     c.commandName
-    for c in (Hello, Heartbeat, OpenChannel, CloseChannel, Data, WindowAdjust, EndOfFile)
+    for c in (Hello, Heartbeat, OpenChannel, CloseChannel, Data, WindowAdjust, EndOfFile,
+              ChannelPriority, ResumeChannels)
 )
 #: Commands a proxy may send to an agent.
 PROXY_COMMANDS = frozenset(
     c.commandName
     for c in (OpenChannel, CloseChannel, Discover, Reconnect, Data, WindowAdjust, EndOfFile,
-              ControlUpdate)
+              ControlUpdate, ChannelPriority, ResumeChannels)
 )

@@ -28,8 +28,11 @@ from edgeaccess.pki.x509ca import Identity
 from edgeaccess.tls import shrink_tls_buffers
 from edgeaccess.tunnel.connection import TunnelConnection
 from edgeaccess.tunnel.interfaces import ITunnel, ITunnelRegistry
-from edgeaccess.tunnel.liveness import LivenessMonitor
+from edgeaccess.tunnel.liveness import PROBE_INTERVAL, BusyLivenessMonitor, LivenessMonitor
+from edgeaccess.tunnel.mux import ChannelMux
+from edgeaccess.tunnel.resume import DEFAULT_RESUME_BUDGET, SessionTable
 from edgeaccess.tunnel.protocol import (
+    ProtocolViolation,
     CONTROL_CAPABILITY,
     MAX_CONTROL_PIECE,
     AGENT_COMMANDS,
@@ -37,12 +40,17 @@ from edgeaccess.tunnel.protocol import (
     DEFAULT_WINDOW,
     FAST_DATA_CAPABILITY,
     PROTOCOL_VERSION,
+    RESUME_CAPABILITY,
+    RESUME_SESSION_PREFIX,
+    ChannelState,
     ControlUpdate,
     Discover,
     Heartbeat,
     Hello,
     Inventory,
     Reconnect,
+    ResumeChannels,
+    check_session_id,
 )
 
 _log = Logger()
@@ -107,10 +115,15 @@ class ServerTunnelProtocol(TunnelConnection):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         try:
             self.server.forget(self)
+            self.server.busy_liveness.forget(self)
             if self.inventory is not None:
                 self.server.registry.unregister(self)
         finally:
             super().connectionLost(reason)
+            mux = self._mux
+            if mux is not None and mux._lost and self.identity is not None:
+                # It ended with its tunnel (nothing held): nothing to resume.
+                self.server.sessions.discard(self._session_key(), mux)
 
     def _accept_from_agent(self, kind: str, target: str) -> Any:
         if self.server.accept_channel is None or self.identity is None:
@@ -149,18 +162,104 @@ class ServerTunnelProtocol(TunnelConnection):
         self.capabilities = tuple(offered[c] for c in capabilities[:64] if c in offered)
         if FAST_DATA_CAPABILITY in self.capabilities:
             self.use_fast_data()
+        sessions = [c for c in capabilities[:64] if c.startswith(RESUME_SESSION_PREFIX)]
+        resumed = self._start_session(sessions[0] if len(sessions) == 1 else None)
         _log.info("tunnel up from {peer}", peer=self.peer_name)
         # Registered after this answer is on its way (the answer is written
         # when this method returns): on_connect callbacks may open channels.
         self.clock.callLater(0, self._register)
-        return {
+        answer: dict[str, Any] = {
             "protocol_version": PROTOCOL_VERSION,
-            "capabilities": list(self.capabilities),
+            "capabilities": [c for c in self.capabilities
+                             if not c.startswith(RESUME_SESSION_PREFIX)],
             "heartbeat_interval": float(self.heartbeat_interval),
         }
+        if self.resume_negotiated:
+            answer["resumed"] = resumed
+            answer["probe_interval"] = float(self.server.probe_interval)
+        return answer
+
+    # Read from the factory and the capabilities: nothing more per idle tunnel.
+    @property
+    def resume_budget(self) -> float:  # type: ignore[override]
+        return self.server.resume_budget
+
+    @property
+    def resume_negotiated(self) -> bool:  # type: ignore[override]
+        return RESUME_CAPABILITY in self.capabilities
+
+    @property
+    def probe_interval(self) -> float:  # type: ignore[override]
+        return self.server.probe_interval
+
+    def _session_key(self) -> tuple[str, str, str, str]:
+        identity = self.identity
+        assert identity is not None
+        return (identity.kind, identity.cluster, identity.name, identity.uuid or "")
+
+    def _start_session(self, offered: str | None) -> bool:
+        """With resumption agreed: re-attach the agent's session if this
+        proxy holds it for this very identity (True), else start it anew
+        (its multiplexer is made with the first channel: an idle tunnel
+        keeps none)."""
+        if RESUME_CAPABILITY not in self.capabilities:
+            return False
+        if offered is None:
+            # Offered resumption but named no session: nothing to resume to.
+            self.capabilities = tuple(c for c in self.capabilities if c != RESUME_CAPABILITY)
+            return False
+        session = check_session_id(offered[len(RESUME_SESSION_PREFIX):])
+        # Kept among the capabilities: no attribute more per idle tunnel.
+        self.capabilities = (*self.capabilities, offered)
+        held = self.server.sessions.adopt(self._session_key(), session, self)
+        if held is not None:
+            _log.info("{peer} resumes its session of {count} channels", peer=self.peer_name,
+                      count=len(held.channels))
+            self._adopt_mux(held)
+            return True
+        return False
+
+    def _session_id(self) -> str | None:
+        for capability in self.capabilities:
+            if capability.startswith(RESUME_SESSION_PREFIX):
+                return capability[len(RESUME_SESSION_PREFIX):]
+        return None
+
+    def _new_mux(self) -> ChannelMux:
+        mux = super()._new_mux()
+        session = self._session_id() if self.identity is not None else None
+        if session is not None and not self._is_lost:
+            mux.session_id = session
+            mux.resumable = True
+            self.server.sessions.register(self._session_key(), mux)
+        return mux
+
+    def resume_received(self, channels: list[ChannelState]) -> None:
+        """The agent's account: answer with ours, then send again what it lacks."""
+        if not self._resume_pending:
+            raise ProtocolViolation("ResumeChannels without a session to resume")
+        self._resume_pending = False
+        mux = self.mux
+        listed = {state.channel for state in channels}
+        self.callRemote(ResumeChannels, channels=mux.states(only=listed))
+        mux.resume(channels)
+        _log.info("re-attached {count} channels of {peer}", count=len(mux.channels),
+                  peer=self.peer_name)
+        self._ensure_backpressure()
+        self._channels_opened()
+
+    def _detach_mux(self, mux: ChannelMux) -> bool:
+        if not mux.session_id or self.identity is None:
+            return False
+        return self.server.sessions.detached(self._session_key(), mux)
+
+
+    def _channels_opened(self) -> None:
+        if self.resume_negotiated and self.busy:
+            self.server.busy_liveness.watch(self)
 
     def _register(self) -> None:
-        if self._is_lost:
+        if self._is_lost or self._dropping:
             return
         self.server.registry.register(self)
         proxies = self.server.proxies()
@@ -361,6 +460,8 @@ class TunnelServerFactory(Factory):
         window: int = DEFAULT_WINDOW,
         max_channels: int = 1024,
         proxies: Callable[[], list[str]] | None = None,
+        resume_budget: float = DEFAULT_RESUME_BUDGET,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> None:
         self.clock = clock
         self.identity_for = identity_for
@@ -373,6 +474,14 @@ class TunnelServerFactory(Factory):
         self.accepting = True
         #: Drops agents silent for 3 intervals: one check for every tunnel.
         self.liveness = LivenessMonitor(clock, heartbeat_interval)
+        #: Seconds of outage an agent's channels survive (0: no resumption).
+        self.resume_budget = resume_budget
+        #: How often agents probe while channels are open, and the closer
+        #: watch on those tunnels (a cut or black hole found in seconds).
+        self.probe_interval = probe_interval
+        self.busy_liveness = BusyLivenessMonitor(clock, probe_interval)
+        #: Agents' sessions, attached or waiting for their next tunnel.
+        self.sessions = SessionTable(clock, resume_budget)
         self._live: dict[ServerTunnelProtocol, None] = {}
 
     def buildProtocol(self, addr: IAddress) -> ServerTunnelProtocol | None:

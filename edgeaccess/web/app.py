@@ -29,6 +29,7 @@ from urllib.parse import quote
 import attrs
 from klein import Klein
 from markupsafe import Markup, escape
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource as web_resource
 from twisted.web import static
@@ -46,13 +47,25 @@ _log = Logger()
 ONLINE_WITHIN = timedelta(seconds=90)
 AUDIT_PAGE = 50
 CSRF_COOKIE = b"__Host-edge-csrf"
+#: The auth service's message for a wrong name or password (shown as one sentence).
+INVALID_CREDENTIALS = "invalid username or password"
 
 
 @attrs.frozen
 class ResourceRow:
-    cells: tuple[str, ...]
+    """One resource of a section: its name, labels and cluster (what the
+    label filter looks at), then an action: a link, or a command to run."""
+
+    name: str
+    labels: dict = attrs.field(factory=dict)
+    cluster: str = ""
     link: str | None = None
     link_text: str | None = None
+    hint: str | None = None
+    note: str | None = None
+
+    def as_filterable(self) -> dict:
+        return {"name": self.name, "labels": self.labels}
 
 
 @attrs.frozen
@@ -60,14 +73,17 @@ class ResourceSection:
     """A table on the resources page below the nodes (apps, Kubernetes clusters).
 
     Other parts of the proxy add a provider to :attr:`WebUI.resource_sections`:
-    ``async (session, checker, cluster) -> ResourceSection | None``.
+    ``async (session, checker, cluster) -> ResourceSection | None``
+    (:mod:`edgeaccess.web.sections`). The page applies the label filter to
+    the rows.
     """
 
     id: str
     title: str
     columns: tuple[str, ...]
     rows: tuple[ResourceRow, ...]
-    empty: str = "Nothing you may reach."
+    empty: str = "Nothing you may reach"
+    error: str | None = None
 
 
 SectionProvider = Callable[[WebSession, object, str], Awaitable[ResourceSection | None]]
@@ -212,9 +228,14 @@ class WebUI:
             # Too many failures, or a lock (its message is for the user).
             return await self._login_form(request, error=str(e), user=user,
                                           connector=connector, code=403)
-        except (errors.AuthenticationFailed, errors.BadRequest):
-            return await self._login_form(request, error="Invalid user name or password.",
-                                          user=user, connector=connector, code=401)
+        except (errors.AuthenticationFailed, errors.BadRequest) as e:
+            # The generic refusal, or what a connector chose to tell the user
+            # (an LDAP user in no group mapped to a role), as `edge login` does.
+            told = str(e) if isinstance(e, errors.AuthenticationFailed) else ""
+            if not told or told.lower() == INVALID_CREDENTIALS:
+                told = "Invalid user name or password."
+            return await self._login_form(request, error=told, user=user,
+                                          connector=connector, code=401)
         except errors.IdentityProviderUnreachable as e:
             return await self._login_form(request, error=str(e), user=user,
                                           connector=connector, code=503)
@@ -244,6 +265,21 @@ class WebUI:
         if selected not in {c["name"] for c in clusters}:
             selected = self.auth.cluster_name
         query = r.query_value(request, "q", limit=200).strip()
+        # The node list and every section at once: a leaf is asked for each
+        # over its tunnel, and those round trips should not add up.
+        async def section_of(provider) -> ResourceSection | None:
+            try:
+                return await provider(session, checker, selected)
+            except errors.EdgeError as e:
+                return ResourceSection(id=getattr(provider, "section_id", "extra"),
+                                       title=getattr(provider, "section_title", ""),
+                                       columns=(), rows=(),
+                                       error=f"cannot list them in {selected}: {e}")
+            except Exception:
+                _log.failure("a resources page section failed")
+                return None
+
+        pending = [defer.Deferred.fromCoroutine(section_of(p)) for p in self.resource_sections]
         error = None
         try:
             nodes = await self._nodes(session, checker, selected)
@@ -251,14 +287,11 @@ class WebUI:
             nodes, error = [], f"cannot list the nodes of {selected}: {e}"
         nodes = [n for n in nodes if _matches(n, query)]
         sections = []
-        for provider in self.resource_sections:
-            try:
-                section = await provider(session, checker, selected)
-            except Exception:
-                _log.failure("a resources page section failed")
-                continue
+        for d in pending:
+            section = await d
             if section is not None:
-                sections.append(section)
+                sections.append(attrs.evolve(section, rows=tuple(
+                    row for row in section.rows if _matches(row.as_filterable(), query))))
         return r.render(request, "resources.html", title="Resources", clusters=clusters,
                         selected_cluster=selected, query=query, nodes=nodes,
                         node_rows=_node_rows(nodes, checker.allowed_logins()),

@@ -112,6 +112,38 @@ def test_cluster_ca_matches_the_pin(web, auth):
     assert body["ca_pin"] == auth.authority.pin
 
 
+def test_the_web_ca_is_served_for_browsers_and_named_in_the_ca_answer(auth):
+    import attrs
+
+    now = datetime.fromtimestamp(START, timezone.utc)
+    web_key, web_cert = x509ca.create_web_ca(auth.authority.tls_ca_cert, now)
+    with_web_ca = attrs.evolve(auth.authority, web_ca_key=web_key, web_ca_cert=web_cert)
+    for authority, expected in ((auth.authority, None), (with_web_ca, web_cert)):
+        saved, auth.authority = auth.authority, authority
+        try:
+            stub = StubTreq(ProxyWeb(auth, _addresses, "127.0.0.1").resource())
+            d = stub.get(f"{WEB}/v1/cluster/web_ca.pem")
+            stub.flush()
+            responses: list = []
+            d.addBoth(responses.append)
+            response = responses[0]
+            content: list = []
+            stub.content(response).addBoth(content.append)
+            stub.flush()
+            _, answer = _call(stub, "GET", f"{WEB}/v1/cluster/ca")
+        finally:
+            auth.authority = saved
+        if expected is None:
+            assert response.code == 404 and answer["web_ca"] == []
+            continue
+        assert response.code == 200
+        assert response.headers.getRawHeaders(b"content-type") == [b"application/x-pem-file"]
+        assert x509ca.load_certificate_pem(content[0]) == expected
+        assert answer["web_ca"] == [content[0].decode()]
+        assert x509ca.ca_pin(x509ca.load_certificate_pem(answer["tls_ca"][0].encode())) == \
+            answer["ca_pin"]  # the pin stays the cluster CA's
+
+
 def test_login_returns_certificates_and_the_host_ca(web, auth):
     add_user(auth, "alice", logins=("root",))
     code, body = _call(web, "POST", f"{WEB}/v1/login", _login_body())

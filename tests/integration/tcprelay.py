@@ -5,6 +5,10 @@ In process::
     relay = TcpRelay(target=("127.0.0.1", 3024)).start()
     relay.addr            # "127.0.0.1:PORT", what clients dial
     relay.cut_all()       # reset every relayed connection (both sides), keep listening
+    relay.cut_all(hold=True)  # ... and reset every new one too, until resume()
+    relay.stall_all()     # black hole: nothing forwarded either way, nothing closed;
+                          # new connections are accepted and go nowhere, until resume()
+    relay.resume()        # the link is back: forward again
     relay.close()
 
 As a subprocess: ``python tests/integration/tcprelay.py --target HOST:PORT``
@@ -15,7 +19,10 @@ The target may be a callable returning ``(host, port)``, read for each new
 connection, so a relay can be started before the server it forwards to
 (and its address given to that server, e.g. ``--tunnel-public-addr``).
 A cut sends RST on both sockets (``SO_LINGER`` 0): both peers see the
-connection reset at once while their processes stay alive.
+connection reset at once while their processes stay alive. A stall stops
+reading and writing (each direction keeps at most the one piece it had in
+hand): the peers' writes fill the socket buffers, nothing arrives, nothing
+is reset, as on a link that drops every packet.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ def _reset(sock: socket.socket) -> None:
 class _Pair:
     """One relayed connection: the client's socket and ours to the target."""
 
-    def __init__(self, downstream: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, downstream: socket.socket, upstream: socket.socket,
+                 flowing: threading.Event | None = None) -> None:
+        self.flowing = flowing
         self.downstream = downstream
         self.upstream = upstream
         self._lock = threading.Lock()
@@ -57,6 +66,8 @@ class _Pair:
         try:
             while True:
                 data = source.recv(256 * 1024)
+                if self.flowing is not None and not self.flowing.is_set():
+                    self.flowing.wait()  # stalled: hold the piece, read nothing more
                 if not data:
                     if self._closed:  # woken by cut(): no FIN, the RST follows
                         return
@@ -126,6 +137,15 @@ class TcpRelay:
         self._pairs: list[_Pair] = []
         self._lock = threading.Lock()
         self._stopping = False
+        #: Set while forwarding; cleared by stall_all() until resume().
+        self._flowing = threading.Event()
+        self._flowing.set()
+        #: New connections are reset (after cut_all(hold=True)) until resume().
+        self._refusing = False
+        #: The address new upstream connections come from (None: the
+        #: kernel's choice); change it to move the "client" to a new address
+        #: (NAT rebinding: the server sees a new IP and port).
+        self.source_host: str | None = None
         self.accepted = 0
         self.forwarded = 0
 
@@ -169,18 +189,27 @@ class TcpRelay:
                              daemon=True).start()
 
     def _serve(self, downstream: socket.socket) -> None:
+        if self._refusing:
+            _reset(downstream)
+            return
+        if not self._flowing.is_set():
+            self._flowing.wait()  # a black hole: the connection goes nowhere meanwhile
+            if self._stopping:
+                _reset(downstream)
+                return
         try:
             target = self._resolve_target()
             if target is None:
                 raise OSError("no target")
-            upstream = socket.create_connection(target, timeout=10)
+            source = (self.source_host, 0) if self.source_host else None
+            upstream = socket.create_connection(target, timeout=10, source_address=source)
             upstream.settimeout(None)
         except OSError:
             _reset(downstream)
             return
         for sock in (downstream, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pair = _Pair(downstream, upstream)
+        pair = _Pair(downstream, upstream, self._flowing)
         with self._lock:
             if self._stopping:
                 pair.cut()
@@ -191,20 +220,54 @@ class TcpRelay:
                          name="tcprelay-up", daemon=True).start()
         pair.pump(downstream, upstream)
 
+    def upstream_sources(self) -> set[str]:
+        """The source addresses of the open relayed connections, as the server sees them."""
+        with self._lock:
+            pairs = [p for p in self._pairs if not p.closed]
+        found = set()
+        for pair in pairs:
+            try:
+                found.add(pair.upstream.getsockname()[0])
+            except OSError:
+                pass
+        return found
+
     def active(self) -> int:
         """How many relayed connections are open now."""
         with self._lock:
             return sum(1 for p in self._pairs if not p.closed)
 
-    def cut_all(self) -> int:
-        """Reset every relayed connection (the relay keeps listening); returns how many."""
+    def cut_all(self, hold: bool = False) -> int:
+        """Reset every relayed connection (the relay keeps listening); returns how many.
+
+        :param hold: reset every new connection too, until :meth:`resume`
+            (an outage that lasts, not a blip).
+        """
+        if hold:
+            self._refusing = True
         with self._lock:
             pairs, self._pairs = self._pairs, []
         return sum(1 for pair in pairs if pair.cut())
 
+    def stall_all(self) -> None:
+        """Black-hole every connection, open and new, until :meth:`resume`:
+        nothing is forwarded and nothing closed."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """End an outage: new connections are forwarded, stalled ones flow again."""
+        self._refusing = False
+        self._flowing.set()
+
+    @property
+    def stalled(self) -> bool:
+        """Whether a stall is in force."""
+        return not self._flowing.is_set()
+
     def close(self) -> None:
         """Stop listening and reset every connection."""
         self._stopping = True
+        self._flowing.set()
         if self._server is not None:
             try:
                 self._server.shutdown(socket.SHUT_RDWR)

@@ -17,6 +17,7 @@ import signal
 import ssl
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -514,3 +515,50 @@ def test_ldap_user_reaches_a_node_as_root_with_openssh(proxy, pin, workdir, tmp_
         assert refused.returncode != 0
     finally:
         node.stop()
+
+
+# --- the web login form (Chromium) ---------------------------------------------
+
+
+def test_web_login_with_the_ldap_connector_and_a_wrong_ldap_password(proxy, tmp_path):
+    """The login form offers the connector; a directory user logs in through
+    it in Chromium (verifying the web port), a wrong directory password keeps
+    the form with a message and the connector chosen, and a user in no
+    mapped group is told so."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import browser as browsers  # tests/browser.py
+
+    if browsers.available():
+        pytest.skip(browsers.available())
+    url = f"https://{proxy.addr('web')}"
+    with browsers.browser_trusting(tmp_path / "browser", [browsers.web_ca_of(proxy)]) as b:
+        page = b.new_page()
+
+        def log_in(user: str, password: str) -> None:
+            page.goto(url + "/")
+            options = page.locator("#connector option").all_inner_texts()
+            assert options[0] == "Local account" and "corp (LDAP)" in options
+            page.select_option("#connector", "corp")
+            page.fill("#user", user)
+            page.fill("#password", password)
+            page.click("#login")
+
+        log_in("bob", "not-bobs-password")
+        assert page.inner_text("#login-error") == "Invalid user name or password."
+        assert page.input_value("#connector") == "corp" and page.input_value("#user") == "bob"
+        log_in("carol", PASSWORDS["carol"])
+        assert "not in any group mapped to a role" in page.inner_text("#login-error")
+        log_in("oncall", EXTRA_PASSWORDS["oncall"])
+        page.wait_for_selector("#nodes")
+        assert "oncall" in page.inner_text("header.top")
+        session = [c for c in page.context.cookies() if c["name"] == "__Host-edge-session"]
+        assert session and session[0]["secure"] and session[0]["httpOnly"]
+        # The same person cannot log in locally: there is no local account.
+        page.context.clear_cookies()
+        page.goto(url + "/")
+        page.fill("#user", "oncall")
+        page.fill("#password", EXTRA_PASSWORDS["oncall"])
+        page.click("#login")
+        assert page.inner_text("#login-error") == "Invalid user name or password."
+    events = proxy.edgectl_json("audit", "search", "--since", "1h", "--type", "user.login")
+    assert any(e.get("user") == "oncall" and e.get("success") for e in events)

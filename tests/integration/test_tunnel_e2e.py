@@ -261,6 +261,55 @@ def test_fifty_mib_cross_the_tunnel_byte_identical_both_ways(home, host, tmp_pat
     report("50 MiB download", download)
 
 
+def test_a_terminal_s_keystrokes_echo_while_scp_fills_the_same_tunnel(proxy, tnode, home,
+                                                                       host, tmp_path):
+    # Ordering and timing are measured elsewhere (tests/tunnel/test_scheduler.py,
+    # python -m benchmarks links); here: the node classes a PTY session as
+    # interactive and tells the proxy, and both sessions work side by side.
+    import select
+
+    payload = os.urandom(20 * MiB)
+    source = tmp_path / "bulk"
+    source.write_bytes(payload)
+    terminal = subprocess.Popen(ssh_argv(home, host, "-tt", "exec cat > /dev/null"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, bufsize=0)
+
+    def echoed(key: bytes) -> bool:
+        terminal.stdin.write(key)
+        deadline = time.monotonic() + 30
+        seen = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal.stdout], [], [], 1.0)
+            if ready:
+                seen += os.read(terminal.stdout.fileno(), 4096)
+                if key in seen:
+                    return True
+        return False
+
+    copy = None
+    try:
+        assert echoed(b"a")
+        copy = subprocess.Popen(
+            ["scp", "-q", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes",
+             f"root@{host}:{source}", str(tmp_path / "copied")],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        keys = 0
+        while copy.poll() is None and keys < 200:
+            assert echoed(bytes([98 + keys % 24]))
+            keys += 1
+        assert copy.wait(120) == 0, copy.stderr.read()
+        assert (tmp_path / "copied").read_bytes() == payload
+        assert echoed(b"z")
+    finally:
+        if copy is not None and copy.poll() is None:
+            copy.kill()
+        terminal.kill()
+        terminal.wait(10)
+    wait_for(lambda: "sent as interactive" in tnode.log(), 10, "the node classing the PTY")
+    assert "sent as interactive" in proxy.log()  # told by the node (ChannelPriority)
+
+
 def _cat_writes(marker: str) -> int | None:
     """Bytes written so far by the node's ``cat /dev/zero <marker>`` (None: not running)."""
     for entry in Path("/proc").iterdir():

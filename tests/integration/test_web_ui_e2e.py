@@ -3,11 +3,14 @@ trusts it), a tunnelled node and a LAN node in the root, a tunnelled node in
 the leaf, and Debian's Chromium driven by Playwright (never a downloaded
 browser).
 
-Covered: login right and wrong, the node list (labels with ``<script>``
-rendered as text), web terminals to a tunnelled node and to a leaf node
-(DOM and recording), resize reaching the PTY, recording playback and
-download, audit filters and export, CSRF and cross-origin WebSocket refused,
-logout ending an open terminal, a phone-sized page. Every page is
+Covered: the web port verified by the browser (and refused untrusted), login
+right and wrong, the node list (labels with ``<script>`` rendered as text),
+apps and Kubernetes clusters the roles allow (filter, leaf, launch link),
+web terminals to a tunnelled node and to a leaf node (DOM and recording),
+resize reaching the PTY, recording playback and download, audit filters and
+export, CSRF and cross-origin WebSocket refused, no CSP violation on any
+page, logout, a lock and a password change ending an open terminal,
+phone-sized pages. Every page is
 screenshotted into the test's temp dir (``EDGE_SCREENSHOTS=DIR`` writes them
 there instead, e.g. ``docs/images``).
 
@@ -50,10 +53,36 @@ pytestmark = pytest.mark.skipif(browsers.available() is not None,
                                 reason=str(browsers.available()))
 
 
+WEB_ONLY_ROLE = """kind: role
+version: v1
+metadata: {name: web-only}
+spec:
+  allow:
+    logins: [root]
+    node_labels: {env: dev}
+    app_labels: {team: web}
+    kubernetes_labels: {env: prod}
+    kubernetes_groups: [viewers]
+"""
+
+
+def _unused_kubeconfig(base: Path) -> Path:
+    """A Kubernetes agent's kubeconfig whose API is never asked (only listed)."""
+    path = base / "unused-kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "never-used"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    return path
+
+
 class World:
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.root = ProxyProcess(base / "root", base / "root.log", cluster="root")
+        # Apps are listed under a name browsers resolve (*.edge.localhost).
+        self.root = ProxyProcess(base / "root", base / "root.log", cluster="root",
+                                 extra_args=["--apps-domain", "edge.localhost"])
         self.leaf = ProxyProcess(base / "leaf", base / "leaf.log", cluster="leaf")
         self.nodes: list[NodeProcess] = []
 
@@ -63,7 +92,22 @@ class World:
         leaf.start()
         root.add_user("alice", PASSWORD, roles=("access",), logins=("root",))
         root.add_user("audrey", PASSWORD, roles=("access", "auditor"), logins=("root",))
-        node, _ = join_node(root, self.base, "tnode", tunnel=True, labels="env=dev")
+        roles = self.base / "web-only.yaml"
+        roles.write_text(WEB_ONLY_ROLE)
+        root.edgectl("create", "-f", str(roles))
+        root.add_user("wendy", PASSWORD, roles=("web-only",), logins=("root",))
+        # tnode also publishes apps and a Kubernetes cluster (listed, never
+        # dialled here); its config file carries a label only a file can.
+        config = self.base / "tnode.yaml"
+        config.write_text(json.dumps({
+            "kube-cluster": "dev-k8s", "kubeconfig": str(_unused_kubeconfig(self.base)),
+            "kube-labels": {"env": "dev", "note": XSS}}))
+        node, _ = join_node(root, self.base, "tnode", tunnel=True, labels="env=dev",
+                            extra_args=["--config", str(config),
+                                        "--app", "name=grafana,uri=http://127.0.0.1:9,"
+                                                 "labels=team:web",
+                                        "--app", "name=billing,uri=http://127.0.0.1:9,"
+                                                 "labels=team:finance"])
         self.nodes.append(node)
         lan, _ = join_node(root, self.base, "lannode", labels="env=prod,team=web")
         self.nodes.append(lan)
@@ -72,7 +116,9 @@ class World:
         trust.write_text(trust_yaml(name="root", token=token, pin=root.pin(),
                                     web=root.addr("web"), tunnel=root.addr("tunnel")))
         leaf.edgectl("create", "-f", str(trust))
-        leaf_node, _ = join_node(leaf, self.base, "leafnode", tunnel=True, labels="env=leaf")
+        leaf_node, _ = join_node(leaf, self.base, "leafnode", tunnel=True, labels="env=leaf",
+                                 extra_args=["--app", "name=leafapp,uri=http://127.0.0.1:9,"
+                                                      "labels=team:web"])
         self.nodes.append(leaf_node)
         wait_for(lambda: "trusted root clusters: ['root']" in leaf_node.log(), 30,
                  "the leaf node to learn the root's CA", leaf_node.process, interval=0.1)
@@ -247,6 +293,62 @@ def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     assert "leaf" in page.locator('#nodes .row[data-node="leafnode"]').inner_text()
 
 
+def test_apps_and_kube_clusters_the_roles_allow_are_listed_and_filtered(world, context,
+                                                                       shots):
+    page = context.new_page()
+    log_in(page, world)
+    page.wait_for_selector("#apps")
+    apps = page.locator("#apps tr[data-name]")
+    assert [apps.nth(i).get_attribute("data-name") for i in range(apps.count())] == \
+        ["billing", "grafana"]
+    port = world.root.addr("web").rpartition(":")[2]
+    link = page.locator('#apps tr[data-name="grafana"] a')
+    assert link.get_attribute("href") == f"https://grafana.edge.localhost:{port}/"
+    assert "team=web" in page.inner_text('#apps tr[data-name="grafana"]')
+    kube = page.locator('#kube tr[data-name="dev-k8s"]')
+    assert "edge kube login dev-k8s" in kube.inner_text()
+    assert XSS in kube.inner_text()  # the label, as text
+    assert page.evaluate("window.__xss") is None
+    page.screenshot(path=str(shots / "resources.png"), full_page=True)
+    # The app host is on the web certificate (*.edge.localhost) the browser
+    # verifies; the launch comes back to it (the app itself listens nowhere).
+    launched = page.context.new_page()
+    response = launched.goto(link.get_attribute("href"))
+    assert launched.url.startswith(f"https://grafana.edge.localhost:{port}/"), launched.url
+    assert response is not None and response.status in (502, 503, 504), response.status
+    launched.close()
+    # The label filter applies to every section.
+    page.fill("#filter", "team=web")
+    page.click("#filters button")
+    page.wait_for_selector("#apps")
+    assert page.locator("#apps tr[data-name]").count() == 1
+    assert page.locator("#kube tr[data-name]").count() == 0
+    # A leaf's apps and Kubernetes clusters, asked as the user.
+    page.goto(world.url + "/web/?cluster=leaf")
+    assert page.locator('#apps tr[data-name="leafapp"]').count() == 1
+    assert page.locator('#apps tr[data-name="leafapp"] a').get_attribute("href") == \
+        f"https://leafapp.edge.localhost:{port}/"
+    # The leaf answered (it has no Kubernetes cluster), it did not fail.
+    assert page.locator("#kube tr[data-name]").count() == 0
+    assert page.locator("#section-kube .error").count() == 0
+    assert "No Kubernetes clusters you may reach" in page.inner_text("#section-kube")
+
+
+def test_a_role_limited_user_sees_only_the_apps_and_clusters_it_allows(world, browser):
+    ctx = browser.new_context()
+    try:
+        page = ctx.new_page()
+        log_in(page, world, user="wendy")
+        page.wait_for_selector("#apps")
+        assert page.locator("#apps tr[data-name]").all_inner_texts()[0].startswith("grafana")
+        assert page.locator("#apps tr[data-name]").count() == 1  # not billing (team: finance)
+        assert page.locator("#kube tr[data-name]").count() == 0  # dev-k8s is env: dev
+        assert "No Kubernetes clusters you may reach" in page.inner_text("#section-kube")
+        assert page.locator("#nodes .row[data-node]").count() == 1  # tnode only (env: dev)
+    finally:
+        ctx.close()
+
+
 def test_script_in_user_input_and_role_text_is_inert(world, browser):
     """Node labels with ``<script>`` (which nodes' command lines refuse but a
     heartbeat could carry) are covered in tests/web/test_web_pages.py; here a
@@ -278,8 +380,28 @@ def test_phone_sized_pages_do_not_overflow(world, browser, shots):
         page = ctx.new_page()
         log_in(page, world)
         page.wait_for_selector("#nodes")
+        page.wait_for_selector("#apps")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
-        page.screenshot(path=str(shots / "nodes-phone.png"))
+        # Apps and Kubernetes rows fit the phone too (no sideways scrolling inside).
+        assert page.evaluate("[...document.querySelectorAll('section.extra .scroll')]"
+                             ".every(e => e.scrollWidth <= e.clientWidth + 1)")
+        page.screenshot(path=str(shots / "nodes-phone.png"), full_page=True)
+        # Every other page fits the phone's width too (wide tables scroll in their box).
+        page.context.clear_cookies()
+        log_in(page, world, user="audrey")
+        page.wait_for_selector("#nodes")
+        for path in ("/web/sessions", "/web/recordings", "/web/audit",
+                     "/web/ssh/root@tnode.root"):
+            page.goto(world.url + path)
+            assert page.evaluate(
+                "document.documentElement.scrollWidth <= window.innerWidth + 1"), path
+            if "/ssh/" in path:
+                # The whole terminal is on screen (its last row is where you type).
+                page.wait_for_selector("#term-status.connected", timeout=30000)
+                bottom = page.evaluate("document.querySelector('#terminal')"
+                                       ".getBoundingClientRect().bottom")
+                assert bottom <= page.evaluate("window.innerHeight") + 1, bottom
+            page.screenshot(path=str(shots / f"phone-{path.split('/')[2]}.png"))
     finally:
         ctx.close()
 
@@ -371,6 +493,51 @@ def test_logout_ends_an_open_terminal(world, context):
     assert "web session ended: logged out" in page.inner_text("#term-status")
     # The session is gone server-side too.
     assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
+
+
+def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, browser):
+    world.root.add_user("changer", PASSWORD, roles=("access",), logins=("root",))
+    ctx = browser.new_context()
+    try:
+        page = ctx.new_page()
+        log_in(page, world, user="changer")
+        open_terminal(page, world, "root@tnode.root")
+        run(page, "echo before-change", "before-change")
+        world.root.edgectl("users", "set-password", "changer", "--password-stdin",
+                           input="a brand new password\n")
+        page.wait_for_selector("#term-status.closed", timeout=15000)
+        assert "password was changed" in page.inner_text("#term-status")
+        assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
+        log_in(page, world, user="changer", password="a brand new password")
+        page.wait_for_selector("#nodes")
+    finally:
+        ctx.close()
+
+
+def test_every_page_runs_under_the_csp_without_a_violation(world, context):
+    """script-src 'self' and no inline script anywhere: Chromium reports
+    every blocked script, style or connection on the console."""
+    page = context.new_page()
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    page.goto(world.url + "/")
+    log_in(page, world, user="audrey")
+    page.wait_for_selector("#nodes")
+    for path in ("/web/?cluster=leaf", "/web/sessions", "/web/recordings", "/web/audit"):
+        response = page.goto(world.url + path)
+        assert response.ok, path
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp.split(
+            "style-src")[0], (path, csp)
+    open_terminal(page, world, "root@tnode.root")
+    run(page, "echo csp-ok", "csp-ok")
+    page.goto(world.url + "/web/recordings")
+    first = page.locator("#recordings a.button").first
+    if first.count():
+        first.click()
+        page.wait_for_selector(".ap-player", timeout=30000)
+    assert violations == []
 
 
 def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
@@ -486,6 +653,11 @@ def test_state_changes_without_the_csrf_token_are_refused(world, context):
                                      headers={"origin": "https://evil.example"},
                                      max_redirects=0)
     assert other_origin.status == 403
+    port = world.root.addr("web").rpartition(":")[2]
+    from_an_app = page.request.post(world.url + "/web/logout", form={"csrf": token},
+                                    headers={"origin": f"https://grafana.edge.localhost:{port}"},
+                                    max_redirects=0)
+    assert from_an_app.status == 403
     assert page.request.get(world.url + "/web/", max_redirects=0).status == 200
 
 
@@ -513,6 +685,10 @@ def test_cross_origin_websocket_upgrades_are_refused(world, context):
     page.wait_for_selector("#nodes")
     cookie = [c for c in context.cookies() if c["name"] == "__Host-edge-session"][0]["value"]
     assert " 403 " in _upgrade(world, cookie, "https://evil.example") + " "
+    # An app's page is same-site (the browser sends the Lax cookie along) but
+    # another origin: refused too.
+    port = world.root.addr("web").rpartition(":")[2]
+    assert " 403 " in _upgrade(world, cookie, f"https://grafana.edge.localhost:{port}") + " "
     assert " 403 " in _upgrade(world, cookie, None) + " "
     assert " 101 " in _upgrade(world, cookie, world.url) + " "
     assert _upgrade(world, "not-a-session-token-at-all", world.url).split()[1] in ("401", "403")

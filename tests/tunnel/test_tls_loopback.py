@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from typing import Any
 
 import pytest_twisted
@@ -20,6 +21,7 @@ from twisted.internet.ssl import (
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from edgeaccess.pki.x509ca import Identity, certificate_pem, identity_from_certificate
+from edgeaccess.tunnel import fasttls
 from edgeaccess.tunnel.agent import TunnelAgent
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import ALPN_PROTOCOL, Inventory
@@ -105,6 +107,11 @@ def test_tunnel_over_mutual_tls_carries_a_channel() -> Any:
         for transport in (proxy_side.transport, tunnel.transport):
             assert {"_write", "_flushReceiveBIO", "write"} <= set(vars(transport))
             assert "write" in vars(transport.transport)  # eager TCP writes
+            # The short send path below the scheduler (priority is on).
+            assert "_isSendBufferFull" in vars(transport.transport)
+            sock = transport.transport.getHandle()
+            assert sock.getsockopt(socket.IPPROTO_TCP, fasttls._TCP_NOTSENT_LOWAT) == (
+                fasttls.NOTSENT_LOWAT)
     finally:
         yield agent.stopService()
         yield port.stopListening()
