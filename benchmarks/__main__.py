@@ -25,7 +25,9 @@ def main(argv: list[str]) -> int:
     scenarios["links"] = "benchmarks.links"  # docs/performance.md "Unstable links"
     scenarios["links-resume"] = "benchmarks.resume_memory"  # docs/performance.md "Resumable channels"
     scenarios["backend-postgres"] = "benchmarks.backend_postgres"  # docs/performance.md
+    scenarios["ha"] = "benchmarks.ha"  # docs/performance.md "Several proxies"
     scenarios["ha-state"] = "benchmarks.ha_state"  # docs/performance.md "Several proxies"
+    scenarios["tls-route-start"] = "benchmarks.tls_route_start"  # docs/performance.md
     if not argv or argv[0] not in scenarios:
         print(f"usage: python -m benchmarks {{{','.join(scenarios)}}} [options]", file=sys.stderr)
         return 2

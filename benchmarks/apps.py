@@ -110,7 +110,8 @@ def _download(url: str, extra: list[str]) -> float:
     return float(result.stdout) / MIB
 
 
-def _edge_cluster(base: Path, label: str, app_port: int, tree: str | None) -> dict:
+def _edge_cluster(base: Path, label: str, app_port: int, tree: str | None,
+                  extra_args: tuple = ()) -> dict:
     """A proxy, a tunnelled node publishing the app and a logged-in user (the
     daemons run ``tree`` when given: put first on their PYTHONPATH)."""
     saved = os.environ.get("PYTHONPATH")
@@ -120,7 +121,8 @@ def _edge_cluster(base: Path, label: str, app_port: int, tree: str | None) -> di
     try:
         proxy = world["proxy"] = ProxyProcess(
             base / f"{label}-proxy", base / f"{label}-proxy.log", cluster="bench",
-            extra_args=["--public-addr", PUBLIC_HOST, "--tunnel-public-addr", "127.0.0.1"])
+            extra_args=["--public-addr", PUBLIC_HOST, "--tunnel-public-addr", "127.0.0.1",
+                        *extra_args])
         proxy.start()
         web = world["web"] = proxy.runtime()["listen"]["web"]
         world["node"], _ = join_node(proxy, base / label, "appnode", tunnel=True,
@@ -169,6 +171,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", metavar="DIR",
                         help="record py-spy profiles of the proxy and node during the edge "
                              "rate run into DIR (py-spy on PATH or beside python)")
+    parser.add_argument("--request-audit", action="store_true",
+                        help="the proxy audits every app request (--app-request-audit '*')")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-apps-") as tmp:
         base = Path(tmp)
@@ -185,10 +189,11 @@ def main(argv: list[str]) -> int:
   server {{ listen 127.0.0.1:{app_port}; root {www};
            location = /small {{ return 200 "ok\\n"; }} }}"""))
             wait_port(app_port, 10, "app nginx", processes[-1])
-            clusters["edge"] = _edge_cluster(base, "edge", app_port, None)
+            proxy_args = ("--app-request-audit", "*") if args.request_audit else ()
+            clusters["edge"] = _edge_cluster(base, "edge", app_port, None, proxy_args)
             if args.baseline_tree:
                 clusters["baseline"] = _edge_cluster(base, "baseline", app_port,
-                                                     args.baseline_tree)
+                                                     args.baseline_tree, proxy_args)
             proxy, config, ca = (clusters["edge"][k] for k in ("proxy", "config", "ca"))
 
             from edgeaccess.pki import x509ca
@@ -286,7 +291,9 @@ def main(argv: list[str]) -> int:
                 if not args.only or name in args.only:
                     results[name]["download_mib_s"] = _download(url, extra)
             for name, result in results.items():
-                emit({"benchmark": "apps", "path": name, **result})
+                emit({"benchmark": "apps", "path": name, **result,
+                      **({"request_audit": True} if args.request_audit and name in clusters
+                         else {})})
             emit({"benchmark": "apps", "loadavg": os.getloadavg()})
             if args.only:
                 return 0

@@ -245,9 +245,6 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
         if typist is not None:
             typist.close()
         node.stop()
-        if os.environ.get("LP_KEEP"):
-            import shutil
-            shutil.copy(node.log_path, os.environ["LP_KEEP"])
 
 
 class Printer:

@@ -9,12 +9,15 @@ prints the commands to try. :class:`ProxyProcess` and
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import queue
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +56,59 @@ def wait_for(predicate, timeout: float, what: str, process=None, interval: float
         time.sleep(interval)
 
 
+def _dies_with_parent():
+    """A ``preexec_fn`` for :class:`subprocess.Popen` that asks Linux to send
+    the child SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so
+    a killed pytest or devcluster (``kill -9``) leaves no daemon holding its
+    ports; ``None`` elsewhere (nothing to do)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+_spawn_requests: "queue.SimpleQueue | None" = None
+_spawner_lock = threading.Lock()
+
+
+def popen(argv: list[str], **options) -> subprocess.Popen:
+    """:class:`subprocess.Popen` of a child that dies with this process
+    (:func:`_dies_with_parent`). Linux sends the signal when the *thread*
+    that forked ends, and tests start daemons from pools whose threads end
+    at once: every child is forked by one daemon thread that lives as long
+    as the process."""
+    global _spawn_requests
+    with _spawner_lock:
+        if _spawn_requests is None:
+            _spawn_requests = queue.SimpleQueue()
+            threading.Thread(target=_spawner, args=(_spawn_requests,), name="devcluster-spawner",
+                             daemon=True).start()
+    result: concurrent.futures.Future = concurrent.futures.Future()
+    _spawn_requests.put((result, argv, options))
+    return result.result()
+
+
+def _spawner(requests: queue.SimpleQueue) -> None:
+    while True:
+        result, argv, options = requests.get()
+        try:
+            result.set_result(subprocess.Popen(argv, preexec_fn=_dies_with_parent(), **options))
+        except BaseException as error:
+            result.set_exception(error)
+
+
 @attrs.define
 class _Process:
     directory: Path
@@ -68,7 +124,7 @@ class _Process:
     def _spawn(self, argv: list[str], env=None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.directory, env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
@@ -273,7 +329,7 @@ def start_demo_app(proxy: ProxyProcess, log_path: Path) -> tuple[subprocess.Pope
     """``edgeaccess.apps.demo`` on an ephemeral port, verifying assertions
     against ``proxy``'s JWKS; returns the process and its port."""
     web = proxy.runtime()["listen"]["web"].replace("0.0.0.0", "127.0.0.1")
-    process = subprocess.Popen(
+    process = popen(
         [sys.executable, "-m", "edgeaccess.apps.demo", "--listen", "127.0.0.1:0",
          "--jwks", f"https://{web}/.well-known/jwks.json",
          "--jwks-ca", str(proxy.data_dir / "ca" / "tls_ca.crt")],

@@ -12,9 +12,11 @@ lives here too, behind thin call sites elsewhere:
 - ``eager-tcp``: Twisted's TCP write buffer (:func:`send_if_idle`,
   :func:`eager_tcp_writes`). Off: writes wait for the next reactor turn.
 - ``tcp-send-limit``: Twisted's TCP write-buffer test (``_isSendBufferFull``,
-  :func:`limit_tcp_send_buffer`). Off: a tunnel's producer is paused only past
-  Twisted's ``bufferSize`` (bytes queued there cannot be reordered by the
-  tunnel's priority scheduler).
+  :func:`limit_tcp_send_buffer`) and its paused-producer state
+  (``producerPaused``, resumed by ``doWrite``: :func:`pause_until_writable`).
+  Off: a tunnel's producer is paused only past Twisted's ``bufferSize`` (bytes
+  queued there and in the kernel cannot be reordered by the tunnel's priority
+  scheduler).
 - ``amp-lean-init``: what ``amp.AMP.__init__`` sets (:func:`init_amp`). Off:
   ``amp.AMP.__init__`` itself (~0.5 KB more a tunnel). (The read-through
   ``_transportPeer``/``_transportHost`` of
@@ -40,6 +42,15 @@ lives here too, behind thin call sites elsewhere:
 - ``conch-host-cert``: Conch's client ECDH reply handler and its key set-up
   (:class:`HostCertificateClientMixin`, for the web terminal's client to a
   node with a host certificate). Off: web terminals are refused.
+- ``cpython-tls-route``: CPython's ``_ssl`` context (``_SSLContext``,
+  ``_wrap_bio``, ``_set_alpn_protocols``) and ``_socket`` in the TLS-routing
+  ``ProxyCommand`` (:func:`tls_route_stock_argument`). Its code cannot live
+  here: :mod:`edgeaccess.client.tlsroute` runs standalone (``python -I -S``,
+  nothing of the package importable), so one marked block there holds it; the
+  probe here drives that block to a ClientHello in memory. Off: ``edge``
+  writes ``--stock`` into the ``ProxyCommand`` (``ssl`` and ``socket`` only,
+  ~10 ms more CPU a start); the script also takes ``ssl``'s context by itself
+  when the private context API differs at run time.
 
 :func:`self_check` runs every probe; ``edgeproxy`` and ``edgenode`` call it
 at start-up. A reach whose probe fails is switched off: its call sites take
@@ -47,12 +58,6 @@ the stock code path, and one warning says which reach and why. A reach that
 was never probed is probed at its first use. ``conch-session`` has no stock
 path (the session code is built on those methods): its failure stops the
 daemon with the reason rather than breaking sessions later.
-
-One reach cannot live here: ``edgeaccess/client/tlsroute.py`` runs as a
-standalone script (``python -I -S``, nothing imported from the package) and
-uses CPython's ``_ssl`` context objects directly; it falls back to the
-public ``ssl`` module itself when they differ (tests/client/test_tlsroute.py
-runs both paths).
 """
 
 from __future__ import annotations
@@ -794,6 +799,59 @@ def _probe_conch_session() -> str | None:
     problems += [f"SFTPServerForUnixConchUser.{n} missing"
                  for n in _missing(SFTPServerForUnixConchUser, ("_absPath", "_getAttrs"))]
     return "; ".join(problems) or None
+
+
+# -- cpython-tls-route: _ssl's private context and _socket in the TLS-routing ProxyCommand --
+
+
+#: What tlsroute.py uses of ``_socket``.
+TLS_ROUTE_SOCKET_NAMES = ("socket", "getaddrinfo", "inet_pton", "AF_INET", "AF_INET6",
+                          "SOCK_STREAM", "IPPROTO_TCP", "TCP_NODELAY")
+TLS_ROUTE_SOCKET_METHODS = ("settimeout", "connect", "setsockopt", "recv", "recv_into",
+                            "sendall", "close")
+
+
+@_reach("cpython-tls-route",
+        "the TLS-routing ProxyCommand uses ssl and socket (--stock: a slower start)")
+def _probe_tls_route() -> str | None:
+    if sys.implementation.name != "cpython":
+        return f"{sys.implementation.name} is not CPython"
+    import _socket
+    import _ssl
+
+    from edgeaccess.client import tlsroute
+
+    missing = [n for n in TLS_ROUTE_SOCKET_NAMES if not hasattr(_socket, n)]
+    missing += [f"socket.{n}" for n in TLS_ROUTE_SOCKET_METHODS
+                if not hasattr(_socket.socket, n)]
+    missing += [n for n in ("PROTO_TLSv1_3", "MemoryBIO", "SSLWantReadError",
+                            "SSLZeroReturnError") if not hasattr(_ssl, n)]
+    if missing:
+        return "_socket/_ssl lack " + ", ".join(missing)
+    # The script's own private client: a ClientHello with our name and ALPN.
+    incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+
+    def setup(context: Any) -> None:
+        context.minimum_version = _ssl.PROTO_TLSv1_3
+
+    try:
+        client = tlsroute._private_client(setup, "edge-probe/1", "probe.invalid",
+                                          incoming, outgoing)
+        client.do_handshake()
+    except _ssl.SSLWantReadError:
+        hello = outgoing.read()
+        if b"probe.invalid" not in hello or b"edge-probe/1" not in hello:
+            return "the ClientHello lacks the server name or the ALPN"
+        return None
+    except (AttributeError, TypeError, ValueError) as error:
+        return f"_ssl's private context API differs: {error}"
+    return "the handshake did not wait for the server"
+
+
+def tls_route_stock_argument() -> list[str]:
+    """What the TLS-routing ``ProxyCommand`` gets appended: ``--stock``
+    when the ``cpython-tls-route`` reach is off."""
+    return [] if available("cpython-tls-route") else ["--stock"]
 
 
 # -- cpython-shared-keys: instances of a class share one table of attribute names -----------

@@ -181,6 +181,9 @@ def _force_misfit(monkeypatch, reach: str) -> None:
                             internals._CONCH_TRANSPORT_NAMES + ("_gone",))
     elif reach == "glibc-malloc":
         monkeypatch.setattr(internals, "_libc_function", lambda *args: None)
+    elif reach == "cpython-tls-route":
+        monkeypatch.setattr(internals, "TLS_ROUTE_SOCKET_NAMES",
+                            internals.TLS_ROUTE_SOCKET_NAMES + ("_gone",))
     elif reach == "cpython-shared-keys":
         monkeypatch.setattr(internals.sys, "implementation",
                             type("Implementation", (), {"name": "other"})())
@@ -321,3 +324,14 @@ def test_attribute_names_are_not_entered_where_dicts_share_no_keys(monkeypatch):
     internals.reset()
     memory.share_instance_attributes(Counted, ["a", "b"])
     assert len(made) == 1
+
+
+def test_the_tls_routing_proxycommand_asks_for_the_stock_modules_with_its_reach_off(
+        monkeypatch, tmp_path):
+    from edgeaccess.client.profile import render_tls_routing_command
+
+    assert "--stock" not in render_tls_routing_command(tmp_path, "127.0.0.1:3024", "root")
+    internals.reset()
+    _force_misfit(monkeypatch, "cpython-tls-route")
+    command = render_tls_routing_command(tmp_path, "127.0.0.1:3024", "root")
+    assert " --stock " in command  # tests/client/test_tlsroute.py runs it

@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     lrm = locks.add_parser("rm", help="remove a lock")
     lrm.add_argument("lock_id", metavar="ID")
 
+    apps = sub.add_parser("apps", help="web apps: list or rotate the key that signs app "
+                                       "identities (JWT)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    apps.add_parser("jwt-keys", help="list the keys in the JWKS (kid, signing or retired)")
+    apps.add_parser("rotate-jwt-key",
+                    help="sign app identities (Edge-Jwt-Assertion) with a new key; the old "
+                         "one stays in the JWKS for 15 minutes")
+
     from edgeaccess.audit.cli import add_edgectl_audit
 
     add_edgectl_audit(sub)
@@ -240,6 +248,8 @@ def _main(argv) -> int:
                 [[l["id"], " ".join(f"{k}={v}" for k, v in l["target"].items()),
                   l.get("expires") or "never", l["message"]] for l in found])
         return 0
+    if args.command == "apps":
+        return _apps(args, client, as_json)
     if args.command == "audit":
         from edgeaccess.audit.cli import run_edgectl_audit
 
@@ -254,6 +264,28 @@ def _main(argv) -> int:
                  n["last_heartbeat"]] for n in nodes])
         return 0
     raise errors.BadRequest(f"unknown command {args.command}")
+
+
+def _apps(args, client, as_json) -> int:
+    out = sys.stdout
+    if args.action == "rotate-jwt-key":
+        answer = client.post("/v1/apps/jwt_keys/rotate", {})
+        if as_json:
+            cli.print_json(answer)
+            return 0
+        out.write(f"App identities are now signed with key {answer['kid']}.\n"
+                  "The retired key stays in /.well-known/jwks.json until "
+                  + ", ".join(k["dropped_after"] for k in answer["keys"] if k["dropped_after"])
+                  + "; every proxy follows within 5 seconds.\n")
+        return 0
+    keys = client.get("/v1/apps/jwt_keys")
+    if as_json:
+        cli.print_json(keys)
+    else:
+        cli.print_table(["Key id", "Status", "Retired", "Leaves the JWKS"],
+                        [[k["kid"], k["status"], k["retired"] or "", k["dropped_after"] or ""]
+                         for k in keys])
+    return 0
 
 
 def _quote(text: str) -> str:

@@ -99,6 +99,8 @@ class AppsAPI:
         name = check_app_name(field(data, "app"))
         cluster = field(data, "cluster", required=False) or self.auth.cluster_name
         public_key = field(data, "tls_public_key")
+        ttl = field(data, "ttl", required=False)
+        ttl = httpapi.parse_duration(ttl) if ttl is not None else None
         if cluster == self.auth.cluster_name:
             apps = await self._local_apps(identity)
         else:
@@ -116,7 +118,7 @@ class AppsAPI:
         answer = await self.gateway.issue(
             identity=identity, user_cert_expires=cert.not_valid_after_utc.astimezone(timezone.utc),
             app=name, cluster=cluster, public_key_pem=public_key,
-            remote_addr=httpapi.remote_addr(request))
+            remote_addr=httpapi.remote_addr(request), ttl=ttl)
         return json_response(request, answer)
 
     @app.route("/v1/apps/logout", methods=["POST"])
@@ -152,20 +154,24 @@ class AppsAPI:
         path = _safe_path((request.args.get(b"path") or [b"/"])[0].decode("utf-8", "replace"))
         if not state or len(state) > 64 or not state.replace("-", "").replace("_", "").isalnum():
             raise errors.BadRequest("malformed launch state")
+        cluster = (request.args.get(b"cluster") or [b""])[0].decode("utf-8", "replace")
         session = await store.from_request(request)
         if session is None:
             request.redirect(b"/")
             return b""
-        found = self.gateway.index.find(name)
-        if found is None:
-            raise errors.NotFound(f"there is no app named {name} in cluster "
-                                  f"{self.auth.cluster_name}")
-        checker = await store.checker_for(session)
-        if not checker.can_access_app(found[1].labels):
-            _log.info("app launch refused: {user} to app {app}", user=session.user, app=name)
-            raise errors.AccessDenied(f"your roles do not allow app {name}")
+        found = self.gateway.index.find(name) if cluster in ("", self.auth.cluster_name) \
+            else None
+        if found is not None:
+            cluster = self.auth.cluster_name
+            checker = await store.checker_for(session)
+            if not checker.can_access_app(found[1].labels):
+                _log.info("app launch refused: {user} to app {app}", user=session.user,
+                          app=name)
+                raise errors.AccessDenied(f"your roles do not allow app {name}")
+        else:
+            cluster = await self._leaf_with_app(name, cluster, session)
         token, _record = await self.gateway.sessions.create_web(
-            web_session=session, app=name, cluster=self.auth.cluster_name,
+            web_session=session, app=name, cluster=cluster,
             remote_addr=httpapi.remote_addr(request))
         target = self.gateway.public_origin(name) + "/__edge/launch?" + urlencode(
             {"state": state, "token": token, "path": path}, quote_via=quote)
@@ -173,6 +179,31 @@ class AppsAPI:
         request.setHeader(b"referrer-policy", b"no-referrer")
         request.redirect(target.encode("ascii"))
         return b""
+
+    async def _leaf_with_app(self, name: str, cluster: str, session) -> str:
+        """The leaf cluster (``cluster``, or the first leaf online that has it)
+        whose app ``name`` the web session's user may reach; the leaf decides
+        with its mapped roles (it lists only the apps they allow)."""
+        if cluster and cluster != self.auth.cluster_name:
+            candidates = [cluster]
+        else:
+            candidates = list(self.gateway.leaf_names())
+        for leaf in candidates:
+            try:
+                apps = await self._leaf_apps(leaf, session.identity())
+            except errors.EdgeError as e:
+                _log.info("app launch: cannot ask cluster {leaf} for its apps: {why}",
+                          leaf=leaf, why=e)
+                if cluster:
+                    raise
+                continue
+            if any(a["name"] == name for a in apps):
+                return leaf
+        _log.info("app launch refused: {user} to app {app} (cluster {cluster})",
+                  user=session.user, app=name, cluster=cluster or "any")
+        raise errors.NotFound(
+            f"there is no app named {name} you may reach in cluster "
+            f"{cluster or self.auth.cluster_name}" + ("" if cluster else " or its leaf clusters"))
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     def jwks(self, request):

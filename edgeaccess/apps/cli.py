@@ -29,6 +29,8 @@ def add_edge_apps(sub) -> None:
     login = commands.add_parser("login", help="get a certificate for one app")
     login.add_argument("app")
     login.add_argument("--cluster", help="the app's leaf cluster")
+    login.add_argument("--ttl", help="app session lifetime, e.g. 1h (default and most: "
+                                     "your login's, at most 12h)")
     config = commands.add_parser("config", help="how to reach an app you logged in to")
     config.add_argument("app")
     config.add_argument("--cluster", help="the app's leaf cluster")
@@ -79,8 +81,10 @@ def _login(args, home: Path, profile, client, cluster: str) -> int:
     key = keys.generate_private_key()
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    answer = client.post("/v1/apps/login", {"app": name, "cluster": cluster,
-                                            "tls_public_key": public})
+    body = {"app": name, "cluster": cluster, "tls_public_key": public}
+    if args.ttl:
+        body["ttl"] = args.ttl
+    answer = client.post("/v1/apps/login", body)
     directory = app_dir(home, cluster, name)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys.write_secret(directory / "tls.key", keys.private_key_pem(key))

@@ -25,6 +25,7 @@ from jwt.algorithms import ECAlgorithm
 from twisted.logger import Logger
 
 from edgeaccess import errors
+from edgeaccess.backend.interfaces import CompareFailed
 
 _log = Logger()
 
@@ -60,6 +61,7 @@ class AppSigningKeys:
         self.clock = clock
         self._keys: list[dict] = []
         self._signing = None
+        self._jwks: dict | None = None
         self._cache: dict[tuple, tuple[float, bytes]] = {}
 
     def _now(self) -> datetime:
@@ -78,6 +80,13 @@ class AppSigningKeys:
             item = await self.backend.get(KEYS_KEY)
         self._use(json.loads(item.value)["keys"])
 
+    async def reload(self) -> None:
+        """Read the keys again (every few seconds): a rotation made through any
+        proxy is followed here, and a retired key leaves the JWKS once its grace
+        is over."""
+        item = await self.backend.get(KEYS_KEY)
+        self._use(json.loads(item.value)["keys"])
+
     def _use(self, keys: list[dict]) -> None:
         now = self._now()
         kept = [k for k in keys if k["retired"] is None
@@ -85,26 +94,57 @@ class AppSigningKeys:
         active = [k for k in kept if k["retired"] is None]
         if not active:
             raise errors.EdgeError("no active app assertion key")
+        if [k["kid"] for k in kept] == [k["kid"] for k in self._keys] and \
+                self._signing is not None and self._signing[0] == active[-1]["kid"]:
+            return  # nothing changed: keep the parsed key and the token cache
+        if self._signing is not None and self._signing[0] != active[-1]["kid"]:
+            _log.info("app assertions are now signed with key {kid}", kid=active[-1]["kid"])
         self._keys = kept
         self._signing = (active[-1]["kid"], serialization.load_pem_private_key(
             active[-1]["private_key"].encode("ascii"), None))
+        self._jwks = None
         self._cache.clear()
 
     async def rotate(self) -> str:
-        """Start signing with a new key; the old one is retired. Returns the new ``kid``."""
-        item = await self.backend.get(KEYS_KEY)
-        keys = json.loads(item.value)["keys"]
-        now = self._now().isoformat()
-        for key in keys:
-            if key["retired"] is None:
-                key["retired"] = now
-        new = _new_key()
-        keys.append(new)
-        value = json.dumps({"keys": keys}).encode()
-        await self.backend.compare_and_swap(KEYS_KEY, item.value, value)
+        """Start signing with a new key; the old one is retired (kept in the
+        JWKS for :data:`RETIRED_KEEP`, longer than any token it signed lives).
+        Keys retired longer ago than that are dropped from the backend.
+        Returns the new ``kid``."""
+        while True:
+            item = await self.backend.get(KEYS_KEY)
+            keys = json.loads(item.value)["keys"]
+            now = self._now()
+            keys = [k for k in keys if k["retired"] is None
+                    or datetime.fromisoformat(k["retired"]) + RETIRED_KEEP > now]
+            for key in keys:
+                if key["retired"] is None:
+                    key["retired"] = now.isoformat()
+            new = _new_key()
+            keys.append(new)
+            value = json.dumps({"keys": keys}).encode()
+            try:
+                await self.backend.compare_and_swap(KEYS_KEY, item.value, value)
+            except CompareFailed:
+                continue  # rotated elsewhere meanwhile: rotate what is there now
+            break
         self._use(keys)
         _log.info("app assertion key rotated: now signing with {kid}", kid=new["kid"])
         return new["kid"]
+
+    def describe(self) -> list[dict]:
+        """The keys in the JWKS: ``kid``, ``status`` (signing or retired) and
+        when a retired one leaves the JWKS (no private parts)."""
+        signing = self._signing[0] if self._signing else None
+        found = []
+        for key in self._keys:
+            entry = {"kid": key["kid"], "status": "signing" if key["kid"] == signing else
+                     ("retired" if key["retired"] else "active"), "retired": key["retired"],
+                     "dropped_after": None}
+            if key["retired"]:
+                entry["dropped_after"] = (datetime.fromisoformat(key["retired"])
+                                          + RETIRED_KEEP).isoformat()
+            found.append(entry)
+        return found
 
     @property
     def loaded(self) -> bool:
@@ -112,13 +152,16 @@ class AppSigningKeys:
 
     def jwks(self) -> dict:
         """The public keys, as a JSON Web Key Set."""
+        if self._jwks is not None:
+            return self._jwks
         found = []
         for key in self._keys:
             private = serialization.load_pem_private_key(key["private_key"].encode("ascii"), None)
             jwk = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
             jwk.update({"kid": key["kid"], "alg": "ES256", "use": "sig"})
             found.append(jwk)
-        return {"keys": found}
+        self._jwks = {"keys": found}
+        return self._jwks
 
     def assertion(self, *, user: str, roles, audience: str, session: str = "") -> bytes:
         """A signed assertion for ``user`` to the app at ``audience``.

@@ -32,7 +32,11 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocolFactory, IProtocolNegotiationFactory
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +56,38 @@ RESPONSE_TIMEOUT = 60.0
 IDLE_TIMEOUT = 300.0
 #: Longest leaf-relay preamble (a forwarded identity, one JSON line).
 MAX_PREAMBLE = 16 * 1024
+
+
+@attrs.frozen
+class AppTimeouts:
+    """How long an app connection waits (seconds; ``twistd edgeproxy --app-timeouts``).
+
+    :ivar head: for a request head, and for the next piece of a request body
+        the client stopped sending (slow clients: 408);
+    :ivar response: for the app's answer once a request is complete (504);
+    :ivar idle: a keep-alive connection with no byte either way is closed.
+    """
+
+    head: float = HEAD_TIMEOUT
+    response: float = RESPONSE_TIMEOUT
+    idle: float = IDLE_TIMEOUT
+
+    @classmethod
+    def parse(cls, text: str | None) -> AppTimeouts:
+        """``head=30s,response=1m,idle=5m`` (any of them; the rest keep their defaults)."""
+        from edgeaccess.httpapi import parse_duration
+
+        values = {}
+        for part in filter(None, (p.strip() for p in (text or "").split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or name not in ("head", "response", "idle") or name in values:
+                raise errors.BadRequest(f"invalid app timeout {part[:40]!r} (use e.g. "
+                                        "head=30s,response=60s,idle=5m)")
+            seconds = parse_duration(value.strip()).total_seconds()
+            if seconds < 1:
+                raise errors.BadRequest(f"app timeout {name} must be at least 1s")
+            values[name] = seconds
+        return cls(**values)
 
 _DROPPED_PREFIXES = (b"x-forwarded-",)
 _DROPPED = frozenset({b"edge-jwt-assertion", b"forwarded", b"x-real-ip"})
@@ -99,6 +135,12 @@ class BrowserLaunch:
     launcher: str
 
 
+class RetryOnNewConnection(Exception):
+    """Raised by ``BrowserLaunch.session_for``: this request carries another app
+    session than the one the connection is bound to; the browser is sent to
+    make it again on a new connection (a 307 to the same path, then close)."""
+
+
 class _Respond(Exception):
     """A request the proxy answers itself (``response``: a whole response)."""
 
@@ -126,8 +168,8 @@ def _strip_edge_cookies(head: httpwire.Head) -> None:
         head.headers.append((b"Cookie", "; ".join(kept).encode("latin-1")))
 
 
-def _redirect(location: str, cookies: list[str]) -> bytes:
-    lines = ["HTTP/1.1 302 Found", f"Location: {location}", "Content-Length: 0",
+def _redirect(location: str, cookies: list[str], status: str = "302 Found") -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"Location: {location}", "Content-Length: 0",
              "Cache-Control: no-store", "Connection: close"]
     lines += [f"Set-Cookie: {c}" for c in cookies]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -164,6 +206,9 @@ class AppAccess:
     on_close: list = attrs.Factory(list)
     #: set for a browser (no client certificate): sessions by cookie, launches
     browser: BrowserLaunch | None = None
+    #: ``(method, target, status) -> None`` when requests are audited
+    #: (``edgeaccess.apps.requestaudit``), else None
+    audit_request: Callable[[bytes, bytes, int], None] | None = None
 
 
 def app_origin(uri: str) -> str:
@@ -183,6 +228,29 @@ class _Upstream(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.owner.upstream_lost(reason)
+
+
+@implementer(IPushProducer)
+class _UserSide:
+    """The user's connection as the producer the app's side pauses (its buffer
+    is full): it notes that the app is the one holding a request body back,
+    which is then no stalled client (see ``_check_timeouts``)."""
+
+    def __init__(self, owner: AppProxyProtocol) -> None:
+        self.owner = owner
+
+    def pauseProducing(self) -> None:
+        self.owner.held_by_app = True
+        self.owner.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        owner = self.owner
+        owner.held_by_app = False
+        owner._client_activity = owner.clock.seconds()
+        owner.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.owner.transport.stopProducing()
 
 
 class _RequestSide:
@@ -233,9 +301,10 @@ class AppProxyProtocol(Protocol):
     """
 
     def __init__(self, authorize, clock, *, needs_preamble: bool = False,
-                 description: str = "") -> None:
+                 description: str = "", timeouts: AppTimeouts | None = None) -> None:
         self._authorize = authorize
         self.clock = clock
+        self.timeouts = timeouts or _DEFAULT_TIMEOUTS
         self.needs_preamble = needs_preamble
         self.description = description
         self.access: AppAccess | None = None
@@ -245,6 +314,8 @@ class AppProxyProtocol(Protocol):
         self._upstream_pending: list[bytes] | None = None
         self._connecting = False
         self._methods: deque = deque()
+        #: request targets awaiting their status, when requests are audited
+        self._targets: deque | None = None
         self._upgrade_requested = False
         self._raw = False
         self._closing = False
@@ -252,6 +323,10 @@ class AppProxyProtocol(Protocol):
         self._sent_response_head = False
         self._head_out: bytes | None = None
         self._last_activity = 0.0
+        #: when the user's side last sent a byte (a stalled request body)
+        self._client_activity = 0.0
+        #: the app's side paused reading from the user (its buffer is full)
+        self.held_by_app = False
         self._timer = None
         self._waiting_since: float | None = None
         self.requests = 0
@@ -262,8 +337,8 @@ class AppProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         tune_transport(self.transport, self.clock)
-        self._last_activity = self.clock.seconds()
-        self._timer = self.clock.callLater(HEAD_TIMEOUT, self._check_timeouts)
+        self._last_activity = self._client_activity = self.clock.seconds()
+        self._timer = self.clock.callLater(self.timeouts.head, self._check_timeouts)
         if not self.needs_preamble:
             self._start_authorize(None)
 
@@ -304,7 +379,7 @@ class AppProxyProtocol(Protocol):
     # --- the user's side ----------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_activity = self.clock.seconds()
+        self._last_activity = self._client_activity = self.clock.seconds()
         if self.needs_preamble and self.access is None and not self._closing:
             if self._preamble is not None and not self._pending:
                 self._preamble += data
@@ -346,28 +421,38 @@ class AppProxyProtocol(Protocol):
         access = self.access
         host = (head.get(b"host") or b"").decode("latin-1").lower()
         if host not in access.expected_hosts:
+            self._audit_refusal(head, 421)
             raise httpwire.BadMessage(421, f"this connection is for {access.app}; "
-                                   f"the request names host {host[:100]!r}")
+                                      f"the request names host {host[:100]!r}")
         if head.method == b"CONNECT":
+            self._audit_refusal(head, 405)
             raise httpwire.BadMessage(405, "CONNECT is not served")
         if access.browser is not None:
-            self._browser_request(head, access.browser)
+            try:
+                self._browser_request(head, access.browser)
+            except errors.EdgeError as e:
+                self._audit_refusal(head, status_for(e))
+                raise
         refused = access.check()
         if refused is not None:
+            self._audit_refusal(head, status_for(refused))
             raise refused
         framing = httpwire.request_framing(head)
         upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
         head.remove_if(_dropped)
-        head.set(b"Host", access.upstream_host)
+        # (no upstream_host: a leaf's proxy is next, it checks the Host itself)
+        head.set(b"Host", access.upstream_host or host.encode("latin-1"))
         head.headers.append((b"X-Forwarded-For", access.client_ip.encode("ascii")))
         head.headers.append((b"X-Forwarded-Host", host.encode("latin-1")))
         head.headers.append((b"X-Forwarded-Proto", b"https"))
         if access.assertion is not None:
             head.headers.append((JWT_HEADER, access.assertion()))
         self._methods.append(head.method)
+        if access.audit_request is not None:
+            if self._targets is None:
+                self._targets = deque()
+            self._targets.append(head.target)
         self.requests += 1
-        if self._waiting_since is None:
-            self._waiting_since = self.clock.seconds()
         if upgrade:
             self._upgrade_requested = True
             self.client_reader.hold()
@@ -377,7 +462,26 @@ class AppProxyProtocol(Protocol):
         return framing
 
     def request_end(self) -> None:
-        pass
+        # The app has all of the request: its answer is due from now (a long
+        # upload is not the app being slow).
+        if self._waiting_since is None and self._methods:
+            now = self._waiting_since = self.clock.seconds()
+            timer = self._timer
+            if timer is not None and timer.getTime() > now + self.timeouts.response + 0.5:
+                timer.reset(self.timeouts.response + 0.5)  # a short --app-timeouts
+
+    def _audit_unanswered(self, status: int) -> None:
+        """The requests the app never answered (the proxy answers ``status``)."""
+        if self._targets:
+            for method, target in zip(list(self._methods), self._targets):
+                self.access.audit_request(method, target, status)
+            self._targets.clear()
+
+    def _audit_refusal(self, head: httpwire.Head, status: int) -> None:
+        """A request the proxy refused itself, when requests are audited."""
+        audit = self.access.audit_request
+        if audit is not None:
+            audit(head.method, head.target, status)
 
     # --- browsers: the app cookie and the launch ---------------------------------
 
@@ -402,7 +506,12 @@ class AppProxyProtocol(Protocol):
             raise _Respond(_redirect(target, [
                 f"{APP_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax",
                 f"{STATE_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"]))
-        if browser.session_for(cookies.get(APP_COOKIE)) is None:
+        try:
+            record = browser.session_for(cookies.get(APP_COOKIE))
+        except RetryOnNewConnection:
+            raise _Respond(_redirect(_safe_path(head.target.decode("latin-1")), [],
+                                     status="307 Temporary Redirect")) from None
+        if record is None:
             if head.method not in (b"GET", b"HEAD"):
                 raise errors.AuthenticationFailed(
                     "open this app in the browser first (no valid app session)")
@@ -438,13 +547,15 @@ class AppProxyProtocol(Protocol):
         for data in pending:
             upstream.transport.write(data)
         # Each side's buffer pauses the other side's reading.
-        upstream.transport.registerProducer(self.transport, True)
+        upstream.transport.registerProducer(_UserSide(self), True)
         self.transport.registerProducer(upstream.transport, True)
         self.transport.resumeProducing()
 
     def _upstream_failed(self, failure: Failure) -> None:
         self._connecting = False
         error = failure.value
+        self._audit_unanswered(status_for(error) if isinstance(error, errors.EdgeError)
+                               else 502)
         _log.info("app {app} unreachable for {user}: {why}", app=self.access.app,
                   user=self.access.user, why=error)
         if isinstance(error, errors.NotFound):
@@ -474,6 +585,7 @@ class AppProxyProtocol(Protocol):
             self.client_write(b"")  # a head whose body is still to come
         except httpwire.BadMessage as e:
             _log.warn("app {app} answered garbage: {why}", app=self.access.app, why=e.message)
+            self._audit_unanswered(502)
             if self._sent_response_head:
                 self._close()
             else:
@@ -493,6 +605,8 @@ class AppProxyProtocol(Protocol):
             raise httpwire.BadMessage(502, "a response nobody asked for")
         framing = httpwire.response_framing(head, method)
         self._waiting_since = None
+        if self._targets and (status >= 200 or status == 101):
+            self.access.audit_request(method, self._targets.popleft(), status)
         location = head.get(b"location")
         if location is not None and self.access.app_uri:
             text = location.decode("latin-1")
@@ -522,6 +636,8 @@ class AppProxyProtocol(Protocol):
     def _switch_to_raw(self) -> None:
         self._raw = True
         self._methods.clear()
+        if self._targets:
+            self._targets.clear()
         _log.debug("app {app}: upgraded connection for {user}", app=self.access.app,
                    user=self.access.user)
         self.client_reader.switch_to_raw()
@@ -546,9 +662,15 @@ class AppProxyProtocol(Protocol):
         self.upstream = None
         if self._closing:
             return
-        if not self._raw and self.upstream_reader.in_message and self.upstream_reader.eof():
-            pass  # a close-delimited body ended
+        if not self._raw and self.upstream_reader.in_message and \
+                not self.upstream_reader.eof():  # (eof: a close-delimited body ended)
+            _log.info("app {app} closed the connection in the middle of a response to "
+                      "{user}: the response is cut off", app=self.access.app,
+                      user=self.access.user)
         if not self._raw and self._methods and not self._sent_response_head:
+            _log.info("app {app} closed the connection without answering {user}",
+                      app=self.access.app, user=self.access.user)
+            self._audit_unanswered(502)
             self._send_error(502, f"app {self.access.app} closed the connection without "
                                   "answering")
             return
@@ -600,27 +722,38 @@ class AppProxyProtocol(Protocol):
         self._timer = None
         if self._closing:
             return
+        timeouts = self.timeouts
         now = self.clock.seconds()
         if self._waiting_since is not None and not self._raw and \
-                now - self._waiting_since >= RESPONSE_TIMEOUT:
+                now - self._waiting_since >= timeouts.response:
             _log.info("app {app} did not answer within {t}s", app=self.access.app,
-                      t=RESPONSE_TIMEOUT)
+                      t=timeouts.response)
+            self._audit_unanswered(504)
             self._send_error(504, f"app {self.access.app} did not answer in time")
             return
+        if self.access is not None and not self._raw and self.client_reader.in_message \
+                and not self.held_by_app and now - self._client_activity >= timeouts.head:
+            _log.info("app {app}: the request body from {client} stalled for {t}s",
+                      app=self.access.app, client=self.access.client_ip, t=timeouts.head)
+            self._audit_unanswered(408)
+            self._send_error(408, "the rest of the request body did not arrive in time")
+            return
         idle = now - self._last_activity
-        limit = IDLE_TIMEOUT
+        limit = timeouts.idle
         if self.access is None or (not self._methods and not self._raw
                                    and self.client_reader.in_message is False
                                    and self.requests == 0):
-            limit = HEAD_TIMEOUT
+            limit = timeouts.head
         if idle >= limit:
             if self.access is None or self.requests == 0:
+                _log.info("app connection {what}: no complete request within {t}s",
+                          what=self.description, t=limit)
                 self._send_error(408, "no complete request in time")
             else:
                 self._close()
             return
-        self._timer = self.clock.callLater(min(limit - idle, RESPONSE_TIMEOUT) + 0.5,
-                                           self._check_timeouts)
+        self._timer = self.clock.callLater(
+            min(limit - idle, timeouts.response, timeouts.head) + 0.5, self._check_timeouts)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closing = True
@@ -632,6 +765,9 @@ class AppProxyProtocol(Protocol):
         if self.access is not None:
             for hook in self.access.on_close:
                 hook(self)
+
+
+_DEFAULT_TIMEOUTS = AppTimeouts()
 
 
 def parse_preamble(line: bytes) -> dict:
@@ -658,7 +794,7 @@ class _Dispatch(Protocol):
     def connectionMade(self) -> None:
         # A connection that never sends a byte is closed (the UI's and the
         # app proxy's own timeouts start with the first request).
-        self._idle = self.factory.clock.callLater(HEAD_TIMEOUT, self._silent)
+        self._idle = self.factory.clock.callLater(self.factory.timeouts.head, self._silent)
 
     def _silent(self) -> None:
         self._idle = None
@@ -708,10 +844,11 @@ class WebPortFactory(Factory):
         ``authorize(protocol, preamble)`` authorises its connections.
     """
 
-    def __init__(self, site, gateway, clock) -> None:
+    def __init__(self, site, gateway, clock, timeouts: AppTimeouts | None = None) -> None:
         self.site = site
         self.gateway = gateway
         self.clock = clock
+        self.timeouts = timeouts or _DEFAULT_TIMEOUTS
 
     def doStart(self) -> None:
         self.site.doStart()
@@ -730,5 +867,6 @@ class WebPortFactory(Factory):
         name = server_name(transport)
         if name is not None and self.gateway.app_name_for(name) is not None:
             return AppProxyProtocol(self.gateway.authorize, self.clock,
-                                    description=f"to {name} from {getattr(addr, 'host', '?')}")
+                                    description=f"to {name} from {getattr(addr, 'host', '?')}",
+                                    timeouts=self.timeouts)
         return self.site.buildProtocol(addr)

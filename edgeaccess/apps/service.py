@@ -11,25 +11,44 @@ from twisted.logger import Logger
 from edgeaccess import errors
 from edgeaccess.apps.api import AppsAPI, WebRouting
 from edgeaccess.apps.jwt import AppSigningKeys
-from edgeaccess.apps.proxy import AppProxyProtocol, WebPortFactory
+from edgeaccess.apps.proxy import AppProxyProtocol, AppTimeouts, WebPortFactory
+from edgeaccess.apps.requestaudit import RequestAudit
 from edgeaccess.apps.sessions import AppGateway, AppIndex, AppSessions
 
 _log = Logger()
 
+#: Seconds between two reads of the assertion keys (a rotation elsewhere is
+#: followed within this).
+KEY_RELOAD = 5.0
+
 
 class _AppService(service.Service):
-    """Loads (on a new cluster: creates) the assertion keys at start; ends the
-    app connections of locked users every second."""
+    """Loads (on a new cluster: creates) the assertion keys at start and reads
+    them again every :data:`KEY_RELOAD` seconds (rotations through any proxy);
+    ends app sessions that are over every second (``AppGateway.sweep``)."""
 
-    def __init__(self, keys: AppSigningKeys, gateway: AppGateway, clock) -> None:
+    def __init__(self, keys: AppSigningKeys, gateway: AppGateway, clock,
+                 request_audit=None) -> None:
         self.keys = keys
         self.gateway = gateway
+        self.clock = clock
+        self.request_audit = request_audit
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
+        self._reloaded = clock.seconds()
 
     def _sweep(self):
-        return defer.Deferred.fromCoroutine(self.gateway.sweep()).addErrback(
-            lambda f: _log.failure("app lock sweep failed", f))
+        d = defer.Deferred.fromCoroutine(self._tick())
+        return d.addErrback(lambda f: _log.failure("app session sweep failed", f))
+
+    async def _tick(self) -> None:
+        if self.keys.loaded and self.clock.seconds() - self._reloaded >= KEY_RELOAD:
+            self._reloaded = self.clock.seconds()
+            try:
+                await self.keys.reload()
+            except Exception:
+                _log.failure("reading the app assertion keys again failed")
+        await self.gateway.sweep()
 
     def startService(self) -> None:
         super().startService()
@@ -40,7 +59,11 @@ class _AppService(service.Service):
     def stopService(self):
         if self._sweeper.running:
             self._sweeper.stop()
-        return super().stopService()
+        self.gateway.sessions.stop()
+        super().stopService()
+        if self.request_audit is not None:
+            return self.request_audit.flush()
+        return None
 
 
 class AppAccessParts:
@@ -53,7 +76,9 @@ class AppAccessParts:
 
 
 def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor,
-          web_sessions=None, ui_host: str | None = None) -> AppAccessParts:
+          web_sessions=None, ui_host: str | None = None,
+          request_audit_apps: frozenset[str] | None = frozenset(),
+          timeouts: AppTimeouts | None = None) -> AppAccessParts:
     """Put app access in front of the web UI's ``site`` (its resource is wrapped).
 
     :param registry: the tunnel server's registry (tunnelled nodes and their apps).
@@ -61,15 +86,23 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
     :param web_sessions: the web UI's session store: browsers without an app
         certificate launch the app through it (None: app certificates only).
     :param ui_host: the web UI's host name (the launcher's), default ``public_host``.
+    :param request_audit_apps: the apps whose requests are audited (``app.request``;
+        None: every app; empty: none, the default).
+    :param timeouts: the app connections' :class:`~edgeaccess.apps.proxy.AppTimeouts`.
     """
     from edgeaccess.cluster.root import leaf_request
 
     keys = AppSigningKeys(auth.backend, auth.cluster_name, reactor)
     sessions = AppSessions(auth.backend, reactor, auth._emit, web_sessions=web_sessions)
+    request_audit = None
+    if (request_audit_apps is None or request_audit_apps) and auth.audit is not None:
+        request_audit = RequestAudit(auth.audit, reactor, request_audit_apps)
     gateway = AppGateway(auth=auth, index=AppIndex(registry), sessions=sessions, keys=keys,
                          public_host=public_host, web_addr=web_addr, clock=reactor,
                          leaf_tunnel=lambda name: clusters.tunnels.get(name),
-                         web_sessions=web_sessions, ui_host=ui_host)
+                         leaf_names=lambda: sorted(clusters.tunnels),
+                         web_sessions=web_sessions, ui_host=ui_host,
+                         request_audit=request_audit)
 
     async def ask_leaf(cluster, path, identity):
         tunnel = clusters.tunnels.get(cluster)
@@ -79,8 +112,9 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
 
     api = AppsAPI(gateway, leaf_request=ask_leaf, leaf_known=lambda name: name in clusters.known)
     site.resource = WebRouting(site.resource, api)
-    return AppAccessParts(WebPortFactory(site, gateway, reactor), gateway,
-                          _AppService(keys, gateway, reactor))
+    gateway.timeouts = timeouts or AppTimeouts()
+    return AppAccessParts(WebPortFactory(site, gateway, reactor, gateway.timeouts), gateway,
+                          _AppService(keys, gateway, reactor, request_audit))
 
 
 def relayed_app_factory(gateway: AppGateway, trust, root: str, app: str):
@@ -97,7 +131,8 @@ def relayed_app_factory(gateway: AppGateway, trust, root: str, app: str):
 
     def build_protocol():
         protocol = AppProxyProtocol(authorize, gateway.clock, needs_preamble=True,
-                                    description=f"to {app} relayed by cluster {root}")
+                                    description=f"to {app} relayed by cluster {root}",
+                                    timeouts=gateway.timeouts)
         protocol.app_name = app
         return protocol
 

@@ -26,7 +26,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from edgeaccess import errors, tls
-from edgeaccess.apps.proxy import AppAccess, BrowserLaunch, parse_preamble, server_name
+from edgeaccess.apps.proxy import (
+    AppAccess,
+    AppTimeouts,
+    BrowserLaunch,
+    RetryOnNewConnection,
+    parse_preamble,
+    server_name,
+)
+from edgeaccess.apps.requestaudit import request_fields
 from edgeaccess.apps.spec import _APP_NAME
 from edgeaccess.identity import rbac
 from edgeaccess.pki import x509ca
@@ -38,6 +46,15 @@ SESSIONS_PREFIX = "/app_sessions/"
 RECHECK = 1.0
 #: Longest app session (also capped by the user's own certificate).
 MAX_APP_SESSION = timedelta(hours=12)
+#: Shortest app session a client may ask for (``edge apps login --ttl``).
+MIN_APP_SESSION = timedelta(seconds=1)
+#: A session's record outlives its expiry by this much, so that the proxy
+#: that ends it (its timer, or any proxy's scan) can claim it with a delete
+#: and audit ``app.session.end`` exactly once.
+EXPIRY_GRACE = timedelta(minutes=10)
+#: Every proxy reads all app sessions this often (seconds) and ends those
+#: whose expiry, lock, roles or web session says so, whoever created them.
+SCAN_INTERVAL = 10.0
 
 
 class AppIndex:
@@ -101,9 +118,74 @@ class AppSessions:
         self._cache: dict[str, tuple[float, dict | None]] = {}
         self._live: dict[str, set] = {}
         self._refreshing: dict[str, defer.Deferred] = {}
+        #: expiry timers of the sessions this proxy knows of (id -> DelayedCall)
+        self._timers: dict[str, Any] = {}
+        #: app sessions whose web session is followed here (id -> unsubscribe)
+        self._following: dict[str, Callable[[], None]] = {}
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+
+    # --- ending on their own: expiry, the web session -----------------------
+
+    def expire_at(self, record: dict) -> None:
+        """End ``record`` when it expires (a timer, not the next request)."""
+        if record["id"] in self._timers:
+            return
+        delay = (datetime.fromisoformat(record["expires"]) - self._now()).total_seconds()
+        self._timers[record["id"]] = self.clock.callLater(max(0.0, delay), self._expired,
+                                                          record)
+
+    def _expired(self, record: dict) -> None:
+        self._timers.pop(record["id"], None)
+        self._run(self.end(record, "expired"))
+
+    def follow_web_session(self, record: dict) -> None:
+        """End ``record`` when the web session it was launched from ends."""
+        web_session = record.get("web_session")
+        if not isinstance(web_session, str) or self.web_sessions is None or \
+                record["id"] in self._following:
+            return
+
+        def web_session_ended(reason: str) -> None:
+            self._following.pop(record["id"], None)
+            self._run(self.end(record, f"web session ended ({reason})"))
+
+        self._following[record["id"]] = self.web_sessions.on_end(web_session,
+                                                                 web_session_ended)
+
+    async def web_session_gone(self, record: dict) -> str | None:
+        """For the scan: why the web session a browser's app session was launched
+        from is gone, when this proxy does not follow it (another proxy created
+        the app session), else None."""
+        web_session = record.get("web_session")
+        if not isinstance(web_session, str) or record["id"] in self._following or \
+                self.web_sessions is None:
+            return None
+        from edgeaccess.web.sessions import PREFIX as WEB_SESSIONS
+
+        try:
+            await self.backend.get(WEB_SESSIONS + web_session)
+        except errors.NotFound:
+            return "web session ended (logged out or expired)"
+        return None
+
+    def _run(self, coroutine) -> None:
+        defer.Deferred.fromCoroutine(coroutine).addErrback(
+            lambda f: _log.failure("ending an app session failed", f))
+
+    def stop(self) -> None:
+        """Cancel the expiry timers and web-session listeners (proxy shutdown)."""
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for unsubscribe in self._following.values():
+            unsubscribe()
+        self._following.clear()
+
+    def expired(self, record: dict) -> bool:
+        return datetime.fromisoformat(record["expires"]) <= self._now()
 
     async def create(self, *, user: str, roles, traits, app: str, cluster: str,
                      expires: datetime, remote_addr: str) -> dict:
@@ -112,8 +194,10 @@ class AppSessions:
                   "created": self._now().isoformat(), "expires": expires.isoformat(),
                   "remote_addr": remote_addr}
         await self.backend.put(SESSIONS_PREFIX + record["id"],
-                               json.dumps(record, sort_keys=True).encode(), expires=expires)
+                               json.dumps(record, sort_keys=True).encode(),
+                               expires=expires + EXPIRY_GRACE)
         self._cache[record["id"]] = (self.clock.seconds(), record)
+        self.expire_at(record)
         self.emit("app.session.start", user=user, app=app, app_cluster=cluster,
                   session_id=record["id"], remote_addr=remote_addr, success=True)
         _log.info("app session {id} started: {user} to app {app} (cluster {cluster}) "
@@ -136,15 +220,10 @@ class AppSessions:
                   "expires": web_session.expires.isoformat(), "remote_addr": remote_addr}
         await self.backend.put(SESSIONS_PREFIX + record["id"],
                                json.dumps(record, sort_keys=True).encode(),
-                               expires=web_session.expires)
+                               expires=web_session.expires + EXPIRY_GRACE)
         self._cache[record["id"]] = (self.clock.seconds(), record)
-        if hasattr(web_session, "id") and self.web_sessions is not None:
-            def web_session_ended(reason: str) -> None:
-                defer.Deferred.fromCoroutine(
-                    self.end(record, f"web session ended ({reason})")).addErrback(
-                    lambda f: _log.failure("ending app session failed", f))
-
-            self.web_sessions.on_end(web_session.id, web_session_ended)
+        self.expire_at(record)
+        self.follow_web_session(record)
         self.emit("app.session.start", user=record["user"], app=app, app_cluster=cluster,
                   session_id=record["id"], remote_addr=remote_addr, success=True,
                   method="web")
@@ -163,6 +242,8 @@ class AppSessions:
             record = json.loads(item.value)
         except errors.NotFound:
             record = None
+        if record is not None and self.expired(record):
+            record = None  # kept for EXPIRY_GRACE only to be ended once
         self._cache[session_id] = (self.clock.seconds(), record)
         return record
 
@@ -186,26 +267,52 @@ class AppSessions:
             return None
         return record
 
-    async def of_user(self, user: str) -> list[dict]:
+    async def all(self) -> list[dict]:
+        """Every app session record in the backend (ended ones within their grace too)."""
         found = []
         for item in await self.backend.get_range(SESSIONS_PREFIX):
-            record = json.loads(item.value)
-            if record.get("user") == user:
+            try:
+                record = json.loads(item.value)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str) and \
+                    isinstance(record.get("expires"), str):
                 found.append(record)
         return found
 
-    async def end(self, record: dict, reason: str, remote_addr: str = "") -> None:
+    async def of_user(self, user: str) -> list[dict]:
+        return [r for r in await self.all() if r.get("user") == user and not self.expired(r)]
+
+    async def end(self, record: dict, reason: str, remote_addr: str = "") -> bool:
+        """End an app session: its record goes, its connections close, and
+        ``app.session.end`` is audited with ``reason``, by whichever proxy
+        deletes the record (once per session, however many proxies notice).
+
+        :returns: whether it was this call that ended it.
+        """
+        session_id = record["id"]
+        timer = self._timers.pop(session_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        unsubscribe = self._following.pop(session_id, None)
+        if unsubscribe is not None:
+            unsubscribe()
         try:
-            await self.backend.delete(SESSIONS_PREFIX + record["id"])
+            await self.backend.delete(SESSIONS_PREFIX + session_id)
+            ended_here = True
         except errors.NotFound:
-            pass
-        self._cache[record["id"]] = (self.clock.seconds(), None)
-        self.close_connections(record["id"], reason)
+            ended_here = False  # another proxy (or call) ended it first
+        self._cache[session_id] = (self.clock.seconds(), None)
+        self.close_connections(session_id, reason)
+        if not ended_here:
+            return False
         self.emit("app.session.end", user=record["user"], app=record["app"],
-                  app_cluster=record["cluster"], session_id=record["id"],
-                  remote_addr=remote_addr or None, reason=reason)
+                  app_cluster=record["cluster"], session_id=session_id,
+                  remote_addr=remote_addr or None, reason=reason,
+                  method="web" if record.get("web_session") else None)
         _log.info("app session {id} of {user} to app {app} ended: {why}",
-                  id=record["id"][:8], user=record["user"], app=record["app"], why=reason)
+                  id=session_id[:8], user=record["user"], app=record["app"], why=reason)
+        return True
 
     def attach(self, session_id: str, connection) -> None:
         self._live.setdefault(session_id, set()).add(connection)
@@ -275,8 +382,13 @@ class AppGateway:
 
     def __init__(self, *, auth, index: AppIndex, sessions: AppSessions, keys, public_host: str,
                  web_addr: Callable[[], str], clock, leaf_tunnel=None,
-                 endpoint_for=None, web_sessions=None, ui_host: str | None = None) -> None:
+                 endpoint_for=None, web_sessions=None, ui_host: str | None = None,
+                 request_audit=None, leaf_names=None) -> None:
         self.auth = auth
+        #: ``() -> [names]`` of the leaf clusters whose tunnel is up here
+        self.leaf_names = leaf_names or (lambda: [])
+        #: :class:`~edgeaccess.apps.requestaudit.RequestAudit`, or None (off)
+        self.request_audit = request_audit
         #: the web UI's :class:`~edgeaccess.web.sessions.WebSessionStore` (browser flow)
         self.web_sessions = web_sessions
         #: the web UI's host (the launcher's), default the apps' domain
@@ -297,6 +409,9 @@ class AppGateway:
         self.endpoint_for = endpoint_for
         self._role_cache: dict[tuple, tuple[float, list]] = {}
         self._locks: tuple[float, list] | None = None
+        self._scanned = -SCAN_INTERVAL
+        #: the app connections' timeouts (set by ``edgeaccess.apps.service.build``)
+        self.timeouts = AppTimeouts()
 
     # --- locks --------------------------------------------------------------
 
@@ -318,16 +433,47 @@ class AppGateway:
         return lock.get("message") or f"lock {lock.get('id', '')}"
 
     async def sweep(self) -> None:
-        """Read the locks again and end the open app connections of locked users
-        (run every second: a lock ends sessions within 2 s)."""
+        """End the app sessions that are over (run every second).
+
+        The sessions with connections open here are checked each time (a lock
+        or a role change ends them within 2 s); every session in the backend
+        is checked every :data:`SCAN_INTERVAL` seconds (those of a proxy that
+        is gone, and those without a connection). Each ending is audited once.
+        """
         await self.refresh_locks()
-        for session_id in list(self.sessions._live):
-            record = self.sessions.current(session_id)
-            if record is None:
-                continue
-            message = self.lock_message(record["user"])
-            if message is not None:
-                self.sessions.close_connections(session_id, f"locked: {message}")
+        now = self.clock.seconds()
+        full = now - self._scanned >= SCAN_INTERVAL
+        if full:
+            self._scanned = now
+            records = await self.sessions.all()
+        else:
+            records = [r for r in (self.sessions.current(i) for i in list(self.sessions._live))
+                       if r is not None]
+        for record in records:
+            reason = await self.end_reason(record)
+            if reason is None and full:
+                reason = await self.sessions.web_session_gone(record)
+            if reason is not None:
+                await self.sessions.end(record, reason)
+            else:
+                # Sessions another proxy started (or this one before a restart).
+                self.sessions.expire_at(record)
+
+    async def end_reason(self, record: dict) -> str | None:
+        """Why app session ``record`` is over (expired, locked, roles), or None."""
+        if self.sessions.expired(record):
+            return "expired"
+        message = self.lock_message(record["user"])
+        if message is not None:
+            return f"locked: {message}"
+        if record.get("cluster") == self.cluster:
+            found = self.index.find(record.get("app"))
+            if found is not None:  # (an app offline now is refused when it is back)
+                checker = rbac.AccessChecker(await self._roles(record.get("roles") or []),
+                                             record.get("traits") or {})
+                if not checker.can_access_app(found[1].labels):
+                    return f"roles changed: they no longer allow app {record['app']}"
+        return None
 
     async def _roles(self, names) -> list:
         """Role objects, read from the backend at most every RECHECK seconds per set
@@ -395,7 +541,8 @@ class AppGateway:
         identity = tls.peer_identity(transport)
         unknown = errors.NotFound(f"there is no app named {name} in cluster {self.cluster}")
         if identity is None:
-            if self.index.find(name) is None:
+            if self.index.find(name) is None and not (self.web_sessions is not None
+                                                      and self.leaf_names()):
                 raise unknown
             if self.web_sessions is not None:
                 return self._browser_access(protocol, name, client_ip, _source(peer))
@@ -405,14 +552,14 @@ class AppGateway:
         if identity.kind != "app" or identity.cluster != self.cluster:
             raise errors.AccessDenied(
                 f"this is not an app certificate for {name} (run `edge apps login {name}`)")
-        session = await self.sessions.get(identity.uuid or "")
-        if session is None or session.get("user") != identity.name:
-            raise errors.AccessDenied(
-                f"your app session has ended: run `edge apps login {name}` again")
         await self.refresh_locks()
         locked = self.lock_message(identity.name)
         if locked is not None:
             raise errors.AccessDenied(f"you are locked out: {locked}")
+        session = await self.sessions.get(identity.uuid or "")
+        if session is None or session.get("user") != identity.name:
+            raise errors.AccessDenied(
+                f"your app session has ended: run `edge apps login {name}` again")
         if session["app"] != name:
             if self.index.find(name) is None:
                 raise unknown
@@ -466,7 +613,9 @@ class AppGateway:
         return attach(self._access(
             app, tunnel, user=identity.name, roles=session["roles"], session=session_id,
             hosts=self.expected_hosts(name), origin=self.public_origin(name),
-            client_ip=client_ip, source=source, check=check))
+            client_ip=client_ip, source=source, check=check,
+            audit_request=self._request_auditor(name, lambda: identity.name,
+                                                lambda: session_id, client_ip)))
 
     def launcher_url(self, app: str) -> str:
         port = self._port()
@@ -474,11 +623,47 @@ class AppGateway:
             f"/web/launch/{app}"
 
     def _browser_access(self, protocol, name: str, client_ip: str, source) -> AppAccess:
-        """A browser's connection: each request names its app session by cookie."""
+        """A browser's connection: each request names its app session by cookie.
+
+        The session says which cluster runs the app: this one (requests are
+        checked, rewritten and signed here), or a leaf (requests are checked
+        against the session here, then relayed to the leaf's proxy through its
+        tunnel after a forwarded identity; the leaf checks its mapped roles,
+        sets ``Host``/``X-Forwarded-*`` and signs with its own key). The
+        first session a connection carries binds it: a request with another
+        one is sent to a new connection.
+        """
         found = self.index.find(name)
-        tunnel, app = found
+        tunnel, app = found if found is not None else (None, None)
         state: dict = {"checker": None, "session": None}
         gateway = self
+        hosts = self.expected_hosts(name)
+        origin = self.public_origin(name)
+
+        def bind_local(record) -> None:
+            state["checker"] = _Checker(gateway._roles, record["roles"], record["traits"],
+                                        app.labels, gateway.clock)
+            state["checker"]._allowed = True  # checked by the launcher just now
+            state["checker"]._checked = gateway.clock.seconds()
+
+        def bind_leaf(record) -> bool:
+            leaf = gateway.leaf_tunnel(record["cluster"])
+            if leaf is None:
+                return False
+            preamble = json.dumps({
+                "app": name, "user": record["user"], "roles": list(record["roles"]),
+                "traits": record["traits"], "cluster": gateway.cluster,
+                "session": record["id"], "hosts": sorted(hosts), "origin": origin,
+                "client_ip": client_ip,
+            }, sort_keys=True).encode() + b"\n"
+            access.endpoint = _PreambleEndpoint(
+                gateway.endpoint_for(leaf, "cluster", f"app:{name}", source=source), preamble)
+            # The leaf's proxy rewrites and signs: the request keeps its Host
+            # (which the leaf checks against ``hosts``) and gets no assertion here.
+            access.upstream_host = b""
+            access.app_uri = ""
+            access.assertion = None
+            return True
 
         def session_for(token: str | None):
             """The valid app session of this app a cookie token names, or None."""
@@ -486,15 +671,27 @@ class AppGateway:
                 return None
             session_id = web_token_id(token)
             record = gateway.sessions.current(session_id)
-            if record is None or record.get("app") != name or \
-                    record.get("cluster") != gateway.cluster or "web_session" not in record:
+            if record is None or record.get("app") != name or "web_session" not in record:
                 return None
-            if state["session"] is None or state["session"]["id"] != session_id:
+            if record.get("cluster") == gateway.cluster:
+                if found is None:
+                    return None
+            elif gateway.leaf_tunnel(record.get("cluster")) is None:
+                return None
+            bound = state["session"]
+            if bound is None:
+                if record["cluster"] == gateway.cluster:
+                    bind_local(record)
+                elif not bind_leaf(record):
+                    return None
                 state["session"] = record
-                state["checker"] = _Checker(gateway._roles, record["roles"],
-                                            record["traits"], app.labels, gateway.clock)
-                state["checker"]._allowed = True  # checked by the launcher just now
-                state["checker"]._checked = gateway.clock.seconds()
+                gateway.sessions.attach(session_id, protocol)
+            elif bound["id"] != session_id:
+                if bound["cluster"] != gateway.cluster or record["cluster"] != gateway.cluster:
+                    raise RetryOnNewConnection()
+                gateway.sessions.detach(bound["id"], protocol)
+                bind_local(record)
+                state["session"] = record
                 gateway.sessions.attach(session_id, protocol)
             return record
 
@@ -505,20 +702,35 @@ class AppGateway:
             locked = gateway.lock_message(record["user"])
             if locked is not None:
                 return errors.AccessDenied(f"you are locked out: {locked}")
-            if not state["checker"].allowed():
+            checker = state["checker"]
+            if checker is not None and not checker.allowed():
                 return errors.AccessDenied(f"your roles no longer allow app {name}")
-            return None
+            return None  # (a leaf's app: the leaf checks its roles on each request)
 
-        def assertion() -> bytes:
+        def current(field: str):
             record = state["session"]
-            return gateway.keys.assertion(user=record["user"], roles=record["roles"],
-                                          audience=app.uri, session=record["id"])
+            return record.get(field) if record is not None else None
 
-        access = self._access(app, tunnel, user="(browser)", roles=(), session="",
-                              hosts=self.expected_hosts(name),
-                              origin=self.public_origin(name), client_ip=client_ip,
-                              source=source, check=check)
-        access.assertion = assertion
+        if found is not None:
+            access = self._access(app, tunnel, user="(browser)", roles=(), session="",
+                                  hosts=hosts, origin=origin, client_ip=client_ip,
+                                  source=source, check=check,
+                                  audit_request=self._request_auditor(
+                                      name, lambda: current("user"), lambda: current("id"),
+                                      client_ip))
+
+            def assertion() -> bytes:
+                record = state["session"]
+                return gateway.keys.assertion(user=record["user"], roles=record["roles"],
+                                              audience=app.uri, session=record["id"])
+
+            access.assertion = assertion
+        else:
+            # Only a leaf can serve it (bind_leaf sets the route); the leaf audits
+            # its requests.
+            access = AppAccess(app=name, user="(browser)", endpoint=None,
+                               expected_hosts=frozenset(hosts), public_origin=origin,
+                               client_ip=client_ip, check=check)
         access.browser = BrowserLaunch(session_for=session_for,
                                        launcher=self.launcher_url(name))
 
@@ -529,8 +741,23 @@ class AppGateway:
         access.on_close.append(detach)
         return access
 
+    def _request_auditor(self, app: str, user_of, session_of, client_ip: str, **extra):
+        """``(method, target, status) -> None`` recording ``app.request`` events,
+        or None when requests to ``app`` are not audited here."""
+        audit = self.request_audit
+        if audit is None or not audit.covers(app):
+            return None
+        cluster = self.cluster
+
+        def record(method: bytes, target: bytes, status: int) -> None:
+            audit.record({**request_fields(
+                user=user_of(), app=app, cluster=cluster, method=method, target=target,
+                status=status, remote_addr=client_ip, session_id=session_of()), **extra})
+
+        return record
+
     def _access(self, app, tunnel, *, user, roles, session, hosts, origin, client_ip,
-                source, check) -> AppAccess:
+                source, check, audit_request=None) -> AppAccess:
         keys = self.keys
         roles = list(roles)
 
@@ -543,7 +770,7 @@ class AppGateway:
             endpoint=self.endpoint_for(tunnel, "app", app.name, source=source),
             expected_hosts=frozenset(hosts), public_origin=origin, app_uri=app.uri,
             upstream_host=upstream.encode("idna"), client_ip=client_ip,
-            assertion=assertion, check=check)
+            assertion=assertion, check=check, audit_request=audit_request)
 
     def relayed_authorizer(self, root: str, mapped_roles):
         """For app connections a trusted root cluster relays through its tunnel.
@@ -585,18 +812,25 @@ class AppGateway:
                 return None
 
             source = _source(protocol.transport.getPeer())
+            session = str(data.get("session") or "")
             return self._access(
-                app, tunnel, user=user, roles=local, session=str(data.get("session") or ""),
+                app, tunnel, user=user, roles=local, session=session,
                 hosts=[str(h).lower() for h in hosts], origin=origin, client_ip=client_ip,
-                source=source, check=check)
+                source=source, check=check,
+                audit_request=self._request_auditor(name, lambda: user, lambda: session,
+                                                    client_ip, user_cluster=root))
 
         return authorize
 
     # --- issuing app certificates ------------------------------------------------
 
     async def issue(self, *, identity, user_cert_expires: datetime, app: str, cluster: str,
-                    public_key_pem: str, remote_addr: str) -> dict:
-        """An app session and its certificate (the caller checked the app is allowed)."""
+                    public_key_pem: str, remote_addr: str, ttl: timedelta | None = None) -> dict:
+        """An app session and its certificate (the caller checked the app is allowed).
+
+        :param ttl: the session's lifetime asked for (capped by the user's
+            certificate and :data:`MAX_APP_SESSION`).
+        """
         from cryptography.hazmat.primitives import serialization
 
         try:
@@ -605,6 +839,10 @@ class AppGateway:
             raise errors.BadRequest("tls_public_key is not a PEM public key")
         now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
         expires = min(user_cert_expires, now + MAX_APP_SESSION)
+        if ttl is not None:
+            if ttl < MIN_APP_SESSION:
+                raise errors.BadRequest("an app session lasts at least 1s")
+            expires = min(expires, now + ttl)
         if expires <= now:
             raise errors.CertificateInvalid("your certificate has expired: run edge login")
         record = await self.sessions.create(
@@ -619,6 +857,22 @@ class AppGateway:
                 "session_id": record["id"], "app": app, "cluster": cluster,
                 "url": self.public_origin(app), "valid_before": expires.isoformat(),
                 "tls_ca": self.auth.authority.tls_ca_pem}
+
+
+class _PreambleEndpoint:
+    """An endpoint whose connections start with ``preamble`` (a leaf relay's
+    forwarded identity), written before anything the protocol writes."""
+
+    def __init__(self, endpoint, preamble: bytes) -> None:
+        self.endpoint = endpoint
+        self.preamble = preamble
+
+    def connect(self, factory):
+        def connected(protocol):
+            protocol.transport.write(self.preamble)
+            return protocol
+
+        return self.endpoint.connect(factory).addCallback(connected)
 
 
 def _source(peer) -> str | None:

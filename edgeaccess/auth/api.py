@@ -251,6 +251,29 @@ class AuthAPI:
         await self._require(request, "node", "list")
         return json_response(request, await self.auth.list_nodes())
 
+    # --- app assertion keys (edgeaccess.apps.jwt) --------------------------
+
+    @app.route("/v1/apps/jwt_keys", methods=["GET"])
+    async def app_jwt_keys(self, request):
+        await self._require(request, "cert_authority", "read")
+        from edgeaccess.apps.jwt import AppSigningKeys
+
+        keys = AppSigningKeys(self.auth.backend, self.auth.cluster_name, self.auth.clock)
+        await keys.load()
+        return json_response(request, keys.describe())
+
+    @app.route("/v1/apps/jwt_keys/rotate", methods=["POST"])
+    async def rotate_app_jwt_key(self, request):
+        who = await self._require(request, "cert_authority", "rotate")
+        from edgeaccess.apps.jwt import AppSigningKeys
+
+        keys = AppSigningKeys(self.auth.backend, self.auth.cluster_name, self.auth.clock)
+        await keys.load()
+        kid = await keys.rotate()
+        self.auth._emit("app.jwt_key.rotated", user=f"{who.kind}:{who.name}", kid=kid,
+                        remote_addr=httpapi.remote_addr(request), success=True)
+        return json_response(request, {"kid": kid, "keys": keys.describe()})
+
     # --- audit log and session recordings (edgeaccess.audit.http) ----------
 
     @app.route("/v1/audit/events", methods=["GET"])

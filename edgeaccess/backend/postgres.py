@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import psycopg
 from psycopg import errors as pg_errors
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
@@ -74,6 +74,8 @@ _log = Logger()
 _T = TypeVar("_T")
 
 CHANNEL = "edgeaccess_changes"
+#: Seconds close() waits for calls already running on the pool's threads.
+CLOSE_WAIT = 5.0
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LIVE = "(expires IS NULL OR expires > %s)"
 #: Errors after which the same statement may succeed on a new try.
@@ -225,6 +227,7 @@ class PostgresBackend:
         self._start_waiters: list[Deferred[PostgresBackend]] = []
         self._shutdown_trigger: Any = None
         self._close_result: Deferred[None] | None = None
+        self._in_flight: dict[Deferred[Any], None] = {}
         self._fanout = WatchFanout()
         self._local = threading.local()
         self._connections: list[psycopg.Connection] = []
@@ -331,7 +334,16 @@ class PostgresBackend:
             pool = self._ensure_pool()
         except Exception as error:
             return fail(error)
-        return deferToThreadPool(self._reactor, pool, self._retrying, function, *args)
+        running = deferToThreadPool(self._reactor, pool, self._retrying, function, *args)
+        # Closing waits for calls already on a thread (their connections
+        # must not be closed under them: a graceful stop's last writes).
+        self._in_flight[running] = None
+
+        def finished(result: object) -> object:
+            self._in_flight.pop(running, None)
+            return result
+
+        return running.addBoth(finished)
 
     def _interact(self, function: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run after the backend started (migrated); queries retry."""
@@ -644,7 +656,14 @@ class PostgresBackend:
             pool.stop()
             return result
 
-        closed = deferToThreadPool(self._reactor, pool, close_all)
+        # Calls already running finish first (bounded: a retrying call gives
+        # up after retry_for seconds anyway).
+        in_flight = [d for d in self._in_flight if not d.called]
+        waited: Deferred[Any] = DeferredList(in_flight, consumeErrors=True) if in_flight \
+            else succeed(None)
+        if in_flight:
+            waited.addTimeout(CLOSE_WAIT, self._reactor).addErrback(lambda _: None)
+        closed = waited.addCallback(lambda _: deferToThreadPool(self._reactor, pool, close_all))
         closed.addBoth(stop)
         closed.addErrback(lambda failure: _log.failure("closing the PostgreSQL backend", failure))
         return closed

@@ -89,13 +89,17 @@ def render_tls_routing_command(home: Path, tunnel_addr: str, cluster: str) -> st
     target node (``%h``) as the server name, and relays until the proxy
     closes it. Only the cluster CA is trusted (no system stores), the
     proxy's certificate must be a proxy's of ``cluster`` and name the host
-    dialled, and any failure ends the connection with one line on stderr."""
+    dialled, and any failure ends the connection with one line on stderr.
+    ``--stock`` where the ``cpython-tls-route`` reach is off."""
+    from edgeaccess import internals  # here: most edge commands never need it
+
     host, port = split_addr(tunnel_addr, 3024)
     connect = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     argv = [sys.executable, "-I", "-S", tlsroute.__file__,
             "--ca", str(home / "ca.pem"), "--cert", str(home / "tls.crt"),
             "--key", str(home / "tls.key"), "--verify-host", host,
-            "--alpn", "edge-ssh/1", "--cluster", cluster, "--connect", connect]
+            "--alpn", "edge-ssh/1", "--cluster", cluster, "--connect", connect,
+            *internals.tls_route_stock_argument()]
     command = " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
     return f"{command} --servername %h"
 

@@ -1,7 +1,8 @@
 """OpenSSH ``ProxyCommand`` of TLS routing: stdin/stdout <-> mutual TLS to the proxy.
 
 ``python -I -S tlsroute.py --ca CA --cert CERT --key KEY --verify-host HOST
---alpn edge-ssh/1 --cluster CLUSTER --servername NODE.CLUSTER --connect HOST:PORT``
+--alpn edge-ssh/1 --cluster CLUSTER --servername NODE.CLUSTER --connect HOST:PORT
+[--stock]``
 
 Opens a TLS 1.3 connection to the proxy's tunnel port with the user's
 certificate, the ALPN and the target node as the server name (SNI), checks
@@ -17,20 +18,59 @@ record of it through a memory BIO and writes the result to ssh in one call.
 
 Standard library only, nothing imported from the package: ssh starts it for
 every connection and waits for it. ``-I -S`` and CPython's C modules
-(``_ssl``, ``_socket``, ``_thread``: the objects ``ssl.py``, ``socket.py`` and
-``threading.py`` wrap, without the ~13 ms their enums cost to import) keep
-the start at ~10 ms instead of ~21; where ``_ssl``'s private context API
-differs, the public ``ssl`` module is used instead.
+(``_ssl``, ``_socket``: the objects ``ssl.py`` and ``socket.py`` wrap,
+without the ~13 ms their enums cost to import; ``_thread`` is the documented
+low-level threading API) keep the start at ~10 ms instead of ~21.
+
+That use is the ``cpython-tls-route`` reach of :mod:`edgeaccess.internals`
+(its probe is there; its code is the block marked below: nothing of the
+package is importable here). Where the probe fails, ``edge`` writes
+``--stock`` into the ``ProxyCommand``: ``ssl`` and ``socket`` only. Where the
+private context API differs at run time anyway (another CPython since the
+profile was written), ``ssl``'s context is used.
 """
 
 from __future__ import annotations
 
-import _socket
-import _ssl
+import _socket as _net
+import _ssl as _tls
 import _thread
 import fcntl
 import os
 import sys
+
+# -- the cpython-tls-route reach (edgeaccess.internals) --------------------------------------
+# The C modules as _net and _tls (the same functions, constants and exception
+# classes socket and ssl export) until use_stock_modules() swaps in socket and
+# ssl; _private_client is the only use of _ssl's private context API.
+#: Whether the private C modules are in use (:func:`use_stock_modules` clears it).
+_private = True
+#: TLS 1.3 as ``_SSLContext.minimum_version`` takes it.
+_TLS13 = _tls.PROTO_TLSv1_3
+
+
+def use_stock_modules() -> None:
+    """The reach's fallback: ``ssl`` and ``socket`` (public) from now on."""
+    global _net, _tls, _private, _TLS13
+    import socket
+    import ssl
+
+    _net, _tls, _private, _TLS13 = socket, ssl, False, ssl.TLSVersion.TLSv1_3
+
+
+def _private_client(context_setup, alpn: str, server_name: str, incoming, outgoing):
+    """A client ``_ssl._SSLObject`` over two memory BIOs, from a private
+    ``_ssl._SSLContext`` that ``context_setup`` configures."""
+    import _ssl
+
+    context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+    context_setup(context)
+    name = alpn.encode("ascii")
+    context._set_alpn_protocols(bytes([len(name)]) + name)
+    return context._wrap_bio(incoming, outgoing, False, server_name, owner=None, session=None)
+
+
+# -- end of the reach ----------------------------------------------------------------------
 
 #: Bytes read from the socket or from ssh per call.
 READ_SIZE = 256 * 1024
@@ -40,7 +80,7 @@ PIPE_SIZE = 1024 * 1024
 _RECORD = 16384
 
 USAGE = ("usage: tlsroute.py --ca FILE --cert FILE --key FILE --verify-host HOST "
-         "--alpn PROTOCOL --cluster NAME --servername NAME --connect HOST:PORT")
+         "--alpn PROTOCOL --cluster NAME --servername NAME --connect HOST:PORT [--stock]")
 
 
 class RouteError(Exception):
@@ -48,11 +88,15 @@ class RouteError(Exception):
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    """``--name value`` pairs; every option is required."""
+    """``--name value`` pairs, every one required; ``--stock`` (no value)
+    asks for the public modules only."""
     names = ("ca", "cert", "key", "verify-host", "alpn", "cluster", "servername", "connect")
     options: dict[str, str] = {}
     items = iter(argv)
     for item in items:
+        if item == "--stock":
+            options["stock"] = "yes"
+            continue
         name = item[2:] if item.startswith("--") else None
         if name not in names:
             raise RouteError(f"unknown argument {item!r}\n{USAGE}")
@@ -77,26 +121,23 @@ def split_host_port(text: str) -> tuple[str, int]:
 def configure(context, ca: str, cert: str, key: str) -> None:
     """TLS 1.3 client trusting only ``ca``, presenting ``cert``; the
     hostname is checked by :func:`certificate_names_host` (the SNI is the node)."""
-    context.minimum_version = _ssl.PROTO_TLSv1_3
+    context.minimum_version = _TLS13
     context.check_hostname = False
-    context.verify_mode = _ssl.CERT_REQUIRED
+    context.verify_mode = _tls.CERT_REQUIRED
     context.load_verify_locations(cafile=ca)
     context.load_cert_chain(cert, key)
 
 
 def open_tls(ca: str, cert: str, key: str, alpn: str, server_name: str,
-             incoming: _ssl.MemoryBIO, outgoing: _ssl.MemoryBIO, *, private: bool = True):
+             incoming, outgoing, *, private: bool | None = None):
     """A client TLS object over two memory BIOs (``do_handshake``, ``read``,
     ``write``, ``getpeercert``, ``selected_alpn_protocol``): ``_ssl``'s own
-    when its private context API is there (``private``), else ``ssl``'s."""
-    if private:
+    when its private context API is there (``private``, by default unless
+    :func:`use_stock_modules` was called), else ``ssl``'s."""
+    if _private if private is None else private:
         try:
-            context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
-            configure(context, ca, cert, key)
-            name = alpn.encode("ascii")
-            context._set_alpn_protocols(bytes([len(name)]) + name)
-            return context._wrap_bio(incoming, outgoing, False, server_name,
-                                     owner=None, session=None)
+            return _private_client(lambda context: configure(context, ca, cert, key),
+                                   alpn, server_name, incoming, outgoing)
         except (AttributeError, TypeError):
             pass  # another CPython's internals: the public module below
     import ssl
@@ -107,16 +148,15 @@ def open_tls(ca: str, cert: str, key: str, alpn: str, server_name: str,
     return context.wrap_bio(incoming, outgoing, server_hostname=server_name)
 
 
-def connect(host: str, port: int, timeout: float = 30.0) -> _socket.socket:
+def connect(host: str, port: int, timeout: float = 30.0):
     """A TCP connection to the first address of ``host`` that answers."""
     failure: OSError | None = None
-    for family, kind, proto, _, address in _socket.getaddrinfo(
-            host, port, 0, _socket.SOCK_STREAM):
-        sock = _socket.socket(family, kind, proto)
+    for family, kind, proto, _, address in _net.getaddrinfo(host, port, 0, _net.SOCK_STREAM):
+        sock = _net.socket(family, kind, proto)
         try:
             sock.settimeout(timeout)
             sock.connect(address)
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            sock.setsockopt(_net.IPPROTO_TCP, _net.TCP_NODELAY, 1)
             return sock
         except OSError as error:
             failure = error
@@ -127,9 +167,9 @@ def connect(host: str, port: int, timeout: float = 30.0) -> _socket.socket:
 def packed_ip(text: str) -> bytes | None:
     """An IPv4 or IPv6 address in binary form (None: not an address); what
     ``ipaddress`` would compare, without its ~3 ms import on ssh's path."""
-    for family in (_socket.AF_INET, _socket.AF_INET6):
+    for family in (_net.AF_INET, _net.AF_INET6):
         try:
-            return _socket.inet_pton(family, text)
+            return _net.inet_pton(family, text)
         except OSError:
             continue
     return None
@@ -175,14 +215,13 @@ def certificate_is_proxy_of(certificate: dict, cluster: str) -> bool:
             and fields.get("organizationName") == [cluster])
 
 
-def handshake(sock: _socket.socket, tls, incoming: _ssl.MemoryBIO,
-              outgoing: _ssl.MemoryBIO) -> None:
+def handshake(sock, tls, incoming, outgoing) -> None:
     """Complete the TLS handshake on a blocking socket through memory BIOs."""
     while True:
         try:
             tls.do_handshake()
             break
-        except _ssl.SSLWantReadError:
+        except _tls.SSLWantReadError:
             pending = outgoing.read()
             if pending:
                 sock.sendall(pending)
@@ -216,8 +255,7 @@ class Relay:
     (a fresh 256 KiB ``bytes`` per read costs an ``mmap`` and ``munmap``).
     """
 
-    def __init__(self, sock: _socket.socket, tls, incoming: _ssl.MemoryBIO,
-                 outgoing: _ssl.MemoryBIO, stdin: int, stdout: int) -> None:
+    def __init__(self, sock, tls, incoming, outgoing, stdin: int, stdout: int) -> None:
         self.sock = sock
         self.tls = tls
         self.incoming = incoming
@@ -257,9 +295,9 @@ class Relay:
                 while True:
                     try:
                         count = tls.read(_RECORD, plain_view[filled:])
-                    except _ssl.SSLWantReadError:
+                    except _tls.SSLWantReadError:
                         break
-                    except _ssl.SSLZeroReturnError:
+                    except _tls.SSLZeroReturnError:
                         closed = True
                         break
                     if not count:
@@ -306,10 +344,12 @@ def main(argv: list[str]) -> int:
     """Connect, check the proxy, relay; 0 when the proxy ended the stream."""
     try:
         options = parse_args(argv)
+        if "stock" in options:
+            use_stock_modules()
         host, port = split_host_port(options["connect"])
         sock = connect(host, port)
         try:
-            incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+            incoming, outgoing = _tls.MemoryBIO(), _tls.MemoryBIO()
             tls = open_tls(options["ca"], options["cert"], options["key"], options["alpn"],
                            options["servername"], incoming, outgoing)
             handshake(sock, tls, incoming, outgoing)

@@ -29,8 +29,8 @@ from edgeaccess.errors import EdgeError
 _log = Logger()
 
 #: What the proxy caches: resources (roles, connectors, trusted clusters),
-#: locks, a leaf's state of each trusted root, nodes.
-DEFAULT_PREFIXES = ("/resources/", "/locks/", "/trusted_state/", "/nodes/")
+#: locks, a leaf's state of each trusted root, nodes, the cluster's proxies.
+DEFAULT_PREFIXES = ("/resources/", "/locks/", "/trusted_state/", "/nodes/", "/proxies/")
 
 Listener = Callable[[str, "Item | None"], None]
 

@@ -61,7 +61,7 @@ class NodeService(service.MultiService):
                  advertise_addr: str, reactor, heartbeat_interval: float = 30.0,
                  env_allow=(), rng: random.Random | None = None,
                  connect_cluster=None, kube=None, serve_ssh: bool = True,
-                 apps=(), resume_budget: float = 60.0) -> None:
+                 apps=(), resume_budget: float = 60.0, proxy_spread: float = 3.0) -> None:
         """
         :param kube: ``(name, labels, AgentConfig)`` of the Kubernetes API to
             publish (``--kube-cluster``), or None.
@@ -69,6 +69,8 @@ class NodeService(service.MultiService):
         :param apps: the web apps to publish (``--app``).
         :param resume_budget: seconds the tunnel's channels outlive a tunnel
             outage (``--resume-budget``; 0: they end with the tunnel).
+        :param proxy_spread: a proxy learnt of while a tunnel is up is dialed
+            after a random wait of up to this many seconds (no herd).
         """
         super().__init__()
         self.kube = kube
@@ -104,9 +106,10 @@ class NodeService(service.MultiService):
         self._running = False
         self._failures = 0
         self._sleeping = None
+        #: The tunnel agents, one per proxy (:class:`~edgeaccess.tunnel.pool.TunnelAgentPool`).
         self.agent = None
-        self.tunnel_addrs: list[str] = []
-        self._tunnel_attempts = 0
+        #: Seconds over which tunnels to newly learnt proxies are spread.
+        self.proxy_spread = proxy_spread
         #: The web apps this node publishes (:class:`~edgeaccess.apps.agent.AppAgent`).
         self.apps = None
         if apps:
@@ -366,7 +369,9 @@ class NodeService(service.MultiService):
     # --- reverse tunnel ----------------------------------------------------
 
     async def _start_tunnel(self) -> None:
-        """Dial the proxy's tunnel server and keep the tunnel up, forever."""
+        """Keep a reverse tunnel to every proxy of the cluster, forever: the
+        first is the one the proxy we joined through names, the others come
+        with the proxies' ``Discover`` (one agent each, edgeaccess.tunnel.pool)."""
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
         from twisted.internet.interfaces import IStreamClientEndpoint
         from zope.interface import implementer
@@ -375,12 +380,13 @@ class NodeService(service.MultiService):
         from edgeaccess.httpclient import split_addr
         from edgeaccess.pki import x509ca
         from edgeaccess.tunnel.agent import TunnelAgent
+        from edgeaccess.tunnel.pool import TunnelAgentPool
         from edgeaccess.tunnel.protocol import ALPN_PROTOCOL, Inventory
 
         attempt = 0
         while self._running:
             try:
-                self.tunnel_addrs = [await self._ask_tunnel_addr()]
+                first_addr = await self._ask_tunnel_addr()
                 break
             except (errors.EdgeError, KeyError, TypeError) as e:
                 attempt += 1
@@ -392,9 +398,7 @@ class NodeService(service.MultiService):
             return
         ca_certs = x509ca.load_certificates_pem(self.identity.ca_pem.encode())
 
-        def dial():
-            addr = self.tunnel_addrs[self._tunnel_attempts % len(self.tunnel_addrs)]
-            self._tunnel_attempts += 1
+        def dial(addr):
             host, port = split_addr(addr, 3024)
             options = tls.client_options(
                 host, ca_certs, cluster=self.identity.cluster, key=self.identity.tls_key,
@@ -407,52 +411,60 @@ class NodeService(service.MultiService):
 
         @implementer(IStreamClientEndpoint)
         class AskFirst:
-            """Ask the proxy where its tunnel server is now, then dial it."""
+            """Ask the proxy where its tunnel server is now (a new address gets
+            an agent of its own), then dial this agent's address."""
+
+            def __init__(self, addr):
+                self.addr = addr
 
             def connect(self, factory):
                 asking = defer.Deferred.fromCoroutine(node._refresh_tunnel_addr())
-                return asking.addCallback(lambda _: dial().connect(factory))
+                return asking.addCallback(lambda _: dial(self.addr).connect(factory))
 
-        def endpoint_factory():
-            # The first dial after a tunnel is lost goes where it was; later
-            # ones ask the web address first: the tunnel address may have
-            # moved (another port, relay or load balancer).
-            self._dials_since_up += 1
-            return dial() if self._dials_since_up == 1 else AskFirst()
+        dials_since_up: dict[str, int] = {}
+        inventory = Inventory(
+            name=self.identity.name, labels=dict(self.labels),
+            kube_clusters=(self.kube[0],) if self.kube else (),
+            kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
+            apps=self.apps.inventory() if self.apps else ())
 
-        def tunnel_up(tunnel) -> None:
-            self._dials_since_up = 0
-            # The proxy is back: deliver the audit spool now, not after the
+        def make_agent(addr):
+            def endpoint_factory():
+                # The first dial after a tunnel is lost goes where it was; later
+                # ones ask the web address first: the tunnel address may have
+                # moved (another port, relay or load balancer).
+                dials_since_up[addr] = dials_since_up.get(addr, 0) + 1
+                return dial(addr) if dials_since_up[addr] == 1 else AskFirst(addr)
+
+            return TunnelAgent(
+                endpoint_factory=endpoint_factory, inventory=inventory,
+                clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
+                heartbeat_interval=self.heartbeat_interval,
+                on_discover=lambda addresses: self.agent.set_proxies(addresses),
+                on_control=self._control_pushed, max_channels=256,
+                resume_budget=self.resume_budget)
+
+        def tunnel_up(addr, tunnel) -> None:
+            dials_since_up[addr] = 0
+            # A proxy is back: deliver the audit spool now, not after the
             # shipper's backoff (it reaches the same proxy's web address).
             self.audit.shipper.link_restored()
-            tunnel.when_lost().addCallback(lambda _: watch())
-
-        def watch() -> None:
-            self.agent.when_connected().addCallbacks(tunnel_up, lambda _: None)
-
-        def on_discover(addresses) -> None:
-            if addresses:
-                self.tunnel_addrs = list(addresses)
 
         # No listening port in tunnel mode: start the SSH factory by hand
         # (Conch loads its key-exchange groups in startFactory).
         self.factory.doStart()
-        self.agent = TunnelAgent(
-            endpoint_factory=endpoint_factory,
-            inventory=Inventory(
-                name=self.identity.name, labels=dict(self.labels),
-                kube_clusters=(self.kube[0],) if self.kube else (),
-                kube_labels={self.kube[0]: dict(self.kube[1])} if self.kube else {},
-                apps=self.apps.inventory() if self.apps else ()),
-            clock=self.reactor, rng=self.rng, accept_channel=self._accept_channel,
-            heartbeat_interval=self.heartbeat_interval, on_discover=on_discover,
-            on_control=self._control_pushed, max_channels=256,
-            resume_budget=self.resume_budget)
-        self._dials_since_up = 0
-        watch()
+        self.agent = TunnelAgentPool(make_agent, self.reactor, self.rng,
+                                     spread=self.proxy_spread)
+        self.agent.subscribe(tunnel_up)
+        self.agent.add(first_addr)
         self.agent.setServiceParent(self)
         _log.info("node {name} reachable through a reverse tunnel to {addr}",
-                  name=self.identity.name, addr=self.tunnel_addrs[0])
+                  name=self.identity.name, addr=first_addr)
+
+    @property
+    def tunnel_addrs(self) -> list[str]:
+        """The proxies' tunnel addresses this node keeps a tunnel to."""
+        return self.agent.addresses if self.agent is not None else []
 
     async def _ask_tunnel_addr(self) -> str:
         ping = await self.cluster_client.get_json("/v1/ping")
@@ -471,7 +483,7 @@ class NodeService(service.MultiService):
             return
         if addr not in self.tunnel_addrs:
             _log.info("the proxy's tunnel address is now {addr}", addr=addr)
-            self.tunnel_addrs = [addr]
+            self.agent.add(addr)
 
     def _accept_channel(self, kind: str, target: str):
         """The node checks every channel the proxy opens: its own SSH, its

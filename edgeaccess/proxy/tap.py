@@ -76,6 +76,12 @@ class Options(usage.Options):
         ["apps-domain", None, None,
          "DNS name web apps are reached under, https://NAME.DOMAIN:WEB_PORT (default: the "
          "public host; needs a wildcard DNS record)"],
+        ["app-request-audit", None, None,
+         "audit every request to web apps as app.request events: '*' for every app, "
+         "or app names separated by commas (default: off; sessions are always audited)"],
+        ["app-timeouts", None, None,
+         "web app connections: head=30s (request head, stalled request body), "
+         "response=60s (the app's answer), idle=5m (keep-alive); e.g. response=5m"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["resume-budget", None, "60s",
          "how long a tunnelled node's channels (users' SSH sessions...) are held "
@@ -113,6 +119,18 @@ class Options(usage.Options):
         pool = self["backend-pool"]
         if pool is not None and (not str(pool).isdigit() or not 1 <= int(pool) <= 64):
             raise usage.UsageError("--backend-pool: a number of connections from 1 to 64")
+        from edgeaccess.apps.requestaudit import parse_selection
+
+        try:
+            parse_selection(self["app-request-audit"])
+        except errors.EdgeError as e:
+            raise usage.UsageError(f"--app-request-audit: {e}")
+        from edgeaccess.apps.proxy import AppTimeouts
+
+        try:
+            AppTimeouts.parse(self["app-timeouts"])
+        except errors.EdgeError as e:
+            raise usage.UsageError(f"--app-timeouts: {e}")
         for name in (self["server-names"] or "").split(","):
             name = name.strip().strip("[]")
             if name and not (is_ip(name) or _HOST_NAME.fullmatch(name)):
@@ -203,9 +221,11 @@ class _ThreadPoolService(service.Service):
 
 
 class _BackendService(service.Service):
-    """Closes the backend at shutdown; at start opens it, loads (or creates)
-    the cluster's CAs from it, lets the listeners start, then runs the auth
-    bootstrap. Without its CAs the proxy stops, with the reason in its log."""
+    """Closes the backend at shutdown (after ``before_close``: last writes
+    such as this proxy's record deleted); at start opens it, loads (or
+    creates) the cluster's CAs from it, lets the listeners start, then runs
+    the auth bootstrap. Without its CAs the proxy stops, with the reason in
+    its log."""
 
     def __init__(self, backend, auth, clusters, load_authority=None, startup=None,
                  reactor=None) -> None:
@@ -215,6 +235,8 @@ class _BackendService(service.Service):
         self._load_authority = load_authority
         self._startup = startup
         self._reactor = reactor
+        self.before_close: list = []
+        self._last_writes = None
 
     async def _start(self) -> None:
         try:
@@ -238,12 +260,23 @@ class _BackendService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        # Ahead of the backend's own shutdown trigger (a PostgreSQL backend
+        # closes itself "before shutdown"; it lets calls under way finish).
+        if self._reactor is not None:
+            self._reactor.addSystemEventTrigger("before", "shutdown", self._begin_last_writes)
         d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(lambda f: _log.failure("bootstrap failed", f))
 
+    def _begin_last_writes(self):
+        if self._last_writes is None:
+            self._last_writes = defer.DeferredList(
+                [defer.maybeDeferred(f) for f in self.before_close], consumeErrors=True)
+        return self._last_writes
+
     def stopService(self):
         super().stopService()
-        return self.backend.close()
+        last = self._begin_last_writes()
+        return last.addCallback(lambda _: self.backend.close())
 
 
 def _now() -> datetime:
@@ -364,8 +397,9 @@ def makeService(options, reactor=None) -> service.MultiService:
         await deferToThreadPool(reactor, pool, castore.write_public_copies, data_dir / "ca",
                                 authority)
 
-    _BackendService(backend, auth, clusters, load_authority, startup,
-                    reactor).setServiceParent(top)
+    backend_service = _BackendService(backend, auth, clusters, load_authority, startup,
+                                      reactor)
+    backend_service.setServiceParent(top)
 
     # The proxy's own identities: TLS for 3080/3025, SSH host cert for 3023.
     listen_hosts = {split_addr(options[k], 0)[0] for k in
@@ -416,7 +450,11 @@ def makeService(options, reactor=None) -> service.MultiService:
         if all(l.port is not None for l in listeners.values()):
             _write_runtime(data_dir, cluster, listeners, addresses())
 
+    # Every proxy of the cluster, from their records in the backend: what
+    # Discover tells agents (edgeaccess.controlplane.proxies).
+    membership = None
     tunnels = _tunnel_server(reactor, auth, addresses, clusters,
+                             proxies=lambda: membership.tunnel_addresses(),
                              resume_budget=options.get("resume-budget", 60.0))
     # The live control plane: the cache every read comes from, the push to
     # every node and leaf (edgeaccess.controlplane), locks at the proxy.
@@ -425,6 +463,10 @@ def makeService(options, reactor=None) -> service.MultiService:
     control = ProxyControlPlane(auth, backend, reactor, tunnels.registry,
                                 lambda: [authority.user_ca_public_line])
     control.setServiceParent(top)
+    membership = _membership(reactor, backend, control.cache, data_dir, cluster, addresses,
+                             listeners, tunnels)
+    membership.setServiceParent(top)
+    backend_service.before_close.append(membership.withdraw)
     router = _router(reactor, auth, cluster, tunnels.registry, clusters)
     kube = _kube_proxy(reactor, auth, audit, cluster, tunnels.registry, router, clusters,
                        leaf_trust, top, control)
@@ -434,6 +476,8 @@ def makeService(options, reactor=None) -> service.MultiService:
         return tls.server_options(certificates.web_key, certificates.web_cert,
                                   [authority.tls_ca_cert], chain=certificates.web_chain,
                                   client_certificates="optional")
+    from edgeaccess.apps.proxy import AppTimeouts
+    from edgeaccess.apps.requestaudit import parse_selection
     from edgeaccess.apps.service import build as build_app_access
 
     # The web port also serves apps on NAME.<public host> (edgeaccess.apps).
@@ -441,7 +485,10 @@ def makeService(options, reactor=None) -> service.MultiService:
                             public_host=apps_domain, web_addr=lambda: addresses()["web"],
                             site=EdgeSite(web.resource()), reactor=reactor,
                             web_sessions=getattr(web.ui, "sessions", None),
-                            ui_host=public_host)
+                            ui_host=public_host,
+                            request_audit_apps=parse_selection(
+                                options.get("app-request-audit")),
+                            timeouts=AppTimeouts.parse(options.get("app-timeouts")))
     apps.service.setServiceParent(top)
     if web.ui is not None:
         from edgeaccess.web import sections
@@ -517,7 +564,42 @@ def makeService(options, reactor=None) -> service.MultiService:
     return top
 
 
-def _tunnel_server(reactor, auth, addresses, clusters,
+def _membership(reactor, backend, cache, data_dir: Path, cluster, addresses, listeners,
+                tunnels):
+    """This proxy's record in the backend (refreshed, deleted at a graceful
+    stop) and the others': a change of the proxy list is sent to every agent."""
+    from edgeaccess import __version__
+    from edgeaccess.controlplane.proxies import ProxyMembership
+
+    def record():
+        if not listeners or any(l.port is None for l in listeners.values()):
+            return None
+        found = addresses()
+        return {"cluster": cluster, "tunnel_addr": found.get("tunnel", ""),
+                "web_addr": found.get("web", ""), "ssh_addr": found.get("ssh", ""),
+                "version": __version__}
+
+    return ProxyMembership(backend, cache, reactor, proxy_id=_proxy_id(data_dir),
+                           record=record, on_change=lambda _: tunnels.announce_proxies())
+
+
+def _proxy_id(data_dir: Path) -> str:
+    """This proxy's id, kept in its data dir (the same across restarts)."""
+    import uuid
+
+    path = data_dir / "proxy" / "id"
+    try:
+        found = path.read_text().strip()
+        uuid.UUID(found)
+        return found
+    except (FileNotFoundError, ValueError):
+        pass
+    made = str(uuid.uuid4())
+    keys.write_public(path, made.encode() + b"\n")
+    return made
+
+
+def _tunnel_server(reactor, auth, addresses, clusters, proxies,
                    resume_budget: float = 60.0) -> TunnelServerFactory:
     """The reverse-tunnel server: nodes behind NAT dial in and are listed
     (address ``tunnel``) while their tunnel is up; leaf clusters that trust
@@ -535,7 +617,7 @@ def _tunnel_server(reactor, auth, addresses, clusters,
 
     tunnels = TunnelServerFactory(
         clock=reactor, identity_for=identity_for,
-        proxies=lambda: [addresses()["tunnel"]] if "tunnel" in addresses() else [],
+        proxies=proxies,
         max_channels=256, resume_budget=resume_budget)
 
     def connected(tunnel) -> None:
@@ -561,15 +643,26 @@ def _tunnel_server(reactor, auth, addresses, clusters,
     return tunnels
 
 
+#: A graceful stop spreads its agents' returns over 2 ms per tunnel (20 s
+#: for 10,000), at most 30 s: a proxy restarted in place is not hit by all
+#: of them in the same second.
+RECONNECT_SPREAD_PER_TUNNEL = 0.002
+RECONNECT_SPREAD_MAX = 30.0
+
+
 class _TunnelShutdown(service.Service):
-    """Graceful stop: ask every agent to reconnect elsewhere at once."""
+    """Graceful stop: ask every agent to reconnect, staggered (their tunnels
+    to the other proxies of the cluster stay up meanwhile)."""
 
     def __init__(self, tunnels) -> None:
         self.tunnels = tunnels
 
     def stopService(self):
         super().stopService()
-        return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0)
+        spread = min(RECONNECT_SPREAD_MAX,
+                     RECONNECT_SPREAD_PER_TUNNEL * len(self.tunnels.registry.connected()))
+        return self.tunnels.shutdown(delay=0.0, reason="proxy shutting down", timeout=5.0,
+                                     spread=spread)
 
 
 def _web_ui(reactor, auth, router, clusters, addresses):

@@ -394,6 +394,9 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
         self._liveness_call = None
         mux = self._mux
         if mux is not None:
+            # The send path of this connection's transport: a detached
+            # session must not keep the dead transport alive through it.
+            mux.scheduler.set_flush(None)
             if not (mux.resumable and mux.held and not mux._lost and self._detach_mux(mux)):
                 mux.tunnel_lost(Failure(ConnectionLost("the tunnel closed")))
             else:

@@ -23,6 +23,10 @@ the speed-up):
   reactor turn (which costs two ``epoll_ctl`` calls and a loop iteration a
   write); whatever the socket does not take is queued as before.
 
+For the tunnel's priority scheduler, :class:`ShortSendPath` keeps what TLS,
+Twisted's TCP buffer and the kernel hold below it short (docs/architecture.md,
+"Tunnel send scheduling").
+
 The code that reaches into Twisted's and pyOpenSSL's internals for this lives
 in :mod:`edgeaccess.internals` (reaches ``fast-tls`` and ``eager-tcp``, checked
 at start-up; where they do not fit, these functions leave the transport alone).

@@ -17,9 +17,9 @@ queue drains, so a noisy terminal cannot starve a copy.
 
 Priority only helps if the queue *below* the scheduler is short: bytes
 already handed to TLS and TCP cannot be reordered. The tunnel therefore
-keeps its TCP socket's unsent bytes small (``TCP_NOTSENT_LOWAT``, see
-:func:`edgeaccess.tunnel.connection.TunnelConnection.tune_send_path`), is
-paused by its transport as soon as the kernel refuses anything, and the
+keeps its TCP socket's unsent bytes small and is paused by its transport as
+soon as the kernel refuses anything or holds its unsent share
+(:class:`edgeaccess.tunnel.fasttls.ShortSendPath`), and the
 scheduler sends small pieces (:data:`MIN_PIECE`) while the transport pushes
 back, growing them up to a full frame only once the transport has taken
 :data:`GROW_AFTER` bytes without pushing back: on loopback, where the

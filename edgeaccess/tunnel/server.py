@@ -502,21 +502,24 @@ class TunnelServerFactory(Factory):
             tunnel.send_discover(proxies)
 
     def shutdown(
-        self, delay: float = 0.0, reason: str = "proxy shutting down", timeout: float = 10.0
+        self, delay: float = 0.0, reason: str = "proxy shutting down", timeout: float = 10.0,
+        spread: float = 0.0,
     ) -> Deferred[None]:
         """Stop accepting, ask every agent to reconnect elsewhere, close what remains.
 
-        Fires once every tunnel is closed (agents close on Reconnect; the
-        rest are closed after ``timeout`` seconds).
+        The agents' waits are staggered: the i-th of n tunnels is told to come
+        back after ``delay + spread * i / n`` seconds, so that they do not
+        all return at once. Fires once every tunnel is closed (agents close
+        on Reconnect; the rest are closed after ``timeout`` seconds).
         """
         self.accepting = False
         tunnels = list(self._live)
         if not tunnels:
             return succeed(None)
         _log.info("asking {count} agents to reconnect: {reason}", count=len(tunnels), reason=reason)
-        for tunnel in tunnels:
+        for index, tunnel in enumerate(tunnels):
             if tunnel.hello_done:
-                tunnel.request_reconnect(delay, reason)
+                tunnel.request_reconnect(delay + spread * index / len(tunnels), reason)
             else:
                 tunnel.disconnect(reason)
 

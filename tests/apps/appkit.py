@@ -12,18 +12,56 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edgeaccess.devcluster import ProxyProcess, run_edge, stop_process
 
 PUBLIC_HOST = "edge.localhost"
 TESTS = Path(__file__).resolve().parent
 
 
-def start_proxy(base: Path, cluster: str) -> ProxyProcess:
+def browser_trusting_web_ca(proxy: ProxyProcess, tmp_path_factory):
+    """Debian's Chromium (Playwright) trusting ``proxy``'s web CA and nothing else
+    of ours: the app hosts' certificates are verified, no error is ignored.
+    A generator for a module fixture (``yield from``)."""
+    from tests import browser as chromium
+
+    missing = chromium.available()
+    if missing:
+        pytest.skip(missing)
+    with chromium.browser_trusting(tmp_path_factory.mktemp("nss"),
+                                   [chromium.web_ca_of(proxy)]) as browser:
+        yield browser
+
+
+def web_login(page, ui: str, user: str, password: str) -> None:
+    """Log in to the web UI at ``ui`` in ``page``."""
+    page.goto(ui + "/")
+    page.fill("#user", user)
+    page.fill("#password", password)
+    page.click("#login")
+    page.wait_for_selector("#logout")
+
+
+def ws_echo_script(url: str) -> str:
+    """Page script: open a WebSocket to ``url``, echo once; ``window.appSocketClosed``."""
+    return f"""() => new Promise((resolve) => {{
+        const ws = new WebSocket({json.dumps(url)});
+        window.appSocket = ws;
+        window.appSocketClosed = false;
+        ws.onclose = () => {{ window.appSocketClosed = true; }};
+        ws.onopen = () => ws.send("from the browser");
+        ws.onmessage = (m) => resolve(m.data);
+        ws.onerror = () => resolve("error");
+    }})"""
+
+
+def start_proxy(base: Path, cluster: str, *extra: str) -> ProxyProcess:
     """A proxy whose public host is ``edge.localhost`` and whose tunnel address is
     127.0.0.1 (nodes are Python: they cannot resolve ``*.localhost``)."""
     proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster=cluster,
                          extra_args=["--public-addr", PUBLIC_HOST,
-                                     "--tunnel-public-addr", "127.0.0.1"])
+                                     "--tunnel-public-addr", "127.0.0.1", *extra])
     try:
         proxy.start()
     except Exception:
@@ -75,9 +113,9 @@ def edge_login(proxy: ProxyProcess, home: Path, user: str, password: str) -> Pat
     return home
 
 
-def app_login(home: Path, app: str, *extra: str) -> dict:
+def app_login(home: Path, app: str, *extra: str, ttl: str | None = None) -> dict:
     """``edge apps login APP`` then ``edge apps config APP --format json``."""
-    result = run_edge(home, "apps", "login", app, *extra)
+    result = run_edge(home, "apps", "login", app, *extra, *(["--ttl", ttl] if ttl else []))
     assert result.returncode == 0, result.stderr
     result = run_edge(home, "apps", "config", app, "--format", "json", *extra)
     assert result.returncode == 0, result.stderr
@@ -152,3 +190,14 @@ class WebSocketClient:
             parts.append(event.data)
             if event.message_finished:
                 return "".join(parts) if isinstance(parts[0], str) else b"".join(parts)
+
+    def wait_closed(self, timeout: float) -> None:
+        """Wait until the peer closes the connection (a timeout is a failure)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                self.receive()
+        except TimeoutError:
+            raise AssertionError(f"the WebSocket was still open after {timeout}s") from None
+        except (ConnectionError, ssl.SSLError, OSError):
+            return

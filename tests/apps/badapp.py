@@ -1,7 +1,8 @@
 """An app that misbehaves on purpose (a real process): ``python badapp.py``.
 
 Paths: ``/garbage`` answers bytes that are no HTTP; ``/midbody`` promises
-100,000 bytes, sends 1,000 and closes; anything else ``200 ok``.
+100,000 bytes, sends 1,000 and closes; ``/slow`` never answers; anything
+else ``200 ok``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Bad(Protocol):
         if path == b"/garbage":
             self.transport.write(b"SPLAT SPLAT\r\n\r\n")
             self.transport.loseConnection()
+        elif path == b"/slow":
+            pass  # keeps the connection, never answers
         elif path == b"/midbody":
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n"
                                  + b"x" * 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -108,3 +109,72 @@ def test_upgrade_splices_bytes_after_101():
     assert client.value().endswith(b"\x81\x02yo")
     protocol.dataReceived(b"GET / HTTP/1.1\r\n")  # raw now: not parsed
     assert endpoint.transport.value().endswith(b"GET / HTTP/1.1\r\n")
+
+
+def test_a_stalled_request_body_is_a_408_but_a_long_upload_is_no_504():
+    protocol, client, endpoint, clock = connection()
+    head = (b"POST /up HTTP/1.1\r\nHost: demo.edge.localhost:3080\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    protocol.dataReceived(head + b"x" * 100)
+    # The upload goes on slowly for longer than the response timeout: the
+    # app cannot answer before it has the body, so that is no 504.
+    for _ in range(int(RESPONSE_TIMEOUT / 10) + 3):
+        clock.advance(10)
+        protocol.dataReceived(b"x" * 10)
+    assert client.value() == b""
+    # Then the client stops sending: after the head timeout, a 408 page.
+    clock.advance(HEAD_TIMEOUT + 1)
+    assert client.value().startswith(b"HTTP/1.1 408"), client.value()
+    assert b"request body did not arrive in time" in client.value()
+    assert client.disconnecting and endpoint.transport.disconnecting
+
+
+def test_an_app_that_reads_a_body_slowly_is_no_stalled_client():
+    protocol, client, endpoint, clock = connection()
+    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: demo.edge.localhost:3080\r\n"
+                          b"Content-Length: 1000\r\n\r\n" + b"x" * 100)
+    endpoint.transport.producer.pauseProducing()  # the app's side is full
+    assert client.producerState == "paused"
+    clock.advance(HEAD_TIMEOUT * 2)
+    assert client.value() == b""  # waiting for the app is no stalled client
+    endpoint.transport.producer.resumeProducing()
+    assert client.producerState == "producing"
+    clock.advance(HEAD_TIMEOUT - 1)
+    assert client.value() == b""
+    clock.advance(HEAD_TIMEOUT)  # now the client is the one silent
+    assert client.value().startswith(b"HTTP/1.1 408")
+
+
+def test_the_response_timeout_starts_when_the_request_is_complete():
+    protocol, client, endpoint, clock = connection()
+    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: demo.edge.localhost:3080\r\n"
+                          b"Content-Length: 4\r\n\r\nab")
+    clock.advance(HEAD_TIMEOUT - 1)
+    protocol.dataReceived(b"cd")
+    clock.advance(RESPONSE_TIMEOUT - 5)  # past RESPONSE_TIMEOUT since the head
+    assert client.value() == b""
+    clock.advance(HEAD_TIMEOUT + 6)  # (checked every HEAD_TIMEOUT at least)
+    assert client.value().startswith(b"HTTP/1.1 504")
+
+
+def test_timeouts_are_configurable():
+    from edgeaccess.apps.proxy import AppTimeouts
+
+    assert AppTimeouts.parse("response=5s,idle=1m") == AppTimeouts(head=HEAD_TIMEOUT,
+                                                                  response=5, idle=60)
+    assert AppTimeouts.parse(None) == AppTimeouts()
+    for bad in ("response=0s", "slow=5s", "response=5s,response=6s", "response=soon"):
+        with pytest.raises(errors.BadRequest):
+            AppTimeouts.parse(bad)
+    clock = Clock()
+    endpoint = FakeEndpoint()
+    access = AppAccess(app="demo", user="alice", endpoint=endpoint,
+                       expected_hosts=frozenset({"demo.edge.localhost:3080"}),
+                       upstream_host=b"10.0.0.5:8080")
+    protocol = AppProxyProtocol(lambda p, preamble: defer.succeed(access), clock,
+                                timeouts=AppTimeouts(response=3))
+    client = StringTransport()
+    protocol.makeConnection(client)
+    protocol.dataReceived(REQUEST)
+    clock.advance(3.6)
+    assert client.value().startswith(b"HTTP/1.1 504")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import jwt
 import pytest
 import pytest_twisted
@@ -60,6 +61,44 @@ async def test_rotation_keeps_old_public_keys_for_a_while():
     clock.advance(16 * 60)
     await keys.load()
     assert [k["kid"] for k in keys.jwks()["keys"]] == [new_kid]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rotation_through_one_proxy_is_followed_by_the_others():
+    """The key lives in the backend: another proxy (or edgectl's auth API)
+    rotates; this one follows at its next reload; a token signed before the
+    rotation verifies against the JWKS for longer than it lives, then its kid
+    leaves the JWKS."""
+    from edgeaccess.apps.jwt import ASSERTION_TTL, RETIRED_KEEP
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    backend = MemoryBackend(clock)
+    proxy = AppSigningKeys(backend, "prod", clock)
+    await proxy.load()
+    before = proxy.assertion(user="a", roles=[], audience="u")
+    old_kid = jwt.get_unverified_header(before)["kid"]
+    rotator = AppSigningKeys(backend, "prod", clock)
+    await rotator.load()
+    new_kid = await rotator.rotate()
+    assert new_kid != old_kid
+    await proxy.reload()
+    after = proxy.assertion(user="a", roles=[], audience="u")
+    assert jwt.get_unverified_header(after)["kid"] == new_kid
+    assert {k["kid"]: k["status"] for k in proxy.describe()} == {
+        old_kid: "retired", new_kid: "signing"}
+    assert RETIRED_KEEP >= ASSERTION_TTL
+    clock.advance(ASSERTION_TTL.total_seconds() - 1)
+    await proxy.reload()
+    verify(proxy, before, "u")  # still valid, still verifiable
+    clock.advance((RETIRED_KEEP - ASSERTION_TTL).total_seconds() + 2)
+    await proxy.reload()
+    assert [k["kid"] for k in proxy.jwks()["keys"]] == [new_kid]
+    # A later rotation drops the long-retired key from the backend too.
+    third = await rotator.rotate()
+    stored = [k["kid"] for k in json.loads(
+        (await backend.get("/apps/jwt_keys")).value)["keys"]]
+    assert stored == [new_kid, third]
 
 
 def test_app_values_are_parsed_and_checked():

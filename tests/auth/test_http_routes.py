@@ -332,3 +332,21 @@ def test_locks_over_the_auth_api_for_editors_only(api, auth):
     assert code == 200
     code, body = _call(admin, "DELETE", f"{AUTH}/v1/locks/{lock['id']}")
     assert code == 404
+
+
+def test_app_jwt_key_rotation_is_for_cert_authority_admins_and_audited(api, auth):
+    """``edgectl apps rotate-jwt-key`` and ``jwt-keys`` over the auth API."""
+    editor = x509ca.Identity(kind="user", name="ed", cluster=CLUSTER, roles=("editor",))
+    code, body = _call(api(editor), "POST", f"{AUTH}/v1/apps/jwt_keys/rotate", {})
+    assert code == 403, body
+    code, before = _call(api(ADMIN), "GET", f"{AUTH}/v1/apps/jwt_keys")
+    assert code == 200 and [k["status"] for k in before] == ["signing"]
+    code, body = _call(api(ADMIN), "POST", f"{AUTH}/v1/apps/jwt_keys/rotate", {})
+    assert code == 200, body
+    assert {k["kid"]: k["status"] for k in body["keys"]} == {
+        before[0]["kid"]: "retired", body["kid"]: "signing"}
+    assert all("private" not in json.dumps(k) for k in body["keys"])
+    code, after = _call(api(ADMIN), "GET", f"{AUTH}/v1/apps/jwt_keys")
+    assert [k["kid"] for k in after] == [before[0]["kid"], body["kid"]]
+    (event,) = auth.audit.named("app.jwt_key.rotated")
+    assert event["kid"] == body["kid"] and event["user"] == "admin:admin"

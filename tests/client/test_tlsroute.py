@@ -256,3 +256,81 @@ def test_both_tls_engines_complete_a_checked_handshake(pki, private: bool) -> No
         sock.close()
     server.thread.join(DEADLINE)
     assert server.server_names == ["node-9.root"]
+
+
+#: Runs tlsroute.py as ssh does (``-I -S``) after making the private names
+#: its fast path uses fail (``ssl`` and ``socket`` hold their own references).
+WITHOUT_PRIVATE_NAMES = """
+import sys, _socket, _ssl, socket, ssl
+def forbidden(*args, **kwargs):
+    raise AssertionError("a private _ssl/_socket name was used")
+_ssl._SSLContext = _socket.inet_pton = forbidden
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__", "__file__": path})
+"""
+
+
+@pytest.mark.parametrize("stock", [True, False])
+def test_the_stock_path_relays_without_the_private_modules(pki, stock: bool) -> None:
+    """``--stock`` (what ``edge`` writes when the ``cpython-tls-route`` reach
+    is off) relays through ``ssl`` and ``socket`` alone; the fast path is
+    what the forbidden names break."""
+    server = TLSServer(pki, "echo", echo_size=11)
+    argv = relay_argv(pki, server.port) + (["--stock"] if stock else [])
+    argv[3:4] = ["-c", WITHOUT_PRIVATE_NAMES, tlsroute.__file__]
+    result = subprocess.run(argv, input=b"hello stock", capture_output=True, timeout=DEADLINE)
+    if stock:
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"hello stock", b"")
+        server.thread.join(DEADLINE)
+        assert server.server_names == ["node-1.root"] and server.alpn == ALPN
+    else:
+        assert result.returncode != 0 and b"private _ssl/_socket name" in result.stderr
+        assert result.stdout == b""
+
+
+def test_the_probe_reports_a_changed_private_context(monkeypatch) -> None:
+    import _ssl
+
+    from edgeaccess import internals
+
+    probe = internals._REACHES["cpython-tls-route"].probe
+    assert probe() is None
+    class Renamed:  # another CPython's context, without the private methods
+        def __init__(self, protocol: int) -> None:
+            self.protocol = protocol
+
+    monkeypatch.setattr(_ssl, "_SSLContext", Renamed)
+    assert "private context API differs" in probe()
+    monkeypatch.delattr(_ssl, "PROTO_TLSv1_3")
+    assert "lack PROTO_TLSv1_3" in probe()
+
+
+def test_the_proxycommand_edge_writes_with_the_reach_off_connects(pki, monkeypatch,
+                                                                   tmp_path) -> None:
+    """The whole fallback: the probe fails, ``edge`` writes ``--stock``, and
+    that command (as ssh runs it, the private names made to fail) relays."""
+    import shlex
+    import shutil
+
+    from edgeaccess import internals
+    from edgeaccess.client.profile import render_tls_routing_command
+
+    monkeypatch.setattr(internals, "TLS_ROUTE_SOCKET_NAMES",
+                        internals.TLS_ROUTE_SOCKET_NAMES + ("_gone",))
+    internals.reset("cpython-tls-route")
+    try:
+        server = TLSServer(pki, "echo", echo_size=8)
+        shutil.copy(pki["ca"], tmp_path / "ca.pem")
+        shutil.copy(pki["alice"][1], tmp_path / "tls.crt")
+        shutil.copy(pki["alice"][0], tmp_path / "tls.key")
+        command = render_tls_routing_command(tmp_path, f"127.0.0.1:{server.port}", "root")
+        argv = [a.replace("%h", "node-2.root").replace("%%", "%") for a in shlex.split(command)]
+        assert argv[:4] == [sys.executable, "-I", "-S", tlsroute.__file__]
+        argv[3:4] = ["-c", WITHOUT_PRIVATE_NAMES, tlsroute.__file__]
+        result = subprocess.run(argv, input=b"fallback", capture_output=True, timeout=DEADLINE)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"fallback", b"")
+        server.thread.join(DEADLINE)
+        assert server.server_names == ["node-2.root"]
+    finally:
+        internals.reset("cpython-tls-route")

@@ -14,12 +14,17 @@ import pytest
 
 from edgeaccess.devcluster import ProxyProcess, join_node, run_edge, stop_process, wait_for
 from tests.apps.appkit import (
+    PUBLIC_HOST,
     app_login,
+    browser_trusting_web_ca,
     curl,
     edge_login,
     start_demo_app,
     start_proxy,
     web_listen,
+    web_login,
+    web_port,
+    ws_echo_script,
 )
 
 LEAF_ROLE = """\
@@ -92,6 +97,13 @@ def clusters(tmp_path_factory):
         root.stop()
 
 
+
+@pytest.fixture(scope="module")
+def browser(clusters, tmp_path_factory):
+    """Chromium that verifies the web port's certificate (the cluster's web CA)."""
+    yield from browser_trusting_web_ca(clusters["root"], tmp_path_factory)
+
+
 def test_leaf_apps_are_listed_through_the_root(clusters):
     result = run_edge(clusters["alice"], "apps", "ls", "--cluster", "leaf", "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -119,3 +131,73 @@ def test_leaf_app_through_the_root_with_the_leafs_signed_identity(clusters):
     assert result.stdout == body
     result = run_edge(clusters["bob"], "apps", "login", "leafapp", "--cluster", "leaf")
     assert result.returncode != 0 and "not allow" in result.stderr
+
+
+def test_browser_reaches_a_leaf_app_through_the_roots_web_session(clusters, browser):
+    """Launch from the root's web session (no app certificate): the root's
+    launcher finds the app in the leaf, the app host sets its cookie, the page
+    comes from the leaf's node with an identity the leaf signed; logging out
+    of the root's web UI ends the access."""
+    root = clusters["root"]
+    port = web_port(root)
+    ui = f"https://{PUBLIC_HOST}:{port}"
+    app = f"https://leafapp.{PUBLIC_HOST}:{port}"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        web_login(page, ui, "alice", "alice-password-1")
+        page.goto(app + "/?from=leaf")
+        try:
+            page.wait_for_selector("#hello", timeout=20000)
+        except Exception:
+            raise AssertionError(f"the app page did not come: at {page.url}: "
+                                 f"{page.inner_text('body')[:500]}")
+        assert page.inner_text("#hello") == "Hello alice"
+        assert page.inner_text("#verified") == "verified: true"  # the leaf's JWKS
+        assert page.url == app + "/?from=leaf"
+        (cookie,) = [c for c in context.cookies(app) if c["name"] == "__Host-edge-app"]
+        assert cookie["httpOnly"] and cookie["secure"]
+        answer = json.loads(page.evaluate("fetch('/api/whoami').then(r => r.text())"))
+        assert answer["claims"]["iss"] == "leaf" and answer["claims"]["username"] == "alice"
+        assert answer["claims"]["roles"] == ["access"]  # mapped by the leaf
+        assert "__Host-edge" not in json.dumps(answer["headers"])
+        assert answer["headers"]["X-Forwarded-Host"] == [app.removeprefix("https://")]
+        assert page.evaluate(ws_echo_script(f"wss://leafapp.{PUBLIC_HOST}:{port}/ws")) == \
+            "from the browser"
+        ui_page = context.new_page()
+        ui_page.goto(ui + "/web/")
+        ui_page.click("#logout")
+        ui_page.wait_for_selector("#login-form")
+        wait_for(lambda: page.evaluate("window.appSocketClosed"), 15,
+                 "the leaf app's WebSocket closed after logout")
+        page.goto(app + "/api/whoami")
+        page.wait_for_selector("#login-form")
+        assert page.url.startswith(ui)
+    finally:
+        context.close()
+
+    def audited(kind):
+        return [e for e in root.edgectl_json("audit", "search", "--type", kind)
+                if e.get("user") == "alice" and e.get("app") == "leafapp"
+                and e.get("method") == "web"]
+
+    (start,) = audited("app.session.start")
+    assert start["app_cluster"] == "leaf" and start["remote_addr"] == "127.0.0.1"
+    (end,) = wait_for(lambda: audited("app.session.end"), 20, "app.session.end")
+    assert end["reason"].startswith("web session ended") and end["app_cluster"] == "leaf"
+
+
+def test_browser_launch_of_a_leaf_app_the_user_may_not_reach_is_refused(clusters, browser):
+    root = clusters["root"]
+    port = web_port(root)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        web_login(page, f"https://{PUBLIC_HOST}:{port}", "bob", "bob-password-1")
+        response = page.goto(f"https://leafapp.{PUBLIC_HOST}:{port}/")
+        assert response.status == 404, page.inner_text("body")[:300]
+        assert "no app named leafapp you may reach" in page.inner_text("body")
+        assert not [c for c in context.cookies(f"https://leafapp.{PUBLIC_HOST}:{port}")
+                    if c["name"] == "__Host-edge-app"]
+    finally:
+        context.close()

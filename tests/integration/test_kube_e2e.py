@@ -242,6 +242,13 @@ def test_interactive_exec_in_a_pty_resizes_and_is_recorded(world):
     assert lines[0]["version"] == 2
     assert any(kind == "o" and "recorded-42" in data for _t, kind, data in lines[1:])
     assert any(kind == "r" and data == "132x40" for _t, kind, data in lines[1:])
+    # A terminal: its tunnel channel is sent ahead of bulk ones, on both ends.
+    classed = [line for line in world.proxy.log().splitlines()
+               if "kube:" in line and "is sent as interactive" in line]
+    assert classed
+    wait_for(lambda: any("kube:" in line and "is sent as interactive" in line
+                         for line in world.node.log().splitlines()), 30,
+             "the node told of the class")
 
 
 def test_every_request_is_audited_with_user_verb_resource_and_code(world):

@@ -271,7 +271,9 @@ def test_a_terminal_s_keystrokes_echo_while_scp_fills_the_same_tunnel(proxy, tno
     payload = os.urandom(20 * MiB)
     source = tmp_path / "bulk"
     source.write_bytes(payload)
-    terminal = subprocess.Popen(ssh_argv(home, host, "-tt", "exec cat > /dev/null"),
+    argv = ssh_argv(home, host, "exec cat > /dev/null")
+    argv.insert(argv.index(f"root@{host}"), "-tt")  # a PTY: the node echoes each byte
+    terminal = subprocess.Popen(argv,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, bufsize=0)
 

@@ -266,3 +266,28 @@ def test_labels_option_is_parsed(text, labels):
 def test_bad_labels_option_is_refused(text):
     with pytest.raises(UsageError, match="invalid label"):
         parse_labels(text)
+
+
+def _pending(reactor) -> list:
+    return [call for call in reactor.getDelayedCalls() if call.active()]
+
+
+def test_stopping_during_the_join_backoff_cancels_the_retries(cluster, data_dir, reactor):
+    """The join loop waits on the injected clock; stopping cancels its wait."""
+    cluster.down = True
+    node = start_node(cluster, data_dir, reactor, token=cluster.token())
+    for _ in range(5):
+        reactor.advance(60)  # the backoff's cap
+    assert len(cluster.calls) >= 5 and node.identity is None  # one try (the CA) a wait
+    node.stopService()
+    assert _pending(reactor) == []
+    before = len(cluster.calls)
+    reactor.advance(3600)
+    assert len(cluster.calls) == before and not reactor.stopped
+
+
+def test_stopping_during_the_heartbeat_wait_leaves_nothing_scheduled(node, cluster, reactor):
+    assert _pending(reactor)  # the next heartbeat
+    node.stopService()
+    assert _pending(reactor) == []
+    assert not reactor.stopped

@@ -524,3 +524,14 @@ def test_the_kernel_s_unsent_bytes_pause_the_transport_until_it_is_writable(
     finally:
         connection.socket.close()
         theirs.close()
+
+
+def test_a_lost_tunnel_s_send_path_is_not_kept_by_its_channels() -> None:
+    # A detached (resumable) session outlives its connection: its scheduler
+    # must not keep the dead connection and transport alive.
+    tunnel = Tunnel(1)
+    scheduler = tunnel.server.mux.scheduler
+    tunnel.server.transport.loseConnection()
+    tunnel.pump.flush()
+    assert tunnel.server._is_lost
+    assert scheduler._flush is None
