@@ -400,12 +400,14 @@ class MessageReader:
             self._buffer = buffer
             if not buffer:
                 return False
-        end = buffer.find(_HEAD_END, 0, self._max_head + 4)
+        end = buffer.find(_HEAD_END)
         if end == -1:
             if len(buffer) > self._max_head:
                 raise BadMessage(431, "request head too large" if self._request
                                  else "response head too large")
             return False
+        if end > self._max_head:
+            raise BadMessage(431, "message head too large")
         raw = buffer[:end + 4]
         self._buffer = buffer[end + 4:]
         head = parse_head(raw[:end], self._request)
