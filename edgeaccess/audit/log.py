@@ -11,7 +11,10 @@ On a backend with transactions shared by several proxies
 with every writer of every proxy: read the head, chain the events after
 it, index their ids, move the head. Events waiting while one transaction
 runs go together in the next one (group commit), so several proxies
-appending at once never retry and many events share one commit.
+appending at once never retry and many events share one commit. Events
+emitted here that the backend refuses (an outage longer than its own
+retries) stay queued and are tried again with backoff; a node's batch
+fails at once instead (the node keeps it and sends it again).
 
 Elsewhere (SQLite, whose writers are one process) appending is atomic
 without a transaction: the event's key is taken with ``create()`` (which
@@ -56,6 +59,11 @@ MAX_SEARCH_LIMIT = 10000
 MAX_BATCH = 1000
 #: Most events one transaction appends (IAtomicUpdate): more wait for the next.
 MAX_TRANSACTION = 250
+#: Events emitted here kept in memory while the backend refuses them (an
+#: outage longer than the backend's own retries); the oldest go beyond it.
+MAX_HELD_EMITS = 100_000
+#: Seconds between attempts to store held events (doubling up to the last).
+HOLD_RETRY = (0.5, 10.0)
 
 
 def event_key(seq: int) -> str:
@@ -131,8 +139,10 @@ class AuditLog:
         self._head_bytes: bytes | None = None
         #: Group commit (IAtomicUpdate): (events, waiter) not yet written.
         self._atomic = IAtomicUpdate.providedBy(backend)
-        self._queued: list[tuple[list[dict], Deferred]] = []
+        self._queued: list[tuple[list[dict], Deferred, bool]] = []
         self._writing = False
+        self._hold_delay = HOLD_RETRY[0]
+        self._held_since: float | None = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
@@ -152,7 +162,8 @@ class AuditLog:
             _log.error("audit event {type} not recorded: {reason}", type=event_type, reason=e)
             return Deferred.fromCoroutine(_none())
         if self._atomic:
-            d = self._queue([event])
+            # Held and retried through an outage: nobody can resend it.
+            d = self._queue([event], hold=True)
         else:
             d = self._locked(lambda: self._append_batch([event], check_duplicates=False))
         d.addCallback(lambda _: event)
@@ -226,10 +237,15 @@ class AuditLog:
 
     # --- one transaction per append (IAtomicUpdate) ----------------------------
 
-    def _queue(self, events: list[dict]) -> Deferred:
-        """Append ``events`` in the next transaction; fires with their ids."""
+    def _queue(self, events: list[dict], hold: bool = False) -> Deferred:
+        """Append ``events`` in the next transaction; fires with their ids.
+
+        With ``hold`` (events emitted here), a failed transaction keeps them
+        queued and tries again later; without (a node's batch), the failure
+        is the caller's (the node keeps its spool and sends it again).
+        """
         waiter: Deferred = Deferred()
-        self._queued.append((events, waiter))
+        self._queued.append((events, waiter, hold))
         if not self._writing:
             self._write_queued()
         return waiter
@@ -237,29 +253,64 @@ class AuditLog:
     def _write_queued(self) -> None:
         batch, count = [], 0
         while self._queued and (not batch or count + len(self._queued[0][0]) <= MAX_TRANSACTION):
-            events, waiter = self._queued.pop(0)
-            batch.append((events, waiter))
-            count += len(events)
+            entry = self._queued.pop(0)
+            batch.append(entry)
+            count += len(entry[0])
         if not batch:
             self._writing = False
             return
         self._writing = True
-        events = [event for part, _ in batch for event in part]
+        events = [event for part, _, _ in batch for event in part]
         written = self.backend.atomic_update(lambda reader: chain_events(reader, events))
 
         def done(result):
             acknowledged, _tail = result
+            if self._held_since is not None:
+                _log.info("audit: storing events again after {seconds:.0f} s",
+                          seconds=self.clock.seconds() - self._held_since)
+                self._held_since = None
+            self._hold_delay = HOLD_RETRY[0]
             at = 0
-            for part, waiter in batch:
+            for part, waiter, _ in batch:
                 waiter.callback(acknowledged[at:at + len(part)])
                 at += len(part)
+            self._write_queued()
 
         def failed(failure):
-            for _, waiter in batch:
-                waiter.errback(failure)
+            # A closed backend (shutting down) or a refused value will not
+            # get better: only the other failures (an outage) are held.
+            lasting = failure.check(errors.BadRequest) or "backend is closed" in str(failure.value)
+            held = [] if lasting else [entry for entry in batch if entry[2]]
+            if lasting:
+                for part, waiter, hold in batch:
+                    if hold:
+                        waiter.errback(failure)
+            for part, waiter, hold in batch:
+                if not hold:
+                    waiter.errback(failure)
+            if not held:
+                self._write_queued()
+                return
+            self._queued[:0] = held  # first again, in their order
+            self._drop_beyond_limit()
+            if self._held_since is None:
+                self._held_since = self.clock.seconds()
+                _log.warn("audit: cannot store events ({error}); keeping them in memory "
+                          "and trying again", error=failure.value)
+            delay, self._hold_delay = self._hold_delay, min(self._hold_delay * 2,
+                                                            HOLD_RETRY[1])
+            self.clock.callLater(delay, self._write_queued)
 
         written.addCallbacks(done, failed)
-        written.addBoth(lambda _: self._write_queued())
+
+    def _drop_beyond_limit(self) -> None:
+        held = sum(len(part) for part, _, hold in self._queued if hold)
+        while held > MAX_HELD_EMITS:
+            index = next(i for i, entry in enumerate(self._queued) if entry[2])
+            part, waiter, _ = self._queued.pop(index)
+            held -= len(part)
+            waiter.errback(errors.EdgeError(
+                f"audit: more than {MAX_HELD_EMITS} events waiting for the backend"))
 
     def _locked(self, action) -> Deferred:
         return self._lock.run(lambda: Deferred.fromCoroutine(action()))

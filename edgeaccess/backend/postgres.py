@@ -220,6 +220,9 @@ class PostgresBackend:
         #: Prefixes this process registered in watched_prefixes (or is registering).
         self._registered_prefixes: set[str] = set()
         self._last_purge: float | None = None
+        #: (time, revision) seen at most once per purge interval: the change
+        #: log is purged by revision (its primary key), never by a scan.
+        self._revision_marks: list[tuple[float, int]] = []
         self._pool: ThreadPool | None = None
         self._started: Deferred[None] | None = None
         self._ready = False
@@ -359,10 +362,27 @@ class PostgresBackend:
         """One write transaction, then its change published to watchers."""
         now = self.clock.seconds()
         purge = self._last_purge is None or now - self._last_purge >= self._purge_interval
+        purge_log_to = None
         if purge:
             self._last_purge = now
-        written = self._interact(_in_transaction, function, now, purge, self._log_retention, args)
-        return written.addCallback(self._published)
+            purge_log_to = self._purgeable_revision(now)
+        written = self._interact(_in_transaction, function, now, purge, purge_log_to, args)
+        return written.addCallback(self._mark).addCallback(self._published)
+
+    def _mark(self, written: _Written) -> _Written:
+        now = self.clock.seconds()
+        if not self._revision_marks or now - self._revision_marks[-1][0] >= self._purge_interval:
+            self._revision_marks.append((now, written.revision))
+        return written
+
+    def _purgeable_revision(self, now: float) -> int | None:
+        """The newest revision written more than ``log_retention`` ago (as
+        this process saw it), or None."""
+        old = [mark for mark in self._revision_marks if mark[0] <= now - self._log_retention]
+        if not old:
+            return None
+        self._revision_marks = [m for m in self._revision_marks if m[0] > old[-1][0]]
+        return old[-1][1]
 
     def _published(self, written: _Written) -> Deferred[Any]:
         if written.revision <= self._last:
@@ -416,7 +436,7 @@ class PostgresBackend:
         if self._fetching or self._wanted <= self._last:
             return
         self._fetching = True
-        fetched = self._run(_read_changes, self._last)
+        fetched = self._run(_read_changes, self._last, self._fanout.prefixes())
         fetched.addCallbacks(self._deliver, self._fetch_failed)
 
     def _deliver(self, rows: list[tuple]) -> None:
@@ -429,6 +449,13 @@ class PostgresBackend:
                 self._last = revision
                 continue
             self._last = revision
+            if op == "put" and value is None:
+                # Not under a watched prefix when the log was read (its value
+                # was left in the database: audit appends, sessions). A
+                # watcher that came meanwhile and wants it must re-read.
+                if self._fanout.matches(key):
+                    self._feed_gap(f"a watcher of {key[:100]!r} started while the log was read")
+                continue
             if op == "put":
                 self._fanout.put(Item(key, bytes(value), epoch_to_expires(expires), revision))
             else:
@@ -789,14 +816,15 @@ def _in_transaction(
     function: Callable[..., Any],
     now: float,
     purge: bool,
-    retention: float,
+    purge_log_to: int | None,
     args: tuple[Any, ...],
 ) -> _Written:
     with connection.transaction():
         revisions = _Revisions(connection)
         if purge:
             connection.execute("DELETE FROM items WHERE expires IS NOT NULL AND expires <= %s", (now,))
-            connection.execute("DELETE FROM changes WHERE written_at < %s", (now - retention,))
+            if purge_log_to is not None:
+                connection.execute("DELETE FROM changes WHERE revision <= %s", (purge_log_to,))
         result = function(connection, revisions, now, *args)
         revisions.save()
     return _Written(result, revisions.value)
@@ -904,11 +932,14 @@ def _delete_range(connection, revisions, now, prefix: str) -> int:
     return len(live)
 
 
-def _read_changes(connection, after: int) -> list[tuple]:
+def _read_changes(connection, after: int, prefixes: list[str]) -> list[tuple]:
+    # Values only of keys some watcher of this process follows: a proxy does
+    # not pull every audit event through its change feed.
     return connection.execute(
-        "SELECT revision, op, key, value, expires FROM changes WHERE revision > %s"
-        " ORDER BY revision LIMIT 1000",
-        (after,),
+        "SELECT revision, op, key, CASE WHEN EXISTS (SELECT 1 FROM unnest(%s::text[])"
+        " AS p(prefix) WHERE starts_with(key, prefix)) THEN value END, expires"
+        " FROM changes WHERE revision > %s ORDER BY revision LIMIT 1000",
+        (prefixes, after),
     ).fetchall()
 
 

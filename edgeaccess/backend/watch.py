@@ -179,6 +179,14 @@ class WatchFanout:
         """Whether anyone is watching (drivers skip reading their change log if not)."""
         return bool(self._watchers)
 
+    def prefixes(self) -> list[str]:
+        """Every prefix some watcher follows (drivers read only those values)."""
+        return sorted({prefix for watcher in self._watchers for prefix in watcher.prefixes})
+
+    def matches(self, key: str) -> bool:
+        """Whether some watcher follows ``key``."""
+        return any(watcher.matches(key) for watcher in self._watchers)
+
     def forget(self, watcher: Watcher) -> None:
         self._watchers.pop(watcher, None)
 

@@ -381,7 +381,15 @@ async def load_or_create_authority(
                           names=",".join(missing), cluster=cluster)
             _log.info("loaded certificate authorities of cluster {cluster} from the backend "
                       "(CA key {key_id})", cluster=cluster, key_id=record["key_id"])
-            return _authority_from(cluster, loaded)
+            authority = _authority_from(cluster, loaded)
+            if legacy is not None and legacy.pin != authority.pin:
+                # e.g. a proxy that ran alone, now started on a shared database
+                # another proxy set up first: its own CAs are not the cluster's.
+                _log.warn("the CA files in the data directory are not the CAs in the "
+                          "backend ({files} vs {backend}): ignored; nodes and users that "
+                          "trust them must join and log in again", files=legacy.pin,
+                          backend=authority.pin)
+            return authority
 
         # No set yet: this start creates it (or imports the old files).
         if legacy is not None:

@@ -343,3 +343,42 @@ def test_events_waiting_for_a_transaction_share_the_next_one(fake_clock):
     assert all(run(d) for d in results)
     assert [r["seq"] for r in run(log.records())] == [1, 2, 3, 4, 5]
     assert run(log.verify()).ok
+
+
+def test_events_emitted_during_an_outage_are_kept_and_stored_when_it_ends(fake_clock):
+    """The backend refuses every transaction for a while (longer than its own
+    retries): emitted events wait in memory and are stored, in order, once
+    it takes them again; a node's batch fails at once (the node resends)."""
+    from twisted.internet.defer import Deferred
+
+    from edgeaccess import errors as edge_errors
+
+    backend = MemoryBackend(fake_clock)
+    real = backend.atomic_update
+    down = {"value": True}
+
+    def flaky(compute):
+        if down["value"]:
+            from twisted.internet.defer import fail
+
+            return fail(edge_errors.EdgeError("storage failure: the server is gone"))
+        return real(compute)
+
+    backend.atomic_update = flaky
+    log = AuditLog(backend, "example", fake_clock, new_id=Counter())
+    emitted = [log.emit("user.login", user=f"u{i}") for i in range(3)]
+    node_batch = Deferred.fromCoroutine(log.ingest([
+        {"id": "n-1", "event": "exec", "time": "2024-01-01T00:00:00Z", "cluster": "example"}],
+        node_name="node1"))
+    failures = []
+    node_batch.addErrback(failures.append)
+    fake_clock.advance(1)  # the next attempt: the node's batch fails, the emitted wait
+    assert failures and not any(d.called for d in emitted)
+    fake_clock.advance(30)
+    fake_clock.advance(30)
+    assert not any(d.called for d in emitted)
+    down["value"] = False
+    fake_clock.advance(10)
+    assert all(d.called for d in emitted)
+    assert [r["event"]["user"] for r in run(log.records())] == ["u0", "u1", "u2"]
+    assert run(log.verify()).ok

@@ -225,13 +225,20 @@ class _Notifications:
 
     def __init__(self, url: str) -> None:
         self.connection = psycopg.connect(url, autocommit=True)
+        self._received: list[str] = []
+        self.connection.add_notify_handler(lambda notify: self._received.append(notify.payload))
         self.connection.execute("LISTEN edgeaccess_changes")
 
     def keys(self) -> list[str]:
+        """The keys notified since the last call (a query reads what arrived)."""
         import json as _json
 
-        self.connection.execute("SELECT 1")  # reads what arrived meanwhile
-        return [_json.loads(n.payload)["key"] for n in self.connection.notifies(timeout=0.2)]
+        deadline = time.monotonic() + 1.0  # what is sent at commit may lag a little
+        while time.monotonic() < deadline:
+            self.connection.execute("SELECT 1")
+            time.sleep(0.05)
+        received, self._received = self._received, []
+        return [_json.loads(payload)["key"] for payload in received]
 
     def close(self) -> None:
         self.connection.close()
@@ -377,3 +384,55 @@ async def test_two_proxies_appending_at_once_keep_one_verifiable_chain(pg_server
     finally:
         for backend in backends:
             await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_change_log_is_purged_by_revision_after_its_retention(pg_server, clock) -> None:
+    url = pg_server.create_database()
+    backend = await PostgresBackend(url, clock, reactor, purge_interval=60,
+                                    log_retention=600).start()
+
+    def logged() -> list[int]:
+        with psycopg.connect(url, autocommit=True) as connection:
+            return [r for (r,) in connection.execute(
+                "SELECT revision FROM changes ORDER BY revision").fetchall()]
+
+    try:
+        first = await backend.put("/a", b"1")
+        clock.advance(300)
+        second = await backend.put("/b", b"2")
+        assert logged() == [first.revision, second.revision]  # within the retention
+        clock.advance(301)
+        third = await backend.put("/c", b"3")
+        assert logged() == [second.revision, third.revision]
+        clock.advance(601)
+        fourth = await backend.put("/d", b"4")
+        assert logged() == [fourth.revision]
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_feed_reads_only_the_values_someone_watches(pg_server, clock) -> None:
+    from edgeaccess.backend import postgres
+
+    url = pg_server.create_database()
+    backend = await PostgresBackend(url, clock, reactor).start()
+    try:
+        await backend.put("/audit/events/1", b"big event")
+        await backend.put("/nodes/n1", b"node")
+        with psycopg.connect(url, autocommit=True) as connection:
+            rows = postgres._read_changes(connection, 0, ["/nodes/"])
+        assert [(key, value) for _, _, key, value, _ in rows] == [
+            ("/audit/events/1", None), ("/nodes/n1", b"node")]
+        # The watcher still sees its key, and revisions stay contiguous.
+        watcher = backend.watch(["/nodes/"])
+        assert (await watcher.next()).type == "init"
+        await backend.put("/audit/events/2", b"another")
+        item = await backend.put("/nodes/n2", b"second")
+        event = await watcher.next()
+        assert (event.key, event.item.value, event.revision) == ("/nodes/n2", b"second",
+                                                                 item.revision)
+        assert watcher.closed_reason is None
+    finally:
+        await backend.close()

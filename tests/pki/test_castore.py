@@ -308,3 +308,24 @@ async def test_an_old_data_directorys_web_ca_is_kept(backend_factory, tmp_path):
     imported = await load_or_create_authority(backend_factory(), "example", NOW,
                                               source(tmp_path, "data"), legacy=legacy)
     assert imported.web_ca_cert == old.web_ca_cert
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_ca_files_beside_a_set_in_the_backend_are_ignored_with_a_warning(
+        backend_factory, tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    backend = backend_factory()
+    key_source = source(tmp_path, "a")
+    shared = await load_or_create_authority(backend, "example", NOW, key_source)
+    CertificateAuthority.load_or_create(tmp_path / "b" / "ca", "example", NOW)
+    legacy = castore.read_legacy_authority(tmp_path / "b" / "ca", "example")
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        loaded = await load_or_create_authority(backend, "example", NOW, key_source,
+                                                legacy=legacy)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert loaded.pin == shared.pin != legacy.pin
+    assert any("are not the CAs in the backend" in str(e.get("log_format")) for e in seen)
