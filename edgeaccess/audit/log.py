@@ -192,7 +192,8 @@ class AuditLog:
         never with an error (see ``edgeaccess.audit.batch``).
         """
         if self._atomic:
-            d = self._queue(list(events))
+            # Held and retried through an outage, as emit's: nobody can resend them.
+            d = self._queue(list(events), hold=True)
         else:
             d = self._locked(lambda: self._append_batch(events, check_duplicates=False))
 
