@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,10 +110,67 @@ def _download(url: str, extra: list[str]) -> float:
     return float(result.stdout) / MIB
 
 
+def _edge_cluster(base: Path, label: str, app_port: int, tree: str | None,
+                  extra_args: tuple = ()) -> dict:
+    """A proxy, a tunnelled node publishing the app and a logged-in user (the
+    daemons run ``tree`` when given: put first on their PYTHONPATH)."""
+    saved = os.environ.get("PYTHONPATH")
+    if tree:
+        os.environ["PYTHONPATH"] = tree + (os.pathsep + saved if saved else "")
+    world: dict = {"node": None}
+    try:
+        proxy = world["proxy"] = ProxyProcess(
+            base / f"{label}-proxy", base / f"{label}-proxy.log", cluster="bench",
+            extra_args=["--public-addr", PUBLIC_HOST, "--tunnel-public-addr", "127.0.0.1",
+                        *extra_args])
+        proxy.start()
+        web = world["web"] = proxy.runtime()["listen"]["web"]
+        world["node"], _ = join_node(proxy, base / label, "appnode", tunnel=True,
+                                     auth_server=web,
+                                     extra_args=["--heartbeat-interval", "30", "--app",
+                                                 f"name={APP},uri=http://127.0.0.1:{app_port}"])
+        password = "bench-apps-password-1"
+        proxy.add_user("bench", password, roles=("access",))
+        home = base / f"{label}-home"
+        for command in (["login", "--proxy", web, "--user", "bench", "--password-stdin",
+                         "--ca-pin", proxy.pin()], ["apps", "login", APP]):
+            result = run_edge(home, *command, input=password + "\n")
+            if result.returncode != 0:
+                raise RuntimeError(f"edge {command[0]} failed: {result.stderr}")
+        world["config"] = json.loads(
+            run_edge(home, "apps", "config", APP, "--format", "json").stdout)
+        world["ca"] = str(proxy.data_dir / "ca" / "tls_ca.crt")
+        return world
+    except BaseException:
+        _stop_cluster(world)
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def _stop_cluster(world: dict) -> None:
+    if world.get("node") is not None:
+        world["node"].stop()
+    if world.get("proxy") is not None:
+        world["proxy"].stop()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks apps")
     parser.add_argument("--seconds", type=int, default=8, help="wrk duration per run")
     parser.add_argument("--download", default=256, type=int, help="MiB to download")
+    parser.add_argument("--only", choices=("direct", "edge", "c-path", "baseline"),
+                        action="append",
+                        help="measure only these routes (repeatable; default: all)")
+    parser.add_argument("--baseline-tree", metavar="DIR",
+                        help="also measure a second proxy and node running the source tree "
+                             "DIR (route `baseline`), in the same run")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record py-spy profiles of the proxy and node during the edge "
+                             "rate run into DIR (py-spy on PATH or beside python)")
     parser.add_argument("--request-audit", action="store_true",
                         help="the proxy audits every app request (--app-request-audit '*')")
     args = parser.parse_args(argv)
@@ -120,15 +178,8 @@ def main(argv: list[str]) -> int:
         base = Path(tmp)
         os.chmod(base, 0o755)  # nginx's workers read the app's files
         processes: list[subprocess.Popen] = []
-        proxy = ProxyProcess(base / "proxy", base / "proxy.log", cluster="bench",
-                             extra_args=["--public-addr", PUBLIC_HOST,
-                                         "--tunnel-public-addr", "127.0.0.1",
-                                         *(["--app-request-audit", "*"]
-                                           if args.request_audit else [])])
-        node = None
+        clusters: dict[str, dict] = {}
         try:
-            proxy.start()
-            web = proxy.runtime()["listen"]["web"]
             www = base / "www"
             www.mkdir()
             with open(www / "big.bin", "wb") as f:
@@ -138,22 +189,15 @@ def main(argv: list[str]) -> int:
   server {{ listen 127.0.0.1:{app_port}; root {www};
            location = /small {{ return 200 "ok\\n"; }} }}"""))
             wait_port(app_port, 10, "app nginx", processes[-1])
-            node, _ = join_node(proxy, base, "appnode", tunnel=True, auth_server=web,
-                                extra_args=["--heartbeat-interval", "30", "--app",
-                                            f"name={APP},uri=http://127.0.0.1:{app_port}"])
-            password = "bench-apps-password-1"
-            proxy.add_user("bench", password, roles=("access",))
-            home = base / "home"
-            for command in (["login", "--proxy", web, "--user", "bench", "--password-stdin",
-                             "--ca-pin", proxy.pin()], ["apps", "login", APP]):
-                result = run_edge(home, *command, input=password + "\n")
-                if result.returncode != 0:
-                    raise RuntimeError(f"edge {command[0]} failed: {result.stderr}")
-            config = json.loads(run_edge(home, "apps", "config", APP, "--format", "json").stdout)
+            proxy_args = ("--app-request-audit", "*") if args.request_audit else ()
+            clusters["edge"] = _edge_cluster(base, "edge", app_port, None, proxy_args)
+            if args.baseline_tree:
+                clusters["baseline"] = _edge_cluster(base, "baseline", app_port,
+                                                     args.baseline_tree, proxy_args)
+            proxy, config, ca = (clusters["edge"][k] for k in ("proxy", "config", "ca"))
 
             from edgeaccess.pki import x509ca
 
-            ca = str(proxy.data_dir / "ca" / "tls_ca.crt")
             server = _identity(proxy, base, "cpath-server",
                                x509ca.Identity(kind="proxy", name="cpath", cluster="bench"),
                                (f"{APP}.{PUBLIC_HOST}", "localhost"))
@@ -182,66 +226,93 @@ def main(argv: list[str]) -> int:
            location / {{ proxy_pass http://tunnel; proxy_http_version 1.1;
                         proxy_set_header Connection ""; proxy_buffering off; }} }}"""))
             # wrk speaks plain HTTP to a stunnel client holding the app certificate.
+            targets = {"c-path": (c_nginx, config, ca)}
+            for name, cluster in clusters.items():
+                targets[name] = (int(cluster["web"].rpartition(":")[2]), cluster["config"],
+                                 cluster["ca"])
             fronts = {}
-            for name, target in (("edge", int(web.rpartition(":")[2])), ("c-path", c_nginx)):
+            for name, (target, front_config, front_ca) in targets.items():
                 port = free_port()
                 processes.append(_stunnel(base, f"front-{name}", [
-                    f"CAfile = {ca}", "verifyChain = yes", f"checkHost = {APP}.{PUBLIC_HOST}",
-                    "[f]", "client = yes", f"accept = 127.0.0.1:{port}",
-                    f"connect = 127.0.0.1:{target}", f"sni = {APP}.{PUBLIC_HOST}",
-                    f"cert = {config['cert']}", f"key = {config['key']}"]))
+                    f"CAfile = {front_ca}", "verifyChain = yes",
+                    f"checkHost = {APP}.{PUBLIC_HOST}", "[f]", "client = yes",
+                    f"accept = 127.0.0.1:{port}", f"connect = 127.0.0.1:{target}",
+                    f"sni = {APP}.{PUBLIC_HOST}", f"cert = {front_config['cert']}",
+                    f"key = {front_config['key']}"]))
                 fronts[name] = port
             for port in (s_server, s_client, c_nginx, *fronts.values()):
                 wait_port(port, 10, f"port {port}")
             urls = {"direct": f"http://127.0.0.1:{app_port}",
-                    "edge": f"http://127.0.0.1:{fronts['edge']}",
-                    "c-path": f"http://127.0.0.1:{fronts['c-path']}"}
-            # Warm up every route (connections, JWT signing, caches).
+                    **{name: f"http://127.0.0.1:{port}" for name, port in fronts.items()}}
             # The Host the app host's users send (the proxy refuses any other).
-            host = f"{APP}.{PUBLIC_HOST}:{web.rpartition(':')[2]}"
-            for url in urls.values():
-                _wrk(url + "/small", 4, 1, host)
+            hosts = {name: f"{APP}.{PUBLIC_HOST}:{targets[name][0]}" for name in clusters}
+            hosts["direct"] = hosts["c-path"] = hosts["edge"]
+            # Warm up every route (connections, JWT signing, caches).
+            for name, url in urls.items():
+                _wrk(url + "/small", 4, 1, hosts[name])
             results: dict[str, dict] = {name: {} for name in urls}
             for name, url in urls.items():
-                latency = _wrk(url + "/small", 1, args.seconds, host)
-                before = {p: cpu_seconds(p) for p in (proxy.process.pid, node.process.pid)}
-                rate = _wrk(url + "/small", 16, args.seconds, host)
-                used = {p: cpu_seconds(p) - before[p] for p in before}
+                if args.only and name not in args.only:
+                    continue
+                latency = _wrk(url + "/small", 1, args.seconds, hosts[name])
+                cluster = clusters.get(name)
+                pids = {} if cluster is None else {
+                    "proxy": cluster["proxy"].process.pid, "node": cluster["node"].process.pid}
+                spies = []
+                if args.profile and name == "edge":
+                    spies = [subprocess.Popen(
+                        [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                         "record", "-r", "250", "-d", str(args.seconds), "-f", "raw",
+                         "-o", str(Path(args.profile) / f"apps-{who}.txt"), "-p", str(pid)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        for who, pid in pids.items()]
+                before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+                rate = _wrk(url + "/small", 16, args.seconds, hosts[name])
+                for spy in spies:
+                    spy.wait()
+                used = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
                 requests = rate["requests_per_s"] * args.seconds
                 results[name] = {"p50_ms": latency["p50_ms"],
                                  "requests_per_s": rate["requests_per_s"],
                                  "errors": latency["non_2xx"] + rate["non_2xx"],
                                  "socket_errors": rate["socket_errors"]}
-                if name == "edge":
-                    results[name]["proxy_cpu_us_per_request"] = round(
-                        used[proxy.process.pid] / requests * 1e6, 1)
-                    results[name]["node_cpu_us_per_request"] = round(
-                        used[node.process.pid] / requests * 1e6, 1)
-            port = c_nginx
+                for who in used:
+                    results[name][f"{who}_cpu_us_per_request"] = round(
+                        used[who] / requests * 1e6, 1)
             curl_tls = ["--cacert", ca, "--cert", config["cert"], "--key", config["key"]]
-            results["direct"]["download_mib_s"] = _download(
-                f"http://127.0.0.1:{app_port}/big.bin", [])
-            results["edge"]["download_mib_s"] = _download(f"{config['url']}/big.bin", curl_tls)
-            results["c-path"]["download_mib_s"] = _download(
-                f"https://{APP}.{PUBLIC_HOST}:{port}/big.bin", curl_tls)
+            downloads = {"direct": (f"http://127.0.0.1:{app_port}/big.bin", []),
+                         "c-path": (f"https://{APP}.{PUBLIC_HOST}:{c_nginx}/big.bin", curl_tls)}
+            for name, cluster in clusters.items():
+                own = cluster["config"]
+                downloads[name] = (f"{own['url']}/big.bin",
+                                   ["--cacert", cluster["ca"], "--cert", own["cert"], "--key",
+                                    own["key"]])
+            for name, (url, extra) in downloads.items():
+                if not args.only or name in args.only:
+                    results[name]["download_mib_s"] = _download(url, extra)
             for name, result in results.items():
                 emit({"benchmark": "apps", "path": name, **result,
-                      **({"request_audit": True} if args.request_audit and name == "edge"
+                      **({"request_audit": True} if args.request_audit and name in clusters
                          else {})})
-            direct, edge, cpath = results["direct"], results["edge"], results["c-path"]
-            emit({"benchmark": "apps", "summary": True,
-                  "edge_added_p50_ms": round(edge["p50_ms"] - direct["p50_ms"], 3),
-                  "c_path_added_p50_ms": round(cpath["p50_ms"] - direct["p50_ms"], 3),
-                  "edge_rate_vs_c_path": round(edge["requests_per_s"] / cpath["requests_per_s"], 3),
-                  "edge_download_mib_s": round(edge["download_mib_s"], 1),
-                  "goals": {"added_p50_ms": "<= 1", "rate_vs_c_path": ">= 0.7",
-                            "download_mib_s": ">= 150"}})
+            emit({"benchmark": "apps", "loadavg": os.getloadavg()})
+            if args.only:
+                return 0
+            direct, cpath = results["direct"], results["c-path"]
+            for name in clusters:
+                edge = results[name]
+                emit({"benchmark": "apps", "summary": True, "path": name,
+                      "edge_added_p50_ms": round(edge["p50_ms"] - direct["p50_ms"], 3),
+                      "c_path_added_p50_ms": round(cpath["p50_ms"] - direct["p50_ms"], 3),
+                      "edge_rate_vs_c_path": round(edge["requests_per_s"]
+                                                   / cpath["requests_per_s"], 3),
+                      "edge_download_mib_s": round(edge["download_mib_s"], 1),
+                      "goals": {"added_p50_ms": "<= 1", "rate_vs_c_path": ">= 0.7",
+                                "download_mib_s": ">= 150"}})
         finally:
             for process in reversed(processes):
                 stop_process(process)
-            if node is not None:
-                node.stop()
-            proxy.stop()
+            for cluster in clusters.values():
+                _stop_cluster(cluster)
     return 0
 
 

@@ -13,7 +13,12 @@ bob's certificate):
 - new sessions/s: a new TLS connection per request, 10 at a time;
 - exec: ``kubectl exec web-1 -- head -c M MiB /dev/zero`` to /dev/null (MiB/s).
 
-Prints one JSON object per figure.
+With each figure through the proxy, the CPU each process (proxy, agent,
+stand-in) used per request or per MiB: on a loaded machine these are the
+steady figures, the wall-clock rates are not. ``--baseline-tree DIR`` starts
+a second world whose daemons run another source tree and measures it in turn
+with this one (path ``baseline``). Prints one JSON object per figure, the
+load average last.
 """
 
 from __future__ import annotations
@@ -117,57 +122,107 @@ def _pct(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
+def _targets(world) -> tuple:
+    """``(direct, proxied)`` targets of a world: the stand-in as admin, the proxy as bob."""
+    pki = world.standin.pki
+    home = world.home("bob")
+    server = next(line.split("server: ")[1] for line in
+                  (home / "kubeconfig").read_text().splitlines() if "server: " in line)
+    hostport = server.split("//")[1].split("/")[0]
+    direct = ("127.0.0.1", world.standin.port, "",
+              _context(pki["ca"], pki["admin_cert"], pki["admin_key"]))
+    proxied = ("127.0.0.1", int(hostport.split(":")[1]), "/k8s/standin",
+               _context(str(home / "ca.pem"), str(home / "tls.crt"), str(home / "tls.key")))
+    return direct, proxied
+
+
+def _start(base: Path, tree: str | None):
+    """A world whose daemons run this tree, or ``tree`` (put first on their PYTHONPATH)."""
+    from tests.kube_world import start_world
+
+    saved = os.environ.get("PYTHONPATH")
+    if tree:
+        os.environ["PYTHONPATH"] = tree + (os.pathsep + saved if saved else "")
+    try:
+        return start_world(base, cluster="bench", users={"bob": ("kube-editor",)})
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks kube")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--exec-mib", type=int, default=256)
+    parser.add_argument("--baseline-tree", metavar="DIR",
+                        help="also run a second world whose proxy and agent run the source "
+                             "tree DIR (e.g. `git archive COMMIT edgeaccess | tar -x -C DIR`), "
+                             "measured in turns with this one")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks._tunnel_env import cpu_seconds
     from tests import kube_standin
-    from tests.kube_world import start_world
 
     with tempfile.TemporaryDirectory() as tmp:
-        world = start_world(Path(tmp), cluster="bench", users={"bob": ("kube-editor",)})
+        worlds = {}
         try:
-            pki = world.standin.pki
-            home = world.home("bob")
-            server = next(line.split("server: ")[1] for line in
-                          (home / "kubeconfig").read_text().splitlines() if "server: " in line)
-            hostport = server.split("//")[1].split("/")[0]
-            direct = ("127.0.0.1", world.standin.port, "",
-                      _context(pki["ca"], pki["admin_cert"], pki["admin_key"]))
-            proxied = ("127.0.0.1", int(hostport.split(":")[1]), "/k8s/standin",
-                       _context(str(home / "ca.pem"), str(home / "tls.crt"),
-                                str(home / "tls.key")))
+            worlds["proxy+tunnel"] = _start(Path(tmp) / "this", None)
+            if args.baseline_tree:
+                worlds["baseline"] = _start(Path(tmp) / "baseline", args.baseline_tree)
+            first = next(iter(worlds.values()))
+            direct = _targets(first)[0]
+            routes = [("direct", first, direct)] + [
+                (name, world, _targets(world)[1]) for name, world in worlds.items()]
+
+            def pids(world) -> dict[str, int]:
+                return {"proxy": world.proxy.process.pid, "agent": world.node.process.pid,
+                        "standin": world.standin.process.pid}
+
             results = []
             lat = {}
-            for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+            for name, _world, target in routes:
                 times = asyncio.run(_latency(target, args.requests))
                 lat[name] = times
                 results.append({"figure": "latency", "path": name, "requests": len(times),
                                 "p50_ms": 1000 * statistics.median(times),
                                 "p99_ms": 1000 * _pct(times, 0.99)})
-            results.append({"figure": "added latency", "p50_ms": 1000 * (
-                statistics.median(lat["proxy+tunnel"]) - statistics.median(lat["direct"])),
-                "p99_ms": 1000 * (_pct(lat["proxy+tunnel"], 0.99) - _pct(lat["direct"], 0.99))})
-            for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+            for name in worlds:
+                results.append({"figure": "added latency", "path": name, "p50_ms": 1000 * (
+                    statistics.median(lat[name]) - statistics.median(lat["direct"])),
+                    "p99_ms": 1000 * (_pct(lat[name], 0.99) - _pct(lat["direct"], 0.99))})
+            for name, world, target in routes:
+                before = {k: cpu_seconds(p) for k, p in pids(world).items()}
+                started = time.perf_counter()
+                rate = asyncio.run(_throughput(target, 50, args.seconds))
+                done = rate * (time.perf_counter() - started)
                 results.append({"figure": "throughput, 50 keep-alive clients", "path": name,
-                                "requests_per_s": asyncio.run(
-                                    _throughput(target, 50, args.seconds))})
-            for name, target in (("direct", direct), ("proxy+tunnel", proxied)):
+                                "requests_per_s": rate, "cpu_us_per_request": {
+                                    k: round((cpu_seconds(p) - before[k]) / done * 1e6, 1)
+                                    for k, p in pids(world).items()}})
+            for name, _world, target in routes:
                 results.append({"figure": "new sessions/s (TLS connection per request, 10 "
                                           "in parallel)", "path": name,
                                 "sessions_per_s": asyncio.run(
                                     _sessions(target, 10, args.seconds))})
             direct_config = kube_standin.write_kubeconfig(
-                Path(tmp) / "direct-kubeconfig", world.standin.port, pki, user="admin")
-            for name, env in (("direct", {**os.environ, "KUBECONFIG": str(direct_config)}),
-                              ("proxy+tunnel", world.env("bob"))):
+                Path(tmp) / "direct-kubeconfig", first.standin.port, first.standin.pki,
+                user="admin")
+            execs = [("direct", first, {**os.environ, "KUBECONFIG": str(direct_config)})] + [
+                (name, world, world.env("bob")) for name, world in worlds.items()]
+            for name, world, env in execs:
+                before = {k: cpu_seconds(p) for k, p in pids(world).items()}
+                rate = _exec_mib_s(env, args.exec_mib)
                 results.append({"figure": f"exec stream of {args.exec_mib} MiB", "path": name,
-                                "mib_per_s": _exec_mib_s(env, args.exec_mib)})
+                                "mib_per_s": rate, "cpu_ms_per_mib": {
+                                    k: round((cpu_seconds(p) - before[k]) / args.exec_mib
+                                             * 1e3, 2) for k, p in pids(world).items()}})
+            results.append({"figure": "load average", "loadavg": os.getloadavg()})
             for result in results:
                 print(json.dumps(result), flush=True)
         finally:
-            world.stop()
+            for world in worlds.values():
+                world.stop()
     return 0

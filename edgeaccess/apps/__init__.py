@@ -2,7 +2,7 @@
 
 - :mod:`edgeaccess.apps.spec`: the node's ``--app`` values;
 - :mod:`edgeaccess.apps.agent`: the node side, serving ``app`` tunnel channels;
-- :mod:`edgeaccess.apps.http1`: the streaming HTTP/1.1 message reader both proxies use;
+- the HTTP/1.1 reader is :mod:`edgeaccess.httpwire` (shared with the Kubernetes relays);
 - :mod:`edgeaccess.apps.proxy`: the proxy side on the web port (routing by host name,
   checks, header rewriting, streaming, upgrades);
 - :mod:`edgeaccess.apps.jwt`: the ``Edge-Jwt-Assertion`` signing keys and JWKS;

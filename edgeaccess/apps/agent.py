@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from edgeaccess import errors
 from edgeaccess.apps.spec import AppSpec
 from edgeaccess.proxy.router import tcp_endpoint
-from edgeaccess.proxy.splice import SpliceFactory, _Inbound
+from edgeaccess.proxy.splice import SpliceFactory, _Inbound, tune_transport
 
 _log = Logger()
 
@@ -113,10 +113,8 @@ class _Tuned:
         self.clock = clock
 
     def connect(self, factory):
-        from edgeaccess.apps.proxy import _tune
-
         def connected(protocol):
-            _tune(protocol.transport, self.clock, fast_tls=False)
+            tune_transport(protocol.transport, self.clock, fast_tls=False)
             return protocol
 
         return self.endpoint.connect(factory).addCallback(connected)

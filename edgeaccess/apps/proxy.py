@@ -42,9 +42,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from edgeaccess import errors
-from edgeaccess.apps import http1
+from edgeaccess import errors, httpwire
 from edgeaccess.apps.jwt import HEADER as JWT_HEADER
+from edgeaccess.proxy.splice import tune_transport
 
 _log = Logger()
 
@@ -97,16 +97,9 @@ def _dropped(name: bytes) -> bool:
     return name in _DROPPED or name.startswith(_DROPPED_PREFIXES)
 
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 421: "Misdirected Request",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
-
-
 def error_page(status: int, message: str) -> bytes:
     """A complete ``Connection: close`` response with an HTML page saying ``message``."""
-    reason = _REASONS.get(status, "Error")
+    reason = httpwire.REASON_PHRASES.get(status, "Error")
     body = (f"<!doctype html><html><head><meta charset=utf-8><title>{status} {reason}"
             f"</title></head><body><h1>{status} {reason}</h1><p>{html.escape(message)}</p>"
             "<p><small>edgeaccess app proxy</small></p></body></html>\n").encode("utf-8")
@@ -155,7 +148,7 @@ class _Respond(Exception):
         self.response = response
 
 
-def _cookies(head: http1.Head) -> dict[str, str]:
+def _cookies(head: httpwire.Head) -> dict[str, str]:
     found: dict[str, str] = {}
     for value in head.get_all(b"cookie"):
         for part in value.decode("latin-1").split(";"):
@@ -165,7 +158,7 @@ def _cookies(head: http1.Head) -> dict[str, str]:
     return found
 
 
-def _strip_edge_cookies(head: http1.Head) -> None:
+def _strip_edge_cookies(head: httpwire.Head) -> None:
     kept = []
     for value in head.get_all(b"cookie"):
         kept += [p.strip() for p in value.decode("latin-1").split(";")
@@ -264,7 +257,7 @@ class _RequestSide:
     def __init__(self, owner: AppProxyProtocol) -> None:
         self.owner = owner
 
-    def message_head(self, head: http1.Head):
+    def message_head(self, head: httpwire.Head, raw: bytes):
         return self.owner.request_head(head)
 
     def message_body(self, data: bytes) -> None:
@@ -281,8 +274,11 @@ class _ResponseSide:
     def __init__(self, owner: AppProxyProtocol) -> None:
         self.owner = owner
 
-    def message_head(self, head: http1.Head):
-        return self.owner.response_head(head)
+    def message_head(self, head: httpwire.Head, raw: bytes):
+        return self.owner.response_head(head, raw)
+
+    def interim(self, head: httpwire.Head, raw: bytes) -> None:
+        self.owner.response_interim(raw)
 
     def message_body(self, data: bytes) -> None:
         self.owner.client_write(data)
@@ -325,7 +321,6 @@ class AppProxyProtocol(Protocol):
         self._closing = False
         self._error: bytes | None = None
         self._sent_response_head = False
-        self._interim = False
         self._head_out: bytes | None = None
         self._last_activity = 0.0
         #: when the user's side last sent a byte (a stalled request body)
@@ -335,13 +330,13 @@ class AppProxyProtocol(Protocol):
         self._timer = None
         self._waiting_since: float | None = None
         self.requests = 0
-        self.client_reader = http1.MessageReader(request=True, handler=_RequestSide(self))
-        self.upstream_reader = http1.MessageReader(request=False, handler=_ResponseSide(self))
+        self.client_reader = httpwire.MessageReader(request=True, handler=_RequestSide(self))
+        self.upstream_reader = httpwire.MessageReader(request=False, handler=_ResponseSide(self))
 
     # --- start --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        _tune(self.transport, self.clock)
+        tune_transport(self.transport, self.clock)
         self._last_activity = self._client_activity = self.clock.seconds()
         self._timer = self.clock.callLater(self.timeouts.head, self._check_timeouts)
         if not self.needs_preamble:
@@ -411,7 +406,7 @@ class AppProxyProtocol(Protocol):
             return
         try:
             self.client_reader.feed(data)
-        except http1.BadMessage as e:
+        except httpwire.BadMessage as e:
             _log.info("app {app}: bad request from {client}: {why}", app=self.access.app,
                       client=self.access.client_ip, why=e.message)
             self._fail(e.status, e.message)
@@ -422,16 +417,16 @@ class AppProxyProtocol(Protocol):
         except _Respond as answer:
             self._answer(answer.response)
 
-    def request_head(self, head: http1.Head):
+    def request_head(self, head: httpwire.Head):
         access = self.access
         host = (head.get(b"host") or b"").decode("latin-1").lower()
         if host not in access.expected_hosts:
             self._audit_refusal(head, 421)
-            raise http1.BadMessage(421, f"this connection is for {access.app}; "
-                                   f"the request names host {host[:100]!r}")
+            raise httpwire.BadMessage(421, f"this connection is for {access.app}; "
+                                      f"the request names host {host[:100]!r}")
         if head.method == b"CONNECT":
             self._audit_refusal(head, 405)
-            raise http1.BadMessage(405, "CONNECT is not served")
+            raise httpwire.BadMessage(405, "CONNECT is not served")
         if access.browser is not None:
             try:
                 self._browser_request(head, access.browser)
@@ -442,7 +437,7 @@ class AppProxyProtocol(Protocol):
         if refused is not None:
             self._audit_refusal(head, status_for(refused))
             raise refused
-        framing = http1.request_framing(head)
+        framing = httpwire.request_framing(head)
         upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
         head.remove_if(_dropped)
         # (no upstream_host: a leaf's proxy is next, it checks the Host itself)
@@ -482,7 +477,7 @@ class AppProxyProtocol(Protocol):
                 self.access.audit_request(method, target, status)
             self._targets.clear()
 
-    def _audit_refusal(self, head: http1.Head, status: int) -> None:
+    def _audit_refusal(self, head: httpwire.Head, status: int) -> None:
         """A request the proxy refused itself, when requests are audited."""
         audit = self.access.audit_request
         if audit is not None:
@@ -490,7 +485,7 @@ class AppProxyProtocol(Protocol):
 
     # --- browsers: the app cookie and the launch ---------------------------------
 
-    def _browser_request(self, head: http1.Head, browser: BrowserLaunch) -> None:
+    def _browser_request(self, head: httpwire.Head, browser: BrowserLaunch) -> None:
         """Let a request with a valid app cookie through; answer launches."""
         from urllib.parse import parse_qs, quote, urlencode
 
@@ -588,7 +583,7 @@ class AppProxyProtocol(Protocol):
         try:
             self.upstream_reader.feed(data)
             self.client_write(b"")  # a head whose body is still to come
-        except http1.BadMessage as e:
+        except httpwire.BadMessage as e:
             _log.warn("app {app} answered garbage: {why}", app=self.access.app, why=e.message)
             self._audit_unanswered(502)
             if self._sent_response_head:
@@ -597,11 +592,18 @@ class AppProxyProtocol(Protocol):
                 self._send_error(502, f"app {self.access.app} sent an invalid response "
                                       f"({e.message})")
 
-    def response_head(self, head: http1.Head):
+    def response_interim(self, raw: bytes) -> None:
+        """100 Continue and friends: passed on; the final response is still to come."""
+        if not self._methods:
+            raise httpwire.BadMessage(502, "a response nobody asked for")
+        self.client_write(raw)
+
+    def response_head(self, head: httpwire.Head, raw: bytes):
         status = head.status
         method = self._methods[0] if self._methods else None
         if method is None:
-            raise http1.BadMessage(502, "a response nobody asked for")
+            raise httpwire.BadMessage(502, "a response nobody asked for")
+        framing = httpwire.response_framing(head, method)
         self._waiting_since = None
         if self._targets and (status >= 200 or status == 101):
             self.access.audit_request(method, self._targets.popleft(), status)
@@ -612,17 +614,16 @@ class AppProxyProtocol(Protocol):
             if text.lower().startswith(origin) and text[len(origin):len(origin) + 1] in ("", "/", "?", "#"):
                 head.set(b"Location", (self.access.public_origin + text[len(origin):]
                                        ).encode("latin-1"))
+                raw = head.serialize()
         self._sent_response_head = True
         # Sent with the first body bytes (one TLS record and TCP write, not two).
-        self._head_out = head.serialize()
-        self._interim = 100 <= status < 200 and status != 101
+        self._head_out = raw
         if status == 101:
             if not self._upgrade_requested:
-                raise http1.BadMessage(502, "101 without an upgrade request")
+                raise httpwire.BadMessage(502, "101 without an upgrade request")
             self.client_write(b"")
             self._switch_to_raw()
-            return http1.NO_BODY, 0
-        return http1.response_framing(head, method)
+        return framing
 
     def client_write(self, data: bytes) -> None:
         head = self._head_out
@@ -644,11 +645,6 @@ class AppProxyProtocol(Protocol):
 
     def response_end(self) -> None:
         if self._raw:
-            return
-        if self._interim:
-            # 100 Continue and friends: the final response is still to come.
-            self._interim = False
-            self._sent_response_head = False
             return
         if self._methods:
             self._methods.popleft()
@@ -772,21 +768,6 @@ class AppProxyProtocol(Protocol):
 
 
 _DEFAULT_TIMEOUTS = AppTimeouts()
-
-
-def _tune(transport, clock, fast_tls: bool = True) -> None:
-    """Small requests and responses go out at once (TCP_NODELAY); a TLS
-    transport reads and writes in large pieces (``edgeaccess.tunnel.fasttls``)."""
-    from edgeaccess.tunnel.fasttls import install_fast_tls
-
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except Exception:  # not a socket (a tunnel channel, a test transport)
-            pass
-    if fast_tls:
-        install_fast_tls(transport, clock)
 
 
 def parse_preamble(line: bytes) -> dict:

@@ -175,6 +175,35 @@ class AuditLog:
         d.addErrback(failed)
         return d
 
+    def make(self, event_type: str, fields: dict[str, Any]) -> dict | None:
+        """The event :meth:`emit` would store, made now; None (logged) if invalid."""
+        try:
+            return ev.make_event(event_type, cluster=self.cluster_name, when=self.now(),
+                                 new_id=self._new_id, **fields)
+        except errors.EdgeError as e:
+            _log.error("audit event {type} not recorded: {reason}", type=event_type, reason=e)
+            return None
+
+    def append_made(self, events: list[dict]) -> Deferred:
+        """Append events of :meth:`make` as one batch (one lock and one head
+        write; one transaction on an ``IAtomicUpdate`` backend).
+
+        Fires with None once they are stored, or after logging a failure:
+        never with an error (see ``edgeaccess.audit.batch``).
+        """
+        if self._atomic:
+            # Held and retried through an outage, as emit's: nobody can resend them.
+            d = self._queue(list(events), hold=True)
+        else:
+            d = self._locked(lambda: self._append_batch(events, check_duplicates=False))
+
+        def failed(failure):
+            _log.failure("{count} audit events ({first}...) could not be stored", failure,
+                         count=len(events), first=events[0]["id"] if events else "")
+
+        d.addCallbacks(lambda _: None, failed)
+        return d
+
     async def ingest(self, batch: Iterable[Any], *, node_name: str | None = None,
                      node_id: str | None = None) -> list[str]:
         """Store events received from elsewhere, once each (by event id).

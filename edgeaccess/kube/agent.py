@@ -36,8 +36,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from edgeaccess import errors
-from edgeaccess.kube import http1
+from edgeaccess import errors, httpwire
 from edgeaccess.kube.access import Impersonation
 from edgeaccess.kube.kubeconfig import (
     AgentConfig,
@@ -45,7 +44,9 @@ from edgeaccess.kube.kubeconfig import (
     read_static_credential,
     run_exec_plugin,
 )
+from edgeaccess.kube.status import status_response
 from edgeaccess.pki import x509ca
+from edgeaccess.proxy.splice import ProducerShim, no_delay, tune_transport
 
 _log = Logger()
 
@@ -175,7 +176,7 @@ class KubeAgent:
 
     # --- users -----------------------------------------------------------------
 
-    def identify(self, head: http1.Head) -> UserIdentity:
+    def identify(self, head: httpwire.Head) -> UserIdentity:
         """The user of a request (see the module docstring).
 
         :raises errors.AccessDenied: no verifiable identity.
@@ -247,7 +248,7 @@ class KubeAgent:
 
     def give_back(self, connection: _APIConnection) -> None:
         if connection.reusable and connection.connected and len(self._pool) < _POOL_SIZE:
-            connection.channel = None
+            connection.owner = None
             connection.transport.resumeProducing()
             self._pool.append(connection)
         else:
@@ -277,18 +278,6 @@ class KubeAgent:
         return headers
 
 
-def no_delay(transport) -> None:
-    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP: a
-    head and a body written apart must not wait for a delayed ACK."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is None:
-        return
-    try:
-        set_no_delay(True)
-    except Exception:  # not a socket (a tunnel channel, a test transport)
-        pass
-
-
 def _keep_header(name: bytes) -> bool:
     lower = name.lower()
     return lower not in _STRIPPED and not lower.startswith(_STRIPPED_PREFIXES)
@@ -299,7 +288,7 @@ class AgentChannel(Protocol):
 
     def __init__(self, agent: KubeAgent) -> None:
         self.agent = agent
-        self.reader = http1.MessageReader(True, self)
+        self.reader = httpwire.MessageReader(request=True, handler=self)
         self.api: _APIConnection | None = None
         self._connecting: defer.Deferred | None = None
         self._queue: list[bytes] = []
@@ -311,6 +300,7 @@ class AgentChannel(Protocol):
         self._paused = False
         #: A request went to the API and its answer has not ended yet.
         self._in_flight = False
+        self._head_out: bytes | None = None
         self.live_session = None
 
     # --- from the proxy ------------------------------------------------------------
@@ -318,12 +308,15 @@ class AgentChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             self.reader.feed(data)
-        except http1.HTTPError as e:
+        except httpwire.BadMessage as e:
             _log.info("Kubernetes agent {name}: bad request from the proxy: {reason}",
                       name=self.agent.name, reason=e)
             self._answer(e.status, f"bad request: {e}", close=True)
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        # One request at a time: the next one waits until this answer is out.
+        self.reader.hold()
+        framing = httpwire.request_framing(head)
         self._method = head.method
         self._upgrade = head.wants_upgrade
         self._local_answer = False
@@ -343,19 +336,20 @@ class AgentChannel(Protocol):
                       path=head.target[:200].decode("latin-1"), reason=e)
             self._local_answer = True
             self._answer(403, str(e))
-            return
+            return framing
         if self.agent.credential is None:
             self._local_answer = True
             self._answer(503, f"the agent of Kubernetes cluster {self.agent.name} has no "
                               "credential for its API (see the node's log)")
-            return
+            return framing
         headers = [(k, v) for k, v in head.headers if _keep_header(k)]
         headers += self.agent.api_headers(imp)
         if self._upgrade:
             headers.append((b"Connection", b"Upgrade"))
-        out = http1.Head(head.start, headers, True)
+        out = httpwire.Head(head.start, headers)
         self._in_flight = True
         self._to_api(out.serialize())
+        return framing
 
     def _register(self, user: UserIdentity) -> None:
         sessions = self.agent.sessions()
@@ -379,6 +373,10 @@ class AgentChannel(Protocol):
         if not self._local_answer:
             self._to_api(data)
 
+    def raw(self, data: bytes) -> None:
+        """The client's bytes after a ``101``."""
+        self._to_api(data)
+
     def message_end(self) -> None:
         if self._local_answer:
             self._local_answer = False
@@ -386,7 +384,7 @@ class AgentChannel(Protocol):
 
     def _answer(self, code: int, message: str, close: bool = False) -> None:
         if self.transport is not None:
-            self.transport.write(http1.status_response(code, message, close=close))
+            self.transport.write(status_response(code, message, close=close))
             if close:
                 self.transport.loseConnection()
 
@@ -415,8 +413,7 @@ class AgentChannel(Protocol):
             self.agent.give_back(api)
             return
         self.api = api
-        api.channel = self
-        api.reader = http1.MessageReader(False, api, request_method=lambda: self._method)
+        api.attach(self)
         # Backpressure both ways, as a splice does; through shims, so that
         # the end of one side does not abort the other (a pooled connection).
         api.transport.registerProducer(ProducerShim(self.transport), True)
@@ -439,21 +436,45 @@ class AgentChannel(Protocol):
 
     # --- answers from the API --------------------------------------------------------
 
-    def api_head(self, head: http1.Head, raw: bytes) -> None:
-        if head.code == 101 and self._upgrade:
+    def request_method(self) -> bytes:
+        return self._method
+
+    def answer_head(self, head: httpwire.Head, raw: bytes) -> None:
+        if head.status == 101 and self._upgrade:
             self.transport.write(raw)
             self.reader.switch_to_raw()
             return
-        self.transport.write(raw)
+        # Sent with the first body bytes: one tunnel frame for a small answer.
+        self._head_out = raw
 
-    def api_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            data = head + data
         self.transport.write(data)
 
-    def api_end(self) -> None:
+    def answer_raw(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def answer_flush(self) -> None:
+        """The end of what one read from the API brought: a head whose body is
+        still to come (a watch) goes now."""
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            self.transport.write(head)
+
+    def answer_end(self) -> None:
+        self.answer_flush()
         self._in_flight = False
         self.reader.release()
 
-    def api_garbage(self, error: http1.HTTPError, head_sent: bool) -> None:
+    def answer_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
+        api, self.api = self.api, None
+        if api is not None:
+            api.reusable = False
+        self._head_out = None
         _log.warn("Kubernetes agent {name}: the API answered garbage: {reason}",
                   name=self.agent.name, reason=error)
         if not head_sent:
@@ -462,7 +483,7 @@ class AgentChannel(Protocol):
         elif self.transport is not None:
             self.transport.loseConnection()
 
-    def api_lost(self, clean_end: bool) -> None:
+    def answer_lost(self, clean_end: bool) -> None:
         self.api = None
         if self._lost:
             return
@@ -487,74 +508,46 @@ class AgentChannel(Protocol):
                 self.agent.give_back(api)
 
 
-class ProducerShim:
-    """Pauses and resumes a transport for a consumer, but never stops it."""
-
-    def __init__(self, transport) -> None:
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _APIConnection(Protocol):
-    """One connection to the API server; serves the channel it is attached to."""
+class _APIConnection(httpwire.AnswerReader):
+    """One connection to the API server; serves the channel attached to it
+    (``owner``), then waits in the agent's pool for the next one."""
 
     def __init__(self) -> None:
-        self.channel: AgentChannel | None = None
-        self.reader: http1.MessageReader | None = None
+        super().__init__()
         self.connected = False
         self.reusable = True
-        self._head_sent = False
+        self._tuned = False
 
     def connectionMade(self) -> None:
         self.connected = True
         no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.channel is None or self.reader is None:
-            # Nothing was asked: an idle pooled connection talking is broken.
-            self.reusable = False
-            self.transport.loseConnection()
-            return
-        try:
-            self.reader.feed(data)
-        except http1.HTTPError as e:
-            self.reusable = False
-            channel = self.channel
-            self.transport.loseConnection()
-            channel.api_garbage(e, self._head_sent)
+        if not self._tuned:
+            # After the handshake (an https API): TLS in large pieces.
+            self._tuned = True
+            tune_transport(self.transport)
+        super().dataReceived(data)
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
-        self._head_sent = True
-        if b"close" in head.tokens(b"connection") or head.code == 101:
-            self.reusable = False
-        self.channel.api_head(head, raw)
+    def unasked(self, data: bytes) -> None:
+        # An idle pooled connection talking is broken.
+        self.reusable = False
+        self.transport.loseConnection()
 
-    def message_body(self, data: bytes) -> None:
-        if self.channel is not None:
-            self.channel.api_body(data)
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        if head.status == 101 or b"close" in head.tokens(b"connection"):
+            self.reusable = False
+        return super().message_head(head, raw)
 
     def message_end(self) -> None:
-        self._head_sent = False
-        if self.channel is not None:
-            self.channel.api_end()
+        super().message_end()
         if not self.reusable:
             self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.reusable = False
-        clean = self.reader.finish() if self.reader is not None else False
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            channel.api_lost(clean)
+        super().connectionLost(reason)
 
 
 def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],
@@ -563,6 +556,24 @@ def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],
     from edgeaccess.cluster.trusted import map_roles
     from edgeaccess.identity import rbac, roles
     from edgeaccess.kube.access import impersonation
+
+    # Parsed roles and built checkers, reused while the role documents are the
+    # same objects (the node replaces a document when it changes).
+    parsed: dict[str, tuple[dict, object]] = {}
+    checkers: dict[tuple, tuple[tuple, rbac.AccessChecker]] = {}
+
+    def parse(name: str, doc: dict):
+        cached = parsed.get(name)
+        if cached is not None and cached[0] is doc:
+            return cached[1]
+        try:
+            role = roles.parse_role(doc)
+        except errors.EdgeError:
+            role = None
+        if len(parsed) > 4096:
+            parsed.clear()
+        parsed[name] = (doc, role)
+        return role
 
     def decide(user: UserIdentity, kube_name: str, kube_labels, as_user,
                as_groups) -> Impersonation:
@@ -580,14 +591,19 @@ def make_decider(*, cluster_name: str, role_documents: Callable[[], dict],
             doc = documents.get(name)
             if doc is None:
                 continue
-            try:
-                found.append(roles.parse_role(doc))
-            except errors.EdgeError:
-                continue
+            role = parse(name, doc)
+            if role is not None:
+                found.append(role)
         if not found:
             raise errors.AccessDenied(f"none of the roles {names} exist here")
-        checker = rbac.AccessChecker(found, user.traits)
-        return impersonation(checker, user.name, kube_name, kube_labels, as_user=as_user,
+        key = (user.name, user.cluster, tuple(names), json.dumps(user.traits, sort_keys=True))
+        cached = checkers.get(key)
+        if cached is None or len(cached[0]) != len(found) or \
+                any(a is not b for a, b in zip(cached[0], found)):
+            if len(checkers) > 4096:
+                checkers.clear()
+            cached = checkers[key] = (tuple(found), rbac.AccessChecker(found, user.traits))
+        return impersonation(cached[1], user.name, kube_name, kube_labels, as_user=as_user,
                              as_groups=as_groups)
 
     return decide

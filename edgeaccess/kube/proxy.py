@@ -36,11 +36,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from edgeaccess import errors, tls
+from edgeaccess import errors, httpwire, tls
+from edgeaccess.audit.batch import BatchingEmitter
 from edgeaccess.identity import rbac, roles as roles_module
-from edgeaccess.kube import http1
 from edgeaccess.kube.access import RequestInfo, impersonation, request_info, split_cluster
-from edgeaccess.kube.agent import ProducerShim, no_delay
+from edgeaccess.kube.status import status_response
+from edgeaccess.proxy.splice import ProducerShim, no_delay, tune_transport
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import format_source
 
@@ -94,6 +95,9 @@ class RoleCache:
     def __init__(self, auth, clock, interval: float = 1.0) -> None:
         self._auth = auth
         self.roles: dict[str, roles_module.Role] = {}
+        #: Moves on when the roles change (checkers built before are stale then).
+        self.generation = 0
+        self._documents: list | None = None
         self._loop = LoopingCall(lambda: defer.Deferred.fromCoroutine(self.refresh())
                                  .addErrback(lambda f: _log.failure("role cache refresh", f)))
         self._loop.clock = clock
@@ -107,17 +111,29 @@ class RoleCache:
             self._loop.stop()
 
     async def refresh(self) -> None:
+        documents = await self._auth.all_roles()
+        if documents == self._documents:
+            return
         found = {}
-        for doc in await self._auth.all_roles():
+        for doc in documents:
             try:
                 role = roles_module.parse_role(doc)
             except errors.EdgeError:
                 continue
             found[role.name] = role
         self.roles = found
+        self._documents = documents
+        self.generation += 1
 
     def checker(self, names, traits) -> rbac.AccessChecker:
         return rbac.AccessChecker([self.roles[n] for n in names if n in self.roles], traits)
+
+    def checker_for(self, user) -> rbac.AccessChecker:
+        """``user``'s checker, built once per connection and role change."""
+        cached = user.checker
+        if cached is None or cached[0] != self.generation:
+            cached = user.checker = (self.generation, self.checker(user.roles, user.traits))
+        return cached[1]
 
 
 class KubeProxy:
@@ -150,6 +166,8 @@ class KubeProxy:
         self.known_leaf = known_leaf or (lambda name: False)
         self.check_user = check_user
         self.sessions = sessions
+        # kube.request is emitted per request: appended in batches (group commit).
+        self._emitter = BatchingEmitter(audit, reactor) if audit is not None else None
 
     def factory(self) -> Factory:
         """For the TLS listener on 3026."""
@@ -160,8 +178,8 @@ class KubeProxy:
         return _ConnectionFactory(self, forwarded_from=root)
 
     def emit(self, event: str, **fields) -> None:
-        if self.audit is not None:
-            self.audit.emit(event, **fields)
+        if self._emitter is not None:
+            self._emitter.emit(event, **fields)
 
 
 class _ConnectionFactory(Factory):
@@ -185,6 +203,8 @@ class _User:
         self.cert_b64 = cert_b64
         #: What is sent on to a leaf (root users' identity).
         self.asserted = asserted
+        #: ``(role generation, AccessChecker)``: see :meth:`RoleCache.checker_for`.
+        self.checker = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -194,7 +214,7 @@ class ProxyConnection(Protocol):
     def __init__(self, proxy: KubeProxy, forwarded_from: str | None) -> None:
         self.proxy = proxy
         self.forwarded_from = forwarded_from
-        self.reader = http1.MessageReader(True, self)
+        self.reader = httpwire.MessageReader(request=True, handler=self)
         self.user: _User | None = None
         self.remote_addr = ""
         self.upstream: _Upstream | None = None
@@ -210,6 +230,7 @@ class ProxyConnection(Protocol):
         self.current: dict[str, Any] | None = None
         self.tap = None
         self.live_session = None
+        self._tuned = False
 
     # --- connection ----------------------------------------------------------
 
@@ -239,7 +260,7 @@ class ProxyConnection(Protocol):
                           cert_b64=base64.b64encode(der))
         return self.user
 
-    def _forwarded_user(self, head: http1.Head) -> _User:
+    def _forwarded_user(self, head: httpwire.Head) -> _User:
         """A root's user, as the root proxy forwarded it on its tunnel."""
         try:
             data = json.loads(head.get(b"edge-identity") or b"")
@@ -264,9 +285,13 @@ class ProxyConnection(Protocol):
     # --- requests --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._tuned:
+            # After the handshake: TLS records read and written in large pieces.
+            self._tuned = True
+            tune_transport(self.transport, self.proxy.reactor)
         try:
             self.reader.feed(data)
-        except http1.HTTPError as e:
+        except httpwire.BadMessage as e:
             _log.info("kube proxy: bad request from {addr}: {reason}", addr=self.remote_addr,
                       reason=e)
             self._local(e.status, str(e), close=True)
@@ -280,7 +305,10 @@ class ProxyConnection(Protocol):
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()
 
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
+    def message_head(self, head: httpwire.Head, raw: bytes) -> tuple[str, int]:
+        # One request at a time: the next one waits until this answer is out.
+        self.reader.hold()
+        framing = httpwire.request_framing(head)
         self._body_size = 0
         self._local_answer = False
         self.tap = None
@@ -298,6 +326,7 @@ class ProxyConnection(Protocol):
                       reason=e)
             self._local_answer = True
             self._local(code, str(e))
+        return framing
 
     def _check_locks(self, user: _User) -> None:
         """Refuse a locked user; register the connection so a lock ends it later."""
@@ -318,7 +347,7 @@ class ProxyConnection(Protocol):
             else:
                 self.transport.abortConnection()
 
-    def _route_request(self, head: http1.Head) -> None:
+    def _route_request(self, head: httpwire.Head) -> None:
         if head.target.startswith(LEAF_PREFIX):
             if self.forwarded_from is not None:
                 raise errors.BadRequest("a leaf does not route to further leaves")
@@ -336,7 +365,7 @@ class ProxyConnection(Protocol):
             identity = json.dumps({"user": user.name, "cluster": user.cluster,
                                    "roles": user.roles, "traits": user.traits}).encode()
             headers.append((b"Edge-Identity", identity))
-            out = http1.Head((head.method, b"/k8s/" + remainder, head.start[2]), headers, True)
+            out = httpwire.Head((head.method, b"/k8s/" + remainder, head.start[2]), headers)
             self._send(("leaf", leaf_name, name), out)
             return
         name, path = split_cluster(head.target)
@@ -351,7 +380,7 @@ class ProxyConnection(Protocol):
             raise errors.NotFound(f"Kubernetes cluster {name} not found in cluster "
                                   f"{self.proxy.cluster_name}")
         _tunnel, labels = found
-        checker = self.proxy.roles.checker(user.roles, user.traits)
+        checker = self.proxy.roles.checker_for(user)
         as_user = (head.get(b"impersonate-user") or b"").decode("utf-8", "replace") or None
         as_groups = [g.decode("utf-8", "replace") for g in head.get_all(b"impersonate-group")]
         imp = impersonation(checker, user.name, name, labels, as_user=as_user,
@@ -364,7 +393,7 @@ class ProxyConnection(Protocol):
             headers.append((b"Edge-User-Certificate", user.cert_b64))
         if user.asserted is not None:
             headers.append((b"Edge-Identity", user.asserted))
-        out = http1.Head((head.method, path, head.start[2]), headers, True)
+        out = httpwire.Head((head.method, path, head.start[2]), headers)
         if head.wants_upgrade:
             from edgeaccess.kube.sessions import tap_for
 
@@ -372,7 +401,7 @@ class ProxyConnection(Protocol):
         self._send(("local", name), out)
 
     @staticmethod
-    def _client_headers(head: http1.Head) -> list[tuple[bytes, bytes]]:
+    def _client_headers(head: httpwire.Head) -> list[tuple[bytes, bytes]]:
         kept = []
         for key, value in head.headers:
             lower = key.lower()
@@ -384,17 +413,20 @@ class ProxyConnection(Protocol):
     def message_body(self, data: bytes) -> None:
         if self._local_answer:
             return
-        if not self.reader.raw:
-            self._body_size += len(data)
-            if self._body_size > MAX_BODY:
-                _log.info("kube proxy: request body from {addr} over {max} bytes",
-                          addr=self.remote_addr, max=MAX_BODY)
-                self._local_answer = True
-                self._drop_upstream()
-                self._local(413, f"the request body is larger than {MAX_BODY} bytes",
-                            close=True)
-                return
-        elif self.tap is not None:
+        self._body_size += len(data)
+        if self._body_size > MAX_BODY:
+            _log.info("kube proxy: request body from {addr} over {max} bytes",
+                      addr=self.remote_addr, max=MAX_BODY)
+            self._local_answer = True
+            self._drop_upstream()
+            self._local(413, f"the request body is larger than {MAX_BODY} bytes",
+                        close=True)
+            return
+        self._to_upstream(data)
+
+    def raw(self, data: bytes) -> None:
+        """The client's bytes after a ``101`` (exec, attach, port-forward)."""
+        if self.tap is not None:
             self.tap.from_client(data)
         self._to_upstream(data)
 
@@ -406,13 +438,13 @@ class ProxyConnection(Protocol):
     def _local(self, code: int, message: str, close: bool = False) -> None:
         if self.transport is None or self._lost:
             return
-        self.transport.write(http1.status_response(code, message, close=close))
+        self.transport.write(status_response(code, message, close=close))
         if close:
             self.transport.loseConnection()
 
     # --- upstream (the agent's channel) --------------------------------------------
 
-    def _send(self, key: tuple, head: http1.Head) -> None:
+    def _send(self, key: tuple, head: httpwire.Head) -> None:
         if self._upstream_key is not None and self._upstream_key != key:
             # kubectl keeps one connection per server URL: another cluster
             # on the same connection gets a channel of its own.
@@ -455,10 +487,7 @@ class ProxyConnection(Protocol):
             upstream.transport.loseConnection()
             return
         self.upstream = upstream
-        upstream.connection = self
-        upstream.reader = http1.MessageReader(False, upstream,
-                                              request_method=lambda: self.current["method"]
-                                              if self.current else b"GET")
+        upstream.attach(self)
         upstream.transport.registerProducer(ProducerShim(self.transport), True)
         self.transport.registerProducer(ProducerShim(upstream.transport), True)
         queue, self._queue, self._queued = self._queue, [], 0
@@ -488,37 +517,48 @@ class ProxyConnection(Protocol):
     def _drop_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.connection = None
+            upstream.owner = None
             upstream.transport.loseConnection()
         self._upstream_key = None
 
-    def upstream_head(self, head: http1.Head, raw: bytes) -> None:
+    def answer_head(self, head: httpwire.Head, raw: bytes) -> None:
         self.transport.write(raw)
+        status = head.status
         if self.current is not None and "code" not in self.current:
-            self.current["code"] = head.code
-            self._audit(head.code)
-        if head.code == 101 and self.current is not None:
+            self.current["code"] = status
+            self._audit(status)
+        if status == 101 and self.current is not None:
             self.reader.switch_to_raw()
             if self.tap is not None:
                 self.tap.started(head)
 
-    def upstream_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def answer_raw(self, data: bytes) -> None:
         if self.tap is not None and self.reader.raw:
             self.tap.from_server(data)
         self.transport.write(data)
 
-    def upstream_end(self) -> None:
+    def request_method(self) -> bytes:
+        return self.current["method"] if self.current else b"GET"
+
+    def answer_end(self) -> None:
         self.current = None
         self.reader.release()
 
-    def upstream_garbage(self, error: http1.HTTPError, head_sent: bool) -> None:
+    def answer_flush(self) -> None:
+        pass  # writes to kubectl's TLS are gathered until the read ends
+
+    def answer_garbage(self, error: httpwire.BadMessage, head_sent: bool) -> None:
+        self.upstream = None
         _log.warn("kube proxy: the agent answered garbage: {reason}", reason=error)
         if not head_sent:
             self._local(502, "the Kubernetes agent sent an invalid answer", close=True)
         else:
             self.transport.loseConnection()
 
-    def upstream_lost(self, clean_end: bool) -> None:
+    def answer_lost(self, clean_end: bool) -> None:
         self.upstream = None
         if self._lost:
             return
@@ -543,7 +583,7 @@ class ProxyConnection(Protocol):
             self.tap = None
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.connection = None
+            upstream.owner = None
             upstream.transport.loseConnection()
         if self._connecting is not None:
             self._connecting.cancel()
@@ -569,45 +609,8 @@ class ProxyConnection(Protocol):
             root_cluster=self.forwarded_from, reason=reason)
 
 
-class _Upstream(Protocol):
+class _Upstream(httpwire.AnswerReader):
     """The proxy's end of a ``kube`` channel (or a leaf's ``cluster`` channel)."""
-
-    def __init__(self) -> None:
-        self.connection: ProxyConnection | None = None
-        self.reader: http1.MessageReader | None = None
-        self._head_sent = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.connection is None or self.reader is None:
-            self.transport.loseConnection()
-            return
-        try:
-            self.reader.feed(data)
-        except http1.HTTPError as e:
-            connection = self.connection
-            self.connection = None
-            self.transport.loseConnection()
-            connection.upstream = None
-            connection.upstream_garbage(e, self._head_sent)
-
-    def message_head(self, head: http1.Head, raw: bytes) -> None:
-        self._head_sent = True
-        self.connection.upstream_head(head, raw)
-
-    def message_body(self, data: bytes) -> None:
-        if self.connection is not None:
-            self.connection.upstream_body(data)
-
-    def message_end(self) -> None:
-        self._head_sent = False
-        if self.connection is not None:
-            self.connection.upstream_end()
-
-    def connectionLost(self, reason) -> None:
-        clean = self.reader.finish() if self.reader is not None else False
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            connection.upstream_lost(clean)
 
 
 class RoleCacheService(service.Service):

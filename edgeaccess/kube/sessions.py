@@ -40,15 +40,17 @@ STDIN, STDOUT, STDERR, STATUS, RESIZE = range(5)
 
 class FrameReader:
     """Incremental RFC 6455 frame parser for one direction; calls
-    ``on_message_data(first, data, channel)`` for payload pieces."""
+    ``on_data(channel, data)`` for the payload pieces of the channels
+    ``wanted(channel)`` accepts (the others are skipped without a copy: an
+    exec's stdout passes through untouched unless it is recorded)."""
 
-    def __init__(self, on_data) -> None:
+    def __init__(self, on_data, wanted=None) -> None:
         self._on_data = on_data
+        self._wanted = wanted or (lambda channel: True)
         self._buffer = b""
         self._left = 0
         self._mask = b""
         self._mask_offset = 0
-        self._in_message = False
         self._channel: int | None = None
         self._control = False
         self.broken = False
@@ -56,66 +58,79 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         if self.broken:
             return
-        self._buffer += data
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
         try:
-            self._run()
+            self._run(data)
         except Exception:
             _log.failure("kube session tap: unreadable WebSocket frame; not audited further")
             self.broken = True
             self._buffer = b""
 
-    def _run(self) -> None:
-        while self._buffer:
+    def _run(self, data: bytes) -> None:
+        position, end = 0, len(data)
+        while position < end:
             if self._left == 0:
-                if not self._header():
+                position = self._header(data, position)
+                if position < 0:
                     return
-                if self._left == 0:
-                    continue
-            piece, self._buffer = self._buffer[:self._left], self._buffer[self._left:]
-            self._left -= len(piece)
-            if self._mask:
-                piece = _unmask(piece, self._mask, self._mask_offset)
-                self._mask_offset = (self._mask_offset + len(piece)) % 4
+                continue
+            start = position
+            position = min(end, position + self._left)
+            self._left -= position - start
             if self._control:
                 continue
+            mask, offset = self._mask, self._mask_offset
+            if mask:
+                self._mask_offset = (offset + position - start) % 4
             if self._channel is None:
-                self._channel = piece[0]
-                piece = piece[1:]
-            if piece:
+                self._channel = data[start] ^ mask[offset] if mask else data[start]
+                start += 1
+                offset = (offset + 1) % 4
+                if start == position:
+                    continue
+            if self._wanted(self._channel):
+                piece = data[start:position]
+                if mask:
+                    piece = _unmask(piece, mask, offset)
                 self._on_data(self._channel, piece)
 
-    def _header(self) -> bool:
-        buf = self._buffer
-        if len(buf) < 2:
-            return False
-        opcode = buf[0] & 0x0F
-        masked = buf[1] & 0x80
-        length = buf[1] & 0x7F
-        offset = 2
+    def _header(self, buf: bytes, at: int) -> int:
+        """Read the frame header at ``buf[at:]``: where its payload starts, or
+        -1 (the header is incomplete: what is left is kept for the next feed)."""
+        if len(buf) - at < 2:
+            self._buffer = buf[at:]
+            return -1
+        opcode = buf[at] & 0x0F
+        masked = buf[at + 1] & 0x80
+        length = buf[at + 1] & 0x7F
+        offset = at + 2
         if length == 126:
-            if len(buf) < 4:
-                return False
-            length = int.from_bytes(buf[2:4], "big")
-            offset = 4
+            offset = at + 4
+            if len(buf) < offset:
+                self._buffer = buf[at:]
+                return -1
+            length = int.from_bytes(buf[at + 2:offset], "big")
         elif length == 127:
-            if len(buf) < 10:
-                return False
-            length = int.from_bytes(buf[2:10], "big")
-            offset = 10
+            offset = at + 10
+            if len(buf) < offset:
+                self._buffer = buf[at:]
+                return -1
+            length = int.from_bytes(buf[at + 2:offset], "big")
         if masked:
             if len(buf) < offset + 4:
-                return False
+                self._buffer = buf[at:]
+                return -1
             self._mask = buf[offset:offset + 4]
             offset += 4
         else:
             self._mask = b""
         self._mask_offset = 0
-        self._buffer = buf[offset:]
         self._left = length
         self._control = opcode >= 8
         if not self._control and opcode != 0:  # a new data message
             self._channel = None
-        return True
+        return offset
 
 
 def _unmask(data: bytes, mask: bytes, offset: int) -> bytes:
@@ -148,8 +163,8 @@ class ExecTap:
         self._started = False
         self._ended = False
         self._websocket = False
-        self._client = FrameReader(self._client_data)
-        self._server = FrameReader(self._server_data)
+        self._client = FrameReader(self._client_data, lambda channel: channel == RESIZE)
+        self._server = FrameReader(self._server_data, self._server_wants)
         self._spdy = False
 
     def _common(self) -> dict:
@@ -221,6 +236,9 @@ class ExecTap:
                     self._writer.resize(int(size.get("Width", 80)), int(size.get("Height", 24)))
                 except (TypeError, ValueError):
                     pass
+
+    def _server_wants(self, channel: int) -> bool:
+        return channel == STATUS or (self._writer is not None and channel in (STDOUT, STDERR))
 
     def _server_data(self, channel: int, data: bytes) -> None:
         if channel in (STDOUT, STDERR):

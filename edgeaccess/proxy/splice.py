@@ -139,3 +139,47 @@ class _Inbound(_Half):
         _log.info("relay to {what} failed: {why}", what=self.factory.description,
                   why=error)
         self.transport.loseConnection()
+
+
+# --- what the HTTP relays (Kubernetes, apps) share ----------------------------------------
+
+
+def no_delay(transport) -> None:
+    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP: a
+    request or an answer written in pieces must not wait for a delayed ACK."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except Exception:  # not a socket (a tunnel channel, a test transport)
+        pass
+
+
+def tune_transport(transport, clock=None, *, fast_tls: bool = True) -> None:
+    """A relayed connection's transport: Nagle off; with ``fast_tls`` (a TLS
+    transport after its handshake) TLS read and written in large pieces,
+    else a plain TCP transport's writes go to the socket at once
+    (``edgeaccess.tunnel.fasttls``)."""
+    from edgeaccess.tunnel.fasttls import eager_tcp_writes, install_fast_tls
+
+    no_delay(transport)
+    if not (fast_tls and install_fast_tls(transport, clock)):
+        eager_tcp_writes(transport)
+
+
+class ProducerShim:
+    """Pauses and resumes a transport for a consumer, but never stops it (a
+    pooled or shared connection outlives the one it serves)."""
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from edgeaccess import tls
 from edgeaccess.proxy.interfaces import IRouter
+from edgeaccess.proxy.splice import no_delay
 from edgeaccess.tunnel.fasttls import eager_tcp_writes, install_fast_tls
 from edgeaccess.tunnel.protocol import format_source
 
@@ -144,17 +145,6 @@ def _stop_relaying(transport: Any) -> None:
     except Exception:  # already gone
         pass
     transport.loseConnection()
-
-
-def _no_delay(transport: Any) -> None:
-    """TCP_NODELAY where the transport (or the TCP under a TLS one) is TCP."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is None:
-        return
-    try:
-        set_no_delay(True)
-    except Exception:  # not a socket (a tunnel channel, a test transport)
-        pass
 
 
 class _NodeSide(Protocol):
@@ -279,7 +269,7 @@ class UserRelay(Protocol):
         # A relay must not add Nagle delays of its own: the SSH client and
         # the node already decide how to coalesce (stunnel does the same).
         for transport in (self.transport, node.transport):
-            _no_delay(transport)
+            no_delay(transport)
         # Bulk bytes: large TLS reads and writes, eager TCP writes.
         install_fast_tls(self.transport, self.factory.clock)
         eager_tcp_writes(node.transport)

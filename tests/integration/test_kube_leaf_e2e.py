@@ -100,6 +100,12 @@ def test_a_root_user_lists_and_uses_the_leafs_kubernetes_with_the_leafs_roles(cl
                                if e.get("user") == "rooty"], 30, "the leaf's audit event")
     assert events[-1]["root_cluster"] == "kroot"
     assert events[-1]["kube_cluster"] == "standin"
+    # ... and so does the root, in its own chain (docs/security.md, "Kubernetes": both).
+    events = wait_for(lambda: [e for e in root.edgectl_json("audit", "search", "--type",
+                                                            "kube.request")
+                               if e.get("user") == "rooty"], 30, "the root's audit event")
+    assert events[-1]["leaf_cluster"] == "kleaf"
+    assert events[-1]["kube_cluster"] == "standin"
 
 
 def test_a_root_user_whose_roles_map_to_nothing_is_refused_by_the_leaf(clusters):

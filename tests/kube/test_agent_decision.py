@@ -11,8 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import Clock
 
-from edgeaccess import errors
-from edgeaccess.kube import http1
+from edgeaccess import errors, httpwire
 from edgeaccess.kube.agent import KubeAgent, UserIdentity, make_decider
 from edgeaccess.kube.kubeconfig import AgentConfig
 from tests.pkitools import Identity, issue_identities
@@ -54,9 +53,9 @@ def _agent(ca, clock):
                      ca_certs=lambda: [ca], cluster_name="leaf")
 
 
-def _head(**headers) -> http1.Head:
-    return http1.Head((b"GET", b"/api", b"HTTP/1.1"),
-                      [(k.replace("_", "-").encode(), v) for k, v in headers.items()], True)
+def _head(**headers) -> httpwire.Head:
+    return httpwire.Head((b"GET", b"/api", b"HTTP/1.1"),
+                         [(k.replace("_", "-").encode(), v) for k, v in headers.items()])
 
 
 def test_the_users_certificate_is_verified_against_the_cluster_ca():
@@ -129,7 +128,7 @@ def test_client_credentials_and_impersonation_never_reach_the_api_only_the_agent
                          b"Impersonate-Group: viewers\r\nImpersonate-Extra-Scopes: x\r\n"
                          b"Edge-Identity: " + identity + b"\r\n\r\n")
     sent = agent.api_connections[0].transport.value()
-    head = http1.parse_head(sent.split(b"\r\n\r\n")[0], True)
+    head = httpwire.parse_head(sent.split(b"\r\n\r\n")[0], request=True)
     assert head.get_all(b"authorization") == [b"Bearer agent-token"]
     assert head.get_all(b"impersonate-user") == [b"rob"]
     assert head.get_all(b"impersonate-group") == [b"viewers", b"system:authenticated"]
