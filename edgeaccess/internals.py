@@ -965,7 +965,7 @@ __all__ = [
     "shrink_tls_buffers", "install_fast_tls", "eager_tcp_writes", "send_if_idle",
     "tcp_send_now_possible", "init_amp", "conch_keys_replaceable", "conch_may_send",
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
-    "answer_bad_requests", "SSL",
+    "answer_bad_requests",
 ]
 
 
