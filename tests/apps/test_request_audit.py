@@ -12,7 +12,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from edgeaccess import errors
-from edgeaccess.apps import requestaudit
 from edgeaccess.apps.proxy import AppAccess, AppProxyProtocol
 from edgeaccess.apps.requestaudit import RequestAudit, parse_selection, request_fields
 from edgeaccess.audit.log import AuditLog
