@@ -160,6 +160,12 @@ def test_a_lock_made_through_b_cuts_a_session_held_through_a(proxies, node, home
         assert b"ha lock via b" in session.output, session.output[-500:]
         refused = ssh(homes["a"], f"hn1.{CLUSTER}", "true")
         assert refused.returncode != 0
+        # B's own cache has the lock too (its watch may trail A's): until it
+        # does, a removal could reach B before the lock itself and the late
+        # lock would cut the next test's session.
+        wait_for(lambda: not ssh_ok(homes["b"], f"hn1.{CLUSTER}")
+                 and f"refused alice to -: lock {lock_id}" in b.log(), 15,
+                 "B itself refusing alice too")
     finally:
         session.close()
     a.edgectl("locks", "rm", lock_id)
