@@ -535,3 +535,26 @@ def test_a_lost_tunnel_s_send_path_is_not_kept_by_its_channels() -> None:
     tunnel.pump.flush()
     assert tunnel.server._is_lost
     assert scheduler._flush is None
+
+
+def test_small_frames_share_a_flush_and_bulk_pieces_get_one_each() -> None:
+    """A flush (TLS record handed to TCP, the kernel's unsent bytes checked)
+    costs ~40 us per small request: small frames wait for the transport's own
+    write at the end of the reactor iteration, until a piece's worth is due."""
+    flushes: list[int] = []
+    scheduler = SendScheduler(256 * 1024, flush=lambda: flushes.append(1))
+    answers = [FakeChannel(f"answer{n}", 300, priority=INTERACTIVE) for n in range(10)]
+    for channel in answers:
+        scheduler.ready(channel)
+    assert all(channel.left == 0 for channel in answers)
+    assert flushes == []  # 3,000 bytes of small frames: no flush of their own
+    scheduler.ready(FakeChannel("more", 2_000))
+    assert flushes == [1]  # past MIN_PIECE in all: handed to TCP now
+    flushes.clear()
+    scheduler.pause()  # a slow link: MIN_PIECE pieces, each flushed
+    bulk = FakeChannel("bulk", 5 * MIN_PIECE)
+    scheduler.ready(bulk)
+    for _ in range(5):
+        scheduler.resume()
+        scheduler.pause()
+    assert [size for _, size in bulk.log] == [MIN_PIECE] * 5 and len(flushes) == 5
