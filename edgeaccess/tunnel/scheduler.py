@@ -124,9 +124,11 @@ class SendScheduler:
     """The send order of one tunnel's channels.
 
     :param max_piece: the largest frame payload (the wire's limit).
-    :param flush: called after each piece when priority is on, so that what
-        was written reaches the TCP socket (and the transport can push back)
-        before the next piece is chosen.
+    :param flush: called when priority is on, once at least ``min_piece``
+        bytes were sent since the last call (small frames share the
+        transport's own write), so that what was written reaches the TCP
+        socket (and the transport can push back) before the next piece is
+        chosen.
     :param enabled: False: every channel flushes as soon as it can (the old order).
     """
 
@@ -150,7 +152,7 @@ class SendScheduler:
     # -- the transport -------------------------------------------------------
 
     def set_flush(self, flush) -> None:
-        """Call ``flush`` after each piece from now on (see the constructor)."""
+        """Call ``flush`` from now on (see the constructor)."""
         self._flush = flush
 
     def pause(self) -> None:
