@@ -100,7 +100,12 @@ class ProxyControlPlane(MultiService):
         self.clock.callLater(PROXY_GRACE, self._enforce, lock)
 
     def _enforce(self, lock: dict) -> None:
-        self.sessions.enforce([lock], self.clock.seconds())
+        # The lock as it is in force now: removed (or replaced) during the
+        # grace, it ends nothing (a session started after a removal must not
+        # be cut by the lock's earlier arrival).
+        current = [l for l in self.publisher.locks() if l.get("id") == lock.get("id")]
+        if current:
+            self.sessions.enforce(current, self.clock.seconds())
 
     def check_user(self, identity) -> None:
         """Refuse a locked user (``AccessDenied`` with the lock's message)."""

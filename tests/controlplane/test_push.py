@@ -115,6 +115,18 @@ def test_a_lock_ends_the_proxys_own_sessions_of_that_user_after_the_grace():
     assert len(world.control.sessions) == 1
 
 
+def test_a_lock_removed_during_the_grace_ends_nothing():
+    world = ProxyWorld()
+    ended: list[str] = []
+    world.control.sessions.register(user="alice", cluster="unit", terminate=ended.append)
+    lock = resolve(world.auth.create_lock({"user": "alice"}, message="brief"))
+    world.clock.advance(0.1)
+    resolve(world.auth.delete_lock(lock["id"]))
+    world.control.sessions.register(user="alice", cluster="unit", terminate=ended.append)
+    world.clock.advance(1)
+    assert ended == [] and len(world.control.sessions) == 2
+
+
 def test_the_proxy_refuses_locked_users_and_nodes():
     import pytest
 
