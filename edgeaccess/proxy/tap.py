@@ -86,7 +86,8 @@ class Options(usage.Options):
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["resume-budget", None, "60s",
          "how long a tunnelled node's channels (users' SSH sessions...) are held "
-         "through a tunnel outage, e.g. 60s or 2m; 0 turns resumption off"],
+         "through a tunnel outage, e.g. 60s or 2m; 0 turns resumption off (a leaf "
+         "proxy's tunnels to its roots resume the same way)"],
         ["backend-pool", None, None,
          "connections (and query threads) of a PostgreSQL backend (default 4)"],
         ["ca-key-file", None, None,
@@ -560,7 +561,8 @@ def makeService(options, reactor=None) -> service.MultiService:
             target_check=control.check_target)
 
     LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
-              apps=apps.gateway).setServiceParent(top)
+              apps=apps.gateway,
+              resume_budget=options.get("resume-budget", 60.0)).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", lambda: listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening, startup)
