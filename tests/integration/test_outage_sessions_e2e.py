@@ -1,0 +1,605 @@
+"""Every kind of session across tunnel outages: real daemons, real clients,
+relays that cut and black-hole the tunnels.
+
+One world: a root cluster whose nodes' tunnels reach it only through the
+relay ``uplink`` (``--tunnel-public-addr``): a node with SSH and the demo app,
+a Kubernetes agent in front of the API stand-in (tests/kube_standin.py; no
+kube-apiserver can be installed here); and a leaf cluster trusting the root
+whose tunnel to the root goes through the relay ``leaf_link`` (the trust's
+``tunnel_addr``), with a tunnelled leaf node of its own (its tunnel to the
+leaf is not touched). The users' connections to the proxies are never
+touched.
+
+The outages (:data:`PHASES`): first the uplink is cut (every connection
+reset, new ones refused) while the leaf's link is stalled (nothing
+forwarded, nothing closed), then the leaf's link is cut. Every scenario
+only waits, so they all run at once in threads started by the module
+fixture, and each test checks one:
+
+- a root user's ``edge ssh --cluster leaf`` command to the leaf node across
+  the stall and the cut of the leaf's tunnel: output whole and in order,
+  exit 0, one audited session in the leaf and none split in the root; after
+  the outages the leaf's app answers through the root again;
+- a web terminal (the browser's WebSocket protocol, spoken by Python) to a
+  tunnelled node across the cut: typed before, during and after, in order;
+- ``kubectl exec -i`` through the tunnelled Kubernetes agent: stdin lines
+  and their echoes stream across the cut, the exit code comes back;
+- an app's WebSocket echo and a rate-limited 24 MiB app download, byte-exact;
+- an SSH command through TLS routing (``ProxyCommand edge proxy ...``).
+
+Measured (``-s`` or ``-rA``): link restored -> output flowing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from edgeaccess.devcluster import (
+    NodeProcess,
+    ProxyProcess,
+    join_node,
+    run_edge,
+    start_demo_app,
+    stop_process,
+    wait_for,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tcprelay import TcpRelay  # noqa: E402
+from test_trusted_clusters_e2e import trust_yaml  # noqa: E402
+
+from tests.apps.appkit import WebSocketClient, app_login, curl, tls_socket  # noqa: E402
+from tests.kube_world import KUBECTL, start_world  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl is not installed")
+
+PASSWORD = "outage-sessions-pass-1"
+APPS_DOMAIN = "edge.localhost"
+#: (start, length, what) of each outage, seconds after the scenarios start.
+CUT_AT, CUT_FOR = 4.0, 10.0
+LEAF_CUT_AT, LEAF_CUT_FOR = 18.0, 10.0
+#: Every scenario runs past the outages it must survive.
+ROOT_DONE = CUT_AT + CUT_FOR + 4.0
+LEAF_DONE = LEAF_CUT_AT + LEAF_CUT_FOR + 4.0
+DOWNLOAD = 24 * 1024 * 1024 + 17
+#: The demo app's /api/bytes pattern (edgeaccess.apps.demo).
+PATTERN = bytes(range(256)) * 256
+
+
+def report(what: str, seconds: float) -> None:
+    print(f"\nMEASURED {what}: {seconds:.2f} s", flush=True)
+
+
+def numbered(prefix: str, count: int, pause: float) -> str:
+    """A shell loop printing ``PREFIX-1`` .. ``PREFIX-count``, one every ``pause`` s."""
+    return f"for i in $(seq 1 {count}); do echo {prefix}-$i; sleep {pause}; done"
+
+
+def expected_lines(prefix: str, count: int, separator: str = "-") -> list[str]:
+    return [f"{prefix}{separator}{i}" for i in range(1, count + 1)]
+
+
+class World:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.uplink = TcpRelay().start()
+        self.leaf_link = TcpRelay().start()
+        self.root = ProxyProcess(base / "root", base / "root.log", cluster="root", extra_args=[
+            "--tunnel-public-addr", self.uplink.addr, "--apps-domain", APPS_DOMAIN])
+        self.leaf = ProxyProcess(base / "leaf", base / "leaf.log", cluster="leaf")
+        self.nodes: list[NodeProcess] = []
+        self.kube = None
+        self.demo = None
+        self.homes: dict[str, Path] = {}
+        self.started: float | None = None
+        #: When each link came back (monotonic), set by the outage driver.
+        self.restored: dict[str, float] = {}
+        self.restored_events = {"uplink": threading.Event(), "leaf_link": threading.Event()}
+        self.stopping = threading.Event()
+
+    def start(self) -> "World":
+        root, leaf = self.root, self.leaf
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(p.start) for p in (root, leaf)]:
+                done.result()
+        for relay in (self.uplink, self.leaf_link):
+            relay.target = ("127.0.0.1", root.ports["tunnel"])
+        self.demo, demo_port = start_demo_app(root, self.base / "demo.log")
+        app = f"uri=http://127.0.0.1:{demo_port},labels=team:web"
+        with ThreadPoolExecutor(3) as pool:
+            tnode = pool.submit(join_node, root, self.base, "tnode", tunnel=True,
+                                extra_args=["--app", f"name=demo,{app}"])
+            leafnode = pool.submit(join_node, leaf, self.base, "leafnode", tunnel=True,
+                                   extra_args=["--app", f"name=leafapp,{app}"])
+            # The Kubernetes agent, its API stand-in and bob (role kube-editor).
+            kube = pool.submit(start_world, self.base / "kube", proxy=root,
+                               users={"bob": ("kube-editor",)})
+            for future in (tnode, leafnode, kube):
+                if future is kube:
+                    self.kube = kube.result()
+                    self.nodes.append(self.kube.node)
+                else:
+                    self.nodes.append(future.result()[0])
+        assert self.uplink.active() >= 2  # both root nodes' tunnels run through it
+        root.add_user("una", PASSWORD, roles=("access",), logins=("root",))
+        token = root.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
+        trust = self.base / "trust.yaml"
+        trust.write_text(trust_yaml(name="root", token=token, pin=root.pin(),
+                                    web=root.addr("web"), tunnel=self.leaf_link.addr))
+        leaf.edgectl("create", "-f", str(trust))
+        pin = root.pin()
+        self.homes = {"una": self.base / "home-una", "una-tls": self.base / "home-una-tls"}
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda args: root.login(args[0], "una", PASSWORD, pin=pin,
+                                                  extra=args[1]),
+                          [(self.homes["una"], ()), (self.homes["una-tls"], ("--tls-routing",))]))
+        wait_for(lambda: "leaf cluster leaf is online" in root.log(), 30,
+                 "the leaf's tunnel to the root", root.process, interval=0.1)
+        assert self.leaf_link.active() == 1
+        leafnode_process = self.nodes[1]
+        wait_for(lambda: "trusted root clusters: ['root']" in leafnode_process.log(), 30,
+                 "the leaf node to learn the root's CA", leafnode_process.process,
+                 interval=0.1)
+        for host in ("tnode.root", "leafnode.leaf"):
+            wait_for(lambda: ssh(self.homes["una"], host, "echo ok").stdout == "ok\n", 30,
+                     f"ssh to {host}", interval=0.2)
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for relay in (self.uplink, self.leaf_link):
+            relay.close()
+        for process in (*self.nodes, self.leaf, self.root):
+            process.stop()
+        if self.kube is not None:
+            self.kube.standin.stop()
+        stop_process(self.demo)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name} ---\n{p.log()[-4000:]}"
+                         for p in (self.root, self.leaf, *self.nodes))
+
+    # --- the outages ---------------------------------------------------------------
+
+    def wait_until(self, at: float) -> bool:
+        """Sleep until ``at`` s after the start; False when the module is done."""
+        return not self.stopping.wait(max(0.0, self.started + at - time.monotonic()))
+
+    def outages(self) -> None:
+        if not self.wait_until(CUT_AT):
+            return
+        assert self.uplink.cut_all(hold=True) >= 2
+        self.leaf_link.stall_all()
+        if not self.wait_until(CUT_AT + CUT_FOR):
+            return
+        self.uplink.resume()
+        self.leaf_link.resume()
+        self.restored["uplink"] = time.monotonic()
+        self.restored_events["uplink"].set()
+        if not self.wait_until(LEAF_CUT_AT):
+            return
+        assert self.leaf_link.cut_all(hold=True) >= 1
+        if not self.wait_until(LEAF_CUT_AT + LEAF_CUT_FOR):
+            return
+        self.leaf_link.resume()
+        self.restored["leaf_link"] = time.monotonic()
+        self.restored_events["leaf_link"].set()
+
+    def in_outage(self, at: float) -> None:
+        """Wait until ``at`` s after the start (for what is typed during an outage)."""
+        self.wait_until(at)
+
+    def flowing_after(self, link: str) -> float:
+        """Seconds from ``link`` coming back to now (the caller just saw output)."""
+        return time.monotonic() - self.restored[link]
+
+    # --- the web UI ----------------------------------------------------------------
+
+    def web_session(self, user: str) -> str:
+        """Log in through the web UI's form (CSRF cookie and field, as a browser
+        does); the ``__Host-edge-session`` cookie's value."""
+        import http.client
+
+        host, port = self.root.runtime()["listen"]["web"].rsplit(":", 1)
+        tls = ssl.create_default_context(cafile=str(self.root.data_dir / "ca" / "tls_ca.crt"))
+        conn = http.client.HTTPSConnection(host, int(port), context=tls, timeout=30)
+        try:
+            conn.request("GET", "/web/login")
+            form = conn.getresponse()
+            form.read()
+            csrf = cookie_of(form, "__Host-edge-csrf")
+            body = urllib.parse.urlencode({"user": user, "password": PASSWORD, "csrf": csrf})
+            conn.request("POST", "/web/login", body=body, headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "cookie": f"__Host-edge-csrf={csrf}", "origin": f"https://{host}:{port}"})
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 303, answer.status
+            return cookie_of(answer, "__Host-edge-session")
+        finally:
+            conn.close()
+
+
+def cookie_of(response, name: str) -> str:
+    for header in response.headers.get_all("set-cookie") or []:
+        key, _, rest = header.partition("=")
+        if key.strip() == name:
+            return rest.partition(";")[0]
+    raise AssertionError(f"no {name} cookie in {response.headers}")
+
+
+def ssh(home: Path, host: str, command: str, timeout: float = 30.0,
+        login: str = "root") -> subprocess.CompletedProcess:
+    return subprocess.run(["ssh", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes",
+                           "-o", "ConnectTimeout=15", f"{login}@{host}", command],
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class TerminalSocket(WebSocketClient):
+    """The browser's side of a web terminal (edgeaccess.web.terminal): the
+    session cookie and the page's own Origin, JSON input, binary output."""
+
+    def __init__(self, world: World, cookie: str, target: str) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import Request
+
+        listen = world.root.runtime()["listen"]["web"]
+        host, port = listen.rsplit(":", 1)
+        tls = ssl.create_default_context(cafile=str(world.root.data_dir / "ca" / "tls_ca.crt"))
+        self.sock = tls.wrap_socket(socket.create_connection((host, int(port)), timeout=60),
+                                    server_hostname=host)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.events = []
+        self.sock.sendall(self.ws.send(Request(
+            host=listen, target=f"/web/ws/ssh/{target}",
+            extra_headers=[(b"cookie", f"__Host-edge-session={cookie}".encode()),
+                           (b"origin", f"https://{listen}".encode())])))
+        self._wait(lambda e: type(e).__name__ == "AcceptConnection")
+        self.output = ""
+        self.texts: list[dict] = []
+
+    def type(self, text: str) -> None:
+        self.send_text(json.dumps({"type": "input", "data": text}))
+
+    def expect(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """Read output until ``pattern`` (a regex) is in it; the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.output)
+            if found:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} in the terminal:\n{self.output[-2000:]}")
+            self.sock.settimeout(left)
+            message = self.receive()
+            if isinstance(message, bytes):
+                self.output += message.decode("utf-8", "replace")
+            else:
+                self.texts.append(json.loads(message))
+                if self.texts[-1].get("type") == "closed":
+                    raise AssertionError(f"the terminal closed: {self.texts[-1]}")
+
+    def until_exit(self, timeout: float = 30.0) -> dict:
+        self.sock.settimeout(timeout)
+        while not any(t.get("type") == "exit" for t in self.texts):
+            message = self.receive()
+            if isinstance(message, bytes):
+                self.output += message.decode("utf-8", "replace")
+            else:
+                self.texts.append(json.loads(message))
+        return next(t for t in self.texts if t.get("type") == "exit")
+
+
+# --- the scenarios (each returns what its test checks) -----------------------------
+
+LEAF_LINES = int(LEAF_DONE / 0.1)
+
+
+def leaf_ssh(world: World) -> dict:
+    started = time.monotonic()
+    result = run_edge(world.homes["una"], "ssh", "--cluster", "leaf", "root@leafnode",
+                      "echo sid-$EDGE_SESSION_ID-end; " + numbered("leaf", LEAF_LINES, 0.1),
+                      timeout=LEAF_DONE + 90)
+    return {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr,
+            "seconds": time.monotonic() - started}
+
+
+def web_terminal(world: World) -> dict:
+    cookie = world.web_session("una")
+    term = TerminalSocket(world, cookie, "root@tnode.root")
+    try:
+        term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+        term.type("echo sid-$EDGE_SESSION_ID-end\n")
+        session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
+        term.type("echo before-$((6*7))\n")
+        term.expect("before-42")
+        # A command whose output runs through the cut, then one typed during it.
+        loop_at = time.monotonic() - world.started
+        term.type(numbered("tick", int(ROOT_DONE / 0.1), 0.1) + "\n")
+        world.in_outage(CUT_AT + 2)
+        # Runs once the loop is done, after the cut.
+        term.type("echo during-$((6*8))\n")
+        world.restored_events["uplink"].wait(60)
+        # A tick the shell printed in the middle of the cut (later on a slow
+        # machine: the figure can only come out too high): the first output
+        # that could not cross before the link was back.
+        middle = max(1, int((CUT_AT + CUT_FOR / 2 - loop_at) / 0.1))
+        term.expect(rf"tick-{middle}\r?\n", timeout=60)
+        flowing = world.flowing_after("uplink")
+        term.expect(r"during-48\r?\n", timeout=60)
+        term.type("echo after-$((6*9))\n")
+        term.expect(r"after-54\r?\n")
+        term.type("exit 0\n")
+        status = term.until_exit()
+    finally:
+        term.sock.close()
+    return {"output": term.output, "exit": status, "session_id": session_id,
+            "restored_to_output": flowing}
+
+
+def kube_exec(world: World) -> dict:
+    """``kubectl exec -i``: one stdin line every 0.2 s, echoed back by the pod."""
+    count = int(ROOT_DONE / 0.2)
+    exec_ = subprocess.Popen(
+        [KUBECTL, "exec", "-i", "web-1", "--", "sh", "-c",
+         "while read l; do echo got-$l; done; exit 3"],
+        env=world.kube.env("bob"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, bufsize=1)
+    errors: list[str] = []
+    stderr_reader = threading.Thread(target=lambda: errors.append(exec_.stderr.read()),
+                                     daemon=True)
+    stderr_reader.start()
+    try:
+        for i in range(1, count + 1):
+            exec_.stdin.write(f"k{i}\n")
+            exec_.stdin.flush()
+            time.sleep(0.2)
+        exec_.stdin.close()
+        stdout = exec_.stdout.read()
+        exec_.wait(90)
+        stderr_reader.join(30)
+        stderr = "".join(errors)
+    finally:
+        if exec_.poll() is None:
+            exec_.kill()
+            exec_.wait()
+    return {"returncode": exec_.returncode, "stdout": stdout, "stderr": stderr,
+            "count": count}
+
+
+def app_websocket(world: World, config: dict) -> dict:
+    """The demo app's WebSocket echo: a numbered message every 0.25 s whether
+    or not the echoes come (those sent during the cut queue), and a 300 KiB
+    one 2 s into the cut; the echoes are read as they come."""
+    from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+    host = f"demo.{APPS_DOMAIN}"
+    port = world.root.runtime()["listen"]["web"].rsplit(":", 1)[1]
+    sock = tls_socket(world.root, host, config)
+    echoed: list = []
+    blob = os.urandom(300 * 1024)
+    sent = 0
+    try:
+        sock.settimeout(60)
+        client = WebSocketClient(sock, f"{host}:{port}")
+        ws = client.ws
+        partial: list[bytes] = []
+        end = world.started + ROOT_DONE
+        next_send = time.monotonic()
+        blob_at = world.started + CUT_AT + 2
+        deadline = end + 90
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= next_send and now < end:
+                sent += 1
+                sock.sendall(ws.send(TextMessage(data=f"m{sent}")))
+                next_send += 0.25
+            if blob_at is not None and now >= blob_at:
+                blob_at = None
+                sock.sendall(ws.send(BytesMessage(data=blob)))
+            if now >= end and len(echoed) == sent + 1:
+                break
+            if not sock.pending():
+                wait = max(0.0, min(next_send - now, 0.1)) if now < end else 0.5
+                if not select.select([sock], [], [], wait)[0]:
+                    continue
+            data = sock.recv(65536)
+            if not data:
+                break
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    echoed.append(event.data)
+                elif isinstance(event, BytesMessage):
+                    partial.append(bytes(event.data))
+                    if event.message_finished:
+                        echoed.append(b"".join(partial) == blob)
+                        partial = []
+                elif isinstance(event, Ping):
+                    sock.sendall(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    raise AssertionError(f"the app closed the WebSocket: {event}")
+    finally:
+        sock.close()
+    return {"echoed": echoed, "sent": sent}
+
+
+def app_download(world: World, config: dict) -> dict:
+    """24 MiB at ~1.2 MB/s: the download runs through the cut."""
+    out = world.base / "download.bin"
+    result = curl(config, f"/api/bytes/{DOWNLOAD}", "--limit-rate", "1200K", "-o", str(out),
+                  timeout=120)
+    expected = hashlib.sha256((PATTERN * (DOWNLOAD // len(PATTERN) + 1))[:DOWNLOAD])
+    got = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
+    return {"returncode": result.returncode, "stderr": result.stderr.decode(errors="replace"),
+            "size": out.stat().st_size if out.exists() else None,
+            "same": got == expected.hexdigest()}
+
+
+def tls_routed_ssh(world: World) -> dict:
+    count = int(ROOT_DONE / 0.1)
+    result = ssh(world.homes["una-tls"], "tnode.root", numbered("routed", count, 0.1),
+                 timeout=ROOT_DONE + 90)
+    return {"returncode": result.returncode, "stdout": result.stdout,
+            "stderr": result.stderr, "count": count}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    started = time.monotonic()
+    world = World(tmp_path_factory.mktemp("outage"))
+    try:
+        world.start()
+    except Exception as error:
+        logs = world.logs()
+        world.stop()
+        pytest.fail(f"the clusters did not come up: {error}\n{logs}")
+    report("root + leaf + 3 nodes + kube stand-in up", time.monotonic() - started)
+    yield world
+    world.stop()
+
+
+@pytest.fixture(scope="module")
+def configs(world):
+    """una's app certificates for the root's app and the leaf's (through the root)."""
+    home = world.homes["una"]
+    return {"demo": app_login(home, "demo"), "leafapp": app_login(home, "leafapp",
+                                                                   "--cluster", "leaf")}
+
+
+@pytest.fixture(scope="module")
+def outcomes(world, configs):
+    """Every scenario at once; tests pick their result."""
+    pool = ThreadPoolExecutor(8)
+    world.started = time.monotonic()
+    futures: dict[str, Future] = {
+        "outages": pool.submit(world.outages),
+        "leaf.ssh": pool.submit(leaf_ssh, world),
+        "terminal": pool.submit(web_terminal, world),
+        "kube.exec": pool.submit(kube_exec, world),
+        "app.websocket": pool.submit(app_websocket, world, configs["demo"]),
+        "app.download": pool.submit(app_download, world, configs["demo"]),
+        "tls-routing": pool.submit(tls_routed_ssh, world),
+    }
+    yield futures
+    world.stopping.set()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def outcome(outcomes, world: World, name: str) -> dict:
+    try:
+        return outcomes[name].result(timeout=LEAF_DONE + 150)
+    except Exception:
+        print(world.logs())
+        raise
+
+
+def lines_of(text: str, prefix: str) -> list[str]:
+    """The ``PREFIX-N`` lines of ``text`` (a terminal's escape sequences left out)."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+    return re.findall(rf"^({prefix}-\d+)$", text, re.MULTILINE)
+
+
+# --- the tests ------------------------------------------------------------------------
+
+def test_a_leaf_nodes_session_through_the_root_survives_a_stall_and_a_cut_of_the_leafs_tunnel(
+        outcomes, world):
+    result = outcome(outcomes, world, "leaf.ssh")
+    assert result["returncode"] == 0, result["stderr"]
+    assert lines_of(result["stdout"], "leaf") == expected_lines("leaf", LEAF_LINES)
+    assert result["seconds"] > LEAF_CUT_AT + LEAF_CUT_FOR  # it ran through both outages
+    outcome(outcomes, world, "outages")
+    report(f"leaf tunnel stalled {CUT_FOR:.0f} s then cut {LEAF_CUT_FOR:.0f} s: command "
+           "exited 0 with every line", result["seconds"])
+    assert "resumes its session" in world.root.log()
+    session_id = re.search(r"sid-([0-9a-f-]{36})-end", result["stdout"]).group(1)
+
+    def ended():
+        found = world.leaf.edgectl_json("audit", "search", "--session", session_id)
+        return found if "session.end" in [e["event"] for e in found] else None
+
+    events = wait_for(ended, 30, f"session.end of {session_id} in the leaf", interval=0.3)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("session.start") == 1 and kinds.count("session.end") == 1, kinds
+    end = next(e for e in events if e["event"] == "session.end")
+    assert end["user"] == "una" and end["reason"] == "exited" and end["exit_status"] == 0
+    # The root audits no part of the leaf's session (nor a second one).
+    assert world.root.edgectl_json("audit", "search", "--session", session_id) == []
+
+
+def test_after_the_outages_the_leafs_app_answers_through_the_root(outcomes, world, configs):
+    outcome(outcomes, world, "outages")
+
+    def leaf_online():
+        result = run_edge(world.homes["una"], "clusters", "--format", "json")
+        return result.returncode == 0 and {"name": "leaf", "status": "online"} in [
+            {"name": c["name"], "status": c["status"]} for c in json.loads(result.stdout)]
+
+    wait_for(leaf_online, 30, "the leaf online at the root again", interval=0.3)
+    result = curl(configs["leafapp"], "/api/bytes/100000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (PATTERN * 2)[:100000]
+
+
+def test_a_web_terminal_keeps_its_shell_across_a_cut(outcomes, world):
+    result = outcome(outcomes, world, "terminal")
+    output = result["output"]
+    assert result["exit"]["status"] == 0
+    assert lines_of(output, "tick") == expected_lines("tick", int(ROOT_DONE / 0.1))
+    positions = [output.index(m) for m in ("before-42", "during-48", "after-54")]
+    assert positions == sorted(positions)
+    report(f"cut {CUT_FOR:.0f} s: link restored -> web terminal output flowing",
+           result["restored_to_output"])
+    session_id = result["session_id"]
+
+    def ended():
+        found = world.root.edgectl_json("audit", "search", "--session", session_id)
+        return found if "session.end" in [e["event"] for e in found] else None
+
+    events = wait_for(ended, 30, f"session.end of {session_id}", interval=0.3)
+    assert [e["event"] for e in events] == ["session.start", "session.end"]
+    assert events[-1]["reason"] == "exited"
+
+
+def test_kubectl_exec_streams_stdin_and_output_across_a_cut(outcomes, world):
+    result = outcome(outcomes, world, "kube.exec")
+    assert result["returncode"] == 3, result["stderr"]
+    assert re.findall(r"^got-k\d+$", result["stdout"], re.MULTILINE) == \
+        expected_lines("got-k", result["count"], separator="")
+
+
+def test_an_app_websocket_echoes_every_message_in_order_across_a_cut(outcomes, world):
+    result = outcome(outcomes, world, "app.websocket")
+    texts = [m for m in result["echoed"] if isinstance(m, str)]
+    assert texts == [f"m{i}" for i in range(1, result["sent"] + 1)]
+    assert [m for m in result["echoed"] if not isinstance(m, str)] == [True]
+
+
+def test_a_large_app_download_across_a_cut_is_byte_exact(outcomes, world):
+    result = outcome(outcomes, world, "app.download")
+    assert result["returncode"] == 0, result["stderr"]
+    assert result["size"] == DOWNLOAD and result["same"]
+
+
+def test_a_tls_routed_ssh_command_survives_a_cut(outcomes, world):
+    result = outcome(outcomes, world, "tls-routing")
+    assert result["returncode"] == 0, result["stderr"]
+    assert lines_of(result["stdout"], "routed") == expected_lines("routed", result["count"])
