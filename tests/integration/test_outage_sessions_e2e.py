@@ -149,6 +149,14 @@ class World:
             list(pool.map(lambda args: root.login(args[0], "una", PASSWORD, pin=pin,
                                                   extra=args[1]),
                           [(self.homes["una"], ()), (self.homes["una-tls"], ("--tls-routing",))]))
+        # TLS routing shares the tunnel port, whose public address is the
+        # nodes' relay: this user reaches the port itself (only the nodes'
+        # uplink is cut, never the user's link).
+        config = self.homes["una-tls"] / "ssh_config"
+        routed = config.read_text()
+        assert f"--connect {self.uplink.addr} " in routed
+        config.write_text(routed.replace(f"--connect {self.uplink.addr} ",
+                                         f"--connect 127.0.0.1:{root.ports['tunnel']} "))
         wait_for(lambda: "leaf cluster leaf is online" in root.log(), 30,
                  "the leaf's tunnel to the root", root.process, interval=0.1)
         assert self.leaf_link.active() == 1
