@@ -66,6 +66,8 @@ _log = Logger()
 
 #: Longest wait before redialing while channels wait for a tunnel (seconds).
 QUICK_REDIAL = 1.0
+#: Why an agent's channels end when it stops (their sessions audit it).
+STOPPING = "the node is stopping"
 #: Largest control message an agent assembles from ControlUpdate pieces.
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
@@ -574,8 +576,16 @@ class TunnelAgent(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        stopping = self._machine.stop()
         resume = self.resume
+        tunnel = self._core.current
+        if resume is not None and tunnel is not None and tunnel._mux is not None:
+            # Stopping is no outage: the peer must not hold our channels for
+            # its budget either (a disabled trust cuts its sessions at once),
+            # so each is closed on the wire before the tunnel goes.
+            for channel in list(tunnel._mux.channels.values()):
+                channel.lost_reason = STOPPING
+                channel.abortConnection()
+        stopping = self._machine.stop()
         if resume is None:
             return stopping
 
@@ -583,7 +593,7 @@ class TunnelAgent(Service):
             # Stopping is no outage: the channels end now, not after the budget.
             mux = resume.mux
             if mux is not None and not mux._lost:
-                mux.expire("the node is stopping")
+                mux.expire(STOPPING)
             return result
 
         return stopping.addBoth(end_the_session)

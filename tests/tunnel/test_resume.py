@@ -506,6 +506,16 @@ def test_stopping_the_agent_ends_its_channels_at_once() -> None:
     assert "lost" in node.events
 
 
+def test_stopping_the_agent_ends_the_proxys_side_of_its_channels_at_once() -> None:
+    # Not held for the proxy's budget: a node stopping, a leaf's trust disabled.
+    world = World()
+    user, node = world.open()
+    world.agent.stopService()
+    world.settle()
+    assert "lost" in user.events
+    assert world.factory.sessions.detached_count() == 0
+
+
 def test_credit_for_what_was_taken_while_detached_is_granted_after_the_resume() -> None:
     world = World(window=16 * 1024)
     user, node = world.open()
