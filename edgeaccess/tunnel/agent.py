@@ -383,7 +383,11 @@ def _make_machine() -> Callable[[_AgentCore], _Agent]:
             delay = backoff_delay(s.failures, s.rng, s.base, s.cap)
             if s.quick_redial():
                 delay = min(delay, s.rng.uniform(0.1, QUICK_REDIAL))
-            s.failures += 1
+            else:
+                # Quick redials (bounded by the outage budget) do not grow the
+                # backoff: past the budget the agent still comes back within
+                # seconds of the link, and the proxy learns its channels ended.
+                s.failures += 1
             reason = cause.getErrorMessage() if isinstance(cause, Failure) else "tunnel lost"
             s.enter("waiting", attempt=s.failures, delay=f"{delay:.1f} s", after=reason)
         s.last_delay = delay

@@ -516,6 +516,27 @@ def test_stopping_the_agent_ends_the_proxys_side_of_its_channels_at_once() -> No
     assert world.factory.sessions.detached_count() == 0
 
 
+def test_past_the_budget_the_agent_comes_back_within_seconds_of_the_link() -> None:
+    # The quick redials of the outage do not grow the backoff: the agent is
+    # back soon after the link, and the proxy learns the channels ended.
+    world = World(budget=10.0)
+    user, node = world.open()
+    world.endpoint.refuse = True
+    world.cut()
+    while world.clock.seconds() < 12.0:  # every redial refused, past the budget
+        world.clock.advance(0.1)
+        world.settle()
+    assert node.transport.lost_reason == "tunnel outage exceeded 10s"
+    assert world.agent.state == "waiting"
+    world.endpoint.refuse = False  # the link is back 2 s after the budget
+    back_at = world.clock.seconds() + 4.0
+    while world.agent.state != "connected" and world.clock.seconds() < back_at:
+        world.clock.advance(0.1)
+        world.settle()
+    assert world.agent.state == "connected"
+    assert "lost" in user.events  # the new session told the proxy
+
+
 def test_credit_for_what_was_taken_while_detached_is_granted_after_the_resume() -> None:
     world = World(window=16 * 1024)
     user, node = world.open()
