@@ -25,7 +25,11 @@ fixture, and each test checks one:
 - ``kubectl exec -i`` through the tunnelled Kubernetes agent: stdin lines
   and their echoes stream across the cut, the exit code comes back;
 - an app's WebSocket echo and a rate-limited 24 MiB app download, byte-exact;
-- an SSH command through TLS routing (``ProxyCommand edge proxy ...``).
+- an SSH command through TLS routing (``ProxyCommand edge proxy ...``);
+- ``kubectl exec -it`` (a PTY): typed before, during and after the cut;
+- past a budget: a web terminal to a node whose ``--resume-budget`` is shorter
+  than the cut ends cleanly (the browser is told) and the node audits
+  ``session.end`` with ``tunnel outage exceeded 5s``.
 
 Measured (``-s`` or ``-rA``): link restored -> output flowing again.
 """
@@ -77,6 +81,8 @@ LEAF_CUT_AT, LEAF_CUT_FOR = 18.0, 10.0
 #: Every scenario runs past the outages it must survive.
 ROOT_DONE = CUT_AT + CUT_FOR + 4.0
 LEAF_DONE = LEAF_CUT_AT + LEAF_CUT_FOR + 4.0
+#: shortnode's --resume-budget: shorter than the cut.
+SHORT_BUDGET = 5.0
 DOWNLOAD = 24 * 1024 * 1024 + 17
 #: The demo app's /api/bytes pattern (edgeaccess.apps.demo).
 PATTERN = bytes(range(256)) * 256
@@ -127,16 +133,19 @@ class World:
                                 extra_args=["--app", f"name=demo,{app}"])
             leafnode = pool.submit(join_node, leaf, self.base, "leafnode", tunnel=True,
                                    extra_args=["--app", f"name=leafapp,{app}"])
+            # Its channels outlive an outage of SHORT_BUDGET only (the cut is longer).
+            shortnode = pool.submit(join_node, root, self.base, "shortnode", tunnel=True,
+                                    extra_args=["--resume-budget", f"{SHORT_BUDGET:g}s"])
             # The Kubernetes agent, its API stand-in and bob (role kube-editor).
             kube = pool.submit(start_world, self.base / "kube", proxy=root,
                                users={"bob": ("kube-editor",)})
-            for future in (tnode, leafnode, kube):
+            for future in (tnode, leafnode, kube, shortnode):
                 if future is kube:
                     self.kube = kube.result()
                     self.nodes.append(self.kube.node)
                 else:
                     self.nodes.append(future.result()[0])
-        assert self.uplink.active() >= 2  # both root nodes' tunnels run through it
+        assert self.uplink.active() >= 3  # every root node's tunnel runs through it
         root.add_user("una", PASSWORD, roles=("access",), logins=("root",))
         token = root.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
         trust = self.base / "trust.yaml"
@@ -164,7 +173,7 @@ class World:
         wait_for(lambda: "trusted root clusters: ['root']" in leafnode_process.log(), 30,
                  "the leaf node to learn the root's CA", leafnode_process.process,
                  interval=0.1)
-        for host in ("tnode.root", "leafnode.leaf"):
+        for host in ("tnode.root", "leafnode.leaf", "shortnode.root"):
             wait_for(lambda: ssh(self.homes["una"], host, "echo ok").stdout == "ok\n", 30,
                      f"ssh to {host}", interval=0.2)
         return self
@@ -192,7 +201,7 @@ class World:
     def outages(self) -> None:
         if not self.wait_until(CUT_AT):
             return
-        assert self.uplink.cut_all(hold=True) >= 2
+        assert self.uplink.cut_all(hold=True) >= 3
         self.leaf_link.stall_all()
         if not self.wait_until(CUT_AT + CUT_FOR):
             return
@@ -363,6 +372,56 @@ def web_terminal(world: World) -> dict:
             "restored_to_output": flowing}
 
 
+def terminal_past_the_budget(world: World) -> dict:
+    """A web terminal to shortnode, whose budget ends before the cut does."""
+    term = TerminalSocket(world, world.web_session("una"), "root@shortnode.root")
+    try:
+        term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+        term.type("echo sid-$EDGE_SESSION_ID-end\n")
+        session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
+        term.type("echo before-$((6*7))\n")
+        term.expect(r"before-42\r?\n")
+        term.sock.settimeout(60)
+        closed = None
+        try:
+            while closed is None:
+                message = term.receive()
+                if not isinstance(message, bytes):
+                    text = json.loads(message)
+                    closed = text if text.get("type") == "closed" else None
+        except ConnectionError:  # closed without saying why
+            pass
+        ended = time.monotonic() - world.started
+    finally:
+        term.sock.close()
+    return {"session_id": session_id, "closed": closed, "ended_at": ended}
+
+
+def kube_exec_tty(world: World) -> dict:
+    """``kubectl exec -it``: a shell in a PTY; typed before, during and after the cut."""
+    import pexpect
+
+    child = pexpect.spawn(KUBECTL, ["exec", "-it", "web-2", "--", "/bin/sh"],
+                          env=world.kube.env("bob"), dimensions=(24, 80), timeout=60,
+                          encoding="utf-8")
+    try:
+        child.expect_exact("$ ")
+        child.sendline("echo before-$((6*7))")
+        child.expect_exact("before-42")
+        world.in_outage(CUT_AT + 2)
+        child.sendline("echo during-$((6*8))")
+        world.restored_events["uplink"].wait(60)
+        child.expect_exact("during-48")
+        flowing = world.flowing_after("uplink")
+        child.sendline("echo after-$((6*9))")
+        child.expect_exact("after-54")
+        child.sendline("exit 0")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=False)
+    return {"exitstatus": child.exitstatus, "restored_to_output": flowing}
+
+
 def kube_exec(world: World) -> dict:
     """``kubectl exec -i``: one stdin line every 0.2 s, echoed back by the pod."""
     count = int(ROOT_DONE / 0.2)
@@ -496,13 +555,15 @@ def configs(world):
 @pytest.fixture(scope="module")
 def outcomes(world, configs):
     """Every scenario at once; tests pick their result."""
-    pool = ThreadPoolExecutor(8)
+    pool = ThreadPoolExecutor(10)
     world.started = time.monotonic()
     futures: dict[str, Future] = {
         "outages": pool.submit(world.outages),
         "leaf.ssh": pool.submit(leaf_ssh, world),
         "terminal": pool.submit(web_terminal, world),
         "kube.exec": pool.submit(kube_exec, world),
+        "kube.exec-tty": pool.submit(kube_exec_tty, world),
+        "terminal.past-budget": pool.submit(terminal_past_the_budget, world),
         "app.websocket": pool.submit(app_websocket, world, configs["demo"]),
         "app.download": pool.submit(app_download, world, configs["demo"]),
         "tls-routing": pool.submit(tls_routed_ssh, world),
@@ -592,6 +653,34 @@ def test_kubectl_exec_streams_stdin_and_output_across_a_cut(outcomes, world):
     assert result["returncode"] == 3, result["stderr"]
     assert re.findall(r"^got-k\d+$", result["stdout"], re.MULTILINE) == \
         expected_lines("got-k", result["count"], separator="")
+
+
+def test_kubectl_exec_in_a_pty_keeps_its_shell_across_a_cut(outcomes, world):
+    result = outcome(outcomes, world, "kube.exec-tty")
+    assert result["exitstatus"] == 0
+    report(f"cut {CUT_FOR:.0f} s: link restored -> kubectl exec -it output flowing",
+           result["restored_to_output"])
+
+
+def test_past_the_nodes_budget_a_web_terminal_ends_cleanly_with_an_audited_reason(
+        outcomes, world):
+    result = outcome(outcomes, world, "terminal.past-budget")
+    # Ended during the cut (the node gave up after its budget) or as its
+    # tunnel came back (the proxy learnt it then), never by the terminal's
+    # own timers; the browser is told it is closed.
+    assert CUT_AT + SHORT_BUDGET < result["ended_at"] < CUT_AT + CUT_FOR + 15
+    assert result["closed"] is not None and result["closed"]["reason"], result
+    report(f"budget {SHORT_BUDGET:g} s, cut {CUT_FOR:g} s: web terminal told "
+           f"{result['closed']['reason']!r} at", result["ended_at"] - CUT_AT)
+    session_id = result["session_id"]
+
+    def ended():
+        found = world.root.edgectl_json("audit", "search", "--session", session_id)
+        return found if "session.end" in [e["event"] for e in found] else None
+
+    events = wait_for(ended, 30, f"session.end of {session_id}", interval=0.3)
+    assert [e["event"] for e in events] == ["session.start", "session.end"]
+    assert events[-1]["reason"] == f"tunnel outage exceeded {SHORT_BUDGET:g}s"
 
 
 def test_an_app_websocket_echoes_every_message_in_order_across_a_cut(outcomes, world):
