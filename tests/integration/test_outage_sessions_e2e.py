@@ -27,6 +27,7 @@ fixture, and each test checks one:
 - an app's WebSocket echo and a rate-limited 24 MiB app download, byte-exact;
 - an SSH command through TLS routing (``ProxyCommand edge proxy ...``);
 - ``kubectl exec -it`` (a PTY): typed before, during and after the cut;
+  ``kubectl port-forward``: an 8 MiB stream through it, byte-exact;
 - past a budget: a web terminal to a node whose ``--resume-budget`` is shorter
   than the cut ends cleanly (the browser is told) and the node audits
   ``session.end`` with ``tunnel outage exceeded 5s``.
@@ -84,6 +85,7 @@ LEAF_DONE = LEAF_CUT_AT + LEAF_CUT_FOR + 4.0
 #: shortnode's --resume-budget: shorter than the cut.
 SHORT_BUDGET = 5.0
 DOWNLOAD = 24 * 1024 * 1024 + 17
+FORWARDED = 8 * 1024 * 1024 + 5
 #: The demo app's /api/bytes pattern (edgeaccess.apps.demo).
 PATTERN = bytes(range(256)) * 256
 
@@ -127,6 +129,7 @@ class World:
         for relay in (self.uplink, self.leaf_link):
             relay.target = ("127.0.0.1", root.ports["tunnel"])
         self.demo, demo_port = start_demo_app(root, self.base / "demo.log")
+        self.demo_port = demo_port
         app = f"uri=http://127.0.0.1:{demo_port},labels=team:web"
         with ThreadPoolExecutor(3) as pool:
             tnode = pool.submit(join_node, root, self.base, "tnode", tunnel=True,
@@ -422,6 +425,29 @@ def kube_exec_tty(world: World) -> dict:
     return {"exitstatus": child.exitstatus, "restored_to_output": flowing}
 
 
+def kube_port_forward(world: World) -> dict:
+    """``kubectl port-forward`` to the "pod"'s port (the stand-in forwards to
+    127.0.0.1: the demo app), and a rate-limited 8 MiB download through it."""
+    forward = subprocess.Popen([KUBECTL, "port-forward", "pod/web-1", f":{world.demo_port}"],
+                               env=world.kube.env("bob"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out = world.base / "forwarded.bin"
+    try:
+        line = forward.stdout.readline()
+        port = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert port, line
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "120", "--limit-rate", "600K", "-o", str(out),
+             f"http://127.0.0.1:{port.group(1)}/api/bytes/{FORWARDED}"],
+            capture_output=True, text=True, timeout=150)
+    finally:
+        forward.kill()
+        forward.wait()
+    data = out.read_bytes() if out.exists() else b""
+    return {"returncode": result.returncode, "stderr": result.stderr, "size": len(data),
+            "same": data == (PATTERN * (FORWARDED // len(PATTERN) + 1))[:FORWARDED]}
+
+
 def kube_exec(world: World) -> dict:
     """``kubectl exec -i``: one stdin line every 0.2 s, echoed back by the pod."""
     count = int(ROOT_DONE / 0.2)
@@ -555,7 +581,7 @@ def configs(world):
 @pytest.fixture(scope="module")
 def outcomes(world, configs):
     """Every scenario at once; tests pick their result."""
-    pool = ThreadPoolExecutor(10)
+    pool = ThreadPoolExecutor(11)
     world.started = time.monotonic()
     futures: dict[str, Future] = {
         "outages": pool.submit(world.outages),
@@ -563,6 +589,7 @@ def outcomes(world, configs):
         "terminal": pool.submit(web_terminal, world),
         "kube.exec": pool.submit(kube_exec, world),
         "kube.exec-tty": pool.submit(kube_exec_tty, world),
+        "kube.port-forward": pool.submit(kube_port_forward, world),
         "terminal.past-budget": pool.submit(terminal_past_the_budget, world),
         "app.websocket": pool.submit(app_websocket, world, configs["demo"]),
         "app.download": pool.submit(app_download, world, configs["demo"]),
@@ -660,6 +687,12 @@ def test_kubectl_exec_in_a_pty_keeps_its_shell_across_a_cut(outcomes, world):
     assert result["exitstatus"] == 0
     report(f"cut {CUT_FOR:.0f} s: link restored -> kubectl exec -it output flowing",
            result["restored_to_output"])
+
+
+def test_a_kubectl_port_forward_stream_across_a_cut_is_byte_exact(outcomes, world):
+    result = outcome(outcomes, world, "kube.port-forward")
+    assert result["returncode"] == 0, result["stderr"]
+    assert result["size"] == FORWARDED and result["same"]
 
 
 def test_past_the_nodes_budget_a_web_terminal_ends_cleanly_with_an_audited_reason(
