@@ -76,27 +76,22 @@ pytestmark = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl is 
 
 PASSWORD = "outage-sessions-pass-1"
 APPS_DOMAIN = "edge.localhost"
-#: (start, length, what) of each outage, seconds after the scenarios start.
-CUT_AT, CUT_FOR = 4.0, 10.0
-LEAF_CUT_AT, LEAF_CUT_FOR = 18.0, 10.0
-#: Every scenario runs past the outages it must survive.
-ROOT_DONE = CUT_AT + CUT_FOR + 4.0
-LEAF_DONE = LEAF_CUT_AT + LEAF_CUT_FOR + 4.0
+#: When each outage starts and how long it lasts, in seconds after every
+#: scenario's session is up (the ``go`` barrier).
+CUT_AT, CUT_FOR = 2.0, 10.0
+LEAF_CUT_AT, LEAF_CUT_FOR = 16.0, 10.0
+#: Each scenario goes on this long after its link is back, then stops.
+AFTER = 3.0
 #: shortnode's --resume-budget: shorter than the cut.
 SHORT_BUDGET = 5.0
 DOWNLOAD = 24 * 1024 * 1024 + 17
-FORWARDED = 8 * 1024 * 1024 + 5
+FORWARDED = 16 * 1024 * 1024 + 5
 #: The demo app's /api/bytes pattern (edgeaccess.apps.demo).
 PATTERN = bytes(range(256)) * 256
 
 
 def report(what: str, seconds: float) -> None:
     print(f"\nMEASURED {what}: {seconds:.2f} s", flush=True)
-
-
-def numbered(prefix: str, count: int, pause: float) -> str:
-    """A shell loop printing ``PREFIX-1`` .. ``PREFIX-count``, one every ``pause`` s."""
-    return f"for i in $(seq 1 {count}); do echo {prefix}-$i; sleep {pause}; done"
 
 
 def expected_lines(prefix: str, count: int, separator: str = "-") -> list[str]:
@@ -119,7 +114,11 @@ class World:
         #: When each link came back (monotonic), set by the outage driver.
         self.restored: dict[str, float] = {}
         self.restored_events = {"uplink": threading.Event(), "leaf_link": threading.Event()}
+        #: Set AFTER s past each restore: the scenarios of that link wrap up.
+        self.done = {"uplink": threading.Event(), "leaf_link": threading.Event()}
+        self.cut_started = threading.Event()
         self.stopping = threading.Event()
+        self.go: threading.Barrier | None = None
 
     def start(self) -> "World":
         root, leaf = self.root, self.leaf
@@ -197,33 +196,54 @@ class World:
 
     # --- the outages ---------------------------------------------------------------
 
+    def arrive(self) -> None:
+        """A scenario's session is up: wait for every other one (then the
+        outages start); the first call sets the time origin."""
+        self.go.wait()
+        if self.started is None:
+            self.started = time.monotonic()
+
+    def stop_file(self, link: str) -> Path:
+        """Created when the scenarios of ``link`` should stop (shell loops
+        on the nodes, which run on this machine, poll it)."""
+        return self.base / f"done-{link}"
+
     def wait_until(self, at: float) -> bool:
         """Sleep until ``at`` s after the start; False when the module is done."""
         return not self.stopping.wait(max(0.0, self.started + at - time.monotonic()))
 
+    def _restored(self, link: str) -> None:
+        self.restored[link] = time.monotonic()
+        self.restored_events[link].set()
+
+    def _done(self, link: str) -> None:
+        self.stop_file(link).touch()
+        self.done[link].set()
+
     def outages(self) -> None:
+        self.arrive()
         if not self.wait_until(CUT_AT):
             return
         assert self.uplink.cut_all(hold=True) >= 3
         self.leaf_link.stall_all()
+        self.cut_started.set()
         if not self.wait_until(CUT_AT + CUT_FOR):
             return
         self.uplink.resume()
         self.leaf_link.resume()
-        self.restored["uplink"] = time.monotonic()
-        self.restored_events["uplink"].set()
+        self._restored("uplink")
+        if not self.wait_until(CUT_AT + CUT_FOR + AFTER):
+            return
+        self._done("uplink")
         if not self.wait_until(LEAF_CUT_AT):
             return
         assert self.leaf_link.cut_all(hold=True) >= 1
         if not self.wait_until(LEAF_CUT_AT + LEAF_CUT_FOR):
             return
         self.leaf_link.resume()
-        self.restored["leaf_link"] = time.monotonic()
-        self.restored_events["leaf_link"].set()
-
-    def in_outage(self, at: float) -> None:
-        """Wait until ``at`` s after the start (for what is typed during an outage)."""
-        self.wait_until(at)
+        self._restored("leaf_link")
+        if self.wait_until(LEAF_CUT_AT + LEAF_CUT_FOR + AFTER):
+            self._done("leaf_link")
 
     def flowing_after(self, link: str) -> float:
         """Seconds from ``link`` coming back to now (the caller just saw output)."""
@@ -317,6 +337,15 @@ class TerminalSocket(WebSocketClient):
                 if self.texts[-1].get("type") == "closed":
                     raise AssertionError(f"the terminal closed: {self.texts[-1]}")
 
+    def read_one(self, timeout: float = 60.0) -> None:
+        """Wait for the next message and take it in."""
+        self.sock.settimeout(timeout)
+        message = self.receive()
+        if isinstance(message, bytes):
+            self.output += message.decode("utf-8", "replace")
+        else:
+            self.texts.append(json.loads(message))
+
     def until_exit(self, timeout: float = 30.0) -> dict:
         self.sock.settimeout(timeout)
         while not any(t.get("type") == "exit" for t in self.texts):
@@ -329,41 +358,94 @@ class TerminalSocket(WebSocketClient):
 
 
 # --- the scenarios (each returns what its test checks) -----------------------------
+#
+# Each opens its session, calls world.arrive() (every session up: the outages
+# start), runs through its link's outage and stops once world.done[link] is set.
 
-LEAF_LINES = int(LEAF_DONE / 0.1)
+def until_done(world: World, link: str, prefix: str) -> str:
+    """A shell loop printing ``PREFIX-1``, ``PREFIX-2``, ... every 0.1 s until
+    the link's stop file appears, then ``PREFIX-end-N``."""
+    stop = world.stop_file(link)
+    return (f"i=0; while [ ! -e {stop} ]; do i=$((i+1)); echo {prefix}-$i; sleep 0.1; done; "
+            f"echo {prefix}-end-$i")
+
+
+def whole_lines(text: str, prefix: str) -> tuple[list[str], list[str]]:
+    """(the ``PREFIX-N`` lines of ``text``, the ones a whole stream ends with)."""
+    got = lines_of(text, prefix)
+    last = re.findall(rf"^{prefix}-end-(\d+)$", strip_terminal(text), re.MULTILINE)
+    count = int(last[-1]) if last else -1
+    return got, expected_lines(prefix, count)
+
+
+def streamed_command(world: World, argv: list[str], env: dict | None = None) -> dict:
+    """Run ``argv`` (an ssh through some route, whose command is
+    :func:`until_done`), arrive once its first line is out, read the rest."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env=None if env is None else {**os.environ, **env})
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.append(process.stderr.read()),
+                              daemon=True)
+    reader.start()
+    try:
+        first = process.stdout.readline()
+        world.arrive()
+        rest = process.stdout.read()
+        process.wait(60)
+        reader.join(30)
+    except BaseException:
+        world.go.abort()
+        raise
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return {"returncode": process.returncode, "stdout": first + rest,
+            "stderr": "".join(errors)}
 
 
 def leaf_ssh(world: World) -> dict:
-    started = time.monotonic()
-    result = run_edge(world.homes["una"], "ssh", "--cluster", "leaf", "root@leafnode",
-                      "echo sid-$EDGE_SESSION_ID-end; " + numbered("leaf", LEAF_LINES, 0.1),
-                      timeout=LEAF_DONE + 90)
-    return {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr,
-            "seconds": time.monotonic() - started}
+    command = "echo sid-$EDGE_SESSION_ID-end; " + until_done(world, "leaf_link", "leaf")
+    return streamed_command(world, [sys.executable, "-m", "edgeaccess.client.main", "ssh",
+                                    "--cluster", "leaf", "root@leafnode", command],
+                            env={"EDGE_HOME": str(world.homes["una"])})
+
+
+def tls_routed_ssh(world: World) -> dict:
+    home = world.homes["una-tls"]
+    argv = ["ssh", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes", "-o",
+            "ConnectTimeout=15", "root@tnode.root", until_done(world, "uplink", "routed")]
+    return streamed_command(world, argv)
 
 
 def web_terminal(world: World) -> dict:
-    cookie = world.web_session("una")
-    term = TerminalSocket(world, cookie, "root@tnode.root")
+    term = TerminalSocket(world, world.web_session("una"), "root@tnode.root")
     try:
-        term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
-        term.type("echo sid-$EDGE_SESSION_ID-end\n")
-        session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
-        term.type("echo before-$((6*7))\n")
-        term.expect("before-42")
-        # A command whose output runs through the cut, then one typed during it.
-        loop_at = time.monotonic() - world.started
-        term.type(numbered("tick", int(ROOT_DONE / 0.1), 0.1) + "\n")
-        world.in_outage(CUT_AT + 2)
-        # Runs once the loop is done, after the cut.
+        try:
+            term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+            term.type("echo sid-$EDGE_SESSION_ID-end\n")
+            session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
+            term.type("echo before-$((6*7))\n")
+            term.expect(r"before-42\r?\n")
+        except BaseException:
+            world.go.abort()
+            raise
+        world.arrive()
+        # Output running through the cut, read as it comes.
+        term.type(until_done(world, "uplink", "tick") + "\n")
+        term.expect(r"tick-1\r?\n")
+        while not world.cut_started.is_set():
+            term.read_one()
+        # Typed during the cut (it runs once the loop is done).
+        time.sleep(1.0)
         term.type("echo during-$((6*8))\n")
-        world.restored_events["uplink"].wait(60)
-        # A tick the shell printed in the middle of the cut (later on a slow
-        # machine: the figure can only come out too high): the first output
-        # that could not cross before the link was back.
-        middle = max(1, int((CUT_AT + CUT_FOR / 2 - loop_at) / 0.1))
-        term.expect(rf"tick-{middle}\r?\n", timeout=60)
+        while True:  # what was on its way when the link went; then nothing until it is back
+            term.read_one()
+            if world.restored_events["uplink"].is_set():
+                break
         flowing = world.flowing_after("uplink")
+        term.expect(r"tick-end-\d+", timeout=60)
         term.expect(r"during-48\r?\n", timeout=60)
         term.type("echo after-$((6*9))\n")
         term.expect(r"after-54\r?\n")
@@ -379,11 +461,16 @@ def terminal_past_the_budget(world: World) -> dict:
     """A web terminal to shortnode, whose budget ends before the cut does."""
     term = TerminalSocket(world, world.web_session("una"), "root@shortnode.root")
     try:
-        term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
-        term.type("echo sid-$EDGE_SESSION_ID-end\n")
-        session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
-        term.type("echo before-$((6*7))\n")
-        term.expect(r"before-42\r?\n")
+        try:
+            term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+            term.type("echo sid-$EDGE_SESSION_ID-end\n")
+            session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
+            term.type("echo before-$((6*7))\n")
+            term.expect(r"before-42\r?\n")
+        except BaseException:
+            world.go.abort()
+            raise
+        world.arrive()
         term.sock.settimeout(60)
         closed = None
         try:
@@ -408,10 +495,16 @@ def kube_exec_tty(world: World) -> dict:
                           env=world.kube.env("bob"), dimensions=(24, 80), timeout=60,
                           encoding="utf-8")
     try:
-        child.expect_exact("$ ")
-        child.sendline("echo before-$((6*7))")
-        child.expect_exact("before-42")
-        world.in_outage(CUT_AT + 2)
+        try:
+            child.expect_exact("$ ")
+            child.sendline("echo before-$((6*7))")
+            child.expect_exact("before-42")
+        except BaseException:
+            world.go.abort()
+            raise
+        world.arrive()
+        world.cut_started.wait(60)
+        time.sleep(1.0)
         child.sendline("echo during-$((6*8))")
         world.restored_events["uplink"].wait(60)
         child.expect_exact("during-48")
@@ -425,32 +518,8 @@ def kube_exec_tty(world: World) -> dict:
     return {"exitstatus": child.exitstatus, "restored_to_output": flowing}
 
 
-def kube_port_forward(world: World) -> dict:
-    """``kubectl port-forward`` to the "pod"'s port (the stand-in forwards to
-    127.0.0.1: the demo app), and a rate-limited 8 MiB download through it."""
-    forward = subprocess.Popen([KUBECTL, "port-forward", "pod/web-1", f":{world.demo_port}"],
-                               env=world.kube.env("bob"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    out = world.base / "forwarded.bin"
-    try:
-        line = forward.stdout.readline()
-        port = re.search(r"127\.0\.0\.1:(\d+)", line)
-        assert port, line
-        result = subprocess.run(
-            ["curl", "-sS", "--max-time", "120", "--limit-rate", "600K", "-o", str(out),
-             f"http://127.0.0.1:{port.group(1)}/api/bytes/{FORWARDED}"],
-            capture_output=True, text=True, timeout=150)
-    finally:
-        forward.kill()
-        forward.wait()
-    data = out.read_bytes() if out.exists() else b""
-    return {"returncode": result.returncode, "stderr": result.stderr, "size": len(data),
-            "same": data == (PATTERN * (FORWARDED // len(PATTERN) + 1))[:FORWARDED]}
-
-
 def kube_exec(world: World) -> dict:
     """``kubectl exec -i``: one stdin line every 0.2 s, echoed back by the pod."""
-    count = int(ROOT_DONE / 0.2)
     exec_ = subprocess.Popen(
         [KUBECTL, "exec", "-i", "web-1", "--", "sh", "-c",
          "while read l; do echo got-$l; done; exit 3"],
@@ -460,58 +529,144 @@ def kube_exec(world: World) -> dict:
     stderr_reader = threading.Thread(target=lambda: errors.append(exec_.stderr.read()),
                                      daemon=True)
     stderr_reader.start()
+    count = 1
     try:
-        for i in range(1, count + 1):
-            exec_.stdin.write(f"k{i}\n")
+        try:
+            exec_.stdin.write("k1\n")
             exec_.stdin.flush()
-            time.sleep(0.2)
+            first = exec_.stdout.readline()
+        except BaseException:
+            world.go.abort()
+            raise
+        world.arrive()
+        while not world.done["uplink"].wait(0.2):
+            count += 1
+            exec_.stdin.write(f"k{count}\n")
+            exec_.stdin.flush()
         exec_.stdin.close()
-        stdout = exec_.stdout.read()
+        stdout = first + exec_.stdout.read()
         exec_.wait(90)
         stderr_reader.join(30)
-        stderr = "".join(errors)
     finally:
         if exec_.poll() is None:
             exec_.kill()
             exec_.wait()
-    return {"returncode": exec_.returncode, "stdout": stdout, "stderr": stderr,
+    return {"returncode": exec_.returncode, "stdout": stdout, "stderr": "".join(errors),
             "count": count}
+
+
+def paced_download(world: World, sock, host: str, path: str, link: str = "uplink") -> dict:
+    """GET ``path`` over ``sock``: the first piece before arriving, then 64 KiB
+    every 0.05 s (~1.3 MB/s: the transfer runs through the cut) until the
+    link's scenarios are done, then the rest at once. The body, whole."""
+    sock.settimeout(60)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                 .encode())
+    received = bytearray()
+    while b"\r\n\r\n" not in received:
+        piece = sock.recv(65536)
+        if not piece:
+            raise AssertionError(f"no answer to GET {path}: {bytes(received)[:300]!r}")
+        received += piece
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    body = bytearray(body)
+    world.arrive()
+    while len(body) < length:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        body += piece
+        if not world.done[link].is_set():
+            time.sleep(0.05)
+    return {"status": head.split(b"\r\n", 1)[0].decode(), "size": len(body),
+            "length": length, "same": bytes(body) == pattern_bytes(length)}
+
+
+def pattern_bytes(size: int) -> bytes:
+    """What the demo app's ``/api/bytes/SIZE`` sends."""
+    return (PATTERN * (size // len(PATTERN) + 1))[:size]
+
+
+def app_download(world: World, config: dict) -> dict:
+    host = f"demo.{APPS_DOMAIN}"
+    port = world.root.runtime()["listen"]["web"].rsplit(":", 1)[1]
+    try:
+        sock = tls_socket(world.root, host, config)
+    except BaseException:
+        world.go.abort()
+        raise
+    try:
+        return paced_download(world, sock, f"{host}:{port}", f"/api/bytes/{DOWNLOAD}")
+    finally:
+        sock.close()
+
+
+def kube_port_forward(world: World) -> dict:
+    """``kubectl port-forward`` to the "pod"'s port (the stand-in forwards to
+    127.0.0.1: the demo app), and a paced download through it."""
+    forward = subprocess.Popen([KUBECTL, "port-forward", "pod/web-1", f":{world.demo_port}"],
+                               env=world.kube.env("bob"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            line = forward.stdout.readline()
+            port = re.search(r"127\.0\.0\.1:(\d+)", line)
+            assert port, line
+            sock = socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=60)
+        except BaseException:
+            world.go.abort()
+            raise
+        try:
+            return paced_download(world, sock, "127.0.0.1", f"/api/bytes/{FORWARDED}")
+        finally:
+            sock.close()
+    finally:
+        forward.kill()
+        forward.wait()
 
 
 def app_websocket(world: World, config: dict) -> dict:
     """The demo app's WebSocket echo: a numbered message every 0.25 s whether
     or not the echoes come (those sent during the cut queue), and a 300 KiB
-    one 2 s into the cut; the echoes are read as they come."""
+    one during the cut; the echoes are read as they come."""
     from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
     host = f"demo.{APPS_DOMAIN}"
     port = world.root.runtime()["listen"]["web"].rsplit(":", 1)[1]
-    sock = tls_socket(world.root, host, config)
     echoed: list = []
     blob = os.urandom(300 * 1024)
     sent = 0
     try:
+        sock = tls_socket(world.root, host, config)
         sock.settimeout(60)
         client = WebSocketClient(sock, f"{host}:{port}")
+        client.send_text("m0")
+        assert client.receive() == "m0"
+    except BaseException:
+        world.go.abort()
+        raise
+    try:
+        world.arrive()
         ws = client.ws
         partial: list[bytes] = []
-        end = world.started + ROOT_DONE
         next_send = time.monotonic()
-        blob_at = world.started + CUT_AT + 2
-        deadline = end + 90
+        blob_pending = True
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if now >= next_send and now < end:
+            done = world.done["uplink"].is_set()
+            if now >= next_send and not done:
                 sent += 1
                 sock.sendall(ws.send(TextMessage(data=f"m{sent}")))
                 next_send += 0.25
-            if blob_at is not None and now >= blob_at:
-                blob_at = None
+            if blob_pending and world.cut_started.is_set():
+                blob_pending = False
                 sock.sendall(ws.send(BytesMessage(data=blob)))
-            if now >= end and len(echoed) == sent + 1:
+            if done and len(echoed) == sent + (0 if blob_pending else 1):
                 break
             if not sock.pending():
-                wait = max(0.0, min(next_send - now, 0.1)) if now < end else 0.5
+                wait = max(0.0, min(next_send - now, 0.1)) if not done else 0.5
                 if not select.select([sock], [], [], wait)[0]:
                     continue
             data = sock.recv(65536)
@@ -533,26 +688,6 @@ def app_websocket(world: World, config: dict) -> dict:
     finally:
         sock.close()
     return {"echoed": echoed, "sent": sent}
-
-
-def app_download(world: World, config: dict) -> dict:
-    """24 MiB at ~1.2 MB/s: the download runs through the cut."""
-    out = world.base / "download.bin"
-    result = curl(config, f"/api/bytes/{DOWNLOAD}", "--limit-rate", "1200K", "-o", str(out),
-                  timeout=120)
-    expected = hashlib.sha256((PATTERN * (DOWNLOAD // len(PATTERN) + 1))[:DOWNLOAD])
-    got = hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None
-    return {"returncode": result.returncode, "stderr": result.stderr.decode(errors="replace"),
-            "size": out.stat().st_size if out.exists() else None,
-            "same": got == expected.hexdigest()}
-
-
-def tls_routed_ssh(world: World) -> dict:
-    count = int(ROOT_DONE / 0.1)
-    result = ssh(world.homes["una-tls"], "tnode.root", numbered("routed", count, 0.1),
-                 timeout=ROOT_DONE + 90)
-    return {"returncode": result.returncode, "stdout": result.stdout,
-            "stderr": result.stderr, "count": count}
 
 
 @pytest.fixture(scope="module")
@@ -578,40 +713,54 @@ def configs(world):
                                                                    "--cluster", "leaf")}
 
 
+SCENARIOS = {
+    "leaf.ssh": leaf_ssh,
+    "terminal": web_terminal,
+    "terminal.past-budget": terminal_past_the_budget,
+    "kube.exec": kube_exec,
+    "kube.exec-tty": kube_exec_tty,
+    "kube.port-forward": kube_port_forward,
+    "app.websocket": lambda world, configs: app_websocket(world, configs["demo"]),
+    "app.download": lambda world, configs: app_download(world, configs["demo"]),
+    "tls-routing": tls_routed_ssh,
+}
+
+
 @pytest.fixture(scope="module")
 def outcomes(world, configs):
     """Every scenario at once; tests pick their result."""
-    pool = ThreadPoolExecutor(11)
-    world.started = time.monotonic()
-    futures: dict[str, Future] = {
-        "outages": pool.submit(world.outages),
-        "leaf.ssh": pool.submit(leaf_ssh, world),
-        "terminal": pool.submit(web_terminal, world),
-        "kube.exec": pool.submit(kube_exec, world),
-        "kube.exec-tty": pool.submit(kube_exec_tty, world),
-        "kube.port-forward": pool.submit(kube_port_forward, world),
-        "terminal.past-budget": pool.submit(terminal_past_the_budget, world),
-        "app.websocket": pool.submit(app_websocket, world, configs["demo"]),
-        "app.download": pool.submit(app_download, world, configs["demo"]),
-        "tls-routing": pool.submit(tls_routed_ssh, world),
-    }
+    # Every scenario and the outage driver meet at the barrier.
+    world.go = threading.Barrier(len(SCENARIOS) + 1, timeout=120)
+    pool = ThreadPoolExecutor(len(SCENARIOS) + 1)
+    futures: dict[str, Future] = {"outages": pool.submit(world.outages)}
+    for name, scenario in SCENARIOS.items():
+        takes_configs = name.startswith("app.")
+        futures[name] = pool.submit(scenario, world, configs) if takes_configs \
+            else pool.submit(scenario, world)
     yield futures
     world.stopping.set()
+    world.go.abort()
+    for link in world.done:
+        world.stop_file(link).touch()  # no shell loop outlives the module
     pool.shutdown(wait=True, cancel_futures=True)
 
 
 def outcome(outcomes, world: World, name: str) -> dict:
     try:
-        return outcomes[name].result(timeout=LEAF_DONE + 150)
+        return outcomes[name].result(timeout=300)
     except Exception:
         print(world.logs())
         raise
 
 
+def strip_terminal(text: str) -> str:
+    """``text`` without a terminal's escape sequences and carriage returns."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
 def lines_of(text: str, prefix: str) -> list[str]:
     """The ``PREFIX-N`` lines of ``text`` (a terminal's escape sequences left out)."""
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
-    return re.findall(rf"^({prefix}-\d+)$", text, re.MULTILINE)
+    return re.findall(rf"^({prefix}-\d+)$", strip_terminal(text), re.MULTILINE)
 
 
 # --- the tests ------------------------------------------------------------------------
@@ -620,11 +769,9 @@ def test_a_leaf_nodes_session_through_the_root_survives_a_stall_and_a_cut_of_the
         outcomes, world):
     result = outcome(outcomes, world, "leaf.ssh")
     assert result["returncode"] == 0, result["stderr"]
-    assert lines_of(result["stdout"], "leaf") == expected_lines("leaf", LEAF_LINES)
-    assert result["seconds"] > LEAF_CUT_AT + LEAF_CUT_FOR  # it ran through both outages
-    outcome(outcomes, world, "outages")
-    report(f"leaf tunnel stalled {CUT_FOR:.0f} s then cut {LEAF_CUT_FOR:.0f} s: command "
-           "exited 0 with every line", result["seconds"])
+    got, whole = whole_lines(result["stdout"], "leaf")
+    assert got == whole and len(whole) > 50
+    outcome(outcomes, world, "outages")  # both outages happened while it ran
     assert "resumes its session" in world.root.log()
     session_id = re.search(r"sid-([0-9a-f-]{36})-end", result["stdout"]).group(1)
 
@@ -659,7 +806,8 @@ def test_a_web_terminal_keeps_its_shell_across_a_cut(outcomes, world):
     result = outcome(outcomes, world, "terminal")
     output = result["output"]
     assert result["exit"]["status"] == 0
-    assert lines_of(output, "tick") == expected_lines("tick", int(ROOT_DONE / 0.1))
+    got, whole = whole_lines(output, "tick")
+    assert got == whole and len(whole) > 50
     positions = [output.index(m) for m in ("before-42", "during-48", "after-54")]
     assert positions == sorted(positions)
     report(f"cut {CUT_FOR:.0f} s: link restored -> web terminal output flowing",
@@ -691,8 +839,8 @@ def test_kubectl_exec_in_a_pty_keeps_its_shell_across_a_cut(outcomes, world):
 
 def test_a_kubectl_port_forward_stream_across_a_cut_is_byte_exact(outcomes, world):
     result = outcome(outcomes, world, "kube.port-forward")
-    assert result["returncode"] == 0, result["stderr"]
-    assert result["size"] == FORWARDED and result["same"]
+    assert result["status"] == "HTTP/1.1 200 OK"
+    assert result["size"] == result["length"] == FORWARDED and result["same"]
 
 
 def test_past_the_nodes_budget_a_web_terminal_ends_cleanly_with_an_audited_reason(
@@ -725,11 +873,12 @@ def test_an_app_websocket_echoes_every_message_in_order_across_a_cut(outcomes, w
 
 def test_a_large_app_download_across_a_cut_is_byte_exact(outcomes, world):
     result = outcome(outcomes, world, "app.download")
-    assert result["returncode"] == 0, result["stderr"]
-    assert result["size"] == DOWNLOAD and result["same"]
+    assert result["status"] == "HTTP/1.1 200 OK"
+    assert result["size"] == result["length"] == DOWNLOAD and result["same"]
 
 
 def test_a_tls_routed_ssh_command_survives_a_cut(outcomes, world):
     result = outcome(outcomes, world, "tls-routing")
     assert result["returncode"] == 0, result["stderr"]
-    assert lines_of(result["stdout"], "routed") == expected_lines("routed", result["count"])
+    got, whole = whole_lines(result["stdout"], "routed")
+    assert got == whole and len(whole) > 50
