@@ -4,32 +4,38 @@ relays that cut and black-hole the tunnels.
 One world: a root cluster whose nodes' tunnels reach it only through the
 relay ``uplink`` (``--tunnel-public-addr``): a node with SSH and the demo app,
 a Kubernetes agent in front of the API stand-in (tests/kube_standin.py; no
-kube-apiserver can be installed here); and a leaf cluster trusting the root
-whose tunnel to the root goes through the relay ``leaf_link`` (the trust's
-``tunnel_addr``), with a tunnelled leaf node of its own (its tunnel to the
-leaf is not touched). The users' connections to the proxies are never
-touched.
+kube-apiserver can be installed here), a node with a short
+``--resume-budget``; and a leaf cluster trusting the root whose tunnel to the
+root goes through the relay ``leaf_link`` (the trust's ``tunnel_addr``), with
+a tunnelled leaf node of its own (its tunnel to the leaf is not touched). The
+users' connections to the proxies are never touched.
 
-The outages (:data:`PHASES`): first the uplink is cut (every connection
-reset, new ones refused) while the leaf's link is stalled (nothing
-forwarded, nothing closed), then the leaf's link is cut. Every scenario
-only waits, so they all run at once in threads started by the module
-fixture, and each test checks one:
+Every scenario runs in its own thread: it opens its session, then meets the
+others at a barrier; from there the outage driver cuts the uplink (every
+connection reset, new ones refused) while the leaf's link is stalled
+(nothing forwarded, nothing closed), then cuts the leaf's link
+(:data:`CUT_AT` ...). Shell loops on the nodes run until a stop file
+appears and downloads are paced by their reader until their link's outages
+are over, so no timing of the machine decides what crosses an outage. Each
+test checks one scenario:
 
 - a root user's ``edge ssh --cluster leaf`` command to the leaf node across
   the stall and the cut of the leaf's tunnel: output whole and in order,
   exit 0, one audited session in the leaf and none split in the root; after
   the outages the leaf's app answers through the root again;
 - a web terminal (the browser's WebSocket protocol, spoken by Python) to a
-  tunnelled node across the cut: typed before, during and after, in order;
+  tunnelled node across the cut: output in order, typed before, during and
+  after arrives;
 - ``kubectl exec -i`` through the tunnelled Kubernetes agent: stdin lines
   and their echoes stream across the cut, the exit code comes back;
-- an app's WebSocket echo and a rate-limited 24 MiB app download, byte-exact;
-- an SSH command through TLS routing (``ProxyCommand edge proxy ...``);
-- ``kubectl exec -it`` (a PTY): typed before, during and after the cut;
-  ``kubectl port-forward``: an 8 MiB stream through it, byte-exact;
-- past a budget: a web terminal to a node whose ``--resume-budget`` is shorter
-  than the cut ends cleanly (the browser is told) and the node audits
+  ``kubectl exec -it`` (a PTY): typed before, during and after the cut;
+  ``kubectl port-forward``: a 16 MiB stream through it, byte-exact;
+- an app's WebSocket echo (messages and a 300 KiB one sent during the cut)
+  and a 24 MiB app download, byte-exact;
+- an SSH command through TLS routing (``ProxyCommand``; the user reaches the
+  tunnel port directly);
+- past a budget: a web terminal to the node whose ``--resume-budget`` is
+  shorter than the cut ends cleanly (the browser is told) and the node audits
   ``session.end`` with ``tunnel outage exceeded 5s``.
 
 Measured (``-s`` or ``-rA``): link restored -> output flowing again.
