@@ -392,9 +392,15 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
 class _Aggregator:
     """Twisted's ``_AggregateSmallWrites`` without its copies: gathers small
     writes until the read being delivered ends (see :class:`_ReadScope`) or
-    the next reactor turn, encrypts large ones at once."""
+    the next reactor turn, encrypts large ones at once.
 
-    __slots__ = ("_write", "_clock", "_buffer", "_size", "_scheduled")
+    With ``per_turn`` (a transport many connections write to: a tunnel, see
+    :func:`gather_for_the_turn`) only writes made during its own read leave
+    when that read ends; what other connections' reads write waits for the
+    end of the reactor turn, so the requests of one turn share one record
+    and one ``send()``."""
+
+    __slots__ = ("_write", "_clock", "_buffer", "_size", "_scheduled", "per_turn")
 
     def __init__(self, write: Any, clock: IReactorTime) -> None:
         self._write = write
@@ -402,6 +408,7 @@ class _Aggregator:
         self._buffer: list[bytes] = []
         self._size = 0
         self._scheduled: Any = None
+        self.per_turn = False
 
     def flush_previous(self, previous: Any) -> None:
         """Take over what Twisted's aggregator still holds (order kept)."""
@@ -416,7 +423,7 @@ class _Aggregator:
         self._size += len(data)
         if self._size >= FLUSH_AT:
             self.flush()
-        elif _reading.active:
+        elif _reading.active and (not self.per_turn or _reading.reader is self):
             # Written while a fast transport delivers a read: flushed when
             # that delivery ends, with whatever else it writes (no timer).
             _reading.pending.add(self)
@@ -444,17 +451,21 @@ class _Aggregator:
 
 
 class _ReadScope:
-    """Whether a fast transport is delivering a read, and the aggregators
-    that gathered small writes meanwhile: one reactor thread, so one scope."""
+    """Whether a fast transport is delivering a read (``reader``: the
+    aggregator of the outermost one), and the aggregators that gathered small
+    writes meanwhile: one reactor thread, so one scope."""
 
-    __slots__ = ("active", "pending")
+    __slots__ = ("active", "pending", "reader")
 
     def __init__(self) -> None:
         self.active = 0
         self.pending: set[_Aggregator] = set()
+        self.reader: _Aggregator | None = None
 
     def end(self) -> None:
         self.active -= 1
+        if not self.active:
+            self.reader = None
         while not self.active and self.pending:
             pending, self.pending = self.pending, set()
             for aggregator in pending:
@@ -550,6 +561,8 @@ def _deliver(tls: Any, view: memoryview, filled: int) -> None:
     # A copy, made before the protocol runs: the buffer is shared.
     if tls._aborted:
         return
+    if not _reading.active:
+        _reading.reader = tls._aggregator
     _reading.active += 1
     try:
         ProtocolWrapper.dataReceived(tls, bytes(view[:filled]))
@@ -629,6 +642,17 @@ def _eager_write(tcp: Any, data: bytes | memoryview) -> None:
     if sent:
         data = data[sent:]
     FileDescriptor.write(tcp, data if type(data) is bytes else bytes(data))
+
+
+def gather_for_the_turn(tls: Any) -> bool:
+    """Have a fast TLS transport (:func:`install_fast_tls`) that many
+    connections write to keep the small writes of other connections' reads
+    until the end of the reactor turn (see :class:`_Aggregator`); returns
+    whether it is such a transport."""
+    if "_fast_tls" not in vars(tls):
+        return False
+    tls._aggregator.per_turn = True
+    return True
 
 
 def flush_gathered_writes(tls: Any) -> None:
@@ -963,6 +987,7 @@ def answer_bad_requests(channel_class: type, answer: Callable[[Any], None]) -> N
 __all__ = [
     "InternalsMismatch", "available", "reaches", "reset", "self_check", "switch_off",
     "shrink_tls_buffers", "install_fast_tls", "eager_tcp_writes", "send_if_idle",
+    "gather_for_the_turn",
     "tcp_send_now_possible", "init_amp", "conch_keys_replaceable", "conch_may_send",
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
     "answer_bad_requests",
