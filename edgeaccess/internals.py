@@ -312,9 +312,12 @@ TCP_READ_SIZE = 256 * 1024
 _TLS_INTERNALS = (
     "_tlsConnection", "_lostTLSConnection", "_bufferedWrite", "_tlsShutdownFinished",
     "_shutdownTLS", "_flushSendBIO", "_flushReceiveBIO", "_write", "_aborted", "_aggregator",
+    "_handshakeDone", "_appSendBuffer", "_unbufferPendingWrites",
 )
-_CONNECTION_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
-_TLS_FUNCTIONS = ("SSL_read", "BIO_read", "SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
+_CONNECTION_INTERNALS = ("_ssl", "_from_ssl", "_into_ssl", "_raise_ssl_error",
+                         "_handle_bio_errors")
+_TLS_FUNCTIONS = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ",
+                  "BIO_read", "BIO_write", "SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
 
 
 @_reach("fast-tls", "Twisted's TLS I/O is kept (one record per delivery)")
@@ -330,6 +333,10 @@ def _probe_fast_tls() -> str | None:
     missing += _missing(getattr(transport, "factory", None), ("_clock",))
     if missing:
         return f"TLS transport without {', '.join(missing)}"
+    source = inspect.getsource(TLSMemoryBIOProtocol.dataReceived)
+    for expected in ("bio_write", "_handshakeDone", "_appSendBuffer", "_flushReceiveBIO"):
+        if expected not in source:
+            return f"TLSMemoryBIOProtocol.dataReceived no longer uses {expected}"
     return None
 
 
@@ -380,6 +387,7 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
     # encrypt a whole buffer.
     _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     transport._write = partial(_large_write, transport)
+    transport.dataReceived = partial(_data_received, transport)
     aggregator = _Aggregator(partial(TLSMemoryBIOProtocol.write, transport), clock)
     aggregator.flush_previous(transport._aggregator)
     transport._aggregator = aggregator
@@ -475,6 +483,30 @@ class _ReadScope:
 _reading = _ReadScope()
 
 
+def _data_received(tls: Any, data: bytes) -> None:
+    # TLSMemoryBIOProtocol.dataReceived after the handshake, with the bytes
+    # handed to the receive BIO by BIO_write itself (pyOpenSSL's bio_write
+    # raises for what a memory BIO never refuses).
+    if not tls._handshakeDone:
+        TLSMemoryBIOProtocol.dataReceived(tls, data)
+        return
+    connection = tls._tlsConnection
+    if _lib.BIO_write(connection._into_ssl, data, len(data)) != len(data):
+        connection._handle_bio_errors(connection._into_ssl, -1)
+    if tls._appSendBuffer:
+        tls._unbufferPendingWrites()
+    tls._flushReceiveBIO()
+
+
+def _ssl_write(connection: Any, data: bytes | memoryview) -> int:
+    # pyOpenSSL's Connection.send without its per-call checks: SSL_write, and
+    # only a failure goes through pyOpenSSL's error handling.
+    result = _lib.SSL_write(connection._ssl, _ffi.from_buffer(data), len(data))
+    if result <= 0:
+        connection._raise_ssl_error(connection._ssl, result)
+    return result
+
+
 def _large_write(tls: Any, data: bytes) -> None:
     # Same contract as TLSMemoryBIOProtocol._write (called for buffered
     # writes too): what OpenSSL cannot take now is buffered, errors end TLS.
@@ -488,7 +520,7 @@ def _large_write(tls: Any, data: bytes) -> None:
     done = 0
     try:
         while done < total:
-            done += connection.send(view[done:] if done else data)
+            done += _ssl_write(connection, view[done:] if done else data)
     except WantReadError:
         tls._bufferedWrite(bytes(view[done:]))
     except Error:
@@ -538,6 +570,8 @@ def _flush_receive_bio(tls: Any) -> None:
         if result > 0:
             filled += result
             continue
+        if _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ:
+            break  # all of it read (without pyOpenSSL raising and catching)
         try:
             connection._raise_ssl_error(ssl, result)
         except WantReadError:
@@ -554,7 +588,9 @@ def _flush_receive_bio(tls: Any) -> None:
         tls._tlsShutdownFinished(None)
     elif failure is not None:
         tls._tlsShutdownFinished(failure)
-    tls._flushSendBIO()
+    # TLSMemoryBIOProtocol._flushSendBIO (an alert, a session ticket: usually
+    # nothing), without pyOpenSSL raising when there is nothing.
+    _flush_send_bio(tls, connection, 0)
 
 
 def _deliver(tls: Any, view: memoryview, filled: int) -> None:

@@ -190,6 +190,29 @@ def test_gathering_for_the_turn_needs_a_fast_tls_transport(options) -> None:
     assert server_app.received == b"still works"
 
 
+def test_steady_reads_and_writes_make_no_pyopenssl_error_round_trips(options, monkeypatch):
+    # pyOpenSSL raises WantReadError at the end of every read, for an empty
+    # send BIO, and checks errors after every successful SSL_write: the fast
+    # transport asks OpenSSL itself and goes through pyOpenSSL only on errors.
+    from OpenSSL import SSL
+
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    install_fast_tls(client, clock)
+    server_app.dataReceived = lambda data: server.write(b"ack %d" % len(data))
+    calls = []
+    for name in ("_raise_ssl_error", "bio_write", "bio_read", "recv", "send"):
+        original = getattr(SSL.Connection, name)
+        monkeypatch.setattr(SSL.Connection, name,
+                            lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
+    for size in (10, 70_000, 3):
+        client.write(os.urandom(size))
+        clock.advance(0)
+        pump.flush()
+    assert client_app.received == b"ack 10ack 70000ack 3"
+    assert calls == []
+
+
 def test_data_before_a_close_alert_is_delivered_then_the_connection_ends(options) -> None:
     server, server_app, client, client_app, pump, clock = tls_pair(options)
     install_fast_tls(server, clock)
