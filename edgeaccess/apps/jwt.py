@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import jwt as pyjwt
@@ -293,13 +294,32 @@ class AppSigningKeys:
         The same token is reused for a minute (signing is the costly part
         of a small request); it is then still valid for nine more minutes.
         """
+        return self._signed((user, tuple(roles), audience, session))
+
+    def assertions_for(self, *, user: str, roles, audience: str,
+                       session: str = "") -> "Callable[[], bytes]":
+        """``() -> bytes``: :meth:`assertion` for these arguments, called per
+        request (the cache key made once)."""
+        key = (user, tuple(roles), audience, session)
+        cache = self._cache
+        clock = self.clock
+
+        def assertion() -> bytes:
+            cached = cache.get(key)
+            if cached is not None and clock.seconds() - cached[0] < REFRESH_AFTER:
+                return cached[1]
+            return self._signed(key)
+
+        return assertion
+
+    def _signed(self, key: tuple) -> bytes:
         if self._signing is None:
             raise errors.EdgeError("the app assertion key is not loaded yet")
         now = self.clock.seconds()
-        key = (user, tuple(roles), audience, session)
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < REFRESH_AFTER:
             return cached[1]
+        user, roles, audience, session = key
         kid, private = self._signing
         issued = int(now)
         claims = {"sub": user, "username": user, "roles": list(roles), "iss": self.cluster,
@@ -308,6 +328,6 @@ class AppSigningKeys:
         token = pyjwt.encode(claims, private, algorithm="ES256", headers={"kid": kid})
         value = token.encode("ascii")
         if len(self._cache) > 10000:
-            self._cache.clear()
+            self._cache.clear()  # (the same dict: assertions_for holds it)
         self._cache[key] = (now, value)
         return value

@@ -106,6 +106,10 @@ def app_record(tunnel, app, public_url: str, cluster: str) -> dict:
 _UNKNOWN = (0.0, None, 0.0)
 
 
+def _no_assertion_keys() -> bytes:
+    raise errors.EdgeError("the app assertion key is not loaded yet")
+
+
 class AppSessions:
     """App sessions in the backend, with a short-lived cache for per-request checks.
 
@@ -766,11 +770,11 @@ class AppGateway:
 
     def _access(self, app, tunnel, *, user, roles, session, hosts, origin, client_ip,
                 source, check, audit_request=None) -> AppAccess:
-        keys = self.keys
-        roles = list(roles)
-
-        def assertion() -> bytes:
-            return keys.assertion(user=user, roles=roles, audience=app.uri, session=session)
+        if self.keys is not None:
+            assertion = self.keys.assertions_for(user=user, roles=roles, audience=app.uri,
+                                                 session=session)
+        else:
+            assertion = _no_assertion_keys
 
         upstream = app.rewrite_host or urlsplit(app.uri).netloc
         return AppAccess(

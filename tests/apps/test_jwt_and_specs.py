@@ -105,6 +105,23 @@ async def test_a_rotation_through_one_proxy_is_followed_by_the_others():
     assert stored == [new_kid, third]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_connection_s_assertion_source_reuses_refreshes_and_follows_a_rotation():
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    keys = AppSigningKeys(MemoryBackend(clock), "prod", clock, CA_KEY)
+    await keys.load()
+    source = keys.assertions_for(user="a", roles=["dev"], audience="u", session="s")
+    token = source()
+    assert source() == token == keys.assertion(user="a", roles=["dev"], audience="u",
+                                               session="s")
+    clock.advance(61)
+    fresh = source()
+    assert fresh != token and verify(keys, fresh, "u")["iat"] == 1_800_000_061
+    new_kid = await keys.rotate()
+    assert jwt.get_unverified_header(source())["kid"] == new_kid
+
+
 def _legacy_record() -> tuple[bytes, str]:
     """``/apps/jwt_keys`` as edgeaccess wrote it before sealing: PEM in the clear."""
     from cryptography.hazmat.primitives import serialization
