@@ -363,8 +363,10 @@ class LanAgentPool:
             self._schedule_redial(uuid, mux, attempt + 1)
 
         def connected(tunnel) -> None:
-            # Re-attached in its Hello (or ended: the node started anew).
-            if self._session_waits(uuid, mux) and tunnel._mux is not mux:
+            if tunnel._mux is mux:
+                # Re-attached in its Hello (lost again: it waits again).
+                self.waiting.pop(uuid, None)
+            elif self._session_waits(uuid, mux):
                 self._schedule_redial(uuid, mux, attempt + 1)
 
         self.connection(uuid, address, timeout=self.redial_timeout).addCallbacks(
