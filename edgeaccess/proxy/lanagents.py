@@ -372,9 +372,18 @@ class LanAgentPool:
         self.connection(uuid, address, timeout=self.redial_timeout).addCallbacks(
             connected, failed)
 
-    def close(self, uuid: str | None = None, reason: str = "closing") -> None:
+    def close(self, uuid: str | None = None, reason: str = "closing",
+              idle_only: bool = False) -> None:
         """Close the connection to one node (or to all): its channels end
-        with ``reason``, nothing is redialled."""
+        with ``reason``, nothing is redialled. ``idle_only``: only a
+        connection without open channels (users' sessions go on)."""
+        if idle_only:
+            for key, tunnel in list(self._connections.items()):
+                held = tunnel._mux is not None and tunnel._mux.held
+                if (uuid is None or key == uuid) and not held and key not in self.waiting:
+                    self._closing[key] = reason
+                    tunnel.disconnect(reason)
+            return
         for key, call in list(self._redials.items()):
             if uuid is None or key == uuid:
                 del self._redials[key]
@@ -510,7 +519,9 @@ class LanAgentDirectory(Service):
 
     def _remove(self, uuid: str) -> None:
         agent = self._agents.pop(uuid)
-        self.pool.close(uuid, "the node no longer announces this agent")
+        # Users' sessions on the connection go on (the node's certificate
+        # still says who it is); an idle connection goes.
+        self.pool.close(uuid, "the node no longer announces this agent", idle_only=True)
         for _, on_disconnect in list(self._subscribers):
             _call_safely(on_disconnect, agent)
 

@@ -286,3 +286,22 @@ def test_without_a_budget_a_lost_connection_ends_the_channels():
     assert "lost" in user.events and "lost" in node.events
     world.advance(3.0)
     assert world.a.endpoint.connects == 1
+
+
+def test_a_record_gone_closes_an_idle_connection_but_not_users_sessions():
+    world = World()
+    user, node = world.a.open()
+    world.a.pool.close(UUID, "the node no longer announces this agent", idle_only=True)
+    world.settle()
+    assert world.a.pool.current(UUID) is not None
+    assert "lost" not in user.events
+    user.transport.write(b"goes on")
+    world.settle()
+    assert bytes(node.received) == b"goes on"
+    user.transport.loseConnection()
+    world.settle()
+    world.a.pool.close(UUID, "the node no longer announces this agent", idle_only=True)
+    world.settle()
+    assert world.a.pool.current(UUID) is None
+    world.advance(5.0)
+    assert world.a.endpoint.connects == 1  # an idle connection closed is not redialled
