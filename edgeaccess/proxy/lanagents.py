@@ -41,7 +41,7 @@ from typing import Any, Callable
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -67,6 +67,11 @@ _log = Logger()
 NODES_PREFIX = "/nodes/"
 #: Longest wait between redials of a node whose channels wait (seconds).
 REDIAL_CAP = 4.0
+
+
+class AgentPortRefused(NodeOffline):
+    """Nothing listens at the node's agent port (its host refused the TCP
+    connection): the node process is not running."""
 
 
 class LanTunnelProtocol(ServerTunnelProtocol):
@@ -251,7 +256,8 @@ class LanAgentPool:
             protocol.when_lost().addCallback(lambda _: self._lost_before_up(uuid, protocol))
 
         def refused(failure: Failure) -> None:
-            self._failed(uuid, NodeOffline(
+            error = AgentPortRefused if failure.check(ConnectionRefusedError) else NodeOffline
+            self._failed(uuid, error(
                 f"the agent of node {uuid} at {host}:{port} is unreachable: "
                 f"{failure.getErrorMessage()}"))
 
@@ -360,6 +366,12 @@ class LanAgentPool:
                   count=len(mux.channels))
 
         def failed(failure: Failure) -> None:
+            if failure.check(AgentPortRefused) and self._session_waits(uuid, mux):
+                # The node's host answers and nothing listens: the node
+                # process is gone, and the channels (in its memory) with it.
+                del self.waiting[uuid]
+                mux.expire("the node's agent port refused the connection (node stopped)")
+                return
             self._schedule_redial(uuid, mux, attempt + 1)
 
         def connected(tunnel) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 from twisted.internet.defer import fail, succeed
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, NoRouteError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -53,7 +53,9 @@ class KeyedEndpoint:
         world = self.proxy.world
         self.connects += 1
         if world.refuse:
-            return fail(ConnectionRefusedError("the link is down"))
+            return fail(NoRouteError("the link is down"))
+        if world.node is None:
+            return fail(ConnectionRefusedError("nothing listens: the node is not running"))
         server = world.node.buildProtocol(None)
         client = factory.buildProtocol(None)
         self.servers.append(server)
@@ -98,7 +100,7 @@ class World:
         self.acceptor = Acceptor(targets=(UUID,))
         self.node = node_factory(self.clock, self.acceptor, budget)
         self.stalled: set = set()
-        #: Every dial is refused (the link is down).
+        #: Every dial fails (the link is down).
         self.refuse = False
         self.a = Proxy(self, PROXY_A, budget)
         self.b = Proxy(self, PROXY_B, budget)
@@ -305,3 +307,17 @@ def test_a_record_gone_closes_an_idle_connection_but_not_users_sessions():
     assert world.a.pool.current(UUID) is None
     world.advance(5.0)
     assert world.a.endpoint.connects == 1  # an idle connection closed is not redialled
+
+
+def test_a_node_that_stopped_ends_its_channels_at_the_first_refused_redial():
+    world = World()
+    user, _node = world.a.open()
+    world.cut()
+    world.node = None  # killed: its host refuses connections to the agent port
+    world.advance(1.25)
+    assert "lost" in user.events
+    assert user.transport.lost_reason == \
+        "the node's agent port refused the connection (node stopped)"
+    assert world.a.pool.waiting == {}
+    world.advance(10.0)
+    assert world.a.endpoint.connects == 2
