@@ -477,7 +477,7 @@ def terminal_past_the_budget(world: World) -> dict:
             world.go.abort()
             raise
         world.arrive()
-        term.sock.settimeout(60)
+        term.sock.settimeout(CUT_AT + 90)  # the proxy's budget (60 s) and a margin
         closed = None
         try:
             while closed is None:
@@ -852,10 +852,11 @@ def test_a_kubectl_port_forward_stream_across_a_cut_is_byte_exact(outcomes, worl
 def test_past_the_nodes_budget_a_web_terminal_ends_cleanly_with_an_audited_reason(
         outcomes, world):
     result = outcome(outcomes, world, "terminal.past-budget")
-    # Ended during the cut (the node gave up after its budget) or as its
-    # tunnel came back (the proxy learnt it then), never by the terminal's
-    # own timers; the browser is told it is closed.
-    assert CUT_AT + SHORT_BUDGET < result["ended_at"] < CUT_AT + CUT_FOR + 15
+    # Ended after the node's budget, when its next tunnel told the proxy (its
+    # redials back off from the budget's end: seconds after the link is back
+    # on a quiet machine), at the latest by the proxy's own 60 s budget; the
+    # browser is told it is closed.
+    assert CUT_AT + SHORT_BUDGET < result["ended_at"] < CUT_AT + 60 + 15
     assert result["closed"] is not None and result["closed"]["reason"], result
     report(f"budget {SHORT_BUDGET:g} s, cut {CUT_FOR:g} s: web terminal told "
            f"{result['closed']['reason']!r} at", result["ended_at"] - CUT_AT)
