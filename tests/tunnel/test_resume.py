@@ -137,6 +137,21 @@ def test_a_channel_survives_a_cut_with_data_in_flight_both_ways() -> None:
     assert user.lost_reason is not None and node.lost_reason is not None
 
 
+def test_a_leaf_clusters_tunnel_resumes_under_its_cluster_identity() -> None:
+    # A leaf proxy's tunnel to its root (edgeaccess.cluster.leaf): the root
+    # holds the session under the leaf's cluster identity, as a node's.
+    leaf = Identity(kind="cluster", name="leaf", cluster="root")
+    world = World(identity=leaf)
+    user, node = world.open()
+    world.cut()
+    assert world.factory.sessions.detached_count() == 1
+    user.transport.write(b"typed during the outage")
+    world.redial()
+    assert world.agent.state == "connected"
+    assert bytes(node.received) == b"typed during the outage"
+    assert world.server.identity == leaf and world.factory.sessions.detached_count() == 0
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     up=st.integers(0, 150_000),
