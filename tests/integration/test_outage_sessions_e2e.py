@@ -227,6 +227,18 @@ class World:
         self.done[link].set()
 
     def outages(self) -> None:
+        """Run the outages; whatever happens, the links come back and every
+        scenario is told to wrap up (a failure here fails every test)."""
+        try:
+            self._outages()
+        finally:
+            for relay in (self.uplink, self.leaf_link):
+                relay.resume()
+            for link in self.done:
+                self.restored_events[link].set()
+                self._done(link)
+
+    def _outages(self) -> None:
         self.arrive()
         if not self.wait_until(CUT_AT):
             return
@@ -756,6 +768,7 @@ def outcomes(world, configs):
 
 def outcome(outcomes, world: World, name: str) -> dict:
     try:
+        outcomes["outages"].result(timeout=300)  # the outages really happened
         return outcomes[name].result(timeout=300)
     except Exception:
         print(world.logs())
