@@ -385,6 +385,7 @@ def makeService(options, reactor=None) -> service.MultiService:
                      recordings=FileRecordingStore(recordings_dir, reactor))
     auth = AuthServer(authority, backend, reactor, reactor=reactor, threadpool=pool,
                       connector_factory=kinds.login_method_factory(reactor), audit=audit)
+    auth.ca_key = lambda: ca_key.key  # set once load_authority ran (app assertion keys)
     clusters = RootClusters(auth)
     leaf_trust = LeafTrust(auth, reactor)
     auth.resource_hooks["trusted_cluster"] = leaf_trust
@@ -508,7 +509,8 @@ def makeService(options, reactor=None) -> service.MultiService:
                             ui_host=public_host,
                             request_audit_apps=parse_selection(
                                 options.get("app-request-audit")),
-                            timeouts=AppTimeouts.parse(options.get("app-timeouts")))
+                            timeouts=AppTimeouts.parse(options.get("app-timeouts")),
+                            when_ready=startup.when_ready)
     apps.service.setServiceParent(top)
     if web.ui is not None:
         from edgeaccess.web import sections
