@@ -66,7 +66,7 @@ _log = Logger()
 
 NODES_PREFIX = "/nodes/"
 #: Longest wait between redials of a node whose channels wait (seconds).
-REDIAL_CAP = 4.0
+REDIAL_CAP = 2.0
 
 
 class AgentPortRefused(NodeOffline):
