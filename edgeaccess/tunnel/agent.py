@@ -601,9 +601,7 @@ class TunnelAgent(Service):
             # Stopping is no outage: the peer must not hold our channels for
             # its budget either (a disabled trust cuts its sessions at once),
             # so each is closed on the wire before the tunnel goes.
-            for channel in list(tunnel._mux.channels.values()):
-                channel.lost_reason = STOPPING
-                channel.abortConnection()
+            tunnel._mux.close_all(STOPPING)
         stopping = self._machine.stop()
         if resume is None:
             return stopping

@@ -492,8 +492,13 @@ class ChannelMux:
 
     def close_all(self, reason: str) -> None:
         """End every open channel now, telling the peer ``reason`` (a
-        deliberate end, e.g. the proxy stopping: not an outage to wait out)."""
+        deliberate end, e.g. the proxy or the node stopping: not an outage to
+        wait out). What is queued is dropped; ``reason`` is also each
+        channel's ``lost_reason``, so this end audits it as the session's end."""
         for channel in list(self._channels.values()):
+            channel._outgoing.clear()
+            channel._outgoing_size = 0
+            channel.lost_reason = reason
             channel._finish_local_close(reason, Failure(ConnectionLost(reason)))
 
     def _send_close_refused(self, channel_id: int) -> None:

@@ -528,6 +528,8 @@ def test_stopping_the_agent_ends_the_proxys_side_of_its_channels_at_once() -> No
     world.agent.stopService()
     world.settle()
     assert "lost" in user.events
+    # The reason travels on the wire (one close-all for every way a mux ends).
+    assert "the node is stopping" in str(user.lost_reason.value)
     assert world.factory.sessions.detached_count() == 0
 
 
