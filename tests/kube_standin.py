@@ -608,6 +608,22 @@ def build_site(config: dict, reactor):
     return site
 
 
+def record_errors(path: Path) -> None:
+    """Every logged failure (an "Unhandled Error" included) goes to ``path``,
+    one JSON line each, so a test can assert the stand-in had none."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    def observe(event: dict) -> None:
+        failure = event.get("log_failure")
+        if failure is None:
+            return
+        with open(path, "a") as f:
+            f.write(json.dumps({"message": formatEvent(event),
+                                "error": failure.getTraceback()}) + "\n")
+
+    globalLogPublisher.addObserver(observe)
+
+
 def main(config_path: str) -> None:
     from OpenSSL import crypto
     from twisted.internet import reactor, ssl
@@ -616,6 +632,7 @@ def main(config_path: str) -> None:
     from tests.serverscript import serve_on_ephemeral_port
 
     config = json.loads(Path(config_path).read_text())
+    record_errors(Path(config["dir"]) / "errors.jsonl")
     pki = config["pki"]
     ca = crypto.load_certificate(crypto.FILETYPE_PEM, Path(pki["ca"]).read_bytes())
     options = ssl.CertificateOptions(

@@ -89,6 +89,13 @@ class Standin:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def errors(self) -> list[dict]:
+        """Failures the stand-in logged (see ``kube_standin.record_errors``)."""
+        path = self.directory / "errors.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def stop(self) -> None:
         stop_process(self.process)
 

@@ -75,7 +75,31 @@ def stream_from(transport, process) -> None:
         transport.unregisterProducer()  # twisted.web's channel, from before the upgrade
     except Exception:
         pass
-    transport.registerProducer(process, True)
+    transport.registerProducer(ProcessOutput(process), True)
+
+
+class ProcessOutput:
+    """A process's output as a push producer. A non-PTY ``Process`` pauses and
+    resumes its pipes but has no ``stopProducing``, which a transport calls
+    when the connection is lost (an "Unhandled Error" there, and the rest of
+    ``connectionLost``, killing the process, never ran): the client is gone,
+    so the process is killed, as after a close."""
+
+    def __init__(self, process) -> None:
+        self.process = process
+
+    def pauseProducing(self) -> None:
+        self.process.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.process.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.process.pid:
+            try:
+                self.process.signalProcess("KILL")
+            except Exception:
+                pass
 
 
 def resize_pty(process, width: int, height: int) -> None:
@@ -126,6 +150,8 @@ class ExecSocket(WebSocketServerProtocol):
     def ended(self, code: int) -> None:
         log_event(self.factory.config, {"event": "end", "command": self.command,
                                         "exit_code": code})
+        if self.state != self.STATE_OPEN:
+            return  # killed because the client went away: nobody to tell
         self.sendMessage(b"\x03" + json.dumps(exit_status(code)).encode(), isBinary=True)
         self.sendClose(1000)
 

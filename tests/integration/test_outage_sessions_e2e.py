@@ -926,3 +926,26 @@ def test_a_tls_routed_ssh_command_survives_a_cut(outcomes, world):
     assert result["returncode"] == 0, result["stderr"]
     got, whole = whole_lines(result["stdout"], "routed")
     assert got == whole and len(whole) > 50
+
+
+def test_a_kubectl_exec_killed_mid_stream_ends_its_process_without_an_error(outcomes, world):
+    # After the outages (the module's sessions are done): the client goes away
+    # while the command still writes; the stand-in's connection is lost with
+    # the process's output registered as its producer.
+    outcome(outcomes, world, "outages")
+    command = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+    execd = subprocess.Popen([KUBECTL, "exec", "-i", "web-1", "--", *command],
+                             env=world.kube.env("bob"), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert execd.stdout.readline() == b"tick\n"
+    finally:
+        execd.kill()
+        execd.wait()
+    standin = world.kube.standin
+    wait_for(lambda: any(s["event"] == "end" and s["command"] == command
+                         for s in standin.sessions()), 30,
+             "the stand-in to end the killed exec's process", interval=0.2)
+    assert standin.errors() == []
+    for process in (world.root, world.kube.node):
+        assert "Unhandled Error" not in process.log()
