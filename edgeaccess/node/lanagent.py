@@ -37,6 +37,7 @@ from typing import Callable, Hashable
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory
@@ -47,7 +48,7 @@ from zope.interface import implementer
 
 from edgeaccess import tls
 from edgeaccess.pki import x509ca
-from edgeaccess.tunnel.agent import AgentTunnelProtocol
+from edgeaccess.tunnel.agent import STOPPING, AgentTunnelProtocol
 from edgeaccess.tunnel.protocol import Inventory
 from edgeaccess.tunnel.resume import ResumeSlot
 
@@ -260,11 +261,43 @@ class LanAgentFactory(Factory):
                 slot.detached(mux)
         return slot
 
+    def stop(self, reason: str = STOPPING, grace: float = 3.0) -> Deferred[None]:
+        """The node is stopping (no outage): every proxy's channels end on
+        the wire with ``reason`` before its connection closes, so the proxy
+        ends the users' sessions at once and audits why; detached ones end
+        too. Fires once the connections are gone (aborted after ``grace``
+        seconds: a proxy that does not read does not hold the node up)."""
+        waits = []
+        for protocol in list(self._current.values()):
+            if protocol._is_lost:
+                continue
+            if protocol._mux is not None:
+                protocol._mux.close_all(reason)
+            lost = protocol.when_lost()
+            protocol.disconnect(reason)
+            if not protocol._is_lost:
+                lost.addBoth(_cancel, self.clock.callLater(grace, protocol._drop, reason))
+            waits.append(lost)
+
+        def end_detached(_: object) -> None:
+            for slot in self.slots.values():
+                mux = slot.mux
+                if mux is not None and not mux._lost:
+                    mux.expire(reason)
+
+        return gatherResults(waits).addCallback(end_detached)
+
     def forget(self, protocol: LanAgentProtocol) -> None:
         """``protocol``'s connection is gone."""
         key = protocol.proxy_key
         if key is not None and self._current.get(key) is protocol:
             del self._current[key]
+
+
+def _cancel(result: object, call) -> object:
+    if call.active():
+        call.cancel()
+    return result
 
 
 def agent_server_factory(factory: LanAgentFactory, server_tls: AgentServerTLS):

@@ -114,6 +114,8 @@ class NodeService(service.MultiService):
         self.agent_advertise = agent_advertise
         #: The agent port, once listening (LAN nodes).
         self.agent_port = None
+        #: The agent port's factory (LAN mode), once it listens.
+        self.lan_agents = None
         self._running = False
         self._failures = 0
         self._sleeping = None
@@ -158,9 +160,11 @@ class NodeService(service.MultiService):
         if self.agent is not None and self.factory is not None:
             d.addCallback(lambda _: self.factory.doStop())
         ports = [p for p in (self.port, self.agent_port) if p is not None]
-        if ports:
+        # Stopping is no outage: the proxies' channels end now, with a reason.
+        ending = [] if self.lan_agents is None else [self.lan_agents.stop()]
+        if ports or ending:
             return defer.gatherResults(
-                [*(defer.maybeDeferred(p.stopListening) for p in ports), d])
+                [*(defer.maybeDeferred(p.stopListening) for p in ports), *ending, d])
         return d
 
     def _fatal(self, failure) -> None:
@@ -524,6 +528,7 @@ class NodeService(service.MultiService):
             heartbeat_interval=self.heartbeat_interval, resume_budget=self.resume_budget)
         self.agent_port = await self._agent_listen(
             agent_server_factory(factory, AgentServerTLS(credentials, self.identity.cluster)))
+        self.lan_agents = factory
         served = (["SSH"] if self.serve_ssh else []) + \
             ([f"Kubernetes cluster {self.kube[0]}"] if self.kube else []) + \
             ([f"apps {', '.join(self.apps.apps)}"] if self.apps else [])

@@ -114,6 +114,8 @@ class World:
         self.leaf = ProxyProcess(base / "leaf", base / "leaf.log", cluster="leaf")
         self.nodes: list[NodeProcess] = []
         self.kube = None
+        #: The leaf's Kubernetes agent (and its stand-in), reached through the root.
+        self.leaf_kube = None
         self.demo = None
         self.homes: dict[str, Path] = {}
         self.started: float | None = None
@@ -147,18 +149,30 @@ class World:
             # The Kubernetes agent, its API stand-in and bob (role kube-editor).
             kube = pool.submit(start_world, self.base / "kube", proxy=root,
                                users={"bob": ("kube-editor",)})
-            for future in (tnode, leafnode, kube, shortnode):
+            # The leaf's LAN node (the leaf's proxy dials its agent port) and
+            # the leaf's own Kubernetes agent (no user of the leaf's: una of
+            # the root reaches both through the leaf's tunnel).
+            leaflan = pool.submit(join_node, leaf, self.base, "leaflan")
+            leaf_kube = pool.submit(start_world, self.base / "leaf-kube", proxy=leaf, users={})
+            for future in (tnode, leafnode, kube, shortnode, leaflan, leaf_kube):
                 if future is kube:
                     self.kube = kube.result()
                     self.nodes.append(self.kube.node)
+                elif future is leaf_kube:
+                    self.leaf_kube = leaf_kube.result()
+                    self.nodes.append(self.leaf_kube.node)
                 else:
                     self.nodes.append(future.result()[0])
         assert self.uplink.active() >= 3  # every root node's tunnel runs through it
         root.add_user("una", PASSWORD, roles=("access",), logins=("root",))
         token = root.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
         trust = self.base / "trust.yaml"
-        trust.write_text(trust_yaml(name="root", token=token, pin=root.pin(),
-                                    web=root.addr("web"), tunnel=self.leaf_link.addr))
+        # una's role also maps to the leaf's kube-editor (the leaf's Kubernetes).
+        yaml = trust_yaml(name="root", token=token, pin=root.pin(), web=root.addr("web"),
+                          tunnel=self.leaf_link.addr)
+        mapped = "{remote: access, local: [access]}"
+        assert mapped in yaml
+        trust.write_text(yaml.replace(mapped, "{remote: access, local: [access, kube-editor]}"))
         leaf.edgectl("create", "-f", str(trust))
         pin = root.pin()
         self.homes = {"una": self.base / "home-una", "una-tls": self.base / "home-una-tls"}
@@ -181,10 +195,25 @@ class World:
         wait_for(lambda: "trusted root clusters: ['root']" in leafnode_process.log(), 30,
                  "the leaf node to learn the root's CA", leafnode_process.process,
                  interval=0.1)
-        for host in ("tnode.root", "leafnode.leaf", "shortnode.root"):
+        for host in ("tnode.root", "leafnode.leaf", "shortnode.root", "leaflan.leaf"):
             wait_for(lambda: ssh(self.homes["una"], host, "echo ok").stdout == "ok\n", 30,
                      f"ssh to {host}", interval=0.2)
+        edge = [sys.executable, "-m", "edgeaccess.client.main", "kube"]
+        wait_for(lambda: "standin" in subprocess.run(
+            [*edge, "ls", "--cluster", "leaf"], env=self.una_kube_env(), capture_output=True,
+            text=True, timeout=60).stdout, 30, "the leaf's Kubernetes in edge kube ls",
+            interval=0.3)
+        login = subprocess.run([*edge, "login", "standin", "--cluster", "leaf"],
+                               env=self.una_kube_env(), capture_output=True, text=True,
+                               timeout=60)
+        assert login.returncode == 0, login.stderr
         return self
+
+    def una_kube_env(self) -> dict:
+        """una's environment for the leaf's Kubernetes (her kubeconfig)."""
+        home = self.homes["una"]
+        return {**os.environ, "EDGE_HOME": str(home), "HOME": str(home),
+                "KUBECONFIG": str(home / "kubeconfig")}
 
     def stop(self) -> None:
         self.stopping.set()
@@ -192,8 +221,9 @@ class World:
             relay.close()
         for process in (*self.nodes, self.leaf, self.root):
             process.stop()
-        if self.kube is not None:
-            self.kube.standin.stop()
+        for kube in (self.kube, self.leaf_kube):
+            if kube is not None:
+                kube.standin.stop()
         stop_process(self.demo)
 
     def logs(self) -> str:
@@ -423,10 +453,10 @@ def streamed_command(world: World, argv: list[str], env: dict | None = None) -> 
             "stderr": "".join(errors)}
 
 
-def leaf_ssh(world: World) -> dict:
-    command = "echo sid-$EDGE_SESSION_ID-end; " + until_done(world, "leaf_link", "leaf")
+def leaf_ssh(world: World, node: str = "leafnode", prefix: str = "leaf") -> dict:
+    command = "echo sid-$EDGE_SESSION_ID-end; " + until_done(world, "leaf_link", prefix)
     return streamed_command(world, [sys.executable, "-m", "edgeaccess.client.main", "ssh",
-                                    "--cluster", "leaf", "root@leafnode", command],
+                                    "--cluster", "leaf", f"root@{node}", command],
                             env={"EDGE_HOME": str(world.homes["una"])})
 
 
@@ -538,12 +568,13 @@ def kube_exec_tty(world: World) -> dict:
     return {"exitstatus": child.exitstatus, "restored_to_output": flowing}
 
 
-def kube_exec(world: World) -> dict:
-    """``kubectl exec -i``: one stdin line every 0.2 s, echoed back by the pod."""
+def kube_exec(world: World, env: dict | None = None, link: str = "uplink") -> dict:
+    """``kubectl exec -i``: one stdin line every 0.2 s, echoed back by the pod,
+    until the outages of ``link`` are over."""
     exec_ = subprocess.Popen(
         [KUBECTL, "exec", "-i", "web-1", "--", "sh", "-c",
          "while read l; do echo got-$l; done; exit 3"],
-        env=world.kube.env("bob"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env=env or world.kube.env("bob"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, bufsize=1)
     errors: list[str] = []
     stderr_reader = threading.Thread(target=lambda: errors.append(exec_.stderr.read()),
@@ -559,7 +590,7 @@ def kube_exec(world: World) -> dict:
             world.go.abort()
             raise
         world.arrive()
-        while not world.done["uplink"].wait(0.2):
+        while not world.done[link].wait(0.2):
             count += 1
             exec_.stdin.write(f"k{count}\n")
             exec_.stdin.flush()
@@ -735,6 +766,8 @@ def configs(world):
 
 SCENARIOS = {
     "leaf.ssh": leaf_ssh,
+    "leaf.lan-ssh": lambda world: leaf_ssh(world, "leaflan", "leaflan"),
+    "leaf.kube-exec": lambda world: kube_exec(world, world.una_kube_env(), "leaf_link"),
     "terminal": web_terminal,
     "terminal.leaf": lambda world: web_terminal(world, "root@leafnode.leaf", "leaf_link"),
     "terminal.past-budget": terminal_past_the_budget,
@@ -871,6 +904,33 @@ def test_kubectl_exec_streams_stdin_and_output_across_a_cut(outcomes, world):
     assert result["returncode"] == 3, result["stderr"]
     assert re.findall(r"^got-k\d+$", result["stdout"], re.MULTILINE) == \
         expected_lines("got-k", result["count"], separator="")
+
+
+def test_a_leaf_lan_nodes_session_through_the_root_survives_the_leafs_outages(outcomes, world):
+    # The leaf's proxy reaches this node over its agent port (a LAN node):
+    # only the leaf's tunnel to the root stalls and is cut.
+    result = outcome(outcomes, world, "leaf.lan-ssh")
+    assert result["returncode"] == 0, result["stderr"]
+    got, whole = whole_lines(result["stdout"], "leaflan")
+    assert got == whole and len(whole) > 50
+    session_id = re.search(r"sid-([0-9a-f-]{36})-end", result["stdout"]).group(1)
+
+    def ended():
+        found = world.leaf.edgectl_json("audit", "search", "--session", session_id)
+        return found if "session.end" in [e["event"] for e in found] else None
+
+    events = wait_for(ended, 30, f"session.end of {session_id} in the leaf", interval=0.3)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("session.start") == 1 and kinds.count("session.end") == 1, kinds
+
+
+def test_kubectl_exec_to_the_leafs_kubernetes_streams_across_the_leafs_outages(outcomes, world):
+    result = outcome(outcomes, world, "leaf.kube-exec")
+    assert result["returncode"] == 3, result["stderr"]
+    assert re.findall(r"^got-k\d+$", result["stdout"], re.MULTILINE) == \
+        expected_lines("got-k", result["count"], separator="")
+    # Long enough to span the stall and the cut of the leaf's link.
+    assert result["count"] > (LEAF_CUT_AT + LEAF_CUT_FOR) / 0.2 / 2
 
 
 def test_kubectl_exec_in_a_pty_keeps_its_shell_across_a_cut(outcomes, world):

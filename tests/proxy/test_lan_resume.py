@@ -325,3 +325,23 @@ def test_a_node_that_stopped_ends_its_channels_at_the_first_refused_redial():
     assert world.a.pool.waiting == {}
     world.advance(10.0)
     assert world.a.endpoint.connects == 2
+
+
+def test_a_node_stopping_ends_its_channels_on_the_wire_with_the_reason():
+    # Not a cut: the proxy does not hold the channels for its budget and does
+    # not learn it from a refused redial; both ends say why.
+    world = World()
+    user, node = world.a.open()
+    stopped: list = []
+    world.node.stop().addBoth(stopped.append)
+    world.settle()
+    assert stopped == [None]
+    assert "lost" in node.events
+    assert node.transport.lost_reason == "the node is stopping"
+    assert "lost" in user.events
+    assert "the node is stopping" in user.lost_reason.getErrorMessage()
+    assert world.a.pool.waiting == {}
+    assert all(not slot.waiting for slot in world.node.slots.values())
+    # The connection went by itself: its abort deadline was cancelled.
+    assert not [call for call in world.clock.getDelayedCalls()
+                if getattr(call.func, "__name__", "") == "_drop"]
