@@ -7,8 +7,10 @@ a Kubernetes agent in front of the API stand-in (tests/kube_standin.py; no
 kube-apiserver can be installed here), a node with a short
 ``--resume-budget``; and a leaf cluster trusting the root whose tunnel to the
 root goes through the relay ``leaf_link`` (the trust's ``tunnel_addr``), with
-a tunnelled leaf node of its own (its tunnel to the leaf is not touched). The
-users' connections to the proxies are never touched.
+a tunnelled leaf node of its own (its tunnel to the leaf is not touched), a LAN
+node (``leaflan``: the leaf's proxy dials its agent port) and a Kubernetes
+agent with its own stand-in. The users' connections to the proxies are never
+touched.
 
 Every scenario runs in its own thread: it opens its session, then meets the
 others at a barrier; from there the outage driver cuts the uplink (every
@@ -22,7 +24,9 @@ test checks one scenario:
 - a root user's ``edge ssh --cluster leaf`` command to the leaf node across
   the stall and the cut of the leaf's tunnel: output whole and in order,
   exit 0, one audited session in the leaf and none split in the root; after
-  the outages the leaf's app answers through the root again;
+  the outages the leaf's app answers through the root again; the same to the
+  leaf's LAN node; ``kubectl exec -i`` to the leaf's Kubernetes (una's role
+  maps to the leaf's ``kube-editor``) across both of the leaf's outages;
 - a web terminal (the browser's WebSocket protocol, spoken by Python) to a
   tunnelled node across the cut, and one to the leaf node across the leaf's
   stall and cut: output in order, typed before, during and after arrives;
@@ -37,6 +41,11 @@ test checks one scenario:
 - past a budget: a web terminal to the node whose ``--resume-budget`` is
   shorter than the cut ends cleanly (the browser is told) and the node audits
   ``session.end`` with ``tunnel outage exceeded 5s``.
+
+After the outages: a ``kubectl exec -i`` killed mid-stream ends the pod's
+process and nothing logs an error (the stand-in records its logged failures);
+last, the leaf's LAN node stopped (SIGTERM) ends a running session at once,
+audited ``the node is stopping``.
 
 Measured (``-s`` or ``-rA``): link restored -> output flowing again.
 """
@@ -163,6 +172,7 @@ class World:
                     self.nodes.append(self.leaf_kube.node)
                 else:
                     self.nodes.append(future.result()[0])
+        self.leaflan = self.nodes[4]
         assert self.uplink.active() >= 3  # every root node's tunnel runs through it
         root.add_user("una", PASSWORD, roles=("access",), logins=("root",))
         token = root.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
@@ -1009,3 +1019,28 @@ def test_a_kubectl_exec_killed_mid_stream_ends_its_process_without_an_error(outc
     assert standin.errors() == []
     for process in (world.root, world.kube.node):
         assert "Unhandled Error" not in process.log()
+
+
+def test_a_lan_node_stopping_ends_its_session_at_once_with_the_reason(outcomes, world):
+    # Last (it stops the leaf's LAN node): SIGTERM is no outage; the node
+    # closes its channels on the agent port with the reason before it goes.
+    outcome(outcomes, world, "outages")
+    session = subprocess.Popen(
+        [sys.executable, "-m", "edgeaccess.client.main", "ssh", "--cluster", "leaf",
+         "root@leaflan", "echo sid-$EDGE_SESSION_ID-end; sleep 120"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_HOME": str(world.homes["una"])})
+    try:
+        session_id = re.search(r"sid-([0-9a-f-]{36})-end", session.stdout.readline()).group(1)
+        world.leaflan.stop()
+        session.wait(30)  # not the proxy's 60 s budget
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    # The node audited why; a stopping node's last events stay in its durable
+    # spool (delivery is cancelled on stop; they are sent at its next start).
+    spool = world.leaflan.directory / "data" / "audit-spool" / "events.jsonl"
+    events = [json.loads(line) for line in spool.read_text().splitlines() if line.strip()]
+    ends = [e for e in events if e["event"] == "session.end" and e["session_id"] == session_id]
+    assert [e.get("reason") for e in ends] == ["the node is stopping"], ends
