@@ -335,6 +335,11 @@ def test_a_lock_ends_open_app_connections_and_refuses_new_ones(cluster):
 
 
 def test_app_sessions_are_audited(cluster, demo):
+    # alice's demo session (the fixture's) starts; one of hers for secret ends here.
+    app_login(cluster["alice"], "secret")
+    result = run_edge(cluster["alice"], "apps", "logout", "secret")
+    assert result.returncode == 0, result.stderr
+
     def found():
         events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start")
         return [e for e in events if e.get("user") == "alice" and e.get("app") == "demo"]
@@ -342,8 +347,13 @@ def test_app_sessions_are_audited(cluster, demo):
     events = wait_for(found, 20, "app.session.start of alice")
     assert events[0]["remote_addr"] == "127.0.0.1"
     assert events[0]["success"] is True
-    ended = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.end")
-    assert any(e.get("user") == "carol" and e.get("app") == "demo" for e in ended)
+
+    def ended():
+        events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.end")
+        return [e for e in events if e.get("user") == "alice" and e.get("app") == "secret"
+                and e.get("reason") == "logout"]
+
+    wait_for(ended, 20, "app.session.end of alice's secret session by logout")
 
 
 # --- the browser flow (Chromium driven by Playwright) ---------------------------------
@@ -442,6 +452,8 @@ def test_browser_launch_refuses_a_state_it_did_not_set(cluster, demo):
 def test_requests_are_audited_for_the_apps_switched_on(cluster, demo):
     secret = app_login(cluster["alice"], "secret")
     assert curl(secret, "/api/whoami").returncode == 0
+    bad = app_login(cluster["alice"], "bad")
+    assert curl(bad, "/garbage", "-i").stdout.startswith(b"HTTP/1.1 502")
     result = curl(demo, "/api/whoami?token=hidden", "-X", "GET")
     assert result.returncode == 0, result.stderr
     result = curl(demo, "/api/whoami", "-i", "-H",
@@ -456,7 +468,7 @@ def test_requests_are_audited_for_the_apps_switched_on(cluster, demo):
     events = wait_for(found, 20, "app.request events of alice")
     assert "secret" not in {e["app"] for e in events}  # not switched on for secret
     assert any(e["app"] == "bad" and e["path"] == "/garbage" and e["status"] == 502
-               for e in events)  # (test_bad_apps_...: the app answered garbage)
+               for e in events)
     ok = [e for e in events if e["path"] == "/api/whoami" and e["status"] == 200]
     assert ok and ok[0]["method"] == "GET" and ok[0]["remote_addr"] == "127.0.0.1"
     assert ok[0]["session_id"] and ok[0]["app_cluster"] == "apps"

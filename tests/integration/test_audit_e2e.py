@@ -133,7 +133,8 @@ def test_an_interactive_session_is_recorded_and_replays_in_asciinema(
 
     [start] = wait_for(lambda: [e for e in search(proxy, "--type", "session.start",
                                                   "--user", "alice")
-                                if e["kind"] == "shell"], 30, "session.start", interval=0.3)
+                                if e["kind"] == "shell" and e["node"] == "node1"],
+                         30, "session.start", interval=0.3)
     session_id = start["session_id"]
     events = session_events(proxy, session_id)
     assert [e["event"] for e in events] == ["session.start", "session.end"]
