@@ -11,6 +11,7 @@ import re
 import pytest
 
 from edgeaccess.devcluster import ProxyProcess
+from tests.integration.steps import upper_echo_server
 
 
 def _cluster_name(module_name: str) -> str:
@@ -33,3 +34,10 @@ def proxy(request, tmp_path_factory):
     yield process
     process.stop()
 
+
+
+@pytest.fixture
+def upper_echo_port():
+    """A TCP server on 127.0.0.1 that answers upper-cased (a pod's port); its port."""
+    with upper_echo_server() as port:
+        yield port

@@ -7,7 +7,6 @@ certificates (verified strictly against the cluster CA, names under
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import ssl
@@ -34,6 +33,7 @@ from tests.apps.appkit import (
     web_port,
     ws_echo_script,
 )
+from tests.integration.steps import app_post_streams_byte_exact, app_websocket_echoes
 
 #: The proxy's --app-timeouts response=... here (the default is 60 s).
 SLOW_APP_TIMEOUT = 8
@@ -134,16 +134,9 @@ def test_forged_identity_headers_are_dropped(demo):
 
 
 def test_5mb_post_streams_both_ways_byte_exact(cluster, demo, tmp_path):
-    body = os.urandom(5 * 1024 * 1024)
-    source = tmp_path / "body.bin"
-    source.write_bytes(body)
-    out = tmp_path / "out.bin"
-    result = curl(demo, "/api/echo", "--data-binary", f"@{source}", "-o", str(out),
-                  "-D", "-", "-H", "content-type: application/octet-stream")
-    assert result.returncode == 0, result.stderr
-    assert out.read_bytes() == body
-    assert f"x-body-sha256: {hashlib.sha256(body).hexdigest()}" in result.stdout.decode().lower()
+    app_post_streams_byte_exact(demo, tmp_path)
     # Chunked request body too (curl streams it from stdin).
+    body = os.urandom(5 * 1024 * 1024)
     result = subprocess.run(
         ["curl", "-sS", "--cacert", demo["ca"], "--cert", demo["cert"], "--key", demo["key"],
          "-H", "transfer-encoding: chunked", "--data-binary", "@-", demo["url"] + "/api/echo"],
@@ -164,17 +157,7 @@ def test_download_streams(demo, tmp_path):
 
 
 def test_websocket_echo_through_the_proxy(cluster, demo):
-    host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
-    sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", demo)
-    try:
-        ws = WebSocketClient(sock, host)
-        ws.send_text("hello app")
-        assert ws.receive() == "hello app"
-        blob = os.urandom(300 * 1024)
-        ws.send_bytes(blob)
-        assert ws.receive() == blob
-    finally:
-        sock.close()
+    app_websocket_echoes(cluster["proxy"], "demo", demo, "hello app", os.urandom(300 * 1024))
 
 
 def test_redirect_to_the_apps_own_uri_is_rewritten(demo):

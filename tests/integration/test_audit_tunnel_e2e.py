@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization as ssh_serialization
 
 from edgeaccess.devcluster import join_node, run_edge, wait_for
 from edgeaccess.pki import keys, sshca
+from tests.integration.steps import interactive_ssh, session_events
 
 PASSWORD = "audit-tunnel-pass-1"
 
@@ -82,18 +83,7 @@ def ssh(home, node_name, proxy, *command):
 
 
 def interactive(home, node_name, proxy):
-    child = pexpect.spawn("ssh", ["-tt", *ssh_options(home), target(node_name, proxy)],
-                          timeout=30, encoding="utf-8")
-    child.setwinsize(30, 100)
-    return child
-
-
-def session_events(proxy, session_id, until_type="session.end", timeout=30.0):
-    def arrived():
-        found = search(proxy, "--session", session_id)
-        return found if until_type in [e["event"] for e in found] else None
-
-    return wait_for(arrived, timeout, f"{until_type} of session {session_id}", interval=0.3)
+    return interactive_ssh(*ssh_options(home), target(node_name, proxy))
 
 
 def check_common(event, proxy, node_name, session_id):
