@@ -266,6 +266,13 @@ def test_wrong_password_keeps_the_form_and_says_so(world, context, shots):
     page.screenshot(path=str(shots / "login.png"))
 
 
+def filter_by_labels(page, labels: str, section: str) -> None:
+    """Type ``labels`` in the filter box, apply it, and wait for ``section`` again."""
+    page.fill("#filter", labels)
+    page.click("#filters button")
+    page.wait_for_selector(section)
+
+
 def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     page = context.new_page()
     started = time.monotonic()
@@ -281,10 +288,7 @@ def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     cookie = [c for c in context.cookies() if c["name"] == "__Host-edge-session"][0]
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     page.screenshot(path=str(shots / "nodes.png"))
-    # Filter by label.
-    page.fill("#filter", "env=prod")
-    page.click("#filters button")
-    page.wait_for_selector("#nodes")
+    filter_by_labels(page, "env=prod", "#nodes")
     assert page.locator("#nodes .row[data-node]").count() == 1
     assert page.locator('#nodes .row[data-node="lannode"]').count() == 1
     # The leaf cluster is selectable and lists its node.
@@ -318,9 +322,7 @@ def test_apps_and_kube_clusters_the_roles_allow_are_listed_and_filtered(world, c
     assert response is not None and response.status in (502, 503, 504), response.status
     launched.close()
     # The label filter applies to every section.
-    page.fill("#filter", "team=web")
-    page.click("#filters button")
-    page.wait_for_selector("#apps")
+    filter_by_labels(page, "team=web", "#apps")
     assert page.locator("#apps tr[data-name]").count() == 1
     assert page.locator("#kube tr[data-name]").count() == 0
     # A leaf's apps and Kubernetes clusters, asked as the user.
