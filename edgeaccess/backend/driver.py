@@ -195,71 +195,58 @@ class ThreadedDriver:
 
     def get(self, key: str) -> Deferred[Any]:
         """See :meth:`IBackend.get`."""
-        try:
-            self._check_key(key)
-        except Exception as error:
-            return fail(error)
-        return self._interact(self._statements.get, key, self.clock.seconds())
+        return self._checked(self._interact, self._statements.get,
+                             lambda: (self._check_key(key), self.clock.seconds()))
 
     def put(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Any]:
         """See :meth:`IBackend.put`."""
-        try:
-            row = self._row(key, value, expires)
-        except Exception as error:
-            return fail(error)
-        return self._write(self._statements.store, *row)
+        return self._checked(self._write, self._statements.store,
+                             lambda: self._row(key, value, expires))
 
     def create(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Any]:
         """See :meth:`IBackend.create`."""
-        try:
-            row = self._row(key, value, expires)
-        except Exception as error:
-            return fail(error)
-        return self._write(self._statements.create, *row)
+        return self._checked(self._write, self._statements.create,
+                             lambda: self._row(key, value, expires))
 
     def update(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Any]:
         """See :meth:`IBackend.update`."""
-        try:
-            row = self._row(key, value, expires)
-        except Exception as error:
-            return fail(error)
-        return self._write(self._statements.update, *row)
+        return self._checked(self._write, self._statements.update,
+                             lambda: self._row(key, value, expires))
 
     def compare_and_swap(
         self, key: str, expected: bytes, value: bytes, expires: datetime | None = None
     ) -> Deferred[Any]:
         """See :meth:`IBackend.compare_and_swap`."""
-        try:
-            row = self._row(key, value, expires)
-            expected = check_value(expected)
-        except Exception as error:
-            return fail(error)
-        return self._write(self._statements.compare_and_swap, *row, expected)
+        return self._checked(self._write, self._statements.compare_and_swap,
+                             lambda: (*self._row(key, value, expires), check_value(expected)))
 
     def delete(self, key: str) -> Deferred[None]:
         """See :meth:`IBackend.delete`."""
-        try:
-            self._check_key(key)
-        except Exception as error:
-            return fail(error)
-        return self._write(self._statements.delete, key).addCallback(lambda _: None)
+        deleted = self._checked(self._write, self._statements.delete,
+                                lambda: (self._check_key(key),))
+        return deleted.addCallback(lambda _: None)
 
     def get_range(self, prefix: str, limit: int | None = None) -> Deferred[Any]:
         """See :meth:`IBackend.get_range`."""
-        try:
-            self._check_prefix(prefix)
-            limit = check_limit(limit)
-        except Exception as error:
-            return fail(error)
-        return self._interact(self._statements.get_range, prefix, limit, self.clock.seconds())
+        return self._checked(
+            self._interact, self._statements.get_range,
+            lambda: (self._check_prefix(prefix), check_limit(limit), self.clock.seconds()))
 
     def delete_range(self, prefix: str) -> Deferred[Any]:
         """See :meth:`IBackend.delete_range`."""
+        return self._checked(self._write, self._statements.delete_range,
+                             lambda: (self._check_prefix(prefix),))
+
+    @staticmethod
+    def _checked(run: Callable[..., Deferred[Any]], statement: Callable[..., Any],
+                 arguments: Callable[[], tuple[Any, ...]]) -> Deferred[Any]:
+        """``run(statement, *arguments())``, or a failed Deferred if the
+        arguments are refused (the checks run here, on the reactor thread)."""
         try:
-            self._check_prefix(prefix)
+            checked = arguments()
         except Exception as error:
             return fail(error)
-        return self._write(self._statements.delete_range, prefix)
+        return run(statement, *checked)
 
     def close(self) -> Deferred[None]:
         """Close the connections and stop the threads once running calls are done.
