@@ -54,13 +54,28 @@ def users(proxy):
 
 
 @pytest.fixture(scope="module")
-def node(proxy, users, tmp_path_factory):
+def tn1(proxy, users, tmp_path_factory):
     # A short outage budget: a session cut by a proxy crash ends (and is
     # audited) while the proxy is down, as the crash test below needs.
     process = start_tunnel_node(proxy, tmp_path_factory.mktemp("tn1"), "tn1",
                                 extra_args=["--resume-budget", "2s"])
     yield process
     process.stop()
+
+
+#: Set by the proxy-crash test (last in file order): the proxy was restarted.
+_proxy_restarted: list[bool] = []
+
+
+@pytest.fixture
+def node(tn1, proxy, alice_home):
+    """tn1, reachable: after the proxy-crash test restarted the proxy, its
+    tunnel agent may still be backing off, so a test run after it waits."""
+    if _proxy_restarted:
+        wait_for(lambda: ssh(alice_home, "tn1", proxy, "true").returncode == 0, 60,
+                 "tn1 reachable after the proxy restart", tn1.process, interval=0.5)
+        _proxy_restarted.clear()
+    return tn1
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +356,7 @@ def test_a_proxy_killed_mid_session_gets_its_end_and_recording_tail_exactly_once
     child.sendline("echo the-tail-$((5*5))")
     child.expect("the-tail-25")
     proxy.kill()
+    _proxy_restarted.append(True)
     child.expect(pexpect.EOF)  # the user's TCP went through the proxy
     child.close()
     # The node ends the cut session while nobody can take its events: the
