@@ -19,7 +19,15 @@ from pathlib import Path
 import pexpect
 
 from edgeaccess.devcluster import ProxyProcess, wait_for
-from tests.apps.appkit import PUBLIC_HOST, WebSocketClient, curl, tls_socket, web_port
+from tests.apps.appkit import (
+    PUBLIC_HOST,
+    WebSocketClient,
+    curl,
+    tls_socket,
+    web_login,
+    web_port,
+    ws_echo_script,
+)
 from tests.kube_world import KUBECTL
 
 
@@ -136,3 +144,47 @@ def session_events(proxy: ProxyProcess, session_id: str, until_type: str = "sess
         return found if until_type in [e["event"] for e in found] else None
 
     return wait_for(arrived, timeout, f"{until_type} of session {session_id}", interval=0.3)
+
+
+def browser_app_session_ended_by_ui_logout(context, ui: str, app: str, user: str,
+                                           password: str, query: str) -> tuple[dict, dict]:
+    """In Chromium (the browser ``context``): log in to the web UI at ``ui``
+    as ``user``, then open the app at ``app + query`` with no app cookie (app
+    host -> launcher -> app host -> the page): the page greets ``user`` with
+    a verified identity, the proxy's cookies never reach the app, its
+    WebSocket echoes. Logging out of the web UI then ends the app session:
+    the WebSocket closes and the app host sends back to the login form.
+
+    :returns: ``(the app host's cookie, the app's /api/whoami answer)``, for
+        the caller's own checks.
+    """
+    import json
+
+    page = context.new_page()
+    web_login(page, ui, user, password)
+    page.goto(app + query)
+    try:
+        page.wait_for_selector("#hello", timeout=20000)
+    except Exception:
+        raise AssertionError(f"the app page did not come: at {page.url}: "
+                             f"{page.inner_text('body')[:500]}")
+    assert page.inner_text("#hello") == f"Hello {user}"
+    assert page.inner_text("#verified") == "verified: true"
+    assert page.url == app + query
+    (cookie,) = [c for c in context.cookies(app) if c["name"] == "__Host-edge-app"]
+    assert cookie["secure"] and cookie["httpOnly"]
+    answer = json.loads(page.evaluate("fetch('/api/whoami').then(r => r.text())"))
+    assert "__Host-edge" not in json.dumps(answer["headers"])
+    assert answer["claims"]["username"] == user
+    wss = app.replace("https://", "wss://", 1) + "/ws"
+    assert page.evaluate(ws_echo_script(wss)) == "from the browser"
+    ui_page = context.new_page()
+    ui_page.goto(ui + "/web/")
+    ui_page.click("#logout")
+    ui_page.wait_for_selector("#login-form")
+    wait_for(lambda: page.evaluate("window.appSocketClosed"), 15,
+             "the app WebSocket closed after logout")
+    page.goto(app + "/api/whoami")
+    page.wait_for_selector("#login-form")
+    assert page.url.startswith(ui)
+    return cookie, answer

@@ -31,9 +31,12 @@ from tests.apps.appkit import (
     tls_socket,
     web_listen,
     web_port,
-    ws_echo_script,
 )
-from tests.integration.steps import app_post_streams_byte_exact, app_websocket_echoes
+from tests.integration.steps import (
+    app_post_streams_byte_exact,
+    app_websocket_echoes,
+    browser_app_session_ended_by_ui_logout,
+)
 
 #: The proxy's --app-timeouts response=... here (the default is 60 s).
 SLOW_APP_TIMEOUT = 8
@@ -355,43 +358,11 @@ def test_browser_launches_the_app_through_the_web_session(cluster, browser):
     # Chromium trusts the cluster's web CA only; no certificate error is ignored.
     context = browser.new_context()
     try:
-        page = context.new_page()
-        page.goto(ui + "/")
-        page.fill("#user", "alice")
-        page.fill("#password", "alice-password-1")
-        page.click("#login")
-        page.wait_for_selector("#logout")
-        # No app cookie: app host -> launcher (web session) -> app host -> the page.
-        page.goto(app + "/?from=browser")
-        try:
-            page.wait_for_selector("#hello", timeout=15000)
-        except Exception:
-            raise AssertionError(f"the app page did not come: at {page.url}: "
-                                 f"{page.inner_text('body')[:500]}")
-        assert page.inner_text("#hello") == "Hello alice"
-        assert page.inner_text("#verified") == "verified: true"
-        assert page.url == app + "/?from=browser"
-        (cookie,) = [c for c in context.cookies(app) if c["name"] == "__Host-edge-app"]
-        assert cookie["secure"] and cookie["httpOnly"] and cookie["domain"] == f"demo.{PUBLIC_HOST}"
+        cookie, _ = browser_app_session_ended_by_ui_logout(
+            context, ui, app, "alice", "alice-password-1", "/?from=browser")
+        assert cookie["domain"] == f"demo.{PUBLIC_HOST}"
         assert not [c for c in context.cookies(f"https://secret.{PUBLIC_HOST}:{port}")
                     if c["name"].startswith("__Host-edge-app")]  # host-only
-        # The app never sees the proxy's cookies.
-        answer = json.loads(page.evaluate("fetch('/api/whoami').then(r => r.text())"))
-        assert "__Host-edge" not in json.dumps(answer["headers"])
-        assert answer["claims"]["username"] == "alice"
-        assert page.evaluate(ws_echo_script(f"wss://demo.{PUBLIC_HOST}:{port}/ws")) == \
-            "from the browser"
-        # Logging out of the web UI ends the app session: the WebSocket closes
-        # and the next page load goes back to the login form.
-        ui_page = context.new_page()
-        ui_page.goto(ui + "/web/")
-        ui_page.click("#logout")
-        ui_page.wait_for_selector("#login-form")
-        wait_for(lambda: page.evaluate("window.appSocketClosed"), 15,
-                 "the app WebSocket closed after logout")
-        page.goto(app + "/api/whoami")
-        page.wait_for_selector("#login-form")
-        assert page.url.startswith(ui)
     finally:
         context.close()
     assert any(e.get("method") == "web" and e.get("user") == "alice" for e in
