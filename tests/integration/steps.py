@@ -12,7 +12,7 @@ import re
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +29,31 @@ from tests.apps.appkit import (
     ws_echo_script,
 )
 from tests.kube_world import KUBECTL
+
+
+def _cluster_name(module_name: str) -> str:
+    """A valid cluster name from a test module's name (``test_cluster_core`` -> ``cluster-core``)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", module_name.lower().removeprefix("test_"))
+    return name.strip("-")[:40] or "test"
+
+
+def module_proxy(request, tmp_path_factory, extra_args: Sequence[str] = ()) -> Iterator[ProxyProcess]:
+    """For a module-scoped fixture (``yield from``): one ``twistd -n edgeproxy``
+    for the module, its cluster named after it, stopped at the end; its log
+    is printed if it fails to start."""
+    import pytest
+
+    base = tmp_path_factory.mktemp("proxy")
+    process = ProxyProcess(base / "proxy", base / "proxy.log",
+                           cluster=_cluster_name(request.module.__name__.rpartition(".")[2]),
+                           extra_args=list(extra_args))
+    try:
+        process.start()
+    except Exception:
+        process.kill()
+        pytest.fail(f"proxy did not start; log:\n{process.log()[-4000:]}")
+    yield process
+    process.stop()
 
 
 @contextmanager
