@@ -31,6 +31,7 @@ import socket
 import ssl
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -497,14 +498,25 @@ def test_logout_ends_an_open_terminal(world, context):
     assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
 
 
-def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, browser):
-    world.root.add_user("changer", PASSWORD, roles=("access",), logins=("root",))
+@contextmanager
+def terminal_of_a_new_user(world, browser, user: str, marker: str):
+    """A user of the test's own (the test ends their web session), logged in
+    in a browser context of their own, with a terminal open on tnode that
+    echoed ``marker``: yields its page."""
+    world.root.add_user(user, PASSWORD, roles=("access",), logins=("root",))
     ctx = browser.new_context()
     try:
         page = ctx.new_page()
-        log_in(page, world, user="changer")
+        log_in(page, world, user=user)
         open_terminal(page, world, "root@tnode.root")
-        run(page, "echo before-change", "before-change")
+        run(page, f"echo {marker}", marker)
+        yield page
+    finally:
+        ctx.close()
+
+
+def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, browser):
+    with terminal_of_a_new_user(world, browser, "changer", "before-change") as page:
         world.root.edgectl("users", "set-password", "changer", "--password-stdin",
                            input="a brand new password\n")
         page.wait_for_selector("#term-status.closed", timeout=15000)
@@ -512,8 +524,6 @@ def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, bro
         assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
         log_in(page, world, user="changer", password="a brand new password")
         page.wait_for_selector("#nodes")
-    finally:
-        ctx.close()
 
 
 def test_every_page_runs_under_the_csp_without_a_violation(world, context):
@@ -543,13 +553,7 @@ def test_every_page_runs_under_the_csp_without_a_violation(world, context):
 
 
 def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
-    world.root.add_user("lockme", PASSWORD, roles=("access",), logins=("root",))
-    ctx = browser.new_context()
-    try:
-        page = ctx.new_page()
-        log_in(page, world, user="lockme")
-        open_terminal(page, world, "root@tnode.root")
-        run(page, "echo before-lock", "before-lock")
+    with terminal_of_a_new_user(world, browser, "lockme", "before-lock") as page:
         started = time.monotonic()
         world.root.edgectl("lock", "--user", "lockme", "--ttl", "10m",
                            "--message", "maintenance window")
@@ -558,8 +562,6 @@ def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
         assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
         log_in(page, world, user="lockme")
         assert "maintenance window" in page.inner_text("#login-error")
-    finally:
-        ctx.close()
 
 
 # --- recordings and audit --------------------------------------------------------------
