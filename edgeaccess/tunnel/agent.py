@@ -105,13 +105,9 @@ class AgentTunnelProtocol(TunnelConnection):
             window=window,
             max_channels=max_channels,
         )
-        self._resume_slot = resume
+        self._resume_slot = None
         if resume is not None:
-            self.resume_budget = resume.budget
-            self.probe_interval = resume.probe_interval
-            waiting = resume.take()
-            if waiting is not None:
-                self._adopt_mux(waiting)
+            self.use_resume_slot(resume)
         self.inventory = inventory
         self._on_control = on_control
         self._control_pieces: list[bytes] = []
@@ -123,11 +119,30 @@ class AgentTunnelProtocol(TunnelConnection):
         self.ready: Deferred[AgentTunnelProtocol] = Deferred(self._cancel_handshake)
         self.mux.local_name = inventory.name
 
+    def use_resume_slot(self, slot: ResumeSlot) -> None:
+        """Keep this tunnel's channels in ``slot`` across outages (and carry
+        the session waiting there, if any). Before ``Hello`` only."""
+        self._resume_slot = slot
+        self.resume_budget = slot.budget
+        self.probe_interval = slot.probe_interval
+        waiting = slot.take()
+        if waiting is not None:
+            self._adopt_mux(waiting)
+
+    #: Whether Hello goes out at connection (else :meth:`send_hello` is
+    #: called later, e.g. once TLS says who the peer is).
+    hello_at_connection = True
+
     def connectionMade(self) -> None:
         super().connectionMade()
         # Only the proxy's answer to our Hello gates the proxy's commands.
         self.hello_done = True
         self.mux.peer_name = f"proxy {self.transport.getPeer()}"
+        if self.hello_at_connection:
+            self.send_hello()
+
+    def send_hello(self) -> None:
+        """Say Hello (inventory, capabilities, the session to resume)."""
         self.call(
             Hello,
             protocol_version=PROTOCOL_VERSION,
