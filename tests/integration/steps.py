@@ -213,3 +213,27 @@ def browser_app_session_ended_by_ui_logout(context, ui: str, app: str, user: str
     page.wait_for_selector("#login-form")
     assert page.url.startswith(ui)
     return cookie, answer
+
+
+# --- trusted clusters ------------------------------------------------------------------
+
+
+def trusted_cluster_yaml(*, name: str, token: str, pin: str, web: str, tunnel: str,
+                         role_map: dict[str, list[str]], enabled: bool = True) -> str:
+    """The ``trusted_cluster`` document a leaf creates to trust the root
+    ``name`` at ``web`` (the token exchange) and ``tunnel``; ``role_map``
+    maps each root role to the leaf's roles."""
+    mapped = "".join(f"    - {{remote: {remote}, local: [{', '.join(local)}]}}\n"
+                     for remote, local in role_map.items())
+    return f"""\
+kind: trusted_cluster
+version: v1
+metadata: {{name: {name}}}
+spec:
+  enabled: {str(enabled).lower()}
+  token: {token}
+  ca_pin: {pin}
+  web_proxy_addr: {web}
+  tunnel_addr: {tunnel}
+  role_map:
+{mapped}"""

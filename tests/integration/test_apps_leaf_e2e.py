@@ -25,7 +25,7 @@ from tests.apps.appkit import (
     web_login,
     web_port,
 )
-from tests.integration.steps import browser_app_session_ended_by_ui_logout
+from tests.integration.steps import browser_app_session_ended_by_ui_logout, trusted_cluster_yaml
 
 LEAF_ROLE = """\
 kind: role
@@ -37,20 +37,8 @@ spec:
 
 
 def trust_yaml(token: str, pin: str, web: str, tunnel: str) -> str:
-    return f"""\
-kind: trusted_cluster
-version: v1
-metadata: {{name: root}}
-spec:
-  enabled: true
-  token: {token}
-  ca_pin: {pin}
-  web_proxy_addr: {web}
-  tunnel_addr: {tunnel}
-  role_map:
-    - {{remote: access, local: [access]}}
-    - {{remote: webonly, local: [leaf-ops]}}
-"""
+    return trusted_cluster_yaml(name="root", token=token, pin=pin, web=web, tunnel=tunnel,
+                                role_map={"access": ["access"], "webonly": ["leaf-ops"]})
 
 
 @pytest.fixture(scope="module")

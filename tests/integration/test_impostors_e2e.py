@@ -35,6 +35,7 @@ import pytest
 from edgeaccess.devcluster import NodeProcess, ProxyProcess, join_node, run_edge, wait_for
 from edgeaccess.pki import keys, x509ca
 
+from tests.integration.steps import trusted_cluster_yaml
 from tests.pkitools import Identity, issue_legacy_certificate
 
 PASSWORD = "impostor-test-password-1234"
@@ -369,19 +370,9 @@ def trust_impostors(world, tmp_path, web: str):
     tunnel impostor as the root's tunnel address: ``(token, path)``."""
     token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
     document = tmp_path / "trust.yaml"
-    document.write_text(f"""\
-kind: trusted_cluster
-version: v1
-metadata: {{name: impostors}}
-spec:
-  enabled: true
-  token: {token}
-  ca_pin: {world.pin}
-  web_proxy_addr: {web}
-  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
-  role_map:
-    - {{remote: access, local: [access]}}
-""")
+    document.write_text(trusted_cluster_yaml(
+        name="impostors", token=token, pin=world.pin, web=web,
+        tunnel=f"127.0.0.1:{world.tunnel_impostor.port}", role_map={"access": ["access"]}))
     return token, document
 
 
