@@ -87,7 +87,8 @@ class Options(usage.Options):
         ["resume-budget", None, "60s",
          "how long a node's channels (users' SSH sessions...) are held through an "
          "outage of its tunnel or of the connection to a LAN node's agent port, "
-         "e.g. 60s or 2m; 0 turns resumption off"],
+         "e.g. 60s or 2m; 0 turns resumption off (a leaf proxy's tunnels to its "
+         "roots resume the same way)"],
         ["backend-pool", None, None,
          "connections (and query threads) of a PostgreSQL backend (default 4)"],
         ["ca-key-file", None, None,
@@ -564,7 +565,8 @@ def makeService(options, reactor=None) -> service.MultiService:
             target_check=control.check_target)
 
     LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
-              apps=apps.gateway).setServiceParent(top)
+              apps=apps.gateway,
+              resume_budget=options.get("resume-budget", 60.0)).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", lambda: listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening, startup)

@@ -66,6 +66,8 @@ _log = Logger()
 
 #: Longest wait before redialing while channels wait for a tunnel (seconds).
 QUICK_REDIAL = 1.0
+#: Why an agent's channels end when it stops (their sessions audit it).
+STOPPING = "the node is stopping"
 #: Largest control message an agent assembles from ControlUpdate pieces.
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
@@ -396,7 +398,11 @@ def _make_machine() -> Callable[[_AgentCore], _Agent]:
             delay = backoff_delay(s.failures, s.rng, s.base, s.cap)
             if s.quick_redial():
                 delay = min(delay, s.rng.uniform(0.1, QUICK_REDIAL))
-            s.failures += 1
+            else:
+                # Quick redials (bounded by the outage budget) do not grow the
+                # backoff: past the budget the agent still comes back within
+                # seconds of the link, and the proxy learns its channels ended.
+                s.failures += 1
             reason = cause.getErrorMessage() if isinstance(cause, Failure) else "tunnel lost"
             s.enter("waiting", attempt=s.failures, delay=f"{delay:.1f} s", after=reason)
         s.last_delay = delay
@@ -589,8 +595,16 @@ class TunnelAgent(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        stopping = self._machine.stop()
         resume = self.resume
+        tunnel = self._core.current
+        if resume is not None and tunnel is not None and tunnel._mux is not None:
+            # Stopping is no outage: the peer must not hold our channels for
+            # its budget either (a disabled trust cuts its sessions at once),
+            # so each is closed on the wire before the tunnel goes.
+            for channel in list(tunnel._mux.channels.values()):
+                channel.lost_reason = STOPPING
+                channel.abortConnection()
+        stopping = self._machine.stop()
         if resume is None:
             return stopping
 
@@ -598,7 +612,7 @@ class TunnelAgent(Service):
             # Stopping is no outage: the channels end now, not after the budget.
             mux = resume.mux
             if mux is not None and not mux._lost:
-                mux.expire("the node is stopping")
+                mux.expire(STOPPING)
             return result
 
         return stopping.addBoth(end_the_session)
