@@ -761,7 +761,7 @@ def world(tmp_path_factory):
         logs = world.logs()
         world.stop()
         pytest.fail(f"the clusters did not come up: {error}\n{logs}")
-    report("root + leaf + 3 nodes + kube stand-in up", time.monotonic() - started)
+    report("root + leaf + 6 nodes + 2 kube stand-ins up", time.monotonic() - started)
     yield world
     world.stop()
 
