@@ -441,7 +441,8 @@ def test_short_send_path_sets_notsent_lowat_and_pauses_when_the_socket_refuses()
         tls_like = type("TLS", (), {"transport": connection})()
         assert fasttls.eager_tcp_writes(connection)
         path = fasttls.shorten_send_path(tls_like)
-        assert path.applied == {"notsent_lowat": True, "send_limit": True, "unsent_check": True}
+        assert path.applied == {"notsent_lowat": True, "send_limit": True, "unsent_check": True,
+                                "link_sample": True}
         value = connection.socket.getsockopt(socket.IPPROTO_TCP, fasttls._TCP_NOTSENT_LOWAT)
         assert value == fasttls.NOTSENT_LOWAT
         producer = Membrane()
@@ -468,7 +469,8 @@ def test_short_send_path_falls_back_without_the_reach(monkeypatch: pytest.Monkey
         try:
             tls_like = type("TLS", (), {"transport": connection})()
             assert fasttls.shorten_send_path(tls_like).applied == {
-                "notsent_lowat": True, "send_limit": False, "unsent_check": False}
+                "notsent_lowat": True, "send_limit": False, "unsent_check": False,
+                "link_sample": True}
             assert "_isSendBufferFull" not in vars(connection)
         finally:
             connection.socket.close()
