@@ -10,7 +10,11 @@
   on 127.0.0.1; a :class:`relay <_relay_main>` process listens inside the
   uplink namespace on the veth address and passes each connection on to the
   proxy's loopback ports, delaying every byte by ``delay_ms`` each way
-  (half the RTT). The kernel on this machine has no ``netem`` (``tc qdisc
+  (half the RTT); what it writes onto the link it buffers no more than a link
+  would (its propagation and a segment, a 2 KiB socket allowance), so in an
+  upload the proxy's own tunnel socket meets the link's backpressure (the
+  relay's TCP over the tbf still keeps its congestion window in flight:
+  BBR's minimum of 4 segments). The kernel on this machine has no ``netem`` (``tc qdisc
   add ... netem`` answers "Specified qdisc kind is unknown"), so the delay is
   the relay's; the rate and the queue in front of it are the kernel's, so
   the node's tunnel socket meets a real slow link (its send buffer,
@@ -187,7 +191,7 @@ class LinkLab:
                 "--listen-host", self.dial_host,
                 "--map", ",".join(f"{listen}={target}" for listen, target in mapping.items())]
         if self.mode == "netns":
-            argv += ["--netns", self.uplink_ns]
+            argv += ["--netns", self.uplink_ns, "--link-kbit", str(self.rate_kbit)]
         else:
             argv += ["--rate-kbit", str(self.rate_kbit)]
         log = open(self.log_dir / "relay.log", "ab") if self.log_dir else subprocess.DEVNULL
@@ -198,6 +202,19 @@ class LinkLab:
         if not line.startswith(b"ready"):
             raise RuntimeError(f"the link relay did not start: {line!r}")
         self.ports = dict(mapping)
+
+    def stop_relay(self) -> None:
+        """Stop the relay (a new :meth:`relay` may follow)."""
+        relay, self._relay = self._relay, None
+        if relay is not None and relay.poll() is None:
+            try:
+                os.killpg(relay.pid, signal.SIGTERM)
+                relay.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(relay.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def cut(self) -> None:
         """Cut the link: every connection through it is reset, new ones are
@@ -211,16 +228,7 @@ class LinkLab:
         self._relay.send_signal(signal.SIGUSR2)
 
     def close(self) -> None:
-        if self._relay is not None and self._relay.poll() is None:
-            try:
-                os.killpg(self._relay.pid, signal.SIGTERM)
-                self._relay.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self._relay.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self._relay = None
+        self.stop_relay()
         while self._made_ns:
             ns = self._made_ns.pop()
             # Whatever still runs in it (a node the caller did not stop).
@@ -237,12 +245,14 @@ class LinkLab:
 
     # -- measuring what the link holds ----------------------------------------
 
-    def queue_bytes(self) -> int | None:
-        """Bytes waiting in the node side's tbf queue now (netns mode)."""
+    def queue_bytes(self, side: str = "node") -> int | None:
+        """Bytes waiting in the tbf queue now (netns mode) of the node's side
+        (``"node"``: toward the proxy) or the uplink's (``"uplink"``: toward the node)."""
         if self.mode != "netns":
             return None
-        out = _run("tc", "-n", self.node_ns, "-s", "qdisc", "show", "dev", f"{self.name}n",
-                   check=False).stdout
+        ns, dev = ((self.node_ns, f"{self.name}n") if side == "node"
+                   else (self.uplink_ns, f"{self.name}u"))
+        out = _run("tc", "-n", ns, "-s", "qdisc", "show", "dev", dev, check=False).stdout
         for line in out.splitlines():
             line = line.strip()
             if line.startswith("backlog"):
@@ -282,10 +292,13 @@ class _Line:
     """One direction of one relayed connection: bytes leave ``delay`` after
     they arrived (in order), at ``rate`` bytes/s at most when shaping."""
 
-    def __init__(self, loop, delay: float, rate: float | None) -> None:
+    def __init__(self, loop, delay: float, rate: float | None,
+                 hold_rate: float | None = None) -> None:
         # Pause reading past this much in the line: what the link holds in
-        # flight (shaping in user space: that and a short queue).
-        self.HOLD = int(rate * (delay + 0.05)) + 1500 if rate else 64 * 1024
+        # flight (shaping in user space: that and a short queue; behind a
+        # tbf, ``hold_rate``: the link's propagation and a segment).
+        sizing = rate or hold_rate
+        self.HOLD = int(sizing * (delay + 0.05)) + 1500 if sizing else 64 * 1024
         self.loop = loop
         self.delay = delay
         self.rate = rate
@@ -294,6 +307,8 @@ class _Line:
         self.held = 0
         self.free_at = 0.0
         self.closed = False
+        #: The output's write buffer is full: reading waits for it too.
+        self.blocked = False
 
     def push(self, data: bytes) -> None:
         now = self.loop.time()
@@ -312,7 +327,8 @@ class _Line:
         self.held -= len(data)
         if self.out is not None and not self.out.is_closing():
             self.out.write(data)
-        if self.held <= self.HOLD // 2 and self.source is not None and not self.closed:
+        if (self.held <= self.HOLD // 2 and self.source is not None and not self.closed
+                and not self.blocked):
             try:
                 self.source.resume_reading()
             except (AttributeError, RuntimeError):
@@ -332,10 +348,14 @@ class _Line:
 
 
 class _Half(asyncio.Protocol):
-    def __init__(self, line: _Line, peer_line: _Line) -> None:
+    def __init__(self, line: _Line, peer_line: _Line, lean: bool = False) -> None:
         self.line = line  # what this side reads goes into it
         self.peer_line = peer_line  # what the other side reads comes out here
         self.transport: asyncio.Transport | None = None
+        #: Writes onto the shaped link (netns): hold as little as a link
+        #: would, so that the sender's own socket (the proxy's, in an upload)
+        #: meets the link's backpressure instead of this relay's buffers.
+        self.lean = lean
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -343,21 +363,24 @@ class _Half(asyncio.Protocol):
         self.line.source = transport
         self.peer_line.out = transport
         # What this side sends waits here, not in a deep buffer: past 16 KiB
-        # the other side's reading pauses.
-        transport.set_write_buffer_limits(high=16 * 1024)
+        # (lean: 2 KiB) the other side's reading pauses.
+        buffered = 2 * 1024 if self.lean else 16 * 1024
+        transport.set_write_buffer_limits(high=buffered)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 16 * 1024)
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, buffered)
             except OSError:
                 pass
 
     def pause_writing(self) -> None:
+        self.peer_line.blocked = True
         if self.peer_line.source is not None:
             self.peer_line.source.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer_line.source is not None:
+        self.peer_line.blocked = False
+        if self.peer_line.source is not None and self.peer_line.held <= self.peer_line.HOLD:
             try:
                 self.peer_line.source.resume_reading()
             except RuntimeError:
@@ -397,7 +420,7 @@ _outage = _Outage()
 
 
 async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
-                 rate: float | None, netns: str | None) -> None:
+                 rate: float | None, netns: str | None, hold_rate: float | None = None) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, _outage.cut)
     loop.add_signal_handler(signal.SIGUSR2, _outage.restore)
@@ -407,8 +430,8 @@ async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
 
     async def handle(reader_sock: socket.socket, target: int) -> None:
         up = _Line(loop, delay, rate)  # node -> proxy
-        down = _Line(loop, delay, rate)  # proxy -> node
-        node_side = _Half(up, down)
+        down = _Line(loop, delay, rate, hold_rate)  # proxy -> node, onto the link
+        node_side = _Half(up, down, lean=hold_rate is not None)
         try:
             await loop.connect_accepted_socket(lambda: node_side, reader_sock)
             await loop.create_connection(lambda: _Half(down, up), "127.0.0.1", target)
@@ -460,12 +483,16 @@ def _relay_main(argv: list[str]) -> int:
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--rate-kbit", type=float, default=0.0)
     parser.add_argument("--netns", default=None)
+    parser.add_argument("--link-kbit", type=float, default=0.0,
+                        help="the tbf's rate (netns): buffers toward the node sized for it")
     args = parser.parse_args(argv)
     mapping = {int(a): int(b) for a, b in (item.split("=") for item in args.map.split(","))}
     rate = args.rate_kbit * 1000 / 8 if args.rate_kbit else None
+    hold_rate = args.link_kbit * 1000 / 8 if args.link_kbit else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        asyncio.run(_relay(args.listen_host, mapping, args.delay_ms / 1000.0, rate, args.netns))
+        asyncio.run(_relay(args.listen_host, mapping, args.delay_ms / 1000.0, rate, args.netns,
+                           hold_rate))
     except (KeyboardInterrupt, SystemExit):
         pass
     return 0

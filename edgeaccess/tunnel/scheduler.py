@@ -419,7 +419,8 @@ class SendScheduler:
                 self._leave(channel)
                 continue
             limit = self.max_piece
-            if self._interactive_open and self._cap is not None:
+            capped = self._interactive_open and self._cap is not None
+            if capped:
                 if self._wake is not None or self._bulk_held():
                     return False
                 limit = self._capped_piece
@@ -427,6 +428,10 @@ class SendScheduler:
                 # Alone, a bulk channel sends whole frames (nobody to share with).
                 channel._deficit += self.quantum if len(bulk) > 1 else self.max_piece
             sent = self._send(channel, min(channel._deficit, limit))
+            if capped and self._unflushed and self._flush is not None:
+                # The next check must see this piece in the socket.
+                self._unflushed = 0
+                self._flush()
             channel._deficit -= sent
             if not channel._sendable():
                 bulk.popleft()

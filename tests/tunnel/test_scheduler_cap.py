@@ -158,6 +158,33 @@ def test_the_cap_keeps_a_slow_link_busy_and_wakes_only_while_bulk_waits() -> Non
     assert wakes < 2.0 / 0.002
 
 
+def test_under_the_cap_each_bulk_piece_reaches_the_socket_before_the_next_check() -> None:
+    # The TLS transport gathers small writes until a flush: a piece the
+    # socket has not seen would not count against the cap.
+    clock = Clock()
+    link = FakeLink(clock, SLOW, SLOW_RTT)
+    gathered: list[int] = []
+
+    def flush() -> None:
+        link.take(sum(gathered))
+        gathered.clear()
+
+    scheduler = SendScheduler(MAX_PIECE, flush=flush, cap=BulkCap(link.sample, clock))
+    open_interactive(scheduler, FakeChannel("terminal", 0))
+    bulk = FakeChannel("bulk", 1_000_000)
+    original = bulk._send_piece
+
+    def send_piece(limit: int) -> int:
+        size = original(limit)
+        gathered.append(size)
+        return size
+
+    bulk._send_piece = send_piece  # type: ignore[method-assign]
+    scheduler.ready(bulk)
+    assert gathered == []
+    assert link.held < SLOW * CAP_QUEUE_TIME + 2 * PIECE_FLOOR
+
+
 def test_a_fast_link_never_meets_the_cap() -> None:
     # Loopback's figures: ~10 GB/s, a 5 us minimum RTT.
     clock, link, scheduler = capped(10e9, 5e-6)
