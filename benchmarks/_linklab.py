@@ -10,11 +10,13 @@
   on 127.0.0.1; a :class:`relay <_relay_main>` process listens inside the
   uplink namespace on the veth address and passes each connection on to the
   proxy's loopback ports, delaying every byte by ``delay_ms`` each way
-  (half the RTT); what it writes onto the link it buffers no more than a link
-  would (its propagation and a segment, a 2 KiB socket allowance), so in an
-  upload the proxy's own tunnel socket meets the link's backpressure (the
-  relay's TCP over the tbf still keeps its congestion window in flight:
-  BBR's minimum of 4 segments). The kernel on this machine has no ``netem`` (``tc qdisc
+  (the RTT: all of it on the way back to the proxy, none on the way onto
+  the link, so what it writes onto the link it hardly buffers: a 1 KiB
+  write allowance, a 4 KiB ``SO_SNDBUF`` and a 4 KiB ``SO_RCVBUF`` toward the
+  proxy). So in an upload the proxy's own tunnel socket meets the link's
+  backpressure, as it would on a real link (the relay's own TCP over the
+  tbf still keeps a few segments in flight, ~5 KB, that nobody controls).
+  The kernel on this machine has no ``netem`` (``tc qdisc
   add ... netem`` answers "Specified qdisc kind is unknown"), so the delay is
   the relay's; the rate and the queue in front of it are the kernel's, so
   the node's tunnel socket meets a real slow link (its send buffer,
@@ -120,7 +122,7 @@ class LinkLab:
     def shaping(self) -> str:
         if self.mode == "netns":
             return (f"netns+veth, tc tbf {self.rate_kbit} kbit/s each way (queue "
-                    f"{self.queue_ms:g} ms), relay delay {self.delay_ms:g} ms each way "
+                    f"{self.queue_ms:g} ms), relay delay {2 * self.delay_ms:g} ms node->proxy "
                     "(no netem in this kernel)")
         return (f"userspace relay: {self.rate_kbit} kbit/s each way, delay "
                 f"{self.delay_ms:g} ms each way" + (
@@ -297,8 +299,12 @@ class _Line:
         # Pause reading past this much in the line: what the link holds in
         # flight (shaping in user space: that and a short queue; behind a
         # tbf, ``hold_rate``: the link's propagation and a segment).
-        sizing = rate or hold_rate
-        self.HOLD = int(sizing * (delay + 0.05)) + 1500 if sizing else 64 * 1024
+        if rate:
+            self.HOLD = int(rate * (delay + 0.05)) + 1500
+        elif hold_rate:
+            self.HOLD = int(hold_rate * delay) + 4096
+        else:
+            self.HOLD = 64 * 1024
         self.loop = loop
         self.delay = delay
         self.rate = rate
@@ -364,12 +370,17 @@ class _Half(asyncio.Protocol):
         self.peer_line.out = transport
         # What this side sends waits here, not in a deep buffer: past 16 KiB
         # (lean: 2 KiB) the other side's reading pauses.
-        buffered = 2 * 1024 if self.lean else 16 * 1024
+        buffered = 1024 if self.lean else 16 * 1024
         transport.set_write_buffer_limits(high=buffered)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, buffered)
+                if self.lean:
+                    # The kernel appends past TCP_NOTSENT_LOWAT (measured:
+                    # ~33 KB unsent at 2 KiB); a small send buffer (in
+                    # flight + unsent, ~5 KB of data) refuses instead.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024)
             except OSError:
                 pass
 
@@ -429,12 +440,34 @@ async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
     root_fd = os.open(root, os.O_RDONLY)
 
     async def handle(reader_sock: socket.socket, target: int) -> None:
-        up = _Line(loop, delay, rate)  # node -> proxy
-        down = _Line(loop, delay, rate, hold_rate)  # proxy -> node, onto the link
+        if hold_rate is None:
+            up = _Line(loop, delay, rate)  # node -> proxy
+            down = _Line(loop, delay, rate)  # proxy -> node
+        else:
+            # Behind a tbf: the whole round trip's delay on the way back,
+            # none on the way onto the link, so that the relay holds next to
+            # nothing in front of it (a delay line there is a buffer the
+            # proxy's socket would not see). A round trip is the same.
+            up = _Line(loop, 2 * delay, rate)
+            down = _Line(loop, 0.0, rate, hold_rate)
         node_side = _Half(up, down, lean=hold_rate is not None)
         try:
             await loop.connect_accepted_socket(lambda: node_side, reader_sock)
-            await loop.create_connection(lambda: _Half(down, up), "127.0.0.1", target)
+            if hold_rate is None:
+                await loop.create_connection(lambda: _Half(down, up), "127.0.0.1", target)
+            else:
+                # What the relay reads from the proxy waits in the proxy's
+                # socket, not in a deep receive buffer here (the kernel
+                # would acknowledge megabytes: measured 8 s behind an upload).
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, ("127.0.0.1", target))
+                except OSError:
+                    sock.close()
+                    raise
+                await loop.create_connection(lambda: _Half(down, up), sock=sock)
         except OSError:
             reader_sock.close()
 
