@@ -11,9 +11,9 @@
   uplink namespace on the veth address and passes each connection on to the
   proxy's loopback ports, delaying every byte by ``delay_ms`` each way
   (the RTT: all of it on the way back to the proxy, none on the way onto
-  the link, so what it writes onto the link it hardly buffers: a 1 KiB
-  write allowance, a 4 KiB ``SO_SNDBUF`` and a 4 KiB ``SO_RCVBUF`` toward the
-  proxy). So in an upload the proxy's own tunnel socket meets the link's
+  the link, which it reads from the proxy only while its socket onto the
+  link holds less than 4 KiB, :class:`_Relayed`; the smallest ``SO_RCVBUF``
+  toward the proxy, ~2 KB). So in an upload the proxy's own tunnel socket meets the link's
   backpressure, as it would on a real link (the relay's own TCP over the
   tbf still keeps a few segments in flight, ~5 KB, that nobody controls).
   The kernel on this machine has no ``netem`` (``tc qdisc
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -46,9 +47,11 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
+_SIOCOUTQ = 0x5411
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
@@ -294,17 +297,10 @@ class _Line:
     """One direction of one relayed connection: bytes leave ``delay`` after
     they arrived (in order), at ``rate`` bytes/s at most when shaping."""
 
-    def __init__(self, loop, delay: float, rate: float | None,
-                 hold_rate: float | None = None) -> None:
+    def __init__(self, loop, delay: float, rate: float | None) -> None:
         # Pause reading past this much in the line: what the link holds in
-        # flight (shaping in user space: that and a short queue; behind a
-        # tbf, ``hold_rate``: the link's propagation and a segment).
-        if rate:
-            self.HOLD = int(rate * (delay + 0.05)) + 1500
-        elif hold_rate:
-            self.HOLD = int(hold_rate * delay) + 4096
-        else:
-            self.HOLD = 64 * 1024
+        # flight (shaping in user space: that and a short queue).
+        self.HOLD = int(rate * (delay + 0.05)) + 1500 if rate else 64 * 1024
         self.loop = loop
         self.delay = delay
         self.rate = rate
@@ -354,14 +350,10 @@ class _Line:
 
 
 class _Half(asyncio.Protocol):
-    def __init__(self, line: _Line, peer_line: _Line, lean: bool = False) -> None:
+    def __init__(self, line: _Line, peer_line: _Line) -> None:
         self.line = line  # what this side reads goes into it
         self.peer_line = peer_line  # what the other side reads comes out here
         self.transport: asyncio.Transport | None = None
-        #: Writes onto the shaped link (netns): hold as little as a link
-        #: would, so that the sender's own socket (the proxy's, in an upload)
-        #: meets the link's backpressure instead of this relay's buffers.
-        self.lean = lean
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -369,18 +361,12 @@ class _Half(asyncio.Protocol):
         self.line.source = transport
         self.peer_line.out = transport
         # What this side sends waits here, not in a deep buffer: past 16 KiB
-        # (lean: 2 KiB) the other side's reading pauses.
-        buffered = 1024 if self.lean else 16 * 1024
-        transport.set_write_buffer_limits(high=buffered)
+        # the other side's reading pauses.
+        transport.set_write_buffer_limits(high=16 * 1024)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, buffered)
-                if self.lean:
-                    # The kernel appends past TCP_NOTSENT_LOWAT (measured:
-                    # ~33 KB unsent at 2 KiB); a small send buffer (in
-                    # flight + unsent, ~5 KB of data) refuses instead.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024)
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 16 * 1024)
             except OSError:
                 pass
 
@@ -407,6 +393,180 @@ class _Half(asyncio.Protocol):
     def connection_lost(self, exc) -> None:  # type: ignore[override]
         _outage.live.discard(self.transport)
         self.line.finish()
+
+
+class _Relayed:
+    """One connection relayed onto a tbf-shaped link (netns mode), without
+    asyncio's buffers: proxy -> node bytes are read only as the node-facing
+    socket takes them (at most a segment waits in the relay, a 4 KiB
+    ``SO_SNDBUF`` in its socket), so in an upload the proxy's own socket
+    meets the link's backpressure; node -> proxy bytes wait out the round
+    trip's delay (in order) and go to the proxy's loopback port."""
+
+    SEGMENT = 1448
+    #: Bytes the node-facing socket may hold (in flight + unsent) before the
+    #: relay stops reading from the proxy: the kernel appends far past
+    #: ``SO_SNDBUF`` and ``TCP_NOTSENT_LOWAT`` (measured: 11-60 KB), so the
+    #: relay asks (``SIOCOUTQ``). About what the relay's TCP needs in flight
+    #: to keep a 1 Mbit/s tbf busy (its RTT there is a segment's ~12 ms and
+    #: the queue's; what a bulk sender's socket holds under the tunnel's cap).
+    ONTO_LINK = 4096
+    POLL = 0.002
+
+    def __init__(self, loop, node: socket.socket, proxy: socket.socket, delay: float) -> None:
+        self.loop, self.node, self.proxy, self.delay = loop, node, proxy, delay
+        self.down_pending = b""  # proxy -> node, refused by the node's socket for now
+        self.down_eof = False
+        self.up_queue: deque[tuple[float, bytes | None]] = deque()  # (due, data; None: EOF)
+        self.up_buffer = bytearray()  # due, refused by the proxy's socket for now
+        self.up_timer = None
+        self.up_eof = False
+        self.closed = False
+        self.down_waiting = None  # the poll while the node's socket holds ONTO_LINK
+        for sock in (node, proxy):
+            sock.setblocking(False)
+        loop.add_reader(proxy, self._proxy_readable)
+        loop.add_reader(node, self._node_readable)
+        _outage.live.add(self)
+
+    # -- proxy -> node: onto the link --------------------------------------
+
+    def _onto_link(self) -> int:
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.node.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return 0
+
+    def _poll_down(self) -> None:
+        self.down_waiting = None
+        if self.closed or self.down_eof:
+            return
+        if self._onto_link() >= self.ONTO_LINK:
+            self.down_waiting = self.loop.call_later(self.POLL, self._poll_down)
+        else:
+            self.loop.add_reader(self.proxy, self._proxy_readable)
+
+    def _proxy_readable(self) -> None:
+        if self._onto_link() >= self.ONTO_LINK:
+            self.loop.remove_reader(self.proxy)
+            self.down_waiting = self.loop.call_later(self.POLL, self._poll_down)
+            return
+        try:
+            data = self.proxy.recv(self.SEGMENT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        if not data:
+            self.down_eof = True
+            self.loop.remove_reader(self.proxy)
+            self._shut(self.node)
+            return
+        self._to_node(data)
+
+    def _to_node(self, data: bytes) -> None:
+        try:
+            sent = self.node.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent < len(data):
+            self.down_pending = data[sent:]
+            self.loop.remove_reader(self.proxy)
+            self.loop.add_writer(self.node, self._node_writable)
+
+    def _node_writable(self) -> None:
+        self.loop.remove_writer(self.node)
+        data, self.down_pending = self.down_pending, b""
+        self._to_node(data)
+        if not self.down_pending and not self.closed and not self.down_eof:
+            self.loop.add_reader(self.proxy, self._proxy_readable)
+
+    # -- node -> proxy: delayed ----------------------------------------------
+
+    def _node_readable(self) -> None:
+        try:
+            data = self.node.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        if not data:
+            self.loop.remove_reader(self.node)
+        self.up_queue.append((self.loop.time() + self.delay, data or None))
+        if self.up_timer is None:
+            self.up_timer = self.loop.call_at(self.up_queue[0][0], self._up_due)
+
+    def _up_due(self) -> None:
+        self.up_timer = None
+        now = self.loop.time()
+        while self.up_queue and self.up_queue[0][0] <= now:
+            _, data = self.up_queue.popleft()
+            if data is None:
+                self.up_eof = True
+            else:
+                self.up_buffer += data
+        self._to_proxy()
+        if self.up_queue and not self.closed:
+            self.up_timer = self.loop.call_at(self.up_queue[0][0], self._up_due)
+
+    def _to_proxy(self) -> None:
+        if self.closed:
+            return
+        if self.up_buffer:
+            try:
+                sent = self.proxy.send(self.up_buffer)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            del self.up_buffer[:sent]
+            if self.up_buffer:
+                self.loop.add_writer(self.proxy, self._proxy_writable)
+                return
+        if self.up_eof:
+            self._shut(self.proxy)
+
+    def _proxy_writable(self) -> None:
+        self.loop.remove_writer(self.proxy)
+        self._to_proxy()
+
+    # -- the end -------------------------------------------------------------
+
+    def _shut(self, sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if self.down_eof and self.up_eof:
+            self.close()
+
+    def close(self, linger: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _outage.live.discard(self)
+        for timer in (self.up_timer, self.down_waiting):
+            if timer is not None:
+                timer.cancel()
+        for sock in (self.node, self.proxy):
+            self.loop.remove_reader(sock)
+            self.loop.remove_writer(sock)
+            if not linger:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            sock.close()
+
+    def abort(self) -> None:
+        """Reset both connections (a cut, or an error on one)."""
+        self.close(linger=False)
 
 
 class _Outage:
@@ -440,34 +600,35 @@ async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
     root_fd = os.open(root, os.O_RDONLY)
 
     async def handle(reader_sock: socket.socket, target: int) -> None:
-        if hold_rate is None:
-            up = _Line(loop, delay, rate)  # node -> proxy
-            down = _Line(loop, delay, rate)  # proxy -> node
-        else:
+        if hold_rate is not None:
             # Behind a tbf: the whole round trip's delay on the way back,
-            # none on the way onto the link, so that the relay holds next to
-            # nothing in front of it (a delay line there is a buffer the
-            # proxy's socket would not see). A round trip is the same.
-            up = _Line(loop, 2 * delay, rate)
-            down = _Line(loop, 0.0, rate, hold_rate)
-        node_side = _Half(up, down, lean=hold_rate is not None)
+            # none on the way onto the link (a delay line there would be a
+            # buffer the proxy's socket does not see). A round trip is the same.
+            proxy = socket.socket()
+            try:
+                # What the relay has not read waits in the proxy's socket,
+                # not in a deep receive buffer here (the kernel would
+                # acknowledge megabytes: measured 8 s behind an upload).
+                proxy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # the minimum
+                proxy.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                proxy.setblocking(False)
+                await loop.sock_connect(proxy, ("127.0.0.1", target))
+                # The kernel appends past TCP_NOTSENT_LOWAT; a small send
+                # buffer (in flight + unsent, ~5 KB of data) refuses instead.
+                reader_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024)
+                reader_sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 1024)
+            except OSError:
+                proxy.close()
+                reader_sock.close()
+                return
+            _Relayed(loop, reader_sock, proxy, 2 * delay)
+            return
+        up = _Line(loop, delay, rate)  # node -> proxy
+        down = _Line(loop, delay, rate)  # proxy -> node
+        node_side = _Half(up, down)
         try:
             await loop.connect_accepted_socket(lambda: node_side, reader_sock)
-            if hold_rate is None:
-                await loop.create_connection(lambda: _Half(down, up), "127.0.0.1", target)
-            else:
-                # What the relay reads from the proxy waits in the proxy's
-                # socket, not in a deep receive buffer here (the kernel
-                # would acknowledge megabytes: measured 8 s behind an upload).
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, ("127.0.0.1", target))
-                except OSError:
-                    sock.close()
-                    raise
-                await loop.create_connection(lambda: _Half(down, up), sock=sock)
+            await loop.create_connection(lambda: _Half(down, up), "127.0.0.1", target)
         except OSError:
             reader_sock.close()
 

@@ -137,14 +137,14 @@ class ShortSendPath:
     :attr:`applied` says which parts took effect (each falls back alone).
     """
 
-    __slots__ = ("_tls", "_tcp", "_fd", "_sock", "_lowat", "applied")
+    __slots__ = ("_tls", "_tcp", "_fd", "_sock", "_lowat", "_unsent_limit", "applied")
 
     def __init__(self, transport: Any) -> None:
         self._tls = transport
         self._tcp = tcp = getattr(transport, "transport", None)
         self._fd = -1
         self._sock = None
-        self._lowat = lowat = notsent_lowat()
+        self._lowat = self._unsent_limit = lowat = notsent_lowat()
         self.applied = {"notsent_lowat": False, "send_limit": False, "unsent_check": False,
                         "link_sample": False}
         handle = getattr(tcp, "getHandle", None)
@@ -174,8 +174,21 @@ class ShortSendPath:
                 unsent = _unsent(self._fd)
             except OSError:
                 return
-            if unsent >= self._lowat:
+            if unsent >= self._unsent_limit:
                 internals.pause_until_writable(self._tcp)
+
+    def limit_unsent(self, limit: int | None) -> None:
+        """Keep at most ``limit`` bytes unsent (None: :func:`notsent_lowat`),
+        never more than that: the scheduler's cap sizes it by the link's
+        rate while an interactive channel is open."""
+        limit = self._lowat if limit is None else max(1, min(self._lowat, limit))
+        if limit == self._unsent_limit or self._sock is None or not self._lowat:
+            return
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, limit)
+        except OSError:
+            return
+        self._unsent_limit = limit
 
     def sample(self) -> tuple[int, float, float] | None:
         """``(bytes in flight + unsent, delivery rate in bytes/s, minimum RTT
@@ -199,7 +212,7 @@ class ShortSendPath:
         this socket (None: no ``tcp_info`` here, or ``EDGE_TUNNEL_BULK_CAP=off``)."""
         if not self.applied["link_sample"] or not bulk_cap_enabled():
             return None
-        return BulkCap(self.sample, clock)
+        return BulkCap(self.sample, clock, limit_unsent=self.limit_unsent)
 
 
 

@@ -147,12 +147,17 @@ class BulkCap:
         delivery rate in bytes/s, minimum RTT in seconds)``, or None when it
         cannot tell (a fake in tests).
     :param clock: for the wake-up while the cap holds (``callLater``).
+    :param limit_unsent: called with the bytes the socket may keep unsent
+        while the cap applies (a piece's worth) and with None when it ends.
     """
 
     def __init__(self, sample, clock, *, gain: float = CAP_GAIN,
                  queue_time: float = CAP_QUEUE_TIME, floor: int = CAP_FLOOR,
-                 piece_time: float = PIECE_TIME, piece_floor: int = PIECE_FLOOR) -> None:
+                 piece_time: float = PIECE_TIME, piece_floor: int = PIECE_FLOOR,
+                 limit_unsent=None) -> None:
         self._sample = sample
+        self._limit_unsent = limit_unsent
+        self.unsent = None  # what limit_unsent was last told
         self.clock = clock
         self.gain = gain
         self.queue_time = queue_time
@@ -183,7 +188,14 @@ class BulkCap:
         self.cap = cap = int(max(self.floor, self.gain * rate * min_rtt,
                                  rate * self.queue_time))
         self.piece = max(self.piece_floor, int(rate * self.piece_time))
+        self.limit_unsent(self.piece)
         return cap - held
+
+    def limit_unsent(self, limit: int | None) -> None:
+        """Tell the socket how much it may keep unsent (None: its default)."""
+        if limit != self.unsent and self._limit_unsent is not None:
+            self.unsent = limit
+            self._limit_unsent(limit)
 
     def wait(self, excess: int) -> float:
         """Seconds until ``excess`` bytes over the cap and a piece have drained."""
@@ -281,6 +293,13 @@ class SendScheduler:
         """Whether bulk bytes are capped now (a cap, and an interactive channel open)."""
         return self._cap is not None and bool(self._interactive_open)
 
+    def _discard_interactive(self, channel: Schedulable) -> None:
+        interactive = self._interactive_open
+        if channel in interactive:
+            interactive.discard(channel)
+            if not interactive and self._cap is not None:
+                self._cap.limit_unsent(None)  # no cap: the default unsent allowance
+
     def _cancel_wake(self) -> None:
         wake, self._wake = self._wake, None
         if wake is not None and wake.active():
@@ -357,7 +376,7 @@ class SendScheduler:
         if channel.priority == INTERACTIVE:
             self._interactive_open.add(channel)
         else:
-            self._interactive_open.discard(channel)
+            self._discard_interactive(channel)
         if not channel._scheduled:
             return
         for queue in (self._interactive, self._bulk):
@@ -370,7 +389,7 @@ class SendScheduler:
 
     def forget(self, channel: Schedulable) -> None:
         """``channel`` closed: drop it from the queues."""
-        self._interactive_open.discard(channel)
+        self._discard_interactive(channel)
         if channel._scheduled:
             channel._scheduled = False
             for queue in (self._interactive, self._bulk):
