@@ -350,7 +350,7 @@ class SendScheduler:
             self._pumping = True
             try:
                 while channel._sendable():
-                    self._send(channel, self.max_piece)
+                    self._send(channel, self.max_piece, contended=False)
                     if self.paused:
                         break
             finally:
@@ -419,7 +419,7 @@ class SendScheduler:
             if not channel._sendable():
                 self._leave(channel)
                 continue
-            sent = self._send(channel, self.max_piece)
+            sent = self._send(channel, self.max_piece, contended=bool(interactive or self._bulk))
             channel._burst += sent
             if not channel._sendable():
                 self._leave(channel)
@@ -446,7 +446,8 @@ class SendScheduler:
             if channel._deficit <= 0:
                 # Alone, a bulk channel sends whole frames (nobody to share with).
                 channel._deficit += self.quantum if len(bulk) > 1 else self.max_piece
-            sent = self._send(channel, min(channel._deficit, limit))
+            sent = self._send(channel, min(channel._deficit, limit),
+                              contended=len(bulk) > 1 or bool(self._interactive))
             if capped and self._unflushed and self._flush is not None:
                 # The next check must see this piece in the socket.
                 self._unflushed = 0
@@ -473,17 +474,19 @@ class SendScheduler:
         self._wake = cap.clock.callLater(cap.wait(-room), self._woken)
         return True
 
-    def _send(self, channel: Schedulable, limit: int) -> int:
+    def _send(self, channel: Schedulable, limit: int, contended: bool = True) -> int:
         sent = channel._send_piece(min(limit, self._piece))
         if self._flush is not None:
-            # Flushed once a piece's worth is written: small frames (a request,
-            # an answer, a keystroke) share the TLS write the transport makes
-            # at the end of the reactor iteration, as they did before the
-            # scheduler (a flush and a kernel check each cost ~40 us of proxy
-            # CPU per small request); bulk pieces are never smaller, so each
-            # still reaches TCP before the next one is chosen.
+            # A bulk-sized piece is flushed at once, so that it reaches TCP
+            # (and the transport can push back) before the next one is
+            # chosen. Small frames (a request, an answer, a keystroke) share
+            # the TLS write the transport makes at the end of the reactor
+            # turn, as they did before the scheduler (a flush and a kernel
+            # check cost ~40 us of proxy CPU per small request); only while
+            # other channels wait, where the order matters, do they get a
+            # flush once a piece's worth of them is written.
             self._unflushed += sent
-            if self._unflushed >= self.min_piece:
+            if sent >= self.min_piece or (contended and self._unflushed >= self.min_piece):
                 self._unflushed = 0
                 self._flush()
         if not self.paused:

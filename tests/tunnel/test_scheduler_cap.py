@@ -10,6 +10,7 @@ arithmetic, its wake-ups and the throughput it leaves are checked exactly.
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -354,3 +355,40 @@ def test_the_cap_is_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         connection.socket.close()
         theirs.close()
 
+
+
+def test_the_unsent_allowance_follows_the_rate_while_the_cap_applies() -> None:
+    clock = Clock()
+    link = FakeLink(clock, SLOW, SLOW_RTT)
+    told: list[int | None] = []
+    scheduler = SendScheduler(MAX_PIECE, flush=lambda: None,
+                              cap=BulkCap(link.sample, clock, limit_unsent=told.append))
+    terminal = FakeChannel("terminal", 0)
+    open_interactive(scheduler, terminal)
+    scheduler.ready(LinkChannel(link, "bulk", 100_000))
+    assert told == [int(SLOW * 0.01)]  # 10 ms of the link, told once
+    scheduler.forget(terminal)
+    assert told == [int(SLOW * 0.01), None]  # the default again
+
+
+def test_short_send_path_limits_unsent_bytes_on_the_socket() -> None:
+    connection, theirs, reactor = tcp_pair()
+    try:
+        tls_like = type("TLS", (), {"transport": connection})()
+        path = fasttls.shorten_send_path(tls_like)
+        sock = connection.socket
+
+        def lowat() -> int:
+            return sock.getsockopt(socket.IPPROTO_TCP, fasttls._TCP_NOTSENT_LOWAT)
+
+        assert lowat() == fasttls.NOTSENT_LOWAT
+        path.limit_unsent(1250)
+        assert lowat() == 1250
+        path.limit_unsent(1_000_000)  # never above the configured allowance
+        assert lowat() == fasttls.NOTSENT_LOWAT
+        path.limit_unsent(1250)
+        path.limit_unsent(None)
+        assert lowat() == fasttls.NOTSENT_LOWAT
+    finally:
+        connection.socket.close()
+        theirs.close()
