@@ -30,7 +30,8 @@ Twisted's TCP buffer and the kernel hold below it short (docs/architecture.md,
 unsent (``SIOCOUTQ``) and, from Linux's ``struct tcp_info``
 (``getsockopt(IPPROTO_TCP, TCP_INFO)``, whose layout is append-only), the
 delivery rate (``tcpi_delivery_rate``, Linux >= 4.9, at byte offset 160) and
-the minimum RTT (``tcpi_min_rtt``, offset 148). A kernel that returns a
+the minimum RTT (``tcpi_min_rtt``, offset 148), with the bytes acknowledged
+(``tcpi_bytes_acked``, offset 120). A kernel that returns a
 shorter ``tcp_info`` (or no such call: not Linux) gives no sample, and the
 tunnel sends as it did without the cap.
 
@@ -101,20 +102,23 @@ def notsent_lowat() -> int:
 
 
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
-#: ``tcpi_min_rtt`` (u32, microseconds) and ``tcpi_delivery_rate`` (u64,
-#: bytes/s) in Linux's ``struct tcp_info``, and the size that holds both.
-_MIN_RTT_AT, _DELIVERY_RATE_AT, _TCP_INFO_NEEDED = 148, 160, 168
+#: ``tcpi_bytes_acked`` (u64), ``tcpi_min_rtt`` (u32, microseconds) and
+#: ``tcpi_delivery_rate`` (u64, bytes/s) in Linux's ``struct tcp_info``, and
+#: the size that holds them.
+_BYTES_ACKED_AT, _MIN_RTT_AT, _DELIVERY_RATE_AT, _TCP_INFO_NEEDED = 120, 148, 160, 168
 _SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in flight (unacknowledged) and unsent
 
 
-def parse_tcp_info(info: bytes) -> tuple[float, float] | None:
-    """``(delivery rate in bytes/s, minimum RTT in seconds)`` from a
-    ``struct tcp_info``, or None if it is too short to hold them."""
+def parse_tcp_info(info: bytes) -> tuple[float, float, int] | None:
+    """``(delivery rate in bytes/s, minimum RTT in seconds, bytes
+    acknowledged)`` from a ``struct tcp_info``, or None if it is too short
+    to hold them."""
     if len(info) < _TCP_INFO_NEEDED:
         return None
+    (acked,) = struct.unpack_from("=Q", info, _BYTES_ACKED_AT)
     (min_rtt,) = struct.unpack_from("=I", info, _MIN_RTT_AT)
     (rate,) = struct.unpack_from("=Q", info, _DELIVERY_RATE_AT)
-    return float(rate), min_rtt / 1e6
+    return float(rate), min_rtt / 1e6, acked
 
 
 class ShortSendPath:
@@ -190,10 +194,10 @@ class ShortSendPath:
             return
         self._unsent_limit = limit
 
-    def sample(self) -> tuple[int, float, float] | None:
+    def sample(self) -> tuple[int, float, float, int] | None:
         """``(bytes in flight + unsent, delivery rate in bytes/s, minimum RTT
-        in seconds)`` of the socket, or None if it cannot tell (see the module
-        docstring)."""
+        in seconds, bytes acknowledged)`` of the socket, or None if it cannot
+        tell (see the module docstring)."""
         sock = self._sock
         if sock is None:
             return None
@@ -205,7 +209,7 @@ class ShortSendPath:
             held = struct.unpack("i", fcntl.ioctl(self._fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
         except OSError:
             return None
-        return held, parsed[0], parsed[1]
+        return held, parsed[0], parsed[1], parsed[2]
 
     def bulk_cap(self, clock: IReactorTime) -> BulkCap | None:
         """The scheduler's :class:`~edgeaccess.tunnel.scheduler.BulkCap` for

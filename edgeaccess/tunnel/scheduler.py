@@ -118,6 +118,14 @@ PIECE_FLOOR = 1024
 #: Delivery-rate samples kept (the estimate is their maximum: a capped,
 #: application-limited sender's samples are often low).
 RATE_SAMPLES = 16
+#: The rate estimate is at most this many times the bytes the peer
+#: acknowledged per second while bulk waited (over at least
+#: :data:`ACKED_WINDOW` seconds): a sender limited by its peer's window (a
+#: TCP-splitting middlebox in front of a slow link: the peer acknowledges
+#: at once, then reads at the link's rate) sees loopback-fast delivery
+#: samples; the headroom lets a cap that limits the throughput grow.
+ACKED_HEADROOM = 2.0
+ACKED_WINDOW = 0.2
 #: Bounds of the wake-up while the cap holds bulk bytes back (seconds).
 WAKE_MIN, WAKE_MAX = 0.002, 0.05
 
@@ -144,8 +152,8 @@ class BulkCap:
     """How many more bulk bytes a tunnel socket may take now (see the module docstring).
 
     :param sample: returns the socket's ``(bytes in flight + unsent,
-        delivery rate in bytes/s, minimum RTT in seconds)``, or None when it
-        cannot tell (a fake in tests).
+        delivery rate in bytes/s, minimum RTT in seconds[, bytes
+        acknowledged so far])``, or None when it cannot tell (a fake in tests).
     :param clock: for the wake-up while the cap holds (``callLater``).
     :param limit_unsent: called with the bytes the socket may keep unsent
         while the cap applies (a piece's worth) and with None when it ends.
@@ -165,6 +173,7 @@ class BulkCap:
         self.piece_time = piece_time
         self.piece_floor = piece_floor
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)
+        self._acked: deque[tuple[float, int]] = deque()  # (when, bytes acknowledged)
         #: The last figures (for tests and logs): cap, piece, rate, bytes held.
         self.cap = floor
         self.piece = 0
@@ -177,12 +186,14 @@ class BulkCap:
         sample = self._sample()
         if sample is None:
             return None
-        held, rate, min_rtt = sample
+        held, rate, min_rtt = sample[:3]
         if rate > 0:
             self._rates.append(rate)
         rate = max(self._rates, default=0.0)
         if rate <= 0:
             return None  # nothing delivered yet: no estimate, no cap
+        if len(sample) > 3:
+            rate = min(rate, self._acked_bound(sample[3]))
         self.rate = rate
         self.held = held
         self.cap = cap = int(max(self.floor, self.gain * rate * min_rtt,
@@ -196,6 +207,21 @@ class BulkCap:
         if limit != self.unsent and self._limit_unsent is not None:
             self.unsent = limit
             self._limit_unsent(limit)
+
+    def _acked_bound(self, acked: int) -> float:
+        """:data:`ACKED_HEADROOM` x the acknowledged bytes per second since
+        bulk began waiting (infinite until :data:`ACKED_WINDOW` has passed)."""
+        now = self.clock.seconds()
+        window = self._acked
+        if window and now - window[-1][0] > 4 * WAKE_MAX:
+            window.clear()  # bulk did not wait meanwhile: the link may have idled
+        window.append((now, acked))
+        while len(window) > 2 and now - window[1][0] >= 5 * ACKED_WINDOW:
+            window.popleft()
+        since, then = window[0]
+        if now - since < ACKED_WINDOW:
+            return float("inf")
+        return ACKED_HEADROOM * (acked - then) / (now - since)
 
     def wait(self, excess: int) -> float:
         """Seconds until ``excess`` bytes over the cap and a piece have drained."""

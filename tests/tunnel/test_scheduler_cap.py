@@ -320,7 +320,8 @@ def test_parse_tcp_info_reads_the_documented_offsets() -> None:
     info = bytearray(232)
     struct.pack_into("=I", info, 148, 12_345)  # tcpi_min_rtt, us
     struct.pack_into("=Q", info, 160, 125_000)  # tcpi_delivery_rate, bytes/s
-    assert fasttls.parse_tcp_info(bytes(info)) == (125_000.0, 0.012345)
+    struct.pack_into("=Q", info, 120, 987_654_321)  # tcpi_bytes_acked
+    assert fasttls.parse_tcp_info(bytes(info)) == (125_000.0, 0.012345, 987_654_321)
     # An older kernel's shorter struct: no figures, no cap.
     assert fasttls.parse_tcp_info(bytes(info[:160])) is None
 
@@ -335,8 +336,8 @@ def test_a_real_socket_s_sample() -> None:
         received = 0
         while received < 50_000:
             received += len(theirs.recv(65536))
-        held, rate, min_rtt = path.sample()
-        assert held >= 0 and rate > 0 and 0 < min_rtt < 1.0
+        held, rate, min_rtt, acked = path.sample()
+        assert held >= 0 and rate > 0 and 0 < min_rtt < 1.0 and acked >= 50_000
         cap = path.bulk_cap(reactor)
         assert isinstance(cap, BulkCap)
         assert cap.room() > 10 * 1024 * 1024  # loopback: the cap is never reached
@@ -392,3 +393,48 @@ def test_short_send_path_limits_unsent_bytes_on_the_socket() -> None:
     finally:
         connection.socket.close()
         theirs.close()
+
+
+class SplitLink(FakeLink):
+    """A sender whose peer (a TCP-splitting relay) acknowledges at once and
+    then reads at the link's rate: its delivery-rate samples are loopback's,
+    its acknowledged bytes grow at the link's rate."""
+
+    def sample(self) -> tuple[int, float, float, int] | None:
+        held = self.held
+        return held, 10e9, 20e-6, int(self.delivered)
+
+
+def test_a_window_limited_sender_s_cap_follows_what_is_acknowledged() -> None:
+    clock = Clock()
+    link = SplitLink(clock, SLOW, SLOW_RTT)
+    cap = BulkCap(link.sample, clock)
+    scheduler = SendScheduler(MAX_PIECE, flush=lambda: None, cap=cap)
+    open_interactive(scheduler, FakeChannel("terminal", 0))
+    bulk = LinkChannel(link, "bulk", 10_000_000)
+    original = bulk._send_piece
+
+    def send_piece(limit: int) -> int:
+        size = original(limit)
+        if link.held >= 4096:
+            scheduler.pause()  # the socket's unsent allowance is full
+        return size
+
+    bulk._send_piece = send_piece  # type: ignore[method-assign]
+    scheduler.ready(bulk)
+    held = []
+    while clock.seconds() < 6.0:
+        if scheduler.paused and link.held < 4096:
+            scheduler.resume()  # writable again
+        calls = clock.getDelayedCalls()
+        if calls:
+            clock.advance(max(0.002, calls[0].getTime() - clock.seconds()))
+        else:
+            clock.advance(0.001)
+        held.append(link.held)
+    # After the first window the estimate is about twice the link's rate, not 10 GB/s.
+    assert cap.rate <= 2 * SLOW * 1.2
+    late = held[2 * len(held) // 3:]  # past the first frame's burst (256 KiB, 2 s)
+    assert max(late) < 2.2 * SLOW * CAP_QUEUE_TIME + 2 * PIECE_FLOOR
+    # ...and the link stays busy.
+    assert link.delivered >= 0.9 * SLOW * 6.0
