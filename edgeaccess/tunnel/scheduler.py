@@ -273,11 +273,12 @@ class SendScheduler:
     """The send order of one tunnel's channels.
 
     :param max_piece: the largest frame payload (the wire's limit).
-    :param flush: called when priority is on, once at least ``min_piece``
-        bytes were sent since the last call (small frames share the
-        transport's own write), so that what was written reaches the TCP
-        socket (and the transport can push back) before the next piece is
-        chosen.
+    :param flush: called when priority is on after each piece of at least
+        ``min_piece`` bytes (and after each bulk piece under the cap; small
+        frames share the transport's own write, or, while other channels
+        wait, a flush per ``min_piece`` of them), so that what was written
+        reaches the TCP socket (and the transport can push back) before the
+        next piece is chosen.
     :param enabled: False: every channel flushes as soon as it can (the old order).
     :param cap: a :class:`BulkCap` for the tunnel's socket (None: no cap;
         :meth:`set_flush` sets it with the send path).
