@@ -12,8 +12,9 @@
   proxy's loopback ports, delaying every byte by ``delay_ms`` each way
   (the RTT: all of it on the way back to the proxy, none on the way onto
   the link, which it reads from the proxy only while its socket onto the
-  link holds less than 4 KiB, :class:`_Relayed`; the smallest ``SO_RCVBUF``
-  toward the proxy, ~2 KB). So in an upload the proxy's own tunnel socket meets the link's
+  link holds less than 4 KiB, :class:`_Relayed`; a 4 KiB ``SO_RCVBUF``
+  toward the proxy: the kernel's smallest stalled an upload to 17 kbit/s,
+  its window too small for the sender's segments). So in an upload the proxy's own tunnel socket meets the link's
   backpressure, as it would on a real link (the relay's own TCP over the
   tbf still keeps a few segments in flight, ~5 KB, that nobody controls).
   The kernel on this machine has no ``netem`` (``tc qdisc
@@ -609,7 +610,7 @@ async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
                 # What the relay has not read waits in the proxy's socket,
                 # not in a deep receive buffer here (the kernel would
                 # acknowledge megabytes: measured 8 s behind an upload).
-                proxy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # the minimum
+                proxy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
                 proxy.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 proxy.setblocking(False)
                 await loop.sock_connect(proxy, ("127.0.0.1", target))
