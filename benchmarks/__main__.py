@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
     scenarios["kube"] = "benchmarks.kube"  # docs/performance.md "Kubernetes access"
     scenarios["apps"] = "benchmarks.apps"  # docs/performance.md "Web applications"
     scenarios["lan-agents"] = "benchmarks.lan_agents"  # docs/performance.md "LAN agents"
+    scenarios["lan-resume"] = "benchmarks.lan_resume"  # docs/performance.md "LAN nodes: SSH ..."
     scenarios.update({  # reverse tunnel (docs/performance.md "Reverse tunnel")
         "tunnel-throughput": "benchmarks.tunnel_throughput",
         "tunnel-latency": "benchmarks.tunnel_latency",

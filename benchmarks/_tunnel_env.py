@@ -203,7 +203,8 @@ def start_proxy(base: Path, cluster: str = "bench", nofile: int = 0,
 
 
 class BenchCluster:
-    """Proxy + logged-in user + tunnelled node ``tnode`` + direct node ``dnode``."""
+    """Proxy + logged-in user + tunnelled node ``tnode`` + direct nodes ``dnode``
+    (``--agent-listen off``: TCP from the proxy) and ``lnode`` (agent port)."""
 
     def __init__(self, base: Path, *, direct_node: bool = True, record: bool = False,
                  nodelay: bool = False) -> None:
@@ -235,15 +236,25 @@ class BenchCluster:
                                    extra_args=slow)
             self.tnode.nodelay = nodelay
             self.nodes.append(self.tnode.start())
-            self.dnode = None
+            self.dnode = self.lnode = None
             if direct_node:
+                # dnode: SSH over plain TCP from the proxy (no agent port);
+                # lnode: SSH over a channel of the proxy's connection to its
+                # agent port (the default for LAN nodes).
                 self.dnode = NodeProcess(base / "dnode", base / "dnode.log", name="dnode",
                                          auth_server=self.proxy.addr("auth"),
                                          token=self.proxy.node_token(),
-                                         ca_pin=self.proxy.pin(), extra_args=slow)
+                                         ca_pin=self.proxy.pin(),
+                                         extra_args=slow + ["--agent-listen", "off"])
                 self.nodes.append(self.dnode.start())
+                self.lnode = NodeProcess(base / "lnode", base / "lnode.log", name="lnode",
+                                         auth_server=self.proxy.addr("auth"),
+                                         token=self.proxy.node_token(),
+                                         ca_pin=self.proxy.pin(), extra_args=slow)
+                self.nodes.append(self.lnode.start())
                 listed = self.dnode.wait_listed(self.proxy)
                 self.dnode_port = int(listed["address"].rpartition(":")[2])
+                self.lnode.wait_listed(self.proxy)
             listed = self.tnode.wait_listed(self.proxy)
             if listed["address"] != "tunnel":
                 raise RuntimeError(f"tnode is not tunnelled: {listed}")
@@ -413,10 +424,12 @@ def compared_paths(prefix: str, **cluster_options):
             yield cluster, cpath, {
                 "tunnel": cluster.edge_ssh("tnode"),
                 "proxy-tcp": cluster.edge_ssh("dnode"),
+                "proxy-agent": cluster.edge_ssh("lnode"),
                 "c-path": cpath.ssh(),
                 "direct": cluster.direct_ssh(),
                 "tls-tunnel": tls_routing_ssh(cluster, "tnode"),
                 "tls-tcp": tls_routing_ssh(cluster, "dnode"),
+                "tls-agent": tls_routing_ssh(cluster, "lnode"),
             }
         finally:
             if cpath is not None:

@@ -10,14 +10,18 @@ OpenSSH ``sshd`` jump host plus a ``stunnel4`` client/server pair in front of
 
 * ``tunnel``: ``ssh -F $EDGE_HOME/ssh_config root@tnode.CLUSTER`` (OpenSSH ->
   proxy's Conch jump -> tunnel channel (AMP over TLS) -> node);
-* ``proxy-tcp``: the same to ``dnode`` (proxy dials the node over TCP);
+* ``proxy-tcp``: the same to ``dnode`` (``--agent-listen off``: the proxy
+  dials the node's SSH port over TCP);
+* ``proxy-agent``: the same to ``lnode``, a direct-mode node with its agent
+  port (a channel of the proxy's mutual-TLS connection to it, resumable);
 * ``c-path``: ``ssh`` with ``ProxyCommand ssh -W`` (what ``-J`` runs) through
   ``sshd`` -> stunnel client -> stunnel server (TLS 1.3, mutual) -> ``dnode``;
 * ``direct``: ``ssh`` straight to ``dnode``'s port;
 * ``tls-tunnel`` / ``tls-tcp``: TLS routing (``edge login --tls-routing``):
   the ``ProxyCommand`` ``edgeaccess/client/tlsroute.py`` to the proxy's
   tunnel port (ALPN ``edge-ssh/1``), spliced by the proxy without an SSH
-  layer to ``tnode`` (tunnel channel) or ``dnode`` (TCP).
+  layer to ``tnode`` (tunnel channel), ``dnode`` (TCP) or ``lnode`` (agent
+  port channel: ``tls-agent``).
 
 The user's role sets ``record_session: false`` (``--record``: the preset
 ``access`` role, the node then records every session to its audit spool).
@@ -57,6 +61,8 @@ SIDES = {
     "direct": ((), ("dnode",)),
     "tls-tunnel": (("edgeproxy",), ("tnode",)),
     "tls-tcp": (("edgeproxy",), ("dnode",)),
+    "proxy-agent": (("edgeproxy",), ("lnode",)),
+    "tls-agent": (("edgeproxy",), ("lnode",)),
 }
 
 
@@ -105,7 +111,8 @@ def run(size: int, repeat: int, paths: list[str], emit_result=emit,
             cluster, cpath, commands):
         pids = {"edgeproxy": (cluster.proxy.pid, False),
                 "tnode": (cluster.tnode.process.pid, False),
-                "dnode": (cluster.dnode.process.pid, False), **cpath.cpu_pids()}
+                "dnode": (cluster.dnode.process.pid, False),
+                "lnode": (cluster.lnode.process.pid, False), **cpath.cpu_pids()}
         ciphers = {path: _ciphers(commands[path]) for path in paths}
         for direction in ("download", "upload"):
             runs: dict[str, list[dict]] = {path: [] for path in paths}

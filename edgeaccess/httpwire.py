@@ -40,6 +40,12 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")
 #: Control characters other than HTAB, CR and LF (those are checked by counting).
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: Header lines that pass every check of :func:`parse_head` (each after a
+#: CRLF: a token name, a colon, a value without CR, LF or other controls):
+#: one match instead of a check per line; anything else takes the line by
+#: line path, which names what is wrong.
+_GOOD_FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*)*")
+_START_LINE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _HEAD_END = b"\r\n\r\n"
 
@@ -86,14 +92,17 @@ class Head:
     def get(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (any case), or None."""
         name = name.lower()
+        size = len(name)
         for key, value in self.headers:
-            if key.lower() == name:
+            if len(key) == size and key.lower() == name:
                 return value
         return None
 
     def get_all(self, name: bytes) -> list[bytes]:
         name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        size = len(name)
+        return [value for key, value in self.headers
+                if len(key) == size and key.lower() == name]
 
     def tokens(self, name: bytes) -> set[bytes]:
         """The comma-separated tokens of every ``name`` header, lowercased."""
@@ -146,28 +155,23 @@ def parse_head(raw: bytes, request: bool = True) -> Head:
     :raises BadMessage: 400 for anything malformed (505 for another HTTP
         version; a relay answers 502 for a bad response).
     """
+    start_line, crlf, fields = raw.partition(b"\r\n")
+    if _GOOD_FIELDS.fullmatch(raw, len(start_line)) and not _START_LINE_BAD.search(start_line):
+        # Every header line is well formed (the common case): only the start
+        # line and the count are left to check.
+        return Head(_start(start_line, request), _fields(fields) if crlf else [])
+    return _parse_head_by_line(raw, request)
+
+
+def _parse_head_by_line(raw: bytes, request: bool) -> Head:
+    """:func:`parse_head` checking line by line (what it does with a head whose
+    header lines are not all well formed: this one names the fault)."""
     lines = raw.split(b"\r\n")
     if raw.count(b"\n") != len(lines) - 1 or raw.count(b"\r") != len(lines) - 1:
         raise BadMessage(400, "bare CR or LF in the head")
     if _CONTROL.search(raw):
         raise BadMessage(400, "control character in the head")
-    start_line = lines[0]
-    if request:
-        parts = start_line.split(b" ")
-        if len(parts) != 3:
-            raise BadMessage(400, "malformed request line")
-        method, target, version = parts
-        if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
-            raise BadMessage(400, "malformed request line")
-        if version not in _VERSIONS:
-            raise BadMessage(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        start = (method, target, version)
-    else:
-        version, _, rest = start_line.partition(b" ")
-        status, _, reason = rest.partition(b" ")
-        if version not in _VERSIONS or len(status) != 3 or not status.isdigit():
-            raise BadMessage(400, "malformed status line")
-        start = (version, status, reason)
+    start = _start(lines[0], request)
     if len(lines) > MAX_HEADERS + 1:
         raise BadMessage(431, "too many header fields")
     headers: list[tuple[bytes, bytes]] = []
@@ -181,6 +185,36 @@ def parse_head(raw: bytes, request: bool = True) -> Head:
             raise BadMessage(400, "malformed header field")
         headers.append((name, value.strip(b" \t")))
     return Head(start, headers)
+
+
+def _start(start_line: bytes, request: bool) -> tuple[bytes, bytes, bytes]:
+    if request:
+        parts = start_line.split(b" ")
+        if len(parts) != 3:
+            raise BadMessage(400, "malformed request line")
+        method, target, version = parts
+        if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+            raise BadMessage(400, "malformed request line")
+        if version not in _VERSIONS:
+            raise BadMessage(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        return (method, target, version)
+    version, _, rest = start_line.partition(b" ")
+    status, _, reason = rest.partition(b" ")
+    if version not in _VERSIONS or len(status) != 3 or not status.isdigit():
+        raise BadMessage(400, "malformed status line")
+    return (version, status, reason)
+
+
+def _fields(fields: bytes) -> list[tuple[bytes, bytes]]:
+    # Lines already checked by _GOOD_FIELDS.
+    lines = fields.split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
+        raise BadMessage(431, "too many header fields")
+    headers = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers.append((name, value.strip(b" \t")))
+    return headers
 
 
 def _content_length(head: Head) -> int | None:

@@ -312,9 +312,12 @@ TCP_READ_SIZE = 256 * 1024
 _TLS_INTERNALS = (
     "_tlsConnection", "_lostTLSConnection", "_bufferedWrite", "_tlsShutdownFinished",
     "_shutdownTLS", "_flushSendBIO", "_flushReceiveBIO", "_write", "_aborted", "_aggregator",
+    "_handshakeDone", "_appSendBuffer", "_unbufferPendingWrites",
 )
-_CONNECTION_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
-_TLS_FUNCTIONS = ("SSL_read", "BIO_read", "SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
+_CONNECTION_INTERNALS = ("_ssl", "_from_ssl", "_into_ssl", "_raise_ssl_error",
+                         "_handle_bio_errors")
+_TLS_FUNCTIONS = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ",
+                  "BIO_read", "BIO_write", "SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
 
 
 @_reach("fast-tls", "Twisted's TLS I/O is kept (one record per delivery)")
@@ -330,6 +333,10 @@ def _probe_fast_tls() -> str | None:
     missing += _missing(getattr(transport, "factory", None), ("_clock",))
     if missing:
         return f"TLS transport without {', '.join(missing)}"
+    source = inspect.getsource(TLSMemoryBIOProtocol.dataReceived)
+    for expected in ("bio_write", "_handshakeDone", "_appSendBuffer", "_flushReceiveBIO"):
+        if expected not in source:
+            return f"TLSMemoryBIOProtocol.dataReceived no longer uses {expected}"
     return None
 
 
@@ -380,6 +387,7 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
     # encrypt a whole buffer.
     _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     transport._write = partial(_large_write, transport)
+    transport.dataReceived = partial(_data_received, transport)
     aggregator = _Aggregator(partial(TLSMemoryBIOProtocol.write, transport), clock)
     aggregator.flush_previous(transport._aggregator)
     transport._aggregator = aggregator
@@ -392,9 +400,15 @@ def install_fast_tls(transport: Any, clock: IReactorTime | None = None) -> bool:
 class _Aggregator:
     """Twisted's ``_AggregateSmallWrites`` without its copies: gathers small
     writes until the read being delivered ends (see :class:`_ReadScope`) or
-    the next reactor turn, encrypts large ones at once."""
+    the next reactor turn, encrypts large ones at once.
 
-    __slots__ = ("_write", "_clock", "_buffer", "_size", "_scheduled")
+    With ``per_turn`` (a transport many connections write to: a tunnel, see
+    :func:`gather_for_the_turn`) only writes made during its own read leave
+    when that read ends; what other connections' reads write waits for the
+    end of the reactor turn, so the requests of one turn share one record
+    and one ``send()``."""
+
+    __slots__ = ("_write", "_clock", "_buffer", "_size", "_scheduled", "per_turn")
 
     def __init__(self, write: Any, clock: IReactorTime) -> None:
         self._write = write
@@ -402,6 +416,7 @@ class _Aggregator:
         self._buffer: list[bytes] = []
         self._size = 0
         self._scheduled: Any = None
+        self.per_turn = False
 
     def flush_previous(self, previous: Any) -> None:
         """Take over what Twisted's aggregator still holds (order kept)."""
@@ -416,7 +431,7 @@ class _Aggregator:
         self._size += len(data)
         if self._size >= FLUSH_AT:
             self.flush()
-        elif _reading.active:
+        elif _reading.active and (not self.per_turn or _reading.reader is self):
             # Written while a fast transport delivers a read: flushed when
             # that delivery ends, with whatever else it writes (no timer).
             _reading.pending.add(self)
@@ -444,17 +459,21 @@ class _Aggregator:
 
 
 class _ReadScope:
-    """Whether a fast transport is delivering a read, and the aggregators
-    that gathered small writes meanwhile: one reactor thread, so one scope."""
+    """Whether a fast transport is delivering a read (``reader``: the
+    aggregator of the outermost one), and the aggregators that gathered small
+    writes meanwhile: one reactor thread, so one scope."""
 
-    __slots__ = ("active", "pending")
+    __slots__ = ("active", "pending", "reader")
 
     def __init__(self) -> None:
         self.active = 0
         self.pending: set[_Aggregator] = set()
+        self.reader: _Aggregator | None = None
 
     def end(self) -> None:
         self.active -= 1
+        if not self.active:
+            self.reader = None
         while not self.active and self.pending:
             pending, self.pending = self.pending, set()
             for aggregator in pending:
@@ -462,6 +481,30 @@ class _ReadScope:
 
 
 _reading = _ReadScope()
+
+
+def _data_received(tls: Any, data: bytes) -> None:
+    # TLSMemoryBIOProtocol.dataReceived after the handshake, with the bytes
+    # handed to the receive BIO by BIO_write itself (pyOpenSSL's bio_write
+    # raises for what a memory BIO never refuses).
+    if not tls._handshakeDone:
+        TLSMemoryBIOProtocol.dataReceived(tls, data)
+        return
+    connection = tls._tlsConnection
+    if _lib.BIO_write(connection._into_ssl, data, len(data)) != len(data):
+        connection._handle_bio_errors(connection._into_ssl, -1)
+    if tls._appSendBuffer:
+        tls._unbufferPendingWrites()
+    tls._flushReceiveBIO()
+
+
+def _ssl_write(connection: Any, data: bytes | memoryview) -> int:
+    # pyOpenSSL's Connection.send without its per-call checks: SSL_write, and
+    # only a failure goes through pyOpenSSL's error handling.
+    result = _lib.SSL_write(connection._ssl, _ffi.from_buffer(data), len(data))
+    if result <= 0:
+        connection._raise_ssl_error(connection._ssl, result)
+    return result
 
 
 def _large_write(tls: Any, data: bytes) -> None:
@@ -477,7 +520,7 @@ def _large_write(tls: Any, data: bytes) -> None:
     done = 0
     try:
         while done < total:
-            done += connection.send(view[done:] if done else data)
+            done += _ssl_write(connection, view[done:] if done else data)
     except WantReadError:
         tls._bufferedWrite(bytes(view[done:]))
     except Error:
@@ -527,6 +570,8 @@ def _flush_receive_bio(tls: Any) -> None:
         if result > 0:
             filled += result
             continue
+        if _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ:
+            break  # all of it read (without pyOpenSSL raising and catching)
         try:
             connection._raise_ssl_error(ssl, result)
         except WantReadError:
@@ -543,13 +588,17 @@ def _flush_receive_bio(tls: Any) -> None:
         tls._tlsShutdownFinished(None)
     elif failure is not None:
         tls._tlsShutdownFinished(failure)
-    tls._flushSendBIO()
+    # TLSMemoryBIOProtocol._flushSendBIO (an alert, a session ticket: usually
+    # nothing), without pyOpenSSL raising when there is nothing.
+    _flush_send_bio(tls, connection, 0)
 
 
 def _deliver(tls: Any, view: memoryview, filled: int) -> None:
     # A copy, made before the protocol runs: the buffer is shared.
     if tls._aborted:
         return
+    if not _reading.active:
+        _reading.reader = tls._aggregator
     _reading.active += 1
     try:
         ProtocolWrapper.dataReceived(tls, bytes(view[:filled]))
@@ -629,6 +678,17 @@ def _eager_write(tcp: Any, data: bytes | memoryview) -> None:
     if sent:
         data = data[sent:]
     FileDescriptor.write(tcp, data if type(data) is bytes else bytes(data))
+
+
+def gather_for_the_turn(tls: Any) -> bool:
+    """Have a fast TLS transport (:func:`install_fast_tls`) that many
+    connections write to keep the small writes of other connections' reads
+    until the end of the reactor turn (see :class:`_Aggregator`); returns
+    whether it is such a transport."""
+    if "_fast_tls" not in vars(tls):
+        return False
+    tls._aggregator.per_turn = True
+    return True
 
 
 def flush_gathered_writes(tls: Any) -> None:
@@ -963,6 +1023,7 @@ def answer_bad_requests(channel_class: type, answer: Callable[[Any], None]) -> N
 __all__ = [
     "InternalsMismatch", "available", "reaches", "reset", "self_check", "switch_off",
     "shrink_tls_buffers", "install_fast_tls", "eager_tcp_writes", "send_if_idle",
+    "gather_for_the_turn",
     "tcp_send_now_possible", "init_amp", "conch_keys_replaceable", "conch_may_send",
     "conch_key_exchange_idle", "share_instance_attributes", "malloc_trim", "mallopt",
     "answer_bad_requests",

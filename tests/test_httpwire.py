@@ -326,3 +326,64 @@ def test_an_answer_reader_detaches_its_owner_on_garbage():
     assert reader.owner is None and reader.transport.disconnecting
     reader.connectionLost(None)
     assert owner.calls == [("garbage", 400, False)]  # told once
+
+
+_NAME = st.one_of(st.sampled_from([b"Host", b"content-length", b"X-A", b"", b"a b", b"\x0b",
+                                   b"a\x7f"]), st.binary(max_size=4))
+_VALUE = st.one_of(st.sampled_from([b" v ", b"\tv", b"a:b", b"\xff", b"", b"\x0b", b"\x00",
+                                    b"\x7f", b"x\ry", b"x\ny", b"\x1f", b"\x0c"]),
+                   st.binary(max_size=4))
+_SEPARATOR = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b"\r\n "])
+_START = st.sampled_from([b"GET / HTTP/1.1", b"HTTP/1.1 200 OK", b"HTTP/1.0 404", b"GET  / HTTP/1.1",
+                          b"GET /\x0b HTTP/1.1", b"HTTP/1.1 200 O\x0bK", b"HTTP/1.1 200 O\tK",
+                          b"GET / HTTP/2", b""])
+
+
+@settings(max_examples=600, deadline=None)
+@given(_START, st.lists(st.tuples(_SEPARATOR, _NAME, st.sampled_from([b":", b"", b" :"]),
+                                  _VALUE), max_size=6), st.booleans())
+def test_the_one_match_path_parses_as_the_line_by_line_one(start, fields, request):
+    """parse_head's fast path (one match of every header line) accepts and
+    reads exactly what the line-by-line checks do, and refuses the rest with
+    their answer."""
+    raw = start + b"".join(b"".join(field) for field in fields)
+    try:
+        expected = http1._parse_head_by_line(raw, request)
+    except http1.BadMessage as e:
+        with pytest.raises(http1.BadMessage) as refused:
+            http1.parse_head(raw, request)
+        assert (refused.value.status, refused.value.message) == (e.status, e.message)
+    else:
+        head = http1.parse_head(raw, request)
+        assert (head.start, head.headers) == (expected.start, expected.headers)
+
+
+def test_header_lookups_ignore_case_and_the_fast_path_counts_fields():
+    head = http1.parse_head(b"GET / HTTP/1.1\r\nHOST: a\r\nContent-Length: 0\r\nhost: b",
+                               True)
+    assert head.get(b"Host") == b"a" and head.get_all(b"host") == [b"a", b"b"]
+    assert head.get(b"hos") is None and head.get_all(b"content-length") == [b"0"]
+    many = b"GET / HTTP/1.1" + b"\r\nx: y" * (http1.MAX_HEADERS + 1)
+    with pytest.raises(http1.BadMessage) as refused:
+        http1.parse_head(many, True)
+    assert refused.value.status == 431
+    assert len(http1.parse_head(b"GET / HTTP/1.1" + b"\r\nx: y" * http1.MAX_HEADERS,
+                                   True).headers) == http1.MAX_HEADERS
+
+
+def test_every_byte_in_a_name_value_or_start_line_is_judged_alike_by_both_paths():
+    for byte in range(256):
+        b = bytes([byte])
+        for raw, request in ((b"GET / HTTP/1.1\r\nX-A: v" + b + b"w", True),
+                             (b"GET / HTTP/1.1\r\nX" + b + b"A: v", True),
+                             (b"GET /" + b + b" HTTP/1.1\r\nX-A: v", True),
+                             (b"HTTP/1.1 200 O" + b + b"K\r\nX-A: v", False)):
+            try:
+                expected = http1._parse_head_by_line(raw, request)
+            except http1.BadMessage as e:
+                with pytest.raises(http1.BadMessage) as refused:
+                    http1.parse_head(raw, request)
+                assert (refused.value.status, refused.value.message) == (e.status, e.message)
+            else:
+                head = http1.parse_head(raw, request)
+                assert (head.start, head.headers) == (expected.start, expected.headers), raw

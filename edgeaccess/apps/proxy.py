@@ -93,8 +93,8 @@ _DROPPED_PREFIXES = (b"x-forwarded-",)
 _DROPPED = frozenset({b"edge-jwt-assertion", b"forwarded", b"x-real-ip"})
 
 
-def _dropped(name: bytes) -> bool:
-    return name in _DROPPED or name.startswith(_DROPPED_PREFIXES)
+def _dropped_or_host(name: bytes) -> bool:
+    return name == b"host" or name in _DROPPED or name.startswith(_DROPPED_PREFIXES)
 
 
 def error_page(status: int, message: str) -> bytes:
@@ -439,9 +439,9 @@ class AppProxyProtocol(Protocol):
             raise refused
         framing = httpwire.request_framing(head)
         upgrade = b"upgrade" in head.tokens(b"connection") and head.get(b"upgrade")
-        head.remove_if(_dropped)
+        head.remove_if(_dropped_or_host)  # (one pass: the Host is replaced)
         # (no upstream_host: a leaf's proxy is next, it checks the Host itself)
-        head.set(b"Host", access.upstream_host or host.encode("latin-1"))
+        head.headers.append((b"Host", access.upstream_host or host.encode("latin-1")))
         head.headers.append((b"X-Forwarded-For", access.client_ip.encode("ascii")))
         head.headers.append((b"X-Forwarded-Host", host.encode("latin-1")))
         head.headers.append((b"X-Forwarded-Proto", b"https"))

@@ -28,8 +28,9 @@ class _AppService(service.Service):
     ends app sessions that are over every second (``AppGateway.sweep``)."""
 
     def __init__(self, keys: AppSigningKeys, gateway: AppGateway, clock,
-                 request_audit=None) -> None:
+                 request_audit=None, when_ready=None) -> None:
         self.keys = keys
+        self._when_ready = when_ready
         self.gateway = gateway
         self.clock = clock
         self.request_audit = request_audit
@@ -52,9 +53,18 @@ class _AppService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        d = defer.Deferred.fromCoroutine(self.keys.load())
-        d.addErrback(lambda f: _log.failure("cannot load the app assertion keys", f))
+        # The keys are sealed with the CA key: loaded once the CAs are.
+        d = self._when_ready() if self._when_ready is not None else defer.succeed(None)
+        d.addCallback(lambda _: defer.Deferred.fromCoroutine(self.keys.load()))
+        d.addErrback(self._load_failed)
         self._sweeper.start(1.0, now=False)
+
+    def _load_failed(self, failure) -> None:
+        if failure.check(errors.EdgeError):
+            _log.error("cannot load the app assertion keys: {why}; apps are refused until "
+                       "this is fixed", why=failure.value)
+        else:
+            _log.failure("cannot load the app assertion keys", failure)
 
     def stopService(self):
         if self._sweeper.running:
@@ -78,7 +88,7 @@ class AppAccessParts:
 def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor,
           web_sessions=None, ui_host: str | None = None,
           request_audit_apps: frozenset[str] | None = frozenset(),
-          timeouts: AppTimeouts | None = None) -> AppAccessParts:
+          timeouts: AppTimeouts | None = None, when_ready=None) -> AppAccessParts:
     """Put app access in front of the web UI's ``site`` (its resource is wrapped).
 
     :param registry: the tunnel server's registry (tunnelled nodes and their apps).
@@ -89,10 +99,12 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
     :param request_audit_apps: the apps whose requests are audited (``app.request``;
         None: every app; empty: none, the default).
     :param timeouts: the app connections' :class:`~edgeaccess.apps.proxy.AppTimeouts`.
+    :param when_ready: ``() -> Deferred`` fired once the proxy's CAs are loaded
+        (``auth.ca_key`` then returns the CA key the assertion keys are sealed with).
     """
     from edgeaccess.cluster.root import leaf_request
 
-    keys = AppSigningKeys(auth.backend, auth.cluster_name, reactor)
+    keys = AppSigningKeys(auth.backend, auth.cluster_name, reactor, auth.ca_key)
     sessions = AppSessions(auth.backend, reactor, auth._emit, web_sessions=web_sessions)
     request_audit = None
     if (request_audit_apps is None or request_audit_apps) and auth.audit is not None:
@@ -114,7 +126,7 @@ def build(*, auth, registry, clusters, public_host: str, web_addr, site, reactor
     site.resource = WebRouting(site.resource, api)
     gateway.timeouts = timeouts or AppTimeouts()
     return AppAccessParts(WebPortFactory(site, gateway, reactor, gateway.timeouts), gateway,
-                          _AppService(keys, gateway, reactor, request_audit))
+                          _AppService(keys, gateway, reactor, request_audit, when_ready))
 
 
 def relayed_app_factory(gateway: AppGateway, trust, root: str, app: str):

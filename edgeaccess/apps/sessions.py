@@ -103,6 +103,13 @@ def app_record(tunnel, app, public_url: str, cluster: str) -> dict:
             "node": tunnel.identity.name, "cluster": cluster, "public_addr": public_url}
 
 
+_UNKNOWN = (0.0, None, 0.0)
+
+
+def _no_assertion_keys() -> bytes:
+    raise errors.EdgeError("the app assertion key is not loaded yet")
+
+
 class AppSessions:
     """App sessions in the backend, with a short-lived cache for per-request checks.
 
@@ -115,7 +122,8 @@ class AppSessions:
         self.backend = backend
         self.clock = clock
         self.emit = emit
-        self._cache: dict[str, tuple[float, dict | None]] = {}
+        #: id -> (when read, the record or None, its expiry as a timestamp)
+        self._cache: dict[str, tuple[float, dict | None, float]] = {}
         self._live: dict[str, set] = {}
         self._refreshing: dict[str, defer.Deferred] = {}
         #: expiry timers of the sessions this proxy knows of (id -> DelayedCall)
@@ -196,7 +204,7 @@ class AppSessions:
         await self.backend.put(SESSIONS_PREFIX + record["id"],
                                json.dumps(record, sort_keys=True).encode(),
                                expires=expires + EXPIRY_GRACE)
-        self._cache[record["id"]] = (self.clock.seconds(), record)
+        self._remember(record["id"], record)
         self.expire_at(record)
         self.emit("app.session.start", user=user, app=app, app_cluster=cluster,
                   session_id=record["id"], remote_addr=remote_addr, success=True)
@@ -221,7 +229,7 @@ class AppSessions:
         await self.backend.put(SESSIONS_PREFIX + record["id"],
                                json.dumps(record, sort_keys=True).encode(),
                                expires=web_session.expires + EXPIRY_GRACE)
-        self._cache[record["id"]] = (self.clock.seconds(), record)
+        self._remember(record["id"], record)
         self.expire_at(record)
         self.follow_web_session(record)
         self.emit("app.session.start", user=record["user"], app=app, app_cluster=cluster,
@@ -244,13 +252,17 @@ class AppSessions:
             record = None
         if record is not None and self.expired(record):
             record = None  # kept for EXPIRY_GRACE only to be ended once
-        self._cache[session_id] = (self.clock.seconds(), record)
+        self._remember(session_id, record)
         return record
+
+    def _remember(self, session_id: str, record: dict | None) -> None:
+        expires = 0.0 if record is None else datetime.fromisoformat(record["expires"]).timestamp()
+        self._cache[session_id] = (self.clock.seconds(), record, expires)
 
     def current(self, session_id: str) -> dict | None:
         """The cached session (read again in the background when older than RECHECK)."""
         now = self.clock.seconds()
-        checked, record = self._cache.get(session_id, (0.0, None))
+        checked, record, expires = self._cache.get(session_id, _UNKNOWN)
         if now - checked > RECHECK and session_id not in self._refreshing:
             d = defer.Deferred.fromCoroutine(self.get(session_id))
             self._refreshing[session_id] = d
@@ -263,7 +275,7 @@ class AppSessions:
 
             d.addCallbacks(done, lambda f: (self._refreshing.pop(session_id, None),
                                             _log.failure("app session check failed", f)))
-        if record is not None and datetime.fromisoformat(record["expires"]) <= self._now():
+        if record is not None and expires <= now:
             return None
         return record
 
@@ -302,7 +314,7 @@ class AppSessions:
             ended_here = True
         except errors.NotFound:
             ended_here = False  # another proxy (or call) ended it first
-        self._cache[session_id] = (self.clock.seconds(), None)
+        self._remember(session_id, None)
         self.close_connections(session_id, reason)
         if not ended_here:
             return False
@@ -758,11 +770,11 @@ class AppGateway:
 
     def _access(self, app, tunnel, *, user, roles, session, hosts, origin, client_ip,
                 source, check, audit_request=None) -> AppAccess:
-        keys = self.keys
-        roles = list(roles)
-
-        def assertion() -> bytes:
-            return keys.assertion(user=user, roles=roles, audience=app.uri, session=session)
+        if self.keys is not None:
+            assertion = self.keys.assertions_for(user=user, roles=roles, audience=app.uri,
+                                                 session=session)
+        else:
+            assertion = _no_assertion_keys
 
         upstream = app.rewrite_host or urlsplit(app.uri).netloc
         return AppAccess(

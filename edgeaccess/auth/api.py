@@ -260,7 +260,8 @@ class AuthAPI:
         await self._require(request, "cert_authority", "read")
         from edgeaccess.apps.jwt import AppSigningKeys
 
-        keys = AppSigningKeys(self.auth.backend, self.auth.cluster_name, self.auth.clock)
+        keys = AppSigningKeys(self.auth.backend, self.auth.cluster_name, self.auth.clock,
+                              self.auth.ca_key)
         await keys.load()
         return json_response(request, keys.describe())
 
@@ -269,7 +270,8 @@ class AuthAPI:
         who = await self._require(request, "cert_authority", "rotate")
         from edgeaccess.apps.jwt import AppSigningKeys
 
-        keys = AppSigningKeys(self.auth.backend, self.auth.cluster_name, self.auth.clock)
+        keys = AppSigningKeys(self.auth.backend, self.auth.cluster_name, self.auth.clock,
+                              self.auth.ca_key)
         await keys.load()
         kid = await keys.rotate()
         self.auth._emit("app.jwt_key.rotated", user=f"{who.kind}:{who.name}", kid=kid,

@@ -96,6 +96,10 @@ class AuthServer(UserAccounts, LockAdmin):
         self.cache = None
         #: The LAN nodes' push streams (edgeaccess.controlplane.stream).
         self.watch_streams = None
+        #: ``() -> bytes | None``: the cluster's CA key (edgeaccess.pki.castore),
+        #: which seals the app assertion keys; the proxy sets it (None until
+        #: its CAs are loaded).
+        self.ca_key = lambda: None
 
     # --- helpers -----------------------------------------------------------
 

@@ -159,7 +159,7 @@ class LeafLinks(service.MultiService):
 
     def __init__(self, trust: LeafTrust, local_router, reactor, rng=None,
                  heartbeat_interval: float = 30.0, control=None, kube=None,
-                 apps=None) -> None:
+                 apps=None, resume_budget: float = 0.0) -> None:
         """
         :param control: the proxy's control plane (``root_control(root,
             data)``, ``root_gone(root)``): what each root pushes down our
@@ -168,6 +168,10 @@ class LeafLinks(service.MultiService):
             (serves ``kube:NAME`` channels from a root), or None.
         :param apps: the :class:`~edgeaccess.apps.sessions.AppGateway` (apps
             of this leaf), or None.
+        :param resume_budget: seconds the channels of each root's tunnel (its
+            users' sessions to our nodes, Kubernetes and apps) outlive an
+            outage of that tunnel (the proxy's ``--resume-budget``; 0: they
+            end with the tunnel).
         """
         super().__init__()
         self.control = control
@@ -179,6 +183,7 @@ class LeafLinks(service.MultiService):
         self.reactor = reactor
         self.rng = rng or random.SystemRandom()
         self.heartbeat_interval = heartbeat_interval
+        self.resume_budget = resume_budget
         self.agents: dict[str, tuple[str, object]] = {}
         self.current: dict[str, dict] = {}
         self._poll = LoopingCall(lambda: defer.Deferred.fromCoroutine(self.reconcile())
@@ -235,6 +240,7 @@ class LeafLinks(service.MultiService):
             clock=self.reactor, rng=self.rng,
             accept_channel=lambda kind, target: self._accept(root, kind, target),
             heartbeat_interval=self.heartbeat_interval, max_channels=1024,
+            resume_budget=self.resume_budget,
             on_control=(None if self.control is None
                         else lambda data: self.control.root_control(root, data)))
         agent.setServiceParent(self)

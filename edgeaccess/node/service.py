@@ -73,9 +73,9 @@ class NodeService(service.MultiService):
         :param proxy_spread: a proxy learnt of while a tunnel is up is dialed
             after a random wait of up to this many seconds (no herd).
         :param agent_listen: ``(factory) -> Deferred[port]`` starting the agent
-            port (``--agent-listen``) where the proxy dials a LAN node that
-            publishes Kubernetes or apps (:mod:`edgeaccess.node.lanagent`);
-            None: no agent port.
+            port (``--agent-listen``) where the proxy dials a LAN node for its
+            SSH, Kubernetes and apps (:mod:`edgeaccess.node.lanagent`); None
+            (``--agent-listen off``): no agent port, SSH over plain TCP.
         :param agent_advertise: ``HOST:PORT`` the proxy dials for it (port 0:
             the port bound).
         """
@@ -112,7 +112,7 @@ class NodeService(service.MultiService):
         self.port = None
         self._agent_listen = agent_listen
         self.agent_advertise = agent_advertise
-        #: The agent port, once listening (LAN nodes with Kubernetes or apps).
+        #: The agent port, once listening (LAN nodes).
         self.agent_port = None
         self._running = False
         self._failures = 0
@@ -486,13 +486,15 @@ class NodeService(service.MultiService):
 
     @property
     def serves_agent(self) -> bool:
-        """Whether this node listens for the proxy's kube and app channels."""
+        """Whether this node listens for the proxy's ssh, kube and app channels
+        (unless ``--agent-listen off``)."""
         return self._agent_listen is not None and (
-            self.kube is not None or self.apps is not None)
+            self.serve_ssh or self.kube is not None or self.apps is not None)
 
     async def _start_agent_port(self) -> None:
-        """LAN mode with Kubernetes or apps: listen for the proxy on the agent
-        port (mutual TLS, proxies of this cluster only)."""
+        """LAN mode: listen for the proxy on the agent port (mutual TLS,
+        proxies of this cluster only); its channels resume across a broken
+        connection for ``resume_budget`` seconds."""
         if not self.serves_agent or self.agent_port is not None:
             return
         if not self.identity.tls_server_certificate:
@@ -519,10 +521,11 @@ class NodeService(service.MultiService):
 
         factory = LanAgentFactory(
             clock=self.reactor, inventory=self._inventory, accept_channel=self._accept_channel,
-            heartbeat_interval=self.heartbeat_interval)
+            heartbeat_interval=self.heartbeat_interval, resume_budget=self.resume_budget)
         self.agent_port = await self._agent_listen(
             agent_server_factory(factory, AgentServerTLS(credentials, self.identity.cluster)))
-        served = ([f"Kubernetes cluster {self.kube[0]}"] if self.kube else []) + \
+        served = (["SSH"] if self.serve_ssh else []) + \
+            ([f"Kubernetes cluster {self.kube[0]}"] if self.kube else []) + \
             ([f"apps {', '.join(self.apps.apps)}"] if self.apps else [])
         _log.info("node {name} agent port listening on {addr} for the proxy ({served})",
                   name=self.identity.name, addr=self.agent_port.getHost(),

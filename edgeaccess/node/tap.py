@@ -61,8 +61,9 @@ class Options(usage.Options):
         ["kubeconfig", None, None, "kubeconfig with the agent's credential for --kube-cluster"],
         ["kube-labels", None, "", "labels of the Kubernetes cluster, key=value,key=value"],
         ["agent-listen", None, None,
-         "where a LAN node that publishes Kubernetes or apps listens for the proxy "
-         "(mutual TLS; default: the SSH listen host, port 3027)"],
+         "where a LAN node listens for the proxy's SSH, Kubernetes and app channels "
+         "(mutual TLS, resumable; default: the SSH listen host, port 3027; 'off': "
+         "none, the proxy dials SSH over plain TCP)"],
         ["agent-advertise-addr", None, None,
          "HOST:PORT the proxy dials for the agent port (default: the advertised SSH host "
          "with the agent port)"],
@@ -107,8 +108,10 @@ class Options(usage.Options):
         self["kube-labels"] = parse_labels(self["kube-labels"]) \
             if isinstance(self["kube-labels"], str) \
             else {str(k): str(v) for k, v in (self["kube-labels"] or {}).items()}
+        if str(self["agent-listen"] or "").strip().lower() == "off":
+            self["agent-listen"] = AGENT_OFF
         for addr in ("agent-listen", "agent-advertise-addr"):
-            if self[addr] and not str(self[addr]).isdigit():
+            if self[addr] and self[addr] != AGENT_OFF and not str(self[addr]).isdigit():
                 try:
                     split_addr(str(self[addr]), AGENT_PORT)
                 except errors.EdgeError as e:
@@ -148,10 +151,12 @@ def makeService(options, reactor=None):
     advertise = options["advertise-addr"] or f"{host}:{port}"
     endpoint = listen_endpoint(reactor, listen_addr, 3022)
     env_allow = [e.strip() for e in (options["env-allow"] or "").split(",") if e.strip()]
-    # The agent port (LAN nodes publishing Kubernetes or apps): the SSH
-    # listen host and port 3027 unless told otherwise.
-    # (an ephemeral SSH port, as tests use, makes it ephemeral too).
-    agent_addr = options["agent-listen"] or _host_port(host, AGENT_PORT if port else 0)
+    # The agent port (LAN nodes: SSH, Kubernetes, apps): the SSH listen host
+    # and port 3027 unless told otherwise (an ephemeral SSH port, as tests
+    # use, makes it ephemeral too); "off": none.
+    agent_off = options["agent-listen"] == AGENT_OFF
+    agent_addr = (None if agent_off else options["agent-listen"]) or \
+        _host_port(host, AGENT_PORT if port else 0)
     agent_host, agent_port = split_addr(agent_addr if not agent_addr.isdigit()
                                         else _host_port(host, int(agent_addr)), AGENT_PORT)
     advertised_host = advertise.rpartition(":")[0].strip("[]")
@@ -172,8 +177,13 @@ def makeService(options, reactor=None):
         listen=endpoint.listen, advertise_addr=advertise, reactor=reactor,
         heartbeat_interval=options["heartbeat-interval"], env_allow=env_allow,
         resume_budget=options.get("resume-budget", 60.0),
-        apps=options.get("app") or [], agent_listen=agent_endpoint.listen,
-        agent_advertise=agent_advertise)
+        apps=options.get("app") or [],
+        agent_listen=None if agent_off else agent_endpoint.listen,
+        agent_advertise=None if agent_off else agent_advertise)
+
+
+#: ``--agent-listen off``: no agent port.
+AGENT_OFF = "off"
 
 
 def _host_port(host: str, port: int) -> str:

@@ -44,7 +44,8 @@ class IRoutedEndpoint(Interface):
     cluster = Attribute("Cluster the node is in.")
     name = Attribute("Node name as requested.")
     route_kind = Attribute(
-        'How the node is reached once connected: "direct", "tunnel", "leaf", '
+        'How the node is reached once connected: "direct" (TCP), "agent" (a '
+        'LAN node\'s agent port), "tunnel", "leaf", '
         "or None before resolution."
     )
     node = Attribute("The node record once resolved, else None.")

@@ -1,11 +1,18 @@
-"""The proxy's route to the Kubernetes and app agents of LAN nodes.
+"""The proxy's route to the SSH, Kubernetes and app agents of LAN nodes.
 
-A node in direct mode that publishes a Kubernetes cluster or apps listens on
-its agent port (:mod:`edgeaccess.node.lanagent`) and announces it in its
-heartbeat (``agent: {address, inventory}`` in its node record). The proxy
-dials that port when a user needs it and speaks the reverse tunnel's own
-protocol over it: the node says ``Hello``, the proxy opens ``kube`` and
-``app`` channels, exactly as over a tunnel the node dialled.
+A node in direct mode listens on its agent port
+(:mod:`edgeaccess.node.lanagent`) and announces it in its heartbeat
+(``agent: {address, inventory}`` in its node record). The proxy dials that
+port when a user needs it and speaks the reverse tunnel's own protocol over
+it: the node says ``Hello``, the proxy opens ``ssh``, ``kube`` and ``app``
+channels, exactly as over a tunnel the node dialled.
+
+Channels resume (``resume/1``, both ends' ``--resume-budget``): here the
+proxy is the side that dials, so when a connection carrying open channels
+is lost (a reset, or a black hole: the node's probes stop and the proxy's
+busy-tunnel watch drops it) the pool redials the node at once, jittered,
+backing off, until the session re-attaches or its budget is over; past the
+budget the channels close with ``tunnel outage exceeded Ns``.
 
 - :class:`LanAgentPool` keeps at most one connection per node: the first
   channel dials it (mutual TLS; the node's server certificate must be *this*
@@ -28,12 +35,13 @@ protocol over it: the node says ``Hello``, the proxy opens ``kube`` and
 from __future__ import annotations
 
 import json
+import random
 from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -45,14 +53,25 @@ from edgeaccess import tls
 from edgeaccess.errors import AccessDenied, BadRequest, EdgeError, NodeOffline
 from edgeaccess.node.lanagent import ALPN_AGENT
 from edgeaccess.pki import x509ca
-from edgeaccess.proxy.router import split_address, tcp_endpoint
+from edgeaccess.proxy.router import field, split_address, tcp_endpoint
+from edgeaccess.tunnel.agent import QUICK_REDIAL
+from edgeaccess.tunnel.backoff import backoff_delay
+from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.interfaces import ITunnel, ITunnelRegistry
+from edgeaccess.tunnel.liveness import PROBE_INTERVAL
 from edgeaccess.tunnel.protocol import Inventory
 from edgeaccess.tunnel.server import ServerTunnelProtocol, TunnelServerFactory
 
 _log = Logger()
 
 NODES_PREFIX = "/nodes/"
+#: Longest wait between redials of a node whose channels wait (seconds).
+REDIAL_CAP = 4.0
+
+
+class AgentPortRefused(NodeOffline):
+    """Nothing listens at the node's agent port (its host refused the TCP
+    connection): the node process is not running."""
 
 
 class LanTunnelProtocol(ServerTunnelProtocol):
@@ -120,30 +139,50 @@ class LanAgentPool:
     :param identity_for: ``(transport) -> Identity | None``, who the
         connected agent is; default: its verified server certificate's
         identity, if of this cluster.
+    :param resume_budget: seconds open channels outlive a lost connection
+        (``--resume-budget``; 0: they end with it).
+    :param probe_interval: the node's probes while channels are open (a
+        connection silent for 3 of them is dropped: a black hole).
+    :param redial_timeout: seconds for each redial of a node whose channels
+        wait (default: the shorter of ``connect_timeout`` and 5 s: a dial
+        into a link that is still down gives up soon and tries again).
+    :param rng: the redials' jitter.
     """
 
     def __init__(self, *, reactor, cluster: str, ca_certs: Callable[[], list],
                  credentials: Callable[[], tuple], connect_timeout: float = 10.0,
                  heartbeat_interval: float = 30.0, endpoint_for=None,
-                 identity_for=None) -> None:
+                 identity_for=None, resume_budget: float = 0.0,
+                 probe_interval: float = PROBE_INTERVAL, redial_timeout: float | None = None,
+                 rng: random.Random | None = None) -> None:
         self.reactor = reactor
         self.cluster = cluster
         self._ca_certs = ca_certs
         self._credentials = credentials
         self.connect_timeout = connect_timeout
+        self.redial_timeout = redial_timeout if redial_timeout is not None \
+            else min(connect_timeout, 5.0)
+        self.rng = rng or random.SystemRandom()
         self._endpoint_for = endpoint_for or self._tls_endpoint
         # The tunnel server's parts: no channels from the node (accept_channel
-        # None), nothing to Discover, the heartbeat answered, silence dropped.
-        # No resumable channels (yet): on a tunnel the agent redials and its
-        # channels re-attach; here the proxy is the one that dials.
+        # None), nothing to Discover, the heartbeat answered, silence dropped,
+        # sessions kept by the node's identity (its server certificate).
         self.factory = TunnelServerFactory(
             clock=reactor, identity_for=identity_for or self._identity_for,
-            heartbeat_interval=heartbeat_interval, max_channels=1024, resume_budget=0.0)
+            heartbeat_interval=heartbeat_interval, max_channels=1024,
+            resume_budget=resume_budget, probe_interval=probe_interval)
         self.factory.registry.subscribe(self._up, self._down)
         self._connections: dict[str, LanTunnelProtocol] = {}
         self._pending: dict[str, list[Deferred]] = {}
         self._dialled: dict[str, LanTunnelProtocol] = {}
         self._timers: dict[str, Any] = {}
+        #: The agent address each node was last dialled at.
+        self._addresses: dict[str, str] = {}
+        #: Sessions whose connection was lost, by node: redialled for.
+        self.waiting: dict[str, Any] = {}
+        self._redials: dict[str, Any] = {}
+        #: Nodes whose connection this proxy closes on purpose (no redial).
+        self._closing: dict[str, str] = {}
 
     def _identity_for(self, transport) -> x509ca.Identity | None:
         identity = _server_identity(transport)
@@ -166,9 +205,11 @@ class LanAgentPool:
         """The live connection to node ``uuid``, if there is one."""
         return self._connections.get(uuid)
 
-    def connection(self, uuid: str, address: str) -> Deferred[LanTunnelProtocol]:
+    def connection(self, uuid: str, address: str,
+                   timeout: float | None = None) -> Deferred[LanTunnelProtocol]:
         """The connection to node ``uuid``'s agent at ``address`` (dialled if
-        there is none); fails with NodeOffline when it cannot be made."""
+        there is none, giving up after ``timeout`` seconds, default
+        ``connect_timeout``); fails with NodeOffline when it cannot be made."""
         current = self._connections.get(uuid)
         if current is not None and not current._is_lost:
             return succeed(current)
@@ -182,16 +223,30 @@ class LanAgentPool:
             host, port = split_address(address, 0)
             if not port:
                 raise BadRequest(f"the agent address {address!r} names no port")
-            self._dial(uuid, host, port)
+            self._addresses[uuid] = address
+            self._dial(uuid, host, port, timeout or self.connect_timeout)
         except EdgeError as e:
             self._failed(uuid, e)
         return waiter
 
-    def _dial(self, uuid: str, host: str, port: int) -> None:
+    def endpoint(self, node, kind: str = "ssh", source: str | None = None):
+        """An endpoint for a ``kind`` channel to the node of record ``node``
+        through its agent port, or None if the record announces no agent
+        (the node runs with ``--agent-listen off``, or predates it)."""
+        agent = field(node, "agent")
+        address = agent.get("address") if isinstance(agent, dict) else None
+        uuid, name = field(node, "uuid"), field(node, "name")
+        if not isinstance(address, str) or not address or not uuid or not name:
+            return None
+        identity = x509ca.Identity(kind="node", name=name, cluster=self.cluster, uuid=uuid)
+        lan_agent = LanAgent(self, identity, Inventory(name=name), address, None)
+        return TunnelChannelEndpoint(lan_agent, kind, uuid, source=source)
+
+    def _dial(self, uuid: str, host: str, port: int, timeout: float) -> None:
         factory = _DialFactory(self.factory, uuid)
         connecting = self._endpoint_for(host, port).connect(factory)
         self._timers[uuid] = self.reactor.callLater(
-            self.connect_timeout, self._timed_out, uuid, factory, connecting)
+            timeout, self._timed_out, uuid, factory, connecting, timeout)
 
         def connected(protocol) -> None:
             if uuid not in self._pending or protocol._is_lost:
@@ -201,19 +256,21 @@ class LanAgentPool:
             protocol.when_lost().addCallback(lambda _: self._lost_before_up(uuid, protocol))
 
         def refused(failure: Failure) -> None:
-            self._failed(uuid, NodeOffline(
+            error = AgentPortRefused if failure.check(ConnectionRefusedError) else NodeOffline
+            self._failed(uuid, error(
                 f"the agent of node {uuid} at {host}:{port} is unreachable: "
                 f"{failure.getErrorMessage()}"))
 
         connecting.addCallbacks(connected, refused)
 
-    def _timed_out(self, uuid: str, factory: _DialFactory, connecting: Deferred) -> None:
+    def _timed_out(self, uuid: str, factory: _DialFactory, connecting: Deferred,
+                   timeout: float) -> None:
         self._timers.pop(uuid, None)
         if uuid not in self._pending:
             return
         self._dialled.pop(uuid, None)
         self._failed(uuid, NodeOffline(f"the agent of node {uuid} did not answer in "
-                                       f"{self.connect_timeout:g}s"))
+                                       f"{timeout:g}s"))
         protocol = factory.protocol_made
         if protocol is not None and not protocol._is_lost:
             protocol.disconnect("no Hello in time")
@@ -252,6 +309,7 @@ class LanAgentPool:
         self._connections[uuid] = tunnel
         _log.info("connected to the agent of node {name} ({uuid}) at {addr}",
                   name=tunnel.identity.name, uuid=uuid, addr=tunnel.transport.getPeer())
+        tunnel.when_lost().addCallback(lambda _: self._lost(uuid, tunnel))
         for waiter in self._pending.pop(uuid, []):
             waiter.callback(tunnel)
 
@@ -262,10 +320,94 @@ class LanAgentPool:
             _log.info("connection to the agent of node {name} ({uuid}) closed",
                       name=tunnel.identity.name, uuid=uuid)
 
-    def close(self, uuid: str | None = None, reason: str = "closing") -> None:
-        """Close the connection to one node (or to all)."""
+    # -- resumption: the proxy redials --------------------------------------
+
+    def _lost(self, uuid: str, tunnel: LanTunnelProtocol) -> None:
+        """A live connection is gone: if its channels wait (the session is
+        detached), dial the node again until they are back or expire."""
+        reason = self._closing.pop(uuid, None)
+        mux = tunnel._mux
+        if mux is None or mux._lost or not mux.detached:
+            return
+        if reason is not None:
+            mux.expire(reason)
+            return
+        self.waiting[uuid] = mux
+        _log.info("the connection to the agent of node {name} ({uuid}) was lost with "
+                  "{count} channels open; redialing it for {budget:g} s",
+                  name=tunnel.identity.name, uuid=uuid, count=len(mux.channels),
+                  budget=self.factory.resume_budget)
+        if uuid not in self._redials:
+            self._schedule_redial(uuid, mux, 0)
+
+    def _session_waits(self, uuid: str, mux) -> bool:
+        if self.waiting.get(uuid) is mux and mux.detached and not mux._lost:
+            return True
+        if self.waiting.get(uuid) is mux:
+            del self.waiting[uuid]
+        return False
+
+    def _schedule_redial(self, uuid: str, mux, attempt: int) -> None:
+        if not self._session_waits(uuid, mux):
+            return
+        # The first at once (jittered: many nodes of one cut switch), then
+        # backing off, never more than REDIAL_CAP apart.
+        delay = self.rng.uniform(0.05, QUICK_REDIAL) if attempt == 0 else \
+            max(0.2, backoff_delay(attempt, self.rng, 0.5, REDIAL_CAP))
+        self._redials[uuid] = self.reactor.callLater(delay, self._redial, uuid, mux, attempt)
+
+    def _redial(self, uuid: str, mux, attempt: int) -> None:
+        self._redials.pop(uuid, None)
+        if not self._session_waits(uuid, mux):
+            return
+        address = self._addresses[uuid]
+        _log.info("redialing the agent of node {uuid} at {addr} (attempt {n}) for its "
+                  "{count} waiting channels", uuid=uuid, addr=address, n=attempt + 1,
+                  count=len(mux.channels))
+
+        def failed(failure: Failure) -> None:
+            if failure.check(AgentPortRefused) and self._session_waits(uuid, mux):
+                # The node's host answers and nothing listens: the node
+                # process is gone, and the channels (in its memory) with it.
+                del self.waiting[uuid]
+                mux.expire("the node's agent port refused the connection (node stopped)")
+                return
+            self._schedule_redial(uuid, mux, attempt + 1)
+
+        def connected(tunnel) -> None:
+            if tunnel._mux is mux:
+                # Re-attached in its Hello (lost again: it waits again).
+                self.waiting.pop(uuid, None)
+            elif self._session_waits(uuid, mux):
+                self._schedule_redial(uuid, mux, attempt + 1)
+
+        self.connection(uuid, address, timeout=self.redial_timeout).addCallbacks(
+            connected, failed)
+
+    def close(self, uuid: str | None = None, reason: str = "closing",
+              idle_only: bool = False) -> None:
+        """Close the connection to one node (or to all): its channels end
+        with ``reason``, nothing is redialled. ``idle_only``: only a
+        connection without open channels (users' sessions go on)."""
+        if idle_only:
+            for key, tunnel in list(self._connections.items()):
+                held = tunnel._mux is not None and tunnel._mux.held
+                if (uuid is None or key == uuid) and not held and key not in self.waiting:
+                    self._closing[key] = reason
+                    tunnel.disconnect(reason)
+            return
+        for key, call in list(self._redials.items()):
+            if uuid is None or key == uuid:
+                del self._redials[key]
+                call.cancel()
+        for key, mux in list(self.waiting.items()):
+            if uuid is None or key == uuid:
+                del self.waiting[key]
+                if not mux._lost:
+                    mux.expire(reason)
         for key, tunnel in list(self._connections.items()):
             if uuid is None or key == uuid:
+                self._closing[key] = reason
                 tunnel.disconnect(reason)
 
 
@@ -389,7 +531,9 @@ class LanAgentDirectory(Service):
 
     def _remove(self, uuid: str) -> None:
         agent = self._agents.pop(uuid)
-        self.pool.close(uuid, "the node no longer announces this agent")
+        # Users' sessions on the connection go on (the node's certificate
+        # still says who it is); an idle connection goes.
+        self.pool.close(uuid, "the node no longer announces this agent", idle_only=True)
         for _, on_disconnect in list(self._subscribers):
             _call_safely(on_disconnect, agent)
 

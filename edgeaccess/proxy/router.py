@@ -1,6 +1,10 @@
 """The proxy's router: ``NAME.CLUSTER`` -> an ``IStreamClientEndpoint``.
 
-- a node that listens (address ``host:port``) is dialled over TCP;
+- a node that listens (address ``host:port``) and announces an agent port
+  is reached through a channel of the proxy's connection to that port
+  (``agent_lookup``: resumable across a broken connection), else over TCP
+  (no agent announced, ``--agent-listen off``, an older node, or the agent
+  port unreachable);
 - a node that dials in (address ``"tunnel"``) is reached through a channel
   of its reverse tunnel (``tunnel_lookup``);
 - a node of a leaf cluster is reached through the leaf's router
@@ -41,6 +45,7 @@ NODE_SSH_PORT = 3022
 TUNNEL_ADDRESS = "tunnel"
 
 ROUTE_DIRECT = "direct"
+ROUTE_AGENT = "agent"
 ROUTE_TUNNEL = "tunnel"
 ROUTE_LEAF = "leaf"
 
@@ -89,11 +94,13 @@ def tcp_endpoint(reactor, host: str, port: int, timeout: float) -> IStreamClient
 class Route:
     """Where a node is and how to get there."""
 
-    kind: str  # ROUTE_DIRECT, ROUTE_TUNNEL or ROUTE_LEAF
+    kind: str  # ROUTE_DIRECT, ROUTE_AGENT, ROUTE_TUNNEL or ROUTE_LEAF
     cluster: str
     name: str
     node: Any
     endpoint: IStreamClientEndpoint
+    #: ROUTE_AGENT: the plain TCP endpoint, if the agent port cannot be reached.
+    fallback: IStreamClientEndpoint | None = None
 
 
 @implementer(IStreamClientEndpoint, IRoutedEndpoint)
@@ -120,11 +127,24 @@ class RoutedEndpoint:
             self.cluster = route.cluster
             self.name = route.name
             connecting = route.endpoint.connect(protocol_factory)
-            if route.kind == ROUTE_DIRECT:
+            if route.kind == ROUTE_AGENT and route.fallback is not None:
+                connecting.addErrback(self._agent_failed, route, protocol_factory)
+            elif route.kind == ROUTE_DIRECT:
                 connecting.addErrback(self._direct_failed)
             return connecting
 
         return maybeDeferred(self._resolve).addCallback(resolved)
+
+    def _agent_failed(self, reason: Failure, route: Route, protocol_factory):
+        if not reason.check(NodeOffline):
+            return reason  # the node refused the channel: no detour
+        _log.warn(
+            "node {node}.{cluster}: its agent port cannot be reached ({reason}); "
+            "SSH over plain TCP",
+            node=self.name, cluster=self.cluster, reason=reason.getErrorMessage(),
+        )
+        self.route_kind = ROUTE_DIRECT
+        return route.fallback.connect(protocol_factory).addErrback(self._direct_failed)
 
     def _direct_failed(self, reason: Failure):
         if reason.check(ierror.ConnectError):
@@ -156,6 +176,9 @@ class Router:
         kind)`` is used (it chains through the leaf's tunnel; ``source=``
         is passed when known).
     :param reactor: used for TCP connections to nodes that listen.
+    :param agent_lookup: ``agent_lookup(node, source=None) ->
+        IStreamClientEndpoint | None``: an ``ssh`` channel through the agent
+        port the node record announces (None: it announces none, TCP).
     """
 
     def __init__(
@@ -166,6 +189,7 @@ class Router:
         leaf_lookup: Callable[[str], Any] | None = None,
         reactor: Any = None,
         connect_timeout: float = 10.0,
+        agent_lookup: Callable[..., IStreamClientEndpoint | None] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -175,6 +199,7 @@ class Router:
         self._node_lookup = node_lookup
         self._tunnel_lookup = tunnel_lookup
         self._leaf_lookup = leaf_lookup
+        self._agent_lookup = agent_lookup
         self._reactor = reactor
         self._connect_timeout = connect_timeout
 
@@ -271,4 +296,11 @@ class Router:
         # node said it is (its port, else 3022).
         host, port = split_address(address)
         endpoint = tcp_endpoint(self._reactor, host, port, self._connect_timeout)
+        through_agent = None
+        if self._agent_lookup is not None:
+            extra = {} if source is None else {"source": source}
+            through_agent = self._agent_lookup(node, **extra)
+        if through_agent is not None:
+            return Route(ROUTE_AGENT, self.local_cluster, name, node, through_agent,
+                         fallback=endpoint)
         return Route(ROUTE_DIRECT, self.local_cluster, name, node, endpoint)

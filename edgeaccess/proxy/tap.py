@@ -85,8 +85,10 @@ class Options(usage.Options):
          "response=60s (the app's answer), idle=5m (keep-alive); e.g. response=5m"],
         ["backend", None, None, "storage: sqlite: (default, in the data dir) or a URL"],
         ["resume-budget", None, "60s",
-         "how long a tunnelled node's channels (users' SSH sessions...) are held "
-         "through a tunnel outage, e.g. 60s or 2m; 0 turns resumption off"],
+         "how long a node's channels (users' SSH sessions...) are held through an "
+         "outage of its tunnel or of the connection to a LAN node's agent port, "
+         "e.g. 60s or 2m; 0 turns resumption off (a leaf proxy's tunnels to its "
+         "roots resume the same way)"],
         ["backend-pool", None, None,
          "connections (and query threads) of a PostgreSQL backend (default 4)"],
         ["ca-key-file", None, None,
@@ -384,6 +386,7 @@ def makeService(options, reactor=None) -> service.MultiService:
                      recordings=FileRecordingStore(recordings_dir, reactor))
     auth = AuthServer(authority, backend, reactor, reactor=reactor, threadpool=pool,
                       connector_factory=kinds.login_method_factory(reactor), audit=audit)
+    auth.ca_key = lambda: ca_key.key  # set once load_authority ran (app assertion keys)
     clusters = RootClusters(auth)
     leaf_trust = LeafTrust(auth, reactor)
     auth.resource_hooks["trusted_cluster"] = leaf_trust
@@ -474,16 +477,17 @@ def makeService(options, reactor=None) -> service.MultiService:
                              listeners, tunnels)
     membership.setServiceParent(top)
     backend_service.before_close.append(membership.withdraw)
-    router = _router(reactor, auth, cluster, tunnels.registry, clusters)
-    # LAN nodes' Kubernetes and app agents, dialled on demand (the proxy's
-    # client certificate: docs/security.md, "Who trusts whom"), beside the
-    # tunnelled agents for the kube directory and the app index.
-    lan_agents = LanAgentDirectory(
-        control.cache,
-        LanAgentPool(reactor=reactor, cluster=cluster,
-                     ca_certs=lambda: [authority.tls_ca_cert],
-                     credentials=lambda: (certificates.proxy_key, certificates.client_cert)),
-        reactor)
+    # LAN nodes' agent ports (SSH, Kubernetes, apps), dialled on demand (the
+    # proxy's client certificate: docs/security.md, "Who trusts whom"),
+    # their channels resumable; beside the tunnelled agents for the kube
+    # directory and the app index, and the router's way to LAN nodes' SSH.
+    lan_pool = LanAgentPool(reactor=reactor, cluster=cluster,
+                            ca_certs=lambda: [authority.tls_ca_cert],
+                            credentials=lambda: (certificates.proxy_key,
+                                                 certificates.client_cert),
+                            resume_budget=options.get("resume-budget", 60.0))
+    router = _router(reactor, auth, cluster, tunnels.registry, clusters, lan_pool)
+    lan_agents = LanAgentDirectory(control.cache, lan_pool, reactor)
     lan_agents.setServiceParent(top)
     agents = CombinedRegistry(tunnels.registry, lan_agents)
     kube = _kube_proxy(reactor, auth, audit, cluster, agents, router, clusters,
@@ -506,7 +510,8 @@ def makeService(options, reactor=None) -> service.MultiService:
                             ui_host=public_host,
                             request_audit_apps=parse_selection(
                                 options.get("app-request-audit")),
-                            timeouts=AppTimeouts.parse(options.get("app-timeouts")))
+                            timeouts=AppTimeouts.parse(options.get("app-timeouts")),
+                            when_ready=startup.when_ready)
     apps.service.setServiceParent(top)
     if web.ui is not None:
         from edgeaccess.web import sections
@@ -560,7 +565,8 @@ def makeService(options, reactor=None) -> service.MultiService:
             target_check=control.check_target)
 
     LeafLinks(leaf_trust, router, reactor, control=control, kube=kube,
-              apps=apps.gateway).setServiceParent(top)
+              apps=apps.gateway,
+              resume_budget=options.get("resume-budget", 60.0)).setServiceParent(top)
     listeners["ssh"] = _Listener(
         "ssh", lambda: listen_endpoint(reactor, options["ssh-listen"], 3023),
         ssh_factory, on_listening, startup)
@@ -717,9 +723,10 @@ def _kube_proxy(reactor, auth, audit, cluster, registry, router, clusters, leaf_
                      check_user=control.check_user, sessions=control.sessions)
 
 
-def _router(reactor, auth, cluster, registry, clusters):
-    """Names to endpoints: LAN nodes by TCP, tunnelled nodes through their
-    tunnel, leaf clusters' nodes through the leaf's tunnel."""
+def _router(reactor, auth, cluster, registry, clusters, lan_pool=None):
+    """Names to endpoints: LAN nodes through their agent port (else TCP),
+    tunnelled nodes through their tunnel, leaf clusters' nodes through the
+    leaf's tunnel."""
 
     def node_lookup(name):
         return defer.Deferred.fromCoroutine(auth.find_node(name))
@@ -730,7 +737,8 @@ def _router(reactor, auth, cluster, registry, clusters):
         return TunnelChannelEndpoint(tunnel, kind, uuid, source=source)
 
     return Router(cluster, node_lookup, tunnel_lookup=tunnel_endpoint,
-                  leaf_lookup=clusters.leaf_router, reactor=reactor)
+                  leaf_lookup=clusters.leaf_router, reactor=reactor,
+                  agent_lookup=lan_pool.endpoint if lan_pool is not None else None)
 
 
 

@@ -66,6 +66,8 @@ _log = Logger()
 
 #: Longest wait before redialing while channels wait for a tunnel (seconds).
 QUICK_REDIAL = 1.0
+#: Why an agent's channels end when it stops (their sessions audit it).
+STOPPING = "the node is stopping"
 #: Largest control message an agent assembles from ControlUpdate pieces.
 MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
@@ -105,13 +107,9 @@ class AgentTunnelProtocol(TunnelConnection):
             window=window,
             max_channels=max_channels,
         )
-        self._resume_slot = resume
+        self._resume_slot = None
         if resume is not None:
-            self.resume_budget = resume.budget
-            self.probe_interval = resume.probe_interval
-            waiting = resume.take()
-            if waiting is not None:
-                self._adopt_mux(waiting)
+            self.use_resume_slot(resume)
         self.inventory = inventory
         self._on_control = on_control
         self._control_pieces: list[bytes] = []
@@ -123,11 +121,30 @@ class AgentTunnelProtocol(TunnelConnection):
         self.ready: Deferred[AgentTunnelProtocol] = Deferred(self._cancel_handshake)
         self.mux.local_name = inventory.name
 
+    def use_resume_slot(self, slot: ResumeSlot) -> None:
+        """Keep this tunnel's channels in ``slot`` across outages (and carry
+        the session waiting there, if any). Before ``Hello`` only."""
+        self._resume_slot = slot
+        self.resume_budget = slot.budget
+        self.probe_interval = slot.probe_interval
+        waiting = slot.take()
+        if waiting is not None:
+            self._adopt_mux(waiting)
+
+    #: Whether Hello goes out at connection (else :meth:`send_hello` is
+    #: called later, e.g. once TLS says who the peer is).
+    hello_at_connection = True
+
     def connectionMade(self) -> None:
         super().connectionMade()
         # Only the proxy's answer to our Hello gates the proxy's commands.
         self.hello_done = True
         self.mux.peer_name = f"proxy {self.transport.getPeer()}"
+        if self.hello_at_connection:
+            self.send_hello()
+
+    def send_hello(self) -> None:
+        """Say Hello (inventory, capabilities, the session to resume)."""
         self.call(
             Hello,
             protocol_version=PROTOCOL_VERSION,
@@ -381,7 +398,11 @@ def _make_machine() -> Callable[[_AgentCore], _Agent]:
             delay = backoff_delay(s.failures, s.rng, s.base, s.cap)
             if s.quick_redial():
                 delay = min(delay, s.rng.uniform(0.1, QUICK_REDIAL))
-            s.failures += 1
+            else:
+                # Quick redials (bounded by the outage budget) do not grow the
+                # backoff: past the budget the agent still comes back within
+                # seconds of the link, and the proxy learns its channels ended.
+                s.failures += 1
             reason = cause.getErrorMessage() if isinstance(cause, Failure) else "tunnel lost"
             s.enter("waiting", attempt=s.failures, delay=f"{delay:.1f} s", after=reason)
         s.last_delay = delay
@@ -574,8 +595,16 @@ class TunnelAgent(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        stopping = self._machine.stop()
         resume = self.resume
+        tunnel = self._core.current
+        if resume is not None and tunnel is not None and tunnel._mux is not None:
+            # Stopping is no outage: the peer must not hold our channels for
+            # its budget either (a disabled trust cuts its sessions at once),
+            # so each is closed on the wire before the tunnel goes.
+            for channel in list(tunnel._mux.channels.values()):
+                channel.lost_reason = STOPPING
+                channel.abortConnection()
+        stopping = self._machine.stop()
         if resume is None:
             return stopping
 
@@ -583,7 +612,7 @@ class TunnelAgent(Service):
             # Stopping is no outage: the channels end now, not after the budget.
             mux = resume.mux
             if mux is not None and not mux._lost:
-                mux.expire("the node is stopping")
+                mux.expire(STOPPING)
             return result
 
         return stopping.addBoth(end_the_session)

@@ -380,6 +380,10 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             # I/O is for, and an idle tunnel keeps the stock methods (and
             # no 256 KiB read buffer).
             install_fast_tls(self.transport, self.clock)
+            # Many channels write to a tunnel: the small frames that one
+            # reactor turn's reads of other connections cause (requests,
+            # answers) leave together at its end, one record and send().
+            internals.gather_for_the_turn(self.transport)
             if self.mux.scheduler.enabled:
                 # What TLS and TCP hold cannot be reordered: keep it short
                 # so the scheduler's order is the order on the wire.

@@ -43,5 +43,6 @@ def auth(authority, clock, fast_bcrypt, audit) -> AuthServer:
     """An AuthServer with the preset roles, over a MemoryBackend on the fake clock."""
     server = AuthServer(authority, MemoryBackend(clock), clock, reactor=InlineReactor(),
                         threadpool=InlineThreadPool(), audit=audit)
+    server.ca_key = lambda: b"c" * 32  # seals the app assertion keys
     resolve(server.bootstrap())
     return server

@@ -225,3 +225,27 @@ def test_the_leaf_refuses_other_channels(root_name, kind, target, error):
     with pytest.raises(error):
         links._accept(root_name, kind, target)
     assert router.asked == []
+
+
+# --- the leaf's tunnel to each root resumes -------------------------------------------
+
+def trust_state() -> dict:
+    """What the CA exchange stores for the root (edgeaccess.cluster.leaf)."""
+    tunnel_key = keys.generate_private_key()
+    cert = ROOT_AUTHORITY.sign_tls(
+        tunnel_key.public_key(), x509ca.Identity(kind="cluster", name="leaf", cluster="root"),
+        now=datetime.fromtimestamp(START, timezone.utc), ttl=timedelta(days=1))
+    return {"name": "root", "root_tls_ca": ROOT_AUTHORITY.tls_ca_pem,
+            "cluster_certificate": x509ca.certificate_pem(cert).decode("ascii"),
+            "tunnel_key": keys.private_key_pem(tunnel_key).decode(),
+            "tunnel_addr": "127.0.0.1:3024"}
+
+
+@pytest.mark.parametrize("budget", [45.0, 0.0])
+def test_the_tunnel_to_a_root_holds_its_channels_for_the_proxys_resume_budget(budget):
+    links = LeafLinks(FakeTrust(), FakeRouter(), Clock(), resume_budget=budget)
+    agent = links._start_agent(trust_state())
+    if budget:
+        assert agent.resume is not None and agent.resume.budget == budget
+    else:
+        assert agent.resume is None  # --resume-budget 0: channels end with the tunnel

@@ -159,7 +159,7 @@ def test_ssh_reaches_the_node_and_passes_the_exit_status(proxy, home, host):
     assert (result.returncode, result.stdout) == (0, b"tls-routed-42\n"), result.stderr
     assert result.stderr == b""  # the relay stays quiet on the user's terminal
     name = host.split(".")[0]
-    route = "tunnel" if name == "tn1" else "direct"
+    route = "tunnel" if name == "tn1" else "agent"  # a LAN node: its agent port
     wait_route_line(proxy, before, "user=alice", f"target={host}", f"route={route}",
                     "outcome=ok")
     failed = ssh(home, host, "exit 7")

@@ -42,12 +42,28 @@ def test_the_agent_port_defaults_to_the_ssh_host_and_3027(monkeypatch, tmp_path,
     node, reactor = _service(monkeypatch, tmp_path, *args)
     assert node.agent_advertise == advertise
     assert _bound(reactor, node) == listen
-    assert not node.serves_agent  # nothing to publish: the port is not opened
+    assert node.serves_agent  # its SSH, at least
 
 
 def test_a_node_with_kubernetes_or_apps_serves_the_agent_port(monkeypatch, tmp_path):
     node, _ = _service(monkeypatch, tmp_path, "--app", "name=web,uri=http://127.0.0.1:8080")
     assert node.serves_agent
+    node, _ = _service(monkeypatch, tmp_path, "--no-ssh", "--app",
+                       "name=web,uri=http://127.0.0.1:8080")
+    assert node.serves_agent
+
+
+def test_a_node_with_nothing_to_serve_opens_no_agent_port(monkeypatch, tmp_path):
+    node, _ = _service(monkeypatch, tmp_path, "--no-ssh")
+    assert not node.serves_agent
+
+
+@pytest.mark.parametrize("off", ["off", "OFF"])
+def test_agent_listen_off_turns_the_agent_port_off(monkeypatch, tmp_path, off):
+    node, _ = _service(monkeypatch, tmp_path, "--agent-listen", off, "--app",
+                       "name=web,uri=http://127.0.0.1:8080")
+    assert node._agent_listen is None and node.agent_advertise is None
+    assert not node.serves_agent
 
 
 def test_a_malformed_agent_address_is_refused():

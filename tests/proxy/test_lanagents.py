@@ -31,6 +31,8 @@ from tests.tunnel.support import Acceptor, Collecting, MemoryEndpoint, Pumps
 
 UUID = "6f1d7c1e-0000-4000-8000-000000000001"
 NODE = Identity(kind="node", name="lan-1", cluster="root", uuid=UUID)
+#: Who the pool's proxy is to the node (TLS would say: its certificate).
+PROXY_KEY = ("proxy", "root", "proxy-a", "key-a")
 INVENTORY = Inventory(name="lan-1", kube_clusters=("k1",), kube_labels={"k1": {"env": "dev"}},
                       apps=(App(name="web", uri="http://127.0.0.1:8080"),))
 
@@ -44,7 +46,8 @@ class World:
         self.pumps = Pumps()
         self.acceptor = Acceptor(targets=("k1", "web"))
         self.node_factory = node_factory or LanAgentFactory(
-            clock=self.clock, inventory=lambda: INVENTORY, accept_channel=self.acceptor)
+            clock=self.clock, inventory=lambda: INVENTORY, accept_channel=self.acceptor,
+            proxy_identity=lambda transport: PROXY_KEY)
         self.endpoint = MemoryEndpoint(self.node_factory, self.pumps, self.clock, refuse=refuse)
         self.dialled: list[tuple[str, int]] = []
 

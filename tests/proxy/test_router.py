@@ -240,3 +240,59 @@ def test_split_address(address, expected):
 def test_split_address_rejects_malformed(address):
     with pytest.raises(BadRequest):
         split_address(address)
+
+
+# --- LAN nodes with an agent port ------------------------------------------------------
+
+
+class FailingEndpoint:
+    def __init__(self, error):
+        self.error = error
+
+    def connect(self, factory):
+        from twisted.internet.defer import fail
+
+        return fail(self.error)
+
+
+def test_a_lan_node_that_announces_an_agent_port_is_reached_through_it():
+    asked = []
+
+    def agent_lookup(node, **extra):
+        asked.append((node.name, extra))
+        return RecordingEndpoint(f"agent of {node.name}")
+
+    router, reactor, _ = make_router(agent_lookup=agent_lookup)
+    endpoint = router.route("example", "web1", source="192.0.2.7:5000")
+    assert connect(endpoint) == "agent of web1"
+    assert endpoint.route_kind == "agent"
+    assert asked == [("web1", {"source": "192.0.2.7:5000"})]
+    assert reactor.tcpClients == []
+
+
+def test_a_lan_node_without_an_agent_is_dialled_over_tcp():
+    router, reactor, _ = make_router(agent_lookup=lambda node, **extra: None)
+    endpoint = router.route("example", "web1")
+    connect(endpoint)
+    assert endpoint.route_kind == "direct"
+    assert reactor.tcpClients[0][:2] == ("10.0.0.5", 3022)
+
+
+def test_an_unreachable_agent_port_falls_back_to_tcp():
+    router, reactor, _ = make_router(
+        agent_lookup=lambda node, **extra: FailingEndpoint(NodeOffline("agent port down")))
+    endpoint = router.route("example", "web1")
+    connect(endpoint)
+    assert endpoint.route_kind == "direct"
+    assert reactor.tcpClients[0][:2] == ("10.0.0.5", 3022)
+
+
+def test_a_node_refusing_the_channel_on_its_agent_port_is_not_retried_over_tcp():
+    from edgeaccess.errors import AccessDenied
+
+    router, reactor, _ = make_router(
+        agent_lookup=lambda node, **extra: FailingEndpoint(AccessDenied("serves no SSH")))
+    endpoint = router.route("example", "web1")
+    result = connect(endpoint)
+    assert result.check(AccessDenied)
+    assert reactor.tcpClients == []

@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
+from edgeaccess import internals
 from edgeaccess import tls as edge_tls
 from edgeaccess.tunnel.fasttls import FLUSH_AT, READ_BATCH, eager_tcp_writes, install_fast_tls
 from tests.pkitools import Identity, issue_identities
@@ -139,6 +140,77 @@ def test_a_small_reply_written_during_a_read_leaves_when_the_read_is_delivered(o
     pump.flush(advanceClock=False)  # no reactor turn: no timer may be needed
     assert client_app.received == b"ack 40000"
     assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("per_turn", [True, False])
+def test_a_shared_transport_gathers_what_other_reads_write_until_the_turn_ends(
+        options, per_turn) -> None:
+    # A tunnel (``shared``) written to by two users' connections, each read
+    # delivering one request: with gather_for_the_turn both requests leave in
+    # one write at the end of the reactor turn; without, one write each when
+    # its read ends (the shared transport's own reads still flush at once).
+    shared, shared_app, peer, peer_app, shared_pump, shared_clock = tls_pair(options)
+    for transport in (shared, peer):
+        install_fast_tls(transport, shared_clock)
+    if per_turn:
+        assert internals.gather_for_the_turn(shared)
+    wire = count_writes(shared.transport)
+    users = []
+    for name in (b"one", b"two"):
+        server, server_app, client, client_app, pump, clock = tls_pair(options)
+        install_fast_tls(server, clock)
+        install_fast_tls(client, clock)
+        server_app.dataReceived = (
+            lambda data, name=name: shared.write(b"[%s:%s]" % (name, data)))
+        users.append((client, pump, clock))
+    for client, pump, clock in users:
+        client.write(b"GET")
+        clock.advance(0)  # the user's own clock: the shared one stays put
+        pump.flush(advanceClock=False)
+    assert len(wire) == (0 if per_turn else 2)
+    shared_clock.advance(0)  # the end of the turn
+    assert len(wire) == 1 if per_turn else 2
+    shared_pump.flush()
+    assert peer_app.received == b"[one:GET][two:GET]"
+    # A reply written during the shared transport's own read leaves when that
+    # read ends, without a timer, either way.
+    shared_app.dataReceived = lambda data: shared.write(b"ack")
+    peer.write(os.urandom(40_000))  # large: leaves at once
+    shared_pump.flush(advanceClock=False)
+    assert peer_app.received.endswith(b"ack")
+    assert not shared_clock.getDelayedCalls()
+
+
+def test_gathering_for_the_turn_needs_a_fast_tls_transport(options) -> None:
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    assert internals.gather_for_the_turn(client) is False  # stock Twisted TLS
+    client.write(b"still works")
+    clock.advance(0)
+    pump.flush()
+    assert server_app.received == b"still works"
+
+
+def test_steady_reads_and_writes_make_no_pyopenssl_error_round_trips(options, monkeypatch):
+    # pyOpenSSL raises WantReadError at the end of every read, for an empty
+    # send BIO, and checks errors after every successful SSL_write: the fast
+    # transport asks OpenSSL itself and goes through pyOpenSSL only on errors.
+    from OpenSSL import SSL
+
+    server, server_app, client, client_app, pump, clock = tls_pair(options)
+    install_fast_tls(server, clock)
+    install_fast_tls(client, clock)
+    server_app.dataReceived = lambda data: server.write(b"ack %d" % len(data))
+    calls = []
+    for name in ("_raise_ssl_error", "bio_write", "bio_read", "recv", "send"):
+        original = getattr(SSL.Connection, name)
+        monkeypatch.setattr(SSL.Connection, name,
+                            lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
+    for size in (10, 70_000, 3):
+        client.write(os.urandom(size))
+        clock.advance(0)
+        pump.flush()
+    assert client_app.received == b"ack 10ack 70000ack 3"
+    assert calls == []
 
 
 def test_data_before_a_close_alert_is_delivered_then_the_connection_ends(options) -> None:

@@ -137,6 +137,21 @@ def test_a_channel_survives_a_cut_with_data_in_flight_both_ways() -> None:
     assert user.lost_reason is not None and node.lost_reason is not None
 
 
+def test_a_leaf_clusters_tunnel_resumes_under_its_cluster_identity() -> None:
+    # A leaf proxy's tunnel to its root (edgeaccess.cluster.leaf): the root
+    # holds the session under the leaf's cluster identity, as a node's.
+    leaf = Identity(kind="cluster", name="leaf", cluster="root")
+    world = World(identity=leaf)
+    user, node = world.open()
+    world.cut()
+    assert world.factory.sessions.detached_count() == 1
+    user.transport.write(b"typed during the outage")
+    world.redial()
+    assert world.agent.state == "connected"
+    assert bytes(node.received) == b"typed during the outage"
+    assert world.server.identity == leaf and world.factory.sessions.detached_count() == 0
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     up=st.integers(0, 150_000),
@@ -504,6 +519,37 @@ def test_stopping_the_agent_ends_its_channels_at_once() -> None:
     world.settle()
     assert node.transport.lost_reason == "the node is stopping"
     assert "lost" in node.events
+
+
+def test_stopping_the_agent_ends_the_proxys_side_of_its_channels_at_once() -> None:
+    # Not held for the proxy's budget: a node stopping, a leaf's trust disabled.
+    world = World()
+    user, node = world.open()
+    world.agent.stopService()
+    world.settle()
+    assert "lost" in user.events
+    assert world.factory.sessions.detached_count() == 0
+
+
+def test_past_the_budget_the_agent_comes_back_within_seconds_of_the_link() -> None:
+    # The quick redials of the outage do not grow the backoff: the agent is
+    # back soon after the link, and the proxy learns the channels ended.
+    world = World(budget=10.0)
+    user, node = world.open()
+    world.endpoint.refuse = True
+    world.cut()
+    while world.clock.seconds() < 12.0:  # every redial refused, past the budget
+        world.clock.advance(0.1)
+        world.settle()
+    assert node.transport.lost_reason == "tunnel outage exceeded 10s"
+    assert world.agent.state == "waiting"
+    world.endpoint.refuse = False  # the link is back 2 s after the budget
+    back_at = world.clock.seconds() + 4.0
+    while world.agent.state != "connected" and world.clock.seconds() < back_at:
+        world.clock.advance(0.1)
+        world.settle()
+    assert world.agent.state == "connected"
+    assert "lost" in user.events  # the new session told the proxy
 
 
 def test_credit_for_what_was_taken_while_detached_is_granted_after_the_resume() -> None:
