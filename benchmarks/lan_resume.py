@@ -117,13 +117,13 @@ def run(outage: float, repeat: int, kinds: list[str], idle: int = 10,
                 ssh = ["ssh", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes",
                        f"{login}@{name}.{proxy.cluster}"]
                 wait_for(lambda: _echo(ssh), 60, f"ssh to {name}", interval=0.3)
-                rss_before = (rss_kib(proxy.pid), rss_kib(node.process.pid))
+                rss_before = (rss_kib(proxy.process.pid), rss_kib(node.process.pid))
                 held = _idle_sessions(ssh, idle)
                 try:
                     time.sleep(3.0)
                     relay.stall_all()
                     time.sleep(8.0)  # detected (about 6 s), the channels detached
-                    rss_down = (rss_kib(proxy.pid), rss_kib(node.process.pid))
+                    rss_down = (rss_kib(proxy.process.pid), rss_kib(node.process.pid))
                     relay.resume()
                     time.sleep(3.0)
                     alive = sum(1 for p in held if p.poll() is None)

@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
-from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,30 +40,24 @@ import attrs
 import psycopg
 from psycopg import errors as pg_errors
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import (
-    IReactorCore,
-    IReactorFromThreads,
-    IReactorTime,
-    IReadDescriptor,
-)
+from twisted.internet.interfaces import IReactorTime, IReadDescriptor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from edgeaccess.backend import (
-    check_key,
-    check_limit,
-    check_prefix,
-    check_value,
-    epoch_to_expires,
-    expires_to_epoch,
-    is_live,
-    prefix_upper_bound,
+from edgeaccess.backend import check_key, check_value, epoch_to_expires, is_live, prefix_upper_bound
+from edgeaccess.backend.driver import (
+    NOT_AN_EDGEACCESS_DATABASE,
+    Statements,
+    ThreadedDriver,
+    UnsupportedSchemaVersion,
+    check_schema_version,
+    migration_scripts,
 )
 from edgeaccess.backend.interfaces import CompareFailed, IAtomicUpdate, IBackend, Item
-from edgeaccess.backend.watch import DEFAULT_BACKLOG, WatchFanout, Watcher
+from edgeaccess.backend.watch import DEFAULT_BACKLOG, Watcher
 from edgeaccess.errors import AlreadyExists, BadRequest, EdgeError, NotFound
 
 _log = Logger()
@@ -76,18 +67,11 @@ _T = TypeVar("_T")
 CHANNEL = "edgeaccess_changes"
 #: Seconds close() waits for calls already running on the pool's threads.
 CLOSE_WAIT = 5.0
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LIVE = "(expires IS NULL OR expires > %s)"
 #: Errors after which the same statement may succeed on a new try.
 _RETRYABLE = (psycopg.OperationalError, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 #: Arbitrary key of the advisory lock taken while migrating.
 _MIGRATION_LOCK = 0x6564676561636373
-
-
-class UnsupportedSchemaVersion(EdgeError):
-    """the database was written by a newer or unknown edgeaccess"""
-
-    code = "unsupported_schema_version"
 
 
 def redact(url: str) -> str:
@@ -102,15 +86,7 @@ def redact(url: str) -> str:
 
 def load_migrations() -> list[tuple[int, str, str]]:
     """``(version, name, script)`` of the shipped migrations, numbered 1..N."""
-    found = []
-    for entry in resources.files("edgeaccess.backend").joinpath("migrations_postgres").iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match is not None:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    if [version for version, _, _ in found] != list(range(1, len(found) + 1)):
-        raise ValueError("PostgreSQL migrations must be numbered 1..N without gaps")
-    return found
+    return migration_scripts("migrations_postgres")
 
 
 def apply_migrations(connection: psycopg.Connection, now: float) -> int:
@@ -128,19 +104,13 @@ def apply_migrations(connection: psycopg.Connection, now: float) -> int:
                 "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
             ).fetchone()[0]
             if others:
-                raise UnsupportedSchemaVersion(
-                    "the database has tables but no schema_version: not an edgeaccess database"
-                )
+                raise UnsupportedSchemaVersion(NOT_AN_EDGEACCESS_DATABASE)
             connection.execute(
                 "CREATE TABLE schema_version (version integer PRIMARY KEY,"
                 " applied_at double precision NOT NULL)"
             )
         current = connection.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-        if current > latest:
-            raise UnsupportedSchemaVersion(
-                f"the database schema is version {current}, but this edgeaccess knows only "
-                f"versions up to {latest}: upgrade edgeaccess (or restore a backup)"
-            )
+        check_schema_version(current, latest)
         for version, _name, script in migrations[current:]:
             connection.execute(script.encode("utf-8"))  # several statements: no parameters
             connection.execute(
@@ -168,7 +138,7 @@ class _Written:
 
 
 @implementer(IBackend, IAtomicUpdate)
-class PostgresBackend:
+class PostgresBackend(ThreadedDriver):
     """:class:`IBackend` on a PostgreSQL database shared by several proxies.
 
     The constructor does no I/O; :meth:`start` (or the first call) migrates
@@ -201,37 +171,23 @@ class PostgresBackend:
         feed_tick: float = 1.0,
         feed_timeout: float = 10.0,
     ) -> None:
-        if reactor is None:
-            if IReactorFromThreads.providedBy(clock):
-                reactor = clock
-            else:
-                from twisted.internet import reactor as global_reactor
-
-                reactor = global_reactor
+        super().__init__(_STATEMENTS, clock, reactor, purge_interval)
         self.url = url
-        self.clock = clock
-        self._reactor = reactor
         self._max_threads = max_threads
         self._retry_for = retry_for
-        self._purge_interval = purge_interval
         self._log_retention = log_retention
         self._feed_tick = feed_tick
         self._feed_timeout = max(feed_timeout, feed_tick)
         #: Prefixes this process registered in watched_prefixes (or is registering).
         self._registered_prefixes: set[str] = set()
-        self._last_purge: float | None = None
         #: (time, revision) seen at most once per purge interval: the change
         #: log is purged by revision (its primary key), never by a scan.
         self._revision_marks: list[tuple[float, int]] = []
-        self._pool: ThreadPool | None = None
         self._started: Deferred[None] | None = None
         self._ready = False
         self._open_error: BaseException | None = None
         self._start_waiters: list[Deferred[PostgresBackend]] = []
-        self._shutdown_trigger: Any = None
-        self._close_result: Deferred[None] | None = None
         self._in_flight: dict[Deferred[Any], None] = {}
-        self._fanout = WatchFanout()
         self._local = threading.local()
         self._connections: list[psycopg.Connection] = []
         self._connections_lock = threading.Lock()
@@ -278,16 +234,9 @@ class PostgresBackend:
             waiter.callback(self)
 
     def _ensure_pool(self) -> ThreadPool:
-        if self._close_result is not None:
-            raise EdgeError("the storage backend is closed")
+        self._check_open()
         if self._pool is None:
-            pool = ThreadPool(minthreads=1, maxthreads=self._max_threads, name="edgeaccess-postgres")
-            pool.start()
-            self._pool = pool
-            if IReactorCore.providedBy(self._reactor):
-                self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-                    "before", "shutdown", self.close
-                )
+            self._start_pool("edgeaccess-postgres", self._max_threads)
         return self._pool
 
     def _connection(self) -> psycopg.Connection:
@@ -361,10 +310,9 @@ class PostgresBackend:
     def _write(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """One write transaction, then its change published to watchers."""
         now = self.clock.seconds()
-        purge = self._last_purge is None or now - self._last_purge >= self._purge_interval
+        purge = self._purge_due(now)
         purge_log_to = None
         if purge:
-            self._last_purge = now
             purge_log_to = self._purgeable_revision(now)
         written = self._interact(_in_transaction, function, now, purge, purge_log_to, args)
         return written.addCallback(self._mark).addCallback(self._published)
@@ -523,8 +471,7 @@ class PostgresBackend:
         :raises EdgeError: when closed, not started yet, or while the
             change feed reconnects (try again later).
         """
-        if self._close_result is not None:
-            raise EdgeError("the storage backend is closed")
+        self._check_open()
         if self._listener is None:
             if self._started is None:
                 self.start()
@@ -555,51 +502,8 @@ class PostgresBackend:
         elif not self._catch_up:
             self._last = max(self._last, revision)
 
-    def get(self, key: str) -> Deferred[Item]:
-        """See :meth:`IBackend.get`."""
-        try:
-            check_pg_key(key)
-        except Exception as error:
-            return fail(error)
-        return self._interact(_get, key, self.clock.seconds())
-
-    def _row(self, key: str, value: bytes, expires: datetime | None) -> tuple:
-        return (check_pg_key(key), check_value(value), expires_to_epoch(expires))
-
-    def put(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
-        """See :meth:`IBackend.put`."""
-        try:
-            row = self._row(key, value, expires)
-        except Exception as error:
-            return fail(error)
-        return self._write(_store, *row)
-
-    def create(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
-        """See :meth:`IBackend.create`."""
-        try:
-            row = self._row(key, value, expires)
-        except Exception as error:
-            return fail(error)
-        return self._write(_create, *row)
-
-    def update(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
-        """See :meth:`IBackend.update`."""
-        try:
-            row = self._row(key, value, expires)
-        except Exception as error:
-            return fail(error)
-        return self._write(_update, *row)
-
-    def compare_and_swap(
-        self, key: str, expected: bytes, value: bytes, expires: datetime | None = None
-    ) -> Deferred[Item]:
-        """See :meth:`IBackend.compare_and_swap`."""
-        try:
-            row = self._row(key, value, expires)
-            expected = check_value(expected)
-        except Exception as error:
-            return fail(error)
-        return self._write(_compare_and_swap, *row, expected)
+    def _check_key(self, key: str) -> str:
+        return check_pg_key(key)
 
     def atomic_update(self, compute: Callable[[Any], tuple[list, Any]]) -> Deferred[Any]:
         """See :meth:`IAtomicUpdate.atomic_update`: one READ COMMITTED
@@ -608,50 +512,7 @@ class PostgresBackend:
         serialization failure needs a retry)."""
         return self._write(_atomic_update, compute)
 
-    def delete(self, key: str) -> Deferred[None]:
-        """See :meth:`IBackend.delete`."""
-        try:
-            check_pg_key(key)
-        except Exception as error:
-            return fail(error)
-        return self._write(_delete, key).addCallback(lambda _: None)
-
-    def get_range(self, prefix: str, limit: int | None = None) -> Deferred[list[Item]]:
-        """See :meth:`IBackend.get_range`."""
-        try:
-            if prefix:
-                check_pg_key(prefix)
-            check_prefix(prefix)
-            limit = check_limit(limit)
-        except Exception as error:
-            return fail(error)
-        return self._interact(_get_range, prefix, limit, self.clock.seconds())
-
-    def delete_range(self, prefix: str) -> Deferred[int]:
-        """See :meth:`IBackend.delete_range`."""
-        try:
-            if prefix:
-                check_pg_key(prefix)
-            check_prefix(prefix)
-        except Exception as error:
-            return fail(error)
-        return self._write(_delete_range, prefix)
-
-    def close(self) -> Deferred[None]:
-        """Close connections and stop the threads; closing twice is harmless."""
-        if self._close_result is None:
-            self._fanout.close_all("the storage backend closed")
-            self._close_result = self._begin_close()
-        waiter: Deferred[None] = Deferred()
-
-        def relay(result: object) -> object:
-            waiter.callback(None)
-            return result
-
-        self._close_result.addBoth(relay)
-        return waiter
-
-    def _begin_close(self) -> Deferred[None]:
+    def _close_pool(self) -> Deferred[None]:
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         if self._listener is not None:
@@ -663,12 +524,7 @@ class PostgresBackend:
         pool = self._pool
         if pool is None:
             return succeed(None)
-        if self._shutdown_trigger is not None:
-            try:
-                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            except (ValueError, KeyError):
-                pass
-            self._shutdown_trigger = None
+        self._remove_shutdown_trigger()
 
         def close_all() -> None:
             with self._connections_lock:
@@ -997,3 +853,15 @@ def _register_watched(connection, prefixes: list[str], now: float) -> None:
         cursor.executemany(
             "INSERT INTO watched_prefixes (prefix, added_at) VALUES (%s, %s)"
             " ON CONFLICT (prefix) DO NOTHING", [(prefix, now) for prefix in prefixes])
+
+
+_STATEMENTS = Statements(
+    get=_get,
+    get_range=_get_range,
+    store=_store,
+    create=_create,
+    update=_update,
+    compare_and_swap=_compare_and_swap,
+    delete=_delete,
+    delete_range=_delete_range,
+)

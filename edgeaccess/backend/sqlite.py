@@ -19,41 +19,34 @@ edgeaccess (a version this code does not know) is refused.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import stat
 from collections.abc import Callable
-from datetime import datetime
-from importlib import resources
 from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from edgeaccess.backend import (
-    check_key,
-    check_limit,
-    check_prefix,
-    check_value,
-    epoch_to_expires,
-    expires_to_epoch,
-    is_live,
-    prefix_upper_bound,
+from edgeaccess.backend import epoch_to_expires, is_live, prefix_upper_bound
+from edgeaccess.backend.driver import (
+    NOT_AN_EDGEACCESS_DATABASE,
+    Statements,
+    ThreadedDriver,
+    UnsupportedSchemaVersion,
+    check_schema_version,
+    migration_scripts,
 )
 from edgeaccess.backend.interfaces import CompareFailed, IBackend, Item
-from edgeaccess.backend.watch import DEFAULT_BACKLOG, WatchFanout, Watcher
 from edgeaccess.errors import AlreadyExists, EdgeError, NotFound
 
 _log = Logger()
 
 _T = TypeVar("_T")
-
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 _CREATE_SCHEMA_VERSION = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -62,12 +55,6 @@ CREATE TABLE IF NOT EXISTS schema_version (
 )"""
 
 _LIVE = "(expires IS NULL OR expires > ?)"
-
-
-class UnsupportedSchemaVersion(EdgeError):
-    """the database was written by a newer or unknown edgeaccess"""
-
-    code = "unsupported_schema_version"
 
 
 @attrs.frozen
@@ -103,18 +90,10 @@ def split_statements(script: str) -> list[str]:
 
 def load_migrations(package: str = "edgeaccess.backend", folder: str = "migrations") -> list[Migration]:
     """The migrations shipped in ``package/folder``, checked to be numbered 1..N."""
-    migrations = []
-    for entry in resources.files(package).joinpath(folder).iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match is None:
-            continue
-        text = entry.read_text(encoding="utf-8")
-        migrations.append(Migration(int(match.group(1)), entry.name, tuple(split_statements(text))))
-    migrations.sort(key=lambda migration: migration.version)
-    versions = [migration.version for migration in migrations]
-    if versions != list(range(1, len(versions) + 1)):
-        raise ValueError(f"migrations must be numbered 1..N without gaps, found {versions}")
-    return migrations
+    return [
+        Migration(version, name, tuple(split_statements(script)))
+        for version, name, script in migration_scripts(folder, package)
+    ]
 
 
 def apply_migrations(connection: sqlite3.Connection, migrations: list[Migration], now: float) -> int:
@@ -136,16 +115,10 @@ def apply_migrations(connection: sqlite3.Connection, migrations: list[Migration]
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
             ).fetchone()[0]
             if foreign_tables:
-                raise UnsupportedSchemaVersion(
-                    "the database has tables but no schema_version: not an edgeaccess database"
-                )
+                raise UnsupportedSchemaVersion(NOT_AN_EDGEACCESS_DATABASE)
             connection.execute(_CREATE_SCHEMA_VERSION)
         current = connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-        if current > latest:
-            raise UnsupportedSchemaVersion(
-                f"the database schema is version {current}, but this edgeaccess knows only "
-                f"versions up to {latest}: upgrade edgeaccess (or restore a backup)"
-            )
+        check_schema_version(current, latest)
         for migration in migrations[current:]:
             for statement in migration.statements:
                 connection.execute(statement)
@@ -181,7 +154,7 @@ def _create_private_file(path: str) -> None:
 
 
 @implementer(IBackend)
-class SQLiteBackend:
+class SQLiteBackend(ThreadedDriver):
     """:class:`IBackend` on one SQLite file; nothing blocks the reactor.
 
     The constructor does no I/O. The database is opened (created, migrated)
@@ -206,23 +179,9 @@ class SQLiteBackend:
         busy_timeout: float = 5.0,
         purge_interval: float = 60.0,
     ) -> None:
-        if reactor is None:
-            if IReactorFromThreads.providedBy(clock):
-                reactor = clock
-            else:
-                from twisted.internet import reactor as global_reactor
-
-                reactor = global_reactor
+        super().__init__(_STATEMENTS, clock, reactor, purge_interval)
         self.path = os.fspath(path)
-        self.clock = clock
-        self._reactor = reactor
         self._busy_timeout = busy_timeout
-        self._purge_interval = purge_interval
-        self._last_purge: float | None = None
-        self._pool: ThreadPool | None = None
-        self._shutdown_trigger: Any = None
-        self._close_result: Deferred[None] | None = None
-        self._fanout = WatchFanout()
         # Touched only on the database thread:
         self._connection: sqlite3.Connection | None = None
         self._open_error: BaseException | None = None
@@ -234,17 +193,9 @@ class SQLiteBackend:
         return self._interact(lambda connection: self)
 
     def _ensure_started(self) -> ThreadPool:
-        if self._close_result is not None:
-            raise EdgeError("the storage backend is closed")
+        self._check_open()
         if self._pool is None:
-            pool = ThreadPool(minthreads=1, maxthreads=1, name=f"edgeaccess-sqlite:{self.path}")
-            pool.start()
-            self._pool = pool
-            if IReactorCore.providedBy(self._reactor):
-                # "before": only those triggers can delay shutdown with a Deferred.
-                self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-                    "before", "shutdown", self.close
-                )
+            pool = self._start_pool(f"edgeaccess-sqlite:{self.path}", max_threads=1)
             # First in the queue, so every call finds the database open.
             opened = deferToThreadPool(self._reactor, pool, self._open, self.clock.seconds())
             opened.addErrback(
@@ -299,20 +250,15 @@ class SQLiteBackend:
         except sqlite3.Error as error:
             raise EdgeError(f"storage failure: {error}") from error
 
-    def _write(self, function: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        """Run ``function(connection, now, *args)`` in a write transaction."""
-        now = self.clock.seconds()
-        purge = self._last_purge is None or now - self._last_purge >= self._purge_interval
-        if purge:
-            self._last_purge = now
-        return self._interact(_in_transaction, function, now, purge, args)
-
-    def _published(self, written: Deferred[Any]) -> Deferred[Any]:
-        """Tell watchers of a committed write before its caller hears of it.
+    def _write(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run ``function(connection, now, *args)`` in a write transaction,
+        then tell watchers of the committed write before its caller hears of it.
 
         Results come back from the one database thread in commit order
         (``callFromThread`` is FIFO), so watchers see commit order too.
         """
+        now = self.clock.seconds()
+        written = self._interact(_in_transaction, function, now, self._purge_due(now), args)
 
         def publish(result: Any) -> Any:
             if isinstance(result, Item):
@@ -325,110 +271,11 @@ class SQLiteBackend:
 
         return written.addCallback(publish)
 
-    # -- IBackend --------------------------------------------------------
-
-    def watch(self, prefixes, backlog: int = DEFAULT_BACKLOG) -> Watcher:
-        """See :meth:`IBackend.watch`: fed by this process's own writes
-        (the one process that writes the file)."""
-        if self._close_result is not None:
-            raise EdgeError("the storage backend is closed")
-        return self._fanout.watch(prefixes, backlog)
-
-    def get(self, key: str) -> Deferred[Item]:
-        """See :meth:`IBackend.get`."""
-        try:
-            check_key(key)
-        except Exception as error:
-            return fail(error)
-        return self._interact(_get, key, self.clock.seconds())
-
-    def put(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
-        """See :meth:`IBackend.put`."""
-        try:
-            row = (check_key(key), check_value(value), expires_to_epoch(expires))
-        except Exception as error:
-            return fail(error)
-        return self._published(self._write(_store, *row))
-
-    def create(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
-        """See :meth:`IBackend.create`."""
-        try:
-            row = (check_key(key), check_value(value), expires_to_epoch(expires))
-        except Exception as error:
-            return fail(error)
-        return self._published(self._write(_create, *row))
-
-    def update(self, key: str, value: bytes, expires: datetime | None = None) -> Deferred[Item]:
-        """See :meth:`IBackend.update`."""
-        try:
-            row = (check_key(key), check_value(value), expires_to_epoch(expires))
-        except Exception as error:
-            return fail(error)
-        return self._published(self._write(_update, *row))
-
-    def compare_and_swap(
-        self, key: str, expected: bytes, value: bytes, expires: datetime | None = None
-    ) -> Deferred[Item]:
-        """See :meth:`IBackend.compare_and_swap`."""
-        try:
-            row = (check_key(key), check_value(value), expires_to_epoch(expires))
-            expected = check_value(expected)
-        except Exception as error:
-            return fail(error)
-        return self._published(self._write(_compare_and_swap, *row, expected))
-
-    def delete(self, key: str) -> Deferred[None]:
-        """See :meth:`IBackend.delete`."""
-        try:
-            check_key(key)
-        except Exception as error:
-            return fail(error)
-        return self._published(self._write(_delete, key)).addCallback(lambda _: None)
-
-    def get_range(self, prefix: str, limit: int | None = None) -> Deferred[list[Item]]:
-        """See :meth:`IBackend.get_range`."""
-        try:
-            check_prefix(prefix)
-            limit = check_limit(limit)
-        except Exception as error:
-            return fail(error)
-        return self._interact(_get_range, prefix, limit, self.clock.seconds())
-
-    def delete_range(self, prefix: str) -> Deferred[int]:
-        """See :meth:`IBackend.delete_range`."""
-        try:
-            check_prefix(prefix)
-        except Exception as error:
-            return fail(error)
-        return self._published(self._write(_delete_range, prefix))
-
-    def close(self) -> Deferred[None]:
-        """Close the file and stop the thread once queued calls are done.
-
-        Calls made after ``close`` fail; closing twice is harmless.
-        """
-        if self._close_result is None:
-            self._fanout.close_all("the storage backend closed")
-            self._close_result = self._begin_close()
-        waiter: Deferred[None] = Deferred()
-
-        def relay(result: object) -> object:
-            waiter.callback(None)
-            return result
-
-        self._close_result.addBoth(relay)
-        return waiter
-
-    def _begin_close(self) -> Deferred[None]:
+    def _close_pool(self) -> Deferred[None]:
         pool = self._pool
         if pool is None:
             return succeed(None)
-        if self._shutdown_trigger is not None:
-            try:
-                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            except (ValueError, KeyError):
-                pass  # we are being called by that very trigger
-            self._shutdown_trigger = None
+        self._remove_shutdown_trigger()
 
         def stop_thread(result: object) -> object:
             # The thread has just finished its last job, so this join is short.
@@ -584,3 +431,15 @@ def _delete_range(connection: sqlite3.Connection, now: float, prefix: str) -> _D
     ]
     connection.execute(f"DELETE FROM items WHERE {condition}", parameters)
     return _Deleted(len(live), tuple((key, _next_revision(connection)) for key in live))
+
+
+_STATEMENTS = Statements(
+    get=_get,
+    get_range=_get_range,
+    store=_store,
+    create=_create,
+    update=_update,
+    compare_and_swap=_compare_and_swap,
+    delete=_delete,
+    delete_range=_delete_range,
+)

@@ -44,9 +44,10 @@ from edgeaccess.kube.kubeconfig import (
     read_static_credential,
     run_exec_plugin,
 )
+from edgeaccess.kube.pending import PendingRequestBytes
 from edgeaccess.kube.status import status_response
 from edgeaccess.pki import x509ca
-from edgeaccess.proxy.splice import ProducerShim, no_delay, tune_transport
+from edgeaccess.proxy.splice import no_delay, tune_transport
 
 _log = Logger()
 
@@ -54,8 +55,6 @@ _log = Logger()
 _STRIPPED_PREFIXES = (b"impersonate-", b"edge-")
 _STRIPPED = {b"authorization", b"proxy-authorization", b"host", b"connection", b"keep-alive",
              b"proxy-connection", b"te", b"trailer"}
-#: Queued bytes towards the API before the channel is paused.
-_HIGH_WATER = 1024 * 1024
 #: Idle API connections kept for new channels.
 _POOL_SIZE = 16
 _CERT_CACHE = 512
@@ -291,13 +290,11 @@ class AgentChannel(Protocol):
         self.reader = httpwire.MessageReader(request=True, handler=self)
         self.api: _APIConnection | None = None
         self._connecting: defer.Deferred | None = None
-        self._queue: list[bytes] = []
-        self._queued = 0
+        self._pending = PendingRequestBytes()
         self._local_answer = False
         self._upgrade = False
         self._method = b"GET"
         self._lost = False
-        self._paused = False
         #: A request went to the API and its answer has not ended yet.
         self._in_flight = False
         self._head_out: bytes | None = None
@@ -394,11 +391,7 @@ class AgentChannel(Protocol):
         if self.api is not None and self.api.connected:
             self.api.transport.write(data)
             return
-        self._queue.append(data)
-        self._queued += len(data)
-        if self._queued > _HIGH_WATER and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._pending.hold(data, self.transport)
         if self._connecting is None:
             pooled = self.agent.take_pooled()
             if pooled is not None:
@@ -414,20 +407,11 @@ class AgentChannel(Protocol):
             return
         self.api = api
         api.attach(self)
-        # Backpressure both ways, as a splice does; through shims, so that
-        # the end of one side does not abort the other (a pooled connection).
-        api.transport.registerProducer(ProducerShim(self.transport), True)
-        self.transport.registerProducer(ProducerShim(api.transport), True)
-        queue, self._queue, self._queued = self._queue, [], 0
-        if queue:
-            api.transport.write(b"".join(queue))
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._pending.attach(self.transport, api.transport)
 
     def _api_unreachable(self, failure) -> None:
         self._connecting = None
-        self._queue, self._queued = [], 0
+        self._pending.discard()
         _log.warn("Kubernetes agent {name}: the API at {server} is unreachable: {reason}",
                   name=self.agent.name, server=self.agent.config.server,
                   reason=failure.getErrorMessage())

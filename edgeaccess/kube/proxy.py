@@ -40,8 +40,9 @@ from edgeaccess import errors, httpwire, tls
 from edgeaccess.audit.batch import BatchingEmitter
 from edgeaccess.identity import rbac, roles as roles_module
 from edgeaccess.kube.access import RequestInfo, impersonation, request_info, split_cluster
+from edgeaccess.kube.pending import PendingRequestBytes
 from edgeaccess.kube.status import status_response
-from edgeaccess.proxy.splice import ProducerShim, no_delay, tune_transport
+from edgeaccess.proxy.splice import no_delay, tune_transport
 from edgeaccess.tunnel.endpoints import TunnelChannelEndpoint
 from edgeaccess.tunnel.protocol import format_source
 
@@ -51,7 +52,6 @@ _log = Logger()
 LEAF_PREFIX = b"/k8s-leaf/"
 #: Largest request body passed on (kubectl apply of a big manifest fits).
 MAX_BODY = 16 * 1024 * 1024
-_HIGH_WATER = 1024 * 1024
 #: Headers the client may not send on.
 _STRIPPED_PREFIXES = (b"impersonate-", b"edge-")
 _STRIPPED = {b"authorization", b"proxy-authorization"}
@@ -220,9 +220,7 @@ class ProxyConnection(Protocol):
         self.upstream: _Upstream | None = None
         self._upstream_key: tuple | None = None
         self._connecting: defer.Deferred | None = None
-        self._queue: list[bytes] = []
-        self._queued = 0
-        self._paused = False
+        self._pending = PendingRequestBytes()
         self._lost = False
         self._local_answer = False
         self._body_size = 0
@@ -467,11 +465,7 @@ class ProxyConnection(Protocol):
         if upstream is not None and upstream.transport is not None:
             upstream.transport.write(data)
             return
-        self._queue.append(data)
-        self._queued += len(data)
-        if self._queued > _HIGH_WATER and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._pending.hold(data, self.transport)
         if self._connecting is None:
             try:
                 endpoint = self._endpoint(self._upstream_key)
@@ -488,18 +482,11 @@ class ProxyConnection(Protocol):
             return
         self.upstream = upstream
         upstream.attach(self)
-        upstream.transport.registerProducer(ProducerShim(self.transport), True)
-        self.transport.registerProducer(ProducerShim(upstream.transport), True)
-        queue, self._queue, self._queued = self._queue, [], 0
-        if queue:
-            upstream.transport.write(b"".join(queue))
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._pending.attach(self.transport, upstream.transport)
 
     def _upstream_failed(self, error: Exception) -> None:
         self._connecting = None
-        self._queue, self._queued = [], 0
+        self._pending.discard()
         if self._lost:
             return
         if not isinstance(error, errors.EdgeError):

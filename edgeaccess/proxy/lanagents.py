@@ -66,7 +66,7 @@ _log = Logger()
 
 NODES_PREFIX = "/nodes/"
 #: Longest wait between redials of a node whose channels wait (seconds).
-REDIAL_CAP = 4.0
+REDIAL_CAP = 2.0
 
 
 class AgentPortRefused(NodeOffline):
@@ -408,6 +408,11 @@ class LanAgentPool:
         for key, tunnel in list(self._connections.items()):
             if uuid is None or key == uuid:
                 self._closing[key] = reason
+                if tunnel._mux is not None:
+                    # Told to the node before the connection goes: its
+                    # sessions end now, with the reason, rather than waiting
+                    # out the budget as after a cut.
+                    tunnel._mux.close_all(reason)
                 tunnel.disconnect(reason)
 
 

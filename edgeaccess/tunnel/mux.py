@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -489,6 +489,12 @@ class ChannelMux:
             channel._flush()
             channel._maybe_grant()
         self.resume_sending()
+
+    def close_all(self, reason: str) -> None:
+        """End every open channel now, telling the peer ``reason`` (a
+        deliberate end, e.g. the proxy stopping: not an outage to wait out)."""
+        for channel in list(self._channels.values()):
+            channel._finish_local_close(reason, Failure(ConnectionLost(reason)))
 
     def _send_close_refused(self, channel_id: int) -> None:
         def answered(_: object) -> None:

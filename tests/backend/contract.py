@@ -247,6 +247,14 @@ class BackendContract:
         with pytest.raises(BadRequest):
             await backend.get_range("/n/", -1)
 
+    @pytest_twisted.ensureDeferred
+    async def test_ranges_refuse_a_prefix_no_key_could_start_with(self, backend) -> None:
+        for prefix in (b"/n/", "/n/\ud800"):
+            with pytest.raises(BadRequest):
+                await backend.get_range(prefix)
+            with pytest.raises(BadRequest):
+                await backend.delete_range(prefix)
+
     # -- delete_range ----------------------------------------------------
 
     @pytest_twisted.ensureDeferred

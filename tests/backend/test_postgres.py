@@ -69,6 +69,10 @@ async def eventually(condition, what: str, timeout: float = 30.0):
 async def test_keys_with_nul_are_refused(pg_backend: PostgresBackend) -> None:
     with pytest.raises(BadRequest):
         await pg_backend.put("/a\x00b", b"x")
+    with pytest.raises(BadRequest):
+        await pg_backend.get_range("/a\x00")
+    with pytest.raises(BadRequest):
+        await pg_backend.delete_range("/a\x00")
 
 
 @pytest_twisted.ensureDeferred

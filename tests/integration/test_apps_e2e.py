@@ -7,7 +7,6 @@ certificates (verified strictly against the cluster CA, names under
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import ssl
@@ -32,7 +31,11 @@ from tests.apps.appkit import (
     tls_socket,
     web_listen,
     web_port,
-    ws_echo_script,
+)
+from tests.integration.steps import (
+    app_post_streams_byte_exact,
+    app_websocket_echoes,
+    browser_app_session_ended_by_ui_logout,
 )
 
 #: The proxy's --app-timeouts response=... here (the default is 60 s).
@@ -134,16 +137,9 @@ def test_forged_identity_headers_are_dropped(demo):
 
 
 def test_5mb_post_streams_both_ways_byte_exact(cluster, demo, tmp_path):
-    body = os.urandom(5 * 1024 * 1024)
-    source = tmp_path / "body.bin"
-    source.write_bytes(body)
-    out = tmp_path / "out.bin"
-    result = curl(demo, "/api/echo", "--data-binary", f"@{source}", "-o", str(out),
-                  "-D", "-", "-H", "content-type: application/octet-stream")
-    assert result.returncode == 0, result.stderr
-    assert out.read_bytes() == body
-    assert f"x-body-sha256: {hashlib.sha256(body).hexdigest()}" in result.stdout.decode().lower()
+    app_post_streams_byte_exact(demo, tmp_path)
     # Chunked request body too (curl streams it from stdin).
+    body = os.urandom(5 * 1024 * 1024)
     result = subprocess.run(
         ["curl", "-sS", "--cacert", demo["ca"], "--cert", demo["cert"], "--key", demo["key"],
          "-H", "transfer-encoding: chunked", "--data-binary", "@-", demo["url"] + "/api/echo"],
@@ -164,17 +160,7 @@ def test_download_streams(demo, tmp_path):
 
 
 def test_websocket_echo_through_the_proxy(cluster, demo):
-    host = f"demo.{PUBLIC_HOST}:{web_port(cluster['proxy'])}"
-    sock = tls_socket(cluster["proxy"], f"demo.{PUBLIC_HOST}", demo)
-    try:
-        ws = WebSocketClient(sock, host)
-        ws.send_text("hello app")
-        assert ws.receive() == "hello app"
-        blob = os.urandom(300 * 1024)
-        ws.send_bytes(blob)
-        assert ws.receive() == blob
-    finally:
-        sock.close()
+    app_websocket_echoes(cluster["proxy"], "demo", demo, "hello app", os.urandom(300 * 1024))
 
 
 def test_redirect_to_the_apps_own_uri_is_rewritten(demo):
@@ -335,6 +321,11 @@ def test_a_lock_ends_open_app_connections_and_refuses_new_ones(cluster):
 
 
 def test_app_sessions_are_audited(cluster, demo):
+    # alice's demo session (the fixture's) starts; one of hers for secret ends here.
+    app_login(cluster["alice"], "secret")
+    result = run_edge(cluster["alice"], "apps", "logout", "secret")
+    assert result.returncode == 0, result.stderr
+
     def found():
         events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.start")
         return [e for e in events if e.get("user") == "alice" and e.get("app") == "demo"]
@@ -342,8 +333,13 @@ def test_app_sessions_are_audited(cluster, demo):
     events = wait_for(found, 20, "app.session.start of alice")
     assert events[0]["remote_addr"] == "127.0.0.1"
     assert events[0]["success"] is True
-    ended = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.end")
-    assert any(e.get("user") == "carol" and e.get("app") == "demo" for e in ended)
+
+    def ended():
+        events = cluster["proxy"].edgectl_json("audit", "search", "--type", "app.session.end")
+        return [e for e in events if e.get("user") == "alice" and e.get("app") == "secret"
+                and e.get("reason") == "logout"]
+
+    wait_for(ended, 20, "app.session.end of alice's secret session by logout")
 
 
 # --- the browser flow (Chromium driven by Playwright) ---------------------------------
@@ -362,43 +358,11 @@ def test_browser_launches_the_app_through_the_web_session(cluster, browser):
     # Chromium trusts the cluster's web CA only; no certificate error is ignored.
     context = browser.new_context()
     try:
-        page = context.new_page()
-        page.goto(ui + "/")
-        page.fill("#user", "alice")
-        page.fill("#password", "alice-password-1")
-        page.click("#login")
-        page.wait_for_selector("#logout")
-        # No app cookie: app host -> launcher (web session) -> app host -> the page.
-        page.goto(app + "/?from=browser")
-        try:
-            page.wait_for_selector("#hello", timeout=15000)
-        except Exception:
-            raise AssertionError(f"the app page did not come: at {page.url}: "
-                                 f"{page.inner_text('body')[:500]}")
-        assert page.inner_text("#hello") == "Hello alice"
-        assert page.inner_text("#verified") == "verified: true"
-        assert page.url == app + "/?from=browser"
-        (cookie,) = [c for c in context.cookies(app) if c["name"] == "__Host-edge-app"]
-        assert cookie["secure"] and cookie["httpOnly"] and cookie["domain"] == f"demo.{PUBLIC_HOST}"
+        cookie, _ = browser_app_session_ended_by_ui_logout(
+            context, ui, app, "alice", "alice-password-1", "/?from=browser")
+        assert cookie["domain"] == f"demo.{PUBLIC_HOST}"
         assert not [c for c in context.cookies(f"https://secret.{PUBLIC_HOST}:{port}")
                     if c["name"].startswith("__Host-edge-app")]  # host-only
-        # The app never sees the proxy's cookies.
-        answer = json.loads(page.evaluate("fetch('/api/whoami').then(r => r.text())"))
-        assert "__Host-edge" not in json.dumps(answer["headers"])
-        assert answer["claims"]["username"] == "alice"
-        assert page.evaluate(ws_echo_script(f"wss://demo.{PUBLIC_HOST}:{port}/ws")) == \
-            "from the browser"
-        # Logging out of the web UI ends the app session: the WebSocket closes
-        # and the next page load goes back to the login form.
-        ui_page = context.new_page()
-        ui_page.goto(ui + "/web/")
-        ui_page.click("#logout")
-        ui_page.wait_for_selector("#login-form")
-        wait_for(lambda: page.evaluate("window.appSocketClosed"), 15,
-                 "the app WebSocket closed after logout")
-        page.goto(app + "/api/whoami")
-        page.wait_for_selector("#login-form")
-        assert page.url.startswith(ui)
     finally:
         context.close()
     assert any(e.get("method") == "web" and e.get("user") == "alice" for e in
@@ -442,6 +406,8 @@ def test_browser_launch_refuses_a_state_it_did_not_set(cluster, demo):
 def test_requests_are_audited_for_the_apps_switched_on(cluster, demo):
     secret = app_login(cluster["alice"], "secret")
     assert curl(secret, "/api/whoami").returncode == 0
+    bad = app_login(cluster["alice"], "bad")
+    assert curl(bad, "/garbage", "-i").stdout.startswith(b"HTTP/1.1 502")
     result = curl(demo, "/api/whoami?token=hidden", "-X", "GET")
     assert result.returncode == 0, result.stderr
     result = curl(demo, "/api/whoami", "-i", "-H",
@@ -456,7 +422,7 @@ def test_requests_are_audited_for_the_apps_switched_on(cluster, demo):
     events = wait_for(found, 20, "app.request events of alice")
     assert "secret" not in {e["app"] for e in events}  # not switched on for secret
     assert any(e["app"] == "bad" and e["path"] == "/garbage" and e["status"] == 502
-               for e in events)  # (test_bad_apps_...: the app answered garbage)
+               for e in events)
     ok = [e for e in events if e["path"] == "/api/whoami" and e["status"] == 200]
     assert ok and ok[0]["method"] == "GET" and ok[0]["remote_addr"] == "127.0.0.1"
     assert ok[0]["session_id"] and ok[0]["app_cluster"] == "apps"

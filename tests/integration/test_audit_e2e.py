@@ -22,6 +22,7 @@ import pexpect
 import pytest
 
 from edgeaccess.devcluster import join_node, run_edge, wait_for
+from tests.integration.steps import interactive_ssh, session_events
 
 PASSWORD = "audit-pass-1234"
 
@@ -75,18 +76,7 @@ def ssh_argv(home, node_name, cluster):
 
 
 def interactive(home, node_name, cluster):
-    child = pexpect.spawn("ssh", ["-tt", *ssh_argv(home, node_name, cluster)],
-                          timeout=30, encoding="utf-8")
-    child.setwinsize(30, 100)
-    return child
-
-
-def session_events(proxy, session_id, until_type="session.end", timeout=30.0):
-    def arrived():
-        found = search(proxy, "--session", session_id)
-        return found if until_type in [e["event"] for e in found] else None
-
-    return wait_for(arrived, timeout, f"{until_type} of session {session_id}", interval=0.3)
+    return interactive_ssh(*ssh_argv(home, node_name, cluster))
 
 
 def check_common(event, proxy, session_id):
@@ -133,7 +123,8 @@ def test_an_interactive_session_is_recorded_and_replays_in_asciinema(
 
     [start] = wait_for(lambda: [e for e in search(proxy, "--type", "session.start",
                                                   "--user", "alice")
-                                if e["kind"] == "shell"], 30, "session.start", interval=0.3)
+                                if e["kind"] == "shell" and e["node"] == "node1"],
+                         30, "session.start", interval=0.3)
     session_id = start["session_id"]
     events = session_events(proxy, session_id)
     assert [e["event"] for e in events] == ["session.start", "session.end"]

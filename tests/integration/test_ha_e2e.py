@@ -9,8 +9,9 @@ proxy; a lock made through B cuts a session held through A; a graceful stop
 of C leaves the node's tunnels to A and B; kill -9 of A leaves a session
 through B running, and new sessions through B work within 5 s.
 
-The tests run in order on one cluster (the module's fixtures), the
-destructive ones last. Times are printed (``-s`` or ``-rA``).
+The tests share one cluster (the module's fixtures), the destructive ones
+last; each test first starts again what an earlier one stopped
+(:func:`running`), so any subset runs too. Times are printed (``-s`` or ``-rA``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,20 @@ def homes(proxies, node, tmp_path_factory):
     return found
 
 
+def running(proxies: dict[str, ProxyProcess], node, *names: str) -> None:
+    """Start again each of the proxies ``names`` that a destructive test
+    stopped or killed, and wait for the node's tunnel to it. In file order
+    (the destructive tests last) nothing is restarted."""
+    for name in names:
+        proxy = proxies[name]
+        if proxy.process is not None and proxy.process.poll() is None:
+            continue
+        before = tunnels_up(proxy, "hn1")
+        proxy.start()
+        wait_for(lambda: tunnels_up(proxy, "hn1") > before, 30,
+                 f"the node's tunnel to the restarted proxy {name}", node.process)
+
+
 def jump_port(home: Path) -> int:
     """The proxy SSH port alice's ssh_config jumps through."""
     text = (home / "ssh_config").read_text()
@@ -127,6 +142,7 @@ def jump_port(home: Path) -> int:
 
 
 def test_every_proxy_lists_the_node_joined_through_a(proxies, node, homes):
+    running(proxies, node, "a", "b", "c")
     for name in ("b", "c"):
         proxy = proxies[name]
         [listed] = [n for n in proxy.edgectl_json("nodes", "ls") if n["name"] == "hn1"]
@@ -141,6 +157,7 @@ def test_every_proxy_lists_the_node_joined_through_a(proxies, node, homes):
 
 
 def test_the_node_is_reachable_with_openssh_through_each_proxy(proxies, node, homes):
+    running(proxies, node, "a", "b", "c")
     for name, proxy in proxies.items():
         assert str(proxy.ports["ssh"]) in (homes[name] / "ssh_config").read_text()
         result = ssh(homes[name], f"hn1.{CLUSTER}", "echo", f"via-{name}")
@@ -149,6 +166,7 @@ def test_the_node_is_reachable_with_openssh_through_each_proxy(proxies, node, ho
 
 
 def test_a_lock_made_through_b_cuts_a_session_held_through_a(proxies, node, homes):
+    running(proxies, node, "a", "b")
     a, b = proxies["a"], proxies["b"]
     session = LiveSession(homes["a"], f"hn1.{CLUSTER}")
     try:
@@ -173,6 +191,7 @@ def test_a_lock_made_through_b_cuts_a_session_held_through_a(proxies, node, home
 
 
 def test_a_graceful_stop_of_c_leaves_the_node_its_tunnels_to_a_and_b(proxies, node, homes):
+    running(proxies, node, "a", "b", "c")
     a, b, c = proxies["a"], proxies["b"], proxies["c"]
     c_tunnel = c.addr("tunnel")
     left_before = [p.log().count(" left, tunnel address ") for p in (a, b)]
@@ -195,6 +214,7 @@ def test_a_graceful_stop_of_c_leaves_the_node_its_tunnels_to_a_and_b(proxies, no
 
 def test_kill_9_of_a_keeps_a_session_through_b_and_new_sessions_work_within_5_s(
         proxies, node, homes):
+    running(proxies, node, "a", "b")
     a, b = proxies["a"], proxies["b"]
     session = LiveSession(homes["b"], f"hn1.{CLUSTER}")
     try:

@@ -14,24 +14,15 @@ import urllib.request
 
 import pytest
 
-from edgeaccess.devcluster import ProxyProcess
+from tests.integration.steps import module_proxy
 
 DEADLINE = 20.0
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory):
+def proxy(request, tmp_path_factory):
     """This module's proxy, with the diagnostics address on (off by default)."""
-    base = tmp_path_factory.mktemp("proxy")
-    process = ProxyProcess(base / "proxy", base / "proxy.log", cluster="http-errors",
-                           extra_args=["--diag-listen", "127.0.0.1:0"])
-    try:
-        process.start()
-    except Exception:
-        process.kill()
-        pytest.fail(f"proxy did not start; log:\n{process.log()[-4000:]}")
-    yield process
-    process.stop()
+    yield from module_proxy(request, tmp_path_factory, ["--diag-listen", "127.0.0.1:0"])
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ import pytest
 from edgeaccess.devcluster import NodeProcess, ProxyProcess, join_node, run_edge, wait_for
 from edgeaccess.pki import keys, x509ca
 
+from tests.integration.steps import trusted_cluster_yaml
 from tests.pkitools import Identity, issue_legacy_certificate
 
 PASSWORD = "impostor-test-password-1234"
@@ -363,22 +364,20 @@ def leaf(world, tmp_path_factory):
     leaf.stop()
 
 
-def test_the_leaf_exchange_sends_no_token(world, holder, leaf, tmp_path):
+def trust_impostors(world, tmp_path, web: str):
+    """A new trusted-cluster token of the root and a ``trusted_cluster``
+    document for the leaf naming it, the root's web address ``web`` and the
+    tunnel impostor as the root's tunnel address: ``(token, path)``."""
     token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
     document = tmp_path / "trust.yaml"
-    document.write_text(f"""\
-kind: trusted_cluster
-version: v1
-metadata: {{name: impostors}}
-spec:
-  enabled: true
-  token: {token}
-  ca_pin: {world.pin}
-  web_proxy_addr: {world.web}
-  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
-  role_map:
-    - {{remote: access, local: [access]}}
-""")
+    document.write_text(trusted_cluster_yaml(
+        name="impostors", token=token, pin=world.pin, web=web,
+        tunnel=f"127.0.0.1:{world.tunnel_impostor.port}", role_map={"access": ["access"]}))
+    return token, document
+
+
+def test_the_leaf_exchange_sends_no_token(world, holder, leaf, tmp_path):
+    token, document = trust_impostors(world, tmp_path, world.web)
     result = leaf.edgectl("create", "-f", str(document), check=False)
     assert result.returncode != 0
     assert not world.web_impostor.secret_seen(token)
@@ -389,21 +388,7 @@ spec:
 
 def test_the_leaf_tunnel_to_the_root_sends_nothing(world, holder, leaf, tmp_path):
     """The exchange goes to the real root; the tunnel address leads to the impostor."""
-    token = world.proxy.edgectl_json("tokens", "add", "--type", "trusted_cluster")["token"]
-    document = tmp_path / "trust.yaml"
-    document.write_text(f"""\
-kind: trusted_cluster
-version: v1
-metadata: {{name: impostors}}
-spec:
-  enabled: true
-  token: {token}
-  ca_pin: {world.pin}
-  web_proxy_addr: {world.proxy.addr("web")}
-  tunnel_addr: 127.0.0.1:{world.tunnel_impostor.port}
-  role_map:
-    - {{remote: access, local: [access]}}
-""")
+    _, document = trust_impostors(world, tmp_path, world.proxy.addr("web"))
     before = len(leaf.log())
     leaf.edgectl("create", "-f", str(document))
     try:

@@ -26,6 +26,7 @@ import pytest
 from edgeaccess.devcluster import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from tests.integration.steps import kubectl_port_forward_round_trips  # noqa: E402
 from tests.kube_world import KUBECTL, start_world  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl is not installed")
@@ -254,6 +255,7 @@ def test_interactive_exec_in_a_pty_resizes_and_is_recorded(world):
 def test_every_request_is_audited_with_user_verb_resource_and_code(world):
     world.kubectl("alice", "get", "pods")
     world.kubectl("alice", "delete", "pod", "web-2")
+    assert world.kubectl("carol", "get", "pods").returncode != 0  # no groups: refused
     events = wait_for(lambda: [e for e in kube_events(world)
                                if e.get("user") == "alice" and e.get("verb") == "delete"],
                       30, "the audited delete")
@@ -266,8 +268,9 @@ def test_every_request_is_audited_with_user_verb_resource_and_code(world):
               e.get("verb") == "list" and e.get("resource") == "pods"]
     assert listed and listed[-1]["response_code"] == 200
     assert listed[-1]["kube_groups"] == ["viewers", "system:authenticated"]
-    refused = [e for e in kube_events(world) if e.get("user") == "carol"]
-    assert refused and all(e["response_code"] == 403 for e in refused)
+    refused = wait_for(lambda: [e for e in kube_events(world) if e.get("user") == "carol"],
+                       30, "the audited refusal of carol")
+    assert all(e["response_code"] == 403 for e in refused)
 
 
 def test_exec_over_the_spdy_fallback_passes_stdin_and_the_exit_code(world):
@@ -306,60 +309,12 @@ def test_interactive_exec_over_spdy_is_recorded_too(world):
     assert "spdy-25" in cast
 
 
-@pytest.fixture
-def echo_server():
-    """A TCP server on 127.0.0.1 that answers each read upper-cased (the pod's port)."""
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-
-    def serve():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    def handle(conn):
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data.upper())
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-
-
 @pytest.mark.parametrize("websockets", ["true", "false"], ids=["websocket", "spdy"])
-def test_port_forward_carries_data_both_ways(world, echo_server, websockets):
-    import re
-    import socket
-
-    forward = subprocess.Popen(
-        [KUBECTL, "port-forward", "pod/web-1", f":{echo_server}"],
-        env={**world.env("bob"), "KUBECTL_PORT_FORWARD_WEBSOCKETS": websockets},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = forward.stdout.readline()
-        match = re.search(r"127\.0\.0\.1:(\d+)", line)
-        assert match, line + forward.stderr.read() if forward.poll() is not None else line
-        for round_ in range(2):  # two connections through the same forward
-            with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=30) as c:
-                payload = f"through the tunnel {round_} ".encode() * 2000
-                c.sendall(payload)
-                received = b""
-                while len(received) < len(payload):
-                    chunk = c.recv(65536)
-                    assert chunk, "the forwarded connection closed early"
-                    received += chunk
-                assert received == payload.upper()
-    finally:
-        forward.kill()
-        forward.wait()
+def test_port_forward_carries_data_both_ways(world, upper_echo_port, websockets):
+    # Two connections through the same forward.
+    kubectl_port_forward_round_trips(
+        {**world.env("bob"), "KUBECTL_PORT_FORWARD_WEBSOCKETS": websockets}, upper_echo_port,
+        "through the tunnel", rounds=2)
 
 
 # --- bad input -------------------------------------------------------------------------

@@ -14,7 +14,6 @@ node, and give it nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,13 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 from tests import kube_standin  # noqa: E402
 from tests.apps.appkit import (  # noqa: E402
     PUBLIC_HOST,
-    WebSocketClient,
     app_login,
     curl,
     edge_login,
     start_demo_app,
-    tls_socket,
-    web_port,
+)
+from tests.integration.steps import (  # noqa: E402
+    app_post_streams_byte_exact,
+    app_websocket_echoes,
+    kubectl_port_forward_round_trips,
 )
 from tests.kube_world import KUBECTL, PASSWORD, ROLES, KubeWorld, start_standin  # noqa: E402
 
@@ -255,50 +256,9 @@ def test_kubectl_exec_with_stdin_through_the_lan_agent(world, websockets):
     assert result.returncode == 3
 
 
-@pytest.fixture
-def echo_server():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-
-    def serve():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    def handle(conn):
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data.upper())
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-
-
-def test_kubectl_port_forward_through_the_lan_agent(world, echo_server):
-    forward = subprocess.Popen([KUBECTL, "port-forward", "pod/web-1", f":{echo_server}"],
-                               env=world.env("bob"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        line = forward.stdout.readline()
-        match = re.search(r"127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=30) as c:
-            payload = b"through the agent port " * 3000
-            c.sendall(payload)
-            received = b""
-            while len(received) < len(payload):
-                chunk = c.recv(65536)
-                assert chunk, "the forwarded connection closed early"
-                received += chunk
-            assert received == payload.upper()
-    finally:
-        forward.kill()
-        forward.wait()
+def test_kubectl_port_forward_through_the_lan_agent(world, upper_echo_port):
+    kubectl_port_forward_round_trips(world.env("bob"), upper_echo_port,
+                                     "through the agent port", repeat=3000)
 
 
 def test_the_proxy_keeps_one_connection_per_lan_agent(world):
@@ -312,28 +272,13 @@ def test_the_proxy_keeps_one_connection_per_lan_agent(world):
 
 
 def test_app_5mb_post_streams_both_ways_byte_exact_through_the_lan_agent(world, demo, tmp_path):
-    body = os.urandom(5 * 1024 * 1024)
-    source = tmp_path / "body.bin"
-    source.write_bytes(body)
-    out = tmp_path / "out.bin"
-    result = curl(demo, "/api/echo", "--data-binary", f"@{source}", "-o", str(out),
-                  "-D", "-", "-H", "content-type: application/octet-stream")
-    assert result.returncode == 0, result.stderr
-    assert out.read_bytes() == body
-    assert f"x-body-sha256: {hashlib.sha256(body).hexdigest()}" in result.stdout.decode().lower()
+    app_post_streams_byte_exact(demo, tmp_path)
     answer = json.loads(curl(demo, "/api/whoami").stdout)
     assert answer["verified"] is True and answer["claims"]["username"] == "bob"
 
 
 def test_app_websocket_echo_through_the_lan_agent(world, demo):
-    host = f"demo.{PUBLIC_HOST}:{web_port(world.proxy)}"
-    sock = tls_socket(world.proxy, f"demo.{PUBLIC_HOST}", demo)
-    try:
-        ws = WebSocketClient(sock, host)
-        ws.send_text("hello lan")
-        assert ws.receive() == "hello lan"
-    finally:
-        sock.close()
+    app_websocket_echoes(world.proxy, "demo", demo, "hello lan")
 
 
 # --- who is who ------------------------------------------------------------------------

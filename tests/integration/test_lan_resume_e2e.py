@@ -16,7 +16,8 @@ the module fixture; each test checks one of them:
   session); scp of 8 MiB is byte-exact;
 - ``stall`` node, a 12 s black hole: the same command and interactive session;
 - ``long`` node, a 34 s black hole: past the 20 s budget the session ends
-  cleanly (ssh returns, before the link is back) and ``session.end`` says why.
+  cleanly (ssh returns, before the link is back) and ``session.end`` says why;
+- ``plain`` node, ``--agent-listen off``: announces no agent, reached over TCP.
 
 Measured times (``-s`` or ``-rA``): link restored -> output flowing again.
 """
@@ -191,6 +192,17 @@ def session_past_the_budget(link: Link) -> dict:
             "link_back_then": link.restored is not None and link.restored <= ended}
 
 
+class _PlainNode:
+    """The node with ``--agent-listen off`` (stopped with the links)."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.stopping = threading.Event()  # as a Link's: nothing of it runs
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
 @pytest.fixture(scope="module")
 def links(tmp_path_factory):
     started = time.monotonic()
@@ -210,10 +222,17 @@ def links(tmp_path_factory):
                     made[name] = future.result(timeout=180)
                 except Exception as error:  # noqa: BLE001 - reported below
                     errors.append(f"{name}: {error}")
+            # And a node without an agent port: the proxy splices TCP to its SSH port.
+            plain = pool.submit(join_node, proxy, base, "n-plain",
+                                extra_args=["--agent-listen", "off"])
+            try:
+                made["plain"] = _PlainNode(plain.result(timeout=180)[0])
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(f"plain: {error}")
         if errors:
             pytest.fail("links did not start: " + "; ".join(errors) +
                         f"\n--- proxy log:\n{proxy.log()[-4000:]}")
-        report("proxy and three LAN nodes up", time.monotonic() - started)
+        report("proxy and four LAN nodes up", time.monotonic() - started)
         yield made
     finally:
         for link in made.values():
@@ -261,8 +280,19 @@ def expected_stream() -> str:
 
 def test_ssh_to_a_lan_node_goes_through_its_agent_port(links):
     log = links["cut"].proxy.log()
-    for name in links:
+    for name in ("cut", "stall", "long"):
         assert f"target=n-{name}.{CLUSTER}:22 route=agent outcome=ok" in log
+
+
+def test_a_node_with_agent_listen_off_is_reached_over_tcp(links):
+    cut = links["cut"]
+    result = subprocess.run(["ssh", *ssh_options(cut), f"root@n-plain.{CLUSTER}", "echo",
+                             "plain-$((6*7))"], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stdout) == (0, "plain-42\n"), result.stderr
+    assert f"target=n-plain.{CLUSTER}:22 route=direct outcome=ok" in cut.proxy.log()
+    [record] = [n for n in cut.proxy.edgectl_json("nodes", "ls") if n["name"] == "n-plain"]
+    assert "agent" not in record
 
 
 @pytest.mark.parametrize("link", ["cut", "stall"])

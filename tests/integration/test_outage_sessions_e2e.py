@@ -24,8 +24,8 @@ test checks one scenario:
   exit 0, one audited session in the leaf and none split in the root; after
   the outages the leaf's app answers through the root again;
 - a web terminal (the browser's WebSocket protocol, spoken by Python) to a
-  tunnelled node across the cut: output in order, typed before, during and
-  after arrives;
+  tunnelled node across the cut, and one to the leaf node across the leaf's
+  stall and cut: output in order, typed before, during and after arrives;
 - ``kubectl exec -i`` through the tunnelled Kubernetes agent: stdin lines
   and their echoes stream across the cut, the exit code comes back;
   ``kubectl exec -it`` (a PTY): typed before, during and after the cut;
@@ -227,6 +227,18 @@ class World:
         self.done[link].set()
 
     def outages(self) -> None:
+        """Run the outages; whatever happens, the links come back and every
+        scenario is told to wrap up (a failure here fails every test)."""
+        try:
+            self._outages()
+        finally:
+            for relay in (self.uplink, self.leaf_link):
+                relay.resume()
+            for link in self.done:
+                self.restored_events[link].set()
+                self._done(link)
+
+    def _outages(self) -> None:
         self.arrive()
         if not self.wait_until(CUT_AT):
             return
@@ -425,8 +437,10 @@ def tls_routed_ssh(world: World) -> dict:
     return streamed_command(world, argv)
 
 
-def web_terminal(world: World) -> dict:
-    term = TerminalSocket(world, world.web_session("una"), "root@tnode.root")
+def web_terminal(world: World, target: str = "root@tnode.root", link: str = "uplink") -> dict:
+    """A web terminal to ``target`` across the outages of ``link``: a shell
+    loop's output read as it comes, a line typed during the (first) outage."""
+    term = TerminalSocket(world, world.web_session("una"), target)
     try:
         try:
             term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
@@ -439,7 +453,7 @@ def web_terminal(world: World) -> dict:
             raise
         world.arrive()
         # Output running through the cut, read as it comes.
-        term.type(until_done(world, "uplink", "tick") + "\n")
+        term.type(until_done(world, link, "tick") + "\n")
         term.expect(r"tick-1\r?\n")
         while not world.cut_started.is_set():
             term.read_one()
@@ -448,9 +462,9 @@ def web_terminal(world: World) -> dict:
         term.type("echo during-$((6*8))\n")
         while True:  # what was on its way when the link went; then nothing until it is back
             term.read_one()
-            if world.restored_events["uplink"].is_set():
+            if world.restored_events[link].is_set():
                 break
-        flowing = world.flowing_after("uplink")
+        flowing = world.flowing_after(link)
         term.expect(r"tick-end-\d+", timeout=60)
         term.expect(r"during-48\r?\n", timeout=60)
         term.type("echo after-$((6*9))\n")
@@ -722,6 +736,7 @@ def configs(world):
 SCENARIOS = {
     "leaf.ssh": leaf_ssh,
     "terminal": web_terminal,
+    "terminal.leaf": lambda world: web_terminal(world, "root@leafnode.leaf", "leaf_link"),
     "terminal.past-budget": terminal_past_the_budget,
     "kube.exec": kube_exec,
     "kube.exec-tty": kube_exec_tty,
@@ -753,6 +768,7 @@ def outcomes(world, configs):
 
 def outcome(outcomes, world: World, name: str) -> dict:
     try:
+        outcomes["outages"].result(timeout=300)  # the outages really happened
         return outcomes[name].result(timeout=300)
     except Exception:
         print(world.logs())
@@ -828,6 +844,26 @@ def test_a_web_terminal_keeps_its_shell_across_a_cut(outcomes, world):
     events = wait_for(ended, 30, f"session.end of {session_id}", interval=0.3)
     assert [e["event"] for e in events] == ["session.start", "session.end"]
     assert events[-1]["reason"] == "exited"
+
+
+def test_a_web_terminal_to_a_leaf_node_keeps_its_shell_across_the_leafs_outages(
+        outcomes, world):
+    result = outcome(outcomes, world, "terminal.leaf")
+    output = result["output"]
+    assert result["exit"]["status"] == 0
+    got, whole = whole_lines(output, "tick")
+    assert got == whole and len(whole) > 50
+    positions = [output.index(m) for m in ("before-42", "during-48", "after-54")]
+    assert positions == sorted(positions)
+    report(f"leaf cut {LEAF_CUT_FOR:.0f} s: link restored -> web terminal output flowing",
+           result["restored_to_output"])
+
+    def ended():
+        found = world.leaf.edgectl_json("audit", "search", "--session", result["session_id"])
+        return found if "session.end" in [e["event"] for e in found] else None
+
+    events = wait_for(ended, 30, "session.end in the leaf", interval=0.3)
+    assert [e["event"] for e in events] == ["session.start", "session.end"]
 
 
 def test_kubectl_exec_streams_stdin_and_output_across_a_cut(outcomes, world):

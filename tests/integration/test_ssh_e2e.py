@@ -478,16 +478,22 @@ def test_direct_connection_to_the_node_with_the_real_certificate_works(proxy, us
     assert result.stdout == b"direct\n"
 
 
-def test_a_plain_key_without_certificate_is_refused(proxy, users, nodes, tmp_path):
-    bare = _profile_copy(users["alice"], tmp_path / "bare", certificate=None)
-    through_proxy = run(ssh_argv(bare, f"root@dev.{proxy.cluster}", "true"))
+def _refused_through_the_proxy_and_by_the_node(home, proxy, nodes, proxy_says, node_says):
+    """``ssh true`` with ``home``'s profile fails through the proxy, and
+    directly at the dev node (which refuses it by itself too)."""
+    through_proxy = run(ssh_argv(home, f"root@dev.{proxy.cluster}", "true"))
     assert through_proxy.returncode == 255
-    assert "Permission denied (publickey)" in text(through_proxy)
-    # The node refuses it by itself too.
-    direct = run(["ssh", "-F", str(_direct_config(bare, nodes["dev"], proxy.cluster)),
+    assert proxy_says in text(through_proxy)
+    direct = run(["ssh", "-F", str(_direct_config(home, nodes["dev"], proxy.cluster)),
                   "root@direct", "true"])
     assert direct.returncode == 255
-    assert "Permission denied (publickey)" in text(direct)
+    assert node_says in text(direct)
+
+
+def test_a_plain_key_without_certificate_is_refused(proxy, users, nodes, tmp_path):
+    bare = _profile_copy(users["alice"], tmp_path / "bare", certificate=None)
+    _refused_through_the_proxy_and_by_the_node(
+        bare, proxy, nodes, "Permission denied (publickey)", "Permission denied (publickey)")
     wait_for(lambda: "only OpenSSH user certificates are accepted" in nodes["dev"].log(),
              5, "the node to log the refusal")
 
@@ -498,13 +504,8 @@ def test_an_expired_certificate_is_refused_by_proxy_and_node(proxy, users, nodes
     expired = _forged_certificate(users["alice"], user_ca, valid_from=now - timedelta(hours=3),
                                   ttl=timedelta(hours=1), cluster=proxy.cluster)
     home = _profile_copy(users["alice"], tmp_path / "expired", expired)
-    through_proxy = run(ssh_argv(home, f"root@dev.{proxy.cluster}", "true"))
-    assert through_proxy.returncode == 255
-    assert "certificate has expired" in text(through_proxy)
-    direct = run(["ssh", "-F", str(_direct_config(home, nodes["dev"], proxy.cluster)),
-                  "root@direct", "true"])
-    assert direct.returncode == 255
-    assert "access denied: certificate has expired" in text(direct)
+    _refused_through_the_proxy_and_by_the_node(
+        home, proxy, nodes, "certificate has expired", "access denied: certificate has expired")
 
 
 def test_a_certificate_from_another_ca_is_refused_by_the_node(proxy, users, nodes, tmp_path):

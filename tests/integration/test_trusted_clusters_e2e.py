@@ -27,6 +27,8 @@ from edgeaccess.devcluster import NodeProcess, ProxyProcess, run_edge, wait_for
 sys.path.insert(0, str(Path(__file__).parent))
 from tcprelay import TcpRelay  # noqa: E402
 
+from tests.integration.steps import trusted_cluster_yaml  # noqa: E402
+
 PASSWORD = "trusted-e2e-pass-1"
 LEAF_NODE = "leafnode.leaf"
 
@@ -55,20 +57,9 @@ spec:
 
 def trust_yaml(*, name: str, token: str, pin: str, web: str, tunnel: str,
                enabled: bool = True) -> str:
-    return f"""\
-kind: trusted_cluster
-version: v1
-metadata: {{name: {name}}}
-spec:
-  enabled: {str(enabled).lower()}
-  token: {token}
-  ca_pin: {pin}
-  web_proxy_addr: {web}
-  tunnel_addr: {tunnel}
-  role_map:
-    - {{remote: access, local: [access]}}
-    - {{remote: restricted, local: [prod-only]}}
-"""
+    return trusted_cluster_yaml(name=name, token=token, pin=pin, web=web, tunnel=tunnel,
+                                enabled=enabled,
+                                role_map={"access": ["access"], "restricted": ["prod-only"]})
 
 
 def report(what: str, seconds: float) -> None:

@@ -433,13 +433,11 @@ def test_a_restarted_tunnel_node_reuses_its_identity_without_a_token(proxy, tnod
 
 # --- proxy restarts ---------------------------------------------------------------------
 
-def test_after_a_graceful_proxy_stop_agents_reconnect_as_asked(proxy, tnode, home, host):
-    ups = tunnels_up(proxy, "tn1")
-    proxy.stop()
-    assert "agents to reconnect: proxy shutting down" in proxy.log()
-    wait_for(lambda: "asks us to reconnect in 0.0 s: proxy shutting down" in tnode.log(), 10,
-             "the node to obey Reconnect", tnode.process)
-    assert "as the proxy asked" in tnode.log()
+def restart_until_reachable(proxy, tnode, home, host, ups, how, since=None):
+    """Start the stopped ``proxy`` again, wait for tunnel ``ups + 1`` of the
+    node and an SSH session through it, and report the times (``since``:
+    ``(what, monotonic time)`` the last one counts from, else the start).
+    Returns the seconds from the start to a working session."""
     started = time.monotonic()
     proxy.start()
     ready = time.monotonic()
@@ -447,10 +445,21 @@ def test_after_a_graceful_proxy_stop_agents_reconnect_as_asked(proxy, tnode, hom
     tunnel = time.monotonic()
     wait_reachable(home, host, process=tnode.process)
     done = time.monotonic()
-    report("SIGTERM restart: proxy start", ready - started)
-    report("SIGTERM restart: proxy ready -> tunnel up", tunnel - ready)
-    report("SIGTERM restart: proxy start -> ssh works", done - started)
-    assert done - started < 20
+    what, origin = since or ("proxy start", started)
+    report(f"{how} restart: proxy start", ready - started)
+    report(f"{how} restart: proxy ready -> tunnel up", tunnel - ready)
+    report(f"{how} restart: {what} -> ssh works", done - origin)
+    return done - started
+
+
+def test_after_a_graceful_proxy_stop_agents_reconnect_as_asked(proxy, tnode, home, host):
+    ups = tunnels_up(proxy, "tn1")
+    proxy.stop()
+    assert "agents to reconnect: proxy shutting down" in proxy.log()
+    wait_for(lambda: "asks us to reconnect in 0.0 s: proxy shutting down" in tnode.log(), 10,
+             "the node to obey Reconnect", tnode.process)
+    assert "as the proxy asked" in tnode.log()
+    assert restart_until_reachable(proxy, tnode, home, host, ups, "SIGTERM") < 20
 
 
 def test_after_proxy_kill_9_and_restart_the_node_is_reachable_again(proxy, tnode, home,
@@ -462,17 +471,8 @@ def test_after_proxy_kill_9_and_restart_the_node_is_reachable_again(proxy, tnode
     wait_for(lambda: tnode.log().count("tunnel agent tn1: waiting") > waits, 10,
              "the agent to notice the dead proxy", tnode.process)
     assert tnode.process.poll() is None
-    started = time.monotonic()
-    proxy.start()
-    ready = time.monotonic()
-    wait_tunnel_up(proxy, "tn1", ups, process=tnode.process)
-    tunnel = time.monotonic()
-    wait_reachable(home, host, process=tnode.process)
-    done = time.monotonic()
-    report("kill -9 restart: proxy start", ready - started)
-    report("kill -9 restart: proxy ready -> tunnel up", tunnel - ready)
-    report("kill -9 restart: kill -> ssh works", done - killed)
-    assert done - started < 30
+    assert restart_until_reachable(proxy, tnode, home, host, ups, "kill -9",
+                                   since=("kill", killed)) < 30
     assert len(listed(proxy, "tn1")) == 1
 
 

@@ -31,6 +31,7 @@ import socket
 import ssl
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,13 @@ def test_wrong_password_keeps_the_form_and_says_so(world, context, shots):
     page.screenshot(path=str(shots / "login.png"))
 
 
+def filter_by_labels(page, labels: str, section: str) -> None:
+    """Type ``labels`` in the filter box, apply it, and wait for ``section`` again."""
+    page.fill("#filter", labels)
+    page.click("#filters button")
+    page.wait_for_selector(section)
+
+
 def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     page = context.new_page()
     started = time.monotonic()
@@ -281,10 +289,7 @@ def test_login_lists_the_nodes_with_labels_as_text(world, context, shots):
     cookie = [c for c in context.cookies() if c["name"] == "__Host-edge-session"][0]
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     page.screenshot(path=str(shots / "nodes.png"))
-    # Filter by label.
-    page.fill("#filter", "env=prod")
-    page.click("#filters button")
-    page.wait_for_selector("#nodes")
+    filter_by_labels(page, "env=prod", "#nodes")
     assert page.locator("#nodes .row[data-node]").count() == 1
     assert page.locator('#nodes .row[data-node="lannode"]').count() == 1
     # The leaf cluster is selectable and lists its node.
@@ -318,9 +323,7 @@ def test_apps_and_kube_clusters_the_roles_allow_are_listed_and_filtered(world, c
     assert response is not None and response.status in (502, 503, 504), response.status
     launched.close()
     # The label filter applies to every section.
-    page.fill("#filter", "team=web")
-    page.click("#filters button")
-    page.wait_for_selector("#apps")
+    filter_by_labels(page, "team=web", "#apps")
     assert page.locator("#apps tr[data-name]").count() == 1
     assert page.locator("#kube tr[data-name]").count() == 0
     # A leaf's apps and Kubernetes clusters, asked as the user.
@@ -495,14 +498,25 @@ def test_logout_ends_an_open_terminal(world, context):
     assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
 
 
-def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, browser):
-    world.root.add_user("changer", PASSWORD, roles=("access",), logins=("root",))
+@contextmanager
+def terminal_of_a_new_user(world, browser, user: str, marker: str):
+    """A user of the test's own (the test ends their web session), logged in
+    in a browser context of their own, with a terminal open on tnode that
+    echoed ``marker``: yields its page."""
+    world.root.add_user(user, PASSWORD, roles=("access",), logins=("root",))
     ctx = browser.new_context()
     try:
         page = ctx.new_page()
-        log_in(page, world, user="changer")
+        log_in(page, world, user=user)
         open_terminal(page, world, "root@tnode.root")
-        run(page, "echo before-change", "before-change")
+        run(page, f"echo {marker}", marker)
+        yield page
+    finally:
+        ctx.close()
+
+
+def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, browser):
+    with terminal_of_a_new_user(world, browser, "changer", "before-change") as page:
         world.root.edgectl("users", "set-password", "changer", "--password-stdin",
                            input="a brand new password\n")
         page.wait_for_selector("#term-status.closed", timeout=15000)
@@ -510,8 +524,6 @@ def test_a_password_change_ends_the_web_session_and_its_open_terminal(world, bro
         assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
         log_in(page, world, user="changer", password="a brand new password")
         page.wait_for_selector("#nodes")
-    finally:
-        ctx.close()
 
 
 def test_every_page_runs_under_the_csp_without_a_violation(world, context):
@@ -541,13 +553,7 @@ def test_every_page_runs_under_the_csp_without_a_violation(world, context):
 
 
 def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
-    world.root.add_user("lockme", PASSWORD, roles=("access",), logins=("root",))
-    ctx = browser.new_context()
-    try:
-        page = ctx.new_page()
-        log_in(page, world, user="lockme")
-        open_terminal(page, world, "root@tnode.root")
-        run(page, "echo before-lock", "before-lock")
+    with terminal_of_a_new_user(world, browser, "lockme", "before-lock") as page:
         started = time.monotonic()
         world.root.edgectl("lock", "--user", "lockme", "--ttl", "10m",
                            "--message", "maintenance window")
@@ -556,8 +562,6 @@ def test_a_lock_ends_the_web_session_and_its_open_terminal(world, browser):
         assert page.request.get(world.url + "/web/", max_redirects=0).status == 303
         log_in(page, world, user="lockme")
         assert "maintenance window" in page.inner_text("#login-error")
-    finally:
-        ctx.close()
 
 
 # --- recordings and audit --------------------------------------------------------------

@@ -268,13 +268,17 @@ def test_a_restarted_node_makes_the_proxy_close_the_old_channels_at_once():
     assert world.a.pool.waiting == {}
 
 
-def test_closing_on_purpose_ends_the_channels_and_redials_nothing():
+def test_closing_on_purpose_ends_the_channels_at_both_ends_and_redials_nothing():
     world = World()
-    user, _node = world.a.open()
-    world.a.pool.close(UUID, "the node no longer announces this agent")
+    user, node = world.a.open()
+    world.a.pool.close(reason="proxy shutting down")
     world.settle()
     assert "lost" in user.events
-    assert user.transport.lost_reason == "the node no longer announces this agent"
+    assert "proxy shutting down" in user.lost_reason.getErrorMessage()
+    # The node was told before the connection went: nothing waits out the budget.
+    assert "lost" in node.events
+    assert "proxy shutting down" in node.lost_reason.getErrorMessage()
+    assert all(not slot.waiting for slot in world.node.slots.values())
     world.advance(5.0)
     assert world.a.endpoint.connects == 1
 
