@@ -10,7 +10,14 @@
   on 127.0.0.1; a :class:`relay <_relay_main>` process listens inside the
   uplink namespace on the veth address and passes each connection on to the
   proxy's loopback ports, delaying every byte by ``delay_ms`` each way
-  (half the RTT). The kernel on this machine has no ``netem`` (``tc qdisc
+  (the RTT: all of it on the way back to the proxy, none on the way onto
+  the link, which it reads from the proxy only while its socket onto the
+  link holds less than 4 KiB, :class:`_Relayed`; a 4 KiB ``SO_RCVBUF``
+  toward the proxy: the kernel's smallest stalled an upload to 17 kbit/s,
+  its window too small for the sender's segments). So in an upload the proxy's own tunnel socket meets the link's
+  backpressure, as it would on a real link (the relay's own TCP over the
+  tbf still keeps a few segments in flight, ~5 KB, that nobody controls).
+  The kernel on this machine has no ``netem`` (``tc qdisc
   add ... netem`` answers "Specified qdisc kind is unknown"), so the delay is
   the relay's; the rate and the queue in front of it are the kernel's, so
   the node's tunnel socket meets a real slow link (its send buffer,
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -40,9 +48,11 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
+_SIOCOUTQ = 0x5411
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
@@ -116,7 +126,7 @@ class LinkLab:
     def shaping(self) -> str:
         if self.mode == "netns":
             return (f"netns+veth, tc tbf {self.rate_kbit} kbit/s each way (queue "
-                    f"{self.queue_ms:g} ms), relay delay {self.delay_ms:g} ms each way "
+                    f"{self.queue_ms:g} ms), relay delay {2 * self.delay_ms:g} ms node->proxy "
                     "(no netem in this kernel)")
         return (f"userspace relay: {self.rate_kbit} kbit/s each way, delay "
                 f"{self.delay_ms:g} ms each way" + (
@@ -187,7 +197,7 @@ class LinkLab:
                 "--listen-host", self.dial_host,
                 "--map", ",".join(f"{listen}={target}" for listen, target in mapping.items())]
         if self.mode == "netns":
-            argv += ["--netns", self.uplink_ns]
+            argv += ["--netns", self.uplink_ns, "--link-kbit", str(self.rate_kbit)]
         else:
             argv += ["--rate-kbit", str(self.rate_kbit)]
         log = open(self.log_dir / "relay.log", "ab") if self.log_dir else subprocess.DEVNULL
@@ -198,6 +208,19 @@ class LinkLab:
         if not line.startswith(b"ready"):
             raise RuntimeError(f"the link relay did not start: {line!r}")
         self.ports = dict(mapping)
+
+    def stop_relay(self) -> None:
+        """Stop the relay (a new :meth:`relay` may follow)."""
+        relay, self._relay = self._relay, None
+        if relay is not None and relay.poll() is None:
+            try:
+                os.killpg(relay.pid, signal.SIGTERM)
+                relay.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(relay.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def cut(self) -> None:
         """Cut the link: every connection through it is reset, new ones are
@@ -211,16 +234,7 @@ class LinkLab:
         self._relay.send_signal(signal.SIGUSR2)
 
     def close(self) -> None:
-        if self._relay is not None and self._relay.poll() is None:
-            try:
-                os.killpg(self._relay.pid, signal.SIGTERM)
-                self._relay.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self._relay.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self._relay = None
+        self.stop_relay()
         while self._made_ns:
             ns = self._made_ns.pop()
             # Whatever still runs in it (a node the caller did not stop).
@@ -237,12 +251,14 @@ class LinkLab:
 
     # -- measuring what the link holds ----------------------------------------
 
-    def queue_bytes(self) -> int | None:
-        """Bytes waiting in the node side's tbf queue now (netns mode)."""
+    def queue_bytes(self, side: str = "node") -> int | None:
+        """Bytes waiting in the tbf queue now (netns mode) of the node's side
+        (``"node"``: toward the proxy) or the uplink's (``"uplink"``: toward the node)."""
         if self.mode != "netns":
             return None
-        out = _run("tc", "-n", self.node_ns, "-s", "qdisc", "show", "dev", f"{self.name}n",
-                   check=False).stdout
+        ns, dev = ((self.node_ns, f"{self.name}n") if side == "node"
+                   else (self.uplink_ns, f"{self.name}u"))
+        out = _run("tc", "-n", ns, "-s", "qdisc", "show", "dev", dev, check=False).stdout
         for line in out.splitlines():
             line = line.strip()
             if line.startswith("backlog"):
@@ -294,6 +310,8 @@ class _Line:
         self.held = 0
         self.free_at = 0.0
         self.closed = False
+        #: The output's write buffer is full: reading waits for it too.
+        self.blocked = False
 
     def push(self, data: bytes) -> None:
         now = self.loop.time()
@@ -312,7 +330,8 @@ class _Line:
         self.held -= len(data)
         if self.out is not None and not self.out.is_closing():
             self.out.write(data)
-        if self.held <= self.HOLD // 2 and self.source is not None and not self.closed:
+        if (self.held <= self.HOLD // 2 and self.source is not None and not self.closed
+                and not self.blocked):
             try:
                 self.source.resume_reading()
             except (AttributeError, RuntimeError):
@@ -353,11 +372,13 @@ class _Half(asyncio.Protocol):
                 pass
 
     def pause_writing(self) -> None:
+        self.peer_line.blocked = True
         if self.peer_line.source is not None:
             self.peer_line.source.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer_line.source is not None:
+        self.peer_line.blocked = False
+        if self.peer_line.source is not None and self.peer_line.held <= self.peer_line.HOLD:
             try:
                 self.peer_line.source.resume_reading()
             except RuntimeError:
@@ -373,6 +394,180 @@ class _Half(asyncio.Protocol):
     def connection_lost(self, exc) -> None:  # type: ignore[override]
         _outage.live.discard(self.transport)
         self.line.finish()
+
+
+class _Relayed:
+    """One connection relayed onto a tbf-shaped link (netns mode), without
+    asyncio's buffers: proxy -> node bytes are read only as the node-facing
+    socket takes them (at most a segment waits in the relay, a 4 KiB
+    ``SO_SNDBUF`` in its socket), so in an upload the proxy's own socket
+    meets the link's backpressure; node -> proxy bytes wait out the round
+    trip's delay (in order) and go to the proxy's loopback port."""
+
+    SEGMENT = 1448
+    #: Bytes the node-facing socket may hold (in flight + unsent) before the
+    #: relay stops reading from the proxy: the kernel appends far past
+    #: ``SO_SNDBUF`` and ``TCP_NOTSENT_LOWAT`` (measured: 11-60 KB), so the
+    #: relay asks (``SIOCOUTQ``). About what the relay's TCP needs in flight
+    #: to keep a 1 Mbit/s tbf busy (its RTT there is a segment's ~12 ms and
+    #: the queue's; what a bulk sender's socket holds under the tunnel's cap).
+    ONTO_LINK = 4096
+    POLL = 0.002
+
+    def __init__(self, loop, node: socket.socket, proxy: socket.socket, delay: float) -> None:
+        self.loop, self.node, self.proxy, self.delay = loop, node, proxy, delay
+        self.down_pending = b""  # proxy -> node, refused by the node's socket for now
+        self.down_eof = False
+        self.up_queue: deque[tuple[float, bytes | None]] = deque()  # (due, data; None: EOF)
+        self.up_buffer = bytearray()  # due, refused by the proxy's socket for now
+        self.up_timer = None
+        self.up_eof = False
+        self.closed = False
+        self.down_waiting = None  # the poll while the node's socket holds ONTO_LINK
+        for sock in (node, proxy):
+            sock.setblocking(False)
+        loop.add_reader(proxy, self._proxy_readable)
+        loop.add_reader(node, self._node_readable)
+        _outage.live.add(self)
+
+    # -- proxy -> node: onto the link --------------------------------------
+
+    def _onto_link(self) -> int:
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.node.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return 0
+
+    def _poll_down(self) -> None:
+        self.down_waiting = None
+        if self.closed or self.down_eof:
+            return
+        if self._onto_link() >= self.ONTO_LINK:
+            self.down_waiting = self.loop.call_later(self.POLL, self._poll_down)
+        else:
+            self.loop.add_reader(self.proxy, self._proxy_readable)
+
+    def _proxy_readable(self) -> None:
+        if self._onto_link() >= self.ONTO_LINK:
+            self.loop.remove_reader(self.proxy)
+            self.down_waiting = self.loop.call_later(self.POLL, self._poll_down)
+            return
+        try:
+            data = self.proxy.recv(self.SEGMENT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        if not data:
+            self.down_eof = True
+            self.loop.remove_reader(self.proxy)
+            self._shut(self.node)
+            return
+        self._to_node(data)
+
+    def _to_node(self, data: bytes) -> None:
+        try:
+            sent = self.node.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent < len(data):
+            self.down_pending = data[sent:]
+            self.loop.remove_reader(self.proxy)
+            self.loop.add_writer(self.node, self._node_writable)
+
+    def _node_writable(self) -> None:
+        self.loop.remove_writer(self.node)
+        data, self.down_pending = self.down_pending, b""
+        self._to_node(data)
+        if not self.down_pending and not self.closed and not self.down_eof:
+            self.loop.add_reader(self.proxy, self._proxy_readable)
+
+    # -- node -> proxy: delayed ----------------------------------------------
+
+    def _node_readable(self) -> None:
+        try:
+            data = self.node.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        if not data:
+            self.loop.remove_reader(self.node)
+        self.up_queue.append((self.loop.time() + self.delay, data or None))
+        if self.up_timer is None:
+            self.up_timer = self.loop.call_at(self.up_queue[0][0], self._up_due)
+
+    def _up_due(self) -> None:
+        self.up_timer = None
+        now = self.loop.time()
+        while self.up_queue and self.up_queue[0][0] <= now:
+            _, data = self.up_queue.popleft()
+            if data is None:
+                self.up_eof = True
+            else:
+                self.up_buffer += data
+        self._to_proxy()
+        if self.up_queue and not self.closed:
+            self.up_timer = self.loop.call_at(self.up_queue[0][0], self._up_due)
+
+    def _to_proxy(self) -> None:
+        if self.closed:
+            return
+        if self.up_buffer:
+            try:
+                sent = self.proxy.send(self.up_buffer)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            del self.up_buffer[:sent]
+            if self.up_buffer:
+                self.loop.add_writer(self.proxy, self._proxy_writable)
+                return
+        if self.up_eof:
+            self._shut(self.proxy)
+
+    def _proxy_writable(self) -> None:
+        self.loop.remove_writer(self.proxy)
+        self._to_proxy()
+
+    # -- the end -------------------------------------------------------------
+
+    def _shut(self, sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if self.down_eof and self.up_eof:
+            self.close()
+
+    def close(self, linger: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _outage.live.discard(self)
+        for timer in (self.up_timer, self.down_waiting):
+            if timer is not None:
+                timer.cancel()
+        for sock in (self.node, self.proxy):
+            self.loop.remove_reader(sock)
+            self.loop.remove_writer(sock)
+            if not linger:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            sock.close()
+
+    def abort(self) -> None:
+        """Reset both connections (a cut, or an error on one)."""
+        self.close(linger=False)
 
 
 class _Outage:
@@ -397,7 +592,7 @@ _outage = _Outage()
 
 
 async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
-                 rate: float | None, netns: str | None) -> None:
+                 rate: float | None, netns: str | None, hold_rate: float | None = None) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, _outage.cut)
     loop.add_signal_handler(signal.SIGUSR2, _outage.restore)
@@ -406,6 +601,29 @@ async def _relay(listen_host: str, mapping: dict[int, int], delay: float,
     root_fd = os.open(root, os.O_RDONLY)
 
     async def handle(reader_sock: socket.socket, target: int) -> None:
+        if hold_rate is not None:
+            # Behind a tbf: the whole round trip's delay on the way back,
+            # none on the way onto the link (a delay line there would be a
+            # buffer the proxy's socket does not see). A round trip is the same.
+            proxy = socket.socket()
+            try:
+                # What the relay has not read waits in the proxy's socket,
+                # not in a deep receive buffer here (the kernel would
+                # acknowledge megabytes: measured 8 s behind an upload).
+                proxy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024)
+                proxy.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                proxy.setblocking(False)
+                await loop.sock_connect(proxy, ("127.0.0.1", target))
+                # The kernel appends past TCP_NOTSENT_LOWAT; a small send
+                # buffer (in flight + unsent, ~5 KB of data) refuses instead.
+                reader_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024)
+                reader_sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 1024)
+            except OSError:
+                proxy.close()
+                reader_sock.close()
+                return
+            _Relayed(loop, reader_sock, proxy, 2 * delay)
+            return
         up = _Line(loop, delay, rate)  # node -> proxy
         down = _Line(loop, delay, rate)  # proxy -> node
         node_side = _Half(up, down)
@@ -460,12 +678,16 @@ def _relay_main(argv: list[str]) -> int:
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--rate-kbit", type=float, default=0.0)
     parser.add_argument("--netns", default=None)
+    parser.add_argument("--link-kbit", type=float, default=0.0,
+                        help="the tbf's rate (netns): buffers toward the node sized for it")
     args = parser.parse_args(argv)
     mapping = {int(a): int(b) for a, b in (item.split("=") for item in args.map.split(","))}
     rate = args.rate_kbit * 1000 / 8 if args.rate_kbit else None
+    hold_rate = args.link_kbit * 1000 / 8 if args.link_kbit else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        asyncio.run(_relay(args.listen_host, mapping, args.delay_ms / 1000.0, rate, args.netns))
+        asyncio.run(_relay(args.listen_host, mapping, args.delay_ms / 1000.0, rate, args.netns,
+                           hold_rate))
     except (KeyboardInterrupt, SystemExit):
         pass
     return 0

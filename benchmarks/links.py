@@ -1,7 +1,7 @@
 """Unstable links: keystroke echo beside a bulk copy on a slow, long uplink.
 
-``python -m benchmarks links [--modes off,on] [--keys 30] [--file-size 4M]
-[--rate-kbit 1000] [--delay-ms 50] [--lab auto|netns|relay]``
+``python -m benchmarks links [--modes off,on] [--direction download|upload|both]
+[--keys 30] [--file-size 4M] [--rate-kbit 1000] [--delay-ms 50] [--lab auto|netns|relay]``
 
 A real proxy (``twistd edgeproxy`` on 127.0.0.1) and, for each mode, a
 tunnelled ``edgenode`` whose uplink is the link of :mod:`benchmarks._linklab`
@@ -12,19 +12,28 @@ For each mode, in the same run:
    /dev/null'``, so the node's PTY echoes every byte) through the proxy and
    the tunnel; one byte is typed at a time and the time until its echo is
    back is measured (``--keys`` keystrokes, 150-300 ms apart);
-2. ``busy``: the same while ``scp`` downloads a file from the same node over
-   the same tunnel (restarted whenever it finishes), after it has filled the
-   link for 3 s. Meanwhile the node's tunnel socket is sampled every second
-   (``ss -tmi`` in the node's namespace: ``Send-Q``, ``notsent``) with the
-   tbf queue's backlog: what the kernel holds below the scheduler.
+2. ``busy``: the same while ``scp`` copies a file over the same tunnel
+   (restarted whenever it finishes), after it has filled the link for 3 s:
+   ``--direction download`` (default ``both``: each in turn) from the node,
+   so the copy shares the node->proxy direction with the echoes; ``upload``
+   to the node (``scp FILE NODE:/dev/null``), so the copy goes proxy->node,
+   ahead of the keystrokes themselves. Meanwhile the sending side's tunnel
+   socket is sampled every second (``ss -tmi``: ``Send-Q``, ``notsent``, and
+   the bytes it moved: the tunnel's throughput) with the tbf queue's backlog
+   in that direction: what the kernel holds below the scheduler. In an
+   upload the sender is the proxy, whose socket ends at the lab's relay
+   (see :mod:`benchmarks._linklab`).
 
-Modes: ``off`` is the node with ``EDGE_TUNNEL_PRIORITY=off`` (the send path
-before the scheduler: channels flush in arrival order, Twisted's 256 KiB TCP
-write buffer, the kernel's default socket buffer); ``on`` the scheduler with
-the short send path; ``on@N`` the same with ``EDGE_TUNNEL_NOTSENT_LOWAT=N``
-(``on@0``: priority, but the kernel's default unsent limit). Only the node's
-side changes: in a download, the proxy's side carries keystrokes and window
-credits only. The goal: busy p95 <= 2x idle p95.
+Modes (the proxy and the node of a mode both run with it; each mode has its
+own proxy): ``off`` is ``EDGE_TUNNEL_PRIORITY=off`` (the send path before the
+scheduler: channels flush in arrival order, Twisted's 256 KiB TCP write
+buffer, the kernel's default socket buffer); ``on`` the scheduler with the
+short send path and the bulk cap (bulk bytes in flight + unsent near the
+path's BDP while an interactive channel is open); ``nocap`` the scheduler
+and short send path without the cap (``EDGE_TUNNEL_BULK_CAP=off``);
+``on@N``/``nocap@N`` the same with ``EDGE_TUNNEL_NOTSENT_LOWAT=N``
+(``@0``: the kernel's default unsent limit). The goal: busy p95 <= 2x idle
+p95.
 
 3. ``resume`` (with resumable channels, issue 17 item 1; ``--resume-sessions
    N``, 0 to skip): a command printing a counter every 100 ms and N idle
@@ -140,17 +149,23 @@ class Copier(threading.Thread):
         self.join(10)
 
 
-def _socket_sample(lab: LinkLab, port: int) -> dict | None:
-    """The node's tunnel socket (to the relay's ``port``), as ``ss`` shows it."""
-    out = subprocess.run(lab.node_command(["ss", "-tmin", "state", "established"]),
+def _socket_sample(lab: LinkLab, port: int, node: bool = True) -> dict | None:
+    """A tunnel socket as ``ss`` shows it: the node's (to the relay's
+    ``port``), or (``node=False``) the proxy's (its local ``port``)."""
+    command = ["ss", "-tmin", "state", "established"]
+    out = subprocess.run(lab.node_command(command) if node else command,
                          capture_output=True, text=True, timeout=10).stdout
     lines = out.splitlines()
+    column = 3 if node else 2  # peer address : local address (ss drops State)
     for i, line in enumerate(lines):
         fields = line.split()
-        if len(fields) >= 4 and fields[3].endswith(f":{port}"):
+        if len(fields) >= 4 and fields[column].endswith(f":{port}"):
             detail = " ".join(lines[i + 1:i + 3])
-            notsent = re.search(r"notsent:(\d+)", detail)
-            return {"send_q": int(fields[1]), "notsent": int(notsent.group(1)) if notsent else 0}
+            found = {"send_q": int(fields[1])}
+            for name in ("notsent", "bytes_acked", "bytes_received"):
+                value = re.search(name + r":(\d+)", detail)
+                found[name] = int(value.group(1)) if value else 0
+            return found
     return None
 
 
@@ -166,20 +181,28 @@ def _keystrokes(typist: Typist, count: int, rng: random.Random) -> tuple[list[fl
     return samples, timeouts
 
 
-def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: Path,
-                  login: str, web_port: int, tunnel_port: int, keys: int, bulk_file: Path,
-                  rng: random.Random) -> dict:
-    priority, _, lowat = mode.partition("@")
-    env = {"EDGE_TUNNEL_PRIORITY": priority}
+def mode_env(mode: str) -> dict[str, str]:
+    """The tunnel settings of a mode (see the module docstring)."""
+    base, _, lowat = mode.partition("@")
+    env = {"EDGE_TUNNEL_PRIORITY": "off" if base == "off" else "on",
+           "EDGE_TUNNEL_BULK_CAP": "off" if base == "nocap" else "on"}
     if lowat:
         env["EDGE_TUNNEL_NOTSENT_LOWAT"] = lowat
+    return env
+
+
+def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: Path,
+                  login: str, web_port: int, tunnel_port: int, keys: int, bulk_file: Path,
+                  rng: random.Random, directions: list[str]) -> list[dict]:
+    priority, _, lowat = mode.partition("@")
+    env = mode_env(mode)
     name = "slow-" + re.sub(r"[^a-z0-9]", "-", mode.lower())
     node = LabNode(base / name, base / f"{name}.log", name=name,
                    auth_server=f"{lab.dial_host}:{web_port}", token=proxy.node_token(),
                    ca_pin=proxy.pin(), extra_args=["--heartbeat-interval", "30"])
     node.lab, node.env = lab, env
     node.start()
-    typist = copier = None
+    typist = None
     try:
         listed = node.wait_listed(proxy, timeout=120.0)
         if listed["address"] != "tunnel":
@@ -189,8 +212,28 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
         typist = Typist(ssh + ["-tt", target, "exec cat > /dev/null"])
         typist.keystroke(timeout=120.0)  # the session is up
         idle, idle_timeouts = _keystrokes(typist, keys, rng)
-        scp = ["scp", "-q", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes",
-               f"{target}:{bulk_file}", "/dev/null"]
+        results = []
+        for direction in directions:
+            results.append(_measure_busy(
+                direction, typist, idle, idle_timeouts, mode, lab, home, target, tunnel_port,
+                proxy, keys, bulk_file, rng, priority, lowat))
+        return results
+    finally:
+        if typist is not None:
+            typist.close()
+        node.stop()
+
+
+def _measure_busy(direction: str, typist: Typist, idle: list[float], idle_timeouts: int,
+                  mode: str, lab: LinkLab, home: Path, target: str, tunnel_port: int,
+                  proxy: BenchProxy, keys: int, bulk_file: Path, rng: random.Random,
+                  priority: str, lowat: str) -> dict:
+    copier = None
+    upload = direction == "upload"
+    try:
+        scp = ["scp", "-q", "-F", str(home / "ssh_config"), "-o", "BatchMode=yes"]
+        scp += ([str(bulk_file), f"{target}:/dev/null"] if upload
+                else [f"{target}:{bulk_file}", "/dev/null"])
         copier = Copier(scp)
         copier.size = bulk_file.stat().st_size
         copier.start()
@@ -201,10 +244,14 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
 
         def sample() -> None:
             while not sampling.wait(1.0):
-                found = _socket_sample(lab, tunnel_port)
+                # The sender's socket: the node's in a download, the proxy's
+                # (its tunnel port) in an upload.
+                found = _socket_sample(lab, proxy.ports["tunnel"] if upload else tunnel_port,
+                                       node=not upload)
                 if found:
+                    found["at"] = time.monotonic()
                     sockets.append(found)
-                queued = lab.queue_bytes()
+                queued = lab.queue_bytes("uplink" if upload else "node")
                 if queued is not None:
                     backlog.append(queued)
 
@@ -217,9 +264,20 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
         if copier.failures:
             raise RuntimeError(f"scp failed: {copier.failures}")
         idle_p95, busy_p95 = _percentile(idle, 0.95), _percentile(busy, 0.95)
+        moved = None
+        if len(sockets) >= 2:
+            # Bytes the sender's socket had acknowledged (all channels: the
+            # copy, and the keystrokes' few bytes), over the busy phase.
+            field = "bytes_acked"
+            seconds = sockets[-1]["at"] - sockets[0]["at"]
+            if seconds > 0:
+                moved = round((sockets[-1][field] - sockets[0][field]) * 8 / 1000 / seconds)
         result = {
             "benchmark": "links", "case": "keystroke-echo", "mode": mode,
-            "priority": priority != "off", "notsent_lowat": lowat or None,
+            "direction": direction,
+            "priority": priority != "off", "bulk_cap": mode_env(mode)["EDGE_TUNNEL_BULK_CAP"]
+            == "on" and priority != "off",
+            "notsent_lowat": lowat or None,
             "keystrokes": keys,
             "idle_p50_ms": round(statistics.median(idle), 1),
             "idle_p95_ms": round(idle_p95, 1),
@@ -229,11 +287,13 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
             "busy_over_idle_p95": round(busy_p95 / idle_p95, 2),
             "goal_met": busy_p95 <= 2 * idle_p95,
             "timeouts": idle_timeouts + busy_timeouts,
-            "node_socket_send_q_median": (statistics.median(s["send_q"] for s in sockets)
+            "sender_socket_send_q_median": (statistics.median(s["send_q"] for s in sockets)
                                           if sockets else None),
-            "node_socket_notsent_median": (statistics.median(s["notsent"] for s in sockets)
+            "sender_socket_notsent_median": (statistics.median(s["notsent"] for s in sockets)
                                            if sockets else None),
             "tbf_backlog_median": statistics.median(backlog) if backlog else None,
+            "sender": "proxy" if upload else "node",
+            "tunnel_kbit_s": moved,
             "scp_completed_kbit_s": (round(copier.bytes * 8 / 1000 / copier.seconds)
                                      if copier.seconds else None),
             "shaping": lab.shaping,
@@ -242,9 +302,6 @@ def _measure_mode(mode: str, proxy: BenchProxy, lab: LinkLab, base: Path, home: 
     finally:
         if copier is not None and copier.is_alive():
             copier.stop()
-        if typist is not None:
-            typist.close()
-        node.stop()
 
 
 class Printer:
@@ -357,55 +414,73 @@ def _still_echoes(typist: Typist) -> bool:
 
 def run(modes: list[str], keys: int, file_size: int, rate_kbit: int, delay_ms: float,
         lab_mode: str, emit_result=emit, resume_sessions: int = 0,
-        outage: float = 10.0) -> list[dict]:
+        outage: float = 10.0, directions: tuple[str, ...] = ("download",)) -> list[dict]:
     results = []
     rng = random.Random(17)
     with tempfile.TemporaryDirectory(prefix="edgeaccess-links-bench-") as tmp:
         base = Path(tmp)
         with LinkLab(rate_kbit=rate_kbit, delay_ms=delay_ms, mode=lab_mode,
                      log_dir=base) as lab:
-            web_relay, tunnel_relay = lab.reserve_port(), lab.reserve_port()
-            proxy = BenchProxy(base / "proxy", base / "proxy.log", cluster="bench")
-            proxy.extra_args = ["--tunnel-public-addr", f"{lab.dial_host}:{tunnel_relay}",
-                                "--server-names", lab.dial_host]
-            try:
-                proxy.start()
-                lab.relay({web_relay: proxy.ports["web"], tunnel_relay: proxy.ports["tunnel"]})
-                login = os.environ.get("USER") or "root"
-                (base / "role.yaml").write_text(NO_RECORDING_ROLE % {"name": "bench-norec"})
-                proxy.edgectl("create", "-f", str(base / "role.yaml"))
-                proxy.add_user("bench", PASSWORD, roles=("bench-norec",), logins=(login,))
-                home = base / "edge-home"
-                result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user",
-                                  "bench", "--password-stdin", "--ca-pin", proxy.pin(),
-                                  input=PASSWORD + "\n")
-                if result.returncode != 0:
-                    raise RuntimeError(f"edge login failed: {result.stderr}")
-                bulk_file = base / "bulk.bin"
-                with open(bulk_file, "wb") as out:
-                    out.write(os.urandom(file_size))  # incompressible
-                for mode in modes:
-                    measured = _measure_mode(mode, proxy, lab, base, home, login, web_relay,
-                                             tunnel_relay, keys, bulk_file, rng)
-                    measured.update(rate_kbit=rate_kbit, rtt_ms=2 * delay_ms)
-                    results.append(measured)
-                    emit_result(measured)
-                if resume_sessions:
-                    measured = _measure_resume(proxy, lab, base, home, login, web_relay,
-                                               resume_sessions, outage)
-                    measured.update(rate_kbit=rate_kbit, rtt_ms=2 * delay_ms)
-                    results.append(measured)
-                    emit_result(measured)
-            finally:
-                proxy.stop()
+            bulk_file = base / "bulk.bin"
+            with open(bulk_file, "wb") as out:
+                out.write(os.urandom(file_size))  # incompressible
+            cases: list[tuple[str, str | None]] = [(mode, None) for mode in modes]
+            if resume_sessions:
+                cases.append(("on", "resume"))
+            for index, (mode, special) in enumerate(cases):
+                # Each mode its own proxy, with the mode's tunnel settings
+                # (in an upload the proxy's side is the sender).
+                web_relay, tunnel_relay = lab.reserve_port(), lab.reserve_port()
+                proxy = BenchProxy(base / f"proxy{index}", base / f"proxy{index}.log",
+                                   cluster="bench")
+                proxy.env = mode_env(mode)
+                proxy.extra_args = ["--tunnel-public-addr", f"{lab.dial_host}:{tunnel_relay}",
+                                    "--server-names", lab.dial_host]
+                try:
+                    proxy.start()
+                    lab.relay({web_relay: proxy.ports["web"],
+                               tunnel_relay: proxy.ports["tunnel"]})
+                    login = os.environ.get("USER") or "root"
+                    home = base / f"edge-home{index}"
+                    _login(proxy, base, home, login)
+                    if special == "resume":
+                        measured = _measure_resume(proxy, lab, base, home, login, web_relay,
+                                                   resume_sessions, outage)
+                        measured.update(rate_kbit=rate_kbit, rtt_ms=2 * delay_ms)
+                        results.append(measured)
+                        emit_result(measured)
+                        continue
+                    for measured in _measure_mode(mode, proxy, lab, base, home, login,
+                                                  web_relay, tunnel_relay, keys, bulk_file,
+                                                  rng, list(directions)):
+                        measured.update(rate_kbit=rate_kbit, rtt_ms=2 * delay_ms)
+                        results.append(measured)
+                        emit_result(measured)
+                finally:
+                    lab.stop_relay()
+                    proxy.stop()
     return results
+
+
+def _login(proxy: BenchProxy, base: Path, home: Path, login: str) -> None:
+    (base / "role.yaml").write_text(NO_RECORDING_ROLE % {"name": "bench-norec"})
+    proxy.edgectl("create", "-f", str(base / "role.yaml"))
+    proxy.add_user("bench", PASSWORD, roles=("bench-norec",), logins=(login,))
+    result = run_edge(home, "login", "--proxy", proxy.addr("web"), "--user",
+                      "bench", "--password-stdin", "--ca-pin", proxy.pin(),
+                      input=PASSWORD + "\n")
+    if result.returncode != 0:
+        raise RuntimeError(f"edge login failed: {result.stderr}")
 
 
 def main(argv: list[str]) -> int:
     """``python -m benchmarks links``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks links")
     parser.add_argument("--modes", default="off,on",
-                        help="comma list of off, on, on@LOWAT (EDGE_TUNNEL_NOTSENT_LOWAT)")
+                        help="comma list of off, on, nocap, on@LOWAT, nocap@LOWAT "
+                             "(EDGE_TUNNEL_NOTSENT_LOWAT)")
+    parser.add_argument("--direction", default="both", choices=("download", "upload", "both"),
+                        help="which way scp copies beside the keystrokes")
     parser.add_argument("--keys", type=int, default=30, help="keystrokes per phase")
     parser.add_argument("--file-size", default="4M", help="size of the file scp copies")
     parser.add_argument("--rate-kbit", type=int, default=1000)
@@ -417,10 +492,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     for mode in modes:
-        if mode.partition("@")[0] not in ("on", "off"):
+        if mode.partition("@")[0] not in ("on", "off", "nocap"):
             parser.error(f"unknown mode {mode!r}")
+    directions = ("download", "upload") if args.direction == "both" else (args.direction,)
     run(modes, args.keys, parse_size(args.file_size), args.rate_kbit, args.delay_ms, args.lab,
-        resume_sessions=args.resume_sessions, outage=args.outage)
+        resume_sessions=args.resume_sessions, outage=args.outage, directions=directions)
     return 0
 
 

@@ -387,7 +387,8 @@ class TunnelConnection(FramedBoxReader, amp.AMP):
             if self.mux.scheduler.enabled:
                 # What TLS and TCP hold cannot be reordered: keep it short
                 # so the scheduler's order is the order on the wire.
-                self.mux.scheduler.set_flush(shorten_send_path(self.transport).after_write)
+                path = shorten_send_path(self.transport)
+                self.mux.scheduler.set_flush(path.after_write, cap=path.bulk_cap(self.clock))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._is_lost = True

@@ -25,7 +25,15 @@ the speed-up):
 
 For the tunnel's priority scheduler, :class:`ShortSendPath` keeps what TLS,
 Twisted's TCP buffer and the kernel hold below it short (docs/architecture.md,
-"Tunnel send scheduling").
+"Tunnel send scheduling"), and reports what the scheduler's bulk cap needs
+(:meth:`ShortSendPath.sample`): the bytes the socket holds in flight and
+unsent (``SIOCOUTQ``) and, from Linux's ``struct tcp_info``
+(``getsockopt(IPPROTO_TCP, TCP_INFO)``, whose layout is append-only), the
+delivery rate (``tcpi_delivery_rate``, Linux >= 4.9, at byte offset 160) and
+the minimum RTT (``tcpi_min_rtt``, offset 148), with the bytes acknowledged
+(``tcpi_bytes_acked``, offset 120). A kernel that returns a
+shorter ``tcp_info`` (or no such call: not Linux) gives no sample, and the
+tunnel sends as it did without the cap.
 
 The code that reaches into Twisted's and pyOpenSSL's internals for this lives
 in :mod:`edgeaccess.internals` (reaches ``fast-tls`` and ``eager-tcp``, checked
@@ -46,10 +54,11 @@ from twisted.internet.interfaces import IReactorTime
 
 from edgeaccess import internals
 from edgeaccess.internals import FLUSH_AT, READ_BATCH, TCP_READ_SIZE, WRITE_CHUNK
+from edgeaccess.tunnel.scheduler import BulkCap, bulk_cap_enabled
 
 __all__ = ["FLUSH_AT", "NOTSENT_LOWAT", "READ_BATCH", "TCP_READ_SIZE", "WRITE_CHUNK",
            "ShortSendPath", "eager_tcp_writes", "flush_gathered_writes", "install_fast_tls",
-           "shorten_send_path"]
+           "parse_tcp_info", "shorten_send_path"]
 
 #: Unsent bytes the kernel keeps for a tunnel socket with priority on
 #: (``TCP_NOTSENT_LOWAT``; ``EDGE_TUNNEL_NOTSENT_LOWAT`` overrides it).
@@ -92,6 +101,26 @@ def notsent_lowat() -> int:
         return NOTSENT_LOWAT
 
 
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+#: ``tcpi_bytes_acked`` (u64), ``tcpi_min_rtt`` (u32, microseconds) and
+#: ``tcpi_delivery_rate`` (u64, bytes/s) in Linux's ``struct tcp_info``, and
+#: the size that holds them.
+_BYTES_ACKED_AT, _MIN_RTT_AT, _DELIVERY_RATE_AT, _TCP_INFO_NEEDED = 120, 148, 160, 168
+_SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in flight (unacknowledged) and unsent
+
+
+def parse_tcp_info(info: bytes) -> tuple[float, float, int] | None:
+    """``(delivery rate in bytes/s, minimum RTT in seconds, bytes
+    acknowledged)`` from a ``struct tcp_info``, or None if it is too short
+    to hold them."""
+    if len(info) < _TCP_INFO_NEEDED:
+        return None
+    (acked,) = struct.unpack_from("=Q", info, _BYTES_ACKED_AT)
+    (min_rtt,) = struct.unpack_from("=I", info, _MIN_RTT_AT)
+    (rate,) = struct.unpack_from("=Q", info, _DELIVERY_RATE_AT)
+    return float(rate), min_rtt / 1e6, acked
+
+
 class ShortSendPath:
     """Keeps what a tunnel's TLS transport holds below its scheduler short.
 
@@ -112,14 +141,16 @@ class ShortSendPath:
     :attr:`applied` says which parts took effect (each falls back alone).
     """
 
-    __slots__ = ("_tls", "_tcp", "_fd", "_lowat", "applied")
+    __slots__ = ("_tls", "_tcp", "_fd", "_sock", "_lowat", "_unsent_limit", "applied")
 
     def __init__(self, transport: Any) -> None:
         self._tls = transport
         self._tcp = tcp = getattr(transport, "transport", None)
         self._fd = -1
-        self._lowat = lowat = notsent_lowat()
-        self.applied = {"notsent_lowat": False, "send_limit": False, "unsent_check": False}
+        self._sock = None
+        self._lowat = self._unsent_limit = lowat = notsent_lowat()
+        self.applied = {"notsent_lowat": False, "send_limit": False, "unsent_check": False,
+                        "link_sample": False}
         handle = getattr(tcp, "getHandle", None)
         if lowat and handle is not None:
             try:
@@ -130,6 +161,8 @@ class ShortSendPath:
                 _unsent(fd)  # Linux: SIOCOUTQNSD
                 self._fd = fd
                 self.applied["unsent_check"] = internals.pause_until_writable_possible(tcp)
+                self._sock = sock
+                self.applied["link_sample"] = self.sample() is not None
             except (AttributeError, OSError, TypeError, ValueError):
                 pass  # not a TCP socket (a test transport), or not Linux
         if tcp is not None:
@@ -145,8 +178,46 @@ class ShortSendPath:
                 unsent = _unsent(self._fd)
             except OSError:
                 return
-            if unsent >= self._lowat:
+            if unsent >= self._unsent_limit:
                 internals.pause_until_writable(self._tcp)
+
+    def limit_unsent(self, limit: int | None) -> None:
+        """Keep at most ``limit`` bytes unsent (None: :func:`notsent_lowat`),
+        never more than that: the scheduler's cap sizes it by the link's
+        rate while an interactive channel is open."""
+        limit = self._lowat if limit is None else max(1, min(self._lowat, limit))
+        if limit == self._unsent_limit or self._sock is None or not self._lowat:
+            return
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, limit)
+        except OSError:
+            return
+        self._unsent_limit = limit
+
+    def sample(self) -> tuple[int, float, float, int] | None:
+        """``(bytes in flight + unsent, delivery rate in bytes/s, minimum RTT
+        in seconds, bytes acknowledged)`` of the socket, or None if it cannot
+        tell (see the module docstring)."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            parsed = parse_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO,
+                                                    _TCP_INFO_NEEDED))
+            if parsed is None:
+                return None
+            held = struct.unpack("i", fcntl.ioctl(self._fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return None
+        return held, parsed[0], parsed[1], parsed[2]
+
+    def bulk_cap(self, clock: IReactorTime) -> BulkCap | None:
+        """The scheduler's :class:`~edgeaccess.tunnel.scheduler.BulkCap` for
+        this socket (None: no ``tcp_info`` here, or ``EDGE_TUNNEL_BULK_CAP=off``)."""
+        if not self.applied["link_sample"] or not bulk_cap_enabled():
+            return None
+        return BulkCap(self.sample, clock, limit_unsent=self.limit_unsent)
+
 
 
 _SIOCOUTQNSD = 0x894B

@@ -411,8 +411,10 @@ def test_interactive_pty_session_with_resize_and_ctrl_c(proxy, users):
                 break
         assert size == (b"40", b"100")
 
-        child.sendline("sleep 30")
-        child.expect("sleep 30\r\n")
+        # The command says when it runs: a ^C sent while bash is still
+        # starting it (its echo alone is no proof) would reach bash, not it.
+        child.sendline("sh -c 'echo slee''ping; exec sleep 30'")
+        child.expect("sleeping\r\n")
         started = time.monotonic()
         child.sendcontrol("c")
         child.expect(prompt)

@@ -441,7 +441,8 @@ def test_short_send_path_sets_notsent_lowat_and_pauses_when_the_socket_refuses()
         tls_like = type("TLS", (), {"transport": connection})()
         assert fasttls.eager_tcp_writes(connection)
         path = fasttls.shorten_send_path(tls_like)
-        assert path.applied == {"notsent_lowat": True, "send_limit": True, "unsent_check": True}
+        assert path.applied == {"notsent_lowat": True, "send_limit": True, "unsent_check": True,
+                                "link_sample": True}
         value = connection.socket.getsockopt(socket.IPPROTO_TCP, fasttls._TCP_NOTSENT_LOWAT)
         assert value == fasttls.NOTSENT_LOWAT
         producer = Membrane()
@@ -468,7 +469,8 @@ def test_short_send_path_falls_back_without_the_reach(monkeypatch: pytest.Monkey
         try:
             tls_like = type("TLS", (), {"transport": connection})()
             assert fasttls.shorten_send_path(tls_like).applied == {
-                "notsent_lowat": True, "send_limit": False, "unsent_check": False}
+                "notsent_lowat": True, "send_limit": False, "unsent_check": False,
+                "link_sample": True}
             assert "_isSendBufferFull" not in vars(connection)
         finally:
             connection.socket.close()
@@ -549,7 +551,15 @@ def test_small_frames_share_a_flush_and_bulk_pieces_get_one_each() -> None:
     assert all(channel.left == 0 for channel in answers)
     assert flushes == []  # 3,000 bytes of small frames: no flush of their own
     scheduler.ready(FakeChannel("more", 2_000))
-    assert flushes == [1]  # past MIN_PIECE in all: handed to TCP now
+    assert flushes == []  # past MIN_PIECE in all, but nobody waits: no order to keep
+    # While other channels wait, small frames get a flush per piece's worth.
+    scheduler.pause()
+    waiting = [FakeChannel(f"answer{n}", 300, priority=INTERACTIVE) for n in range(20)]
+    for channel in waiting:
+        scheduler.ready(channel)
+    scheduler.resume()
+    assert all(channel.left == 0 for channel in waiting)
+    assert 1 <= len(flushes) <= 20 * 300 // MIN_PIECE + 1  # not one per frame
     flushes.clear()
     scheduler.pause()  # a slow link: MIN_PIECE pieces, each flushed
     bulk = FakeChannel("bulk", 5 * MIN_PIECE)
