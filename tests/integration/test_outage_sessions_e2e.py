@@ -52,7 +52,6 @@ Measured (``-s`` or ``-rA``): link restored -> output flowing again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -136,6 +135,8 @@ class World:
         self.cut_started = threading.Event()
         self.stopping = threading.Event()
         self.go: threading.Barrier | None = None
+        #: The threads of the scenarios that passed the barrier.
+        self._arrived: set[int] = set()
 
     def start(self) -> "World":
         root, leaf = self.root, self.leaf
@@ -246,8 +247,19 @@ class World:
         """A scenario's session is up: wait for every other one (then the
         outages start); the first call sets the time origin."""
         self.go.wait()
+        self._arrived.add(threading.get_ident())
         if self.started is None:
             self.started = time.monotonic()
+
+    def arrive_failed(self) -> None:
+        """A scenario failed: if it had not arrived yet, count it as arrived,
+        so the others (and the outages) go on and only its own test fails."""
+        if threading.get_ident() in self._arrived:
+            return
+        try:
+            self.go.wait()
+        except threading.BrokenBarrierError:
+            pass
 
     def stop_file(self, link: str) -> Path:
         """Created when the scenarios of ``link`` should stop (shell loops
@@ -453,7 +465,7 @@ def streamed_command(world: World, argv: list[str], env: dict | None = None) -> 
         process.wait(60)
         reader.join(30)
     except BaseException:
-        world.go.abort()
+        world.arrive_failed()
         raise
     finally:
         if process.poll() is None:
@@ -489,7 +501,7 @@ def web_terminal(world: World, target: str = "root@tnode.root", link: str = "upl
             term.type("echo before-$((6*7))\n")
             term.expect(r"before-42\r?\n")
         except BaseException:
-            world.go.abort()
+            world.arrive_failed()
             raise
         world.arrive()
         # Output running through the cut, read as it comes.
@@ -528,7 +540,7 @@ def terminal_past_the_budget(world: World) -> dict:
             term.type("echo before-$((6*7))\n")
             term.expect(r"before-42\r?\n")
         except BaseException:
-            world.go.abort()
+            world.arrive_failed()
             raise
         world.arrive()
         term.sock.settimeout(CUT_AT + 90)  # the proxy's budget (60 s) and a margin
@@ -560,7 +572,7 @@ def kube_exec_tty(world: World) -> dict:
             child.sendline("echo before-$((6*7))")
             child.expect_exact("before-42")
         except BaseException:
-            world.go.abort()
+            world.arrive_failed()
             raise
         world.arrive()
         world.cut_started.wait(60)
@@ -597,7 +609,7 @@ def kube_exec(world: World, env: dict | None = None, link: str = "uplink") -> di
             exec_.stdin.flush()
             first = exec_.stdout.readline()
         except BaseException:
-            world.go.abort()
+            world.arrive_failed()
             raise
         world.arrive()
         while not world.done[link].wait(0.2):
@@ -655,7 +667,7 @@ def app_download(world: World, config: dict) -> dict:
     try:
         sock = tls_socket(world.root, host, config)
     except BaseException:
-        world.go.abort()
+        world.arrive_failed()
         raise
     try:
         return paced_download(world, sock, f"{host}:{port}", f"/api/bytes/{DOWNLOAD}")
@@ -676,7 +688,7 @@ def kube_port_forward(world: World) -> dict:
             assert port, line
             sock = socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=60)
         except BaseException:
-            world.go.abort()
+            world.arrive_failed()
             raise
         try:
             return paced_download(world, sock, "127.0.0.1", f"/api/bytes/{FORWARDED}")
@@ -705,7 +717,7 @@ def app_websocket(world: World, config: dict) -> dict:
         client.send_text("m0")
         assert client.receive() == "m0"
     except BaseException:
-        world.go.abort()
+        world.arrive_failed()
         raise
     try:
         world.arrive()
