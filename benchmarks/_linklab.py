@@ -47,7 +47,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections import deque
 from pathlib import Path
 
