@@ -489,21 +489,28 @@ def tls_routed_ssh(world: World) -> dict:
     return streamed_command(world, argv)
 
 
+def start_terminal(world: World, term: "TerminalSocket") -> str:
+    """Size the terminal, read its session id, check the shell answers, then
+    arrive (every scenario up); returns the session id."""
+    try:
+        term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+        term.type("echo sid-$EDGE_SESSION_ID-end\n")
+        session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
+        term.type("echo before-$((6*7))\n")
+        term.expect(r"before-42\r?\n")
+    except BaseException:
+        world.arrive_failed()
+        raise
+    world.arrive()
+    return session_id
+
+
 def web_terminal(world: World, target: str = "root@tnode.root", link: str = "uplink") -> dict:
     """A web terminal to ``target`` across the outages of ``link``: a shell
     loop's output read as it comes, a line typed during the (first) outage."""
     term = TerminalSocket(world, world.web_session("una"), target)
     try:
-        try:
-            term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
-            term.type("echo sid-$EDGE_SESSION_ID-end\n")
-            session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
-            term.type("echo before-$((6*7))\n")
-            term.expect(r"before-42\r?\n")
-        except BaseException:
-            world.arrive_failed()
-            raise
-        world.arrive()
+        session_id = start_terminal(world, term)
         # Output running through the cut, read as it comes.
         term.type(until_done(world, link, "tick") + "\n")
         term.expect(r"tick-1\r?\n")
@@ -533,16 +540,7 @@ def terminal_past_the_budget(world: World) -> dict:
     """A web terminal to shortnode, whose budget ends before the cut does."""
     term = TerminalSocket(world, world.web_session("una"), "root@shortnode.root")
     try:
-        try:
-            term.send_text(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
-            term.type("echo sid-$EDGE_SESSION_ID-end\n")
-            session_id = term.expect(r"sid-([0-9a-f-]{36})-end").group(1)
-            term.type("echo before-$((6*7))\n")
-            term.expect(r"before-42\r?\n")
-        except BaseException:
-            world.arrive_failed()
-            raise
-        world.arrive()
+        session_id = start_terminal(world, term)
         term.sock.settimeout(CUT_AT + 90)  # the proxy's budget (60 s) and a margin
         closed = None
         try:
